@@ -1,0 +1,71 @@
+// The Python module torch_kvreg._C: defines the ops on import and exposes registry queries.
+#include "host_pin.h"
+#include "kernels.h"
+#include "registry.h"
+
+#include <torch/extension.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using kvreg::Registry;
+
+py::tuple cache_tuple(const kvreg::CacheRecord& record) {
+  const auto& desc = record.desc;
+  return py::make_tuple(
+      record.cache_id,
+      desc.num_tensors,
+      static_cast<int64_t>(desc.data_type),
+      desc.shape,
+      static_cast<int64_t>(desc.placement),
+      desc.device_index,
+      record.addrs,
+      record.remote_accessible);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  kvreg::register_ops();
+  m.doc() = "torch_kvreg native registry; use the torch_kvreg package instead.";
+#ifdef KVREG_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+  m.def("cuda_available", &kvreg::cuda_available);
+  m.def(
+      "initialize",
+      [](int64_t cluster_id, int64_t role, int64_t device_id, std::string options,
+         int64_t max_addrs, int64_t max_device_bytes, int64_t max_host_bytes) {
+        kvreg::InitConfig config;
+        config.cluster_id = cluster_id;
+        config.role = role;
+        config.device_id = device_id;
+        config.options = std::move(options);
+        config.limits = {max_addrs, max_device_bytes, max_host_bytes};
+        Registry::instance().initialize(config);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "finalize", [] { Registry::instance().finalize(); },
+      py::call_guard<py::gil_scoped_release>());
+  m.def("is_initialized", [] { return Registry::instance().is_initialized(); });
+  m.def("config", [] {
+    const auto config = Registry::instance().config();
+    return py::make_tuple(config.cluster_id, config.role, config.device_id, config.options);
+  });
+  m.def("limits", [] {
+    const auto limits = Registry::instance().limits();
+    return py::make_tuple(limits.max_addrs, limits.max_device_bytes, limits.max_host_bytes);
+  });
+  m.def("usage", [] {
+    const auto usage = Registry::instance().usage();
+    return py::make_tuple(usage.num_caches, usage.num_addrs, usage.device_bytes, usage.host_bytes);
+  });
+  m.def("cache_ids", [] { return Registry::instance().cache_ids(); });
+  m.def("get_cache", [](int64_t cache_id) { return cache_tuple(Registry::instance().get(cache_id)); });
+}

@@ -1,0 +1,231 @@
+// Kernels of copy_kv_blocks / copy_kv_cache: validation, run coalescing and the CPU copy.
+#include "copy_plan.h"
+#include "host_pin.h"
+#include "kernels.h"
+#include "status.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace kvreg {
+
+namespace {
+
+int64_t concrete_id(const c10::SymInt& cache_id, const char* name) {
+  const auto value = cache_id.maybe_as_int();
+  KVREG_CHECK_ARG(value.has_value(), name, " must be a concrete int when the op runs");
+  return *value;
+}
+
+void check_compatible(const CacheRecord& src, const CacheRecord& dst) {
+  const CacheDesc& s = src.desc;
+  const CacheDesc& d = dst.desc;
+  KVREG_CHECK_ARG(
+      s.num_tensors == d.num_tensors, "src cache ", src.cache_id, " has ", s.num_tensors,
+      " tensors but dst cache ", dst.cache_id, " has ", d.num_tensors);
+  KVREG_CHECK_ARG(
+      s.data_type == d.data_type, "src cache has data_type ",
+      data_type_name(static_cast<int64_t>(s.data_type)), " but dst cache has ",
+      data_type_name(static_cast<int64_t>(d.data_type)));
+  KVREG_CHECK_ARG(
+      s.shape.size() == d.shape.size() &&
+          std::equal(s.shape.begin() + 1, s.shape.end(), d.shape.begin() + 1),
+      "src ", s.str(), " and dst ", d.str(), " differ in shape[1:]");
+}
+
+// Block indices as int64 on the host. Tensors on an accelerator are copied to the host:
+// validation must see every index before any byte moves.
+std::vector<int64_t> block_list(const at::Tensor& blocks, const char* name) {
+  KVREG_CHECK_TYPE(
+      blocks.scalar_type() == at::kLong || blocks.scalar_type() == at::kInt, name,
+      " must be an int64 or int32 tensor, got ", blocks.scalar_type());
+  KVREG_CHECK_ARG(blocks.dim() <= 1, name, " must be 1-D, got shape ", blocks.sizes());
+  KVREG_CHECK_ARG(!blocks.is_meta(), name, " is a meta tensor");
+  const at::Tensor host = blocks.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* data = host.const_data_ptr<int64_t>();
+  return std::vector<int64_t>(data, data + host.numel());
+}
+
+void check_in_range(const std::vector<int64_t>& blocks, int64_t num_blocks, const char* name) {
+  for (size_t j = 0; j < blocks.size(); ++j) {
+    KVREG_CHECK_INDEX(
+        blocks[j] >= 0 && blocks[j] < num_blocks, name, "[", j, "] = ", blocks[j],
+        " is out of range for a cache of ", num_blocks, " blocks");
+  }
+}
+
+// Finds a repeated value; marks are one bit per block of the cache.
+int64_t first_repeat(const std::vector<int64_t>& blocks, int64_t num_blocks) {
+  std::vector<bool> seen(num_blocks, false);
+  for (int64_t block : blocks) {
+    if (seen[block]) {
+      return block;
+    }
+    seen[block] = true;
+  }
+  return -1;
+}
+
+int64_t first_shared(const std::vector<int64_t>& a, const std::vector<int64_t>& b, int64_t num_blocks) {
+  std::vector<bool> in_a(num_blocks, false);
+  for (int64_t block : a) {
+    in_a[block] = true;
+  }
+  for (int64_t block : b) {
+    if (in_a[block]) {
+      return block;
+    }
+  }
+  return -1;
+}
+
+// Runs of consecutive (src, dst) block pairs become one segment, capped at kMaxSegmentBytes.
+std::vector<Segment> coalesce(
+    const std::vector<int64_t>& src_blocks,
+    const std::vector<int64_t>& dst_blocks,
+    int64_t block_nbytes) {
+  std::vector<Segment> segments;
+  const int64_t max_run = std::max<int64_t>(1, kMaxSegmentBytes / block_nbytes);
+  size_t j = 0;
+  while (j < src_blocks.size()) {
+    size_t run = 1;
+    while (j + run < src_blocks.size() && static_cast<int64_t>(run) < max_run &&
+           src_blocks[j + run] == src_blocks[j] + static_cast<int64_t>(run) &&
+           dst_blocks[j + run] == dst_blocks[j] + static_cast<int64_t>(run)) {
+      ++run;
+    }
+    segments.push_back(
+        {src_blocks[j] * block_nbytes, dst_blocks[j] * block_nbytes,
+         static_cast<int64_t>(run) * block_nbytes});
+    j += run;
+  }
+  return segments;
+}
+
+void run_copy(const CopyPlan& plan) {
+  if (plan.segments.empty()) {
+    return;
+  }
+  const bool on_host =
+      plan.src->desc.placement == Placement::HOST && plan.dst->desc.placement == Placement::HOST;
+  if (on_host) {
+    run_copy_cpu(plan);
+    return;
+  }
+#ifdef KVREG_WITH_CUDA
+  KVREG_CHECK(
+      cuda_available(), LLM_FEATURE_NOT_ENABLED,
+      "a DEVICE cache is involved but no CUDA device is available");
+  run_copy_cuda(plan);
+#else
+  KVREG_CHECK(
+      false, LLM_FEATURE_NOT_ENABLED,
+      "copies involving DEVICE caches need torch_kvreg built with CUDA; this build is CPU-only");
+#endif
+}
+
+}  // namespace
+
+int64_t CopyPlan::total_bytes() const {
+  int64_t bytes = 0;
+  for (const auto& segment : segments) {
+    bytes += segment.nbytes;
+  }
+  return bytes * src->desc.num_tensors;
+}
+
+void run_copy_cpu(const CopyPlan& plan) {
+  const auto& segments = plan.segments;
+  const auto& src_addrs = plan.src->addrs;
+  const auto& dst_addrs = plan.dst->addrs;
+  const int64_t num_segments = static_cast<int64_t>(segments.size());
+  const int64_t num_items = plan.src->desc.num_tensors * num_segments;
+  const int64_t average_bytes = std::max<int64_t>(1, plan.total_bytes() / num_items);
+  // Enough bytes per task that the thread pool's overhead stays small.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{256} << 10) / average_bytes);
+  at::parallel_for(0, num_items, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t tensor = item / num_segments;
+      const Segment& segment = segments[item % num_segments];
+      std::memcpy(
+          reinterpret_cast<char*>(dst_addrs[tensor]) + segment.dst_offset,
+          reinterpret_cast<const char*>(src_addrs[tensor]) + segment.src_offset,
+          static_cast<size_t>(segment.nbytes));
+    }
+  });
+}
+
+void copy_kv_blocks(
+    c10::SymInt src_cache_id,
+    c10::SymInt dst_cache_id,
+    const at::Tensor& src_blocks,
+    const at::Tensor& dst_blocks) {
+  const int64_t src_id = concrete_id(src_cache_id, "src_cache_id");
+  const int64_t dst_id = concrete_id(dst_cache_id, "dst_cache_id");
+  Registry::instance().require_initialized();
+  const auto src_list = block_list(src_blocks, "src_blocks");
+  const auto dst_list = block_list(dst_blocks, "dst_blocks");
+  KVREG_CHECK_ARG(
+      src_list.size() == dst_list.size(), "src_blocks has ", src_list.size(),
+      " entries but dst_blocks has ", dst_list.size());
+
+  // The lease keeps both caches registered until the copy has been issued.
+  auto lease = Registry::instance().lease({src_id, dst_id});
+  const CacheRecord& src = lease[0];
+  const CacheRecord& dst = lease[1];
+  check_compatible(src, dst);
+  check_in_range(src_list, src.desc.num_blocks(), "src_blocks");
+  check_in_range(dst_list, dst.desc.num_blocks(), "dst_blocks");
+  const int64_t repeated = first_repeat(dst_list, dst.desc.num_blocks());
+  KVREG_CHECK_ARG(repeated < 0, "dst_blocks names block ", repeated, " more than once");
+  if (src_id == dst_id) {
+    const int64_t shared = first_shared(src_list, dst_list, src.desc.num_blocks());
+    KVREG_CHECK_ARG(
+        shared < 0, "block ", shared, " is both read and written in one copy within cache ", src_id);
+  }
+  run_copy({&src, &dst, coalesce(src_list, dst_list, src.desc.block_nbytes)});
+}
+
+void copy_kv_cache(
+    c10::SymInt src_cache_id,
+    c10::SymInt dst_cache_id,
+    int64_t src_batch_index,
+    int64_t dst_batch_index,
+    int64_t offset,
+    int64_t size) {
+  const int64_t src_id = concrete_id(src_cache_id, "src_cache_id");
+  const int64_t dst_id = concrete_id(dst_cache_id, "dst_cache_id");
+  auto lease = Registry::instance().lease({src_id, dst_id});
+  const CacheRecord& src = lease[0];
+  const CacheRecord& dst = lease[1];
+  check_compatible(src, dst);
+  const int64_t block_nbytes = src.desc.block_nbytes;
+  KVREG_CHECK_INDEX(
+      src_batch_index >= 0 && src_batch_index < src.desc.num_blocks(), "src_batch_index ",
+      src_batch_index, " is out of range for a cache of ", src.desc.num_blocks(), " slices");
+  KVREG_CHECK_INDEX(
+      dst_batch_index >= 0 && dst_batch_index < dst.desc.num_blocks(), "dst_batch_index ",
+      dst_batch_index, " is out of range for a cache of ", dst.desc.num_blocks(), " slices");
+  KVREG_CHECK_ARG(
+      offset >= 0 && offset <= block_nbytes, "offset ", offset, " is outside the ", block_nbytes,
+      "-byte slice");
+  const int64_t nbytes = size == -1 ? block_nbytes - offset : size;
+  KVREG_CHECK_ARG(
+      nbytes >= 0 && nbytes <= block_nbytes - offset, "size ", size, " at offset ", offset,
+      " does not fit the ", block_nbytes, "-byte slice");
+  KVREG_CHECK_ARG(
+      !(src_id == dst_id && src_batch_index == dst_batch_index) || nbytes == 0, "slice ",
+      src_batch_index, " is both read and written in one copy within cache ", src_id);
+  CopyPlan plan{&src, &dst, {}};
+  if (nbytes > 0) {
+    plan.segments.push_back(
+        {src_batch_index * block_nbytes + offset, dst_batch_index * block_nbytes + offset, nbytes});
+  }
+  run_copy(plan);
+}
+
+}  // namespace kvreg

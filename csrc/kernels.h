@@ -1,0 +1,41 @@
+// Declarations of the C++ kernels behind the torch.ops.llm schemas (see ops.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/SymInt.h>
+
+#include <cstdint>
+
+namespace kvreg {
+
+// register.cpp
+c10::SymInt register_kv_cache(at::TensorList caches, bool pin_host_memory, int64_t remote_accessible);
+c10::SymInt register_kv_cache_addrs(
+    int64_t num_tensors,
+    int64_t data_type,
+    at::IntArrayRef shape,
+    int64_t placement,
+    int64_t device_index,
+    at::IntArrayRef addrs,
+    bool pin_host_memory,
+    int64_t remote_accessible);
+void unregister_kv_cache(c10::SymInt cache_id);
+
+// copy_blocks.cpp
+void copy_kv_blocks(
+    c10::SymInt src_cache_id,
+    c10::SymInt dst_cache_id,
+    const at::Tensor& src_blocks,
+    const at::Tensor& dst_blocks);
+void copy_kv_cache(
+    c10::SymInt src_cache_id,
+    c10::SymInt dst_cache_id,
+    int64_t src_batch_index,
+    int64_t dst_batch_index,
+    int64_t offset,
+    int64_t size);
+
+// ops.cpp: defines the `llm` library. Throws if another library already owns the namespace.
+void register_ops();
+
+}  // namespace kvreg

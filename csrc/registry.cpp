@@ -1,0 +1,302 @@
+// The process-wide KV-cache registry: ids, the byte-interval index, limits, usage, lifetimes.
+#include "registry.h"
+
+#include "host_pin.h"
+#include "status.h"
+
+#include <algorithm>
+#include <limits>
+#include <utility>
+
+namespace kvreg {
+
+Registry& Registry::instance() {
+  // Never destroyed: tensors it may still hold must not be released during static
+  // destruction, after the allocators are gone. Python's atexit finalize() empties it.
+  static Registry* registry = new Registry();
+  return *registry;
+}
+
+void Registry::initialize(const InitConfig& config) {
+  KVREG_CHECK_ARG(config.limits.max_addrs >= 0, "limits.max_addrs must be >= 0");
+  KVREG_CHECK_ARG(config.limits.max_device_bytes >= 0, "limits.max_device_bytes must be >= 0");
+  KVREG_CHECK_ARG(config.limits.max_host_bytes >= 0, "limits.max_host_bytes must be >= 0");
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (initialized_) {
+    KVREG_CHECK(
+        config == config_, LLM_FAILED,
+        "already initialized with different arguments; call torch_kvreg.finalize() first");
+    return;
+  }
+  config_ = config;
+  initialized_ = true;
+}
+
+void Registry::finalize() {
+  std::vector<at::Tensor> released;
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (!initialized_) {
+      return;
+    }
+    initialized_ = false;  // new registrations and leases fail from here on
+    for (auto& [cache_id, entry] : entries_) {
+      entry.closing = true;
+    }
+    transfers_done_.wait(lock, [this] {
+      return std::all_of(entries_.begin(), entries_.end(), [](const auto& item) {
+        return item.second.in_flight == 0;
+      });
+    });
+    std::vector<int64_t> ids;
+    for (const auto& item : entries_) {
+      ids.push_back(item.first);
+    }
+    for (int64_t cache_id : ids) {
+      auto owners = erase_locked(cache_id);
+      for (auto& owner : owners) {
+        released.push_back(std::move(owner));
+      }
+    }
+    config_ = InitConfig();
+  }
+  // `released` drops the tensors here, outside the lock.
+}
+
+bool Registry::is_initialized() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return initialized_;
+}
+
+void Registry::require_initialized() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_initialized_locked();
+}
+
+Limits Registry::limits() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return initialized_ ? config_.limits : Limits();
+}
+
+Usage Registry::usage() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return usage_;
+}
+
+InitConfig Registry::config() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return config_;
+}
+
+void Registry::check_initialized_locked() const {
+  KVREG_CHECK(
+      initialized_, LLM_FAILED, "torch_kvreg is not initialized; call torch_kvreg.initialize() first");
+}
+
+Registry::Entry& Registry::find_live_locked(int64_t cache_id) {
+  auto it = entries_.find(cache_id);
+  KVREG_CHECK(
+      it != entries_.end() && !it->second.closing, LLM_KV_CACHE_NOT_EXIST, "cache id ", cache_id,
+      " is not registered");
+  return it->second;
+}
+
+const Registry::Entry& Registry::find_live_locked(int64_t cache_id) const {
+  return const_cast<Registry*>(this)->find_live_locked(cache_id);
+}
+
+int64_t Registry::overlapping_locked(uint64_t start, uint64_t end) const {
+  // Intervals are disjoint, so only the last one starting before `end` can reach `start`.
+  auto it = intervals_.lower_bound(end);
+  if (it == intervals_.begin()) {
+    return 0;
+  }
+  --it;
+  return it->second.end > start ? it->second.cache_id : 0;
+}
+
+int64_t Registry::register_cache(
+    CacheDesc desc,
+    std::vector<uint64_t> addrs,
+    std::vector<at::Tensor> owners,
+    const RegisterOptions& options) {
+  const int64_t num_addrs = static_cast<int64_t>(addrs.size());
+  KVREG_CHECK_ARG(num_addrs > 0, "no addresses given");
+  KVREG_CHECK_ARG(
+      num_addrs <= kMaxAddrsPerCall, "addrs has ", num_addrs, " entries, at most ",
+      kMaxAddrsPerCall, " allowed");
+  KVREG_CHECK_ARG(
+      num_addrs == desc.num_tensors, "addrs has ", num_addrs, " entries but cache_desc.num_tensors is ",
+      desc.num_tensors);
+  KVREG_CHECK_ARG(
+      options.remote_accessible >= -1 && options.remote_accessible <= 1,
+      "remote_accessible must be -1 (default), 0 or 1");
+
+  // Checks that need no registry state: null, alignment, wrap-around, overlap within the call.
+  const uint64_t span = static_cast<uint64_t>(desc.tensor_nbytes);
+  std::vector<std::pair<uint64_t, int64_t>> starts;  // (address, position in addrs)
+  for (int64_t i = 0; i < num_addrs; ++i) {
+    const uint64_t addr = addrs[i];
+    KVREG_CHECK_ARG(addr != 0, "addrs[", i, "] is null");
+    KVREG_CHECK_ARG(
+        addr % static_cast<uint64_t>(desc.element_size) == 0, "addrs[", i, "] = ", addr,
+        " is not aligned to the ", desc.element_size, "-byte element size of ",
+        data_type_name(static_cast<int64_t>(desc.data_type)));
+    KVREG_CHECK_ARG(
+        addr <= std::numeric_limits<uint64_t>::max() - span, "addrs[", i, "] + ", span,
+        " bytes wraps around the address space");
+    starts.emplace_back(addr, i);
+  }
+  std::sort(starts.begin(), starts.end());
+  for (size_t k = 1; k < starts.size(); ++k) {
+    KVREG_CHECK_ARG(
+        starts[k - 1].first + span <= starts[k].first, "tensors ", starts[k - 1].second, " and ",
+        starts[k].second, " of this call overlap");
+  }
+
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_initialized_locked();
+  for (int64_t i = 0; i < num_addrs; ++i) {
+    const int64_t other = overlapping_locked(addrs[i], addrs[i] + span);
+    KVREG_CHECK_ARG(
+        other == 0, "addrs[", i, "] overlaps the memory of registered cache id ", other);
+  }
+
+  const Limits& limits = config_.limits;
+  const int64_t total_addrs = checked_add(usage_.num_addrs, num_addrs, "registered address count");
+  KVREG_CHECK(
+      total_addrs <= limits.max_addrs, LLM_OUT_OF_MEMORY, "registering ", num_addrs,
+      " addresses would make ", total_addrs, ", over the limit of ", limits.max_addrs);
+  const bool on_host = desc.placement == Placement::HOST;
+  const int64_t used_bytes = on_host ? usage_.host_bytes : usage_.device_bytes;
+  const int64_t max_bytes = on_host ? limits.max_host_bytes : limits.max_device_bytes;
+  const int64_t total_bytes = checked_add(used_bytes, desc.nbytes, "registered byte count");
+  KVREG_CHECK(
+      total_bytes <= max_bytes, LLM_OUT_OF_MEMORY, "registering ", desc.nbytes, " ",
+      on_host ? "host" : "device", " bytes would make ", total_bytes, ", over the limit of ",
+      max_bytes);
+
+  std::vector<bool> pinned_by_us(num_addrs, false);
+  if (on_host && options.pin_host_memory) {
+    try {
+      for (int64_t i = 0; i < num_addrs; ++i) {
+        pinned_by_us[i] = pin_host(reinterpret_cast<void*>(addrs[i]), span);
+      }
+    } catch (...) {
+      for (int64_t i = 0; i < num_addrs; ++i) {
+        if (pinned_by_us[i]) {
+          unpin_host(reinterpret_cast<void*>(addrs[i]));
+        }
+      }
+      throw;
+    }
+  }
+
+  const int64_t cache_id = next_cache_id_++;
+  Entry entry;
+  entry.record.cache_id = cache_id;
+  entry.record.remote_accessible =
+      options.remote_accessible == -1 ? !on_host : options.remote_accessible == 1;
+  entry.record.desc = std::move(desc);
+  entry.record.addrs = std::move(addrs);
+  entry.owners = std::move(owners);
+  entry.pinned_by_us = std::move(pinned_by_us);
+  for (uint64_t addr : entry.record.addrs) {
+    intervals_.emplace(addr, Interval{addr + span, cache_id});
+  }
+  usage_.num_caches += 1;
+  usage_.num_addrs = total_addrs;
+  (on_host ? usage_.host_bytes : usage_.device_bytes) = total_bytes;
+  entries_.emplace(cache_id, std::move(entry));
+  return cache_id;
+}
+
+std::vector<at::Tensor> Registry::erase_locked(int64_t cache_id) {
+  auto it = entries_.find(cache_id);
+  Entry& entry = it->second;
+  const CacheDesc& desc = entry.record.desc;
+  for (size_t i = 0; i < entry.record.addrs.size(); ++i) {
+    intervals_.erase(entry.record.addrs[i]);
+    if (entry.pinned_by_us[i]) {
+      unpin_host(reinterpret_cast<void*>(entry.record.addrs[i]));
+    }
+  }
+  usage_.num_caches -= 1;
+  usage_.num_addrs -= desc.num_tensors;
+  (desc.placement == Placement::HOST ? usage_.host_bytes : usage_.device_bytes) -= desc.nbytes;
+  std::vector<at::Tensor> owners = std::move(entry.owners);
+  entries_.erase(it);
+  return owners;
+}
+
+void Registry::unregister_cache(int64_t cache_id) {
+  std::vector<at::Tensor> released;
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    check_initialized_locked();
+    find_live_locked(cache_id).closing = true;  // no new transfer may start on it
+    // Re-find on every wake-up: a finalize() waiting beside us may have erased the entry.
+    transfers_done_.wait(lock, [this, cache_id] {
+      auto it = entries_.find(cache_id);
+      return it == entries_.end() || it->second.in_flight == 0;
+    });
+    if (entries_.count(cache_id) != 0) {
+      released = erase_locked(cache_id);
+    }
+  }
+}
+
+std::vector<int64_t> Registry::cache_ids() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<int64_t> ids;
+  for (const auto& [cache_id, entry] : entries_) {
+    if (!entry.closing) {
+      ids.push_back(cache_id);
+    }
+  }
+  return ids;
+}
+
+CacheRecord Registry::get(int64_t cache_id) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_initialized_locked();
+  return find_live_locked(cache_id).record;
+}
+
+Registry::Lease Registry::lease(const std::vector<int64_t>& cache_ids) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_initialized_locked();
+  std::vector<CacheRecord> records;
+  records.reserve(cache_ids.size());
+  for (int64_t cache_id : cache_ids) {
+    records.push_back(find_live_locked(cache_id).record);
+  }
+  for (int64_t cache_id : cache_ids) {
+    entries_.at(cache_id).in_flight += 1;
+  }
+  return Lease(this, std::move(records));
+}
+
+void Registry::release(const std::vector<CacheRecord>& records) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const auto& record : records) {
+      entries_.at(record.cache_id).in_flight -= 1;
+    }
+  }
+  transfers_done_.notify_all();
+}
+
+Registry::Lease::Lease(Registry* registry, std::vector<CacheRecord> records)
+    : registry_(registry), records_(std::move(records)) {}
+
+Registry::Lease::Lease(Lease&& other) noexcept
+    : registry_(std::exchange(other.registry_, nullptr)), records_(std::move(other.records_)) {}
+
+Registry::Lease::~Lease() {
+  if (registry_ != nullptr) {
+    registry_->release(records_);
+  }
+}
+
+}  // namespace kvreg

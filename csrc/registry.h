@@ -1,0 +1,140 @@
+// The process-wide KV-cache registry: ids, the byte-interval index, limits, usage, lifetimes.
+#pragma once
+
+#include "cache_desc.h"
+
+#include <ATen/core/Tensor.h>
+
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace kvreg {
+
+struct Limits {
+  int64_t max_addrs = kMaxAddrsPerCall;
+  int64_t max_device_bytes = int64_t{50} << 30;
+  int64_t max_host_bytes = int64_t{20} << 30;
+  bool operator==(const Limits& other) const {
+    return max_addrs == other.max_addrs && max_device_bytes == other.max_device_bytes &&
+        max_host_bytes == other.max_host_bytes;
+  }
+};
+
+struct Usage {
+  int64_t num_caches = 0;
+  int64_t num_addrs = 0;
+  int64_t device_bytes = 0;
+  int64_t host_bytes = 0;
+};
+
+struct InitConfig {
+  int64_t cluster_id = 0;
+  int64_t role = 3;  // LlmRole.MIX
+  int64_t device_id = -1;
+  // Canonical options text made by the Python layer ("key=value" lines, sorted); kept only
+  // so that a repeated initialize() can be recognised as identical.
+  std::string options;
+  Limits limits;
+  bool operator==(const InitConfig& other) const {
+    return cluster_id == other.cluster_id && role == other.role &&
+        device_id == other.device_id && options == other.options && limits == other.limits;
+  }
+};
+
+struct RegisterOptions {
+  bool pin_host_memory = true;
+  int64_t remote_accessible = -1;  // -1: by placement (DEVICE yes, HOST no), 0 no, 1 yes
+};
+
+// A copy of one registration's facts, safe to use outside the registry lock.
+struct CacheRecord {
+  int64_t cache_id = 0;
+  CacheDesc desc;
+  std::vector<uint64_t> addrs;
+  bool remote_accessible = false;
+};
+
+class Registry {
+ public:
+  static Registry& instance();
+
+  // Same config again: no-op. Different config while initialized: LLM_FAILED.
+  void initialize(const InitConfig& config);
+  // Waits for transfers in flight, then unregisters everything. No-op when not initialized.
+  void finalize();
+  bool is_initialized() const;
+  // LLM_FAILED unless initialized.
+  void require_initialized() const;
+  Limits limits() const;
+  Usage usage() const;
+  InitConfig config() const;
+
+  // Validates against live registrations and limits, pins host memory if asked, and
+  // inserts, all or nothing. `owners` (possibly empty) are kept alive until unregister.
+  int64_t register_cache(
+      CacheDesc desc,
+      std::vector<uint64_t> addrs,
+      std::vector<at::Tensor> owners,
+      const RegisterOptions& options);
+  // Waits for transfers in flight on the cache, then removes it.
+  void unregister_cache(int64_t cache_id);
+  std::vector<int64_t> cache_ids() const;
+  CacheRecord get(int64_t cache_id) const;
+
+  // Keeps caches registered (unregister and finalize wait) while a transfer uses them.
+  class Lease {
+   public:
+    Lease(Lease&& other) noexcept;
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    Lease& operator=(Lease&&) = delete;
+    ~Lease();
+    const CacheRecord& operator[](size_t i) const { return records_[i]; }
+
+   private:
+    friend class Registry;
+    Lease(Registry* registry, std::vector<CacheRecord> records);
+    Registry* registry_;
+    std::vector<CacheRecord> records_;
+  };
+  Lease lease(const std::vector<int64_t>& cache_ids);
+
+ private:
+  struct Entry {
+    CacheRecord record;
+    std::vector<at::Tensor> owners;
+    std::vector<bool> pinned_by_us;
+    int64_t in_flight = 0;
+    bool closing = false;
+  };
+  struct Interval {
+    uint64_t end;
+    int64_t cache_id;
+  };
+
+  Registry() = default;
+  void check_initialized_locked() const;
+  Entry& find_live_locked(int64_t cache_id);
+  const Entry& find_live_locked(int64_t cache_id) const;
+  // Cache id of a live registration overlapping [start, end), or 0.
+  int64_t overlapping_locked(uint64_t start, uint64_t end) const;
+  // Removes the entry from every index and undoes its pins; returns its owners so that the
+  // caller can drop them after releasing the lock.
+  std::vector<at::Tensor> erase_locked(int64_t cache_id);
+  void release(const std::vector<CacheRecord>& records);
+
+  mutable std::mutex mutex_;
+  std::condition_variable transfers_done_;
+  bool initialized_ = false;
+  InitConfig config_;
+  int64_t next_cache_id_ = 1;  // never reset: ids are unique for the life of the process
+  std::map<int64_t, Entry> entries_;
+  std::map<uint64_t, Interval> intervals_;  // start -> (end, cache id), disjoint
+  Usage usage_;
+};
+
+}  // namespace kvreg

@@ -1,0 +1,56 @@
+"""Builds torch_kvreg._C.
+
+CUDAExtension when torch was built with CUDA and nvcc is found, CppExtension otherwise.
+KVREG_CUDA=0 forces the CPU build, KVREG_CUDA=1 requires the CUDA one.
+KVREG_SANITIZE=1 adds AddressSanitizer and UndefinedBehaviorSanitizer.
+"""
+
+import glob
+import os
+import shutil
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+
+
+def want_cuda() -> bool:
+    flag = os.environ.get("KVREG_CUDA", "auto").lower()
+    found = torch.version.cuda is not None and (CUDA_HOME is not None or shutil.which("nvcc"))
+    if flag in ("0", "false", "no", "off"):
+        return False
+    if flag in ("1", "true", "yes", "on"):
+        if not found:
+            raise RuntimeError("KVREG_CUDA=1 but torch has no CUDA or nvcc was not found")
+        return True
+    return bool(found)
+
+
+def extension():
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "*.cpp")))
+    cxx = ["-O3", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
+    nvcc = ["-O3", "--expt-relaxed-constexpr"]
+    link = []
+    if os.environ.get("KVREG_SANITIZE") == "1":
+        sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+        cxx = [f for f in cxx if f != "-O3"] + ["-O1", "-g"] + sanitize
+        link += ["-fsanitize=address,undefined"]
+    if want_cuda():
+        sources += sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "cuda", "*.cu")))
+        return CUDAExtension(
+            "torch_kvreg._C",
+            sources,
+            define_macros=[("KVREG_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=link,
+        )
+    return CppExtension("torch_kvreg._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+
+
+setup(
+    # KVREG_SKIP_EXT=1: metadata only (the Makefile builds the extension in place with
+    # `setup.py build_ext --inplace`, so that ninja's build folder is reused between runs).
+    ext_modules=[] if os.environ.get("KVREG_SKIP_EXT") == "1" else [extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

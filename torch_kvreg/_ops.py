@@ -1,0 +1,71 @@
+"""Loads the native library, and tells torch.compile how the torch.ops.llm ops behave.
+
+Importing ``torch_kvreg._C`` defines the ``llm`` op library (see csrc/ops.cpp). This module
+adds, for every op, a fake (meta) kernel and an ORDERED effect: the ops change state that
+no tensor shows, so compiled graphs must keep each call exactly once and in program order,
+even when the result is unused.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._library.effects import EffectType
+
+try:
+    from . import _C  # noqa: F401  (defines torch.ops.llm)
+except ImportError as exc:  # pragma: no cover - exercised by tests in a subprocess
+    if "llm" in str(exc) and "already" in str(exc).lower():
+        raise ImportError(
+            "torch_kvreg: another library already defined the torch.ops.llm namespace in this "
+            "process (a second build of torch_kvreg?). Restart the interpreter and import only "
+            f"one copy. Original error: {exc}"
+        ) from exc
+    raise
+
+_EFFECTFUL_OPS = (
+    "llm::register_kv_cache",
+    "llm::register_kv_cache.addrs",
+    "llm::unregister_kv_cache",
+    "llm::copy_kv_blocks",
+    "llm::copy_kv_cache",
+)
+
+
+def _new_cache_id():
+    # Ids are only known when the op runs; compiled code carries them as unbacked SymInts.
+    return torch.library.get_ctx().new_dynamic_size(min=1)
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("llm::register_kv_cache")
+    def _register_kv_cache_fake(caches, pin_host_memory=True, remote_accessible=-1):
+        return _new_cache_id()
+
+    @torch.library.register_fake("llm::register_kv_cache.addrs")
+    def _register_kv_cache_addrs_fake(
+        num_tensors, data_type, shape, placement, device_index, addrs,
+        pin_host_memory=True, remote_accessible=-1,
+    ):
+        return _new_cache_id()
+
+    @torch.library.register_fake("llm::unregister_kv_cache")
+    def _unregister_kv_cache_fake(cache_id):
+        return None
+
+    @torch.library.register_fake("llm::copy_kv_blocks")
+    def _copy_kv_blocks_fake(src_cache_id, dst_cache_id, src_blocks, dst_blocks):
+        return None
+
+    @torch.library.register_fake("llm::copy_kv_cache")
+    def _copy_kv_cache_fake(
+        src_cache_id, dst_cache_id, src_batch_index=0, dst_batch_index=0, offset=0, size=-1
+    ):
+        return None
+
+    for name in _EFFECTFUL_OPS:
+        torch.library._register_effectful_op(name, EffectType.ORDERED)
+
+
+# Re-executing this module (importlib.reload in a notebook) registers again; both calls
+# replace the earlier registration rather than failing.
+_register_fakes()

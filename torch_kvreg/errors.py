@@ -1,0 +1,129 @@
+"""The LLMException family, and the translation of raw-op errors into it."""
+
+from __future__ import annotations
+
+import enum
+import functools
+import re
+from typing import Callable, TypeVar
+
+
+class LLMStatusCode(enum.IntEnum):
+    """Status codes, values exactly as LLM-DataDist's ``LLMStatusCode``.
+
+    >>> LLMStatusCode.LLM_PARAM_INVALID == 0x5010B005
+    True
+    """
+
+    LLM_SUCCESS = 0x0
+    LLM_FAILED = 0xFFFFFFFF
+    LLM_WAIT_PROC_TIMEOUT = 0x5010B001
+    LLM_KV_CACHE_NOT_EXIST = 0x5010B002
+    LLM_PARAM_INVALID = 0x5010B005
+    LLM_NOT_YET_LINK = 0x5010B007
+    LLM_ALREADY_LINK = 0x5010B008
+    LLM_LINK_FAILED = 0x5010B009
+    LLM_UNLINK_FAILED = 0x5010B00A
+    LLM_NOTIFY_PROMPT_UNLINK_FAILED = 0x5010B00B
+    LLM_CLUSTER_NUM_EXCEED_LIMIT = 0x5010B00C
+    LLM_PROCESSING_LINK = 0x5010B00D
+    LLM_DEVICE_OUT_OF_MEMORY = 0x5010B00E
+    LLM_EXIST_LINK = 0x5010B018
+    LLM_FEATURE_NOT_ENABLED = 0x5010B019
+    LLM_TIMEOUT = 0x5010B01A
+    LLM_LINK_BUSY = 0x5010B01B
+    LLM_OUT_OF_MEMORY = 0x5010B01C
+
+
+class LLMException(RuntimeError):
+    """An error with an LLM-DataDist status code; ``str(e)`` starts with the status name.
+
+    >>> e = LLMException(LLMStatusCode.LLM_FAILED, "boom")
+    >>> (e.status_code, str(e))
+    (<LLMStatusCode.LLM_FAILED: 4294967295>, 'LLM_FAILED: boom')
+    """
+
+    def __init__(self, status_code: LLMStatusCode, message: str):
+        self.status_code = LLMStatusCode(status_code)
+        self.message = f"{self.status_code.name}: {message}"
+        super().__init__(self.message)
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return self.message
+
+
+class LLMParamInvalidError(LLMException, ValueError):
+    """LLM_PARAM_INVALID: a bad argument value."""
+
+
+class LLMTypeError(LLMException, TypeError):
+    """LLM_PARAM_INVALID: an argument of the wrong type."""
+
+
+class LLMIndexError(LLMException, IndexError):
+    """LLM_PARAM_INVALID: a block or batch index out of range."""
+
+
+class LLMKVCacheNotExistError(LLMException, KeyError):
+    """LLM_KV_CACHE_NOT_EXIST: no live cache has this id."""
+
+
+def make_error(status: LLMStatusCode, message: str, kind: type | None = None) -> LLMException:
+    """The LLMException subclass for ``status`` (and, for LLM_PARAM_INVALID, ``kind``).
+
+    >>> type(make_error(LLMStatusCode.LLM_PARAM_INVALID, "x", IndexError)).__name__
+    'LLMIndexError'
+    """
+    status = LLMStatusCode(status)
+    if status == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST:
+        return LLMKVCacheNotExistError(status, message)
+    if status == LLMStatusCode.LLM_PARAM_INVALID:
+        if kind is not None and issubclass(kind, IndexError):
+            return LLMIndexError(status, message)
+        if kind is not None and issubclass(kind, TypeError):
+            return LLMTypeError(status, message)
+        return LLMParamInvalidError(status, message)
+    return LLMException(status, message)
+
+
+def param_invalid(message: str) -> LLMParamInvalidError:
+    return make_error(LLMStatusCode.LLM_PARAM_INVALID, message)  # type: ignore[return-value]
+
+
+def wrong_type(message: str) -> LLMTypeError:
+    return make_error(LLMStatusCode.LLM_PARAM_INVALID, message, TypeError)  # type: ignore[return-value]
+
+
+_STATUS_PREFIX = re.compile(r"^\s*(LLM_[A-Z_]+): ?(.*)", re.S)
+
+
+def translate(exc: BaseException) -> LLMException | None:
+    """The LLMException for an error raised by a raw op, or None if it carries no status."""
+    if isinstance(exc, LLMException):
+        return exc
+    text = str(exc.args[0]) if exc.args else str(exc)
+    match = _STATUS_PREFIX.match(text)
+    if match is None or match.group(1) not in LLMStatusCode.__members__:
+        return None
+    # Drop the C++ context lines torch may append ("Exception raised from ...").
+    message = match.group(2).split("\nException raised from")[0].rstrip()
+    return make_error(LLMStatusCode[match.group(1)], message, type(exc))
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def raises_llm(fn: F) -> F:
+    """Decorator: errors from the raw ops come out as the LLMException family."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (RuntimeError, ValueError, IndexError, TypeError, KeyError) as exc:
+            translated = translate(exc)
+            if translated is None or translated is exc:
+                raise
+            raise translated from None
+
+    return wrapper  # type: ignore[return-value]

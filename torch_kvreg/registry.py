@@ -1,0 +1,346 @@
+"""Lifecycle, limits, usage and registration: typed wrappers over the native registry.
+
+The native registry (csrc/registry.cpp) owns every fact; these functions check Python
+types, call it, and turn its errors into the LLMException family.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ipaddress
+from typing import Mapping, Sequence
+
+import torch
+
+from . import _ops  # noqa: F401  (loads the native library and the op registrations)
+from . import _C
+from .errors import LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
+from .types import (
+    Cache,
+    CacheDesc,
+    DataType,
+    Limits,
+    LlmRole,
+    Placement,
+    RegisterCfg,
+    Usage,
+    as_int,
+    tensor_list,
+)
+
+OPTION_DEVICE_ID = "llm.DeviceId"
+OPTION_LISTEN_IP_INFO = "llm.ListenIpInfo"
+OPTION_SYNC_KV_CACHE_WAIT_TIME = "llm.SyncKvCacheWaitTime"
+KNOWN_OPTIONS = (OPTION_DEVICE_ID, OPTION_LISTEN_IP_INFO, OPTION_SYNC_KV_CACHE_WAIT_TIME)
+DEFAULT_SYNC_KV_CACHE_WAIT_TIME_MS = 1000
+_MAX_ADDRESS = 2**63 - 1
+
+
+def default_limits() -> Limits:
+    """The caps in force when ``initialize`` is given no ``limits``.
+
+    >>> default_limits().max_addrs
+    240
+    """
+    return Limits(max_addrs=240, max_device_bytes=50 * 2**30, max_host_bytes=20 * 2**30)
+
+
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """``"ip:port"`` as (ip, port); port 0 asks for a free port.
+
+    >>> parse_listen_address("127.0.0.1:26000")
+    ('127.0.0.1', 26000)
+    """
+    if not isinstance(text, str):
+        raise wrong_type(f"{OPTION_LISTEN_IP_INFO} must be a str, got {type(text).__name__}")
+    host, sep, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        port = int(port_text)
+    except ValueError:
+        raise param_invalid(f"{OPTION_LISTEN_IP_INFO} {text!r} is not 'ip:port'") from None
+    if not sep or not 0 <= port <= 65535:
+        raise param_invalid(f"{OPTION_LISTEN_IP_INFO} {text!r} is not 'ip:port' with a port 0-65535")
+    return host, port
+
+
+def _checked_options(options: Mapping[str, str] | None, device_id: int | None) -> dict[str, str]:
+    if options is None:
+        options = {}
+    if not isinstance(options, Mapping):
+        raise wrong_type(f"options must be a mapping of str to str, got {type(options).__name__}")
+    checked: dict[str, str] = {}
+    for key, value in options.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise wrong_type(f"option {key!r}: keys and values must be str")
+        if key not in KNOWN_OPTIONS:
+            raise param_invalid(f"unknown option {key!r}; known options are {', '.join(KNOWN_OPTIONS)}")
+        checked[key] = value
+    if OPTION_DEVICE_ID in checked:
+        try:
+            option_device = int(checked[OPTION_DEVICE_ID])
+        except ValueError:
+            raise param_invalid(f"{OPTION_DEVICE_ID} {checked[OPTION_DEVICE_ID]!r} is not an int") from None
+        if option_device < 0:
+            raise param_invalid(f"{OPTION_DEVICE_ID} must be >= 0, got {option_device}")
+        if device_id is not None and device_id != option_device:
+            raise param_invalid(f"device_id={device_id} disagrees with {OPTION_DEVICE_ID}={option_device}")
+    if OPTION_LISTEN_IP_INFO in checked:
+        parse_listen_address(checked[OPTION_LISTEN_IP_INFO])
+    if OPTION_SYNC_KV_CACHE_WAIT_TIME in checked:
+        text = checked[OPTION_SYNC_KV_CACHE_WAIT_TIME]
+        if not text.isdigit() or int(text) <= 0:
+            raise param_invalid(f"{OPTION_SYNC_KV_CACHE_WAIT_TIME} must be a positive int of ms, got {text!r}")
+    return checked
+
+
+@raises_llm
+def initialize(
+    cluster_id: int = 0,
+    role: LlmRole = LlmRole.MIX,
+    *,
+    device_id: int | None = None,
+    options: Mapping[str, str] | None = None,
+    limits: Limits | None = None,
+) -> None:
+    """Starts the registry. Again with the same arguments: no-op; with others: LLM_FAILED.
+
+    >>> import torch_kvreg
+    >>> torch_kvreg.initialize(cluster_id=0, options={"llm.SyncKvCacheWaitTime": "2000"})
+    >>> torch_kvreg.is_initialized()
+    True
+    >>> torch_kvreg.finalize()
+    """
+    cluster_id = as_int(cluster_id, "cluster_id")
+    if cluster_id < 0:
+        raise param_invalid(f"cluster_id must be >= 0, got {cluster_id}")
+    if isinstance(role, bool) or not isinstance(role, int):
+        raise wrong_type(f"role must be an LlmRole, got {type(role).__name__}")
+    try:
+        role = LlmRole(role)
+    except ValueError:
+        raise param_invalid(f"role {role!r} is not an LlmRole (1, 2 or 3)") from None
+    if device_id is not None:
+        device_id = as_int(device_id, "device_id")
+        if device_id < 0:
+            raise param_invalid(f"device_id must be >= 0, got {device_id}")
+    checked = _checked_options(options, device_id)
+    if device_id is None and OPTION_DEVICE_ID in checked:
+        device_id = int(checked[OPTION_DEVICE_ID])
+    if limits is None:
+        limits = default_limits()
+    if not isinstance(limits, Limits):
+        raise wrong_type(f"limits must be a torch_kvreg.Limits, got {type(limits).__name__}")
+    caps = [as_int(v, "limits field") for v in (limits.max_addrs, limits.max_device_bytes, limits.max_host_bytes)]
+    if any(v < 0 for v in caps) or any(v > _MAX_ADDRESS for v in caps):
+        raise param_invalid(f"limits must be between 0 and 2**63-1, got {limits!r}")
+    canonical = "\n".join(f"{k}={v}" for k, v in sorted(checked.items()))
+    first_time = not _C.is_initialized()
+    _C.initialize(cluster_id, int(role), -1 if device_id is None else device_id, canonical, *caps)
+    if first_time and OPTION_LISTEN_IP_INFO in checked:
+        from .remote import start_listening
+
+        try:
+            start_listening(checked[OPTION_LISTEN_IP_INFO])
+        except BaseException:
+            _C.finalize()
+            raise
+
+
+def finalize() -> None:
+    """Unregisters every cache and resets all state; no-op when not initialized.
+
+    >>> import torch_kvreg
+    >>> torch_kvreg.finalize()
+    >>> torch_kvreg.is_initialized()
+    False
+    """
+    from .remote import stop_remote
+
+    stop_remote()
+    _C.finalize()
+
+
+def is_initialized() -> bool:
+    """Whether ``initialize`` has run (and ``finalize`` has not since).
+
+    >>> import torch_kvreg
+    >>> torch_kvreg.is_initialized() in (True, False)
+    True
+    """
+    return bool(_C.is_initialized())
+
+
+def option(key: str, default: str | None = None) -> str | None:
+    """The value of an ``initialize`` option now in force."""
+    for line in _C.config()[3].split("\n"):
+        name, _, value = line.partition("=")
+        if name == key:
+            return value
+    return default
+
+
+def cluster_id() -> int:
+    """The cluster id given to ``initialize``."""
+    return int(_C.config()[0])
+
+
+def limits() -> Limits:
+    """The caps in force: defaults of 240 addresses, 50 GiB device and 20 GiB host memory.
+
+    >>> import torch_kvreg
+    >>> torch_kvreg.limits().max_host_bytes == 20 * 2**30
+    True
+    """
+    return Limits(*_C.limits())
+
+
+def usage() -> Usage:
+    """What is registered now.
+
+    >>> import torch_kvreg
+    >>> torch_kvreg.usage().num_caches >= 0
+    True
+    """
+    return Usage(*_C.usage())
+
+
+def _cache_from_tuple(values) -> Cache:
+    cache_id, num_tensors, data_type, shape, placement, device_index, addrs, _remote = values
+    desc = CacheDesc(num_tensors, DataType(data_type), tuple(shape), Placement(placement), device_index)
+    return Cache(cache_id, desc, tuple(addrs))
+
+
+def cache_id_of(cache: Cache | int, name: str = "cache") -> int:
+    if isinstance(cache, Cache):
+        return cache.cache_id
+    return as_int(cache, name)
+
+
+@raises_llm
+def get_cache(cache_id: int) -> Cache:
+    """The registered cache with this id; LLM_KV_CACHE_NOT_EXIST if there is none.
+
+    >>> import torch, torch_kvreg
+    >>> torch_kvreg.initialize()
+    >>> cache = torch_kvreg.register_kv_cache([torch.zeros(4, 8)])
+    >>> torch_kvreg.get_cache(cache.cache_id) == cache
+    True
+    >>> torch_kvreg.finalize()
+    """
+    return _cache_from_tuple(_C.get_cache(cache_id_of(cache_id, "cache_id")))
+
+
+def remote_accessible(cache: Cache | int) -> bool:
+    """Whether remote peers may pull from or push to this cache."""
+    return bool(raises_llm(_C.get_cache)(cache_id_of(cache))[7])
+
+
+def registered_caches() -> list[Cache]:
+    """Every live registration, by increasing id.
+
+    >>> import torch_kvreg
+    >>> isinstance(torch_kvreg.registered_caches(), list)
+    True
+    """
+    caches = []
+    for cache_id in _C.cache_ids():
+        try:
+            caches.append(_cache_from_tuple(_C.get_cache(cache_id)))
+        except RuntimeError:  # unregistered by another thread meanwhile
+            continue
+    return caches
+
+
+def _cfg_args(cfg: RegisterCfg | None) -> tuple[bool, int]:
+    if cfg is None:
+        cfg = RegisterCfg()
+    if not isinstance(cfg, RegisterCfg):
+        raise wrong_type(f"cfg must be a torch_kvreg.RegisterCfg, got {type(cfg).__name__}")
+    remote = -1 if cfg.remote_accessible is None else int(cfg.remote_accessible)
+    return cfg.pin_host_memory, remote
+
+
+@raises_llm
+def register_kv_cache(
+    tensors_or_desc: torch.Tensor | Sequence[torch.Tensor] | CacheDesc,
+    addrs_or_cfg: Sequence[int] | RegisterCfg | None = None,
+    cfg: RegisterCfg | None = None,
+) -> Cache:
+    """Registers a KV cache and returns it with its new id.
+
+    Two forms: ``register_kv_cache(tensors, cfg=None)`` derives the CacheDesc from the
+    tensors and keeps their storages alive until unregistered;
+    ``register_kv_cache(cache_desc, addrs, cfg=None)`` registers memory from another
+    allocator, which the caller keeps alive.
+
+    >>> import torch, torch_kvreg
+    >>> torch_kvreg.initialize()
+    >>> k, v = torch.zeros(8, 16, 2, 4), torch.zeros(8, 16, 2, 4)
+    >>> cache = torch_kvreg.register_kv_cache([k, v])
+    >>> cache.cache_desc.shape, cache.tensor_addrs == (k.data_ptr(), v.data_ptr())
+    ((8, 16, 2, 4), True)
+    >>> torch_kvreg.unregister_kv_cache(cache)
+    >>> torch_kvreg.finalize()
+    """
+    from .remote import on_register
+
+    if isinstance(tensors_or_desc, CacheDesc):
+        desc = tensors_or_desc
+        addrs = addrs_or_cfg
+        if isinstance(addrs, (str, bytes, RegisterCfg)) or not isinstance(addrs, Sequence):
+            raise wrong_type(f"addrs must be a sequence of ints, got {type(addrs).__name__}")
+        addr_list = [as_int(a, f"addrs[{i}]") for i, a in enumerate(addrs)]
+        for i, addr in enumerate(addr_list):
+            if not 0 < addr <= _MAX_ADDRESS:
+                raise param_invalid(f"addrs[{i}] = {addr} is not a valid (non-null, 63-bit) address")
+        pin, remote = _cfg_args(cfg)
+        placement = int(desc.placement)
+        cache_id = torch.ops.llm.register_kv_cache.addrs(
+            desc.num_tensors, int(desc.data_type), list(desc.shape), placement,
+            desc.device_index, addr_list, pin, remote,
+        )
+    else:
+        if cfg is not None and addrs_or_cfg is not None:
+            raise wrong_type("the tensor form takes (tensors, cfg); addrs are only for the CacheDesc form")
+        tensors = tensor_list(tensors_or_desc)
+        pin, remote = _cfg_args(cfg if cfg is not None else addrs_or_cfg)  # type: ignore[arg-type]
+        cache_id = torch.ops.llm.register_kv_cache.default(tensors, pin, remote)
+    cache = get_cache(int(cache_id))
+    try:
+        on_register(cache)
+    except BaseException:
+        torch.ops.llm.unregister_kv_cache(cache.cache_id)
+        raise
+    return cache
+
+
+@raises_llm
+def unregister_kv_cache(cache: Cache | int) -> None:
+    """Unregisters a cache, after any transfer in flight on it has finished.
+
+    >>> import torch, torch_kvreg
+    >>> torch_kvreg.initialize()
+    >>> cache = torch_kvreg.register_kv_cache(torch.zeros(4, 4))
+    >>> torch_kvreg.unregister_kv_cache(cache.cache_id)
+    >>> torch_kvreg.usage().num_caches
+    0
+    >>> torch_kvreg.finalize()
+    """
+    from .remote import on_unregister
+
+    cache_id = cache_id_of(cache)
+    _C.get_cache(cache_id)  # LLM_KV_CACHE_NOT_EXIST before touching anything else
+    on_unregister(cache_id)
+    torch.ops.llm.unregister_kv_cache(cache_id)
+
+
+def require_initialized() -> None:
+    if not _C.is_initialized():
+        raise make_error(
+            LLMStatusCode.LLM_FAILED, "torch_kvreg is not initialized; call torch_kvreg.initialize() first"
+        )
+
+
+atexit.register(finalize)

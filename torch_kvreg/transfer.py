@@ -1,0 +1,108 @@
+"""Block transfers between registered caches in this process (HOST and DEVICE)."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from .errors import param_invalid, raises_llm, wrong_type
+from .registry import cache_id_of
+from .types import Cache
+
+
+def block_tensor(blocks, name: str) -> torch.Tensor:
+    """A block list (sequence of ints, or an integer tensor) as a 1-D int64 tensor."""
+    if isinstance(blocks, torch.Tensor):
+        if blocks.dtype not in (torch.int64, torch.int32):
+            raise wrong_type(f"{name} must be an int64 or int32 tensor, got {blocks.dtype}")
+        if blocks.dim() > 1:
+            raise param_invalid(f"{name} must be 1-D, got shape {tuple(blocks.shape)}")
+        return blocks.reshape(-1)
+    if isinstance(blocks, int) and not isinstance(blocks, bool):
+        blocks = [blocks]
+    if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence):
+        raise wrong_type(f"{name} must be a sequence of ints or an int tensor, got {type(blocks).__name__}")
+    values = []
+    for j, block in enumerate(blocks):
+        if isinstance(block, bool) or not hasattr(block, "__index__"):
+            raise wrong_type(f"{name}[{j}] must be an int, got {type(block).__name__}")
+        value = block.__index__()
+        if not -(2**63) <= value < 2**63:
+            raise make_index_error(f"{name}[{j}] = {value} is out of range")
+        values.append(value)
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def make_index_error(message: str):
+    from .errors import LLMStatusCode, make_error
+
+    return make_error(LLMStatusCode.LLM_PARAM_INVALID, message, IndexError)
+
+
+@raises_llm
+def copy_kv_blocks(src: Cache | int, dst: Cache | int, src_blocks, dst_blocks) -> None:
+    """Copies dim-0 slice ``src_blocks[j]`` of every src tensor to ``dst_blocks[j]`` of dst.
+
+    Works HOST->HOST, HOST->DEVICE, DEVICE->HOST and DEVICE->DEVICE; ordered on the
+    current CUDA stream. Validates everything before any byte moves.
+
+    >>> import torch, torch_kvreg
+    >>> torch_kvreg.initialize()
+    >>> a = torch_kvreg.register_kv_cache([torch.arange(8.).reshape(4, 2)])
+    >>> b = torch_kvreg.register_kv_cache([torch.zeros(4, 2)])
+    >>> torch_kvreg.copy_kv_blocks(a, b, [3, 0], [0, 1])
+    >>> torch_kvreg.finalize()
+    """
+    torch.ops.llm.copy_kv_blocks(
+        cache_id_of(src, "src"),
+        cache_id_of(dst, "dst"),
+        block_tensor(src_blocks, "src_blocks"),
+        block_tensor(dst_blocks, "dst_blocks"),
+    )
+
+
+def swap_blocks(src: Cache | int, dst: Cache | int, src_to_dst: Mapping[int, int]) -> None:
+    """llm_datadist-style block copy: ``{src_block: dst_block}``.
+
+    >>> import torch, torch_kvreg
+    >>> torch_kvreg.initialize()
+    >>> a = torch_kvreg.register_kv_cache([torch.ones(4, 2)])
+    >>> b = torch_kvreg.register_kv_cache([torch.zeros(4, 2)])
+    >>> torch_kvreg.swap_blocks(a, b, {0: 2, 1: 3})
+    >>> torch_kvreg.finalize()
+    """
+    if not isinstance(src_to_dst, Mapping):
+        raise wrong_type(f"src_to_dst must be a mapping of int to int, got {type(src_to_dst).__name__}")
+    copy_kv_blocks(src, dst, list(src_to_dst.keys()), list(src_to_dst.values()))
+
+
+@raises_llm
+def copy_kv_cache(
+    src: Cache | int,
+    dst: Cache | int,
+    src_batch_index: int = 0,
+    dst_batch_index: int = 0,
+    offset: int = 0,
+    size: int = -1,
+) -> None:
+    """Copies ``size`` bytes (-1: the rest) from byte ``offset`` of slice ``src_batch_index``
+    to the same place of slice ``dst_batch_index``, for every tensor.
+
+    >>> import torch, torch_kvreg
+    >>> torch_kvreg.initialize()
+    >>> a = torch_kvreg.register_kv_cache([torch.ones(2, 4)])
+    >>> b = torch_kvreg.register_kv_cache([torch.zeros(2, 4)])
+    >>> torch_kvreg.copy_kv_cache(a, b, 0, 1, offset=4, size=8)
+    >>> torch_kvreg.finalize()
+    """
+    from .types import as_int
+
+    torch.ops.llm.copy_kv_cache(
+        cache_id_of(src, "src"),
+        cache_id_of(dst, "dst"),
+        as_int(src_batch_index, "src_batch_index"),
+        as_int(dst_batch_index, "dst_batch_index"),
+        as_int(offset, "offset"),
+        as_int(size, "size"),
+    )

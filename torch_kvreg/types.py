@@ -1,0 +1,330 @@
+"""Enums and immutable descriptors of the LLM-DataDist model."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import operator
+from typing import Sequence
+
+import torch
+
+from .errors import param_invalid, wrong_type
+
+
+def format_bytes(nbytes: int) -> str:
+    """Human units for a byte count.
+
+    >>> format_bytes(3 * 2**30)
+    '3.00 GiB'
+    """
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def as_int(value, name: str) -> int:
+    """``value`` as a Python int: ints, numpy ints and SymInts pass; bools and floats do not."""
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, bool):
+        raise wrong_type(f"{name} must be an int, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise wrong_type(f"{name} must be an int, got {type(value).__name__}") from None
+
+
+class Placement(enum.IntEnum):
+    """Where a cache lives.
+
+    >>> Placement.DEVICE
+    <Placement.DEVICE: 1>
+    """
+
+    HOST = 0
+    DEVICE = 1
+
+
+class LlmRole(enum.IntEnum):
+    """The role of this process in disaggregated serving.
+
+    >>> int(LlmRole.DECODER)
+    2
+    """
+
+    PROMPT = 1
+    DECODER = 2
+    MIX = 3
+
+
+LLMRole = LlmRole
+
+
+class DataType(enum.IntEnum):
+    """CANN GE data types, with their torch equivalents.
+
+    >>> DataType.from_torch(torch.float16), DataType.DT_BF16.to_torch()
+    (<DataType.DT_FLOAT16: 1>, torch.bfloat16)
+    """
+
+    DT_FLOAT = 0
+    DT_FLOAT16 = 1
+    DT_INT8 = 2
+    DT_INT32 = 3
+    DT_UINT8 = 4
+    DT_INT16 = 6
+    DT_UINT16 = 7
+    DT_UINT32 = 8
+    DT_INT64 = 9
+    DT_UINT64 = 10
+    DT_DOUBLE = 11
+    DT_BOOL = 12
+    DT_BF16 = 27
+    DT_UNDEFINED = 28
+    DT_FLOAT8_E5M2 = 35
+    DT_FLOAT8_E4M3FN = 36
+
+    @classmethod
+    def from_torch(cls, dtype: torch.dtype) -> "DataType":
+        if not isinstance(dtype, torch.dtype):
+            raise wrong_type(f"expected a torch.dtype, got {type(dtype).__name__}")
+        try:
+            return _FROM_TORCH[dtype]
+        except KeyError:
+            raise param_invalid(f"dtype {dtype} has no LLM DataType") from None
+
+    def to_torch(self) -> torch.dtype:
+        try:
+            return _TO_TORCH[self]
+        except KeyError:
+            raise param_invalid(f"{self.name} has no torch dtype") from None
+
+    @property
+    def itemsize(self) -> int:
+        return self.to_torch().itemsize
+
+
+_TO_TORCH = {
+    DataType.DT_FLOAT: torch.float32,
+    DataType.DT_FLOAT16: torch.float16,
+    DataType.DT_INT8: torch.int8,
+    DataType.DT_INT32: torch.int32,
+    DataType.DT_UINT8: torch.uint8,
+    DataType.DT_INT16: torch.int16,
+    DataType.DT_UINT16: torch.uint16,
+    DataType.DT_UINT32: torch.uint32,
+    DataType.DT_INT64: torch.int64,
+    DataType.DT_UINT64: torch.uint64,
+    DataType.DT_DOUBLE: torch.float64,
+    DataType.DT_BOOL: torch.bool,
+    DataType.DT_BF16: torch.bfloat16,
+    DataType.DT_FLOAT8_E5M2: torch.float8_e5m2,
+    DataType.DT_FLOAT8_E4M3FN: torch.float8_e4m3fn,
+}
+_FROM_TORCH = {dtype: data_type for data_type, dtype in _TO_TORCH.items()}
+
+
+def _enum_value(enum_cls, value, name: str):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise wrong_type(f"{name} must be a {enum_cls.__name__}, got {type(value).__name__}")
+    try:
+        return enum_cls(value)
+    except ValueError:
+        raise param_invalid(f"{name} {value!r} is not a {enum_cls.__name__}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheDesc:
+    """The shape of a KV cache: ``num_tensors`` tensors of ``shape`` and ``data_type``.
+
+    Dim 0 is the block (or batch) dimension.
+
+    >>> d = CacheDesc(2, DataType.DT_FLOAT16, (16, 4, 8))
+    >>> d.block_nbytes, d.tensor_nbytes, d.nbytes
+    (64, 1024, 2048)
+    """
+
+    num_tensors: int
+    data_type: DataType
+    shape: tuple[int, ...]
+    placement: Placement = Placement.DEVICE
+    device_index: int = -1
+
+    def __post_init__(self):
+        set_field = object.__setattr__
+        set_field(self, "num_tensors", as_int(self.num_tensors, "num_tensors"))
+        set_field(self, "data_type", _enum_value(DataType, self.data_type, "data_type"))
+        if isinstance(self.shape, (str, bytes)) or not isinstance(self.shape, Sequence):
+            if not isinstance(self.shape, torch.Size):
+                raise wrong_type(f"shape must be a sequence of ints, got {type(self.shape).__name__}")
+        set_field(self, "shape", tuple(as_int(d, "shape entry") for d in self.shape))
+        set_field(self, "placement", _enum_value(Placement, self.placement, "placement"))
+        set_field(self, "device_index", as_int(self.device_index, "device_index"))
+
+    @classmethod
+    def from_tensors(cls, tensors: torch.Tensor | Sequence[torch.Tensor]) -> "CacheDesc":
+        """The desc that registering ``tensors`` would give.
+
+        >>> CacheDesc.from_tensors([torch.zeros(4, 2), torch.zeros(4, 2)])
+        CacheDesc(num_tensors=2, data_type=DT_FLOAT, shape=(4, 2), placement=HOST, device_index=-1, nbytes=64 B)
+        """
+        tensors = tensor_list(tensors)
+        if not tensors:
+            raise param_invalid("no tensors given")
+        first = tensors[0]
+        for i, tensor in enumerate(tensors):
+            if tensor.dtype != first.dtype or tensor.shape != first.shape or tensor.device != first.device:
+                raise param_invalid(
+                    f"tensors[{i}] is {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}, "
+                    f"tensors[0] is {first.dtype} {tuple(first.shape)} on {first.device}"
+                )
+        on_host = first.device.type == "cpu"
+        return cls(
+            len(tensors),
+            DataType.from_torch(first.dtype),
+            tuple(first.shape),
+            Placement.HOST if on_host else Placement.DEVICE,
+            -1 if on_host else (first.device.index if first.device.index is not None else 0),
+        )
+
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes of one dim-0 slice of one tensor."""
+        return math.prod(self.shape[1:]) * self.data_type.itemsize
+
+    @property
+    def tensor_nbytes(self) -> int:
+        return math.prod(self.shape) * self.data_type.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor_nbytes * self.num_tensors
+
+    def __repr__(self) -> str:
+        return (
+            f"CacheDesc(num_tensors={self.num_tensors}, data_type={self.data_type.name}, "
+            f"shape={self.shape}, placement={self.placement.name}, "
+            f"device_index={self.device_index}, nbytes={format_bytes(self.nbytes)})"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisterCfg:
+    """Registration options.
+
+    ``pin_host_memory``: page-lock HOST caches for the accelerator (CUDA builds).
+    ``remote_accessible``: reachable by remote pull/push; None means DEVICE yes, HOST no.
+
+    >>> RegisterCfg(pin_host_memory=False)
+    RegisterCfg(pin_host_memory=False, remote_accessible=None)
+    """
+
+    pin_host_memory: bool = True
+    remote_accessible: bool | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.pin_host_memory, bool):
+            raise wrong_type("RegisterCfg.pin_host_memory must be a bool")
+        if self.remote_accessible is not None and not isinstance(self.remote_accessible, bool):
+            raise wrong_type("RegisterCfg.remote_accessible must be a bool or None")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cache:
+    """A registered cache: its id, desc and one address per tensor.
+
+    >>> Cache(1, CacheDesc(1, DataType.DT_INT8, (4,), Placement.HOST), (4096,))
+    Cache(cache_id=1, CacheDesc(num_tensors=1, data_type=DT_INT8, shape=(4,), placement=HOST, device_index=-1, nbytes=4 B), tensor_addrs=[0x1000])
+    """
+
+    cache_id: int
+    cache_desc: CacheDesc
+    tensor_addrs: tuple[int, ...]
+
+    def __repr__(self) -> str:
+        addrs = self.tensor_addrs
+        shown = ", ".join(hex(a) for a in addrs[:2]) + (f", ... ({len(addrs)} in all)" if len(addrs) > 2 else "")
+        return f"Cache(cache_id={self.cache_id}, {self.cache_desc!r}, tensor_addrs=[{shown}])"
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheIndex:
+    """Addresses a cache of a (possibly remote) cluster.
+
+    >>> CacheIndex(cluster_id=1, cache_id=3)
+    CacheIndex(cluster_id=1, cache_id=3, batch_index=0)
+    """
+
+    cluster_id: int
+    cache_id: int
+    batch_index: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Caps on what may be registered, cumulative over live registrations.
+
+    >>> Limits(240, 50 * 2**30, 20 * 2**30)
+    Limits(max_addrs=240, max_device_bytes=50.00 GiB, max_host_bytes=20.00 GiB)
+    """
+
+    max_addrs: int
+    max_device_bytes: int
+    max_host_bytes: int
+
+    def __repr__(self) -> str:
+        return (
+            f"Limits(max_addrs={self.max_addrs}, max_device_bytes={format_bytes(self.max_device_bytes)}, "
+            f"max_host_bytes={format_bytes(self.max_host_bytes)})"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    """What is registered now.
+
+    >>> Usage(1, 64, 2**31, 0)
+    Usage(num_caches=1, num_addrs=64, device_bytes=2.00 GiB, host_bytes=0 B)
+    """
+
+    num_caches: int
+    num_addrs: int
+    device_bytes: int
+    host_bytes: int
+
+    def __repr__(self) -> str:
+        return (
+            f"Usage(num_caches={self.num_caches}, num_addrs={self.num_addrs}, "
+            f"device_bytes={format_bytes(self.device_bytes)}, host_bytes={format_bytes(self.host_bytes)})"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterInfo:
+    """A remote cluster to link to.
+
+    >>> ClusterInfo(1, "127.0.0.1", 26000)
+    ClusterInfo(remote_cluster_id=1, remote_ip='127.0.0.1', remote_port=26000)
+    """
+
+    remote_cluster_id: int
+    remote_ip: str
+    remote_port: int
+
+
+def tensor_list(tensors) -> list[torch.Tensor]:
+    """A tensor or a sequence of tensors as a list; anything else is a wrong type."""
+    if isinstance(tensors, torch.Tensor):
+        return [tensors]
+    if isinstance(tensors, (str, bytes)) or not isinstance(tensors, Sequence):
+        raise wrong_type(f"expected a Tensor or a sequence of Tensors, got {type(tensors).__name__}")
+    out = list(tensors)
+    for i, tensor in enumerate(out):
+        if not isinstance(tensor, torch.Tensor):
+            raise wrong_type(f"tensors[{i}] is a {type(tensor).__name__}, not a Tensor")
+    return out
