@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch._library.effects import EffectType
+from torch._subclasses.fake_tensor import FakeTensor
 
 try:
     from . import _C  # noqa: F401  (defines torch.ops.llm)
@@ -36,9 +37,18 @@ def _new_cache_id():
     return torch.library.get_ctx().new_dynamic_size(min=1)
 
 
+def _reject_meta(tensor, name: str) -> None:
+    # Fake kernels also serve the Meta key, so real meta tensors arrive here instead of in
+    # C++; without this check an eager call with meta tensors would silently do nothing.
+    if not isinstance(tensor, FakeTensor):
+        raise ValueError(f"LLM_PARAM_INVALID: {name} is a {tensor.device} tensor and holds no data")
+
+
 def _register_fakes() -> None:
     @torch.library.register_fake("llm::register_kv_cache")
     def _register_kv_cache_fake(caches, pin_host_memory=True, remote_accessible=-1):
+        for i, tensor in enumerate(caches):
+            _reject_meta(tensor, f"caches[{i}]")
         return _new_cache_id()
 
     @torch.library.register_fake("llm::register_kv_cache.addrs")
@@ -54,6 +64,8 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("llm::copy_kv_blocks")
     def _copy_kv_blocks_fake(src_cache_id, dst_cache_id, src_blocks, dst_blocks):
+        _reject_meta(src_blocks, "src_blocks")
+        _reject_meta(dst_blocks, "dst_blocks")
         return None
 
     @torch.library.register_fake("llm::copy_kv_cache")

@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+import torch_kvreg
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="run the long profiles too")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    skip_slow = pytest.mark.skip(reason="long profile: pass --run-slow")
+    for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)
+        if "slow" in item.keywords and not config.getoption("--run-slow"):
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry():
+    """Every test starts and ends with a finalized registry."""
+    torch_kvreg.finalize()
+    yield
+    torch_kvreg.finalize()
+
+
+@pytest.fixture
+def kv():
+    torch_kvreg.initialize()
+    return torch_kvreg
+
+
+def devices():
+    """Devices present on this machine."""
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def snapshot():
+    """What a failed call must leave unchanged."""
+    return torch_kvreg.usage(), torch_kvreg.registered_caches(), torch_kvreg.is_initialized()

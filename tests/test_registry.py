@@ -1,0 +1,209 @@
+import gc
+import subprocess
+import sys
+import weakref
+
+import pytest
+import torch
+
+import torch_kvreg as kv
+from torch_kvreg import CacheDesc, DataType, LLMStatusCode, Placement, RegisterCfg
+
+from conftest import devices
+
+
+def paged_cache(layers=2, blocks=8, device="cpu", dtype=torch.float16):
+    return [torch.zeros(blocks, 16, 2, 8, dtype=dtype, device=device) for _ in range(2 * layers)]
+
+
+def test_lifecycle_and_idempotent_initialize():
+    assert not kv.is_initialized()
+    kv.initialize(1, kv.LlmRole.PROMPT, options={"llm.SyncKvCacheWaitTime": "500"})
+    kv.initialize(1, kv.LlmRole.PROMPT, options={"llm.SyncKvCacheWaitTime": "500"})  # re-run cell
+    assert kv.is_initialized()
+    with pytest.raises(kv.LLMException) as info:
+        kv.initialize(2, kv.LlmRole.PROMPT)
+    assert info.value.status_code == LLMStatusCode.LLM_FAILED
+    assert "finalize" in str(info.value)
+    kv.finalize()
+    kv.finalize()  # no-op
+    assert not kv.is_initialized()
+    kv.initialize(2, kv.LlmRole.DECODER)  # different arguments after finalize are fine
+    assert kv.is_initialized()
+
+
+def test_calls_before_initialize_say_so():
+    with pytest.raises(kv.LLMException) as info:
+        kv.register_kv_cache(torch.zeros(4))
+    assert info.value.status_code == LLMStatusCode.LLM_FAILED
+    assert "torch_kvreg.initialize()" in str(info.value)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_register_derives_desc_and_addresses(kv, device):
+    tensors = paged_cache(device=device)
+    cache = kv.register_kv_cache(tensors)
+    assert cache.cache_id > 0
+    assert cache.tensor_addrs == tuple(t.data_ptr() for t in tensors)
+    assert cache.cache_desc == CacheDesc.from_tensors(tensors)
+    assert cache.cache_desc.placement == (Placement.HOST if device == "cpu" else Placement.DEVICE)
+    assert kv.get_cache(cache.cache_id) == cache
+    assert kv.registered_caches() == [cache]
+    usage = kv.usage()
+    field = "host_bytes" if device == "cpu" else "device_bytes"
+    assert (usage.num_caches, usage.num_addrs, getattr(usage, field)) == (1, 4, cache.cache_desc.nbytes)
+    kv.unregister_kv_cache(cache)
+    assert kv.usage() == kv.Usage(0, 0, 0, 0)
+    assert kv.registered_caches() == []
+
+
+def test_single_tensor_and_cfg_keyword(kv):
+    cache = kv.register_kv_cache(torch.zeros(3, 5), cfg=RegisterCfg(pin_host_memory=False))
+    assert cache.cache_desc.num_tensors == 1
+
+
+def test_ids_positive_unique_increasing_across_finalize(kv):
+    ids = []
+    for _ in range(3):
+        ids.append(kv.register_kv_cache(torch.zeros(4)).cache_id)
+        kv.unregister_kv_cache(ids[-1])
+    kv.finalize()
+    kv.initialize()
+    ids.append(kv.register_kv_cache(torch.zeros(4)).cache_id)
+    assert ids == sorted(set(ids)) and ids[0] > 0
+
+
+def test_raw_address_form(kv):
+    buffers = [torch.arange(24, dtype=torch.int32).reshape(4, 6) for _ in range(2)]
+    desc = CacheDesc(2, DataType.DT_INT32, (4, 6), Placement.HOST)
+    cache = kv.register_kv_cache(desc, [b.data_ptr() for b in buffers])
+    assert cache.cache_desc == desc
+    assert cache.tensor_addrs == tuple(b.data_ptr() for b in buffers)
+    assert kv.usage().host_bytes == 2 * 4 * 6 * 4
+    kv.unregister_kv_cache(cache.cache_id)
+
+
+def test_raw_form_device_bytes_are_counted_apart(kv):
+    if kv._C.cuda_available():
+        memory = torch.zeros(1024, device="cuda")
+        addr = memory.data_ptr()
+    else:
+        addr = 1 << 40  # never dereferenced: registration does not touch memory
+    cache = kv.register_kv_cache(CacheDesc(1, DataType.DT_FLOAT, (1024,), Placement.DEVICE), [addr])
+    assert kv.usage().device_bytes == 4096 and kv.usage().host_bytes == 0
+    kv.unregister_kv_cache(cache)
+
+
+def test_storage_kept_alive_until_unregister(kv):
+    tensor = torch.arange(64, dtype=torch.float32).reshape(8, 8)
+    ref = weakref.ref(tensor)
+    cache = kv.register_kv_cache(tensor)
+    del tensor
+    gc.collect()
+    assert ref() is not None  # the registry holds it
+    out = torch.zeros(8, 8)
+    out_cache = kv.register_kv_cache(out)
+    kv.copy_kv_blocks(cache, out_cache, [5], [0])
+    assert torch.equal(out[0], torch.arange(40, 48, dtype=torch.float32))
+    kv.unregister_kv_cache(cache)
+    gc.collect()
+    assert ref() is None
+
+
+def test_finalize_releases_everything(kv):
+    tensors = paged_cache()
+    refs = [weakref.ref(t) for t in tensors]
+    kv.register_kv_cache(tensors)
+    kv.register_kv_cache(torch.zeros(10))
+    del tensors
+    kv.finalize()
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert kv.usage() == kv.Usage(0, 0, 0, 0)
+    assert kv.registered_caches() == []
+
+
+def test_default_limits_and_cumulative_address_cap(kv):
+    assert kv.limits() == kv.Limits(240, 50 * 2**30, 20 * 2**30)
+    keep = [torch.zeros(2) for _ in range(240)]
+    first = kv.register_kv_cache(keep[:200])
+    second = kv.register_kv_cache(keep[200:])
+    assert kv.usage().num_addrs == 240
+    with pytest.raises(kv.LLMException) as info:
+        kv.register_kv_cache(torch.zeros(2))
+    assert info.value.status_code == LLMStatusCode.LLM_OUT_OF_MEMORY
+    kv.unregister_kv_cache(first)
+    kv.register_kv_cache(torch.zeros(2))
+    kv.unregister_kv_cache(second)
+
+
+def test_configurable_byte_caps():
+    kv.initialize(limits=kv.Limits(max_addrs=1000, max_device_bytes=0, max_host_bytes=4096))
+    assert kv.limits().max_addrs == 1000
+    kv.register_kv_cache(torch.zeros(512))  # 2 KiB
+    kv.register_kv_cache(torch.zeros(512))  # 4 KiB: exactly at the cap
+    with pytest.raises(kv.LLMException) as info:
+        kv.register_kv_cache(torch.zeros(1))
+    assert info.value.status_code == LLMStatusCode.LLM_OUT_OF_MEMORY
+    assert kv.usage().host_bytes == 4096
+    addr = 1 << 40
+    if not kv._C.cuda_available():
+        with pytest.raises(kv.LLMException) as info:
+            kv.register_kv_cache(CacheDesc(1, DataType.DT_FLOAT, (1,), Placement.DEVICE), [addr])
+        assert info.value.status_code == LLMStatusCode.LLM_OUT_OF_MEMORY
+
+
+def test_overlap_names_conflicting_cache(kv):
+    base = torch.zeros(100)
+    cache = kv.register_kv_cache(base[:50])
+    with pytest.raises(kv.LLMParamInvalidError) as info:
+        kv.register_kv_cache(base[40:60])
+    assert f"cache id {cache.cache_id}" in str(info.value)
+    neighbour = kv.register_kv_cache(base[50:])  # touching is not overlapping
+    assert neighbour.cache_id > cache.cache_id
+
+
+def test_pinning_is_noop_without_cuda(kv):
+    tensor = torch.zeros(16)
+    kv.register_kv_cache(tensor, RegisterCfg(pin_host_memory=True))
+    if not torch.cuda.is_available():
+        assert not tensor.is_pinned()
+
+
+@pytest.mark.cuda
+def test_host_memory_pinned_and_unpinned():
+    kv.initialize()
+    tensor = torch.zeros(1 << 16)
+    assert not tensor.is_pinned()
+    cache = kv.register_kv_cache(tensor)
+    assert tensor.is_pinned()
+    kv.unregister_kv_cache(cache)
+    assert not tensor.is_pinned()
+    already = torch.zeros(1 << 16).pin_memory()
+    cache = kv.register_kv_cache(already)
+    kv.unregister_kv_cache(cache)
+    assert already.is_pinned()  # memory pinned by someone else is left as it is
+    unpinned = torch.zeros(1 << 16)
+    kv.register_kv_cache(unpinned, RegisterCfg(pin_host_memory=False))
+    assert not unpinned.is_pinned()
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_finalize_runs_at_exit():
+    code = (
+        "import atexit\n"
+        "def check():\n"
+        "    import torch_kvreg\n"
+        "    print('after-exit', torch_kvreg.is_initialized(), torch_kvreg.usage().num_caches)\n"
+        "atexit.register(check)\n"  # registered first, so it runs after torch_kvreg's hook
+        "import torch, torch_kvreg\n"
+        "torch_kvreg.initialize()\n"
+        "keep = [torch.zeros(8, 8) for _ in range(4)]\n"
+        "torch_kvreg.register_kv_cache(keep)\n"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert "after-exit False 0" in result.stdout
