@@ -29,7 +29,15 @@ py::tuple cache_tuple(const kvreg::CacheRecord& record) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  kvreg::register_ops();
+  try {
+    kvreg::register_ops();
+  } catch (const c10::Error& error) {
+    throw py::import_error(
+        std::string("torch_kvreg: another library already defined the torch.ops.llm namespace "
+                    "in this process (a second build of torch_kvreg?); restart the interpreter "
+                    "and load one copy. Dispatcher said: ") +
+        error.what_without_backtrace());
+  }
   m.doc() = "torch_kvreg native registry; use the torch_kvreg package instead.";
 #ifdef KVREG_WITH_CUDA
   m.attr("with_cuda") = true;
