@@ -76,6 +76,12 @@ int64_t memory_device(const void* ptr) {
   return attributes.device;
 }
 
+void sync_device() noexcept {
+  if (cuda_available() && cudaDeviceSynchronize() != cudaSuccess) {
+    cudaGetLastError();
+  }
+}
+
 void unpin_host(void* ptr) noexcept {
   if (cudaHostUnregister(ptr) != cudaSuccess) {
     cudaGetLastError();
@@ -99,6 +105,8 @@ MemoryKind memory_kind(const void* /*ptr*/) {
 int64_t memory_device(const void* /*ptr*/) {
   return -1;
 }
+
+void sync_device() noexcept {}
 
 void unpin_host(void* /*ptr*/) noexcept {}
 

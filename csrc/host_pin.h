@@ -22,6 +22,10 @@ MemoryKind memory_kind(const void* ptr);
 // The device index owning device memory at `ptr`, or -1.
 int64_t memory_device(const void* ptr);
 
+// Waits for all device work (CUDA builds with a GPU), so that memory released or unpinned
+// next is not under a copy still in flight. Never throws.
+void sync_device() noexcept;
+
 // Undoes a pin_host() that returned true. Never throws.
 void unpin_host(void* ptr) noexcept;
 

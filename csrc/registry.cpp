@@ -215,6 +215,13 @@ std::vector<at::Tensor> Registry::erase_locked(int64_t cache_id) {
   auto it = entries_.find(cache_id);
   Entry& entry = it->second;
   const CacheDesc& desc = entry.record.desc;
+  const bool device_reachable = desc.placement == Placement::DEVICE ||
+      std::find(entry.pinned_by_us.begin(), entry.pinned_by_us.end(), true) != entry.pinned_by_us.end();
+  if (device_reachable) {
+    // Copies are asynchronous on CUDA streams: none may still be reading or writing this
+    // memory when it is unpinned or handed back to its allocator.
+    sync_device();
+  }
   for (size_t i = 0; i < entry.record.addrs.size(); ++i) {
     intervals_.erase(entry.record.addrs[i]);
     if (entry.pinned_by_us[i]) {

@@ -1,0 +1,144 @@
+"""copy_kv_blocks / swap_blocks / copy_kv_cache against a plain-torch reference."""
+
+import random
+
+import pytest
+import torch
+
+import torch_kvreg
+from torch_kvreg import DataType
+
+from conftest import devices
+
+ALL_DTYPES = [DataType(d).to_torch() for d in DataType if d != DataType.DT_UNDEFINED]
+PLACEMENTS = [(s, d) for s in devices() for d in devices()]
+
+
+@pytest.fixture(name="kv")
+def initialized_kv():
+    # Two 240-tensor caches at once: raise the cumulative address cap.
+    torch_kvreg.initialize(limits=torch_kvreg.Limits(1024, 50 * 2**30, 20 * 2**30))
+    return torch_kvreg
+
+
+def filled(shape, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    raw = torch.randint(0, 256, (int(torch.Size(shape).numel()) * dtype.itemsize,), dtype=torch.uint8, generator=gen)
+    if dtype == torch.bool:
+        raw = raw % 2  # only 0 and 1 are bools; torch's own copies normalise other bytes
+    return raw.view(dtype).reshape(shape).to(device)
+
+
+def make_cache(num_tensors, shape, dtype, device, seed):
+    tensors = [filled(shape, dtype, device, seed + i) for i in range(num_tensors)]
+    return tensors, torch_kvreg.register_kv_cache(tensors)
+
+
+def reference(src_tensors, dst_tensors, src_blocks, dst_blocks):
+    expected = [t.clone() for t in dst_tensors]
+    for s, d in zip(src_blocks, dst_blocks):
+        for i, src in enumerate(src_tensors):
+            expected[i][d] = src[s].to(expected[i].device)
+    return expected
+
+
+def same_bytes(a, b):
+    return torch.equal(a.cpu().view(torch.uint8), b.cpu().view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_every_dtype(kv, dtype):
+    src_tensors, src = make_cache(2, (6, 3, 4), dtype, "cpu", 1)
+    dst_tensors, dst = make_cache(2, (5, 3, 4), dtype, "cpu", 100)
+    expected = reference(src_tensors, dst_tensors, [5, 0, 2], [1, 4, 0])
+    kv.copy_kv_blocks(src, dst, [5, 0, 2], [1, 4, 0])
+    assert all(same_bytes(a, b) for a, b in zip(dst_tensors, expected))
+
+
+@pytest.mark.parametrize("src_device,dst_device", PLACEMENTS)
+@pytest.mark.parametrize("count", ["zero", "one", "many", "all", "consecutive"])
+@pytest.mark.parametrize("num_tensors,shape", [(1, (16, 8)), (4, (16, 4, 2, 3)), (240, (16, 2))])
+@pytest.mark.parametrize("form", ["list", "cpu_tensor", "device_tensor", "int32"])
+def test_matches_reference(kv, src_device, dst_device, count, num_tensors, shape, form):
+    rng = random.Random(hash((count, num_tensors, form)) & 0xFFFF)
+    num_blocks = shape[0]
+    src_tensors, src = make_cache(num_tensors, shape, torch.float16, src_device, 7)
+    dst_tensors, dst = make_cache(num_tensors, shape, torch.float16, dst_device, 70)
+    n = {"zero": 0, "one": 1, "many": 5, "all": num_blocks, "consecutive": 6}[count]
+    if count == "consecutive":
+        src_blocks, dst_blocks = list(range(3, 3 + n)), list(range(8, 8 + n))
+    else:
+        src_blocks = [rng.randrange(num_blocks) for _ in range(n)]  # reads may repeat
+        dst_blocks = rng.sample(range(num_blocks), n)
+    expected = reference(src_tensors, dst_tensors, src_blocks, dst_blocks)
+    if form == "list":
+        args = (src_blocks, dst_blocks)
+    else:
+        dtype = torch.int32 if form == "int32" else torch.int64
+        device = dst_device if form == "device_tensor" else "cpu"
+        args = tuple(torch.tensor(b, dtype=dtype, device=device) for b in (src_blocks, dst_blocks))
+    kv.copy_kv_blocks(src, dst, *args)
+    if "cuda" in (src_device, dst_device):
+        torch.cuda.synchronize()
+    assert all(same_bytes(a, b) for a, b in zip(dst_tensors, expected))
+    assert all(same_bytes(a, b) for a, b in zip(src_tensors, [filled(shape, torch.float16, "cpu", 7 + i) for i in range(num_tensors)]))
+
+
+def test_same_cache_disjoint_blocks(kv):
+    tensors, cache = make_cache(2, (8, 4), torch.float32, "cpu", 3)
+    expected = reference(tensors, tensors, [0, 1, 2], [5, 6, 7])
+    kv.copy_kv_blocks(cache, cache, [0, 1, 2], [5, 6, 7])
+    assert all(same_bytes(a, b) for a, b in zip(tensors, expected))
+
+
+def test_swap_blocks(kv):
+    src_tensors, src = make_cache(2, (8, 4), torch.bfloat16, "cpu", 5)
+    dst_tensors, dst = make_cache(2, (8, 4), torch.bfloat16, "cpu", 50)
+    mapping = {7: 0, 2: 3, 3: 4}
+    expected = reference(src_tensors, dst_tensors, list(mapping), list(mapping.values()))
+    kv.swap_blocks(src, dst, mapping)
+    assert all(same_bytes(a, b) for a, b in zip(dst_tensors, expected))
+
+
+@pytest.mark.parametrize("src_device,dst_device", PLACEMENTS)
+def test_copy_kv_cache_bytes(kv, src_device, dst_device):
+    src_tensors, src = make_cache(3, (4, 8, 2), torch.float32, src_device, 9)  # 64-byte slices
+    dst_tensors, dst = make_cache(3, (4, 8, 2), torch.float32, dst_device, 90)
+    expected = [t.clone().cpu() for t in dst_tensors]
+    for s, e in zip(src_tensors, expected):
+        e.view(4, -1).view(torch.uint8)[2, 16:40] = s.cpu().view(4, -1).view(torch.uint8)[1, 16:40]
+    kv.copy_kv_cache(src, dst, src_batch_index=1, dst_batch_index=2, offset=16, size=24)
+    assert all(same_bytes(a, b) for a, b in zip(dst_tensors, expected))
+    kv.copy_kv_cache(src, dst, 3, 0)  # size=-1: the whole slice
+    assert all(same_bytes(d[0], s[3]) for d, s in zip(dst_tensors, src_tensors))
+
+
+def test_long_consecutive_run_is_split_and_correct(kv):
+    # 3 MiB per tensor in one run: split into several segments, copied by several threads.
+    src_tensors, src = make_cache(2, (768, 1024), torch.float32, "cpu", 11)
+    dst_tensors, dst = make_cache(2, (768, 1024), torch.float32, "cpu", 110)
+    kv.copy_kv_blocks(src, dst, list(range(768)), list(range(768)))
+    assert all(same_bytes(a, b) for a, b in zip(src_tensors, dst_tensors))
+
+
+def test_device_cache_on_cpu_only_build_is_feature_not_enabled(kv):
+    if kv._C.with_cuda:
+        pytest.skip("this build has CUDA")
+    host = torch.zeros(4, 4)
+    host_cache = kv.register_kv_cache(host)
+    device_cache = kv.register_kv_cache(kv.CacheDesc(1, DataType.DT_FLOAT, (4, 4), kv.Placement.DEVICE), [1 << 40])
+    with pytest.raises(kv.LLMException) as info:
+        kv.copy_kv_blocks(host_cache, device_cache, [0], [0])
+    assert info.value.status_code == kv.LLMStatusCode.LLM_FEATURE_NOT_ENABLED
+
+
+@pytest.mark.cuda
+def test_cuda_copy_is_ordered_on_current_stream(kv):
+    src_tensors, src = make_cache(2, (64, 256), torch.float16, "cuda", 1)
+    dst_tensors, dst = make_cache(2, (64, 256), torch.float16, "cuda", 2)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        kv.copy_kv_blocks(src, dst, list(range(64)), list(reversed(range(64))))
+        flipped = dst_tensors[0].flip(0).clone()  # same stream: sees the copy
+    stream.synchronize()
+    assert torch.equal(flipped, src_tensors[0])
