@@ -14,7 +14,7 @@ EXT_STAMP := $(VENV)/.kvreg-built
 DEPS_STAMP := $(VENV)/.kvreg-deps
 PYTEST_ARGS ?=
 
-.PHONY: all demo demo-pd test bench build clean
+.PHONY: all demo demo-pd test test-asan test-cuda-build bench build clean
 
 all: build
 
@@ -31,7 +31,7 @@ $(DEPS_STAMP): $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install setuptools wheel ninja numpy pytest hypothesis
 	$(PIP) install "nixl-cu12>=0.6" || echo "warning: nixl-cu12 could not be installed; remote transfers disabled"
-	KVREG_SKIP_EXT=1 $(PIP) install --no-build-isolation --no-deps -e .
+	KVREG_SKIP_EXT=1 $(PIP) install --no-build-isolation --no-deps --config-settings editable_mode=compat -e .
 	@touch $@
 
 $(EXT_STAMP): $(DEPS_STAMP) $(SOURCES)
@@ -48,6 +48,46 @@ demo-pd: build
 
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# AddressSanitizer + UndefinedBehaviorSanitizer build in its own folder and package copy;
+# the registry, copy, bad-input, stress and model-based tests run against it.
+ASAN_PKG := build-asan/pkg
+ASAN_TESTS := tests/test_registry.py tests/test_copy_blocks.py tests/test_bad_inputs.py \
+	tests/test_stress.py tests/test_model_based.py tests/test_threads.py
+test-asan: $(DEPS_STAMP)
+	rm -rf $(ASAN_PKG) && mkdir -p $(ASAN_PKG) && cp -r torch_kvreg $(ASAN_PKG)/ && rm -f $(ASAN_PKG)/torch_kvreg/*.so
+	KVREG_SANITIZE=1 $(PY) setup.py -q build_ext --build-temp build-asan/temp --build-lib $(ASAN_PKG)
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	PYTHONPATH=$(ASAN_PKG) $(PY) -P -m pytest -q -p no:cacheprovider $(ASAN_TESTS) \
+		--confcutdir=tests -o python_files="test_*.py" $(PYTEST_ARGS) \
+		&& PYTHONPATH=$(ASAN_PKG) LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 \
+		$(PY) -P -c "import torch_kvreg; assert 'build-asan' in torch_kvreg._C.__file__, torch_kvreg._C.__file__; print('sanitized build:', torch_kvreg._C.__file__)"
+
+# Compile-and-link check of the CUDA variant against a CUDA build of torch, in its own venv
+# and build folder (no GPU needed). CUDA headers that torch needs beyond the toolkit come
+# from the nvidia-* wheels that torch pulls in.
+CUDA_VENV ?= .venv-cuda
+CUDA_TORCH_SPEC ?= torch==2.14.1
+CUDA_ARCHS ?= 8.0;9.0
+CUDA_HOME_GUESS = $$(for d in "$$CUDA_HOME" /usr/local/cuda "$$(dirname "$$(dirname "$$(command -v nvcc)")")"; do \
+	[ -n "$$d" ] && [ -f "$$d/include/cuda_runtime_api.h" ] && echo "$$d" && break; done)
+test-cuda-build:
+	@command -v nvcc >/dev/null || { echo "nvcc not found: skipping the CUDA compile check"; exit 0; }
+	[ -x $(CUDA_VENV)/bin/python ] || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -c "import torch; assert torch.version.cuda" 2>/dev/null || \
+		$(CUDA_VENV)/bin/python -m pip --disable-pip-version-check -q install "$(CUDA_TORCH_SPEC)"
+	$(CUDA_VENV)/bin/python -m pip --disable-pip-version-check -q install setuptools wheel ninja numpy
+	rm -rf build-cuda/pkg && mkdir -p build-cuda/pkg
+	export CUDA_HOME="$(CUDA_HOME_GUESS)"; \
+	export CPATH="$$(ls -d $(CURDIR)/$(CUDA_VENV)/lib/python*/site-packages/nvidia/cu*/include | tr '\n' ':')$$CPATH"; \
+	KVREG_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS=2 $(CUDA_VENV)/bin/python setup.py -q build_ext \
+		--build-temp build-cuda/temp --build-lib build-cuda/pkg
+	cp -r torch_kvreg/*.py torch_kvreg/remote build-cuda/pkg/torch_kvreg/
+	PYTHONPATH=build-cuda/pkg $(CUDA_VENV)/bin/python -P -c "import torch_kvreg as kv; \
+		assert kv._C.with_cuda and 'build-cuda' in kv._C.__file__; kv.initialize(); \
+		c = kv.register_kv_cache(__import__('torch').zeros(8, 4)); kv.copy_kv_blocks(c, c, [0], [1]); \
+		print('CUDA build links and loads:', kv._C.__file__)"
 
 bench: build
 	$(PY) benchmarks/bench_register.py

@@ -1,0 +1,93 @@
+"""8 threads of random register / unregister / copy_kv_blocks; finalize during a transfer."""
+
+import random
+import threading
+import time
+
+import torch
+
+import torch_kvreg as kv
+
+THREADS, OPS_PER_THREAD = 8, 2500
+
+
+def test_stress_register_unregister_copy():
+    kv.initialize(limits=kv.Limits(max_addrs=240, max_device_bytes=0, max_host_bytes=2**30))
+    shared_a = kv.register_kv_cache([torch.randn(32, 64) for _ in range(2)])
+    shared_b = kv.register_kv_cache([torch.zeros(32, 64) for _ in range(2)])
+    counts = [0] * THREADS
+    errors = []
+    start = threading.Barrier(THREADS)
+
+    def worker(index):
+        rng = random.Random(index)
+        pool = [[torch.randn(16, 64) for _ in range(2)] for _ in range(6)]
+        live = {}  # slot -> cache id
+        try:
+            start.wait()
+            for _ in range(OPS_PER_THREAD):
+                roll = rng.random()
+                free = [s for s in range(len(pool)) if s not in live]
+                if roll < 0.3 and free:
+                    slot = rng.choice(free)
+                    live[slot] = int(torch.ops.llm.register_kv_cache(pool[slot]))
+                elif roll < 0.55 and live:
+                    slot = rng.choice(list(live))
+                    torch.ops.llm.unregister_kv_cache(live.pop(slot))
+                elif roll < 0.8 and len(live) >= 2:
+                    s, d = rng.sample(list(live), 2)
+                    src_blocks = rng.sample(range(16), 4)
+                    dst_blocks = rng.sample(range(16), 4)
+                    kv.copy_kv_blocks(live[s], live[d], src_blocks, dst_blocks)
+                    for t in range(2):
+                        assert torch.equal(pool[d][t][dst_blocks], pool[s][t][src_blocks])
+                else:
+                    blocks = rng.sample(range(32), 3)
+                    kv.copy_kv_blocks(shared_a, shared_b, blocks, blocks)
+                counts[index] += 1
+            for cache_id in live.values():
+                torch.ops.llm.unregister_kv_cache(cache_id)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(THREADS)]
+    began = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "deadlock"
+    assert errors == []
+    assert sum(counts) >= 20_000
+    usage = kv.usage()
+    assert (usage.num_caches, usage.num_addrs) == (2, 4)
+    assert usage.host_bytes == 4 * 32 * 64 * 4
+    assert time.monotonic() - began < 300
+
+
+def test_finalize_during_transfer_waits_or_fails_cleanly():
+    for attempt in range(5):
+        kv.initialize()
+        src = [torch.randn(64, 1 << 16) for _ in range(4)]  # 64 MiB in all
+        dst = [torch.zeros(64, 1 << 16) for _ in range(4)]
+        a, b = kv.register_kv_cache(src), kv.register_kv_cache(dst)
+        outcome = []
+
+        def copy():
+            try:
+                kv.copy_kv_blocks(a, b, list(range(64)), list(range(64)))
+                outcome.append("done")
+            except kv.LLMException as exc:
+                outcome.append(exc.status_code)
+
+        thread = threading.Thread(target=copy)
+        thread.start()
+        time.sleep(0.001 * attempt)
+        kv.finalize()
+        thread.join(timeout=60)
+        assert outcome in (["done"], [kv.LLMStatusCode.LLM_FAILED], [kv.LLMStatusCode.LLM_KV_CACHE_NOT_EXIST])
+        if outcome == ["done"]:
+            assert all(torch.equal(s, d) for s, d in zip(src, dst))  # finalize waited for it
+        else:
+            assert all(not d.any() for d in dst)  # refused before any byte moved
+        assert kv.usage() == kv.Usage(0, 0, 0, 0)
