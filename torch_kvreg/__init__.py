@@ -19,6 +19,14 @@ from .registry import (
     unregister_kv_cache,
     usage,
 )
+from .remote import (
+    link_clusters,
+    listen_address,
+    pull_kv_blocks,
+    pull_kv_cache,
+    push_kv_blocks,
+    unlink_clusters,
+)
 from .transfer import copy_kv_blocks, copy_kv_cache, swap_blocks
 from .types import (
     Cache,
@@ -61,9 +69,15 @@ __all__ = [
     "initialize",
     "is_initialized",
     "limits",
+    "link_clusters",
+    "listen_address",
+    "pull_kv_blocks",
+    "pull_kv_cache",
+    "push_kv_blocks",
     "register_kv_cache",
     "registered_caches",
     "swap_blocks",
+    "unlink_clusters",
     "unregister_kv_cache",
     "usage",
 ]

@@ -45,6 +45,7 @@ class LLMException(RuntimeError):
 
     def __init__(self, status_code: LLMStatusCode, message: str):
         self.status_code = LLMStatusCode(status_code)
+        self.detail = message
         self.message = f"{self.status_code.name}: {message}"
         super().__init__(self.message)
 

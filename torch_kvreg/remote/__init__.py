@@ -1,28 +1,255 @@
-"""Transfers between processes and hosts over NIXL (optional extra ``torch_kvreg[nixl]``)."""
+"""Transfers between processes and hosts over NIXL (optional extra ``torch_kvreg[nixl]``).
+
+The data path is NIXL's (UCX backend): whole tensors are registered with NIXL once and
+blocks are addressed by offset, with runs of consecutive blocks coalesced into one
+descriptor. The control path (agent metadata and one cache-table entry per transfer) is
+a small versioned protocol, see protocol.py.
+"""
 
 from __future__ import annotations
 
-from ..errors import LLMStatusCode, make_error
+import importlib.util
+import threading
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .. import _C
+from ..errors import LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
+from ..types import Cache, CacheIndex, ClusterInfo, as_int
+from . import plan
+
+_engine = None
+_engine_lock = threading.Lock()
 
 
-def _not_enabled():
-    return make_error(
-        LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
-        "remote transfers need NIXL: pip install 'torch_kvreg[nixl]'",
-    )
+def nixl_available() -> bool:
+    """Whether the ``nixl`` extra is installed.
+
+    >>> nixl_available() in (True, False)
+    True
+    """
+    return importlib.util.find_spec("nixl_cu12") is not None
 
 
+def _require_nixl() -> None:
+    if not nixl_available():
+        raise make_error(
+            LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
+            "remote transfers need NIXL: pip install 'torch_kvreg[nixl]'",
+        )
+
+
+def _wait_ms() -> int:
+    from ..registry import DEFAULT_SYNC_KV_CACHE_WAIT_TIME_MS, OPTION_SYNC_KV_CACHE_WAIT_TIME, option
+
+    return int(option(OPTION_SYNC_KV_CACHE_WAIT_TIME, str(DEFAULT_SYNC_KV_CACHE_WAIT_TIME_MS)))
+
+
+def _get_engine(create: bool = True):
+    """This process's engine, created on first use (initialize must have run)."""
+    global _engine
+    from ..registry import cluster_id, registered_caches, remote_accessible, require_initialized
+
+    require_initialized()
+    _require_nixl()
+    with _engine_lock:
+        if _engine is None and create:
+            from .engine import Engine
+
+            engine = Engine(cluster_id(), _wait_ms())
+            for cache in registered_caches():
+                if remote_accessible(cache):
+                    engine.register(cache)
+            _engine = engine
+        return _engine
+
+
+# --- hooks called by the registry ----------------------------------------------------------
 def start_listening(address: str) -> None:
-    raise _not_enabled()
+    """Called by initialize(options={"llm.ListenIpInfo": ...})."""
+    from ..registry import parse_listen_address
+
+    host, port = parse_listen_address(address)
+    _get_engine().listen(host, port)
 
 
 def stop_remote() -> None:
-    return None
+    """Called by finalize(): unlinks, stops serving, deregisters from NIXL."""
+    global _engine
+    with _engine_lock:
+        engine, _engine = _engine, None
+    if engine is not None:
+        engine.close()
 
 
-def on_register(cache) -> None:
-    return None
+def on_register(cache: Cache) -> None:
+    engine = _engine
+    if engine is not None:
+        from ..registry import remote_accessible
+
+        if remote_accessible(cache):
+            engine.register(cache)
 
 
 def on_unregister(cache_id: int) -> None:
-    return None
+    engine = _engine
+    if engine is not None:
+        engine.unregister(cache_id)
+
+
+# --- public API ----------------------------------------------------------------------------
+def listen_address() -> str | None:
+    """The bound "ip:port" of this process's control server, or None when not listening.
+
+    >>> listen_address() is None or ":" in listen_address()
+    True
+    """
+    engine = _engine
+    return None if engine is None else engine.listen_address
+
+
+def _cluster_list(clusters) -> list[ClusterInfo]:
+    if isinstance(clusters, ClusterInfo):
+        clusters = [clusters]
+    if isinstance(clusters, (str, bytes)) or not isinstance(clusters, Sequence):
+        raise wrong_type(f"clusters must be a sequence of ClusterInfo, got {type(clusters).__name__}")
+    out = list(clusters)
+    for i, info in enumerate(out):
+        if not isinstance(info, ClusterInfo):
+            raise wrong_type(f"clusters[{i}] is a {type(info).__name__}, not a ClusterInfo")
+    return out
+
+
+def _timeout(timeout_ms) -> int:
+    timeout_ms = as_int(timeout_ms, "timeout_ms")
+    if timeout_ms <= 0:
+        raise param_invalid(f"timeout_ms must be positive, got {timeout_ms}")
+    return timeout_ms
+
+
+@raises_llm
+def link_clusters(clusters: Sequence[ClusterInfo], timeout_ms: int = 3000):
+    """Links to remote clusters; returns (overall status, one status per cluster).
+
+    >>> import torch_kvreg as kv
+    >>> kv.initialize(cluster_id=1)
+    >>> kv.link_clusters([])
+    (<LLMStatusCode.LLM_SUCCESS: 0>, [])
+    >>> kv.finalize()
+    """
+    clusters = _cluster_list(clusters)
+    timeout_ms = _timeout(timeout_ms)
+    if len(clusters) > MAX_CLUSTERS:
+        code = LLMStatusCode.LLM_CLUSTER_NUM_EXCEED_LIMIT
+        return code, [code] * len(clusters)
+    if not clusters:
+        from ..registry import require_initialized
+
+        require_initialized()
+        return LLMStatusCode.LLM_SUCCESS, []
+    engine = _get_engine()
+    statuses = [engine.link(info, timeout_ms) for info in clusters]
+    failed = [s for s in statuses if s != LLMStatusCode.LLM_SUCCESS]
+    return (failed[0] if failed else LLMStatusCode.LLM_SUCCESS), statuses
+
+
+@raises_llm
+def unlink_clusters(clusters: Sequence[ClusterInfo], timeout_ms: int = 3000, force: bool = False):
+    """Unlinks remote clusters; returns (overall status, one status per cluster)."""
+    clusters = _cluster_list(clusters)
+    _timeout(timeout_ms)
+    if len(clusters) > MAX_CLUSTERS:
+        code = LLMStatusCode.LLM_CLUSTER_NUM_EXCEED_LIMIT
+        return code, [code] * len(clusters)
+    engine = _get_engine(create=False)
+    if engine is None:
+        code = LLMStatusCode.LLM_NOT_YET_LINK
+        return (code if clusters else LLMStatusCode.LLM_SUCCESS), [code] * len(clusters)
+    statuses = [engine.unlink(info.remote_cluster_id, bool(force)) for info in clusters]
+    failed = [s for s in statuses if s != LLMStatusCode.LLM_SUCCESS]
+    return (failed[0] if failed else LLMStatusCode.LLM_SUCCESS), statuses
+
+
+MAX_CLUSTERS = 16
+
+
+def _blocks(blocks, name: str) -> np.ndarray:
+    from ..transfer import block_tensor
+
+    return block_tensor(blocks, name).to("cpu", torch.int64).numpy()
+
+
+def _cache_index(index) -> CacheIndex:
+    if not isinstance(index, CacheIndex):
+        raise wrong_type(f"expected a CacheIndex, got {type(index).__name__}")
+    as_int(index.cluster_id, "cluster_id")
+    as_int(index.cache_id, "cache_id")
+    as_int(index.batch_index, "batch_index")
+    return index
+
+
+def _local(cache) -> Cache:
+    from ..registry import get_cache
+
+    return get_cache(cache.cache_id if isinstance(cache, Cache) else cache)
+
+
+@raises_llm
+def pull_kv_blocks(src: CacheIndex, dst: Cache | int, src_blocks, dst_blocks) -> int:
+    """Reads blocks ``src_blocks`` of a remote cache into blocks ``dst_blocks`` of a local one.
+
+    Returns the bytes moved. Validated against the remote cache's desc before any byte moves.
+    """
+    src = _cache_index(src)
+    src_list, dst_list = _blocks(src_blocks, "src_blocks"), _blocks(dst_blocks, "dst_blocks")
+    engine = _get_engine()
+    local = _local(dst)
+
+    def segments(remote_desc):
+        remote_off, local_off, lengths = plan.block_segments(remote_desc, local.cache_desc, src_list, dst_list)
+        return local_off, remote_off, lengths
+
+    return engine.transfer("READ", local, src.cluster_id, src.cache_id, segments)
+
+
+@raises_llm
+def push_kv_blocks(src: Cache | int, dst: CacheIndex, src_blocks, dst_blocks) -> int:
+    """Writes blocks ``src_blocks`` of a local cache into blocks ``dst_blocks`` of a remote one."""
+    dst = _cache_index(dst)
+    src_list, dst_list = _blocks(src_blocks, "src_blocks"), _blocks(dst_blocks, "dst_blocks")
+    engine = _get_engine()
+    local = _local(src)
+
+    def segments(remote_desc):
+        return plan.block_segments(local.cache_desc, remote_desc, src_list, dst_list)
+
+    return engine.transfer("WRITE", local, dst.cluster_id, dst.cache_id, segments)
+
+
+@raises_llm
+def pull_kv_cache(src: CacheIndex, dst: Cache | int, batch_index: int = 0, size: int = -1) -> int:
+    """Reads ``size`` bytes (-1: the whole slice) of slice ``src.batch_index`` of a remote
+    cache into slice ``batch_index`` of a local one, for every tensor."""
+    src = _cache_index(src)
+    batch_index, size = as_int(batch_index, "batch_index"), as_int(size, "size")
+    engine = _get_engine()
+    local = _local(dst)
+
+    def segments(remote_desc):
+        plan.check_compatible(remote_desc, local.cache_desc)
+        block_nbytes = local.cache_desc.block_nbytes
+        for name, index, desc in (("src.batch_index", src.batch_index, remote_desc),
+                                  ("batch_index", batch_index, local.cache_desc)):
+            if not 0 <= index < desc.shape[0]:
+                raise make_error(LLMStatusCode.LLM_PARAM_INVALID,
+                                 f"{name} {index} is out of range for a cache of {desc.shape[0]} slices", IndexError)
+        nbytes = block_nbytes if size == -1 else size
+        if not 0 <= nbytes <= block_nbytes:
+            raise param_invalid(f"size {size} does not fit the {block_nbytes}-byte slice")
+        lengths = np.array([nbytes] if nbytes else [], dtype=np.uint64)
+        return (np.array([batch_index * block_nbytes], dtype=np.uint64)[: lengths.size],
+                np.array([src.batch_index * block_nbytes], dtype=np.uint64)[: lengths.size], lengths)
+
+    return engine.transfer("READ", local, src.cluster_id, src.cache_id, segments)

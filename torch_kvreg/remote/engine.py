@@ -1,0 +1,373 @@
+"""The NIXL agent of this process, its control server, its links, and remote transfers."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import socketserver
+import threading
+import time
+import uuid
+
+import numpy as np
+
+from .. import _C
+from ..errors import LLMException, LLMStatusCode, make_error
+from ..types import Cache, CacheDesc, ClusterInfo
+from . import plan, protocol
+
+log = logging.getLogger("torch_kvreg.remote")
+MAX_CLUSTERS_PER_CALL = 16
+
+
+def _error(status: LLMStatusCode, message: str) -> LLMException:
+    return make_error(status, message)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = sock.recv(min(n, 1 << 20))
+        if not chunk:
+            raise ConnectionError("peer closed the connection")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_message(sock: socket.socket) -> dict:
+    length = protocol.frame_length(_recv_exact(sock, 4))
+    return protocol.decode(_recv_exact(sock, length))
+
+
+class Link:
+    """One linked remote cluster: its control connection and NIXL agent name."""
+
+    def __init__(self, info: ClusterInfo, sock: socket.socket, agent_name: str, wait_s: float):
+        self.info = info
+        self.sock = sock
+        self.agent_name = agent_name
+        self.wait_s = wait_s
+        self.lock = threading.Lock()
+        self.loaded_md: dict[int, bytes] = {}  # remote cache id -> metadata already loaded
+
+    def request(self, message: dict) -> dict:
+        """One request/response; LLM_TIMEOUT or LLM_LINK_FAILED when the peer fails."""
+        with self.lock:
+            try:
+                self.sock.settimeout(self.wait_s)
+                self.sock.sendall(protocol.encode(message))
+                response = read_message(self.sock)
+            except socket.timeout:
+                raise _error(LLMStatusCode.LLM_TIMEOUT, f"cluster {self.info.remote_cluster_id} did not answer "
+                             f"within {self.wait_s * 1000:.0f} ms") from None
+            except (OSError, ConnectionError) as exc:
+                raise _error(LLMStatusCode.LLM_LINK_FAILED,
+                             f"link to cluster {self.info.remote_cluster_id} failed: {exc}") from None
+            except protocol.ProtocolError as exc:
+                raise _error(LLMStatusCode.LLM_FAILED,
+                             f"cluster {self.info.remote_cluster_id} sent a malformed message: {exc}") from None
+        try:
+            failure = protocol.parse_error(response)
+        except protocol.ProtocolError as exc:
+            raise _error(LLMStatusCode.LLM_FAILED, f"malformed response: {exc}") from None
+        if failure is not None:
+            raise _error(failure[0], f"cluster {self.info.remote_cluster_id}: {failure[1]}")
+        return response
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class _ControlHandler(socketserver.BaseRequestHandler):
+    """Serves one peer's control connection until it closes; releases its leases then."""
+
+    def handle(self):
+        engine: Engine = self.server.engine  # type: ignore[attr-defined]
+        leases: set[int] = set()
+        sock: socket.socket = self.request
+        try:
+            while True:
+                try:
+                    message = read_message(sock)
+                    op, fields = protocol.parse_request(message)
+                except (ConnectionError, OSError):
+                    return
+                except protocol.ProtocolError as exc:
+                    self._reply({"ok": False, "status": "LLM_PARAM_INVALID", "message": f"malformed request: {exc}"})
+                    return  # a peer that sends garbage loses its connection
+                if op == "bye":
+                    self._reply({"ok": True})
+                    return
+                try:
+                    self._reply(engine.serve(op, fields, leases))
+                except LLMException as exc:
+                    self._reply({"ok": False, "status": exc.status_code.name, "message": exc.detail})
+        finally:
+            for lease in list(leases):
+                engine.release_lease(lease)
+
+    def _reply(self, message: dict) -> None:
+        with contextlib.suppress(OSError):
+            self.request.sendall(protocol.encode(message))
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class Engine:
+    """Everything this process needs to be a NIXL peer."""
+
+    def __init__(self, cluster_id: int, wait_ms: int):
+        # NIXL logs every agent and backend creation at INFO; keep a user's own setting.
+        os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+        from nixl_cu12 import nixl_agent, nixl_agent_config
+
+        self.cluster_id = cluster_id
+        self.wait_s = wait_ms / 1000.0
+        self.name = f"kvreg-{cluster_id}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.agent = nixl_agent(self.name, nixl_agent_config(backends=["UCX"]))
+        self.lock = threading.Condition()
+        self.nixl_regs: dict[int, object] = {}  # cache id -> NIXL registration descriptors
+        self.in_flight: dict[int, int] = {}  # cache id -> transfers or remote leases using it
+        self.closing: set[int] = set()
+        self.leases: dict[int, int] = {}  # lease id -> cache id
+        self.lease_ids = itertools.count(1)
+        self.links: dict[int, Link] = {}
+        self.server: _Server | None = None
+        self.listen_address: str | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def listen(self, host: str, port: int) -> str:
+        try:
+            self.server = _Server((host, port), _ControlHandler)
+        except OSError as exc:
+            raise _error(LLMStatusCode.LLM_FAILED, f"cannot listen on {host}:{port}: {exc}") from None
+        self.server.engine = self  # type: ignore[attr-defined]
+        bound_host, bound_port = self.server.server_address[:2]
+        self.listen_address = f"{bound_host}:{bound_port}"
+        threading.Thread(target=self.server.serve_forever, name="kvreg-control", daemon=True).start()
+        return self.listen_address
+
+    def close(self) -> None:
+        for cluster_id in list(self.links):
+            self.unlink(cluster_id, force=False)
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+        with self.lock:
+            if not self.lock.wait_for(lambda: not any(self.in_flight.values()), timeout=self.wait_s):
+                log.warning("finalize: transfers still in flight after %.0f ms", self.wait_s * 1000)
+            regs, self.nixl_regs = self.nixl_regs, {}
+        for reg in regs.values():
+            with contextlib.suppress(Exception):
+                self.agent.deregister_memory(reg)
+
+    # --- NIXL registration of local caches --------------------------------------------
+    def register(self, cache: Cache) -> None:
+        with self.lock:
+            if cache.cache_id in self.nixl_regs:
+                return
+        desc = cache.cache_desc
+        rows = [(addr, desc.tensor_nbytes, plan.device_id(desc), "") for addr in cache.tensor_addrs]
+        try:
+            reg = self.agent.register_memory(rows, plan.mem_type(desc))
+        except Exception as exc:  # NIXL raises its own types
+            raise _error(LLMStatusCode.LLM_FAILED, f"NIXL could not register cache {cache.cache_id}: {exc}") from None
+        with self.lock:
+            self.nixl_regs[cache.cache_id] = reg
+
+    def unregister(self, cache_id: int) -> None:
+        """Waits (bounded) for transfers and remote leases on the cache, then deregisters."""
+        with self.lock:
+            self.closing.add(cache_id)
+            done = self.lock.wait_for(lambda: self.in_flight.get(cache_id, 0) == 0, timeout=self.wait_s)
+            if not done:
+                self.closing.discard(cache_id)
+                raise _error(LLMStatusCode.LLM_TIMEOUT,
+                             f"cache {cache_id} still has a transfer in flight after {self.wait_s * 1000:.0f} ms")
+            reg = self.nixl_regs.pop(cache_id, None)
+            self.closing.discard(cache_id)
+        if reg is not None:
+            with contextlib.suppress(Exception):
+                self.agent.deregister_memory(reg)
+
+    @contextlib.contextmanager
+    def using(self, cache_id: int):
+        with self.lock:
+            if cache_id in self.closing:
+                raise _error(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"cache id {cache_id} is being unregistered")
+            self.in_flight[cache_id] = self.in_flight.get(cache_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.in_flight[cache_id] -= 1
+                self.lock.notify_all()
+
+    # --- serving peers -----------------------------------------------------------------
+    def serve(self, op: str, fields: dict, leases: set[int]) -> dict:
+        if op == "hello":
+            return {"ok": True, "cluster_id": self.cluster_id, "agent": self.name,
+                    "md": protocol.b64(self.agent.get_agent_metadata())}
+        if op == "acquire":
+            return self.acquire_for_peer(fields["cache_id"], leases)
+        if op == "release":
+            if fields["lease"] in leases:
+                leases.discard(fields["lease"])
+                self.release_lease(fields["lease"])
+            return {"ok": True}
+        raise _error(LLMStatusCode.LLM_PARAM_INVALID, f"unknown op {op}")
+
+    def acquire_for_peer(self, cache_id: int, leases: set[int]) -> dict:
+        try:
+            values = _C.get_cache(cache_id)
+        except RuntimeError:
+            raise _error(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"cache id {cache_id} is not registered") from None
+        from ..registry import _cache_from_tuple
+
+        cache, remote_accessible = _cache_from_tuple(values), bool(values[7])
+        if not remote_accessible:
+            raise _error(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
+                         f"cache id {cache_id} is registered with remote_accessible=False")
+        self.register(cache)
+        with self.lock:
+            if cache_id in self.closing or cache_id not in self.nixl_regs:
+                raise _error(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"cache id {cache_id} is being unregistered")
+            lease = next(self.lease_ids)
+            self.leases[lease] = cache_id
+            self.in_flight[cache_id] = self.in_flight.get(cache_id, 0) + 1
+            reg = self.nixl_regs[cache_id]
+        leases.add(lease)
+        md = self.agent.get_partial_agent_metadata(reg, False)
+        return {"ok": True, "lease": lease, "md": protocol.b64(md),
+                "cache": protocol.cache_entry(cache_id, cache.cache_desc, cache.tensor_addrs)}
+
+    def release_lease(self, lease: int) -> None:
+        with self.lock:
+            cache_id = self.leases.pop(lease, None)
+            if cache_id is not None:
+                self.in_flight[cache_id] -= 1
+                self.lock.notify_all()
+
+    # --- links -------------------------------------------------------------------------
+    def link(self, info: ClusterInfo, timeout_ms: int) -> LLMStatusCode:
+        if info.remote_cluster_id in self.links:
+            return LLMStatusCode.LLM_ALREADY_LINK
+        timeout_s = timeout_ms / 1000.0
+        try:
+            sock = socket.create_connection((info.remote_ip, info.remote_port), timeout=timeout_s)
+        except socket.timeout:
+            return LLMStatusCode.LLM_TIMEOUT
+        except OSError:
+            return LLMStatusCode.LLM_LINK_FAILED
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        link = Link(info, sock, "", timeout_s)
+        try:
+            response = link.request({"op": "hello", "cluster_id": self.cluster_id, "agent": self.name})
+            cluster_id, agent_name, md = protocol.parse_hello_response(response)
+            if cluster_id != info.remote_cluster_id:
+                raise _error(LLMStatusCode.LLM_LINK_FAILED,
+                             f"{info.remote_ip}:{info.remote_port} is cluster {cluster_id}, not {info.remote_cluster_id}")
+            loaded = self.agent.add_remote_agent(md)
+            link.agent_name = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
+        except LLMException as exc:
+            link.close()
+            return exc.status_code
+        except Exception as exc:  # malformed hello or NIXL refusing the metadata
+            log.warning("link to %s failed: %s", info, exc)
+            link.close()
+            return LLMStatusCode.LLM_LINK_FAILED
+        link.wait_s = self.wait_s
+        with self.lock:
+            self.links[info.remote_cluster_id] = link
+        return LLMStatusCode.LLM_SUCCESS
+
+    def unlink(self, cluster_id: int, force: bool) -> LLMStatusCode:
+        with self.lock:
+            link = self.links.pop(cluster_id, None)
+        if link is None:
+            return LLMStatusCode.LLM_NOT_YET_LINK
+        if not force:
+            with contextlib.suppress(LLMException):
+                link.request({"op": "bye"})
+        with contextlib.suppress(Exception):
+            self.agent.remove_remote_agent(link.agent_name)
+        link.close()
+        return LLMStatusCode.LLM_SUCCESS
+
+    def link_for(self, cluster_id: int) -> Link:
+        with self.lock:
+            link = self.links.get(cluster_id)
+        if link is None:
+            raise _error(LLMStatusCode.LLM_NOT_YET_LINK, f"cluster {cluster_id} is not linked; call link_clusters first")
+        return link
+
+    # --- transfers ---------------------------------------------------------------------
+    def transfer(self, operation: str, local: Cache, cluster_id: int, remote_cache_id: int, make_segments) -> int:
+        """Moves bytes between a local cache and a remote one; returns the bytes moved.
+
+        ``make_segments(remote_desc)`` validates and returns (local offsets, remote offsets,
+        lengths) before any byte moves.
+        """
+        link = self.link_for(cluster_id)
+        with self.using(local.cache_id):
+            self.register(local)
+            response = link.request({"op": "acquire", "cache_id": remote_cache_id})
+            try:
+                lease, remote, md = protocol.parse_acquire_response(response)
+            except protocol.ProtocolError as exc:
+                raise _error(LLMStatusCode.LLM_FAILED, f"cluster {cluster_id} sent a malformed cache entry: {exc}") from None
+            try:
+                local_offsets, remote_offsets, lengths = make_segments(remote.desc)
+                if lengths.size == 0:
+                    return 0
+                if link.loaded_md.get(remote_cache_id) != md:
+                    self.agent.add_remote_agent(md)
+                    link.loaded_md[remote_cache_id] = md
+                local_rows = plan.descriptors(local.tensor_addrs, plan.device_id(local.cache_desc), local_offsets, lengths)
+                remote_rows = plan.descriptors(remote.addrs, plan.device_id(remote.desc), remote_offsets, lengths)
+                self._run(operation, local.cache_desc, remote.desc, local_rows, remote_rows, link)
+                return int(lengths.sum()) * local.cache_desc.num_tensors
+            finally:
+                with contextlib.suppress(LLMException):
+                    link.request({"op": "release", "lease": lease})
+
+    def _run(self, operation: str, local_desc: CacheDesc, remote_desc: CacheDesc,
+             local_rows: np.ndarray, remote_rows: np.ndarray, link: Link) -> None:
+        agent = self.agent
+        try:
+            handle = agent.initialize_xfer(
+                operation,
+                agent.get_xfer_descs(local_rows, plan.mem_type(local_desc)),
+                agent.get_xfer_descs(remote_rows, plan.mem_type(remote_desc)),
+                link.agent_name,
+            )
+        except Exception as exc:
+            raise _error(LLMStatusCode.LLM_LINK_FAILED, f"NIXL could not prepare the transfer: {exc}") from None
+        try:
+            state = agent.transfer(handle)
+            deadline = time.monotonic() + self.wait_s
+            spins = 0
+            while state == "PROC":
+                if time.monotonic() > deadline:
+                    raise _error(LLMStatusCode.LLM_TIMEOUT,
+                                 f"transfer with cluster {link.info.remote_cluster_id} not done "
+                                 f"within {self.wait_s * 1000:.0f} ms")
+                spins += 1
+                if spins > 64:
+                    time.sleep(0.0001)
+                state = agent.check_xfer_state(handle)
+            if state != "DONE":
+                raise _error(LLMStatusCode.LLM_LINK_FAILED, f"NIXL transfer with cluster "
+                             f"{link.info.remote_cluster_id} failed")
+        finally:
+            with contextlib.suppress(Exception):
+                agent.release_xfer_handle(handle)
