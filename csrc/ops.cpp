@@ -38,6 +38,17 @@ void register_ops() {
       "copy_kv_cache(SymInt src_cache_id, SymInt dst_cache_id, int src_batch_index=0,"
       " int dst_batch_index=0, int offset=0, int size=-1) -> ()");
 
+  // Between processes: kernels are Python (torch_kvreg/_ops.py), the data path is NIXL.
+  m->def(
+      "pull_kv_blocks(int cluster_id, SymInt src_cache_id, SymInt dst_cache_id, Tensor src_blocks,"
+      " Tensor dst_blocks) -> ()");
+  m->def(
+      "push_kv_blocks(SymInt src_cache_id, int cluster_id, SymInt dst_cache_id, Tensor src_blocks,"
+      " Tensor dst_blocks) -> ()");
+  m->def(
+      "pull_kv_cache(int cluster_id, SymInt src_cache_id, int src_batch_index, SymInt dst_cache_id,"
+      " int batch_index=0, int size=-1) -> ()");
+
   // One kernel for every device: the registry, not the argument tensors, says where the
   // cache memory lives.
   constexpr auto key = c10::DispatchKey::CompositeExplicitAutograd;

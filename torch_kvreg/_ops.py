@@ -21,7 +21,42 @@ _EFFECTFUL_OPS = (
     "llm::unregister_kv_cache",
     "llm::copy_kv_blocks",
     "llm::copy_kv_cache",
+    "llm::pull_kv_blocks",
+    "llm::push_kv_blocks",
+    "llm::pull_kv_cache",
 )
+
+# Kernels of the remote ops: their schemas are in csrc/ops.cpp, their data path is NIXL.
+_remote_impls = torch.library.Library("llm", "IMPL")
+
+
+def _pull_kv_blocks_kernel(cluster_id, src_cache_id, dst_cache_id, src_blocks, dst_blocks):
+    from .remote import pull_kv_blocks
+    from .types import CacheIndex
+
+    pull_kv_blocks(CacheIndex(cluster_id, int(src_cache_id)), int(dst_cache_id), src_blocks, dst_blocks)
+
+
+def _push_kv_blocks_kernel(src_cache_id, cluster_id, dst_cache_id, src_blocks, dst_blocks):
+    from .remote import push_kv_blocks
+    from .types import CacheIndex
+
+    push_kv_blocks(int(src_cache_id), CacheIndex(cluster_id, int(dst_cache_id)), src_blocks, dst_blocks)
+
+
+def _pull_kv_cache_kernel(cluster_id, src_cache_id, src_batch_index, dst_cache_id, batch_index=0, size=-1):
+    from .remote import pull_kv_cache
+    from .types import CacheIndex
+
+    pull_kv_cache(CacheIndex(cluster_id, int(src_cache_id), src_batch_index), int(dst_cache_id), batch_index, size)
+
+
+for _name, _kernel in (
+    ("pull_kv_blocks", _pull_kv_blocks_kernel),
+    ("push_kv_blocks", _push_kv_blocks_kernel),
+    ("pull_kv_cache", _pull_kv_cache_kernel),
+):
+    _remote_impls.impl(_name, _kernel, "CompositeExplicitAutograd", allow_override=True)
 
 
 def _new_cache_id():
@@ -64,6 +99,20 @@ def _register_fakes() -> None:
     def _copy_kv_cache_fake(
         src_cache_id, dst_cache_id, src_batch_index=0, dst_batch_index=0, offset=0, size=-1
     ):
+        return None
+
+    @torch.library.register_fake("llm::pull_kv_blocks")
+    def _pull_kv_blocks_fake(cluster_id, src_cache_id, dst_cache_id, src_blocks, dst_blocks):
+        _reject_meta(src_blocks, "src_blocks")
+        _reject_meta(dst_blocks, "dst_blocks")
+
+    @torch.library.register_fake("llm::push_kv_blocks")
+    def _push_kv_blocks_fake(src_cache_id, cluster_id, dst_cache_id, src_blocks, dst_blocks):
+        _reject_meta(src_blocks, "src_blocks")
+        _reject_meta(dst_blocks, "dst_blocks")
+
+    @torch.library.register_fake("llm::pull_kv_cache")
+    def _pull_kv_cache_fake(cluster_id, src_cache_id, src_batch_index, dst_cache_id, batch_index=0, size=-1):
         return None
 
     for name in _EFFECTFUL_OPS:

@@ -1,0 +1,37 @@
+"""A torch_kvreg process driven by a test through queues (a prompt or decode peer)."""
+
+import torch
+
+
+def paged(num_tensors, num_blocks, block_shape, seed, dtype=torch.float16):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(num_blocks, *block_shape, generator=gen).to(dtype) for _ in range(num_tensors)]
+
+
+def peer_main(commands, replies, cluster_id, wait_ms=2000):
+    import torch_kvreg as kv
+
+    kv.initialize(cluster_id=cluster_id, role=kv.LlmRole.PROMPT,
+                  options={"llm.ListenIpInfo": "127.0.0.1:0", "llm.SyncKvCacheWaitTime": str(wait_ms)})
+    caches = {}
+    replies.put(("ready", kv.listen_address()))
+    while True:
+        op, args = commands.get()
+        try:
+            if op == "register":
+                num_tensors, num_blocks, block_shape, seed, remote = args
+                tensors = paged(num_tensors, num_blocks, block_shape, seed)
+                cache = kv.register_kv_cache(tensors, kv.RegisterCfg(remote_accessible=remote))
+                caches[cache.cache_id] = tensors
+                replies.put(("ok", cache.cache_id))
+            elif op == "read":
+                replies.put(("ok", [t.clone() for t in caches[args]]))
+            elif op == "unregister":
+                kv.unregister_kv_cache(args)
+                replies.put(("ok", None))
+            elif op == "exit":
+                kv.finalize()
+                replies.put(("ok", None))
+                return
+        except Exception as exc:  # reported to the test
+            replies.put(("error", repr(exc)))

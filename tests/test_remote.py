@@ -1,0 +1,226 @@
+"""Two processes on 127.0.0.1: link, pull and push KV blocks over NIXL, and every failure."""
+
+import multiprocessing as mp
+import random
+import socket
+import struct
+import time
+
+import pytest
+import torch
+
+import torch_kvreg as kv
+from torch_kvreg import CacheIndex, ClusterInfo, LLMStatusCode
+
+from remote_peer import paged, peer_main
+
+pytestmark = pytest.mark.skipif(not kv.remote.nixl_available(), reason="needs the nixl extra")
+BLOCK_SHAPE = (16, 2, 32)  # 2 KiB fp16 blocks
+CTX = mp.get_context("spawn")
+
+
+class Peer:
+    def __init__(self, cluster_id, wait_ms=2000):
+        self.cluster_id = cluster_id
+        self.commands, self.replies = CTX.Queue(), CTX.Queue()
+        self.process = CTX.Process(target=peer_main, args=(self.commands, self.replies, cluster_id, wait_ms))
+        self.process.start()
+        status, address = self.replies.get(timeout=120)
+        assert status == "ready"
+        host, port = address.split(":")
+        self.info = ClusterInfo(cluster_id, host, int(port))
+
+    def call(self, op, args=None):
+        self.commands.put((op, args))
+        status, value = self.replies.get(timeout=60)
+        assert status == "ok", value
+        return value
+
+    def close(self):
+        if self.process.is_alive():
+            self.call("exit")
+        self.process.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def peer():
+    p = Peer(cluster_id=7)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def decoder():
+    kv.initialize(cluster_id=2, role=kv.LlmRole.DECODER, options={"llm.SyncKvCacheWaitTime": "2000"})
+    yield kv
+    kv.finalize()
+
+
+def test_pull_verify_push_unlink(peer, decoder):
+    remote_id = peer.call("register", (8, 64, BLOCK_SHAPE, 1, True))
+    expected = paged(8, 64, BLOCK_SHAPE, 1)
+    assert kv.link_clusters([peer.info]) == (LLMStatusCode.LLM_SUCCESS, [LLMStatusCode.LLM_SUCCESS])
+    mine = [torch.zeros(32, *BLOCK_SHAPE, dtype=torch.float16) for _ in range(8)]
+    local = kv.register_kv_cache(mine)
+    rng = random.Random(0)
+    src_blocks = rng.sample(range(64), 20)
+    dst_blocks = rng.sample(range(32), 20)
+    moved = kv.pull_kv_blocks(CacheIndex(peer.cluster_id, remote_id), local, src_blocks, dst_blocks)
+    assert moved == 20 * 8 * local.cache_desc.block_nbytes
+    for t in range(8):
+        assert torch.equal(mine[t][dst_blocks], expected[t][src_blocks])
+    # consecutive runs, as a tensor
+    kv.pull_kv_blocks(CacheIndex(peer.cluster_id, remote_id), local, torch.arange(40, 50), torch.arange(0, 10))
+    assert all(torch.equal(mine[t][:10], expected[t][40:50]) for t in range(8))
+    # push back: decoder-written blocks land in the prompt's cache
+    for t in range(8):
+        mine[t][31].fill_(float(t + 1))
+    kv.push_kv_blocks(local, CacheIndex(peer.cluster_id, remote_id), [31], [5])
+    remote_now = peer.call("read", remote_id)
+    assert all(torch.all(remote_now[t][5] == t + 1) for t in range(8))
+    assert torch.equal(remote_now[0][6], expected[0][6])  # nothing else touched
+    # pull_kv_cache: one slice
+    kv.pull_kv_cache(CacheIndex(peer.cluster_id, remote_id, batch_index=9), local, batch_index=3)
+    assert torch.equal(mine[4][3], expected[4][9])
+    assert kv.unlink_clusters([peer.info]) == (LLMStatusCode.LLM_SUCCESS, [LLMStatusCode.LLM_SUCCESS])
+    with pytest.raises(kv.LLMException) as info:
+        kv.pull_kv_blocks(CacheIndex(peer.cluster_id, remote_id), local, [0], [0])
+    assert info.value.status_code == LLMStatusCode.LLM_NOT_YET_LINK
+    peer.call("unregister", remote_id)
+
+
+def test_link_twice_and_unknown_caches(peer, decoder):
+    assert kv.link_clusters([peer.info])[0] == LLMStatusCode.LLM_SUCCESS
+    assert kv.link_clusters([peer.info]) == (LLMStatusCode.LLM_ALREADY_LINK, [LLMStatusCode.LLM_ALREADY_LINK])
+    local = kv.register_kv_cache([torch.zeros(4, *BLOCK_SHAPE, dtype=torch.float16) for _ in range(2)])
+    remote_id = peer.call("register", (2, 8, BLOCK_SHAPE, 3, True))
+    peer.call("unregister", remote_id)
+    with pytest.raises(kv.LLMKVCacheNotExistError):
+        kv.pull_kv_blocks(CacheIndex(peer.cluster_id, remote_id), local, [0], [0])
+    private_id = peer.call("register", (2, 8, BLOCK_SHAPE, 4, False))  # remote_accessible=False
+    with pytest.raises(kv.LLMKVCacheNotExistError):
+        kv.pull_kv_blocks(CacheIndex(peer.cluster_id, private_id), local, [0], [0])
+    peer.call("unregister", private_id)
+
+
+def test_validated_against_remote_desc_before_bytes_move(peer, decoder):
+    kv.link_clusters([peer.info])
+    remote_id = peer.call("register", (2, 8, BLOCK_SHAPE, 5, True))
+    mine = [torch.zeros(8, *BLOCK_SHAPE, dtype=torch.float16) for _ in range(2)]
+    local = kv.register_kv_cache(mine)
+    wrong_shape = kv.register_kv_cache([torch.zeros(8, 4, dtype=torch.float16) for _ in range(2)])
+    cases = [
+        (lambda: kv.pull_kv_blocks(CacheIndex(7, remote_id), local, [8], [0]), kv.LLMIndexError),
+        (lambda: kv.pull_kv_blocks(CacheIndex(7, remote_id), local, [0, 1], [2, 2]), kv.LLMParamInvalidError),
+        (lambda: kv.pull_kv_blocks(CacheIndex(7, remote_id), local, [0, 1], [2]), kv.LLMParamInvalidError),
+        (lambda: kv.pull_kv_blocks(CacheIndex(7, remote_id), wrong_shape, [0], [0]), kv.LLMParamInvalidError),
+        (lambda: kv.push_kv_blocks(local, CacheIndex(7, remote_id), [0], [99]), kv.LLMIndexError),
+        (lambda: kv.pull_kv_cache(CacheIndex(7, remote_id, 8), local), kv.LLMIndexError),
+        (lambda: kv.pull_kv_blocks("7:1", local, [0], [0]), kv.LLMTypeError),
+    ]
+    for call, error in cases:
+        with pytest.raises(error):
+            call()
+    assert all(not t.any() for t in mine)
+    assert torch.equal(peer.call("read", remote_id)[0], paged(2, 8, BLOCK_SHAPE, 5)[0])
+    peer.call("unregister", remote_id)
+
+
+def test_pull_before_link_and_cluster_limit(decoder):
+    local = kv.register_kv_cache(torch.zeros(4, 4))
+    with pytest.raises(kv.LLMException) as info:
+        kv.pull_kv_blocks(CacheIndex(3, 1), local, [0], [0])
+    assert info.value.status_code == LLMStatusCode.LLM_NOT_YET_LINK
+    many = [ClusterInfo(i, "127.0.0.1", 1) for i in range(17)]
+    status, statuses = kv.link_clusters(many)
+    assert status == LLMStatusCode.LLM_CLUSTER_NUM_EXCEED_LIMIT and len(statuses) == 17
+    assert kv.unlink_clusters([ClusterInfo(3, "127.0.0.1", 1)])[0] == LLMStatusCode.LLM_NOT_YET_LINK
+
+
+def test_link_failures(peer, decoder):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free_port = s.getsockname()[1]
+    status, _ = kv.link_clusters([ClusterInfo(9, "127.0.0.1", free_port)], timeout_ms=500)
+    assert status == LLMStatusCode.LLM_LINK_FAILED
+    wrong_id = ClusterInfo(99, peer.info.remote_ip, peer.info.remote_port)  # peer is cluster 7
+    assert kv.link_clusters([wrong_id])[0] == LLMStatusCode.LLM_LINK_FAILED
+
+
+def test_dead_peer_times_out_and_registry_stays(decoder):
+    doomed = Peer(cluster_id=11, wait_ms=500)
+    remote_id = doomed.call("register", (2, 8, BLOCK_SHAPE, 6, True))
+    kv.finalize()
+    kv.initialize(cluster_id=2, options={"llm.SyncKvCacheWaitTime": "500"})
+    assert kv.link_clusters([doomed.info])[0] == LLMStatusCode.LLM_SUCCESS
+    local = kv.register_kv_cache([torch.zeros(8, *BLOCK_SHAPE, dtype=torch.float16) for _ in range(2)])
+    before = (kv.usage(), kv.registered_caches())
+    doomed.process.kill()
+    doomed.process.join(timeout=30)
+    start = time.monotonic()
+    with pytest.raises(kv.LLMException) as info:
+        kv.pull_kv_blocks(CacheIndex(11, remote_id), local, [0], [0])
+    assert info.value.status_code in (LLMStatusCode.LLM_TIMEOUT, LLMStatusCode.LLM_LINK_FAILED)
+    assert time.monotonic() - start < 5
+    assert (kv.usage(), kv.registered_caches()) == before
+    kv.unregister_kv_cache(local)
+
+
+def test_hostile_control_messages_are_rejected(peer, decoder):
+    host, port = peer.info.remote_ip, peer.info.remote_port
+    payloads = [
+        struct.pack(">I", 0),
+        struct.pack(">I", 1 << 30) + b"x",
+        struct.pack(">I", 5) + b"\xff\xfe\x00ab",
+        struct.pack(">I", 4) + b"[1,2",
+        struct.pack(">I", 2) + b"[]",
+        b'\x00\x00\x00\x0c{"v":9,"op":1}',
+        b'\x00\x00\x00\x1e{"v":1,"op":"acquire","cache_id":-1}'[:4] + b'{"v":1,"op":"acquire","cache_id":-1}',
+        b'\x00\x00\x00\x2a{"v":1,"op":"release","lease":"everything"}',
+    ]
+    for payload in payloads:
+        with socket.create_connection((host, port), timeout=5) as s:
+            s.sendall(payload)
+            s.settimeout(2)
+            try:
+                s.recv(4096)
+            except (socket.timeout, ConnectionError):
+                pass
+    # still serving, registry intact
+    remote_id = peer.call("register", (1, 4, BLOCK_SHAPE, 8, True))
+    kv.link_clusters([peer.info])
+    local = kv.register_kv_cache([torch.zeros(4, *BLOCK_SHAPE, dtype=torch.float16)])
+    kv.pull_kv_blocks(CacheIndex(7, remote_id), local, [1], [2])
+    peer.call("unregister", remote_id)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_remote_ops_in_compiled_graph(peer, decoder, backend):
+    torch._dynamo.reset()
+    kv.link_clusters([peer.info])
+    remote_id = peer.call("register", (2, 16, BLOCK_SHAPE, 9, True))
+    expected = paged(2, 16, BLOCK_SHAPE, 9)
+    mine = [torch.zeros(16, *BLOCK_SHAPE, dtype=torch.float16) for _ in range(2)]
+    local = kv.register_kv_cache(mine)
+
+    @torch.compile(fullgraph=True, backend=backend)
+    def step(src_blocks, dst_blocks, probe):
+        torch.ops.llm.pull_kv_blocks(7, remote_id, local.cache_id, src_blocks, dst_blocks)
+        first = mine[0].index_select(0, dst_blocks[:1])[0]  # read after the pull, inside the graph
+        torch.ops.llm.push_kv_blocks(local.cache_id, 7, remote_id, dst_blocks, src_blocks + 8)
+        return first, probe + 1
+
+    first, _ = step(torch.tensor([3, 4]), torch.tensor([0, 1]), torch.zeros(1))
+    assert torch.equal(first, expected[0][3])
+    remote_now = peer.call("read", remote_id)
+    assert torch.equal(remote_now[1][11], expected[1][3]) and torch.equal(remote_now[1][12], expected[1][4])
+    peer.call("unregister", remote_id)
+
+
+def test_without_nixl_remote_calls_name_the_extra(monkeypatch, decoder):
+    monkeypatch.setattr(kv.remote, "nixl_available", lambda: False)
+    with pytest.raises(kv.LLMException) as info:
+        kv.link_clusters([ClusterInfo(1, "127.0.0.1", 1)])
+    assert info.value.status_code == LLMStatusCode.LLM_FEATURE_NOT_ENABLED
+    assert "torch_kvreg[nixl]" in str(info.value)
+    kv.register_kv_cache(torch.zeros(4))  # nothing else changes
