@@ -278,6 +278,9 @@ class Engine:
                              f"{info.remote_ip}:{info.remote_port} is cluster {cluster_id}, not {info.remote_cluster_id}")
             loaded = self.agent.add_remote_agent(md)
             link.agent_name = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
+            # Connect now, so that the first transfer does not pay for it.
+            with contextlib.suppress(Exception):
+                self.agent.make_connection(link.agent_name)
         except LLMException as exc:
             link.close()
             return exc.status_code

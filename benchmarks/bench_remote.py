@@ -1,0 +1,170 @@
+"""pull_kv_blocks between two processes over NIXL, against a raw NIXL agent pair, one run.
+
+Caches: 32 layers x K and V, 1024 blocks of 16 tokens x 8 heads x 128 dims fp16 (32 KiB
+per block per tensor, 2 GiB per process); 512 blocks pulled (1 GiB), random and
+consecutive indices. Baselines in the same run and the same processes:
+(a) a plain NIXL agent pair registering the same tensors, with hand-made per-block
+descriptors in prepared descriptor lists (make_prepped_xfer), and for consecutive blocks
+also one descriptor per tensor run; (b) the local memory-bandwidth limit, one contiguous
+copy_ of the same bytes.
+
+    python benchmarks/bench_remote.py [--layers 32] [--repeats 5] [--json out.json]
+"""
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import random
+import statistics
+import time
+
+import numpy as np
+import torch
+
+NUM_BLOCKS, MOVED, BLOCK_SHAPE = 1024, 512, (16, 8, 128)
+
+
+def make_tensors(layers, fill):
+    return [torch.full((NUM_BLOCKS, *BLOCK_SHAPE), float(fill + i % 7), dtype=torch.float16) for i in range(2 * layers)]
+
+
+def reg_rows(tensors):
+    return [(t.data_ptr(), t.numel() * t.element_size(), 0, "") for t in tensors]
+
+
+def prompt_process(layers, to_main, from_main):
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+    import torch_kvreg as kv
+    from nixl_cu12 import nixl_agent, nixl_agent_config
+
+    kv.initialize(1, kv.LlmRole.PROMPT, options={"llm.ListenIpInfo": "127.0.0.1:0", "llm.SyncKvCacheWaitTime": "30000"})
+    tensors = make_tensors(layers, 1)
+    cache = kv.register_kv_cache(tensors, kv.RegisterCfg(remote_accessible=True))
+    raw = nixl_agent("raw-prompt", nixl_agent_config(backends=["UCX"]))
+    raw.register_memory(reg_rows(tensors), "DRAM")
+    to_main.put((kv.listen_address(), cache.cache_id, raw.get_agent_metadata(), [t.data_ptr() for t in tensors]))
+    from_main.get()
+    kv.finalize()
+
+
+def wait(agent, handle):
+    state = agent.transfer(handle)
+    while state == "PROC":
+        state = agent.check_xfer_state(handle)
+    assert state == "DONE", state
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+    import torch_kvreg as kv
+    from nixl_cu12 import nixl_agent, nixl_agent_config
+
+    ctx = mp.get_context("spawn")
+    to_main, from_main = ctx.Queue(), ctx.Queue()
+    peer = ctx.Process(target=prompt_process, args=(args.layers, to_main, from_main))
+    peer.start()
+    address, remote_id, raw_md, remote_addrs = to_main.get(timeout=600)
+
+    kv.initialize(2, kv.LlmRole.DECODER, options={"llm.SyncKvCacheWaitTime": "30000"})
+    host, port = address.split(":")
+    t0 = time.perf_counter()
+    status, _ = kv.link_clusters([kv.ClusterInfo(1, host, int(port))])
+    link_ms = (time.perf_counter() - t0) * 1e3
+    assert status == kv.LLMStatusCode.LLM_SUCCESS
+    tensors = make_tensors(args.layers, 100)
+    t0 = time.perf_counter()
+    local = kv.register_kv_cache(tensors, kv.RegisterCfg(remote_accessible=True))  # NIXL-registered now
+    register_ms = (time.perf_counter() - t0) * 1e3
+    num_tensors = len(tensors)
+    block_nbytes = local.cache_desc.block_nbytes
+    total = MOVED * block_nbytes * num_tensors
+
+    raw = nixl_agent("raw-decoder", nixl_agent_config(backends=["UCX"]))
+    raw.register_memory(reg_rows(tensors), "DRAM")
+    remote_name = raw.add_remote_agent(raw_md)
+    raw.make_connection(remote_name.decode() if isinstance(remote_name, bytes) else remote_name)
+
+    def per_block(addrs):
+        base = np.asarray(addrs, dtype=np.uint64)[:, None] + np.arange(NUM_BLOCKS, dtype=np.uint64)[None, :] * block_nbytes
+        rows = np.zeros((base.size, 3), dtype=np.uint64)
+        rows[:, 0], rows[:, 1] = base.reshape(-1), block_nbytes
+        return rows
+
+    local_prep = raw.prep_xfer_dlist("NIXL_INIT_AGENT", per_block([t.data_ptr() for t in tensors]), "DRAM")
+    remote_prep = raw.prep_xfer_dlist(remote_name, per_block(remote_addrs), "DRAM")
+
+    def timed(fn):
+        fn()
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    flat_src = torch.ones(total, dtype=torch.uint8)
+    flat_dst = torch.empty(total, dtype=torch.uint8)
+    rows = []
+    rng = random.Random(0)
+    patterns = {
+        "random": (rng.sample(range(NUM_BLOCKS), MOVED), rng.sample(range(NUM_BLOCKS), MOVED)),
+        "consecutive": (list(range(MOVED)), list(range(NUM_BLOCKS - MOVED, NUM_BLOCKS))),
+    }
+    for pattern, (src_blocks, dst_blocks) in patterns.items():
+        measured = {}
+        measured["copy_kv_blocks_local_limit"] = timed(lambda: flat_dst.copy_(flat_src))
+        measured["pull_kv_blocks"] = timed(lambda: kv.pull_kv_blocks(kv.CacheIndex(1, remote_id), local, src_blocks, dst_blocks))
+        src_idx = (np.arange(num_tensors)[:, None] * NUM_BLOCKS + np.asarray(src_blocks)[None, :]).reshape(-1).astype(np.int32)
+        dst_idx = (np.arange(num_tensors)[:, None] * NUM_BLOCKS + np.asarray(dst_blocks)[None, :]).reshape(-1).astype(np.int32)
+
+        def raw_prepped():
+            handle = raw.make_prepped_xfer("READ", local_prep, dst_idx, remote_prep, src_idx)
+            wait(raw, handle)
+            raw.release_xfer_handle(handle)
+
+        measured["raw_nixl_per_block"] = timed(raw_prepped)
+        if pattern == "consecutive":
+            local_rows = np.array([(t.data_ptr() + dst_blocks[0] * block_nbytes, MOVED * block_nbytes, 0) for t in tensors], dtype=np.uint64)
+            remote_rows = np.array([(a + src_blocks[0] * block_nbytes, MOVED * block_nbytes, 0) for a in remote_addrs], dtype=np.uint64)
+
+            def raw_coalesced():
+                handle = raw.initialize_xfer("READ", raw.get_xfer_descs(local_rows, "DRAM"),
+                                             raw.get_xfer_descs(remote_rows, "DRAM"), remote_name)
+                wait(raw, handle)
+                raw.release_xfer_handle(handle)
+
+            measured["raw_nixl_coalesced"] = timed(raw_coalesced)
+        expected = torch.stack([torch.full(BLOCK_SHAPE, float(1 + i % 7), dtype=torch.float16) for i in range(num_tensors)])
+        got = torch.stack([t[dst_blocks[-1]] for t in tensors])
+        assert torch.equal(got, expected), "pulled the wrong bytes"
+        gbps = {k: total / v / 1e9 for k, v in measured.items()}
+        baseline = "raw_nixl_coalesced" if pattern == "consecutive" else "raw_nixl_per_block"
+        rows.append(dict(pattern=pattern, bytes=total, gbps=gbps,
+                         ratio_vs_raw_nixl=gbps["pull_kv_blocks"] / gbps[baseline], raw_baseline=baseline,
+                         ratio_vs_local_limit=gbps["pull_kv_blocks"] / gbps["copy_kv_blocks_local_limit"]))
+    kv.finalize()
+    from_main.put("done")
+    peer.join(timeout=60)
+
+    print(f"pull_kv_blocks over NIXL/UCX between two processes, {num_tensors} tensors x {MOVED} of "
+          f"{NUM_BLOCKS} blocks of {block_nbytes // 1024} KiB ({total / 2**30:.2f} GiB), torch {torch.__version__}")
+    print(f"link_clusters: {link_ms:.1f} ms; register_kv_cache ({num_tensors} tensors, with NIXL): {register_ms:.1f} ms")
+    for r in rows:
+        g = r["gbps"]
+        extra = f", raw coalesced {g['raw_nixl_coalesced']:.2f}" if "raw_nixl_coalesced" in g else ""
+        print(f"{r['pattern']:<12} ours {g['pull_kv_blocks']:.2f} GB/s | raw per-block {g['raw_nixl_per_block']:.2f}{extra}"
+              f" | local copy {g['copy_kv_blocks_local_limit']:.2f} GB/s || ours / {r['raw_baseline']} = "
+              f"{r['ratio_vs_raw_nixl']:.2f}x, ours / local limit = {r['ratio_vs_local_limit']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"link_ms": link_ms, "register_ms": register_ms, "rows": rows}, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()
