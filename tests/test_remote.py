@@ -224,3 +224,66 @@ def test_without_nixl_remote_calls_name_the_extra(monkeypatch, decoder):
     assert info.value.status_code == LLMStatusCode.LLM_FEATURE_NOT_ENABLED
     assert "torch_kvreg[nixl]" in str(info.value)
     kv.register_kv_cache(torch.zeros(4))  # nothing else changes
+
+
+def test_disaggregated_example_matches_single_process():
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "examples" / "disaggregated_prefill_decode.py"
+    result = subprocess.run([sys.executable, str(script), "--new-tokens", "12"], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK: disaggregated tokens equal the single-process run" in result.stdout
+    assert "pulled" in result.stdout and "GB/s" in result.stdout
+
+
+def test_unregister_waits_for_transfers_in_flight():
+    import threading
+
+    kv.initialize(cluster_id=4, options={"llm.ListenIpInfo": "127.0.0.1:0", "llm.SyncKvCacheWaitTime": "2000"})
+    engine = kv.remote._engine
+    cache = kv.register_kv_cache(torch.zeros(8, 8), kv.RegisterCfg(remote_accessible=True))
+    assert cache.cache_id in engine.nixl_regs
+    released = threading.Event()
+
+    def transfer_in_flight():
+        with engine.using(cache.cache_id):
+            time.sleep(0.3)
+            released.set()
+
+    thread = threading.Thread(target=transfer_in_flight)
+    thread.start()
+    time.sleep(0.05)
+    kv.unregister_kv_cache(cache)  # waits for the transfer, then deregisters from NIXL
+    assert released.is_set()
+    assert cache.cache_id not in engine.nixl_regs
+    thread.join()
+    kv.finalize()
+
+
+def test_unregister_times_out_and_changes_nothing():
+    import threading
+
+    kv.initialize(cluster_id=4, options={"llm.ListenIpInfo": "127.0.0.1:0", "llm.SyncKvCacheWaitTime": "200"})
+    engine = kv.remote._engine
+    cache = kv.register_kv_cache(torch.zeros(8, 8), kv.RegisterCfg(remote_accessible=True))
+    holding, done = threading.Event(), threading.Event()
+
+    def stuck_transfer():
+        with engine.using(cache.cache_id):
+            holding.set()
+            done.wait(5)
+
+    thread = threading.Thread(target=stuck_transfer)
+    thread.start()
+    holding.wait(5)
+    with pytest.raises(kv.LLMException) as info:
+        kv.unregister_kv_cache(cache)
+    assert info.value.status_code == LLMStatusCode.LLM_TIMEOUT
+    assert kv.registered_caches() == [cache] and cache.cache_id in engine.nixl_regs
+    done.set()
+    thread.join()
+    kv.unregister_kv_cache(cache)
+    kv.finalize()
