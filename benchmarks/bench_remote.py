@@ -58,7 +58,7 @@ def wait(agent, handle):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json")
     args = parser.parse_args()
     os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
@@ -99,14 +99,17 @@ def main():
     local_prep = raw.prep_xfer_dlist("NIXL_INIT_AGENT", per_block([t.data_ptr() for t in tensors]), "DRAM")
     remote_prep = raw.prep_xfer_dlist(remote_name, per_block(remote_addrs), "DRAM")
 
-    def timed(fn):
-        fn()
-        times = []
+    def interleaved(variants):
+        """Median seconds of each variant, run in turn so that machine noise hits all alike."""
+        times = {name: [] for name in variants}
+        for fn in variants.values():
+            fn()  # warm-up
         for _ in range(args.repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+            for name, fn in variants.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        return {name: statistics.median(t) for name, t in times.items()}
 
     flat_src = torch.ones(total, dtype=torch.uint8)
     flat_dst = torch.empty(total, dtype=torch.uint8)
@@ -117,9 +120,10 @@ def main():
         "consecutive": (list(range(MOVED)), list(range(NUM_BLOCKS - MOVED, NUM_BLOCKS))),
     }
     for pattern, (src_blocks, dst_blocks) in patterns.items():
-        measured = {}
-        measured["copy_kv_blocks_local_limit"] = timed(lambda: flat_dst.copy_(flat_src))
-        measured["pull_kv_blocks"] = timed(lambda: kv.pull_kv_blocks(kv.CacheIndex(1, remote_id), local, src_blocks, dst_blocks))
+        variants = {
+            "copy_kv_blocks_local_limit": lambda: flat_dst.copy_(flat_src),
+            "pull_kv_blocks": lambda: kv.pull_kv_blocks(kv.CacheIndex(1, remote_id), local, src_blocks, dst_blocks),
+        }
         src_idx = (np.arange(num_tensors)[:, None] * NUM_BLOCKS + np.asarray(src_blocks)[None, :]).reshape(-1).astype(np.int32)
         dst_idx = (np.arange(num_tensors)[:, None] * NUM_BLOCKS + np.asarray(dst_blocks)[None, :]).reshape(-1).astype(np.int32)
 
@@ -128,7 +132,7 @@ def main():
             wait(raw, handle)
             raw.release_xfer_handle(handle)
 
-        measured["raw_nixl_per_block"] = timed(raw_prepped)
+        variants["raw_nixl_per_block"] = raw_prepped
         if pattern == "consecutive":
             local_rows = np.array([(t.data_ptr() + dst_blocks[0] * block_nbytes, MOVED * block_nbytes, 0) for t in tensors], dtype=np.uint64)
             remote_rows = np.array([(a + src_blocks[0] * block_nbytes, MOVED * block_nbytes, 0) for a in remote_addrs], dtype=np.uint64)
@@ -139,7 +143,8 @@ def main():
                 wait(raw, handle)
                 raw.release_xfer_handle(handle)
 
-            measured["raw_nixl_coalesced"] = timed(raw_coalesced)
+            variants["raw_nixl_coalesced"] = raw_coalesced
+        measured = interleaved(variants)
         expected = torch.stack([torch.full(BLOCK_SHAPE, float(1 + i % 7), dtype=torch.float16) for i in range(num_tensors)])
         got = torch.stack([t[dst_blocks[-1]] for t in tensors])
         assert torch.equal(got, expected), "pulled the wrong bytes"

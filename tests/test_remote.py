@@ -63,10 +63,11 @@ def test_pull_verify_push_unlink(peer, decoder):
     mine = [torch.zeros(32, *BLOCK_SHAPE, dtype=torch.float16) for _ in range(8)]
     local = kv.register_kv_cache(mine)
     rng = random.Random(0)
-    src_blocks = rng.sample(range(64), 20)
+    src_blocks = list(range(0, 60, 3))  # no two consecutive: nothing to coalesce
     dst_blocks = rng.sample(range(32), 20)
     moved = kv.pull_kv_blocks(CacheIndex(peer.cluster_id, remote_id), local, src_blocks, dst_blocks)
     assert moved == 20 * 8 * local.cache_desc.block_nbytes
+    assert local.cache_id in kv.remote._engine.local_preps  # scattered blocks: prepared lists
     for t in range(8):
         assert torch.equal(mine[t][dst_blocks], expected[t][src_blocks])
     # consecutive runs, as a tensor

@@ -20,7 +20,8 @@ from ..types import Cache, CacheDesc, ClusterInfo
 from . import plan, protocol
 
 log = logging.getLogger("torch_kvreg.remote")
-MAX_CLUSTERS_PER_CALL = 16
+# From this many scattered blocks on, transfers index prepared per-block descriptor lists.
+PREPPED_MIN_SEGMENTS = 16
 
 
 def _error(status: LLMStatusCode, message: str) -> LLMException:
@@ -53,6 +54,7 @@ class Link:
         self.wait_s = wait_s
         self.lock = threading.Lock()
         self.loaded_md: dict[int, bytes] = {}  # remote cache id -> metadata already loaded
+        self.remote_preps: dict[int, object] = {}  # remote cache id -> prepared per-block dlist
 
     def request(self, message: dict) -> dict:
         """One request/response; LLM_TIMEOUT or LLM_LINK_FAILED when the peer fails."""
@@ -135,6 +137,7 @@ class Engine:
         self.agent = nixl_agent(self.name, nixl_agent_config(backends=["UCX"]))
         self.lock = threading.Condition()
         self.nixl_regs: dict[int, object] = {}  # cache id -> NIXL registration descriptors
+        self.local_preps: dict[int, object] = {}  # cache id -> prepared per-block dlist
         self.in_flight: dict[int, int] = {}  # cache id -> transfers or remote leases using it
         self.closing: set[int] = set()
         self.leases: dict[int, int] = {}  # lease id -> cache id
@@ -166,6 +169,10 @@ class Engine:
             if not self.lock.wait_for(lambda: not any(self.in_flight.values()), timeout=self.wait_s):
                 log.warning("finalize: transfers still in flight after %.0f ms", self.wait_s * 1000)
             regs, self.nixl_regs = self.nixl_regs, {}
+            preps, self.local_preps = self.local_preps, {}
+        for prep in preps.values():
+            with contextlib.suppress(Exception):
+                self.agent.release_dlist_handle(prep)
         for reg in regs.values():
             with contextlib.suppress(Exception):
                 self.agent.deregister_memory(reg)
@@ -194,7 +201,11 @@ class Engine:
                 raise _error(LLMStatusCode.LLM_TIMEOUT,
                              f"cache {cache_id} still has a transfer in flight after {self.wait_s * 1000:.0f} ms")
             reg = self.nixl_regs.pop(cache_id, None)
+            prep = self.local_preps.pop(cache_id, None)
             self.closing.discard(cache_id)
+        if prep is not None:
+            with contextlib.suppress(Exception):
+                self.agent.release_dlist_handle(prep)
         if reg is not None:
             with contextlib.suppress(Exception):
                 self.agent.deregister_memory(reg)
@@ -301,6 +312,9 @@ class Engine:
         if not force:
             with contextlib.suppress(LLMException):
                 link.request({"op": "bye"})
+        for prep in link.remote_preps.values():
+            with contextlib.suppress(Exception):
+                self.agent.release_dlist_handle(prep)
         with contextlib.suppress(Exception):
             self.agent.remove_remote_agent(link.agent_name)
         link.close()
@@ -335,38 +349,86 @@ class Engine:
                 if link.loaded_md.get(remote_cache_id) != md:
                     self.agent.add_remote_agent(md)
                     link.loaded_md[remote_cache_id] = md
-                local_rows = plan.descriptors(local.tensor_addrs, plan.device_id(local.cache_desc), local_offsets, lengths)
-                remote_rows = plan.descriptors(remote.addrs, plan.device_id(remote.desc), remote_offsets, lengths)
-                self._run(operation, local.cache_desc, remote.desc, local_rows, remote_rows, link)
+                block_nbytes = local.cache_desc.block_nbytes
+                if lengths.size >= PREPPED_MIN_SEGMENTS and bool(np.all(lengths == block_nbytes)):
+                    # Scattered single blocks: index into per-block lists prepared once per
+                    # cache, as NIXL recommends, instead of preparing every descriptor again.
+                    make_handle = self._prepped_request(operation, local, remote, link, local_offsets,
+                                                        remote_offsets, block_nbytes)
+                else:
+                    make_handle = self._request(operation, local, remote, link, local_offsets,
+                                                remote_offsets, lengths)
+                self._run(make_handle, link)
                 return int(lengths.sum()) * local.cache_desc.num_tensors
             finally:
                 with contextlib.suppress(LLMException):
                     link.request({"op": "release", "lease": lease})
 
-    def _run(self, operation: str, local_desc: CacheDesc, remote_desc: CacheDesc,
-             local_rows: np.ndarray, remote_rows: np.ndarray, link: Link) -> None:
-        agent = self.agent
-        try:
-            handle = agent.initialize_xfer(
+    def _request(self, operation, local: Cache, remote, link: Link, local_offsets, remote_offsets, lengths):
+        local_rows = plan.descriptors(local.tensor_addrs, plan.device_id(local.cache_desc), local_offsets, lengths)
+        remote_rows = plan.descriptors(remote.addrs, plan.device_id(remote.desc), remote_offsets, lengths)
+
+        def make_handle():
+            return self.agent.initialize_xfer(
                 operation,
-                agent.get_xfer_descs(local_rows, plan.mem_type(local_desc)),
-                agent.get_xfer_descs(remote_rows, plan.mem_type(remote_desc)),
+                self.agent.get_xfer_descs(local_rows, plan.mem_type(local.cache_desc)),
+                self.agent.get_xfer_descs(remote_rows, plan.mem_type(remote.desc)),
                 link.agent_name,
             )
+
+        return make_handle
+
+    def _per_block_rows(self, addrs, desc: CacheDesc) -> np.ndarray:
+        offsets = np.arange(desc.shape[0], dtype=np.uint64) * np.uint64(desc.block_nbytes)
+        lengths = np.full(desc.shape[0], desc.block_nbytes, dtype=np.uint64)
+        return plan.descriptors(addrs, plan.device_id(desc), offsets, lengths)
+
+    def _prepped_request(self, operation, local: Cache, remote, link: Link, local_offsets, remote_offsets,
+                         block_nbytes: int):
+        agent = self.agent
+        with self.lock:
+            local_prep = self.local_preps.get(local.cache_id)
+        if local_prep is None:
+            local_prep = agent.prep_xfer_dlist(
+                "NIXL_INIT_AGENT", self._per_block_rows(local.tensor_addrs, local.cache_desc),
+                plan.mem_type(local.cache_desc))
+            with self.lock:
+                self.local_preps[local.cache_id] = local_prep
+        remote_prep = link.remote_preps.get(remote.cache_id)
+        if remote_prep is None:
+            remote_prep = agent.prep_xfer_dlist(
+                link.agent_name, self._per_block_rows(remote.addrs, remote.desc), plan.mem_type(remote.desc))
+            link.remote_preps[remote.cache_id] = remote_prep
+
+        def indices(offsets, num_blocks):
+            blocks = (offsets // np.uint64(block_nbytes)).astype(np.int64)
+            tensors = np.arange(local.cache_desc.num_tensors, dtype=np.int64)[:, None] * num_blocks
+            return (tensors + blocks[None, :]).reshape(-1).astype(np.int32)
+
+        local_idx = indices(local_offsets, local.cache_desc.shape[0])
+        remote_idx = indices(remote_offsets, remote.desc.shape[0])
+        return lambda: agent.make_prepped_xfer(operation, local_prep, local_idx, remote_prep, remote_idx)
+
+    def _run(self, make_handle, link: Link) -> None:
+        agent = self.agent
+        try:
+            handle = make_handle()
         except Exception as exc:
             raise _error(LLMStatusCode.LLM_LINK_FAILED, f"NIXL could not prepare the transfer: {exc}") from None
         try:
             state = agent.transfer(handle)
             deadline = time.monotonic() + self.wait_s
-            spins = 0
+            polls = 0
+            # Each status check also drives UCX progress, so poll without sleeping (sleeping
+            # cost 5-10% of throughput on scattered blocks); yield the GIL now and then.
             while state == "PROC":
-                if time.monotonic() > deadline:
-                    raise _error(LLMStatusCode.LLM_TIMEOUT,
-                                 f"transfer with cluster {link.info.remote_cluster_id} not done "
-                                 f"within {self.wait_s * 1000:.0f} ms")
-                spins += 1
-                if spins > 64:
-                    time.sleep(0.0001)
+                polls += 1
+                if polls % 256 == 0:
+                    if time.monotonic() > deadline:
+                        raise _error(LLMStatusCode.LLM_TIMEOUT,
+                                     f"transfer with cluster {link.info.remote_cluster_id} not done "
+                                     f"within {self.wait_s * 1000:.0f} ms")
+                    time.sleep(0)
                 state = agent.check_xfer_state(handle)
             if state != "DONE":
                 raise _error(LLMStatusCode.LLM_LINK_FAILED, f"NIXL transfer with cluster "
