@@ -288,3 +288,17 @@ def test_unregister_times_out_and_changes_nothing():
     thread.join()
     kv.unregister_kv_cache(cache)
     kv.finalize()
+
+
+def test_silent_peer_link_times_out(decoder):
+    with socket.socket() as silent:  # accepts connections (backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        port = silent.getsockname()[1]
+        start = time.monotonic()
+        status, statuses = kv.link_clusters([ClusterInfo(5, "127.0.0.1", port)], timeout_ms=300)
+        assert status == LLMStatusCode.LLM_TIMEOUT and statuses == [LLMStatusCode.LLM_TIMEOUT]
+        assert time.monotonic() - start < 3
+    with pytest.raises(kv.LLMException) as info:
+        kv.pull_kv_blocks(CacheIndex(5, 1), kv.register_kv_cache(torch.zeros(2, 2)), [0], [0])
+    assert info.value.status_code == LLMStatusCode.LLM_NOT_YET_LINK
