@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -40,3 +43,8 @@ def devices():
 def snapshot():
     """What a failed call must leave unchanged."""
     return torch_kvreg.usage(), torch_kvreg.registered_caches(), torch_kvreg.is_initialized()
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a fresh interpreter (imports, aborts and exit hooks are per process)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

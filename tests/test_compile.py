@@ -1,12 +1,12 @@
 """torch.ops.llm inside torch.compile(fullgraph=True), opcheck, and notebook-style imports."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import torch_kvreg as kv
+
+from conftest import run_python
 
 BACKENDS = ["aot_eager", "inductor"]
 
@@ -145,9 +145,6 @@ def test_opcheck_unregister(kv, util):
     result = torch.library.opcheck(torch.ops.llm.unregister_kv_cache.default, (cache.cache_id,), test_utils=(util,))
     assert result == {util: "SUCCESS"}
 
-
-def run_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
 
 
 def test_import_twice_and_reload_do_not_abort():

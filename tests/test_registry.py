@@ -1,6 +1,4 @@
 import gc
-import subprocess
-import sys
 import weakref
 
 import pytest
@@ -9,7 +7,7 @@ import torch
 import torch_kvreg as kv
 from torch_kvreg import CacheDesc, DataType, LLMStatusCode, Placement, RegisterCfg
 
-from conftest import devices
+from conftest import devices, run_python
 
 
 def paged_cache(layers=2, blocks=8, device="cpu", dtype=torch.float16):
@@ -187,9 +185,6 @@ def test_host_memory_pinned_and_unpinned():
     kv.register_kv_cache(unpinned, RegisterCfg(pin_host_memory=False))
     assert not unpinned.is_pinned()
 
-
-def run_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
 
 def test_finalize_runs_at_exit():
