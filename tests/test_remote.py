@@ -302,3 +302,18 @@ def test_silent_peer_link_times_out(decoder):
     with pytest.raises(kv.LLMException) as info:
         kv.pull_kv_blocks(CacheIndex(5, 1), kv.register_kv_cache(torch.zeros(2, 2)), [0], [0])
     assert info.value.status_code == LLMStatusCode.LLM_NOT_YET_LINK
+
+
+def test_opcheck_remote_ops(peer, decoder):
+    kv.link_clusters([peer.info])
+    remote_id = peer.call("register", (2, 8, BLOCK_SHAPE, 12, True))
+    local = kv.register_kv_cache([torch.zeros(8, *BLOCK_SHAPE, dtype=torch.float16) for _ in range(2)])
+    blocks = (torch.tensor([1, 5]), torch.tensor([0, 3]))
+    for op, args in (
+        (torch.ops.llm.pull_kv_blocks.default, (7, remote_id, local.cache_id, *blocks)),
+        (torch.ops.llm.push_kv_blocks.default, (local.cache_id, 7, remote_id, blocks[1], blocks[0])),
+        (torch.ops.llm.pull_kv_cache.default, (7, remote_id, 2, local.cache_id, 4, -1)),
+    ):
+        result = torch.library.opcheck(op, args)  # transfers repeat identically, so all utils apply
+        assert set(result.values()) == {"SUCCESS"}, (op, result)
+    peer.call("unregister", remote_id)
