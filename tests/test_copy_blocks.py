@@ -142,3 +142,18 @@ def test_cuda_copy_is_ordered_on_current_stream(kv):
         flipped = dst_tensors[0].flip(0).clone()  # same stream: sees the copy
     stream.synchronize()
     assert torch.equal(flipped, src_tensors[0])
+
+
+@pytest.mark.parametrize("block_bytes", [1024, 2048, 32768, 1040])
+@pytest.mark.parametrize("count", [1, 3, 4, 7, 13])
+def test_large_scattered_blocks(kv, block_bytes, count):
+    """Blocks big enough for the streaming and four-way interleaved copies, in groups of four
+    and leftovers; 1040-byte blocks are not 64-byte aligned and take the plain path."""
+    rng = random.Random(block_bytes * 100 + count)
+    shape = (32, block_bytes // 4)
+    src_tensors, src = make_cache(3, shape, torch.float32, "cpu", 21)
+    dst_tensors, dst = make_cache(3, shape, torch.float32, "cpu", 22)
+    src_blocks, dst_blocks = rng.sample(range(32), count), rng.sample(range(32), count)
+    expected = reference(src_tensors, dst_tensors, src_blocks, dst_blocks)
+    kv.copy_kv_blocks(src, dst, src_blocks, dst_blocks)
+    assert all(same_bytes(a, b) for a, b in zip(dst_tensors, expected))
