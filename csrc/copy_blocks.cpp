@@ -157,6 +157,8 @@ void copy_block(char* dst, const char* src, size_t nbytes) {
 // Copies four equal-sized blocks at once, line by line in turn: scattered blocks each start
 // on a cold page, and four streams keep more cache-line misses in flight than one.
 constexpr int kWays = 4;
+// Longer runs stream well on their own.
+constexpr size_t kMaxInterleavedBytes = 64 << 10;
 
 bool copy_blocks_interleaved(char* const* dst, const char* const* src, size_t nbytes) {
 #if defined(__x86_64__)
@@ -164,7 +166,7 @@ bool copy_blocks_interleaved(char* const* dst, const char* const* src, size_t nb
   for (int k = 0; k < kWays; ++k) {
     bits |= reinterpret_cast<uintptr_t>(dst[k]) | reinterpret_cast<uintptr_t>(src[k]);
   }
-  if (nbytes < 1024 || (bits & 63) != 0) {
+  if (nbytes < 1024 || nbytes > kMaxInterleavedBytes || (bits & 63) != 0) {
     return false;
   }
   for (size_t i = 0; i < nbytes; i += 64) {
@@ -190,11 +192,9 @@ bool copy_blocks_interleaved(char* const* dst, const char* const* src, size_t nb
 
 // Starts loading the first lines of the next block while this one is copied: with random
 // block order each block begins with a DRAM miss that the prefetcher cannot predict.
-constexpr int64_t kPrefetchItems = 4;
-
 void prefetch_start(const char* src, int64_t nbytes) {
 #if defined(__x86_64__)
-  const int64_t ahead = std::min<int64_t>(nbytes, 2048);
+  const int64_t ahead = std::min<int64_t>(nbytes, 1024);
   for (int64_t i = 0; i < ahead; i += 64) {
     _mm_prefetch(src + i, _MM_HINT_NTA);
   }
@@ -249,36 +249,53 @@ void run_copy_cpu(const CopyPlan& plan) {
   const int64_t average_bytes = std::max<int64_t>(1, plan.total_bytes() / num_items);
   // Enough bytes per task that the thread pool's overhead stays small.
   const int64_t grain = std::max<int64_t>(1, (int64_t{256} << 10) / average_bytes);
-  auto src_of = [&](int64_t item) {
-    return reinterpret_cast<const char*>(src_addrs[item / num_segments]) + segments[item % num_segments].src_offset;
-  };
-  auto dst_of = [&](int64_t item) {
-    return reinterpret_cast<char*>(dst_addrs[item / num_segments]) + segments[item % num_segments].dst_offset;
-  };
-  auto size_of = [&](int64_t item) { return segments[item % num_segments].nbytes; };
   at::parallel_for(0, num_items, grain, [&](int64_t begin, int64_t end) {
-    int64_t item = begin;
-    while (item < end) {
-      if (item + kWays <= end) {
+    // Items are (tensor, segment) pairs, tensor-major; walk them with a cursor rather than
+    // dividing per item, which costs as much as copying a small block.
+    struct Item {
+      const char* src;
+      char* dst;
+      int64_t nbytes;
+    };
+    int64_t tensor = begin / num_segments;
+    int64_t segment = begin % num_segments;
+    auto next_item = [&]() {
+      const Segment& s = segments[segment];
+      Item item{reinterpret_cast<const char*>(src_addrs[tensor]) + s.src_offset,
+                reinterpret_cast<char*>(dst_addrs[tensor]) + s.dst_offset, s.nbytes};
+      if (++segment == num_segments) {
+        segment = 0;
+        ++tensor;
+      }
+      return item;
+    };
+    Item batch[kWays];
+    int64_t remaining = end - begin;
+    while (remaining > 0) {
+      const int count = static_cast<int>(std::min<int64_t>(remaining, kWays));
+      bool same_size = count == kWays;
+      for (int k = 0; k < count; ++k) {
+        batch[k] = next_item();
+        same_size = same_size && batch[k].nbytes == batch[0].nbytes;
+      }
+      remaining -= count;
+      if (same_size) {
         const char* srcs[kWays];
         char* dsts[kWays];
-        bool same_size = true;
         for (int k = 0; k < kWays; ++k) {
-          srcs[k] = src_of(item + k);
-          dsts[k] = dst_of(item + k);
-          same_size = same_size && size_of(item + k) == size_of(item);
+          srcs[k] = batch[k].src;
+          dsts[k] = batch[k].dst;
         }
-        if (same_size && copy_blocks_interleaved(dsts, srcs, static_cast<size_t>(size_of(item)))) {
-          item += kWays;
+        if (copy_blocks_interleaved(dsts, srcs, static_cast<size_t>(batch[0].nbytes))) {
           continue;
         }
       }
-      const int64_t next = item + kPrefetchItems;
-      if (next < end) {
-        prefetch_start(src_of(next), size_of(next));
+      for (int k = 0; k < count; ++k) {
+        if (k + 1 < count) {
+          prefetch_start(batch[k + 1].src, batch[k + 1].nbytes);
+        }
+        copy_block(batch[k].dst, batch[k].src, static_cast<size_t>(batch[k].nbytes));
       }
-      copy_block(dst_of(item), src_of(item), static_cast<size_t>(size_of(item)));
-      ++item;
     }
     finish_stores();
   });
