@@ -125,27 +125,38 @@ std::vector<Segment> coalesce(
   return segments;
 }
 
+#if defined(__x86_64__)
+// How far ahead of the line being copied loads are requested: the hardware prefetcher
+// stops at 4 KiB page boundaries, software prefetches do not.
+constexpr size_t kPrefetchAhead = 1024;
+
+// One 64-byte line: four aligned loads, four streaming stores.
+inline void stream_line(char* dst, const char* src) {
+  _mm_prefetch(src + kPrefetchAhead, _MM_HINT_NTA);
+  const __m128i* from = reinterpret_cast<const __m128i*>(src);
+  __m128i* to = reinterpret_cast<__m128i*>(dst);
+  const __m128i a = _mm_load_si128(from);
+  const __m128i b = _mm_load_si128(from + 1);
+  const __m128i c = _mm_load_si128(from + 2);
+  const __m128i d = _mm_load_si128(from + 3);
+  _mm_stream_si128(to, a);
+  _mm_stream_si128(to + 1, b);
+  _mm_stream_si128(to + 2, c);
+  _mm_stream_si128(to + 3, d);
+}
+#endif
+
 // Copies a block with non-temporal stores where it can: the destination of a KV-block copy
 // is not read again soon, and streaming stores skip the read-for-ownership of every
 // destination cache line, which a plain memcpy of mid-sized blocks pays.
 void copy_block(char* dst, const char* src, size_t nbytes) {
 #if defined(__x86_64__)
   constexpr size_t kStreamMin = 1024;
-  constexpr size_t kPrefetchAhead = 1024;
   if (nbytes >= kStreamMin &&
       ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) == 0) {
     size_t i = 0;
     for (; i + 64 <= nbytes; i += 64) {
-      // The hardware prefetcher stops at 4 KiB page boundaries; keep loads in flight ahead.
-      _mm_prefetch(src + i + kPrefetchAhead, _MM_HINT_NTA);
-      const __m128i a = _mm_load_si128(reinterpret_cast<const __m128i*>(src + i));
-      const __m128i b = _mm_load_si128(reinterpret_cast<const __m128i*>(src + i + 16));
-      const __m128i c = _mm_load_si128(reinterpret_cast<const __m128i*>(src + i + 32));
-      const __m128i d = _mm_load_si128(reinterpret_cast<const __m128i*>(src + i + 48));
-      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), a);
-      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 16), b);
-      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 32), c);
-      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 48), d);
+      stream_line(dst + i, src + i);
     }
     std::memcpy(dst + i, src + i, nbytes - i);
     return;
@@ -154,11 +165,11 @@ void copy_block(char* dst, const char* src, size_t nbytes) {
   std::memcpy(dst, src, nbytes);
 }
 
-// Copies four equal-sized blocks at once, line by line in turn: scattered blocks each start
-// on a cold page, and four streams keep more cache-line misses in flight than one.
+// Copies kWays equal-sized blocks at once, a line of each in turn: scattered blocks each
+// start on a cold page, and several streams keep more cache-line misses in flight than one.
+// Returns false (copying nothing) when the blocks do not suit it.
 constexpr int kWays = 4;
-// Longer runs stream well on their own.
-constexpr size_t kMaxInterleavedBytes = 64 << 10;
+constexpr size_t kMaxInterleavedBytes = 64 << 10;  // longer runs stream well on their own
 
 bool copy_blocks_interleaved(char* const* dst, const char* const* src, size_t nbytes) {
 #if defined(__x86_64__)
@@ -171,17 +182,7 @@ bool copy_blocks_interleaved(char* const* dst, const char* const* src, size_t nb
   }
   for (size_t i = 0; i < nbytes; i += 64) {
     for (int k = 0; k < kWays; ++k) {
-      _mm_prefetch(src[k] + i + 1024, _MM_HINT_NTA);
-      const __m128i* from = reinterpret_cast<const __m128i*>(src[k] + i);
-      __m128i* to = reinterpret_cast<__m128i*>(dst[k] + i);
-      const __m128i a = _mm_load_si128(from);
-      const __m128i b = _mm_load_si128(from + 1);
-      const __m128i c = _mm_load_si128(from + 2);
-      const __m128i d = _mm_load_si128(from + 3);
-      _mm_stream_si128(to, a);
-      _mm_stream_si128(to + 1, b);
-      _mm_stream_si128(to + 2, c);
-      _mm_stream_si128(to + 3, d);
+      stream_line(dst[k] + i, src[k] + i);
     }
   }
   return true;
@@ -194,7 +195,7 @@ bool copy_blocks_interleaved(char* const* dst, const char* const* src, size_t nb
 // block order each block begins with a DRAM miss that the prefetcher cannot predict.
 void prefetch_start(const char* src, int64_t nbytes) {
 #if defined(__x86_64__)
-  const int64_t ahead = std::min<int64_t>(nbytes, 1024);
+  const int64_t ahead = std::min<int64_t>(nbytes, static_cast<int64_t>(kPrefetchAhead));
   for (int64_t i = 0; i < ahead; i += 64) {
     _mm_prefetch(src + i, _MM_HINT_NTA);
   }
