@@ -44,6 +44,12 @@ void check_compatible(const CacheRecord& src, const CacheRecord& dst) {
 // Block indices as int64 on the host. Tensors on an accelerator are copied to the host:
 // validation must see every index before any byte moves.
 std::vector<int64_t> block_list(const at::Tensor& blocks, const char* name) {
+#ifdef KVREG_WITH_CUDA
+  KVREG_CHECK_ARG(
+      !(blocks.is_cuda() && current_stream_capturing()), name,
+      " is on the GPU while a CUDA graph is being captured; pass block lists on the CPU "
+      "(they are validated on the host, which would need a synchronization)");
+#endif
   KVREG_CHECK_TYPE(
       blocks.scalar_type() == at::kLong || blocks.scalar_type() == at::kInt, name,
       " must be an int64 or int32 tensor, got ", blocks.scalar_type());

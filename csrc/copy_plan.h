@@ -33,6 +33,8 @@ void run_copy_cpu(const CopyPlan& plan);
 // Enqueues the whole plan on the current stream of the device involved: one upload of the
 // plan and one kernel launch. Host memory on either side must be page-locked.
 void run_copy_cuda(const CopyPlan& plan);
+// Whether the current CUDA stream is capturing a graph (then nothing may synchronize).
+bool current_stream_capturing();
 #endif
 
 }  // namespace kvreg

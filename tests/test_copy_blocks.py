@@ -157,3 +157,35 @@ def test_large_scattered_blocks(kv, block_bytes, count):
     expected = reference(src_tensors, dst_tensors, src_blocks, dst_blocks)
     kv.copy_kv_blocks(src, dst, src_blocks, dst_blocks)
     assert all(same_bytes(a, b) for a, b in zip(dst_tensors, expected))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("src_device,dst_device", [("cuda", "cuda"), ("cpu", "cuda"), ("cuda", "cpu")])
+def test_copy_captured_in_cuda_graph_replays(kv, src_device, dst_device):
+    src_tensors, src = make_cache(2, (32, 512), torch.float16, src_device, 31)
+    dst_tensors, dst = make_cache(2, (32, 512), torch.float16, dst_device, 32)
+    src_blocks, dst_blocks = torch.tensor([4, 9, 10, 11]), torch.tensor([0, 30, 31, 2])
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph, stream=stream):
+        kv.copy_kv_blocks(src, dst, src_blocks, dst_blocks)
+    for round in range(2):
+        for t in src_tensors:
+            t.copy_(torch.randn_like(t, device="cpu").to(t.device))  # new data after capture
+        torch.cuda.synchronize()
+        graph.replay()
+        torch.cuda.synchronize()
+        for s, d in zip(src_tensors, dst_tensors):
+            assert same_bytes(d[dst_blocks], s[src_blocks])
+
+
+@pytest.mark.cuda
+def test_device_block_lists_rejected_during_capture(kv):
+    _, src = make_cache(1, (8, 64), torch.float16, "cuda", 41)
+    _, dst = make_cache(1, (8, 64), torch.float16, "cuda", 42)
+    blocks = torch.tensor([1, 2], device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(kv.LLMParamInvalidError, match="captured"):
+        with torch.cuda.graph(graph):
+            kv.copy_kv_blocks(src, dst, blocks, blocks + 3)

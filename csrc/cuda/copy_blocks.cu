@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
+#include <vector>
 
 namespace kvreg {
 
@@ -77,7 +79,44 @@ void run_copy_memcpy(const CopyPlan& plan, cudaStream_t stream) {
   }
 }
 
+bool stream_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// Plan layout: src addrs, dst addrs, segments (three int64 each).
+int64_t plan_words(const CopyPlan& plan) {
+  return 2 * plan.src->desc.num_tensors + 3 * static_cast<int64_t>(plan.segments.size());
+}
+
+void fill_plan(const CopyPlan& plan, uint64_t* out) {
+  static_assert(sizeof(Segment) == 3 * sizeof(int64_t), "Segment is stored as three int64");
+  const int64_t num_tensors = plan.src->desc.num_tensors;
+  std::copy(plan.src->addrs.begin(), plan.src->addrs.end(), out);
+  std::copy(plan.dst->addrs.begin(), plan.dst->addrs.end(), out + num_tensors);
+  std::memcpy(out + 2 * num_tensors, plan.segments.data(), plan.segments.size() * sizeof(Segment));
+}
+
+// A captured graph replays the launch later, so the plan it reads must outlive this call:
+// page-locked buffers kept for the life of the process (a few KiB per captured copy),
+// read by the kernel through unified addressing, with no copy node in the graph.
+const uint64_t* captured_plan(const CopyPlan& plan) {
+  static std::mutex mutex;
+  static std::vector<void*>* buffers = new std::vector<void*>();  // never freed, see above
+  void* buffer = nullptr;
+  C10_CUDA_CHECK(cudaHostAlloc(&buffer, plan_words(plan) * sizeof(uint64_t), cudaHostAllocDefault));
+  fill_plan(plan, static_cast<uint64_t*>(buffer));
+  std::lock_guard<std::mutex> lock(mutex);
+  buffers->push_back(buffer);
+  return static_cast<const uint64_t*>(buffer);
+}
+
 }  // namespace
+
+bool current_stream_capturing() {
+  return cuda_available() && stream_capturing(at::cuda::getCurrentCUDAStream());
+}
 
 void run_copy_cuda(const CopyPlan& plan) {
   const CacheDesc& src = plan.src->desc;
@@ -86,33 +125,40 @@ void run_copy_cuda(const CopyPlan& plan) {
   const int64_t device = dst.placement == Placement::DEVICE ? dst.device_index : src.device_index;
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device < 0 ? 0 : device));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool capturing = stream_capturing(stream);
 
   if ((both_on_device && src.device_index != dst.device_index) || !host_side_page_locked(*plan.src) ||
       !host_side_page_locked(*plan.dst)) {
+    KVREG_CHECK_ARG(
+        !capturing,
+        "a copy captured in a CUDA graph needs page-locked host memory (register with "
+        "pin_host_memory=True) and caches on one device");
     run_copy_memcpy(plan, stream);
     return;
   }
 
+  const uint64_t* words = nullptr;
+  at::Tensor uploaded;
+  if (capturing) {
+    words = captured_plan(plan);
+  } else {
+    // Staged in pinned memory, which the caching host allocator keeps until the upload on
+    // this stream has finished; the device copy is freed in stream order after the kernel.
+    at::Tensor staging =
+        at::empty({plan_words(plan)}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    fill_plan(plan, reinterpret_cast<uint64_t*>(staging.data_ptr<int64_t>()));
+    uploaded = staging.to(at::Device(at::kCUDA, guard.current_device().index()), /*non_blocking=*/true);
+    words = reinterpret_cast<const uint64_t*>(uploaded.const_data_ptr<int64_t>());
+  }
+
   const int64_t num_tensors = src.num_tensors;
   const int64_t num_segments = static_cast<int64_t>(plan.segments.size());
-  static_assert(sizeof(Segment) == 3 * sizeof(int64_t), "Segment is uploaded as three int64");
-  // Plan layout: src addrs, dst addrs, segments. Staged in pinned memory, which the caching
-  // host allocator keeps until the upload on this stream has finished.
-  const int64_t words = 2 * num_tensors + 3 * num_segments;
-  at::Tensor staging = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  auto* words_out = reinterpret_cast<uint64_t*>(staging.data_ptr<int64_t>());
-  std::copy(plan.src->addrs.begin(), plan.src->addrs.end(), words_out);
-  std::copy(plan.dst->addrs.begin(), plan.dst->addrs.end(), words_out + num_tensors);
-  std::memcpy(words_out + 2 * num_tensors, plan.segments.data(), plan.segments.size() * sizeof(Segment));
-  at::Tensor uploaded = staging.to(at::Device(at::kCUDA, guard.current_device().index()), /*non_blocking=*/true);
-  const auto* device_words = reinterpret_cast<const uint64_t*>(uploaded.const_data_ptr<int64_t>());
-
   const int64_t num_items = num_tensors * num_segments;
   const int64_t grid = std::min(num_items, kMaxGrid);
   copy_segments_kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
-      device_words,
-      device_words + num_tensors,
-      reinterpret_cast<const Segment*>(device_words + 2 * num_tensors),
+      words,
+      words + num_tensors,
+      reinterpret_cast<const Segment*>(words + 2 * num_tensors),
       num_segments,
       num_items);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
