@@ -53,7 +53,8 @@ test: build
 # the registry, copy, bad-input, stress and model-based tests run against it.
 ASAN_PKG := build-asan/pkg
 ASAN_TESTS := tests/test_registry.py tests/test_copy_blocks.py tests/test_bad_inputs.py \
-	tests/test_stress.py tests/test_model_based.py tests/test_threads.py
+	tests/test_stress.py tests/test_model_based.py tests/test_threads.py \
+	tests/test_fuzz.py::test_raw_address_register_path
 test-asan: $(DEPS_STAMP)
 	rm -rf $(ASAN_PKG) && mkdir -p $(ASAN_PKG) && cp -r torch_kvreg $(ASAN_PKG)/ && rm -f $(ASAN_PKG)/torch_kvreg/*.so
 	KVREG_SANITIZE=1 $(PY) setup.py -q build_ext --build-temp build-asan/temp --build-lib $(ASAN_PKG)
