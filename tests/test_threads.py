@@ -5,7 +5,7 @@ import threading
 
 import torch
 
-import torch_kvreg as kv
+import torch_kvreg  # noqa: F401  (the kv fixture initializes it)
 
 THREADS = 8
 OPS_PER_THREAD = 600

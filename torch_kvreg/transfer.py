@@ -6,9 +6,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .errors import param_invalid, raises_llm, wrong_type
+from .errors import LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
 from .registry import cache_id_of
-from .types import Cache
+from .types import Cache, as_int
 
 
 def block_tensor(blocks, name: str) -> torch.Tensor:
@@ -29,15 +29,9 @@ def block_tensor(blocks, name: str) -> torch.Tensor:
             raise wrong_type(f"{name}[{j}] must be an int, got {type(block).__name__}")
         value = block.__index__()
         if not -(2**63) <= value < 2**63:
-            raise make_index_error(f"{name}[{j}] = {value} is out of range")
+            raise make_error(LLMStatusCode.LLM_PARAM_INVALID, f"{name}[{j}] = {value} is out of range", IndexError)
         values.append(value)
     return torch.tensor(values, dtype=torch.int64)
-
-
-def make_index_error(message: str):
-    from .errors import LLMStatusCode, make_error
-
-    return make_error(LLMStatusCode.LLM_PARAM_INVALID, message, IndexError)
 
 
 @raises_llm
@@ -96,8 +90,6 @@ def copy_kv_cache(
     >>> torch_kvreg.copy_kv_cache(a, b, 0, 1, offset=4, size=8)
     >>> torch_kvreg.finalize()
     """
-    from .types import as_int
-
     torch.ops.llm.copy_kv_cache(
         cache_id_of(src, "src"),
         cache_id_of(dst, "dst"),

@@ -15,7 +15,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .. import _C
 from ..errors import LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
 from ..types import Cache, CacheIndex, ClusterInfo, as_int
 from . import plan
