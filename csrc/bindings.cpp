@@ -48,13 +48,14 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "initialize",
       [](int64_t cluster_id, int64_t role, int64_t device_id, std::string options,
-         int64_t max_addrs, int64_t max_device_bytes, int64_t max_host_bytes) {
+         int64_t max_addrs, int64_t max_device_bytes, int64_t max_host_bytes, int64_t wait_ms) {
         kvreg::InitConfig config;
         config.cluster_id = cluster_id;
         config.role = role;
         config.device_id = device_id;
         config.options = std::move(options);
         config.limits = {max_addrs, max_device_bytes, max_host_bytes};
+        config.wait_ms = wait_ms;
         Registry::instance().initialize(config);
       },
       py::call_guard<py::gil_scoped_release>());
@@ -74,6 +75,8 @@ PYBIND11_MODULE(_C, m) {
     const auto usage = Registry::instance().usage();
     return py::make_tuple(usage.num_caches, usage.num_addrs, usage.device_bytes, usage.host_bytes);
   });
+  m.def("hold", [](int64_t cache_id) { Registry::instance().hold(cache_id); });
+  m.def("unhold", [](int64_t cache_id) { Registry::instance().unhold(cache_id); });
   m.def("cache_ids", [] { return Registry::instance().cache_ids(); });
   m.def("get_cache", [](int64_t cache_id) { return cache_tuple(Registry::instance().get(cache_id)); });
 }

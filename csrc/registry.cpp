@@ -5,6 +5,7 @@
 #include "status.h"
 
 #include <algorithm>
+#include <chrono>
 #include <limits>
 #include <utility>
 
@@ -243,11 +244,19 @@ void Registry::unregister_cache(int64_t cache_id) {
     check_initialized_locked();
     find_live_locked(cache_id).closing = true;  // no new transfer may start on it
     // Re-find on every wake-up: a finalize() waiting beside us may have erased the entry.
-    transfers_done_.wait(lock, [this, cache_id] {
-      auto it = entries_.find(cache_id);
-      return it == entries_.end() || it->second.in_flight == 0;
-    });
-    if (entries_.count(cache_id) != 0) {
+    const bool idle = transfers_done_.wait_for(
+        lock, std::chrono::milliseconds(config_.wait_ms), [this, cache_id] {
+          auto it = entries_.find(cache_id);
+          return it == entries_.end() || it->second.in_flight == 0;
+        });
+    auto it = entries_.find(cache_id);
+    if (!idle && it != entries_.end()) {
+      it->second.closing = false;  // a failed call changes nothing
+      KVREG_CHECK(
+          false, LLM_TIMEOUT, "cache id ", cache_id, " still has ", it->second.in_flight,
+          " transfer(s) in flight after ", config_.wait_ms, " ms; nothing was unregistered");
+    }
+    if (it != entries_.end()) {
       released = erase_locked(cache_id);
     }
   }
@@ -282,6 +291,24 @@ Registry::Lease Registry::lease(const std::vector<int64_t>& cache_ids) {
     entries_.at(cache_id).in_flight += 1;
   }
   return Lease(this, std::move(records));
+}
+
+void Registry::hold(int64_t cache_id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_initialized_locked();
+  find_live_locked(cache_id).in_flight += 1;
+}
+
+void Registry::unhold(int64_t cache_id) noexcept {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = entries_.find(cache_id);
+    if (it == entries_.end() || it->second.in_flight == 0) {
+      return;
+    }
+    it->second.in_flight -= 1;
+  }
+  transfers_done_.notify_all();
 }
 
 void Registry::release(const std::vector<CacheRecord>& records) {

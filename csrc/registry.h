@@ -39,9 +39,13 @@ struct InitConfig {
   // so that a repeated initialize() can be recognised as identical.
   std::string options;
   Limits limits;
+  // How long unregister waits for transfers in flight before LLM_TIMEOUT (from the
+  // llm.SyncKvCacheWaitTime option).
+  int64_t wait_ms = 1000;
   bool operator==(const InitConfig& other) const {
     return cluster_id == other.cluster_id && role == other.role &&
-        device_id == other.device_id && options == other.options && limits == other.limits;
+        device_id == other.device_id && options == other.options && limits == other.limits &&
+        wait_ms == other.wait_ms;
   }
 };
 
@@ -80,7 +84,8 @@ class Registry {
       std::vector<uint64_t> addrs,
       std::vector<at::Tensor> owners,
       const RegisterOptions& options);
-  // Waits for transfers in flight on the cache, then removes it.
+  // Waits (up to InitConfig::wait_ms, then LLM_TIMEOUT and no change) for transfers in
+  // flight on the cache, then removes it.
   void unregister_cache(int64_t cache_id);
   std::vector<int64_t> cache_ids() const;
   CacheRecord get(int64_t cache_id) const;
@@ -102,6 +107,11 @@ class Registry {
     std::vector<CacheRecord> records_;
   };
   Lease lease(const std::vector<int64_t>& cache_ids);
+
+  // A lease held across calls, for transfers that Python drives (remote peers over NIXL):
+  // hold() counts a transfer in flight on a live cache, unhold() ends it.
+  void hold(int64_t cache_id);
+  void unhold(int64_t cache_id) noexcept;
 
  private:
   struct Entry {

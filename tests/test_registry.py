@@ -202,3 +202,24 @@ def test_finalize_runs_at_exit():
     result = run_python(code)
     assert result.returncode == 0, result.stderr
     assert "after-exit False 0" in result.stdout
+
+
+def test_unregister_waits_for_held_transfer_then_times_out():
+    import threading
+    import time
+
+    kv.initialize(options={"llm.SyncKvCacheWaitTime": "200"})
+    cache = kv.register_kv_cache(torch.zeros(4, 4))
+    kv._C.hold(cache.cache_id)  # a transfer in flight, as the remote layer counts one
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="^LLM_TIMEOUT"):
+        torch.ops.llm.unregister_kv_cache(cache.cache_id)
+    assert 0.15 < time.monotonic() - start < 5
+    assert kv.registered_caches() == [cache]  # nothing changed
+    with pytest.raises(kv.LLMException) as info:
+        kv.unregister_kv_cache(cache)
+    assert info.value.status_code == LLMStatusCode.LLM_TIMEOUT
+    # the transfer ends while unregister waits: unregister then succeeds
+    threading.Timer(0.05, kv._C.unhold, args=(cache.cache_id,)).start()
+    kv.unregister_kv_cache(cache)
+    assert kv.registered_caches() == []

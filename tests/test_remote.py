@@ -317,3 +317,14 @@ def test_opcheck_remote_ops(peer, decoder):
         result = torch.library.opcheck(op, args)  # transfers repeat identically, so all utils apply
         assert set(result.values()) == {"SUCCESS"}, (op, result)
     peer.call("unregister", remote_id)
+
+
+def test_raw_op_unregister_drops_the_nixl_registration():
+    kv.initialize(cluster_id=4, options={"llm.ListenIpInfo": "127.0.0.1:0"})
+    engine = kv.remote._engine
+    first = kv.register_kv_cache(torch.zeros(8, 8), kv.RegisterCfg(remote_accessible=True))
+    assert first.cache_id in engine.nixl_regs
+    torch.ops.llm.unregister_kv_cache(first.cache_id)  # bypasses the Python layer
+    second = kv.register_kv_cache(torch.zeros(8, 8), kv.RegisterCfg(remote_accessible=True))
+    assert first.cache_id not in engine.nixl_regs and second.cache_id in engine.nixl_regs
+    kv.finalize()

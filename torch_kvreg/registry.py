@@ -137,7 +137,8 @@ def initialize(
         raise param_invalid(f"limits must be between 0 and 2**63-1, got {limits!r}")
     canonical = "\n".join(f"{k}={v}" for k, v in sorted(checked.items()))
     first_time = not _C.is_initialized()
-    _C.initialize(cluster_id, int(role), -1 if device_id is None else device_id, canonical, *caps)
+    wait_ms = int(checked.get(OPTION_SYNC_KV_CACHE_WAIT_TIME, DEFAULT_SYNC_KV_CACHE_WAIT_TIME_MS))
+    _C.initialize(cluster_id, int(role), -1 if device_id is None else device_id, canonical, *caps, wait_ms)
     if first_time and OPTION_LISTEN_IP_INFO in checked:
         from .remote import start_listening
 

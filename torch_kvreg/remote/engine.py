@@ -168,6 +168,11 @@ class Engine:
         with self.lock:
             if not self.lock.wait_for(lambda: not any(self.in_flight.values()), timeout=self.wait_s):
                 log.warning("finalize: transfers still in flight after %.0f ms", self.wait_s * 1000)
+            # Peers that still hold leases lose them: the registry is about to be emptied.
+            for lease in list(self.leases):
+                cache_id = self.leases.pop(lease)
+                self.in_flight[cache_id] -= 1
+                _C.unhold(cache_id)
             regs, self.nixl_regs = self.nixl_regs, {}
             preps, self.local_preps = self.local_preps, {}
         for prep in preps.values():
@@ -179,6 +184,7 @@ class Engine:
 
     # --- NIXL registration of local caches --------------------------------------------
     def register(self, cache: Cache) -> None:
+        self._drop_stale_registrations()
         with self.lock:
             if cache.cache_id in self.nixl_regs:
                 return
@@ -190,6 +196,19 @@ class Engine:
             raise _error(LLMStatusCode.LLM_FAILED, f"NIXL could not register cache {cache.cache_id}: {exc}") from None
         with self.lock:
             self.nixl_regs[cache.cache_id] = reg
+
+    def _drop_stale_registrations(self) -> None:
+        """Deregisters from NIXL the caches that left the registry without this engine
+        (through the raw torch.ops.llm.unregister_kv_cache op, say)."""
+        live = set(_C.cache_ids())
+        with self.lock:
+            stale = [i for i in self.nixl_regs if i not in live and i not in self.closing]
+            dropped = [(self.nixl_regs.pop(i), self.local_preps.pop(i, None)) for i in stale]
+        for reg, prep in dropped:
+            with contextlib.suppress(Exception):
+                if prep is not None:
+                    self.agent.release_dlist_handle(prep)
+                self.agent.deregister_memory(reg)
 
     def unregister(self, cache_id: int) -> None:
         """Waits (bounded) for transfers and remote leases on the cache, then deregisters."""
@@ -212,15 +231,19 @@ class Engine:
 
     @contextlib.contextmanager
     def using(self, cache_id: int):
+        """Counts a transfer in flight on a local cache, here and in the native registry, so
+        that unregister (from Python or from the raw op) waits for it."""
         with self.lock:
             if cache_id in self.closing:
                 raise _error(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"cache id {cache_id} is being unregistered")
+            _C.hold(cache_id)
             self.in_flight[cache_id] = self.in_flight.get(cache_id, 0) + 1
         try:
             yield
         finally:
             with self.lock:
                 self.in_flight[cache_id] -= 1
+                _C.unhold(cache_id)
                 self.lock.notify_all()
 
     # --- serving peers -----------------------------------------------------------------
@@ -252,6 +275,10 @@ class Engine:
         with self.lock:
             if cache_id in self.closing or cache_id not in self.nixl_regs:
                 raise _error(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"cache id {cache_id} is being unregistered")
+            try:
+                _C.hold(cache_id)  # unregister, from any path, now waits for this peer
+            except RuntimeError:
+                raise _error(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"cache id {cache_id} is not registered") from None
             lease = next(self.lease_ids)
             self.leases[lease] = cache_id
             self.in_flight[cache_id] = self.in_flight.get(cache_id, 0) + 1
@@ -266,6 +293,7 @@ class Engine:
             cache_id = self.leases.pop(lease, None)
             if cache_id is not None:
                 self.in_flight[cache_id] -= 1
+                _C.unhold(cache_id)
                 self.lock.notify_all()
 
     # --- links -------------------------------------------------------------------------
