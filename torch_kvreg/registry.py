@@ -207,7 +207,8 @@ def usage() -> Usage:
     return Usage(*_C.usage())
 
 
-def _cache_from_tuple(values) -> Cache:
+def cache_from_native(values) -> Cache:
+    """A Cache from the tuple that ``_C.get_cache`` returns."""
     cache_id, num_tensors, data_type, shape, placement, device_index, addrs, _remote = values
     desc = CacheDesc(num_tensors, DataType(data_type), tuple(shape), Placement(placement), device_index)
     return Cache(cache_id, desc, tuple(addrs))
@@ -230,7 +231,7 @@ def get_cache(cache_id: int) -> Cache:
     True
     >>> torch_kvreg.finalize()
     """
-    return _cache_from_tuple(_C.get_cache(cache_id_of(cache_id, "cache_id")))
+    return cache_from_native(_C.get_cache(cache_id_of(cache_id, "cache_id")))
 
 
 def remote_accessible(cache: Cache | int) -> bool:
@@ -248,7 +249,7 @@ def registered_caches() -> list[Cache]:
     caches = []
     for cache_id in _C.cache_ids():
         try:
-            caches.append(_cache_from_tuple(_C.get_cache(cache_id)))
+            caches.append(cache_from_native(_C.get_cache(cache_id)))
         except RuntimeError:  # unregistered by another thread meanwhile
             continue
     return caches

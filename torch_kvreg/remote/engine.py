@@ -265,9 +265,9 @@ class Engine:
             values = _C.get_cache(cache_id)
         except RuntimeError:
             raise _error(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"cache id {cache_id} is not registered") from None
-        from ..registry import _cache_from_tuple
+        from ..registry import cache_from_native
 
-        cache, remote_accessible = _cache_from_tuple(values), bool(values[7])
+        cache, remote_accessible = cache_from_native(values), bool(values[7])
         if not remote_accessible:
             raise _error(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
                          f"cache id {cache_id} is registered with remote_accessible=False")
