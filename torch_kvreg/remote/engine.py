@@ -185,17 +185,16 @@ class Engine:
     # --- NIXL registration of local caches --------------------------------------------
     def register(self, cache: Cache) -> None:
         self._drop_stale_registrations()
-        with self.lock:
-            if cache.cache_id in self.nixl_regs:
-                return
         desc = cache.cache_desc
         rows = [(addr, desc.tensor_nbytes, plan.device_id(desc), "") for addr in cache.tensor_addrs]
-        try:
-            reg = self.agent.register_memory(rows, plan.mem_type(desc))
-        except Exception as exc:  # NIXL raises its own types
-            raise _error(LLMStatusCode.LLM_FAILED, f"NIXL could not register cache {cache.cache_id}: {exc}") from None
-        with self.lock:
-            self.nixl_regs[cache.cache_id] = reg
+        with self.lock:  # held across the NIXL call: two threads must not register one cache twice
+            if cache.cache_id in self.nixl_regs:
+                return
+            try:
+                self.nixl_regs[cache.cache_id] = self.agent.register_memory(rows, plan.mem_type(desc))
+            except Exception as exc:  # NIXL raises its own types
+                raise _error(LLMStatusCode.LLM_FAILED,
+                             f"NIXL could not register cache {cache.cache_id}: {exc}") from None
 
     def _drop_stale_registrations(self) -> None:
         """Deregisters from NIXL the caches that left the registry without this engine
