@@ -34,7 +34,7 @@ void Registry::initialize(const InitConfig& config) {
 }
 
 void Registry::finalize() {
-  std::vector<at::Tensor> released;
+  Released released;
   {
     std::unique_lock<std::mutex> lock(mutex_);
     if (!initialized_) {
@@ -54,10 +54,7 @@ void Registry::finalize() {
       ids.push_back(item.first);
     }
     for (int64_t cache_id : ids) {
-      auto owners = erase_locked(cache_id);
-      for (auto& owner : owners) {
-        released.push_back(std::move(owner));
-      }
+      erase_locked(cache_id, released);
     }
     config_ = InitConfig();
   }
@@ -200,6 +197,10 @@ int64_t Registry::register_cache(
       options.remote_accessible == -1 ? !on_host : options.remote_accessible == 1;
   entry.record.desc = std::move(desc);
   entry.record.addrs = std::move(addrs);
+  for (const at::Tensor& owner : owners) {
+    entry.storages.push_back(owner.storage());
+    entry.storage_data.push_back(owner.storage().data());
+  }
   entry.owners = std::move(owners);
   entry.pinned_by_us = std::move(pinned_by_us);
   for (uint64_t addr : entry.record.addrs) {
@@ -212,7 +213,7 @@ int64_t Registry::register_cache(
   return cache_id;
 }
 
-std::vector<at::Tensor> Registry::erase_locked(int64_t cache_id) {
+void Registry::erase_locked(int64_t cache_id, Released& released) {
   auto it = entries_.find(cache_id);
   Entry& entry = it->second;
   const CacheDesc& desc = entry.record.desc;
@@ -232,13 +233,26 @@ std::vector<at::Tensor> Registry::erase_locked(int64_t cache_id) {
   usage_.num_caches -= 1;
   usage_.num_addrs -= desc.num_tensors;
   (desc.placement == Placement::HOST ? usage_.host_bytes : usage_.device_bytes) -= desc.nbytes;
-  std::vector<at::Tensor> owners = std::move(entry.owners);
+  for (auto& owner : entry.owners) {
+    released.owners.push_back(std::move(owner));
+  }
+  for (auto& storage : entry.storages) {
+    released.storages.push_back(std::move(storage));
+  }
   entries_.erase(it);
-  return owners;
+}
+
+void Registry::check_memory_unchanged_locked(const Entry& entry) const {
+  for (size_t i = 0; i < entry.storages.size(); ++i) {
+    KVREG_CHECK(
+        entry.storages[i].data() == entry.storage_data[i], LLM_FAILED, "the memory of tensor ", i,
+        " of cache id ", entry.record.cache_id,
+        " was reallocated after registration (resize_?); unregister the cache and register it again");
+  }
 }
 
 void Registry::unregister_cache(int64_t cache_id) {
-  std::vector<at::Tensor> released;
+  Released released;
   {
     std::unique_lock<std::mutex> lock(mutex_);
     check_initialized_locked();
@@ -257,7 +271,7 @@ void Registry::unregister_cache(int64_t cache_id) {
           " transfer(s) in flight after ", config_.wait_ms, " ms; nothing was unregistered");
     }
     if (it != entries_.end()) {
-      released = erase_locked(cache_id);
+      erase_locked(cache_id, released);
     }
   }
 }
@@ -285,7 +299,9 @@ Registry::Lease Registry::lease(const std::vector<int64_t>& cache_ids) {
   std::vector<CacheRecord> records;
   records.reserve(cache_ids.size());
   for (int64_t cache_id : cache_ids) {
-    records.push_back(find_live_locked(cache_id).record);
+    const Entry& entry = find_live_locked(cache_id);
+    check_memory_unchanged_locked(entry);
+    records.push_back(entry.record);
   }
   for (int64_t cache_id : cache_ids) {
     entries_.at(cache_id).in_flight += 1;
@@ -296,7 +312,9 @@ Registry::Lease Registry::lease(const std::vector<int64_t>& cache_ids) {
 void Registry::hold(int64_t cache_id) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_initialized_locked();
-  find_live_locked(cache_id).in_flight += 1;
+  Entry& entry = find_live_locked(cache_id);
+  check_memory_unchanged_locked(entry);
+  entry.in_flight += 1;
 }
 
 void Registry::unhold(int64_t cache_id) noexcept {

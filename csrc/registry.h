@@ -114,9 +114,19 @@ class Registry {
   void unhold(int64_t cache_id) noexcept;
 
  private:
+  // What an erased entry owned, dropped by the caller after the lock is released.
+  struct Released {
+    std::vector<at::Tensor> owners;
+    std::vector<c10::Storage> storages;
+  };
   struct Entry {
     CacheRecord record;
     std::vector<at::Tensor> owners;
+    // The storages behind the registered addresses and their data pointers at registration:
+    // kept so that tensor.set_() cannot free the memory, compared so that a resize_() that
+    // reallocated it is refused instead of copied into.
+    std::vector<c10::Storage> storages;
+    std::vector<const void*> storage_data;
     std::vector<bool> pinned_by_us;
     int64_t in_flight = 0;
     bool closing = false;
@@ -132,9 +142,11 @@ class Registry {
   const Entry& find_live_locked(int64_t cache_id) const;
   // Cache id of a live registration overlapping [start, end), or 0.
   int64_t overlapping_locked(uint64_t start, uint64_t end) const;
-  // Removes the entry from every index and undoes its pins; returns its owners so that the
-  // caller can drop them after releasing the lock.
-  std::vector<at::Tensor> erase_locked(int64_t cache_id);
+  // Removes the entry from every index and undoes its pins; what it owned goes to
+  // `released`, for the caller to drop after releasing the lock.
+  void erase_locked(int64_t cache_id, Released& released);
+  // LLM_FAILED if a registered tensor's memory was reallocated since registration.
+  void check_memory_unchanged_locked(const Entry& entry) const;
   void release(const std::vector<CacheRecord>& records);
 
   mutable std::mutex mutex_;

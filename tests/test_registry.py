@@ -223,3 +223,25 @@ def test_unregister_waits_for_held_transfer_then_times_out():
     threading.Timer(0.05, kv._C.unhold, args=(cache.cache_id,)).start()
     kv.unregister_kv_cache(cache)
     assert kv.registered_caches() == []
+
+
+def test_reallocated_tensor_is_refused_not_copied_into(kv):
+    tensor = torch.zeros(4, 8)
+    cache = kv.register_kv_cache(tensor)
+    source = kv.register_kv_cache(torch.ones(4, 8))
+    tensor.resize_(4096, 8)  # grows: the storage is reallocated, the old memory freed
+    with pytest.raises(kv.LLMException) as info:
+        kv.copy_kv_blocks(source, cache, [0], [0])
+    assert info.value.status_code == LLMStatusCode.LLM_FAILED
+    assert "reallocated" in str(info.value)
+    kv.unregister_kv_cache(cache)  # still possible, and nothing else changed
+    assert kv.registered_caches() == [source]
+
+
+def test_set_keeps_the_registered_memory_alive(kv):
+    tensor = torch.arange(32.0).reshape(4, 8)
+    cache = kv.register_kv_cache(tensor)
+    tensor.set_(torch.zeros(4, 8))  # the tensor now points elsewhere; the registry does not
+    out = torch.zeros(4, 8)
+    kv.copy_kv_blocks(cache, kv.register_kv_cache(out), [2], [0])
+    assert torch.equal(out[0], torch.arange(16.0, 24.0))
