@@ -71,6 +71,10 @@ PYBIND11_MODULE(_C, m) {
     const auto limits = Registry::instance().limits();
     return py::make_tuple(limits.max_addrs, limits.max_device_bytes, limits.max_host_bytes);
   });
+  m.def("default_limits", [] {
+    const kvreg::Limits limits;
+    return py::make_tuple(limits.max_addrs, limits.max_device_bytes, limits.max_host_bytes);
+  });
   m.def("usage", [] {
     const auto usage = Registry::instance().usage();
     return py::make_tuple(usage.num_caches, usage.num_addrs, usage.device_bytes, usage.host_bytes);

@@ -37,12 +37,12 @@ _MAX_ADDRESS = 2**63 - 1
 
 
 def default_limits() -> Limits:
-    """The caps in force when ``initialize`` is given no ``limits``.
+    """The caps in force when ``initialize`` is given no ``limits`` (defined in C++).
 
     >>> default_limits().max_addrs
     240
     """
-    return Limits(max_addrs=240, max_device_bytes=50 * 2**30, max_host_bytes=20 * 2**30)
+    return Limits(*_C.default_limits())
 
 
 def parse_listen_address(text: str) -> tuple[str, int]:

@@ -1,0 +1,16 @@
+"""The runnable example in every public docstring keeps running."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["torch_kvreg.errors", "torch_kvreg.types", "torch_kvreg.registry", "torch_kvreg.transfer",
+           "torch_kvreg.remote"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples_run(name):
+    result = doctest.testmod(importlib.import_module(name))
+    assert result.attempted > 0
+    assert result.failed == 0
