@@ -9,7 +9,6 @@ even when the result is unused.
 from __future__ import annotations
 
 import torch
-from torch._library.effects import EffectType
 from torch._subclasses.fake_tensor import FakeTensor
 
 # Fails with ImportError (never aborts) if another copy of the library owns the namespace.
@@ -116,7 +115,24 @@ def _register_fakes() -> None:
         return None
 
     for name in _EFFECTFUL_OPS:
-        torch.library._register_effectful_op(name, EffectType.ORDERED)
+        _mark_ordered(name)
+
+
+def _mark_ordered(name: str) -> None:
+    """Registers an ORDERED effect; the API moved between torch releases."""
+    namespace, _, rest = name.partition("::")
+    op_name, _, overload = rest.partition(".")
+    op = getattr(getattr(getattr(torch.ops, namespace), op_name), overload or "default")
+    register = getattr(torch.library, "_register_effectful_op", None)
+    if register is not None:  # recent torch
+        from torch._library.effects import EffectType
+
+        register(op, EffectType.ORDERED)
+        return
+    from torch._higher_order_ops import effects
+
+    ordered = getattr(effects, "_EffectType", None) or getattr(effects, "EffectType")
+    effects._register_effectful_op(op, ordered.ORDERED)
 
 
 # Re-executing this module (importlib.reload in a notebook) registers again; both calls
