@@ -8,6 +8,7 @@ KVREG_SANITIZE=1 adds AddressSanitizer and UndefinedBehaviorSanitizer.
 import glob
 import os
 import shutil
+import sys
 
 import torch
 from setuptools import setup
@@ -32,6 +33,11 @@ def extension():
     cxx = ["-O3", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
     nvcc = ["-O3", "--expt-relaxed-constexpr"]
     link = []
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        # at::parallel_for is inlined into this library: without OpenMP it runs serially.
+        # The OpenMP runtime is the one torch has already loaded (same soname).
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if os.environ.get("KVREG_SANITIZE") == "1":
         sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
         cxx = [f for f in cxx if f != "-O3"] + ["-O1", "-g"] + sanitize

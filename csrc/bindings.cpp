@@ -44,6 +44,12 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  // Whether at::parallel_for runs on several threads in this library (it is inlined here).
+#ifdef _OPENMP
+  m.attr("with_openmp") = true;
+#else
+  m.attr("with_openmp") = false;
+#endif
   m.def("cuda_available", &kvreg::cuda_available);
   m.def(
       "initialize",

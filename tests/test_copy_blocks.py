@@ -189,3 +189,9 @@ def test_device_block_lists_rejected_during_capture(kv):
     with pytest.raises(kv.LLMParamInvalidError, match="captured"):
         with torch.cuda.graph(graph):
             kv.copy_kv_blocks(src, dst, blocks, blocks + 3)
+
+
+def test_host_copies_run_on_torch_threads(kv):
+    """at::parallel_for is inlined into the extension: built without OpenMP where torch uses
+    it, every host copy would run on one thread."""
+    assert kv._C.with_openmp == torch.backends.openmp.is_available()
