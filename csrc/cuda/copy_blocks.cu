@@ -140,7 +140,14 @@ const uint64_t* captured_plan(const CopyPlan& plan, const std::vector<Segment>& 
   static std::mutex mutex;
   static std::vector<void*>* buffers = new std::vector<void*>();  // never freed, see above
   void* buffer = nullptr;
-  C10_CUDA_CHECK(cudaHostAlloc(&buffer, plan_words(plan, chunks) * sizeof(uint64_t), cudaHostAllocDefault));
+  // Allocating is not a stream operation, but global capture mode (torch's default) forbids
+  // it on any thread while a capture runs; relaxed mode for this thread allows it.
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+  const cudaError_t allocated =
+      cudaHostAlloc(&buffer, plan_words(plan, chunks) * sizeof(uint64_t), cudaHostAllocDefault);
+  C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+  C10_CUDA_CHECK(allocated);
   fill_plan(plan, chunks, static_cast<uint64_t*>(buffer));
   std::lock_guard<std::mutex> lock(mutex);
   buffers->push_back(buffer);
