@@ -42,6 +42,7 @@ stage() {  # stage NAME SECONDS COMMAND...: runs with a time limit, keeps the lo
 stage tests-cuda "${CUDA_TEST_LIMIT:-180}" "$PY" -m pytest -q -p no:cacheprovider --tb=short -rs \
   tests/test_copy_blocks.py tests/test_registry.py
 stage bench "${BENCH_LIMIT:-200}" "$PY" benchmarks/bench_copy_blocks.py --json "$OUT/bench-gpu.json"
+[ -n "${SKIP_REST:-}" ] && exit $status
 TAIL=12 stage tests-rest "${REST_LIMIT:-120}" "$PY" -m pytest -q -p no:cacheprovider --tb=short -n 8 \
   --ignore=tests/test_copy_blocks.py --ignore=tests/test_registry.py tests
 exit $status
