@@ -8,7 +8,9 @@ KVREG_SANITIZE=1 adds AddressSanitizer and UndefinedBehaviorSanitizer.
 import glob
 import os
 import shutil
+import subprocess
 import sys
+import sysconfig
 
 import torch
 from setuptools import setup
@@ -54,9 +56,33 @@ def extension():
     return CppExtension("torch_kvreg._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
+# Extensions use libstdc++'s stream code from the shared library torch loads. A build whose
+# compiler instantiates that code inside the extension (seen with a Python whose sysconfig
+# names another GCC than the system's) crashes the first time an error message formats a
+# number. Such a build is refused with advice instead of being installed.
+_STATIC_LIBSTDCXX_MARKER = "_ZNSo9_M_insertIlEERSoT_"  # std::ostream::_M_insert<long>
+
+
+class BuildExtensionChecked(BuildExtension.with_options(use_ninja=True)):
+    def build_extension(self, ext):
+        super().build_extension(ext)
+        path = self.get_ext_fullpath(ext.name)
+        nm = shutil.which("nm")
+        if nm is None or not os.path.exists(path):
+            return
+        symbols = subprocess.run([nm, "--defined-only", path], capture_output=True, text=True).stdout
+        if _STATIC_LIBSTDCXX_MARKER in symbols:
+            os.remove(path)
+            raise RuntimeError(
+                f"{path} defines libstdc++'s std::ostream code itself (compiler: "
+                f"{sysconfig.get_config_var('CXX')}) and would crash next to torch's libstdc++; "
+                "build with the system compiler: CC=gcc CXX=g++ LDSHARED='g++ -shared'"
+            )
+
+
 setup(
     # KVREG_SKIP_EXT=1: metadata only (the Makefile builds the extension in place with
     # `setup.py build_ext --inplace`, so that ninja's build folder is reused between runs).
     ext_modules=[] if os.environ.get("KVREG_SKIP_EXT") == "1" else [extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtensionChecked},
 )

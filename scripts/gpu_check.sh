@@ -17,6 +17,9 @@ export PYTHONUNBUFFERED=1
   echo "cpus $(nproc)"
 } | tee "$OUT/gpu.txt"
 
+# The system compiler, not the one Python's sysconfig names (on the lent machines that one
+# links a private libstdc++; setup.py refuses such a build).
+export CC=${CC:-gcc} CXX=${CXX:-g++} LDSHARED=${LDSHARED:-g++ -shared}
 SECONDS=0
 if ! KVREG_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$(nproc) \
     "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then

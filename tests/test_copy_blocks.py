@@ -141,7 +141,7 @@ def test_cuda_copy_is_ordered_on_current_stream(kv):
         kv.copy_kv_blocks(src, dst, list(range(64)), list(reversed(range(64))))
         flipped = dst_tensors[0].flip(0).clone()  # same stream: sees the copy
     stream.synchronize()
-    assert torch.equal(flipped, src_tensors[0])
+    assert same_bytes(flipped, src_tensors[0])  # random bytes hold NaNs: compare bytes
 
 
 @pytest.mark.parametrize("block_bytes", [1024, 2048, 32768, 1040])
