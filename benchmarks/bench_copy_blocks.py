@@ -94,10 +94,17 @@ def run_case(name, num_blocks, block_shape, moved, src_device, dst_device, repea
         measured = {"contiguous_copy": contiguous}
         reset_supported = reset_rss_peak()
         _, rss_before = rss_peak_kib()
+        on_gpu = device.startswith("cuda")
+        if on_gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            gpu_before = torch.cuda.memory_allocated()
         measured["copy_kv_blocks"] = timed(lambda: kv.copy_kv_blocks(src_cache, dst_cache, src_idx, dst_idx),
                                            device, repeats)
         peak_after, _ = rss_peak_kib()
-        extra_mib = (peak_after - rss_before) / 1024 if reset_supported else float("nan")
+        extra_mib = max(0, peak_after - rss_before) / 1024 if reset_supported else float("nan")
+        # Device memory the op allocated at its peak (the uploaded copy plan).
+        extra_gpu_mib = (torch.cuda.max_memory_allocated() - gpu_before) / 2**20 if on_gpu else 0.0
 
         def python_loop():
             for s_tensor, d_tensor in zip(src, dst):
@@ -122,6 +129,7 @@ def run_case(name, num_blocks, block_shape, moved, src_device, dst_device, repea
             ratio_vs_python_loop=gbps["copy_kv_blocks"] / gbps["python_loop"],
             ratio_vs_index_select=gbps["copy_kv_blocks"] / gbps["index_select_copy"],
             peak_extra_rss_mib=extra_mib,
+            peak_extra_gpu_mib=extra_gpu_mib,
         ))
     kv.unregister_kv_cache(src_cache)
     kv.unregister_kv_cache(dst_cache)
@@ -150,15 +158,16 @@ def main():
                f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
     print(f"copy_kv_blocks, fp16 paged caches, {'4' if args.quick else LAYERS} layers x K,V ({machine}, torch {torch.__version__})")
     header = (f"{'case':<6}{'pattern':<12}{'path':<11}{'GB/s':>7}{'contig':>8}{'ours/a':>8}"
-              f"{'ours/b':>8}{'ours/c':>8}{'peak+MiB':>9}")
+              f"{'ours/b':>8}{'ours/c':>8}{'peak+MiB':>9}{'gpu+MiB':>8}")
     print(header)
     for r in rows:
         g = r["gbps"]
         print(f"{r['case']:<6}{r['pattern']:<12}{r['src'] + '>' + r['dst']:<11}{g['copy_kv_blocks']:>7.2f}"
               f"{g['contiguous_copy']:>8.2f}{r['ratio_vs_contiguous']:>7.2f}x{r['ratio_vs_python_loop']:>7.1f}x"
-              f"{r['ratio_vs_index_select']:>7.1f}x{r['peak_extra_rss_mib']:>9.1f}")
+              f"{r['ratio_vs_index_select']:>7.1f}x{r['peak_extra_rss_mib']:>9.1f}{r['peak_extra_gpu_mib']:>8.2f}")
     print("a: one contiguous copy_ of the same bytes; b: Python loop of per-block copy_; "
-          "c: index_select + index_copy_; peak+MiB: resident memory the op added at its peak")
+          "c: index_select + index_copy_; peak+MiB: resident host memory the op added at its peak; "
+          "gpu+MiB: device memory it allocated at its peak")
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"machine": machine, "torch": torch.__version__, "rows": rows}, out, indent=2)
