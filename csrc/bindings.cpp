@@ -1,10 +1,12 @@
 // The Python module torch_kvreg._C: defines the ops on import and exposes registry queries.
+#include "copy_plan.h"
 #include "host_pin.h"
 #include "kernels.h"
 #include "registry.h"
 
 #include <torch/extension.h>
 
+#include <cstring>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -24,6 +26,22 @@ py::tuple cache_tuple(const kvreg::CacheRecord& record) {
       desc.device_index,
       record.addrs,
       record.remote_accessible);
+}
+
+// (num_tensors, data_type, shape, placement, device_index), as Python's CacheDesc holds it.
+using DescFields = std::tuple<int64_t, int64_t, std::vector<int64_t>, int64_t, int64_t>;
+
+kvreg::CacheDesc desc_from(const DescFields& fields) {
+  return kvreg::CacheDesc::validated(
+      std::get<0>(fields), std::get<1>(fields), std::get<2>(fields), std::get<3>(fields),
+      std::get<4>(fields));
+}
+
+// Segments as an int64 tensor of (src_offset, dst_offset, nbytes) rows.
+at::Tensor segments_tensor(const std::vector<kvreg::Segment>& segments) {
+  at::Tensor out = at::empty({static_cast<int64_t>(segments.size()), 3}, at::kLong);
+  std::memcpy(out.data_ptr<int64_t>(), segments.data(), segments.size() * sizeof(kvreg::Segment));
+  return out;
 }
 
 }  // namespace
@@ -89,4 +107,24 @@ PYBIND11_MODULE(_C, m) {
   m.def("unhold", [](int64_t cache_id) { Registry::instance().unhold(cache_id); });
   m.def("cache_ids", [] { return Registry::instance().cache_ids(); });
   m.def("get_cache", [](int64_t cache_id) { return cache_tuple(Registry::instance().get(cache_id)); });
+  // The validation and planning of copy_kv_blocks / copy_kv_cache, for transfers whose
+  // other side is a desc received from a peer (torch_kvreg.remote).
+  m.def(
+      "plan_blocks",
+      [](const DescFields& src, int64_t src_id, const DescFields& dst, int64_t dst_id,
+         const at::Tensor& src_blocks, const at::Tensor& dst_blocks, int64_t max_segment_bytes) {
+        auto src_list = kvreg::block_indices(src_blocks, "src_blocks");
+        auto dst_list = kvreg::block_indices(dst_blocks, "dst_blocks");
+        return segments_tensor(kvreg::plan_blocks(
+            desc_from(src), src_id, desc_from(dst), dst_id, /*same_cache=*/false,
+            std::move(src_list), std::move(dst_list), max_segment_bytes));
+      });
+  m.def(
+      "plan_slice",
+      [](const DescFields& src, int64_t src_id, const DescFields& dst, int64_t dst_id,
+         int64_t src_batch_index, int64_t dst_batch_index, int64_t offset, int64_t size) {
+        return segments_tensor(kvreg::plan_slice(
+            desc_from(src), src_id, desc_from(dst), dst_id, /*same_cache=*/false,
+            src_batch_index, dst_batch_index, offset, size));
+      });
 }

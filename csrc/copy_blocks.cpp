@@ -25,12 +25,10 @@ int64_t concrete_id(const c10::SymInt& cache_id, const char* name) {
   return *value;
 }
 
-void check_compatible(const CacheRecord& src, const CacheRecord& dst) {
-  const CacheDesc& s = src.desc;
-  const CacheDesc& d = dst.desc;
+void check_compatible(const CacheDesc& s, int64_t src_id, const CacheDesc& d, int64_t dst_id) {
   KVREG_CHECK_ARG(
-      s.num_tensors == d.num_tensors, "src cache ", src.cache_id, " has ", s.num_tensors,
-      " tensors but dst cache ", dst.cache_id, " has ", d.num_tensors);
+      s.num_tensors == d.num_tensors, "src cache ", src_id, " has ", s.num_tensors,
+      " tensors but dst cache ", dst_id, " has ", d.num_tensors);
   KVREG_CHECK_ARG(
       s.data_type == d.data_type, "src cache has data_type ",
       data_type_name(static_cast<int64_t>(s.data_type)), " but dst cache has ",
@@ -108,13 +106,14 @@ void sort_by_source(std::vector<int64_t>& src_blocks, std::vector<int64_t>& dst_
   }
 }
 
-// Runs of consecutive (src, dst) block pairs become one segment, capped at kMaxSegmentBytes.
+// Runs of consecutive (src, dst) block pairs become one segment of at most max_segment_bytes.
 std::vector<Segment> coalesce(
     const std::vector<int64_t>& src_blocks,
     const std::vector<int64_t>& dst_blocks,
-    int64_t block_nbytes) {
+    int64_t block_nbytes,
+    int64_t max_segment_bytes) {
   std::vector<Segment> segments;
-  const int64_t max_run = std::max<int64_t>(1, kMaxSegmentBytes / block_nbytes);
+  const int64_t max_run = std::max<int64_t>(1, max_segment_bytes / block_nbytes);
   size_t j = 0;
   while (j < src_blocks.size()) {
     size_t run = 1;
@@ -239,6 +238,76 @@ void run_copy(const CopyPlan& plan) {
 
 }  // namespace
 
+std::vector<int64_t> block_indices(const at::Tensor& blocks, const char* name) {
+  return block_list(blocks, name);
+}
+
+std::vector<Segment> plan_blocks(
+    const CacheDesc& src,
+    int64_t src_id,
+    const CacheDesc& dst,
+    int64_t dst_id,
+    bool same_cache,
+    std::vector<int64_t> src_blocks,
+    std::vector<int64_t> dst_blocks,
+    int64_t max_segment_bytes) {
+  KVREG_CHECK_ARG(
+      src_blocks.size() == dst_blocks.size(), "src_blocks has ", src_blocks.size(),
+      " entries but dst_blocks has ", dst_blocks.size());
+  check_compatible(src, src_id, dst, dst_id);
+  check_in_range(src_blocks, src.num_blocks(), "src_blocks");
+  check_in_range(dst_blocks, dst.num_blocks(), "dst_blocks");
+  const int64_t repeated = first_repeat(dst_blocks, dst.num_blocks());
+  KVREG_CHECK_ARG(repeated < 0, "dst_blocks names block ", repeated, " more than once");
+  if (same_cache) {
+    const int64_t shared = first_shared(src_blocks, dst_blocks, src.num_blocks());
+    KVREG_CHECK_ARG(
+        shared < 0, "block ", shared, " is both read and written in one copy within cache ", src_id);
+  }
+  // Destinations are distinct and, within one cache, disjoint from the sources, so the
+  // order of the pairs does not matter: walking the source in address order turns random
+  // reads into a forward stride that prefetchers and DRAM pages reward, and lets runs that
+  // were given out of order coalesce.
+  sort_by_source(src_blocks, dst_blocks);
+  return coalesce(src_blocks, dst_blocks, src.block_nbytes, max_segment_bytes);
+}
+
+std::vector<Segment> plan_slice(
+    const CacheDesc& src,
+    int64_t src_id,
+    const CacheDesc& dst,
+    int64_t dst_id,
+    bool same_cache,
+    int64_t src_batch_index,
+    int64_t dst_batch_index,
+    int64_t offset,
+    int64_t size) {
+  check_compatible(src, src_id, dst, dst_id);
+  const int64_t block_nbytes = src.block_nbytes;
+  KVREG_CHECK_INDEX(
+      src_batch_index >= 0 && src_batch_index < src.num_blocks(), "src_batch_index ",
+      src_batch_index, " is out of range for a cache of ", src.num_blocks(), " slices");
+  KVREG_CHECK_INDEX(
+      dst_batch_index >= 0 && dst_batch_index < dst.num_blocks(), "dst_batch_index ",
+      dst_batch_index, " is out of range for a cache of ", dst.num_blocks(), " slices");
+  KVREG_CHECK_ARG(
+      offset >= 0 && offset <= block_nbytes, "offset ", offset, " is outside the ", block_nbytes,
+      "-byte slice");
+  const int64_t nbytes = size == -1 ? block_nbytes - offset : size;
+  KVREG_CHECK_ARG(
+      nbytes >= 0 && nbytes <= block_nbytes - offset, "size ", size, " at offset ", offset,
+      " does not fit the ", block_nbytes, "-byte slice");
+  KVREG_CHECK_ARG(
+      !(same_cache && src_batch_index == dst_batch_index) || nbytes == 0, "slice ",
+      src_batch_index, " is both read and written in one copy within cache ", src_id);
+  std::vector<Segment> segments;
+  if (nbytes > 0) {
+    segments.push_back(
+        {src_batch_index * block_nbytes + offset, dst_batch_index * block_nbytes + offset, nbytes});
+  }
+  return segments;
+}
+
 int64_t CopyPlan::total_bytes() const {
   int64_t bytes = 0;
   for (const auto& segment : segments) {
@@ -326,22 +395,9 @@ void copy_kv_blocks(
   auto lease = Registry::instance().lease({src_id, dst_id});
   const CacheRecord& src = lease[0];
   const CacheRecord& dst = lease[1];
-  check_compatible(src, dst);
-  check_in_range(src_list, src.desc.num_blocks(), "src_blocks");
-  check_in_range(dst_list, dst.desc.num_blocks(), "dst_blocks");
-  const int64_t repeated = first_repeat(dst_list, dst.desc.num_blocks());
-  KVREG_CHECK_ARG(repeated < 0, "dst_blocks names block ", repeated, " more than once");
-  if (src_id == dst_id) {
-    const int64_t shared = first_shared(src_list, dst_list, src.desc.num_blocks());
-    KVREG_CHECK_ARG(
-        shared < 0, "block ", shared, " is both read and written in one copy within cache ", src_id);
-  }
-  // Destinations are distinct and, within one cache, disjoint from the sources, so the
-  // order of the pairs does not matter: walking the source in address order turns random
-  // reads into a forward stride that prefetchers and DRAM pages reward, and lets runs that
-  // were given out of order coalesce.
-  sort_by_source(src_list, dst_list);
-  run_copy({&src, &dst, coalesce(src_list, dst_list, src.desc.block_nbytes)});
+  run_copy({&src, &dst,
+            plan_blocks(src.desc, src_id, dst.desc, dst_id, src_id == dst_id, std::move(src_list),
+                        std::move(dst_list), kMaxSegmentBytes)});
 }
 
 void copy_kv_cache(
@@ -356,30 +412,9 @@ void copy_kv_cache(
   auto lease = Registry::instance().lease({src_id, dst_id});
   const CacheRecord& src = lease[0];
   const CacheRecord& dst = lease[1];
-  check_compatible(src, dst);
-  const int64_t block_nbytes = src.desc.block_nbytes;
-  KVREG_CHECK_INDEX(
-      src_batch_index >= 0 && src_batch_index < src.desc.num_blocks(), "src_batch_index ",
-      src_batch_index, " is out of range for a cache of ", src.desc.num_blocks(), " slices");
-  KVREG_CHECK_INDEX(
-      dst_batch_index >= 0 && dst_batch_index < dst.desc.num_blocks(), "dst_batch_index ",
-      dst_batch_index, " is out of range for a cache of ", dst.desc.num_blocks(), " slices");
-  KVREG_CHECK_ARG(
-      offset >= 0 && offset <= block_nbytes, "offset ", offset, " is outside the ", block_nbytes,
-      "-byte slice");
-  const int64_t nbytes = size == -1 ? block_nbytes - offset : size;
-  KVREG_CHECK_ARG(
-      nbytes >= 0 && nbytes <= block_nbytes - offset, "size ", size, " at offset ", offset,
-      " does not fit the ", block_nbytes, "-byte slice");
-  KVREG_CHECK_ARG(
-      !(src_id == dst_id && src_batch_index == dst_batch_index) || nbytes == 0, "slice ",
-      src_batch_index, " is both read and written in one copy within cache ", src_id);
-  CopyPlan plan{&src, &dst, {}};
-  if (nbytes > 0) {
-    plan.segments.push_back(
-        {src_batch_index * block_nbytes + offset, dst_batch_index * block_nbytes + offset, nbytes});
-  }
-  run_copy(plan);
+  run_copy({&src, &dst,
+            plan_slice(src.desc, src_id, dst.desc, dst_id, src_id == dst_id, src_batch_index,
+                       dst_batch_index, offset, size)});
 }
 
 }  // namespace kvreg

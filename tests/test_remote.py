@@ -117,6 +117,10 @@ def test_validated_against_remote_desc_before_bytes_move(peer, decoder):
         (lambda: kv.pull_kv_blocks(CacheIndex(7, remote_id), wrong_shape, [0], [0]), kv.LLMParamInvalidError),
         (lambda: kv.push_kv_blocks(local, CacheIndex(7, remote_id), [0], [99]), kv.LLMIndexError),
         (lambda: kv.pull_kv_cache(CacheIndex(7, remote_id, 8), local), kv.LLMIndexError),
+        (lambda: kv.pull_kv_cache(CacheIndex(7, remote_id, 0), local, batch_index=-1), kv.LLMIndexError),
+        (lambda: kv.pull_kv_cache(CacheIndex(7, remote_id, 0), local, size=1 << 40), kv.LLMParamInvalidError),
+        (lambda: kv.pull_kv_cache(CacheIndex(7, remote_id, 0), wrong_shape), kv.LLMParamInvalidError),
+        (lambda: kv.pull_kv_blocks(CacheIndex(7, remote_id), local, torch.tensor([0.5]), [0]), kv.LLMTypeError),
         (lambda: kv.pull_kv_blocks("7:1", local, [0], [0]), kv.LLMTypeError),
     ]
     for call, error in cases:

@@ -12,7 +12,6 @@ import importlib.util
 import threading
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from ..errors import LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
@@ -174,10 +173,10 @@ def unlink_clusters(clusters: Sequence[ClusterInfo], timeout_ms: int = 3000, for
 MAX_CLUSTERS = 16
 
 
-def _blocks(blocks, name: str) -> np.ndarray:
+def _blocks(blocks, name: str) -> torch.Tensor:
     from ..transfer import block_tensor
 
-    return block_tensor(blocks, name).to("cpu", torch.int64).numpy()
+    return block_tensor(blocks, name)
 
 
 def _cache_index(index) -> CacheIndex:
@@ -207,7 +206,8 @@ def pull_kv_blocks(src: CacheIndex, dst: Cache | int, src_blocks, dst_blocks) ->
     local = _local(dst)
 
     def segments(remote_desc):
-        remote_off, local_off, lengths = plan.block_segments(remote_desc, local.cache_desc, src_list, dst_list)
+        remote_off, local_off, lengths = plan.block_segments(
+            remote_desc, src.cache_id, local.cache_desc, local.cache_id, src_list, dst_list)
         return local_off, remote_off, lengths
 
     return engine.transfer("READ", local, src.cluster_id, src.cache_id, segments)
@@ -222,7 +222,7 @@ def push_kv_blocks(src: Cache | int, dst: CacheIndex, src_blocks, dst_blocks) ->
     local = _local(src)
 
     def segments(remote_desc):
-        return plan.block_segments(local.cache_desc, remote_desc, src_list, dst_list)
+        return plan.block_segments(local.cache_desc, local.cache_id, remote_desc, dst.cache_id, src_list, dst_list)
 
     return engine.transfer("WRITE", local, dst.cluster_id, dst.cache_id, segments)
 
@@ -237,18 +237,8 @@ def pull_kv_cache(src: CacheIndex, dst: Cache | int, batch_index: int = 0, size:
     local = _local(dst)
 
     def segments(remote_desc):
-        plan.check_compatible(remote_desc, local.cache_desc)
-        block_nbytes = local.cache_desc.block_nbytes
-        for name, index, desc in (("src.batch_index", src.batch_index, remote_desc),
-                                  ("batch_index", batch_index, local.cache_desc)):
-            if not 0 <= index < desc.shape[0]:
-                raise make_error(LLMStatusCode.LLM_PARAM_INVALID,
-                                 f"{name} {index} is out of range for a cache of {desc.shape[0]} slices", IndexError)
-        nbytes = block_nbytes if size == -1 else size
-        if not 0 <= nbytes <= block_nbytes:
-            raise param_invalid(f"size {size} does not fit the {block_nbytes}-byte slice")
-        lengths = np.array([nbytes] if nbytes else [], dtype=np.uint64)
-        return (np.array([batch_index * block_nbytes], dtype=np.uint64)[: lengths.size],
-                np.array([src.batch_index * block_nbytes], dtype=np.uint64)[: lengths.size], lengths)
+        remote_off, local_off, lengths = plan.slice_segments(
+            remote_desc, src.cache_id, local.cache_desc, local.cache_id, src.batch_index, batch_index, size)
+        return local_off, remote_off, lengths
 
     return engine.transfer("READ", local, src.cluster_id, src.cache_id, segments)
