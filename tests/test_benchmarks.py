@@ -1,0 +1,39 @@
+"""The benchmark scripts run end to end in their smallest form and write sane JSON
+(they check the bytes they moved themselves); the figures are for benchmarks/RESULTS.md."""
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run_bench(script, *args, tmp_path):
+    out = tmp_path / "result.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args, "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+def test_bench_copy_blocks_quick(tmp_path):
+    result, stdout = run_bench("bench_copy_blocks.py", "--quick", "--repeats", "1", tmp_path=tmp_path)
+    rows = result["rows"]
+    assert {(r["case"], r["pattern"]) for r in rows} >= {
+        ("32KiB", "random"), ("32KiB", "consecutive"), ("2KiB", "random"), ("2KiB", "consecutive")}
+    for row in rows:
+        assert all(v > 0 and math.isfinite(v) for v in row["gbps"].values()), row
+        assert row["ratio_vs_contiguous"] > 0 and row["ratio_vs_python_loop"] > 0
+        assert row["peak_extra_rss_mib"] >= 0 or math.isnan(row["peak_extra_rss_mib"])
+    assert "ours/a" in stdout
+
+
+def test_bench_register_small(tmp_path):
+    result, _ = run_bench("bench_register.py", "--iters", "20", tmp_path=tmp_path)
+    assert result["tensors"] == 240
+    assert set(result["us_per_call"]) == {"python_api", "raw_op", "dict_registry", "plain_torch_ops"}
+    assert all(v > 0 and math.isfinite(v) for v in result["us_per_call"].values())
