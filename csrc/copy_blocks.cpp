@@ -7,7 +7,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
+#include <pthread.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -18,6 +21,17 @@
 namespace kvreg {
 
 namespace {
+
+// GNU OpenMP cannot start a parallel region in a child forked after its parent ran one:
+// the child hangs (torch's own ops do too). A forked child copies on its calling thread.
+std::atomic<bool> forked_child{false};
+const bool fork_handler_installed = [] {
+  return pthread_atfork(nullptr, nullptr, [] { forked_child.store(true); }) == 0;
+}();
+
+bool in_forked_child() {
+  return forked_child.load(std::memory_order_relaxed);
+}
 
 int64_t concrete_id(const c10::SymInt& cache_id, const char* name) {
   const auto value = cache_id.maybe_as_int();
@@ -325,7 +339,7 @@ void run_copy_cpu(const CopyPlan& plan) {
   const int64_t average_bytes = std::max<int64_t>(1, plan.total_bytes() / num_items);
   // Enough bytes per task that the thread pool's overhead stays small.
   const int64_t grain = std::max<int64_t>(1, (int64_t{256} << 10) / average_bytes);
-  at::parallel_for(0, num_items, grain, [&](int64_t begin, int64_t end) {
+  auto copy_items = [&](int64_t begin, int64_t end) {
     // Items are (tensor, segment) pairs, tensor-major; walk them with a cursor rather than
     // dividing per item, which costs as much as copying a small block.
     struct Item {
@@ -374,7 +388,12 @@ void run_copy_cpu(const CopyPlan& plan) {
       }
     }
     finish_stores();
-  });
+  };
+  if (in_forked_child()) {
+    copy_items(0, num_items);
+  } else {
+    at::parallel_for(0, num_items, grain, copy_items);
+  }
 }
 
 void copy_kv_blocks(

@@ -1,6 +1,9 @@
 """copy_kv_blocks / swap_blocks / copy_kv_cache against a plain-torch reference."""
 
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -195,3 +198,29 @@ def test_host_copies_run_on_torch_threads(kv):
     """at::parallel_for is inlined into the extension: built without OpenMP where torch uses
     it, every host copy would run on one thread."""
     assert kv._C.with_openmp == torch.backends.openmp.is_available()
+
+
+FORKED_CHILD_COPY = """
+import os, numpy as np, torch, torch_kvreg as kv
+kv.initialize()
+s = [torch.randn(256, 4096) for _ in range(4)]
+d = [torch.zeros(256, 4096) for _ in range(4)]
+a, b = kv.register_kv_cache(s), kv.register_kv_cache(d)
+kv.copy_kv_blocks(a, b, list(range(0, 256, 2)), list(range(128)))  # parent runs threads
+expected = s[0].numpy()[1::2].copy()
+pid = os.fork()
+if pid == 0:  # only the op and numpy here: torch's own threaded ops hang after fork
+    kv.copy_kv_blocks(a, b, list(range(1, 256, 2)), list(range(128)))
+    os._exit(0 if np.array_equal(d[0].numpy()[:128], expected) else 3)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_copy_in_child_forked_after_threaded_copy():
+    """OpenMP cannot start threads in a child forked after the parent used them (it hangs);
+    a forked child copies on its own thread and gets the right bytes."""
+    done = subprocess.run([sys.executable, "-c", FORKED_CHILD_COPY], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["child", "0"]
