@@ -63,15 +63,20 @@ def extension():
 _STATIC_LIBSTDCXX_MARKER = "_ZNSo9_M_insertIlEERSoT_"  # std::ostream::_M_insert<long>
 
 
+def defines_libstdcxx_streams(path: str) -> bool | None:
+    """Whether the shared library defines libstdc++'s stream code; None where nm is missing."""
+    nm = shutil.which("nm")
+    if nm is None:
+        return None
+    symbols = subprocess.run([nm, "--defined-only", path], capture_output=True, text=True, check=True).stdout
+    return _STATIC_LIBSTDCXX_MARKER in symbols
+
+
 class BuildExtensionChecked(BuildExtension.with_options(use_ninja=True)):
     def build_extension(self, ext):
         super().build_extension(ext)
         path = self.get_ext_fullpath(ext.name)
-        nm = shutil.which("nm")
-        if nm is None or not os.path.exists(path):
-            return
-        symbols = subprocess.run([nm, "--defined-only", path], capture_output=True, text=True).stdout
-        if _STATIC_LIBSTDCXX_MARKER in symbols:
+        if os.path.exists(path) and defines_libstdcxx_streams(path):
             os.remove(path)
             raise RuntimeError(
                 f"{path} defines libstdc++'s std::ostream code itself (compiler: "
@@ -80,9 +85,11 @@ class BuildExtensionChecked(BuildExtension.with_options(use_ninja=True)):
             )
 
 
-setup(
-    # KVREG_SKIP_EXT=1: metadata only (the Makefile builds the extension in place with
-    # `setup.py build_ext --inplace`, so that ninja's build folder is reused between runs).
-    ext_modules=[] if os.environ.get("KVREG_SKIP_EXT") == "1" else [extension()],
-    cmdclass={"build_ext": BuildExtensionChecked},
-)
+# setuptools' build backend runs this file as __main__ too; tests import it for the check.
+if __name__ == "__main__":
+    setup(
+        # KVREG_SKIP_EXT=1: metadata only (the Makefile builds the extension in place with
+        # `setup.py build_ext --inplace`, so that ninja's build folder is reused between runs).
+        ext_modules=[] if os.environ.get("KVREG_SKIP_EXT") == "1" else [extension()],
+        cmdclass={"build_ext": BuildExtensionChecked},
+    )

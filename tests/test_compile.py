@@ -198,3 +198,18 @@ def test_second_copy_of_the_library_fails_cleanly(tmp_path):
     result = run_python(code)
     assert result.returncode == 0, result.stderr
     assert "ImportError:" in result.stdout and "another library" in result.stdout
+
+
+def test_effect_registration_falls_back_on_older_torch(monkeypatch):
+    """Releases without torch.library._register_effectful_op (torch 2.11 on the GPU
+    machines) take the effect from torch._higher_order_ops.effects."""
+    from torch._higher_order_ops import effects
+
+    from torch_kvreg import _ops
+
+    calls = []
+    original = effects._register_effectful_op
+    monkeypatch.delattr(torch.library, "_register_effectful_op", raising=False)
+    monkeypatch.setattr(effects, "_register_effectful_op", lambda op, effect: calls.append((op, effect)) or original(op, effect))
+    _ops._mark_ordered("llm::register_kv_cache.addrs")
+    assert calls == [(torch.ops.llm.register_kv_cache.addrs, effects._EffectType.ORDERED)]
