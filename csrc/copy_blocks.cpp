@@ -80,25 +80,49 @@ void check_in_range(const std::vector<int64_t>& blocks, int64_t num_blocks, cons
   }
 }
 
-// Finds a repeated value; marks are one bit per block of the cache.
-int64_t first_repeat(const std::vector<int64_t>& blocks, int64_t num_blocks) {
-  std::vector<bool> seen(num_blocks, false);
-  for (int64_t block : blocks) {
-    if (seen[block]) {
-      return block;
-    }
-    seen[block] = true;
-  }
-  return -1;
+// One bit per block of the cache is the fastest membership test, but a cache's block count
+// can be far larger than the list (a raw-address registration, or a desc sent by a remote
+// peer): then sorted copies of the list are used, so memory follows the list, not the desc.
+bool use_bitmap(int64_t num_blocks, size_t list_size) {
+  return num_blocks <= std::max<int64_t>(int64_t{1} << 20, 64 * static_cast<int64_t>(list_size));
 }
 
-int64_t first_shared(const std::vector<int64_t>& a, const std::vector<int64_t>& b, int64_t num_blocks) {
-  std::vector<bool> in_a(num_blocks, false);
-  for (int64_t block : a) {
-    in_a[block] = true;
+// A value that appears more than once in blocks, or -1.
+int64_t first_repeat(const std::vector<int64_t>& blocks, int64_t num_blocks) {
+  if (use_bitmap(num_blocks, blocks.size())) {
+    std::vector<bool> seen(num_blocks, false);
+    for (int64_t block : blocks) {
+      if (seen[block]) {
+        return block;
+      }
+      seen[block] = true;
+    }
+    return -1;
   }
+  std::vector<int64_t> sorted(blocks);
+  std::sort(sorted.begin(), sorted.end());
+  const auto repeat = std::adjacent_find(sorted.begin(), sorted.end());
+  return repeat == sorted.end() ? -1 : *repeat;
+}
+
+// A value present in both a and b, or -1.
+int64_t first_shared(const std::vector<int64_t>& a, const std::vector<int64_t>& b, int64_t num_blocks) {
+  if (use_bitmap(num_blocks, a.size() + b.size())) {
+    std::vector<bool> in_a(num_blocks, false);
+    for (int64_t block : a) {
+      in_a[block] = true;
+    }
+    for (int64_t block : b) {
+      if (in_a[block]) {
+        return block;
+      }
+    }
+    return -1;
+  }
+  std::vector<int64_t> sorted(a);
+  std::sort(sorted.begin(), sorted.end());
   for (int64_t block : b) {
-    if (in_a[block]) {
+    if (std::binary_search(sorted.begin(), sorted.end(), block)) {
       return block;
     }
   }

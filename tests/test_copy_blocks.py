@@ -224,3 +224,23 @@ def test_copy_in_child_forked_after_threaded_copy():
     done = subprocess.run([sys.executable, "-c", FORKED_CHILD_COPY], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["child", "0"]
+
+
+def test_checks_on_huge_caches_use_memory_of_the_list_not_the_cache():
+    """Raw-address caches (and descs from remote peers) can claim 2**40 blocks: checking
+    the block lists must not allocate per block of the cache. Nothing is copied here."""
+    torch_kvreg.initialize(limits=torch_kvreg.Limits(240, 0, 1 << 42))
+    desc = torch_kvreg.CacheDesc(1, DataType.DT_INT8, (1 << 40, 1), torch_kvreg.Placement.HOST)
+    no_pin = torch_kvreg.RegisterCfg(pin_host_memory=False)
+    first = torch_kvreg.register_kv_cache(desc, [1 << 44], no_pin)
+    second = torch_kvreg.register_kv_cache(desc, [(1 << 44) + (1 << 41)], no_pin)
+    with pytest.raises(torch_kvreg.LLMParamInvalidError, match="names block 5 more than once"):
+        torch_kvreg.copy_kv_blocks(first, second, [0, 1], [5, 5])
+    with pytest.raises(torch_kvreg.LLMParamInvalidError, match="both read and written"):
+        torch_kvreg.copy_kv_blocks(first, first, [7, 3], [9, 7])
+    with pytest.raises(torch_kvreg.LLMIndexError):
+        torch_kvreg.copy_kv_blocks(first, second, [1 << 40], [0])
+    # The planner alone (what the remote path calls) passes valid lists over such a cache.
+    fields = (1, int(DataType.DT_INT8), [1 << 40, 1], int(torch_kvreg.Placement.HOST), -1)
+    rows = torch_kvreg._C.plan_blocks(fields, 1, fields, 2, torch.tensor([3, 1, 2]), torch.tensor([10, 11, 12]), 1 << 20)
+    assert rows.tolist() == [[1, 11, 2], [3, 10, 1]]
