@@ -90,6 +90,22 @@ def test_pull_verify_push_unlink(peer, decoder):
     peer.call("unregister", remote_id)
 
 
+def test_caches_over_the_prepared_list_cap_use_request_descriptors(peer, decoder, monkeypatch):
+    """Past MAX_PREPPED_DESCRIPTORS (tensors x blocks) no per-block list is prepared: the
+    request's own descriptors carry scattered blocks, with the same bytes landing."""
+    monkeypatch.setattr(kv.remote.engine, "MAX_PREPPED_DESCRIPTORS", 8 * 32 - 1)
+    remote_id = peer.call("register", (8, 64, BLOCK_SHAPE, 4, True))
+    expected = paged(8, 64, BLOCK_SHAPE, 4)
+    kv.link_clusters([peer.info])
+    mine = [torch.zeros(32, *BLOCK_SHAPE, dtype=torch.float16) for _ in range(8)]
+    local = kv.register_kv_cache(mine)
+    src_blocks, dst_blocks = list(range(1, 61, 3)), random.Random(3).sample(range(32), 20)
+    kv.pull_kv_blocks(CacheIndex(peer.cluster_id, remote_id), local, src_blocks, dst_blocks)
+    assert local.cache_id not in kv.remote._engine.local_preps
+    assert all(torch.equal(mine[t][dst_blocks], expected[t][src_blocks]) for t in range(8))
+    peer.call("unregister", remote_id)
+
+
 def test_link_twice_and_unknown_caches(peer, decoder):
     assert kv.link_clusters([peer.info])[0] == LLMStatusCode.LLM_SUCCESS
     assert kv.link_clusters([peer.info]) == (LLMStatusCode.LLM_ALREADY_LINK, [LLMStatusCode.LLM_ALREADY_LINK])

@@ -22,6 +22,10 @@ from . import plan, protocol
 log = logging.getLogger("torch_kvreg.remote")
 # From this many scattered blocks on, transfers index prepared per-block descriptor lists.
 PREPPED_MIN_SEGMENTS = 16
+# Per-block lists cover every block of every tensor of a cache, and NIXL indexes them with
+# int32: caches with more descriptors than this (large, or a desc a peer claims) use
+# per-request descriptor lists, whose size follows the request.
+MAX_PREPPED_DESCRIPTORS = 1 << 24
 
 
 def _error(status: LLMStatusCode, message: str) -> LLMException:
@@ -43,6 +47,10 @@ def read_message(sock: socket.socket) -> dict:
     length = protocol.frame_length(_recv_exact(sock, 4))
     return protocol.decode(_recv_exact(sock, length))
 
+
+
+def _preppable(desc: CacheDesc) -> bool:
+    return desc.num_tensors * desc.shape[0] <= MAX_PREPPED_DESCRIPTORS
 
 class Link:
     """One linked remote cluster: its control connection and NIXL agent name."""
@@ -377,7 +385,8 @@ class Engine:
                     self.agent.add_remote_agent(md)
                     link.loaded_md[remote_cache_id] = md
                 block_nbytes = local.cache_desc.block_nbytes
-                if lengths.size >= PREPPED_MIN_SEGMENTS and bool(np.all(lengths == block_nbytes)):
+                if (lengths.size >= PREPPED_MIN_SEGMENTS and bool(np.all(lengths == block_nbytes))
+                        and _preppable(local.cache_desc) and _preppable(remote.desc)):
                     # Scattered single blocks: index into per-block lists prepared once per
                     # cache, as NIXL recommends, instead of preparing every descriptor again.
                     make_handle = self._prepped_request(operation, local, remote, link, local_offsets,
