@@ -1,0 +1,68 @@
+"""The block-transfer planner (shared by local copies and the remote path) against a
+pure-Python reference: which lists are refused, and that the segments move exactly the
+requested blocks, sorted by source, coalesced, never longer than the cap."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import torch_kvreg as kv
+from torch_kvreg import DataType, Placement
+
+BLOCK_NBYTES = 8  # (num_blocks, 4) int16
+
+
+def fields(num_blocks):
+    return (2, int(DataType.DT_INT16), [num_blocks, 4], int(Placement.HOST), -1)
+
+
+def reference_error(src_blocks, dst_blocks, src_n, dst_n):
+    if len(src_blocks) != len(dst_blocks):
+        return kv.LLMParamInvalidError
+    if any(not 0 <= b < src_n for b in src_blocks) or any(not 0 <= b < dst_n for b in dst_blocks):
+        return kv.LLMIndexError
+    if len(set(dst_blocks)) != len(dst_blocks):
+        return kv.LLMParamInvalidError
+    return None
+
+
+lists = st.lists(st.integers(-2, 40), max_size=24)
+
+
+@settings(max_examples=400, deadline=None)
+@given(src_blocks=lists, dst_blocks=lists, src_n=st.integers(1, 40), dst_n=st.integers(1, 40),
+       max_run=st.integers(1, 6), huge=st.booleans())
+def test_planner_matches_reference(src_blocks, dst_blocks, src_n, dst_n, max_run, huge):
+    # huge: the caches claim 2**40 extra blocks, so the checks take the sorted-list path.
+    extra = (1 << 40) if huge else 0
+    expected_error = reference_error(src_blocks, dst_blocks, src_n + extra, dst_n + extra)
+    call = lambda: kv._C.plan_blocks(  # noqa: E731
+        fields(src_n + extra), 1, fields(dst_n + extra), 2, torch.tensor(src_blocks, dtype=torch.int64),
+        torch.tensor(dst_blocks, dtype=torch.int64), max_run * BLOCK_NBYTES)
+    if expected_error is not None:
+        with pytest.raises(expected_error):
+            kv.errors.raises_llm(call)()
+        return
+    rows = call().tolist()
+    moved = {}
+    for src_offset, dst_offset, nbytes in rows:
+        assert nbytes % BLOCK_NBYTES == 0 and 0 < nbytes <= max_run * BLOCK_NBYTES
+        for k in range(nbytes // BLOCK_NBYTES):
+            dst = dst_offset // BLOCK_NBYTES + k
+            assert dst not in moved
+            moved[dst] = src_offset // BLOCK_NBYTES + k
+    assert moved == dict(zip(dst_blocks, src_blocks))
+    assert [r[0] for r in rows] == sorted(r[0] for r in rows)  # sources walked in order
+    # Coalesced: no two neighbouring segments could have been one.
+    for (s0, d0, n0), (s1, d1, _) in zip(rows, rows[1:]):
+        assert not (s1 == s0 + n0 and d1 == d0 + n0 and n0 < max_run * BLOCK_NBYTES)
+
+
+def test_planner_rejects_incompatible_descs():
+    other = (2, int(DataType.DT_INT16), [8, 5], int(Placement.HOST), -1)
+    with pytest.raises(kv.LLMParamInvalidError, match="differ in shape"):
+        kv.errors.raises_llm(kv._C.plan_blocks)(fields(8), 1, other, 2, torch.tensor([0]), torch.tensor([0]), 64)
+    with pytest.raises(kv.LLMParamInvalidError, match="outside|does not fit"):
+        kv.errors.raises_llm(kv._C.plan_slice)(fields(8), 1, fields(8), 2, 0, 1, 0, BLOCK_NBYTES + 1)
+    assert kv._C.plan_slice(fields(8), 1, fields(8), 2, 3, 5, 0, -1).tolist() == [[24, 40, 8]]
