@@ -30,10 +30,24 @@ def reference_error(src_blocks, dst_blocks, src_n, dst_n):
 lists = st.lists(st.integers(-2, 40), max_size=24)
 
 
+@st.composite
+def run_lists(draw):
+    """Pairs made of runs of consecutive blocks on both sides, in shuffled order: what
+    coalescing and its cap must handle."""
+    src_blocks, dst_blocks = [], []
+    for _ in range(draw(st.integers(0, 4))):
+        src_start, dst_start, length = draw(st.integers(0, 30)), draw(st.integers(0, 30)), draw(st.integers(1, 9))
+        src_blocks += range(src_start, src_start + length)
+        dst_blocks += range(dst_start, dst_start + length)
+    order = draw(st.permutations(range(len(src_blocks))))
+    return [src_blocks[i] for i in order], [dst_blocks[i] for i in order]
+
+
 @settings(max_examples=400, deadline=None)
-@given(src_blocks=lists, dst_blocks=lists, src_n=st.integers(1, 40), dst_n=st.integers(1, 40),
-       max_run=st.integers(1, 6), huge=st.booleans())
-def test_planner_matches_reference(src_blocks, dst_blocks, src_n, dst_n, max_run, huge):
+@given(pairs=st.one_of(st.tuples(lists, lists), run_lists()), src_n=st.integers(1, 40),
+       dst_n=st.integers(1, 40), max_run=st.integers(1, 6), huge=st.booleans())
+def test_planner_matches_reference(pairs, src_n, dst_n, max_run, huge):
+    src_blocks, dst_blocks = pairs
     # huge: the caches claim 2**40 extra blocks, so the checks take the sorted-list path.
     extra = (1 << 40) if huge else 0
     expected_error = reference_error(src_blocks, dst_blocks, src_n + extra, dst_n + extra)
