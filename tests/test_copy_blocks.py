@@ -234,12 +234,14 @@ def test_checks_on_huge_caches_use_memory_of_the_list_not_the_cache():
     no_pin = torch_kvreg.RegisterCfg(pin_host_memory=False)
     first = torch_kvreg.register_kv_cache(desc, [1 << 44], no_pin)
     second = torch_kvreg.register_kv_cache(desc, [(1 << 44) + (1 << 41)], no_pin)
+    before = torch_kvreg.usage(), torch_kvreg.registered_caches()
     with pytest.raises(torch_kvreg.LLMParamInvalidError, match="names block 5 more than once"):
         torch_kvreg.copy_kv_blocks(first, second, [0, 1], [5, 5])
     with pytest.raises(torch_kvreg.LLMParamInvalidError, match="both read and written"):
         torch_kvreg.copy_kv_blocks(first, first, [7, 3], [9, 7])
     with pytest.raises(torch_kvreg.LLMIndexError):
         torch_kvreg.copy_kv_blocks(first, second, [1 << 40], [0])
+    assert (torch_kvreg.usage(), torch_kvreg.registered_caches()) == before
     # The planner alone (what the remote path calls) passes valid lists over such a cache.
     fields = (1, int(DataType.DT_INT8), [1 << 40, 1], int(torch_kvreg.Placement.HOST), -1)
     rows = torch_kvreg._C.plan_blocks(fields, 1, fields, 2, torch.tensor([3, 1, 2]), torch.tensor([10, 11, 12]), 1 << 20)

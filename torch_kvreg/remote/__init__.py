@@ -206,9 +206,7 @@ def pull_kv_blocks(src: CacheIndex, dst: Cache | int, src_blocks, dst_blocks) ->
     local = _local(dst)
 
     def segments(remote_desc):
-        remote_off, local_off, lengths = plan.block_segments(
-            remote_desc, src.cache_id, local.cache_desc, local.cache_id, src_list, dst_list)
-        return local_off, remote_off, lengths
+        return plan.block_segments(remote_desc, src.cache_id, local.cache_desc, local.cache_id, src_list, dst_list)
 
     return engine.transfer("READ", local, src.cluster_id, src.cache_id, segments)
 
@@ -237,8 +235,7 @@ def pull_kv_cache(src: CacheIndex, dst: Cache | int, batch_index: int = 0, size:
     local = _local(dst)
 
     def segments(remote_desc):
-        remote_off, local_off, lengths = plan.slice_segments(
+        return plan.slice_segments(
             remote_desc, src.cache_id, local.cache_desc, local.cache_id, src.batch_index, batch_index, size)
-        return local_off, remote_off, lengths
 
     return engine.transfer("READ", local, src.cluster_id, src.cache_id, segments)

@@ -366,8 +366,8 @@ class Engine:
     def transfer(self, operation: str, local: Cache, cluster_id: int, remote_cache_id: int, make_segments) -> int:
         """Moves bytes between a local cache and a remote one; returns the bytes moved.
 
-        ``make_segments(remote_desc)`` validates and returns (local offsets, remote offsets,
-        lengths) before any byte moves.
+        ``make_segments(remote_desc)`` validates and returns (source offsets, destination
+        offsets, lengths) before any byte moves; READ moves remote -> local, WRITE local -> remote.
         """
         link = self.link_for(cluster_id)
         with self.using(local.cache_id):
@@ -378,7 +378,9 @@ class Engine:
             except protocol.ProtocolError as exc:
                 raise _error(LLMStatusCode.LLM_FAILED, f"cluster {cluster_id} sent a malformed cache entry: {exc}") from None
             try:
-                local_offsets, remote_offsets, lengths = make_segments(remote.desc)
+                src_offsets, dst_offsets, lengths = make_segments(remote.desc)
+                local_offsets, remote_offsets = (
+                    (dst_offsets, src_offsets) if operation == "READ" else (src_offsets, dst_offsets))
                 if lengths.size == 0:
                     return 0
                 if link.loaded_md.get(remote_cache_id) != md:
