@@ -161,11 +161,83 @@ def test_overlap_names_conflicting_cache(kv):
     assert neighbour.cache_id > cache.cache_id
 
 
+# One int8 pool; a live registration covers bytes [100, 200). (start, end) of the new range.
+LIVE = (100, 200)
+ACROSS_CALLS = [
+    ("left touch", (50, 100), True),
+    ("right touch", (200, 260), True),
+    ("one byte over the left edge", (50, 101), False),
+    ("one byte over the right edge", (199, 260), False),
+    ("new contains live", (90, 210), False),
+    ("live contains new", (120, 130), False),
+    ("exact duplicate", (100, 200), False),
+    ("first byte only", (100, 101), False),
+    ("last byte only", (199, 200), False),
+]
+
+
+@pytest.mark.parametrize("name,new,accepted", ACROSS_CALLS, ids=[c[0] for c in ACROSS_CALLS])
+@pytest.mark.parametrize("form", ["tensors", "addrs"])
+def test_overlap_table_across_calls(kv, name, new, accepted, form):
+    pool = torch.zeros(1000, dtype=torch.int8)
+    live = kv.register_kv_cache(pool[LIVE[0]:LIVE[1]])
+    before = (kv.usage(), kv.registered_caches())
+    view = pool[new[0]:new[1]]
+    if form == "tensors":
+        call = lambda: kv.register_kv_cache(view)  # noqa: E731
+    else:
+        desc = CacheDesc(1, DataType.DT_INT8, (new[1] - new[0],), Placement.HOST)
+        call = lambda: kv.register_kv_cache(desc, [view.data_ptr()])  # noqa: E731
+    if accepted:
+        cache = call()
+        assert kv.usage().host_bytes == before[0].host_bytes + new[1] - new[0]
+        kv.unregister_kv_cache(cache)
+    else:
+        with pytest.raises(kv.LLMParamInvalidError) as info:
+            call()
+        assert f"registered cache id {live.cache_id}" in str(info.value)
+    assert (kv.usage(), kv.registered_caches()) == before
+
+
+# Two tensors of one call, both `size` bytes, at these offsets of the pool. (A tensor of a
+# call cannot contain another: all have the same size, so containment is the duplicate.)
+WITHIN_ONE_CALL = [
+    ("touching, in order", (0, 10), 10, True),
+    ("touching, reversed", (10, 0), 10, True),
+    ("one byte, in order", (0, 9), 10, False),
+    ("one byte, reversed", (9, 0), 10, False),
+    ("same address", (5, 5), 10, False),
+    ("one-byte tensors side by side", (3, 4), 1, True),
+]
+
+
+@pytest.mark.parametrize("name,offsets,size,accepted", WITHIN_ONE_CALL, ids=[c[0] for c in WITHIN_ONE_CALL])
+def test_overlap_table_within_one_call(kv, name, offsets, size, accepted):
+    pool = torch.zeros(64, dtype=torch.int8)
+    desc = CacheDesc(2, DataType.DT_INT8, (size,), Placement.HOST)
+    addrs = [pool.data_ptr() + o for o in offsets]
+    before = (kv.usage(), kv.registered_caches())
+    if accepted:
+        cache = kv.register_kv_cache(desc, addrs)
+        assert cache.tensor_addrs == tuple(addrs)
+        kv.unregister_kv_cache(cache)
+    else:
+        with pytest.raises(kv.LLMParamInvalidError) as info:
+            kv.register_kv_cache(desc, addrs)
+        assert "of this call overlap" in str(info.value)
+        if offsets[0] != offsets[1]:  # the views form refuses it the same way
+            with pytest.raises(kv.LLMParamInvalidError):
+                kv.register_kv_cache([pool[o:o + size] for o in offsets])
+    assert (kv.usage(), kv.registered_caches()) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only torch: pinning is a no-op")
 def test_pinning_is_noop_without_cuda(kv):
     tensor = torch.zeros(16)
-    kv.register_kv_cache(tensor, RegisterCfg(pin_host_memory=True))
-    if not torch.cuda.is_available():
-        assert not tensor.is_pinned()
+    cache = kv.register_kv_cache(tensor, RegisterCfg(pin_host_memory=True))
+    assert not tensor.is_pinned()
+    kv.unregister_kv_cache(cache)
+    assert not tensor.is_pinned()
 
 
 @pytest.mark.cuda
