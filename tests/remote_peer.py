@@ -19,11 +19,13 @@ def peer_main(commands, replies, cluster_id, wait_ms=2000):
         op, args = commands.get()
         try:
             if op == "register":
-                num_tensors, num_blocks, block_shape, seed, remote = args
+                num_tensors, num_blocks, block_shape, seed, remote = args  # remote: True, False or None
                 tensors = paged(num_tensors, num_blocks, block_shape, seed)
                 cache = kv.register_kv_cache(tensors, kv.RegisterCfg(remote_accessible=remote))
                 caches[cache.cache_id] = tensors
                 replies.put(("ok", cache.cache_id))
+            elif op == "leases":  # leases peers hold on this process's caches
+                replies.put(("ok", dict(kv.remote._engine.leases)))
             elif op == "read":
                 replies.put(("ok", [t.clone() for t in caches[args]]))
             elif op == "unregister":

@@ -130,8 +130,17 @@ def test_bad_input_is_rejected_and_changes_nothing(name, call, error, status):
     assert all(torch.equal(x, y) for x, y in zip(after[3], before[3]))
 
 
-def test_catalogue_is_large():
-    assert len(CASES) >= 30
+def test_catalogue_covers_every_entry_point_and_error_class():
+    """Dropping the cases of one entry point, one exception class or one status fails here."""
+    names = [case[0] for case in CASES]
+    assert len(set(names)) == len(names)
+    called = set().union(*(case[1].__code__.co_names for case in CASES))
+    for entry_point in ("register_kv_cache", "raw", "unregister_kv_cache", "get_cache", "initialize",
+                        "copy_kv_blocks", "copy_kv_cache", "swap_blocks"):
+        assert entry_point in called, entry_point
+    assert {case[2] for case in CASES} == {Value, Index, Type, NotExist, kv.LLMException}
+    assert {case[3] for case in CASES} == {P, LLMStatusCode.LLM_OUT_OF_MEMORY, LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
+                                          LLMStatusCode.LLM_FAILED}
 
 
 def test_calls_after_finalize_fail_cleanly():

@@ -2,6 +2,7 @@
 parsers, a live control server, and the raw-address register path. No crash, no hang, and
 no exception other than ProtocolError / the LLMException family."""
 
+import collections
 import json
 import os
 import socket
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 import torch_kvreg as kv
 from torch_kvreg import CacheDesc, DataType, Placement
 from torch_kvreg.remote import protocol
+from torch_kvreg.remote.engine import read_message
 
 LONG = os.environ.get("KVREG_LONG") == "1"
 EXAMPLES = 20_000 if LONG else 1_500
@@ -138,12 +140,18 @@ def test_live_control_server_survives_random_frames():
     host, port = kv.listen_address().split(":")
     tensors = [torch.arange(64.0).reshape(8, 8)]
     cache = kv.register_kv_cache(tensors, kv.RegisterCfg(remote_accessible=True))
-    sent = {"count": 0}
+    outcomes = collections.Counter()  # what the server answered
+    near_valid = st.fixed_dictionaries({
+        "op": st.sampled_from(["acquire", "acquire", "hello", "release", "bye", "bogus"]),
+        "cache_id": st.sampled_from([cache.cache_id, cache.cache_id + 1, 10**6, 0, -1, 2**63, "1"]),
+        "lease": st.integers(-1, 3), "cluster_id": st.integers(-1, 3), "agent": st.text(max_size=3),
+    }).map(protocol.encode)
 
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(frames=st.lists(st.one_of(
         st.binary(max_size=64),
         messages.map(lambda m: protocol.encode({k: v for k, v in m.items() if k != "v"})),
+        near_valid, near_valid,
         st.builds(lambda n, b: struct.pack(">I", n) + b, st.integers(0, 2**32 - 1), st.binary(max_size=16)),
     ), min_size=1, max_size=3))
     def fire(frames):
@@ -152,20 +160,22 @@ def test_live_control_server_survives_random_frames():
             for frame in frames:
                 try:
                     s.sendall(frame)
-                    s.recv(65536)
-                except (socket.timeout, OSError):
+                    reply = read_message(s)
+                except (socket.timeout, OSError, protocol.ProtocolError):
+                    outcomes["no reply"] += 1
                     break
-        sent["count"] += 1
+                outcomes["ok" if reply.get("ok") is True else reply.get("status")] += 1
 
     fire()
-    assert sent["count"] >= 300
+    # Random frames reached the server's every answer, not only its frame and JSON checks.
+    for outcome in ("ok", "LLM_PARAM_INVALID", "LLM_KV_CACHE_NOT_EXIST", "no reply"):
+        assert outcomes[outcome] >= 10, dict(outcomes)
+    assert kv.remote._engine.leases == {}  # every lease taken went with its connection
     assert kv.registered_caches() == [cache]
     assert torch.equal(tensors[0], torch.arange(64.0).reshape(8, 8))
     # still answers a well-formed hello
     with socket.create_connection((host, int(port)), timeout=5) as s:
         s.sendall(protocol.encode({"op": "hello", "cluster_id": 9, "agent": "fuzz"}))
-        from torch_kvreg.remote.engine import read_message
-
         reply = read_message(s)
         assert protocol.parse_hello_response(reply)[0] == 5
     kv.finalize()

@@ -167,8 +167,12 @@ def is_initialized() -> bool:
     """Whether ``initialize`` has run (and ``finalize`` has not since).
 
     >>> import torch_kvreg
-    >>> torch_kvreg.is_initialized() in (True, False)
+    >>> torch_kvreg.initialize()
+    >>> torch_kvreg.is_initialized()
     True
+    >>> torch_kvreg.finalize()
+    >>> torch_kvreg.is_initialized()
+    False
     """
     return bool(_C.is_initialized())
 
@@ -200,9 +204,12 @@ def limits() -> Limits:
 def usage() -> Usage:
     """What is registered now.
 
-    >>> import torch_kvreg
-    >>> torch_kvreg.usage().num_caches >= 0
-    True
+    >>> import torch, torch_kvreg
+    >>> torch_kvreg.initialize()
+    >>> cache = torch_kvreg.register_kv_cache([torch.zeros(4, 8), torch.zeros(4, 8)])
+    >>> torch_kvreg.usage()
+    Usage(num_caches=1, num_addrs=2, device_bytes=0 B, host_bytes=256 B)
+    >>> torch_kvreg.finalize()
     """
     return Usage(*_C.usage())
 
@@ -242,9 +249,13 @@ def remote_accessible(cache: Cache | int) -> bool:
 def registered_caches() -> list[Cache]:
     """Every live registration, by increasing id.
 
-    >>> import torch_kvreg
-    >>> isinstance(torch_kvreg.registered_caches(), list)
+    >>> import torch, torch_kvreg
+    >>> torch_kvreg.initialize()
+    >>> first = torch_kvreg.register_kv_cache(torch.zeros(4))
+    >>> second = torch_kvreg.register_kv_cache(torch.zeros(4))
+    >>> torch_kvreg.registered_caches() == [first, second]
     True
+    >>> torch_kvreg.finalize()
     """
     caches = []
     for cache_id in _C.cache_ids():

@@ -23,9 +23,10 @@ _engine_lock = threading.Lock()
 
 
 def nixl_available() -> bool:
-    """Whether the ``nixl`` extra is installed.
+    """Whether the ``nixl`` extra is installed (the module ``nixl_cu12`` can be imported).
 
-    >>> nixl_available() in (True, False)
+    >>> import importlib.util
+    >>> nixl_available() == (importlib.util.find_spec("nixl_cu12") is not None)
     True
     """
     return importlib.util.find_spec("nixl_cu12") is not None
@@ -101,8 +102,14 @@ def on_unregister(cache_id: int) -> None:
 def listen_address() -> str | None:
     """The bound "ip:port" of this process's control server, or None when not listening.
 
-    >>> listen_address() is None or ":" in listen_address()
-    True
+    >>> import torch_kvreg as kv
+    >>> print(kv.listen_address())
+    None
+    >>> if nixl_available():
+    ...     kv.initialize(options={"llm.ListenIpInfo": "127.0.0.1:0"})
+    ...     host, port = kv.listen_address().split(":")
+    ...     assert host == "127.0.0.1" and int(port) > 0
+    ...     kv.finalize()
     """
     engine = _engine
     return None if engine is None else engine.listen_address

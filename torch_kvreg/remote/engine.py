@@ -100,6 +100,8 @@ class _ControlHandler(socketserver.BaseRequestHandler):
         engine: Engine = self.server.engine  # type: ignore[attr-defined]
         leases: set[int] = set()
         sock: socket.socket = self.request
+        with engine.lock:
+            engine.peer_socks.add(sock)
         try:
             while True:
                 try:
@@ -118,6 +120,8 @@ class _ControlHandler(socketserver.BaseRequestHandler):
                 except LLMException as exc:
                     self._reply({"ok": False, "status": exc.status_code.name, "message": exc.detail})
         finally:
+            with engine.lock:
+                engine.peer_socks.discard(sock)
             for lease in list(leases):
                 engine.release_lease(lease)
 
@@ -151,6 +155,7 @@ class Engine:
         self.leases: dict[int, int] = {}  # lease id -> cache id
         self.lease_ids = itertools.count(1)
         self.links: dict[int, Link] = {}
+        self.peer_socks: set[socket.socket] = set()  # control connections peers opened to us
         self.server: _Server | None = None
         self.listen_address: str | None = None
 
@@ -176,7 +181,11 @@ class Engine:
         with self.lock:
             if not self.lock.wait_for(lambda: not any(self.in_flight.values()), timeout=self.wait_s):
                 log.warning("finalize: transfers still in flight after %.0f ms", self.wait_s * 1000)
-            # Peers that still hold leases lose them: the registry is about to be emptied.
+            # Peers that still hold leases lose them and their connections: the registry is
+            # about to be emptied.
+            for sock in self.peer_socks:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
             for lease in list(self.leases):
                 cache_id = self.leases.pop(lease)
                 self.in_flight[cache_id] -= 1

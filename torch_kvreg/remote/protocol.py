@@ -60,8 +60,9 @@ def decode(body: bytes) -> dict:
         raise ProtocolError(f"not UTF-8 JSON: {exc}") from None
     if not isinstance(message, dict):
         raise ProtocolError("message is not a JSON object")
-    if message.get("v") != VERSION:
-        raise ProtocolError(f"protocol version {message.get('v')!r}, expected {VERSION}")
+    version = message.get("v")
+    if type(version) is not int or version != VERSION:  # JSON true would equal 1
+        raise ProtocolError(f"protocol version {version!r}, expected {VERSION}")
     return message
 
 
