@@ -24,23 +24,26 @@ LONG = os.environ.get("KVREG_LONG") == "1"
 POOLS, POOL_BYTES = 3, 2048
 SLOT_BYTES = 64  # registrations start on a multiple of this; 4-8 blocks span 64-128 bytes
 WIDTH_BYTES = 16  # every block is 16 bytes, whatever the dtype
-# Both caps bind: 6 addresses (3-6 caches) or 640 bytes (5-10 tensors), whichever comes first.
-LIMITS = kv.Limits(max_addrs=6, max_device_bytes=0, max_host_bytes=640)
+# Both caps bind: 6 addresses (3-6 caches) or 480 bytes (4-7 tensors), whichever comes first.
+LIMITS = kv.Limits(max_addrs=6, max_device_bytes=0, max_host_bytes=480)
 # unregister of a cache with a transfer in flight gives up after this long
 OPTIONS = {"llm.SyncKvCacheWaitTime": "1"}
 DTYPES = [torch.float32, torch.float32, torch.float32, torch.int8]  # mostly compatible caches
 
 # What one default-profile run must reach at least (it reaches several times more).
+# What one default-profile run must reach at least. Hypothesis' mix of rules varies between
+# runs (and with the tests that ran before); these floors sit at about a third of the
+# fewest seen over many seeds, so they fail when a change stops an event, not by chance.
 MINIMUM_EVENTS = {
-    "cross_cache_copy": 50,  # successful, non-empty, between two different caches
-    "self_copy": 50,
+    "cross_cache_copy": 20,  # successful, non-empty, between two different caches
+    "self_copy": 100,
     "copy_refused": 50,
-    "addr_cap_refused": 50,
-    "byte_cap_refused": 5,
+    "addr_cap_refused": 10,
+    "byte_cap_refused": 30,
     "overlap_refused": 100,
-    "unregister_in_use_refused": 100,
-    "unregister": 100,
-    "finalize_with_caches": 10,
+    "unregister_in_use_refused": 200,
+    "unregister": 200,
+    "finalize_with_caches": 25,
 }
 
 
@@ -168,21 +171,27 @@ class RegistryMachine(RuleBasedStateMachine):
         finally:
             kv._C.unhold(cache_id)
 
+    def pairs(self):
+        ids = sorted(self.caches)
+        return [(a, b) for a in ids for b in ids if a != b and self.compatible(a, b)]
+
+    @precondition(lambda self: self.pairs())
+    @rule(rnd=st.randoms(use_true_random=False), kind=st.sampled_from(["cross", "cross", "bad_index", "dup_dst"]))
+    def copy_between_caches(self, rnd, kind):
+        src_id, dst_id = rnd.choice(self.pairs())
+        self.copy(rnd, kind, src_id, dst_id)
+
     @precondition(lambda self: self.caches)
-    @rule(rnd=st.randoms(use_true_random=False),
-          kind=st.sampled_from(["cross", "cross", "cross", "self", "bad_index", "dup_dst", "incompatible"]))
-    def copy(self, rnd, kind):
+    @rule(rnd=st.randoms(use_true_random=False), kind=st.sampled_from(["self", "incompatible"]))
+    def copy_within_or_across_kinds(self, rnd, kind):
         ids = sorted(self.caches)
         src_id = rnd.choice(ids)
-        src = self.caches[src_id]
-        partners = [i for i in ids if i != src_id and self.compatible(src_id, i)]
         strangers = [i for i in ids if not self.compatible(src_id, i)]
-        dst_id = src_id
-        if kind in ("cross", "bad_index", "dup_dst") and partners:
-            dst_id = rnd.choice(partners)
-        elif kind == "incompatible" and strangers:
-            dst_id = rnd.choice(strangers)
-        dst = self.caches[dst_id]
+        dst_id = rnd.choice(strangers) if kind == "incompatible" and strangers else src_id
+        self.copy(rnd, kind, src_id, dst_id)
+
+    def copy(self, rnd, kind, src_id, dst_id):
+        src, dst = self.caches[src_id], self.caches[dst_id]
         n = rnd.randint(1, 4)
         if dst_id == src_id:  # a copy within one cache: no block both read and written
             n = min(n, src[2] // 2)
@@ -246,8 +255,8 @@ class RegistryMachine(RuleBasedStateMachine):
 
 
 SETTINGS = settings(
-    max_examples=1000 if LONG else 100,
-    stateful_step_count=50 if LONG else 40,
+    max_examples=1000 if LONG else 150,
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=list(HealthCheck),
     derandomize=not LONG,
