@@ -14,7 +14,7 @@ EXT_STAMP := $(VENV)/.kvreg-built
 DEPS_STAMP := $(VENV)/.kvreg-deps
 PYTEST_ARGS ?=
 
-.PHONY: all demo demo-pd test test-asan test-cuda-build bench build clean
+.PHONY: all demo demo-pd test test-asan test-mutants test-cuda-build bench build clean
 
 all: build
 
@@ -65,6 +65,11 @@ test-asan: $(DEPS_STAMP)
 	PYTHONPATH=$(ASAN_PKG) $(PY) -P -m pytest -q -p no:cacheprovider $(ASAN_TESTS) $(PYTEST_ARGS) \
 		&& PYTHONPATH=$(ASAN_PKG) LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 \
 		$(PY) -P -c "import torch_kvreg; assert 'build-asan' in torch_kvreg._C.__file__, torch_kvreg._C.__file__; print('sanitized build:', torch_kvreg._C.__file__)"
+
+# Plants small bugs one at a time in a copy of the tree; every one must make the suite fail.
+# Slow (a rebuild per C++ mutant), so not part of `make test`; run it before submitting.
+test-mutants: build
+	$(PY) scripts/mutants.py $(MUTANTS_ARGS)
 
 # Compile-and-link check of the CUDA variant against a CUDA build of torch (no GPU needed).
 test-cuda-build:

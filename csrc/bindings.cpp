@@ -107,6 +107,25 @@ PYBIND11_MODULE(_C, m) {
   m.def("unhold", [](int64_t cache_id) { Registry::instance().unhold(cache_id); });
   m.def("cache_ids", [] { return Registry::instance().cache_ids(); });
   m.def("get_cache", [](int64_t cache_id) { return cache_tuple(Registry::instance().get(cache_id)); });
+  m.def("cache_keys", [](int64_t cache_id) { return Registry::instance().get(cache_id).keys; });
+  m.def("find_key", [](const std::string& key) { return Registry::instance().find_key(key); });
+  m.def("remove_key", [](const std::string& key) { Registry::instance().remove_key(key); });
+  // Registrations with cache keys (the ops take none): same checks, same registry.
+  m.def(
+      "register_tensors",
+      [](const std::vector<at::Tensor>& caches, bool pin_host_memory, int64_t remote_accessible,
+         std::vector<std::string> keys) {
+        return kvreg::register_tensors(caches, pin_host_memory, remote_accessible, std::move(keys));
+      });
+  m.def(
+      "register_addrs",
+      [](int64_t num_tensors, int64_t data_type, const std::vector<int64_t>& shape, int64_t placement,
+         int64_t device_index, const std::vector<int64_t>& addrs, bool pin_host_memory,
+         int64_t remote_accessible, std::vector<std::string> keys) {
+        return kvreg::register_addrs(
+            num_tensors, data_type, shape, placement, device_index, addrs, pin_host_memory,
+            remote_accessible, std::move(keys));
+      });
   // The validation and planning of copy_kv_blocks / copy_kv_cache, for transfers whose
   // other side is a desc received from a peer (torch_kvreg.remote).
   m.def(

@@ -5,6 +5,8 @@
 #include <c10/core/SymInt.h>
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace kvreg {
 
@@ -20,6 +22,22 @@ c10::SymInt register_kv_cache_addrs(
     bool pin_host_memory,
     int64_t remote_accessible);
 void unregister_kv_cache(c10::SymInt cache_id);
+// The same two registrations with cache keys (RegisterOptions::keys), for the bindings.
+int64_t register_tensors(
+    at::TensorList caches,
+    bool pin_host_memory,
+    int64_t remote_accessible,
+    std::vector<std::string> keys);
+int64_t register_addrs(
+    int64_t num_tensors,
+    int64_t data_type,
+    at::IntArrayRef shape,
+    int64_t placement,
+    int64_t device_index,
+    at::IntArrayRef addrs,
+    bool pin_host_memory,
+    int64_t remote_accessible,
+    std::vector<std::string> keys);
 
 // copy_blocks.cpp
 void copy_kv_blocks(

@@ -6,6 +6,8 @@
 
 #include <c10/core/Device.h>
 
+#include <string>
+#include <utility>
 #include <vector>
 
 namespace kvreg {
@@ -18,16 +20,26 @@ int64_t concrete_cache_id(const c10::SymInt& cache_id) {
   return *value;
 }
 
-RegisterOptions register_options(bool pin_host_memory, int64_t remote_accessible) {
+RegisterOptions register_options(
+    bool pin_host_memory, int64_t remote_accessible, std::vector<std::string> keys) {
   RegisterOptions options;
   options.pin_host_memory = pin_host_memory;
   options.remote_accessible = remote_accessible;
+  options.keys = std::move(keys);
   return options;
 }
 
 }  // namespace
 
 c10::SymInt register_kv_cache(at::TensorList caches, bool pin_host_memory, int64_t remote_accessible) {
+  return register_tensors(caches, pin_host_memory, remote_accessible, {});
+}
+
+int64_t register_tensors(
+    at::TensorList caches,
+    bool pin_host_memory,
+    int64_t remote_accessible,
+    std::vector<std::string> keys) {
   Registry::instance().require_initialized();
   const int64_t count = static_cast<int64_t>(caches.size());
   KVREG_CHECK_ARG(count > 0, "caches is empty, expected 1 to ", kMaxAddrsPerCall, " tensors");
@@ -77,7 +89,7 @@ c10::SymInt register_kv_cache(at::TensorList caches, bool pin_host_memory, int64
   }
   return Registry::instance().register_cache(
       desc, std::move(addrs), std::move(owners),
-      register_options(pin_host_memory, remote_accessible));
+      register_options(pin_host_memory, remote_accessible, std::move(keys)));
 }
 
 c10::SymInt register_kv_cache_addrs(
@@ -89,6 +101,21 @@ c10::SymInt register_kv_cache_addrs(
     at::IntArrayRef addrs,
     bool pin_host_memory,
     int64_t remote_accessible) {
+  return register_addrs(
+      num_tensors, data_type, shape, placement, device_index, addrs, pin_host_memory,
+      remote_accessible, {});
+}
+
+int64_t register_addrs(
+    int64_t num_tensors,
+    int64_t data_type,
+    at::IntArrayRef shape,
+    int64_t placement,
+    int64_t device_index,
+    at::IntArrayRef addrs,
+    bool pin_host_memory,
+    int64_t remote_accessible,
+    std::vector<std::string> keys) {
   Registry::instance().require_initialized();
   KVREG_CHECK_ARG(!addrs.empty(), "addrs is empty");
   KVREG_CHECK_ARG(
@@ -119,7 +146,7 @@ c10::SymInt register_kv_cache_addrs(
   }
   return Registry::instance().register_cache(
       std::move(desc), std::move(raw_addrs), {},
-      register_options(pin_host_memory, remote_accessible));
+      register_options(pin_host_memory, remote_accessible, std::move(keys)));
 }
 
 void unregister_kv_cache(c10::SymInt cache_id) {

@@ -152,8 +152,25 @@ int64_t Registry::register_cache(
         starts[k].second, " of this call overlap");
   }
 
+  KVREG_CHECK_ARG(
+      static_cast<int64_t>(options.keys.size()) <= desc.num_blocks(), options.keys.size(),
+      " cache keys for a cache of ", desc.num_blocks(), " slices");
+  for (size_t i = 0; i < options.keys.size(); ++i) {
+    KVREG_CHECK_ARG(
+        options.keys[i].size() <= kMaxKeyLength, "cache key ", i, " is longer than ", kMaxKeyLength,
+        " bytes");
+    for (size_t j = 0; j < i && !options.keys[i].empty(); ++j) {
+      KVREG_CHECK_ARG(options.keys[i] != options.keys[j], "cache keys ", j, " and ", i, " are equal");
+    }
+  }
+
   std::lock_guard<std::mutex> lock(mutex_);
   check_initialized_locked();
+  for (const std::string& key : options.keys) {
+    auto it = key.empty() ? keys_.end() : keys_.find(key);
+    KVREG_CHECK_ARG(
+        it == keys_.end(), "cache key '", key, "' is already registered by cache id ", it->second);
+  }
   for (int64_t i = 0; i < num_addrs; ++i) {
     const int64_t other = overlapping_locked(addrs[i], addrs[i] + span);
     KVREG_CHECK_ARG(
@@ -203,6 +220,12 @@ int64_t Registry::register_cache(
   }
   entry.owners = std::move(owners);
   entry.pinned_by_us = std::move(pinned_by_us);
+  entry.record.keys = options.keys;
+  for (const std::string& key : entry.record.keys) {
+    if (!key.empty()) {
+      keys_.emplace(key, cache_id);
+    }
+  }
   for (uint64_t addr : entry.record.addrs) {
     intervals_.emplace(addr, Interval{addr + span, cache_id});
   }
@@ -228,6 +251,11 @@ void Registry::erase_locked(int64_t cache_id, Released& released) {
     intervals_.erase(entry.record.addrs[i]);
     if (entry.pinned_by_us[i]) {
       unpin_host(reinterpret_cast<void*>(entry.record.addrs[i]));
+    }
+  }
+  for (const std::string& key : entry.record.keys) {
+    if (!key.empty()) {
+      keys_.erase(key);
     }
   }
   usage_.num_caches -= 1;
@@ -291,6 +319,27 @@ CacheRecord Registry::get(int64_t cache_id) const {
   std::lock_guard<std::mutex> lock(mutex_);
   check_initialized_locked();
   return find_live_locked(cache_id).record;
+}
+
+std::pair<int64_t, int64_t> Registry::find_key(const std::string& key) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_initialized_locked();
+  auto it = key.empty() ? keys_.end() : keys_.find(key);
+  KVREG_CHECK(it != keys_.end(), LLM_KV_CACHE_NOT_EXIST, "no cache is registered with key '", key, "'");
+  const Entry& entry = find_live_locked(it->second);
+  const auto& keys = entry.record.keys;
+  const int64_t index = std::find(keys.begin(), keys.end(), key) - keys.begin();
+  return {it->second, index};
+}
+
+void Registry::remove_key(const std::string& key) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_initialized_locked();
+  auto it = key.empty() ? keys_.end() : keys_.find(key);
+  KVREG_CHECK(it != keys_.end(), LLM_KV_CACHE_NOT_EXIST, "no cache is registered with key '", key, "'");
+  auto& keys = entries_.at(it->second).record.keys;
+  std::replace(keys.begin(), keys.end(), key, std::string());
+  keys_.erase(it);
 }
 
 Registry::Lease Registry::lease(const std::vector<int64_t>& cache_ids) {

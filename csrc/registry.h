@@ -10,6 +10,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace kvreg {
@@ -52,7 +53,12 @@ struct InitConfig {
 struct RegisterOptions {
   bool pin_host_memory = true;
   int64_t remote_accessible = -1;  // -1: by placement (DEVICE yes, HOST no), 0 no, 1 yes
+  // Names by which peers may find the cache (LLM-DataDist's cache keys): keys[i] names dim-0
+  // slice i; an empty string leaves slice i unnamed. Unique among live registrations.
+  std::vector<std::string> keys;
 };
+
+constexpr size_t kMaxKeyLength = 256;
 
 // A copy of one registration's facts, safe to use outside the registry lock.
 struct CacheRecord {
@@ -60,6 +66,7 @@ struct CacheRecord {
   CacheDesc desc;
   std::vector<uint64_t> addrs;
   bool remote_accessible = false;
+  std::vector<std::string> keys;  // see RegisterOptions::keys; removed keys become ""
 };
 
 class Registry {
@@ -89,6 +96,11 @@ class Registry {
   void unregister_cache(int64_t cache_id);
   std::vector<int64_t> cache_ids() const;
   CacheRecord get(int64_t cache_id) const;
+  // (cache id, slice index) of a live cache registered with this key, or
+  // LLM_KV_CACHE_NOT_EXIST.
+  std::pair<int64_t, int64_t> find_key(const std::string& key) const;
+  // Forgets a key (the cache stays registered); LLM_KV_CACHE_NOT_EXIST if unknown.
+  void remove_key(const std::string& key);
 
   // Keeps caches registered (unregister and finalize wait) while a transfer uses them.
   class Lease {
@@ -156,6 +168,7 @@ class Registry {
   int64_t next_cache_id_ = 1;  // never reset: ids are unique for the life of the process
   std::map<int64_t, Entry> entries_;
   std::map<uint64_t, Interval> intervals_;  // start -> (end, cache id), disjoint
+  std::map<std::string, int64_t> keys_;  // cache key -> cache id
   Usage usage_;
 };
 

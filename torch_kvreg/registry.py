@@ -246,6 +246,37 @@ def remote_accessible(cache: Cache | int) -> bool:
     return bool(raises_llm(_C.get_cache)(cache_id_of(cache))[7])
 
 
+@raises_llm
+def cache_keys(cache: Cache | int) -> list[str]:
+    """The keys a cache was registered with (removed ones read "").
+
+    >>> import torch, torch_kvreg
+    >>> torch_kvreg.initialize()
+    >>> cache = torch_kvreg.register_kv_cache(torch.zeros(4, 2), keys=["req-7", "", "req-9"])
+    >>> torch_kvreg.cache_keys(cache), torch_kvreg.find_cache_key("req-9") == (cache.cache_id, 2)
+    (['req-7', '', 'req-9'], True)
+    >>> torch_kvreg.finalize()
+    """
+    return list(_C.cache_keys(cache_id_of(cache)))
+
+
+@raises_llm
+def find_cache_key(key: str) -> tuple[int, int]:
+    """(cache id, slice index) of the live cache registered with ``key``."""
+    if not isinstance(key, str):
+        raise wrong_type(f"key must be a str, got {type(key).__name__}")
+    cache_id, index = _C.find_key(key)
+    return int(cache_id), int(index)
+
+
+@raises_llm
+def remove_cache_key(key: str) -> None:
+    """Forgets a key; the cache stays registered. LLM_KV_CACHE_NOT_EXIST if unknown."""
+    if not isinstance(key, str):
+        raise wrong_type(f"key must be a str, got {type(key).__name__}")
+    _C.remove_key(key)
+
+
 def registered_caches() -> list[Cache]:
     """Every live registration, by increasing id.
 
@@ -275,11 +306,22 @@ def _cfg_args(cfg: RegisterCfg | None) -> tuple[bool, int]:
     return cfg.pin_host_memory, remote
 
 
+def _keys(keys: Sequence[str]) -> list[str]:
+    if isinstance(keys, (str, bytes)) or not isinstance(keys, Sequence):
+        raise wrong_type(f"keys must be a sequence of str, got {type(keys).__name__}")
+    for i, key in enumerate(keys):
+        if not isinstance(key, str):
+            raise wrong_type(f"keys[{i}] is a {type(key).__name__}, not a str")
+    return list(keys)
+
+
 @raises_llm
 def register_kv_cache(
     tensors_or_desc: torch.Tensor | Sequence[torch.Tensor] | CacheDesc,
     addrs_or_cfg: Sequence[int] | RegisterCfg | None = None,
     cfg: RegisterCfg | None = None,
+    *,
+    keys: Sequence[str] = (),
 ) -> Cache:
     """Registers a KV cache and returns it with its new id.
 
@@ -287,6 +329,9 @@ def register_kv_cache(
     tensors and keeps their storages alive until unregistered;
     ``register_kv_cache(cache_desc, addrs, cfg=None)`` registers memory from another
     allocator, which the caller keeps alive.
+
+    ``keys`` name dim-0 slices for peers (LLM-DataDist's cache keys): ``keys[i]`` names
+    slice i, "" leaves it unnamed; a key is unique among live registrations.
 
     >>> import torch, torch_kvreg
     >>> torch_kvreg.initialize()
@@ -309,17 +354,21 @@ def register_kv_cache(
             if not 0 < addr <= _MAX_ADDRESS:
                 raise param_invalid(f"addrs[{i}] = {addr} is not a valid (non-null, 63-bit) address")
         pin, remote = _cfg_args(cfg)
-        placement = int(desc.placement)
-        cache_id = torch.ops.llm.register_kv_cache.addrs(
-            desc.num_tensors, int(desc.data_type), list(desc.shape), placement,
-            desc.device_index, addr_list, pin, remote,
-        )
+        fields = (desc.num_tensors, int(desc.data_type), list(desc.shape), int(desc.placement),
+                  desc.device_index, addr_list, pin, remote)
+        if keys:
+            cache_id = _C.register_addrs(*fields, _keys(keys))
+        else:
+            cache_id = torch.ops.llm.register_kv_cache.addrs(*fields)
     else:
         if cfg is not None and addrs_or_cfg is not None:
             raise wrong_type("the tensor form takes (tensors, cfg); addrs are only for the CacheDesc form")
         tensors = tensor_list(tensors_or_desc)
         pin, remote = _cfg_args(cfg if cfg is not None else addrs_or_cfg)  # type: ignore[arg-type]
-        cache_id = torch.ops.llm.register_kv_cache.default(tensors, pin, remote)
+        if keys:
+            cache_id = _C.register_tensors(tensors, pin, remote, _keys(keys))
+        else:
+            cache_id = torch.ops.llm.register_kv_cache.default(tensors, pin, remote)
     cache = get_cache(int(cache_id))
     try:
         on_register(cache)

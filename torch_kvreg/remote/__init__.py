@@ -201,48 +201,129 @@ def _local(cache) -> Cache:
     return get_cache(cache.cache_id if isinstance(cache, Cache) else cache)
 
 
+def layer_tensors(layers, tensors_per_layer, num_tensors: int, name: str = "layers") -> list[int]:
+    """Tensor indices of ``layers`` (layer i is tensors i*tpl .. (i+1)*tpl-1); None: all."""
+    tensors_per_layer = as_int(tensors_per_layer, "tensors_per_layer")
+    if tensors_per_layer <= 0:
+        raise param_invalid(f"tensors_per_layer must be positive, got {tensors_per_layer}")
+    if layers is None:
+        return list(range(num_tensors))
+    if not isinstance(layers, range):
+        raise wrong_type(f"{name} must be a range, got {type(layers).__name__}")
+    if layers.step != 1 or not 0 <= layers.start < layers.stop:
+        raise param_invalid(f"{name} must be a non-empty range(start, stop) with 0 <= start, step 1, got {layers}")
+    if layers.stop * tensors_per_layer > num_tensors:
+        raise param_invalid(f"{name}={layers} with {tensors_per_layer} tensors per layer needs "
+                            f"{layers.stop * tensors_per_layer} tensors; the cache has {num_tensors}")
+    return list(range(layers.start * tensors_per_layer, layers.stop * tensors_per_layer))
+
+
+def _subset(desc, count: int):
+    """The desc of ``count`` of the cache's tensors (what the planner compares)."""
+    from ..types import CacheDesc
+
+    return CacheDesc(count, desc.data_type, desc.shape, desc.placement, desc.device_index)
+
+
+def _selection(local_desc, local_layers, remote_layers, tensors_per_layer, remote_is_src: bool):
+    """tensors(remote_desc) for Engine.transfer: equal-length local and remote tensor lists."""
+    def tensors(remote_desc):
+        local_tensors = layer_tensors(local_layers, tensors_per_layer, local_desc.num_tensors,
+                                      "dst_layer_range" if remote_is_src else "src_layer_range")
+        remote_tensors = layer_tensors(remote_layers, tensors_per_layer, remote_desc.num_tensors,
+                                       "src_layer_range" if remote_is_src else "dst_layer_range")
+        if len(local_tensors) != len(remote_tensors):
+            raise param_invalid(f"the layers select {len(remote_tensors) if remote_is_src else len(local_tensors)} "
+                                f"source and {len(local_tensors) if remote_is_src else len(remote_tensors)} "
+                                "destination tensors; they must be equal")
+        return local_tensors, remote_tensors
+    return tensors
+
+
+def transfer_blocks(operation: str, local: Cache, cluster_id: int, remote_ref, src_blocks, dst_blocks,
+                    local_layers=None, remote_layers=None, tensors_per_layer: int = 2) -> int:
+    """Blocks between a local cache and a remote one (by id or key), optionally a layer
+    subset of each; the remote side is the source for READ, the destination for WRITE."""
+    engine = _get_engine()
+    src_list, dst_list = _blocks(src_blocks, "src_blocks"), _blocks(dst_blocks, "dst_blocks")
+    read = operation == "READ"
+    tensors = _selection(local.cache_desc, local_layers, remote_layers, tensors_per_layer, read)
+
+    def segments(remote_desc, index):
+        local_tensors, remote_tensors = tensors(remote_desc)
+        local_desc = _subset(local.cache_desc, len(local_tensors))
+        remote_desc = _subset(remote_desc, len(remote_tensors))
+        remote_id = remote_ref if isinstance(remote_ref, int) else -1
+        if read:
+            return plan.block_segments(remote_desc, remote_id, local_desc, local.cache_id, src_list, dst_list)
+        return plan.block_segments(local_desc, local.cache_id, remote_desc, remote_id, src_list, dst_list)
+
+    return engine.transfer(operation, local, cluster_id, remote_ref, segments, tensors)
+
+
+def transfer_slice(operation: str, local: Cache, cluster_id: int, remote_ref, remote_index, local_index: int,
+                   size: int = -1, local_layers=None, remote_layers=None, tensors_per_layer: int = 2) -> int:
+    """``size`` bytes (-1: all) of one dim-0 slice between a local cache and a remote one.
+    ``remote_index`` None: the slice the remote key names."""
+    engine = _get_engine()
+    local_index, size = as_int(local_index, "batch_index"), as_int(size, "size")
+    read = operation == "READ"
+    tensors = _selection(local.cache_desc, local_layers, remote_layers, tensors_per_layer, read)
+
+    def segments(remote_desc, key_index):
+        local_tensors, remote_tensors = tensors(remote_desc)
+        local_desc = _subset(local.cache_desc, len(local_tensors))
+        remote_desc = _subset(remote_desc, len(remote_tensors))
+        remote_id = remote_ref if isinstance(remote_ref, int) else -1
+        index = key_index if remote_index is None else remote_index
+        if read:
+            return plan.slice_segments(remote_desc, remote_id, local_desc, local.cache_id, index, local_index, size)
+        return plan.slice_segments(local_desc, local.cache_id, remote_desc, remote_id, local_index, index, size)
+
+    return engine.transfer(operation, local, cluster_id, remote_ref, segments, tensors)
+
+
 @raises_llm
-def pull_kv_blocks(src: CacheIndex, dst: Cache | int, src_blocks, dst_blocks) -> int:
+def pull_kv_blocks(src: CacheIndex, dst: Cache | int, src_blocks, dst_blocks, *,
+                   layers: range | None = None, tensors_per_layer: int = 2) -> int:
     """Reads blocks ``src_blocks`` of a remote cache into blocks ``dst_blocks`` of a local one.
 
     Returns the bytes moved. Validated against the remote cache's desc before any byte moves.
+    ``layers`` (a range) moves only those layers' tensors (layer i: tensors
+    ``i*tensors_per_layer .. (i+1)*tensors_per_layer-1``), the same layers on both sides.
     """
     src = _cache_index(src)
-    src_list, dst_list = _blocks(src_blocks, "src_blocks"), _blocks(dst_blocks, "dst_blocks")
-    engine = _get_engine()
+    _get_engine()
     local = _local(dst)
-
-    def segments(remote_desc):
-        return plan.block_segments(remote_desc, src.cache_id, local.cache_desc, local.cache_id, src_list, dst_list)
-
-    return engine.transfer("READ", local, src.cluster_id, src.cache_id, segments)
+    return transfer_blocks("READ", local, src.cluster_id, src.cache_id, src_blocks, dst_blocks,
+                           layers, layers, tensors_per_layer)
 
 
 @raises_llm
-def push_kv_blocks(src: Cache | int, dst: CacheIndex, src_blocks, dst_blocks) -> int:
+def push_kv_blocks(src: Cache | int, dst: CacheIndex, src_blocks, dst_blocks, *,
+                   layers: range | None = None, tensors_per_layer: int = 2) -> int:
     """Writes blocks ``src_blocks`` of a local cache into blocks ``dst_blocks`` of a remote one."""
     dst = _cache_index(dst)
-    src_list, dst_list = _blocks(src_blocks, "src_blocks"), _blocks(dst_blocks, "dst_blocks")
-    engine = _get_engine()
+    _get_engine()
     local = _local(src)
-
-    def segments(remote_desc):
-        return plan.block_segments(local.cache_desc, local.cache_id, remote_desc, dst.cache_id, src_list, dst_list)
-
-    return engine.transfer("WRITE", local, dst.cluster_id, dst.cache_id, segments)
+    return transfer_blocks("WRITE", local, dst.cluster_id, dst.cache_id, src_blocks, dst_blocks,
+                           layers, layers, tensors_per_layer)
 
 
 @raises_llm
-def pull_kv_cache(src: CacheIndex, dst: Cache | int, batch_index: int = 0, size: int = -1) -> int:
+def pull_kv_cache(src: CacheIndex, dst: Cache | int, batch_index: int = 0, size: int = -1, *,
+                  layers: range | None = None, tensors_per_layer: int = 2) -> int:
     """Reads ``size`` bytes (-1: the whole slice) of slice ``src.batch_index`` of a remote
-    cache into slice ``batch_index`` of a local one, for every tensor."""
+    cache into slice ``batch_index`` of a local one, for every tensor (or ``layers``)."""
     src = _cache_index(src)
-    batch_index, size = as_int(batch_index, "batch_index"), as_int(size, "size")
-    engine = _get_engine()
+    _get_engine()
     local = _local(dst)
+    return transfer_slice("READ", local, src.cluster_id, src.cache_id, src.batch_index, batch_index, size,
+                          layers, layers, tensors_per_layer)
 
-    def segments(remote_desc):
-        return plan.slice_segments(
-            remote_desc, src.cache_id, local.cache_desc, local.cache_id, src.batch_index, batch_index, size)
 
-    return engine.transfer("READ", local, src.cluster_id, src.cache_id, segments)
+def stop_listening() -> None:
+    """Closes this process's control server (links stay up)."""
+    engine = _engine
+    if engine is not None:
+        engine.stop_listening()

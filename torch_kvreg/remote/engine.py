@@ -53,81 +53,153 @@ def _preppable(desc: CacheDesc) -> bool:
     return desc.num_tensors * desc.shape[0] <= MAX_PREPPED_DESCRIPTORS
 
 class Link:
-    """One linked remote cluster: its control connection and NIXL agent name."""
+    """One control connection to a peer cluster, whichever side opened it. Both sides send
+    requests on it and serve the other's (a prompt that linked to a decoder can be pushed
+    to by that decoder): a reader loop serves requests and hands responses to waiters."""
 
-    def __init__(self, info: ClusterInfo, sock: socket.socket, agent_name: str, wait_s: float):
-        self.info = info
+    def __init__(self, engine: "Engine", sock: socket.socket, info: ClusterInfo | None, wait_s: float):
+        self.engine = engine
         self.sock = sock
-        self.agent_name = agent_name
+        self.info = info  # None until a hello names the peer (inbound connections)
+        self.agent_name = ""
         self.wait_s = wait_s
-        self.lock = threading.Lock()
+        self.alive = True
+        self.said_bye = False  # the peer unlinked (as opposed to vanishing)
+        self.send_lock = threading.Lock()
+        self.pending_lock = threading.Lock()
+        self.pending: dict[int, list] = {}  # request id -> [Event, response or None]
+        self.request_ids = itertools.count(1)
+        self.leases: set[int] = set()  # leases the peer holds on this process's caches
         self.loaded_md: dict[int, bytes] = {}  # remote cache id -> metadata already loaded
         self.remote_preps: dict[int, object] = {}  # remote cache id -> prepared per-block dlist
 
-    def request(self, message: dict) -> dict:
+    @property
+    def cluster_id(self) -> int | None:
+        return None if self.info is None else self.info.remote_cluster_id
+
+    def _send(self, message: dict) -> None:
+        with self.send_lock:
+            self.sock.sendall(protocol.encode(message))
+
+    def request(self, message: dict, timeout_s: float | None = None) -> dict:
         """One request/response; LLM_TIMEOUT or LLM_LINK_FAILED when the peer fails."""
-        with self.lock:
-            try:
-                self.sock.settimeout(self.wait_s)
-                self.sock.sendall(protocol.encode(message))
-                response = read_message(self.sock)
-            except socket.timeout:
-                raise _error(LLMStatusCode.LLM_TIMEOUT, f"cluster {self.info.remote_cluster_id} did not answer "
-                             f"within {self.wait_s * 1000:.0f} ms") from None
-            except (OSError, ConnectionError) as exc:
-                raise _error(LLMStatusCode.LLM_LINK_FAILED,
-                             f"link to cluster {self.info.remote_cluster_id} failed: {exc}") from None
-            except protocol.ProtocolError as exc:
-                raise _error(LLMStatusCode.LLM_FAILED,
-                             f"cluster {self.info.remote_cluster_id} sent a malformed message: {exc}") from None
+        timeout_s = self.wait_s if timeout_s is None else timeout_s
+        peer = self.cluster_id if self.cluster_id is not None else "peer"
+        if not self.alive:
+            raise _error(LLMStatusCode.LLM_LINK_FAILED, f"the link to cluster {peer} is down")
+        request_id = next(self.request_ids)
+        slot: list = [threading.Event(), None]
+        with self.pending_lock:
+            self.pending[request_id] = slot
+        try:
+            self._send({**message, "id": request_id})
+        except (OSError, protocol.ProtocolError) as exc:
+            with self.pending_lock:
+                self.pending.pop(request_id, None)
+            raise _error(LLMStatusCode.LLM_LINK_FAILED, f"link to cluster {peer} failed: {exc}") from None
+        if not slot[0].wait(timeout_s):
+            with self.pending_lock:
+                self.pending.pop(request_id, None)
+            raise _error(LLMStatusCode.LLM_TIMEOUT, f"cluster {peer} did not answer within {timeout_s * 1000:.0f} ms")
+        response = slot[1]
+        if response is None:
+            raise _error(LLMStatusCode.LLM_LINK_FAILED, f"the link to cluster {peer} closed")
         try:
             failure = protocol.parse_error(response)
         except protocol.ProtocolError as exc:
             raise _error(LLMStatusCode.LLM_FAILED, f"malformed response: {exc}") from None
         if failure is not None:
-            raise _error(failure[0], f"cluster {self.info.remote_cluster_id}: {failure[1]}")
+            raise _error(failure[0], f"cluster {peer}: {failure[1]}")
         return response
 
+    def _reply(self, message: dict, request_id) -> None:
+        if request_id is not None:
+            message = {**message, "id": request_id}
+        with contextlib.suppress(OSError, protocol.ProtocolError):
+            self._send(message)
+
+    def _deliver(self, message: dict) -> bool:
+        """Hands a response to its waiter; False if the frame is no awaited response."""
+        request_id = message.get("id")
+        if "op" in message or not isinstance(message.get("ok"), bool) or type(request_id) is not int:
+            return False
+        with self.pending_lock:
+            slot = self.pending.pop(request_id, None)
+        if slot is None:
+            return False
+        slot[1] = message
+        slot[0].set()
+        return True
+
+    def serve(self) -> None:
+        """The reader loop; returns when the connection ends, releasing what the peer held."""
+        try:
+            while True:
+                try:
+                    message = read_message(self.sock)
+                except (ConnectionError, OSError):
+                    return
+                except protocol.ProtocolError as exc:
+                    self._reply({"ok": False, "status": "LLM_PARAM_INVALID", "message": f"malformed request: {exc}"},
+                                None)
+                    return  # a peer that sends garbage loses its connection
+                if self._deliver(message):
+                    continue
+                request_id = message.get("id")
+                if request_id is not None and (type(request_id) is not int or not 0 < request_id < 2**63):
+                    request_id = None
+                try:
+                    op, fields = protocol.parse_request(message)
+                    if request_id is None and message.get("id") is not None:
+                        raise protocol.ProtocolError("field 'id' must be a positive int")
+                except protocol.ProtocolError as exc:
+                    self._reply({"ok": False, "status": "LLM_PARAM_INVALID", "message": f"malformed request: {exc}"},
+                                request_id)
+                    return
+                if op == "bye":
+                    self.said_bye = True
+                    self._reply({"ok": True}, request_id)
+                    return
+                try:
+                    reply = self.engine.serve(op, fields, self)
+                except LLMException as exc:
+                    reply = {"ok": False, "status": exc.status_code.name, "message": exc.detail}
+                self._reply(reply, request_id)
+        finally:
+            self.alive = False
+            with self.pending_lock:
+                waiting, self.pending = list(self.pending.values()), {}
+            for slot in waiting:
+                slot[0].set()  # response None: the link closed
+            for lease in list(self.leases):
+                self.engine.release_lease(lease)
+            self.leases.clear()
+            self.engine.connection_closed(self)
+
+    def start(self) -> None:
+        threading.Thread(target=self.serve, name="kvreg-link", daemon=True).start()
+
     def close(self) -> None:
+        self.alive = False
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self.sock.close()
 
 
 class _ControlHandler(socketserver.BaseRequestHandler):
-    """Serves one peer's control connection until it closes; releases its leases then."""
+    """Serves one connection a peer opened to us, in this thread, until it closes."""
 
     def handle(self):
         engine: Engine = self.server.engine  # type: ignore[attr-defined]
-        leases: set[int] = set()
         sock: socket.socket = self.request
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        link = Link(engine, sock, None, engine.wait_s)
         with engine.lock:
-            engine.peer_socks.add(sock)
-        try:
-            while True:
-                try:
-                    message = read_message(sock)
-                    op, fields = protocol.parse_request(message)
-                except (ConnectionError, OSError):
-                    return
-                except protocol.ProtocolError as exc:
-                    self._reply({"ok": False, "status": "LLM_PARAM_INVALID", "message": f"malformed request: {exc}"})
-                    return  # a peer that sends garbage loses its connection
-                if op == "bye":
-                    self._reply({"ok": True})
-                    return
-                try:
-                    self._reply(engine.serve(op, fields, leases))
-                except LLMException as exc:
-                    self._reply({"ok": False, "status": exc.status_code.name, "message": exc.detail})
-        finally:
-            with engine.lock:
-                engine.peer_socks.discard(sock)
-            for lease in list(leases):
-                engine.release_lease(lease)
-
-    def _reply(self, message: dict) -> None:
-        with contextlib.suppress(OSError):
-            self.request.sendall(protocol.encode(message))
+            if engine.server is None:  # closing
+                return
+            engine.connections.add(link)
+        link.serve()
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -154,8 +226,8 @@ class Engine:
         self.closing: set[int] = set()
         self.leases: dict[int, int] = {}  # lease id -> cache id
         self.lease_ids = itertools.count(1)
-        self.links: dict[int, Link] = {}
-        self.peer_socks: set[socket.socket] = set()  # control connections peers opened to us
+        self.links: dict[int, Link] = {}  # linked clusters, whichever side opened the link
+        self.connections: set[Link] = set()  # connections peers opened to us
         self.server: _Server | None = None
         self.listen_address: str | None = None
 
@@ -171,21 +243,28 @@ class Engine:
         threading.Thread(target=self.server.serve_forever, name="kvreg-control", daemon=True).start()
         return self.listen_address
 
+    def stop_listening(self) -> None:
+        """Closes the control server (a role switch to decoder); links stay up."""
+        with self.lock:
+            server, self.server = self.server, None
+            self.listen_address = None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
     def close(self) -> None:
         for cluster_id in list(self.links):
             self.unlink(cluster_id, force=False)
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
+        self.stop_listening()
         with self.lock:
             if not self.lock.wait_for(lambda: not any(self.in_flight.values()), timeout=self.wait_s):
                 log.warning("finalize: transfers still in flight after %.0f ms", self.wait_s * 1000)
             # Peers that still hold leases lose them and their connections: the registry is
             # about to be emptied.
-            for sock in self.peer_socks:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+            connections = list(self.connections)
+        for connection in connections:
+            connection.close()
+        with self.lock:
             for lease in list(self.leases):
                 cache_id = self.leases.pop(lease)
                 self.in_flight[cache_id] -= 1
@@ -263,20 +342,70 @@ class Engine:
                 self.lock.notify_all()
 
     # --- serving peers -----------------------------------------------------------------
-    def serve(self, op: str, fields: dict, leases: set[int]) -> dict:
+    def serve(self, op: str, fields: dict, link: Link) -> dict:
         if op == "hello":
-            return {"ok": True, "cluster_id": self.cluster_id, "agent": self.name,
-                    "md": protocol.b64(self.agent.get_agent_metadata())}
+            return self.greet(fields, link)
         if op == "acquire":
-            return self.acquire_for_peer(fields["cache_id"], leases)
+            return self.acquire_for_peer(fields.get("cache_id"), fields.get("key"), link.leases)
         if op == "release":
-            if fields["lease"] in leases:
-                leases.discard(fields["lease"])
+            if fields["lease"] in link.leases:
+                link.leases.discard(fields["lease"])
                 self.release_lease(fields["lease"])
             return {"ok": True}
         raise _error(LLMStatusCode.LLM_PARAM_INVALID, f"unknown op {op}")
 
-    def acquire_for_peer(self, cache_id: int, leases: set[int]) -> dict:
+    def greet(self, fields: dict, link: Link) -> dict:
+        """A hello from the peer that opened ``link``. With its agent metadata, the link also
+        carries our requests to it: the peer's cluster counts as linked here too."""
+        md = fields.get("md")
+        if md is not None and link.info is None:
+            try:
+                loaded = self.agent.add_remote_agent(md)
+            except Exception as exc:  # NIXL refusing the metadata
+                raise _error(LLMStatusCode.LLM_LINK_FAILED, f"NIXL refused the peer's metadata: {exc}") from None
+            peer_host, peer_port = link.sock.getpeername()[:2]
+            link.agent_name = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
+            link.info = ClusterInfo(fields["cluster_id"], peer_host, peer_port)
+            with self.lock:
+                current = self.links.get(fields["cluster_id"])
+                if current is None or not current.alive:
+                    self.links[fields["cluster_id"]] = link
+            log.info("cluster %d linked to us from %s:%d", fields["cluster_id"], peer_host, peer_port)
+        return {"ok": True, "cluster_id": self.cluster_id, "agent": self.name,
+                "md": protocol.b64(self.agent.get_agent_metadata())}
+
+    def connection_closed(self, link: Link) -> None:
+        """A link's reader loop ended. A peer that said bye is unlinked here; one that
+        vanished stays listed, dead, so that transfers to it fail at once (LLM_LINK_FAILED)
+        until it is unlinked or linked again."""
+        with self.lock:
+            self.connections.discard(link)
+            cluster_id = link.cluster_id
+            drop = link.said_bye and cluster_id is not None and self.links.get(cluster_id) is link
+            if drop:
+                del self.links[cluster_id]
+        if drop:
+            self._forget(link)
+        elif cluster_id is not None and self.links.get(cluster_id) is link:
+            log.warning("the link to cluster %d closed", cluster_id)
+
+    def _forget(self, link: Link) -> None:
+        for prep in link.remote_preps.values():
+            with contextlib.suppress(Exception):
+                self.agent.release_dlist_handle(prep)
+        link.remote_preps.clear()
+        if link.agent_name:
+            with contextlib.suppress(Exception):
+                self.agent.remove_remote_agent(link.agent_name)
+        link.close()
+
+    def acquire_for_peer(self, cache_id: int | None, key: str | None, leases: set[int]) -> dict:
+        index = 0
+        if key is not None:
+            try:
+                cache_id, index = _C.find_key(key)
+            except RuntimeError:
+                raise _error(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"no cache is registered with key {key!r}") from None
         try:
             values = _C.get_cache(cache_id)
         except RuntimeError:
@@ -301,8 +430,11 @@ class Engine:
             reg = self.nixl_regs[cache_id]
         leases.add(lease)
         md = self.agent.get_partial_agent_metadata(reg, False)
-        return {"ok": True, "lease": lease, "md": protocol.b64(md),
-                "cache": protocol.cache_entry(cache_id, cache.cache_desc, cache.tensor_addrs)}
+        reply = {"ok": True, "lease": lease, "md": protocol.b64(md),
+                 "cache": protocol.cache_entry(cache_id, cache.cache_desc, cache.tensor_addrs)}
+        if key is not None:
+            reply["index"] = index
+        return reply
 
     def release_lease(self, lease: int) -> None:
         with self.lock:
@@ -314,8 +446,12 @@ class Engine:
 
     # --- links -------------------------------------------------------------------------
     def link(self, info: ClusterInfo, timeout_ms: int) -> LLMStatusCode:
-        if info.remote_cluster_id in self.links:
-            return LLMStatusCode.LLM_ALREADY_LINK
+        with self.lock:
+            current = self.links.get(info.remote_cluster_id)
+        if current is not None:
+            if current.alive:
+                return LLMStatusCode.LLM_ALREADY_LINK
+            self.unlink(info.remote_cluster_id, force=True)  # a dead link is replaced
         timeout_s = timeout_ms / 1000.0
         try:
             sock = socket.create_connection((info.remote_ip, info.remote_port), timeout=timeout_s)
@@ -324,9 +460,12 @@ class Engine:
         except OSError:
             return LLMStatusCode.LLM_LINK_FAILED
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        link = Link(info, sock, "", timeout_s)
+        sock.settimeout(None)  # the reader blocks; requests time out on their own
+        link = Link(self, sock, info, self.wait_s)
+        link.start()
         try:
-            response = link.request({"op": "hello", "cluster_id": self.cluster_id, "agent": self.name})
+            response = link.request({"op": "hello", "cluster_id": self.cluster_id, "agent": self.name,
+                                     "md": protocol.b64(self.agent.get_agent_metadata())}, timeout_s)
             cluster_id, agent_name, md = protocol.parse_hello_response(response)
             if cluster_id != info.remote_cluster_id:
                 raise _error(LLMStatusCode.LLM_LINK_FAILED,
@@ -343,9 +482,9 @@ class Engine:
             log.warning("link to %s failed: %s", info, exc)
             link.close()
             return LLMStatusCode.LLM_LINK_FAILED
-        link.wait_s = self.wait_s
         with self.lock:
             self.links[info.remote_cluster_id] = link
+        log.info("linked to cluster %d at %s:%d", info.remote_cluster_id, info.remote_ip, info.remote_port)
         return LLMStatusCode.LLM_SUCCESS
 
     def unlink(self, cluster_id: int, force: bool) -> LLMStatusCode:
@@ -353,15 +492,10 @@ class Engine:
             link = self.links.pop(cluster_id, None)
         if link is None:
             return LLMStatusCode.LLM_NOT_YET_LINK
-        if not force:
+        if not force and link.alive:
             with contextlib.suppress(LLMException):
                 link.request({"op": "bye"})
-        for prep in link.remote_preps.values():
-            with contextlib.suppress(Exception):
-                self.agent.release_dlist_handle(prep)
-        with contextlib.suppress(Exception):
-            self.agent.remove_remote_agent(link.agent_name)
-        link.close()
+        self._forget(link)
         return LLMStatusCode.LLM_SUCCESS
 
     def link_for(self, cluster_id: int) -> Link:
@@ -372,48 +506,67 @@ class Engine:
         return link
 
     # --- transfers ---------------------------------------------------------------------
-    def transfer(self, operation: str, local: Cache, cluster_id: int, remote_cache_id: int, make_segments) -> int:
+    def transfer(self, operation: str, local: Cache, cluster_id: int, remote_ref: int | str, make_segments,
+                 tensors=None) -> int:
         """Moves bytes between a local cache and a remote one; returns the bytes moved.
 
-        ``make_segments(remote_desc)`` validates and returns (source offsets, destination
-        offsets, lengths) before any byte moves; READ moves remote -> local, WRITE local -> remote.
+        ``remote_ref`` is the remote cache id, or a cache key the peer registered.
+        ``make_segments(remote_desc, remote_index)`` validates and returns (source offsets,
+        destination offsets, lengths) before any byte moves (``remote_index``: the slice a
+        key names, else 0); READ moves remote -> local, WRITE local -> remote.
+        ``tensors(remote_desc)`` gives the (local, remote) tensor indices that take part;
+        None: all, pairwise.
         """
         link = self.link_for(cluster_id)
         with self.using(local.cache_id):
             self.register(local)
-            response = link.request({"op": "acquire", "cache_id": remote_cache_id})
+            request = {"op": "acquire", "key": remote_ref} if isinstance(remote_ref, str) else \
+                {"op": "acquire", "cache_id": remote_ref}
+            response = link.request(request)
             try:
                 lease, remote, md = protocol.parse_acquire_response(response)
+                index = protocol.parse_acquire_index(response)
             except protocol.ProtocolError as exc:
+                with contextlib.suppress(LLMException):
+                    link.request({"op": "release", "lease": response.get("lease")})
                 raise _error(LLMStatusCode.LLM_FAILED, f"cluster {cluster_id} sent a malformed cache entry: {exc}") from None
             try:
-                src_offsets, dst_offsets, lengths = make_segments(remote.desc)
+                if tensors is None:
+                    local_tensors = remote_tensors = list(range(local.cache_desc.num_tensors))
+                else:
+                    local_tensors, remote_tensors = tensors(remote.desc)
+                src_offsets, dst_offsets, lengths = make_segments(remote.desc, index)
                 local_offsets, remote_offsets = (
                     (dst_offsets, src_offsets) if operation == "READ" else (src_offsets, dst_offsets))
-                if lengths.size == 0:
+                if lengths.size == 0 or not local_tensors:
                     return 0
-                if link.loaded_md.get(remote_cache_id) != md:
+                if link.loaded_md.get(remote.cache_id) != md:
                     self.agent.add_remote_agent(md)
-                    link.loaded_md[remote_cache_id] = md
+                    link.loaded_md[remote.cache_id] = md
                 block_nbytes = local.cache_desc.block_nbytes
+                local_sel = np.asarray(local_tensors, dtype=np.int64)
+                remote_sel = np.asarray(remote_tensors, dtype=np.int64)
                 if (lengths.size >= PREPPED_MIN_SEGMENTS and bool(np.all(lengths == block_nbytes))
                         and _preppable(local.cache_desc) and _preppable(remote.desc)):
                     # Scattered single blocks: index into per-block lists prepared once per
                     # cache, as NIXL recommends, instead of preparing every descriptor again.
                     make_handle = self._prepped_request(operation, local, remote, link, local_offsets,
-                                                        remote_offsets, block_nbytes)
+                                                        remote_offsets, block_nbytes, local_sel, remote_sel)
                 else:
                     make_handle = self._request(operation, local, remote, link, local_offsets,
-                                                remote_offsets, lengths)
+                                                remote_offsets, lengths, local_sel, remote_sel)
                 self._run(make_handle, link)
-                return int(lengths.sum()) * local.cache_desc.num_tensors
+                return int(lengths.sum()) * len(local_tensors)
             finally:
                 with contextlib.suppress(LLMException):
                     link.request({"op": "release", "lease": lease})
 
-    def _request(self, operation, local: Cache, remote, link: Link, local_offsets, remote_offsets, lengths):
-        local_rows = plan.descriptors(local.tensor_addrs, plan.device_id(local.cache_desc), local_offsets, lengths)
-        remote_rows = plan.descriptors(remote.addrs, plan.device_id(remote.desc), remote_offsets, lengths)
+    def _request(self, operation, local: Cache, remote, link: Link, local_offsets, remote_offsets, lengths,
+                 local_sel, remote_sel):
+        local_addrs = np.asarray(local.tensor_addrs, dtype=np.uint64)[local_sel]
+        remote_addrs = np.asarray(remote.addrs, dtype=np.uint64)[remote_sel]
+        local_rows = plan.descriptors(local_addrs, plan.device_id(local.cache_desc), local_offsets, lengths)
+        remote_rows = plan.descriptors(remote_addrs, plan.device_id(remote.desc), remote_offsets, lengths)
 
         def make_handle():
             return self.agent.initialize_xfer(
@@ -431,7 +584,7 @@ class Engine:
         return plan.descriptors(addrs, plan.device_id(desc), offsets, lengths)
 
     def _prepped_request(self, operation, local: Cache, remote, link: Link, local_offsets, remote_offsets,
-                         block_nbytes: int):
+                         block_nbytes: int, local_sel, remote_sel):
         agent = self.agent
         with self.lock:
             local_prep = self.local_preps.get(local.cache_id)
@@ -447,13 +600,13 @@ class Engine:
                 link.agent_name, self._per_block_rows(remote.addrs, remote.desc), plan.mem_type(remote.desc))
             link.remote_preps[remote.cache_id] = remote_prep
 
-        def indices(offsets, num_blocks):
+        def indices(offsets, num_blocks, selected):
             blocks = (offsets // np.uint64(block_nbytes)).astype(np.int64)
-            tensors = np.arange(local.cache_desc.num_tensors, dtype=np.int64)[:, None] * num_blocks
+            tensors = selected[:, None] * num_blocks
             return (tensors + blocks[None, :]).reshape(-1).astype(np.int32)
 
-        local_idx = indices(local_offsets, local.cache_desc.shape[0])
-        remote_idx = indices(remote_offsets, remote.desc.shape[0])
+        local_idx = indices(local_offsets, local.cache_desc.shape[0], local_sel)
+        remote_idx = indices(remote_offsets, remote.desc.shape[0], remote_sel)
         return lambda: agent.make_prepped_xfer(operation, local_prep, local_idx, remote_prep, remote_idx)
 
     def _run(self, make_handle, link: Link) -> None:

@@ -21,6 +21,7 @@ VERSION = 1
 MAX_FRAME = 4 << 20  # agent metadata is a few KiB; anything near this is hostile
 MAX_TENSORS = 240
 MAX_RANK = 32
+MAX_KEY = 256
 _HEADER = struct.Struct(">I")
 REQUESTS = ("hello", "acquire", "release", "bye")
 
@@ -100,8 +101,13 @@ def parse_request(message: dict) -> tuple[str, dict]:
     if op not in REQUESTS:
         raise ProtocolError(f"unknown op {op!r}")
     if op == "hello":
-        return op, {"cluster_id": _int(message, "cluster_id"), "agent": _str(message, "agent")}
+        fields = {"cluster_id": _int(message, "cluster_id"), "agent": _str(message, "agent")}
+        if "md" in message:  # the peer's agent metadata: then we may transfer to it too
+            fields["md"] = _bytes(message, "md")
+        return op, fields
     if op == "acquire":
+        if "key" in message:  # a cache key the peer registered (LLM-DataDist's cache keys)
+            return op, {"key": _str(message, "key", MAX_KEY)}
         return op, {"cache_id": _int(message, "cache_id")}
     if op == "release":
         return op, {"lease": _int(message, "lease")}
@@ -171,6 +177,13 @@ def parse_cache_entry(entry) -> RemoteCache:
         if addr + desc.tensor_nbytes > 2**64:
             raise ProtocolError("a tensor wraps around the address space")
     return RemoteCache(cache_id, desc, tuple(addrs))
+
+
+def parse_acquire_index(message: dict) -> int:
+    """The slice a cache key names (0 when the cache was acquired by id)."""
+    if "index" not in message:
+        return 0
+    return _int(message, "index", 0, 2**62)
 
 
 def parse_acquire_response(message: dict) -> tuple[int, RemoteCache, bytes]:

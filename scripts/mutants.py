@@ -1,0 +1,175 @@
+"""Plants small bugs, one at a time, in a copy of the tree and checks that the suite catches
+each one (``make test-mutants``).
+
+Every mutant replaces one exact piece of text (which must occur exactly once) by a wrong
+one: off-by-one bounds, dropped checks, swapped arguments, wrong defaults, skipped waits.
+The copy is built once; a C++ mutant rebuilds only its file. The suite runs with ``-x``,
+the tests most likely to catch the mutant first, so a killed mutant costs seconds. Prints
+one line per mutant and exits 1 if any survived (or no longer applies).
+
+    python scripts/mutants.py              # all of them
+    python scripts/mutants.py -k lease     # those whose name contains "lease"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# (name, file, original text, planted text, test files to run first)
+MUTANTS = [
+    # --- the registry (C++) ---------------------------------------------------------------
+    ("overlap: a range ending where a live one starts counts", "csrc/registry.cpp",
+     "auto it = intervals_.lower_bound(end);", "auto it = intervals_.upper_bound(end);",
+     ["tests/test_registry.py"]),
+    ("overlap: a range starting where a live one ends counts", "csrc/registry.cpp",
+     "return it->second.end > start ? it->second.cache_id : 0;",
+     "return it->second.end >= start ? it->second.cache_id : 0;", ["tests/test_registry.py"]),
+    ("overlap within one call: touching refused", "csrc/registry.cpp",
+     "starts[k - 1].first + span <= starts[k].first", "starts[k - 1].first + span < starts[k].first",
+     ["tests/test_registry.py"]),
+    ("address cap off by one", "csrc/registry.cpp",
+     "total_addrs <= limits.max_addrs, LLM_OUT_OF_MEMORY", "total_addrs < limits.max_addrs, LLM_OUT_OF_MEMORY",
+     ["tests/test_registry.py", "tests/test_model_based.py"]),
+    ("byte cap off by one", "csrc/registry.cpp",
+     "total_bytes <= max_bytes, LLM_OUT_OF_MEMORY", "total_bytes < max_bytes, LLM_OUT_OF_MEMORY",
+     ["tests/test_registry.py", "tests/test_model_based.py"]),
+    ("unregister forgets the address count", "csrc/registry.cpp",
+     "usage_.num_addrs -= desc.num_tensors;", "usage_.num_addrs -= 1;", ["tests/test_model_based.py"]),
+    ("unregister ignores a transfer in flight", "csrc/registry.cpp",
+     "if (!idle && it != entries_.end()) {", "if (false && !idle && it != entries_.end()) {",
+     ["tests/test_model_based.py", "tests/test_control.py"]),
+    ("wrap-around check of raw addresses dropped", "csrc/registry.cpp",
+     "addr <= std::numeric_limits<uint64_t>::max() - span,", "true,", ["tests/test_bad_inputs.py", "tests/test_fuzz.py"]),
+    ("end of a transfer not counted (skipped wake-up)", "csrc/registry.cpp",
+     "    it->second.in_flight -= 1;\n  }\n  transfers_done_.notify_all();", "  }\n  transfers_done_.notify_all();",
+     ["tests/test_model_based.py"]),
+    ("finalize does not wait for transfers", "csrc/registry.cpp",
+     "    transfers_done_.wait(lock, [this] {", "    if (false) transfers_done_.wait(lock, [this] {",
+     ["tests/test_stress.py"]),
+    # --- block plans (C++) ----------------------------------------------------------------
+    ("block index bound off by one", "csrc/copy_blocks.cpp",
+     "blocks[j] >= 0 && blocks[j] < num_blocks,", "blocks[j] >= 0 && blocks[j] <= num_blocks,",
+     ["tests/test_bad_inputs.py", "tests/test_copy_blocks.py"]),
+    ("duplicate destinations allowed", "csrc/copy_blocks.cpp",
+     'KVREG_CHECK_ARG(repeated < 0, "dst_blocks names block "', 'KVREG_CHECK_ARG(true, "dst_blocks names block "',
+     ["tests/test_bad_inputs.py"]),
+    ("copy_kv_cache size check off by one", "csrc/copy_blocks.cpp",
+     "nbytes >= 0 && nbytes <= block_nbytes - offset,", "nbytes >= 0 && nbytes <= block_nbytes - offset + 1,",
+     ["tests/test_bad_inputs.py"]),
+    # --- Python layers --------------------------------------------------------------------
+    ("swap_blocks swaps its arguments", "torch_kvreg/transfer.py",
+     "copy_kv_blocks(src, dst, list(src_to_dst.keys()), list(src_to_dst.values()))",
+     "copy_kv_blocks(src, dst, list(src_to_dst.values()), list(src_to_dst.keys()))", ["tests/test_copy_blocks.py"]),
+    ("default wait time of 10 s instead of 1 s", "torch_kvreg/registry.py",
+     "DEFAULT_SYNC_KV_CACHE_WAIT_TIME_MS = 1000", "DEFAULT_SYNC_KV_CACHE_WAIT_TIME_MS = 10000",
+     ["tests/test_registry.py"]),
+    ("host caches remotely reachable by default", "csrc/registry.cpp",
+     "options.remote_accessible == -1 ? !on_host", "options.remote_accessible == -1 ? true",
+     ["tests/test_control.py", "tests/test_remote.py"]),
+    # --- the remote layer -----------------------------------------------------------------
+    ("protocol accepts version true", "torch_kvreg/remote/protocol.py",
+     "if type(version) is not int or version != VERSION:", "if version != VERSION:", ["tests/test_control.py"]),
+    ("peer cache entry wrap-around check dropped", "torch_kvreg/remote/protocol.py",
+     "if addr + desc.tensor_nbytes > 2**64:", "if addr + desc.tensor_nbytes > 2**65:", ["tests/test_control.py"]),
+    ("a stranger may release another connection's lease", "torch_kvreg/remote/engine.py",
+     'if fields["lease"] in leases:', "if True:", ["tests/test_control.py"]),
+    ("private caches served to peers", "torch_kvreg/remote/engine.py",
+     "        if not remote_accessible:\n", "        if False:\n", ["tests/test_control.py", "tests/test_remote.py"]),
+    ("a closed connection keeps its leases", "torch_kvreg/remote/engine.py",
+     "            for lease in list(leases):\n                engine.release_lease(lease)",
+     "            pass", ["tests/test_control.py"]),
+    ("finalize leaves peers connected", "torch_kvreg/remote/engine.py",
+     "                    sock.shutdown(socket.SHUT_RDWR)", "                    pass", ["tests/test_control.py"]),
+    ("transfer deadline 20 times too long", "torch_kvreg/remote/engine.py",
+     "deadline = time.monotonic() + self.wait_s", "deadline = time.monotonic() + 20 * self.wait_s",
+     ["tests/test_remote.py"]),
+    ("failed pull keeps the peer's lease", "torch_kvreg/remote/engine.py",
+     '                    link.request({"op": "release", "lease": lease})', "                    pass",
+     ["tests/test_remote.py"]),
+]
+
+
+def copy_tree(dst: pathlib.Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split("\n")
+    for name in filter(None, files):
+        source = ROOT / name
+        if source.is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dst / name)
+
+
+def build(tree: pathlib.Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree,
+                          capture_output=True, text=True)
+
+
+def run_suite(tree: pathlib.Path, first: list[str], timeout: int) -> tuple[str, str]:
+    """The likely killers first, then (if they pass) the whole suite, each with -x."""
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    for selection in (first, ["tests"]):
+        cmd = [sys.executable, "-P", "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *selection]
+        try:
+            result = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "killed (timeout)", " ".join(selection)
+        if result.returncode != 0:
+            failed = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+            return "killed", failed[0] if failed else result.stdout.strip().splitlines()[-1]
+    return "SURVIVED", result.stdout.strip().splitlines()[-1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-k", default="", help="only mutants whose name contains this")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per mutant")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if args.k in m[0]]
+    with tempfile.TemporaryDirectory(prefix="kvreg-mutants-") as tmp:
+        tree = pathlib.Path(tmp)
+        copy_tree(tree)
+        print(f"building a copy of the tree for {len(chosen)} mutants ...", flush=True)
+        if build(tree).returncode != 0:
+            print("the unmutated copy does not build")
+            return 1
+        survivors, broken = [], []
+        for name, path, old, new, first in chosen:
+            target = tree / path
+            original = target.read_text()
+            if original.count(old) != 1:
+                broken.append(name)
+                print(f"NOT APPLICABLE  {name}: the text occurs {original.count(old)} times in {path}", flush=True)
+                continue
+            start = time.monotonic()
+            target.write_text(original.replace(old, new))
+            native = path.startswith("csrc/")
+            try:
+                if native and build(tree).returncode != 0:
+                    broken.append(name)
+                    print(f"NOT APPLICABLE  {name}: does not compile", flush=True)
+                    continue
+                verdict, detail = run_suite(tree, first, args.timeout)
+            finally:
+                target.write_text(original)
+                if native:
+                    build(tree)
+            if verdict == "SURVIVED":
+                survivors.append(name)
+            print(f"{verdict:<15} {name} ({time.monotonic() - start:.0f} s): {detail}", flush=True)
+    killed = len(chosen) - len(survivors) - len(broken)
+    print(f"{killed} of {len(chosen)} mutants killed; survived: {survivors or 'none'}; "
+          f"not applicable: {broken or 'none'}")
+    return 1 if survivors or broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
