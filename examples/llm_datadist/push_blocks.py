@@ -1,0 +1,95 @@
+"""LLM-DataDist style: the decoder links to the prompt and pushes blocks into the prompt's
+blocks cache, found by BlocksCacheKey. Run one process per role:
+
+    python examples/llm_datadist/push_blocks.py --role p &
+    python examples/llm_datadist/push_blocks.py --role d
+"""
+
+import logging
+
+import torch
+import torch.distributed as dist
+from common import DECODER_CLUSTER_ID, PROMPT_CLUSTER_ID, init_process_group, log_tensor, parse_args
+
+from torch_kvreg.llm_datadist import (
+    BlocksCacheKey,
+    CacheDesc,
+    DataType,
+    LLMClusterInfo,
+    LLMConfig,
+    LLMDataDist,
+    LLMRole,
+    LLMStatusCode,
+    Placement,
+)
+
+NUM_TENSORS, BLOCKS_NUM, KV_SHAPE = 2, 3, 10
+
+
+def start(role, cluster_id, args):
+    init_process_group(cluster_id, args)
+    datadist = LLMDataDist(role, cluster_id)
+    config = LLMConfig()
+    config.device_id = 0
+    config.local_comm_res = ""
+    port = args.prompt_port if role == LLMRole.PROMPT else args.decoder_port
+    config.listen_ip_info = f"{args.local_host_ip}:{port}"
+    datadist.init(config.generate_options())
+    logging.info(f"init {role} success, cluster_id={cluster_id}")
+    return datadist
+
+
+def blocks_cache(datadist, fill, own_cluster_id, args):
+    placement = Placement.HOST if args.device == "cpu" else Placement.DEVICE
+    desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[BLOCKS_NUM, KV_SHAPE], data_type=DataType.DT_FLOAT,
+                     placement=placement)
+    tensors = [torch.full((BLOCKS_NUM, KV_SHAPE), fill, dtype=torch.float, device=args.device)
+               for _ in range(NUM_TENSORS)]
+    cache = datadist.cache_manager.register_blocks_cache(
+        desc, [int(t.data_ptr()) for t in tensors], BlocksCacheKey(own_cluster_id, 0))
+    logging.info("register_blocks_cache success")
+    return cache, tensors
+
+
+def prompt(datadist, args):
+    cache, (tensor, tensor2) = blocks_cache(datadist, 1, PROMPT_CLUSTER_ID, args)
+    dist.barrier()  # registered
+    dist.barrier()  # the decoder pushed
+    log_tensor("after decoder push", tensor)
+    log_tensor("after decoder push tensor2", tensor2)
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = DECODER_CLUSTER_ID
+    ret, _ = datadist.unlink_clusters([cluster], 5000, force=True)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception(f"unlink failed: {ret}")
+    datadist.cache_manager.unregister_cache(cache.cache_id)
+    datadist.finalize()
+
+
+def decoder(datadist, args):
+    cache, tensors = blocks_cache(datadist, 0, DECODER_CLUSTER_ID, args)  # keep the memory alive
+    dist.barrier()  # registered
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = PROMPT_CLUSTER_ID
+    cluster.append_local_ip_info(args.local_host_ip, args.decoder_port)
+    cluster.append_remote_ip_info(args.remote_host_ip, args.prompt_port)
+    ret, _ = datadist.link_clusters([cluster], 5000)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception(f"link failed: {ret}")
+    datadist.cache_manager.push_blocks(BlocksCacheKey(PROMPT_CLUSTER_ID, 0), cache, src_blocks=[0, 1],
+                                       dst_blocks=[0, 2])
+    dist.barrier()  # pushed
+    ret, _ = datadist.unlink_clusters([cluster], 5000, force=True)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception(f"unlink failed: {ret}")
+    datadist.cache_manager.unregister_cache(cache.cache_id)
+    datadist.finalize()
+
+
+if __name__ == "__main__":
+    args = parse_args(__doc__)
+    role = LLMRole.PROMPT if args.role == "p" else LLMRole.DECODER
+    cluster_id = PROMPT_CLUSTER_ID if args.role == "p" else DECODER_CLUSTER_ID
+    datadist = start(role, cluster_id, args)
+    (prompt if role == LLMRole.PROMPT else decoder)(datadist, args)
+    logging.info("Sample end")
