@@ -14,7 +14,7 @@ EXT_STAMP := $(VENV)/.kvreg-built
 DEPS_STAMP := $(VENV)/.kvreg-deps
 PYTEST_ARGS ?=
 
-.PHONY: all demo demo-pd test test-asan test-mutants test-cuda-build bench build clean
+.PHONY: all demo demo-pd demo-datadist test test-asan test-mutants test-cuda-build bench build clean
 
 all: build
 
@@ -47,6 +47,11 @@ demo: build
 
 demo-pd: build
 	$(PY) examples/disaggregated_prefill_decode.py
+
+# An LLM-DataDist program (push_blocks) as two processes: the prompt in the background.
+demo-datadist: build
+	$(PY) examples/llm_datadist/push_blocks.py --role p & \
+	$(PY) examples/llm_datadist/push_blocks.py --role d; status=$$?; wait $$!; exit $$status
 
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)

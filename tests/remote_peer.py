@@ -24,6 +24,12 @@ def peer_main(commands, replies, cluster_id, wait_ms=2000):
                 cache = kv.register_kv_cache(tensors, kv.RegisterCfg(remote_accessible=remote))
                 caches[cache.cache_id] = tensors
                 replies.put(("ok", cache.cache_id))
+            elif op == "register_keyed":  # remotely reachable, with cache keys
+                num_tensors, num_blocks, block_shape, seed, keys = args
+                tensors = paged(num_tensors, num_blocks, block_shape, seed)
+                cache = kv.register_kv_cache(tensors, kv.RegisterCfg(remote_accessible=True), keys=keys)
+                caches[cache.cache_id] = tensors
+                replies.put(("ok", cache.cache_id))
             elif op == "leases":  # leases peers hold on this process's caches
                 replies.put(("ok", dict(kv.remote._engine.leases)))
             elif op == "read":
