@@ -63,7 +63,7 @@ ASAN_TESTS := tests/test_registry.py tests/test_copy_blocks.py tests/test_bad_in
 	tests/test_stress.py tests/test_model_based.py tests/test_threads.py \
 	tests/test_fuzz.py::test_raw_address_register_path
 test-asan: $(DEPS_STAMP)
-	rm -rf $(ASAN_PKG) && mkdir -p $(ASAN_PKG) && cp -r torch_kvreg $(ASAN_PKG)/ && rm -f $(ASAN_PKG)/torch_kvreg/*.so
+	rm -rf $(ASAN_PKG) && mkdir -p $(ASAN_PKG) && cp -r torch_kvreg $(ASAN_PKG)/ && rm -rf $(ASAN_PKG)/torch_kvreg/*.so $(ASAN_PKG)/torch_kvreg/lib
 	KVREG_SANITIZE=1 $(PY) setup.py -q build_ext --build-temp build-asan/temp --build-lib $(ASAN_PKG)
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \

@@ -1,4 +1,5 @@
-"""Builds torch_kvreg._C.
+"""Builds torch_kvreg/lib/libtorch_kvreg.so (the core, also for C++ programs) and
+torch_kvreg._C (the Python module over it).
 
 CUDAExtension when torch was built with CUDA and nvcc is found, CppExtension otherwise.
 KVREG_CUDA=0 forces the CPU build, KVREG_CUDA=1 requires the CUDA one.
@@ -29,14 +30,22 @@ def want_cuda() -> bool:
     return bool(found)
 
 
-def extension():
+CORE = "torch_kvreg.lib.libtorch_kvreg"  # the registry, ops, copies and the C++ API
+CORE_FILE = "libtorch_kvreg.so"
+
+
+def extensions():
+    """The core library (no Python in it, so C++ programs can link it) and the Python
+    module _C, which links the core: one registry per process, whoever registers."""
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "*.cpp")))
-    cxx = ["-O3", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
+    core_sources = sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "*.cpp"))
+                          if not p.endswith("bindings.cpp"))
+    include = [os.path.join(here, "torch_kvreg", "include")]
+    cxx = ["-O3", "-Wall", "-Wno-unused-function"]
     nvcc = ["-O3", "--expt-relaxed-constexpr"]
     link = []
     if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
-        # at::parallel_for is inlined into this library: without OpenMP it runs serially.
+        # at::parallel_for is inlined into the core: without OpenMP it runs serially.
         # The OpenMP runtime is the one torch has already loaded (same soname).
         cxx.append("-fopenmp")
         link.append("-fopenmp")
@@ -44,16 +53,27 @@ def extension():
         sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
         cxx = [f for f in cxx if f != "-O3"] + ["-O1", "-g"] + sanitize
         link += ["-fsanitize=address,undefined"]
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    # The core finds torch's libraries by itself (programs without Python load it too).
+    core_link = link + [f"-Wl,-rpath,{torch_lib}", f"-Wl,-soname,{CORE_FILE}"]
+    bindings_link = link + ["-ltorch_kvreg", "-Wl,-rpath,$ORIGIN/lib"]
+    bindings_cxx = cxx + ["-fvisibility=hidden"]
     if want_cuda():
-        sources += sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "cuda", "*.cu")))
-        return CUDAExtension(
-            "torch_kvreg._C",
-            sources,
-            define_macros=[("KVREG_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            extra_link_args=link,
-        )
-    return CppExtension("torch_kvreg._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+        core_sources += sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "cuda", "*.cu")))
+        macros = [("KVREG_WITH_CUDA", "1")]
+        core = CUDAExtension(CORE, core_sources, include_dirs=include, define_macros=macros,
+                             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=core_link)
+        bindings = CUDAExtension("torch_kvreg._C", ["csrc/bindings.cpp"], include_dirs=include, define_macros=macros,
+                                 extra_compile_args={"cxx": bindings_cxx, "nvcc": nvcc},
+                                 extra_link_args=bindings_link)
+    else:
+        core = CppExtension(CORE, core_sources, include_dirs=include, extra_compile_args={"cxx": cxx},
+                            extra_link_args=core_link)
+        bindings = CppExtension("torch_kvreg._C", ["csrc/bindings.cpp"], include_dirs=include,
+                                extra_compile_args={"cxx": bindings_cxx}, extra_link_args=bindings_link)
+    # torch_python needs a Python interpreter; the core must load without one.
+    core.libraries = [name for name in core.libraries if name != "torch_python"]
+    return [core, bindings]
 
 
 # Extensions use libstdc++'s stream code from the shared library torch loads. A build whose
@@ -73,7 +93,22 @@ def defines_libstdcxx_streams(path: str) -> bool | None:
 
 
 class BuildExtensionChecked(BuildExtension.with_options(use_ninja=True)):
+    def get_ext_filename(self, fullname):
+        # A plain shared library name, for -ltorch_kvreg. setuptools asks with the dotted
+        # name (copying in place) and distutils with its last part (building).
+        if fullname == CORE:
+            return os.path.join(*CORE.split(".")[:-1], CORE_FILE)
+        if fullname == CORE.rsplit(".", 1)[-1]:
+            return CORE_FILE
+        return super().get_ext_filename(fullname)
+
+    def copy_extensions_to_source(self):
+        os.makedirs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_kvreg", "lib"), exist_ok=True)
+        super().copy_extensions_to_source()
+
     def build_extension(self, ext):
+        if ext.name == "torch_kvreg._C":  # links the core built just before it
+            ext.library_dirs = [*ext.library_dirs, os.path.dirname(self.get_ext_fullpath(CORE))]
         super().build_extension(ext)
         path = self.get_ext_fullpath(ext.name)
         if os.path.exists(path) and defines_libstdcxx_streams(path):
@@ -90,6 +125,6 @@ if __name__ == "__main__":
     setup(
         # KVREG_SKIP_EXT=1: metadata only (the Makefile builds the extension in place with
         # `setup.py build_ext --inplace`, so that ninja's build folder is reused between runs).
-        ext_modules=[] if os.environ.get("KVREG_SKIP_EXT") == "1" else [extension()],
+        ext_modules=[] if os.environ.get("KVREG_SKIP_EXT") == "1" else extensions(),
         cmdclass={"build_ext": BuildExtensionChecked},
     )

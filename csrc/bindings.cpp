@@ -3,6 +3,7 @@
 #include "host_pin.h"
 #include "kernels.h"
 #include "registry.h"
+#include "remote_hooks.h"
 
 #include <torch/extension.h>
 
@@ -44,6 +45,49 @@ at::Tensor segments_tensor(const std::vector<kvreg::Segment>& segments) {
   return out;
 }
 
+// The C++ API's links and transfers run in the Python layer (torch_kvreg._cpp_bridge):
+// these hooks take the GIL, call it, and return its status. Any Python error is LLM_FAILED.
+template <typename... Args>
+uint32_t call_bridge(const char* name, Args&&... args) {
+  if (!Py_IsInitialized()) {
+    return 0x5010B019U;  // LLM_FEATURE_NOT_ENABLED: the interpreter is gone
+  }
+  py::gil_scoped_acquire gil;
+  try {
+    py::object function = py::module_::import("torch_kvreg._cpp_bridge").attr(name);
+    return function(std::forward<Args>(args)...).template cast<uint32_t>();
+  } catch (const py::error_already_set&) {
+    return 0xFFFFFFFFU;
+  } catch (const py::cast_error&) {
+    return 0xFFFFFFFFU;
+  }
+}
+
+kvreg::RemoteHooks python_hooks() {
+  kvreg::RemoteHooks hooks;
+  hooks.initialize = [](uint64_t cluster_id, int64_t role, const kvreg::Options& options) {
+    return call_bridge("initialize", cluster_id, role, options);
+  };
+  hooks.finalize = [] { call_bridge("finalize"); };
+  hooks.set_role = [](int64_t role, const kvreg::Options& options) {
+    return call_bridge("set_role", role, options);
+  };
+  hooks.link = [](uint64_t cluster_id, const std::string& ip, int64_t port, int64_t timeout_ms) {
+    return call_bridge("link", cluster_id, ip, port, timeout_ms);
+  };
+  hooks.unlink = [](uint64_t cluster_id, int64_t timeout_ms, bool force) {
+    return call_bridge("unlink", cluster_id, timeout_ms, force);
+  };
+  hooks.transfer = [](const kvreg::RemoteTransfer& t) {
+    return call_bridge(
+        "transfer", t.pull, t.blocks, t.cluster_id, t.remote_cache_id, t.local_cache_id, t.src_blocks,
+        t.dst_blocks, t.remote_index, t.local_index, t.size,
+        std::make_pair(t.local_first_layer, t.local_stop_layer),
+        std::make_pair(t.remote_first_layer, t.remote_stop_layer), t.tensors_per_layer);
+  };
+  return hooks;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -62,12 +106,10 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
-  // Whether at::parallel_for runs on several threads in this library (it is inlined here).
-#ifdef _OPENMP
-  m.attr("with_openmp") = true;
-#else
-  m.attr("with_openmp") = false;
-#endif
+  // Whether at::parallel_for runs on several threads in the core library (it is inlined there).
+  m.attr("with_openmp") = kvreg::built_with_openmp();
+  m.def("install_remote_hooks", [] { kvreg::set_remote_hooks(python_hooks()); });
+  m.def("clear_remote_hooks", [] { kvreg::set_remote_hooks(kvreg::RemoteHooks()); });
   m.def("cuda_available", &kvreg::cuda_available);
   m.def(
       "initialize",

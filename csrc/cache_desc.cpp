@@ -54,6 +54,12 @@ std::optional<DataType> data_type_from_scalar_type(at::ScalarType scalar_type) {
   return std::nullopt;
 }
 
+at::ScalarType scalar_type_from_data_type(DataType data_type) {
+  const auto* info = find_data_type(static_cast<int64_t>(data_type));
+  KVREG_CHECK_ARG(info != nullptr, "data type ", static_cast<int64_t>(data_type), " has no torch dtype");
+  return info->scalar_type;
+}
+
 int64_t data_type_size(int64_t data_type) {
   const auto* info = find_data_type(data_type);
   return info ? info->size : 0;

@@ -36,6 +36,8 @@ constexpr int64_t kMaxAddrsPerCall = 240;
 constexpr int64_t kMaxRank = 32;
 
 std::optional<DataType> data_type_from_scalar_type(at::ScalarType scalar_type);
+// The torch dtype of a data type; LLM_PARAM_INVALID for DT_UNDEFINED.
+at::ScalarType scalar_type_from_data_type(DataType data_type);
 // Bytes per element; 0 for DT_UNDEFINED and values outside the table.
 int64_t data_type_size(int64_t data_type);
 std::string data_type_name(int64_t data_type);

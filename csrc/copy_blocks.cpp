@@ -2,6 +2,7 @@
 #include "copy_plan.h"
 #include "host_pin.h"
 #include "kernels.h"
+#include "remote_hooks.h"
 #include "status.h"
 
 #include <ATen/Parallel.h>
@@ -275,6 +276,14 @@ void run_copy(const CopyPlan& plan) {
 }
 
 }  // namespace
+
+bool built_with_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
 
 std::vector<int64_t> block_indices(const at::Tensor& blocks, const char* name) {
   return block_list(blocks, name);

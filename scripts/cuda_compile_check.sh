@@ -34,7 +34,7 @@ export CPATH="${extra_includes}${CPATH:-}"
 rm -rf build-cuda/pkg && mkdir -p build-cuda/pkg
 KVREG_CUDA=1 TORCH_CUDA_ARCH_LIST="$CUDA_ARCHS" MAX_JOBS=2 "$CUDA_VENV/bin/python" setup.py -q build_ext \
   --build-temp build-cuda/temp --build-lib build-cuda/pkg
-cp -r torch_kvreg/*.py torch_kvreg/remote build-cuda/pkg/torch_kvreg/
+cp -r torch_kvreg/*.py torch_kvreg/remote torch_kvreg/llm_datadist torch_kvreg/include build-cuda/pkg/torch_kvreg/
 # Loads and runs the host paths of the CUDA build (no GPU here: copies stay on the CPU).
 PYTHONPATH=build-cuda/pkg "$CUDA_VENV/bin/python" -P -c "
 import torch, torch_kvreg as kv

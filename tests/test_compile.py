@@ -169,41 +169,35 @@ def test_import_twice_and_reload_do_not_abort():
     assert "ok 1 1" in result.stdout
 
 
-def test_second_copy_of_the_library_fails_cleanly(tmp_path):
-    """A second build (a JIT build, a stale copy) loaded beside the first one."""
+def test_second_copy_of_the_library_shares_the_first(tmp_path):
+    """A second build (a stale copy, another build folder) loaded beside the first: its _C
+    binds to the core library already loaded (same soname), so nothing is defined twice,
+    nothing aborts, and both see one registry, in either order of loading."""
+    import pathlib
     import shutil
 
-    copy = tmp_path / "other" / "_C.so"
-    copy.parent.mkdir()
-    shutil.copy(kv._C.__file__, copy)
-    code = (
-        "import importlib.util, torch, torch_kvreg\n"
-        f"torch.ops.load_library({str(copy)!r})  # plain dlopen: defines nothing\n"
-        f"spec = importlib.util.spec_from_file_location('other._C', {str(copy)!r})\n"
-        "try:\n"
-        "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
-        "except ImportError as e:\n"
-        "    print('ImportError:', e)\n"
+    other = tmp_path / "other"
+    (other / "lib").mkdir(parents=True)
+    shutil.copy(kv._C.__file__, other / "_C.so")
+    core = pathlib.Path(kv._C.__file__).parent / "lib" / "libtorch_kvreg.so"
+    shutil.copy(core, other / "lib" / core.name)
+    load_copy = (
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('other._C', {str(other / '_C.so')!r})\n"
+        "copy = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(copy)\n"
+    )
+    use_both = (
         "torch_kvreg.initialize()\n"
-        "print('still works', torch_kvreg.register_kv_cache(torch.zeros(2)).cache_id)\n"
+        "copy.register_tensors([torch.zeros(4)], False, -1, [])\n"
+        "torch_kvreg.register_kv_cache(torch.zeros(2))\n"
+        "print('shared', torch_kvreg.usage().num_caches, copy.usage()[0])\n"
     )
-    result = run_python(code)
-    assert result.returncode == 0, result.stderr
-    assert "ImportError:" in result.stdout and "llm" in result.stdout
-    assert "still works 1" in result.stdout
-    # And the other order: the copy first, then torch_kvreg.
-    code = (
-        "import importlib.util, torch\n"
-        f"spec = importlib.util.spec_from_file_location('other._C', {str(copy)!r})\n"
-        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
-        "try:\n"
-        "    import torch_kvreg\n"
-        "except ImportError as e:\n"
-        "    print('ImportError:', e)\n"
-    )
-    result = run_python(code)
-    assert result.returncode == 0, result.stderr
-    assert "ImportError:" in result.stdout and "another library" in result.stdout
+    for code in ("import torch, torch_kvreg\n" + load_copy + use_both,
+                 "import torch\n" + load_copy + "import torch_kvreg\n" + use_both):
+        result = run_python(code)
+        assert result.returncode == 0, result.stderr
+        assert "shared 2 2" in result.stdout, result.stdout
 
 
 def test_effect_registration_falls_back_on_older_torch(monkeypatch):

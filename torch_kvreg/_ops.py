@@ -11,8 +11,15 @@ from __future__ import annotations
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
+import atexit
+
 # Fails with ImportError (never aborts) if another copy of the library owns the namespace.
 from . import _C  # noqa: F401,E402  (defines torch.ops.llm)
+
+# The C++ API (llm_datadist.h) reaches links and transfers through the Python layer while
+# this interpreter runs; registered first, the removal runs after finalize at exit.
+_C.install_remote_hooks()
+atexit.register(_C.clear_remote_hooks)
 
 _EFFECTFUL_OPS = (
     "llm::register_kv_cache",

@@ -170,15 +170,7 @@ class LLMDataDist:
         role = LlmRole(role)
         options = {} if switch_options is None else switch_options
         native, _ = _native_options(options)
-        address = native.get("llm.ListenIpInfo")
-        if role == LlmRole.DECODER:
-            remote.stop_listening()
-        elif address is not None:
-            registry.parse_listen_address(address)
-            remote.stop_listening()
-            remote.start_listening(address)
-        elif role == LlmRole.PROMPT and remote.listen_address() is None:
-            raise param_invalid("switching to PROMPT needs llm.listenIpInfo in switch_options")
+        remote.serve_as(role, native.get("llm.ListenIpInfo"))
         log.info("LLMDataDist %d: %s -> %s", self._cluster_id, self._role.name, role.name)
         self._role = role
 

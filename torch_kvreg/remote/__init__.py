@@ -327,3 +327,19 @@ def stop_listening() -> None:
     engine = _engine
     if engine is not None:
         engine.stop_listening()
+
+
+def serve_as(role, address: str | None) -> None:
+    """LLM-DataDist's role switch: a DECODER stops listening; a PROMPT (or MIX) listens on
+    ``address`` ("ip:port"), or keeps listening where it does. Links and caches stay."""
+    from ..registry import parse_listen_address
+    from ..types import LlmRole
+
+    if int(role) == LlmRole.DECODER:
+        stop_listening()
+    elif address is not None:
+        parse_listen_address(address)
+        stop_listening()
+        start_listening(address)
+    elif int(role) == LlmRole.PROMPT and listen_address() is None:
+        raise param_invalid("switching to PROMPT needs a listen address (llm.listenIpInfo)")

@@ -1,0 +1,89 @@
+"""What the C++ API (llm_datadist.h) calls in a process where torch_kvreg is imported: links,
+transfers and the listening lifecycle, which live in the Python remote layer. Every function
+takes plain values and returns an LLM status int; it never raises."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from .errors import LLMException, LLMStatusCode
+
+log = logging.getLogger("torch_kvreg.cpp")
+NATIVE_OPTIONS = ("llm.ListenIpInfo", "llm.DeviceId", "llm.SyncKvCacheWaitTime")
+
+
+def _status(fn):
+    @functools.wraps(fn)
+    def wrapper(*args) -> int:
+        try:
+            result = fn(*args)
+        except LLMException as exc:
+            return int(exc.status_code)
+        except Exception as exc:  # anything else is a failure, reported, never raised into C++
+            log.warning("C++ API call %s failed: %r", fn.__name__, exc)
+            return int(LLMStatusCode.LLM_FAILED)
+        return int(LLMStatusCode.LLM_SUCCESS if result is None else result)
+
+    return wrapper
+
+
+@_status
+def initialize(cluster_id: int, role: int, options: list[tuple[str, str]]):
+    from . import registry
+
+    registry.initialize(cluster_id, role, options={k: v for k, v in options if k in NATIVE_OPTIONS})
+
+
+@_status
+def finalize():
+    from . import registry
+
+    registry.finalize()
+
+
+@_status
+def set_role(role: int, options: list[tuple[str, str]]):
+    from . import remote
+
+    address = dict(options).get("llm.ListenIpInfo")
+    remote.serve_as(role, address)
+
+
+@_status
+def link(cluster_id: int, ip: str, port: int, timeout_ms: int):
+    from . import remote
+    from .types import ClusterInfo
+
+    status, statuses = remote.link_clusters([ClusterInfo(cluster_id, ip, port)], timeout_ms)
+    return statuses[0]
+
+
+@_status
+def unlink(cluster_id: int, timeout_ms: int, force: bool):
+    from . import remote
+    from .types import ClusterInfo
+
+    status, statuses = remote.unlink_clusters([ClusterInfo(cluster_id, "0.0.0.0", 0)], timeout_ms, force)
+    return statuses[0]
+
+
+def _layers(first_stop: tuple[int, int]):
+    first, stop = first_stop
+    return None if stop == 0 else range(first, stop)
+
+
+@_status
+def transfer(pull, blocks, cluster_id, remote_cache_id, local_cache_id, src_blocks, dst_blocks, remote_index,
+             local_index, size, local_layers, remote_layers, tensors_per_layer):
+    from . import registry, remote
+    from .errors import raises_llm
+
+    local = registry.get_cache(local_cache_id)
+    operation = "READ" if pull else "WRITE"
+    if blocks:
+        raises_llm(remote.transfer_blocks)(operation, local, cluster_id, remote_cache_id, src_blocks, dst_blocks,
+                                           _layers(local_layers), _layers(remote_layers), tensors_per_layer)
+    else:
+        raises_llm(remote.transfer_slice)(operation, local, cluster_id, remote_cache_id, remote_index, local_index,
+                                          size, _layers(local_layers), _layers(remote_layers), tensors_per_layer)
