@@ -9,12 +9,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip --disable-pip-version-check -q
-SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu) setup.py
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu torch_kvreg/include/llm_datadist/*.h) setup.py
 EXT_STAMP := $(VENV)/.kvreg-built
 DEPS_STAMP := $(VENV)/.kvreg-deps
 PYTEST_ARGS ?=
 
-.PHONY: all demo demo-pd demo-datadist test test-asan test-mutants test-cuda-build bench build clean
+.PHONY: all demo demo-pd demo-datadist demo-cpp test test-asan test-mutants test-cuda-build bench build clean
 
 all: build
 
@@ -52,6 +52,12 @@ demo-pd: build
 demo-datadist: build
 	$(PY) examples/llm_datadist/push_blocks.py --role p & \
 	$(PY) examples/llm_datadist/push_blocks.py --role d; status=$$?; wait $$!; exit $$status
+
+# The C++ API: an LLM-DataDist-style program built against the installed headers and library.
+demo-cpp: build
+	c++ -std=c++17 -o build/llm_datadist_demo examples/cpp/llm_datadist_demo.cpp \
+		$$($(PY) -m torch_kvreg.config --cflags --libs)
+	env -u LD_LIBRARY_PATH build/llm_datadist_demo
 
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
