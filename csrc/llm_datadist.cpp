@@ -444,60 +444,58 @@ Status remote_transfer(kvreg::RemoteTransfer transfer, const KvCacheExtParam& ex
 
 }  // namespace
 
-Status LlmDataDist::PullKvCache(const CacheIndex& src_cache_index, const Cache& dst_cache, uint32_t batch_index,
-                                int64_t size, const KvCacheExtParam& ext_param) {
+namespace {
+
+kvreg::RemoteTransfer transfer_of(bool pull, bool blocks, const CacheIndex& remote, const Cache& local) {
   kvreg::RemoteTransfer transfer;
-  transfer.pull = true;
-  transfer.blocks = false;
-  transfer.cluster_id = src_cache_index.cluster_id;
-  transfer.remote_cache_id = src_cache_index.cache_id;
-  transfer.remote_index = src_cache_index.batch_index;
-  transfer.local_cache_id = dst_cache.cache_id;
-  transfer.local_index = batch_index;
+  transfer.pull = pull;
+  transfer.blocks = blocks;
+  transfer.cluster_id = remote.cluster_id;
+  transfer.remote_cache_id = remote.cache_id;
+  transfer.remote_index = remote.batch_index;
+  transfer.local_cache_id = local.cache_id;
+  return transfer;
+}
+
+Status slice_transfer(bool pull, const CacheIndex& remote, const Cache& local, uint32_t local_index, int64_t size,
+                      const KvCacheExtParam& ext_param) {
+  kvreg::RemoteTransfer transfer = transfer_of(pull, /*blocks=*/false, remote, local);
+  transfer.local_index = local_index;
   transfer.size = size;
   return remote_transfer(std::move(transfer), ext_param);
 }
 
+Status blocks_transfer(bool pull, const CacheIndex& remote, const Cache& local, const std::vector<uint64_t>& src_blocks,
+                       const std::vector<uint64_t>& dst_blocks, const KvCacheExtParam& ext_param) {
+  kvreg::RemoteTransfer transfer = transfer_of(pull, /*blocks=*/true, remote, local);
+  if (!signed_blocks(src_blocks, transfer.src_blocks) || !signed_blocks(dst_blocks, transfer.dst_blocks)) {
+    return LLM_PARAM_INVALID;
+  }
+  return remote_transfer(std::move(transfer), ext_param);
+}
+
+}  // namespace
+
+Status LlmDataDist::PullKvCache(const CacheIndex& src_cache_index, const Cache& dst_cache, uint32_t batch_index,
+                                int64_t size, const KvCacheExtParam& ext_param) {
+  return slice_transfer(true, src_cache_index, dst_cache, batch_index, size, ext_param);
+}
+
 Status LlmDataDist::PushKvCache(const Cache& src_cache, const CacheIndex& dst_cache_index, uint32_t src_batch_index,
                                 int64_t size, const KvCacheExtParam& ext_param) {
-  kvreg::RemoteTransfer transfer;
-  transfer.pull = false;
-  transfer.blocks = false;
-  transfer.cluster_id = dst_cache_index.cluster_id;
-  transfer.remote_cache_id = dst_cache_index.cache_id;
-  transfer.remote_index = dst_cache_index.batch_index;
-  transfer.local_cache_id = src_cache.cache_id;
-  transfer.local_index = src_batch_index;
-  transfer.size = size;
-  return remote_transfer(std::move(transfer), ext_param);
+  return slice_transfer(false, dst_cache_index, src_cache, src_batch_index, size, ext_param);
 }
 
 Status LlmDataDist::PullKvBlocks(const CacheIndex& src_cache_index, const Cache& dst_cache,
                                  const std::vector<uint64_t>& src_blocks, const std::vector<uint64_t>& dst_blocks,
                                  const KvCacheExtParam& ext_param) {
-  kvreg::RemoteTransfer transfer;
-  transfer.pull = true;
-  transfer.cluster_id = src_cache_index.cluster_id;
-  transfer.remote_cache_id = src_cache_index.cache_id;
-  transfer.local_cache_id = dst_cache.cache_id;
-  if (!signed_blocks(src_blocks, transfer.src_blocks) || !signed_blocks(dst_blocks, transfer.dst_blocks)) {
-    return LLM_PARAM_INVALID;
-  }
-  return remote_transfer(std::move(transfer), ext_param);
+  return blocks_transfer(true, src_cache_index, dst_cache, src_blocks, dst_blocks, ext_param);
 }
 
 Status LlmDataDist::PushKvBlocks(const Cache& src_cache, const CacheIndex& dst_cache_index,
                                  const std::vector<uint64_t>& src_blocks, const std::vector<uint64_t>& dst_blocks,
                                  const KvCacheExtParam& ext_param) {
-  kvreg::RemoteTransfer transfer;
-  transfer.pull = false;
-  transfer.cluster_id = dst_cache_index.cluster_id;
-  transfer.remote_cache_id = dst_cache_index.cache_id;
-  transfer.local_cache_id = src_cache.cache_id;
-  if (!signed_blocks(src_blocks, transfer.src_blocks) || !signed_blocks(dst_blocks, transfer.dst_blocks)) {
-    return LLM_PARAM_INVALID;
-  }
-  return remote_transfer(std::move(transfer), ext_param);
+  return blocks_transfer(false, dst_cache_index, src_cache, src_blocks, dst_blocks, ext_param);
 }
 
 }  // namespace llm_datadist

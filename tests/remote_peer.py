@@ -1,6 +1,10 @@
 """A torch_kvreg process driven by a test through queues (a prompt or decode peer)."""
 
+import multiprocessing as mp
+
 import torch
+
+CTX = mp.get_context("spawn")
 
 
 def paged(num_tensors, num_blocks, block_shape, seed, dtype=torch.float16):
@@ -43,3 +47,34 @@ def peer_main(commands, replies, cluster_id, wait_ms=2000):
                 return
         except Exception as exc:  # reported to the test
             replies.put(("error", repr(exc)))
+
+
+class Peer:
+    """A peer process listening on 127.0.0.1; ``call(op, args)`` runs one command there."""
+
+    def __init__(self, cluster_id, wait_ms=2000):
+        self.cluster_id = cluster_id
+        self.commands, self.replies = CTX.Queue(), CTX.Queue()
+        self.process = CTX.Process(target=peer_main, args=(self.commands, self.replies, cluster_id, wait_ms))
+        self.process.start()
+        status, address = self.replies.get(timeout=120)
+        assert status == "ready"
+        host, port = address.split(":")
+        self.host, self.port = host, int(port)
+
+    @property
+    def info(self):
+        import torch_kvreg as kv
+
+        return kv.ClusterInfo(self.cluster_id, self.host, self.port)
+
+    def call(self, op, args=None):
+        self.commands.put((op, args))
+        status, value = self.replies.get(timeout=60)
+        assert status == "ok", value
+        return value
+
+    def close(self):
+        if self.process.is_alive():
+            self.call("exit")
+        self.process.join(timeout=30)

@@ -5,7 +5,6 @@ registry with Python and links, pulls and pushes through the Python layer; bad c
 upstream's statuses and change nothing."""
 
 import ctypes
-import multiprocessing as mp
 import os
 import pathlib
 import shutil
@@ -18,7 +17,7 @@ import torch
 import torch_kvreg as kv
 from torch_kvreg import LLMStatusCode as S
 
-from remote_peer import paged, peer_main
+from remote_peer import Peer, paged
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler")
@@ -234,33 +233,20 @@ def test_bad_calls_get_upstream_statuses_and_change_nothing(shim):
     cpp.destroy()
 
 
-CTX = mp.get_context("spawn")
-
-
 @pytest.mark.skipif(not kv.remote.nixl_available(), reason="needs the nixl extra")
 def test_link_pull_push_from_cpp_in_a_python_process(shim):
-    commands, replies = CTX.Queue(), CTX.Queue()
-    process = CTX.Process(target=peer_main, args=(commands, replies, 6))
-    process.start()
+    peer = Peer(cluster_id=6)
     try:
-        status, address = replies.get(timeout=120)
-        host, port = address.split(":")
-
-        def peer(op, args=None):
-            commands.put((op, args))
-            status, value = replies.get(timeout=60)
-            assert status == "ok", value
-            return value
-
-        remote_id = peer("register", (4, 8, (16, 8), 31, True))  # 2 layers x (K, V), fp16 blocks
+        remote_id = peer.call("register", (4, 8, (16, 8), 31, True))  # 2 layers x (K, V), fp16 blocks
         theirs = paged(4, 8, (16, 8), 31)
         cpp = Cpp(shim, cluster_id=2, role=2)
         assert cpp.initialize() == S.LLM_SUCCESS
         mine = [torch.zeros(8, 16, 8, dtype=torch.float16) for _ in range(2)]  # one layer
         status, local_id = cpp.register(ptrs(mine), [8, 16, 8], data_type=DT_FLOAT16)
         assert status == S.LLM_SUCCESS
-        assert cpp.link(6, host.encode(), int(port), 3000, 1) == S.LLM_SUCCESS
-        assert cpp.link(6, host.encode(), int(port), 3000, 1) == S.LLM_ALREADY_LINK
+        host = peer.host.encode()
+        assert cpp.link(6, host, peer.port, 3000, 1) == S.LLM_SUCCESS
+        assert cpp.link(6, host, peer.port, 3000, 1) == S.LLM_ALREADY_LINK
         # Their layer 1 (inclusive pair 1..1) into our layer 0.
         assert cpp.pull_blocks(6, remote_id, local_id, arr(u64, [2, 5]), arr(u64, [0, 7]), 2, 1, 1, 0, 0,
                                2) == S.LLM_SUCCESS
@@ -272,22 +258,20 @@ def test_link_pull_push_from_cpp_in_a_python_process(shim):
         mine[1][4].fill_(8.0)
         assert cpp.push_blocks(local_id, 6, remote_id, arr(u64, [4]), arr(u64, [6]), 1) == S.LLM_PARAM_INVALID
         assert cpp.pull_cache(6, remote_id, 3, local_id, 1, -1) == S.LLM_PARAM_INVALID  # 4 tensors vs 2
-        peer("unregister", remote_id)
-        two = peer("register", (2, 8, (16, 8), 32, True))
+        peer.call("unregister", remote_id)
+        two = peer.call("register", (2, 8, (16, 8), 32, True))
         assert cpp.push_blocks(local_id, 6, two, arr(u64, [4]), arr(u64, [6]), 1) == S.LLM_SUCCESS
-        now = peer("read", two)
+        now = peer.call("read", two)
         assert torch.all(now[0][6] == 7.0) and torch.all(now[1][6] == 8.0)
         assert cpp.pull_cache(6, two, 3, local_id, 1, -1) == S.LLM_SUCCESS
         assert torch.equal(mine[1][1], paged(2, 8, (16, 8), 32)[1][3])
         assert cpp.push_cache(local_id, 0, 6, two, 5) == S.LLM_SUCCESS
-        assert torch.equal(peer("read", two)[0][5], mine[0][0])
-        assert peer("leases") == {}
+        assert torch.equal(peer.call("read", two)[0][5], mine[0][0])
+        assert peer.call("leases") == {}
         assert cpp.unlink(6, 1000, False) == S.LLM_SUCCESS
         assert cpp.pull_cache(6, two, 3, local_id, 1, -1) == S.LLM_NOT_YET_LINK
-        peer("unregister", two)
+        peer.call("unregister", two)
         cpp.finalize()
         cpp.destroy()
     finally:
-        if process.is_alive():
-            commands.put(("exit", None))
-            process.join(timeout=30)
+        peer.close()

@@ -3,8 +3,6 @@ option translation, registration with keys, local copies, the bad-input table (e
 gets upstream's status and changes nothing), and transfers with a peer process: keys,
 layer ranges, pull_cache by CacheKey, transfer_cache_async with a LayerSynchronizer."""
 
-import multiprocessing as mp
-
 import pytest
 import torch
 
@@ -28,7 +26,7 @@ from torch_kvreg.llm_datadist import (
     TransferWithCacheKeyConfig,
 )
 
-from remote_peer import paged, peer_main
+from remote_peer import Peer, paged
 
 P = LLMStatusCode.LLM_PARAM_INVALID
 HOST = Placement.HOST
@@ -274,30 +272,13 @@ def test_bad_input_table_covers_the_surface():
 
 # --- with a peer process ---------------------------------------------------------------------
 BLOCK = (4, 16)
-CTX = mp.get_context("spawn")
 
 
-class Peer:
-    def __init__(self, cluster_id):
-        self.cluster_id = cluster_id
-        self.commands, self.replies = CTX.Queue(), CTX.Queue()
-        self.process = CTX.Process(target=peer_main, args=(self.commands, self.replies, cluster_id))
-        self.process.start()
-        status, address = self.replies.get(timeout=120)
-        host, port = address.split(":")
-        self.info = LLMClusterInfo()
-        self.info.remote_cluster_id = cluster_id
-        self.info.append_remote_ip_info(host, int(port))
-
-    def call(self, op, args=None):
-        self.commands.put((op, args))
-        status, value = self.replies.get(timeout=60)
-        assert status == "ok", value
-        return value
-
-    def close(self):
-        self.call("exit")
-        self.process.join(timeout=30)
+def llm_cluster(peer) -> LLMClusterInfo:
+    info = LLMClusterInfo()
+    info.remote_cluster_id = peer.cluster_id
+    info.append_remote_ip_info(peer.host, peer.port)
+    return info
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +292,7 @@ def peer():
 
 def test_keys_and_layer_ranges_with_a_peer(peer, datadist):
     manager = datadist.cache_manager
-    assert datadist.link_clusters([peer.info]) == (LLMStatusCode.LLM_SUCCESS, [LLMStatusCode.LLM_SUCCESS])
+    assert datadist.link_clusters([llm_cluster(peer)]) == (LLMStatusCode.LLM_SUCCESS, [LLMStatusCode.LLM_SUCCESS])
     # The peer's blocks cache: 4 layers x (K, V), named BlocksCacheKey(8, model_id=2).
     blocks_id = peer.call("register_keyed", (8, 6, BLOCK, 21, [BlocksCacheKey(0, 2).registry_key()]))
     theirs = paged(8, 6, BLOCK, 21)
@@ -349,7 +330,7 @@ def test_keys_and_layer_ranges_with_a_peer(peer, datadist):
     assert peer.call("leases") == {}
     peer.call("unregister", blocks_id)
     peer.call("unregister", batch_id)
-    datadist.unlink_clusters([peer.info])
+    datadist.unlink_clusters([llm_cluster(peer)])
 
 
 class Layers(LayerSynchronizer):
@@ -366,7 +347,7 @@ class Layers(LayerSynchronizer):
 @pytest.mark.parametrize("ready_layers", [3, 1, 0])
 def test_transfer_cache_async_moves_only_synchronized_layers(peer, datadist, ready_layers):
     manager = datadist.cache_manager
-    datadist.link_clusters([peer.info])
+    datadist.link_clusters([llm_cluster(peer)])
     key = BlocksCacheKey(0, 10 + ready_layers).registry_key()
     remote_id = peer.call("register_keyed", (6, 4, BLOCK, 23, [key]))
     before = paged(6, 4, BLOCK, 23)
@@ -387,4 +368,4 @@ def test_transfer_cache_async_moves_only_synchronized_layers(peer, datadist, rea
         else:  # never moved
             assert torch.equal(now[t], before[t])
     peer.call("unregister", remote_id)
-    datadist.unlink_clusters([peer.info])
+    datadist.unlink_clusters([llm_cluster(peer)])

@@ -1,6 +1,5 @@
 """Two processes on 127.0.0.1: link, pull and push KV blocks over NIXL, and every failure."""
 
-import multiprocessing as mp
 import random
 import socket
 import time
@@ -11,34 +10,10 @@ import torch
 import torch_kvreg as kv
 from torch_kvreg import CacheIndex, ClusterInfo, LLMStatusCode
 
-from remote_peer import paged, peer_main
+from remote_peer import Peer, paged
 
 pytestmark = pytest.mark.skipif(not kv.remote.nixl_available(), reason="needs the nixl extra")
 BLOCK_SHAPE = (16, 2, 32)  # 2 KiB fp16 blocks
-CTX = mp.get_context("spawn")
-
-
-class Peer:
-    def __init__(self, cluster_id, wait_ms=2000):
-        self.cluster_id = cluster_id
-        self.commands, self.replies = CTX.Queue(), CTX.Queue()
-        self.process = CTX.Process(target=peer_main, args=(self.commands, self.replies, cluster_id, wait_ms))
-        self.process.start()
-        status, address = self.replies.get(timeout=120)
-        assert status == "ready"
-        host, port = address.split(":")
-        self.info = ClusterInfo(cluster_id, host, int(port))
-
-    def call(self, op, args=None):
-        self.commands.put((op, args))
-        status, value = self.replies.get(timeout=60)
-        assert status == "ok", value
-        return value
-
-    def close(self):
-        if self.process.is_alive():
-            self.call("exit")
-        self.process.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -240,6 +240,18 @@ def _selection(local_desc, local_layers, remote_layers, tensors_per_layer, remot
     return tensors
 
 
+def _planned(local: Cache, remote_ref, tensors, read: bool, plan_one):
+    """make_segments for Engine.transfer: the planner sees the descs of the tensors taking
+    part, source first (the remote side is the source of a READ)."""
+    def segments(remote_desc, key_index):
+        local_tensors, remote_tensors = tensors(remote_desc)
+        local_side = (_subset(local.cache_desc, len(local_tensors)), local.cache_id)
+        remote_side = (_subset(remote_desc, len(remote_tensors)), remote_ref if isinstance(remote_ref, int) else -1)
+        src, dst = (remote_side, local_side) if read else (local_side, remote_side)
+        return plan_one(src, dst, key_index)
+    return segments
+
+
 def transfer_blocks(operation: str, local: Cache, cluster_id: int, remote_ref, src_blocks, dst_blocks,
                     local_layers=None, remote_layers=None, tensors_per_layer: int = 2) -> int:
     """Blocks between a local cache and a remote one (by id or key), optionally a layer
@@ -248,16 +260,8 @@ def transfer_blocks(operation: str, local: Cache, cluster_id: int, remote_ref, s
     src_list, dst_list = _blocks(src_blocks, "src_blocks"), _blocks(dst_blocks, "dst_blocks")
     read = operation == "READ"
     tensors = _selection(local.cache_desc, local_layers, remote_layers, tensors_per_layer, read)
-
-    def segments(remote_desc, index):
-        local_tensors, remote_tensors = tensors(remote_desc)
-        local_desc = _subset(local.cache_desc, len(local_tensors))
-        remote_desc = _subset(remote_desc, len(remote_tensors))
-        remote_id = remote_ref if isinstance(remote_ref, int) else -1
-        if read:
-            return plan.block_segments(remote_desc, remote_id, local_desc, local.cache_id, src_list, dst_list)
-        return plan.block_segments(local_desc, local.cache_id, remote_desc, remote_id, src_list, dst_list)
-
+    segments = _planned(local, remote_ref, tensors, read, lambda src, dst, _index: plan.block_segments(
+        src[0], src[1], dst[0], dst[1], src_list, dst_list))
     return engine.transfer(operation, local, cluster_id, remote_ref, segments, tensors)
 
 
@@ -270,17 +274,13 @@ def transfer_slice(operation: str, local: Cache, cluster_id: int, remote_ref, re
     read = operation == "READ"
     tensors = _selection(local.cache_desc, local_layers, remote_layers, tensors_per_layer, read)
 
-    def segments(remote_desc, key_index):
-        local_tensors, remote_tensors = tensors(remote_desc)
-        local_desc = _subset(local.cache_desc, len(local_tensors))
-        remote_desc = _subset(remote_desc, len(remote_tensors))
-        remote_id = remote_ref if isinstance(remote_ref, int) else -1
-        index = key_index if remote_index is None else remote_index
-        if read:
-            return plan.slice_segments(remote_desc, remote_id, local_desc, local.cache_id, index, local_index, size)
-        return plan.slice_segments(local_desc, local.cache_id, remote_desc, remote_id, local_index, index, size)
+    def plan_one(src, dst, key_index):
+        remote = key_index if remote_index is None else remote_index
+        src_index, dst_index = (remote, local_index) if read else (local_index, remote)
+        return plan.slice_segments(src[0], src[1], dst[0], dst[1], src_index, dst_index, size)
 
-    return engine.transfer(operation, local, cluster_id, remote_ref, segments, tensors)
+    return engine.transfer(operation, local, cluster_id, remote_ref, _planned(local, remote_ref, tensors, read,
+                                                                              plan_one), tensors)
 
 
 @raises_llm
