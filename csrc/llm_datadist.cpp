@@ -39,6 +39,14 @@ RemoteHooks remote_hooks() {
 
 namespace llm_datadist {
 
+// The public header repeats the data type table (it may include nothing of torch's).
+static_assert(DT_FLOAT == static_cast<int>(kvreg::DataType::DT_FLOAT));
+static_assert(DT_FLOAT16 == static_cast<int>(kvreg::DataType::DT_FLOAT16));
+static_assert(DT_INT8 == static_cast<int>(kvreg::DataType::DT_INT8));
+static_assert(DT_BF16 == static_cast<int>(kvreg::DataType::DT_BF16));
+static_assert(DT_UNDEFINED == static_cast<int>(kvreg::DataType::DT_UNDEFINED));
+static_assert(DT_FLOAT8_E4M3FN == static_cast<int>(kvreg::DataType::DT_FLOAT8_E4M3FN));
+
 namespace {
 
 using kvreg::Registry;
@@ -250,8 +258,13 @@ Status LlmDataDist::SetRole(LlmRole role, const std::map<AscendString, AscendStr
   });
 }
 
-Status LlmDataDist::LinkLlmClusters(const std::vector<ClusterInfo>& clusters, std::vector<Status>& rets,
-                                    int32_t timeout_in_millis) {
+namespace {
+
+// What LinkLlmClusters and UnlinkLlmClusters share: the cluster cap, the timeout, and a
+// status per cluster (`each`), the first failure being the call's.
+template <typename Each>
+Status per_cluster(const std::vector<ClusterInfo>& clusters, std::vector<Status>& rets, int32_t timeout_in_millis,
+                   bool hooked, Status without_python, Each&& each) {
   return guarded([&]() -> Status {
     rets.assign(clusters.size(), LLM_SUCCESS);
     if (clusters.size() > kMaxClusters) {
@@ -262,18 +275,13 @@ Status LlmDataDist::LinkLlmClusters(const std::vector<ClusterInfo>& clusters, st
       return LLM_PARAM_INVALID;
     }
     Registry::instance().require_initialized();
-    const kvreg::RemoteHooks hooks = kvreg::remote_hooks();
-    if (hooks.link == nullptr) {
-      rets.assign(clusters.size(), LLM_FEATURE_NOT_ENABLED);
-      return clusters.empty() ? LLM_SUCCESS : LLM_FEATURE_NOT_ENABLED;
+    if (!hooked) {
+      rets.assign(clusters.size(), without_python);
+      return clusters.empty() ? LLM_SUCCESS : without_python;
     }
     Status overall = LLM_SUCCESS;
     for (size_t i = 0; i < clusters.size(); ++i) {
-      const auto& cluster = clusters[i];
-      rets[i] = cluster.remote_ip_infos.empty()
-          ? LLM_PARAM_INVALID
-          : hooks.link(cluster.remote_cluster_id, cluster.remote_ip_infos[0].ip.GetString(),
-                       cluster.remote_ip_infos[0].port, timeout_in_millis);
+      rets[i] = each(clusters[i]);
       if (rets[i] != LLM_SUCCESS && overall == LLM_SUCCESS) {
         overall = rets[i];
       }
@@ -282,32 +290,31 @@ Status LlmDataDist::LinkLlmClusters(const std::vector<ClusterInfo>& clusters, st
   });
 }
 
+}  // namespace
+
+Status LlmDataDist::LinkLlmClusters(const std::vector<ClusterInfo>& clusters, std::vector<Status>& rets,
+                                    int32_t timeout_in_millis) {
+  const kvreg::RemoteHooks hooks = kvreg::remote_hooks();
+  // Linking needs the Python layer: without it, LLM_FEATURE_NOT_ENABLED.
+  return per_cluster(clusters, rets, timeout_in_millis, hooks.link != nullptr, LLM_FEATURE_NOT_ENABLED,
+                     [&](const ClusterInfo& cluster) -> Status {
+                       if (cluster.remote_ip_infos.empty()) {
+                         return LLM_PARAM_INVALID;
+                       }
+                       const IpInfo& address = cluster.remote_ip_infos[0];
+                       return hooks.link(cluster.remote_cluster_id, address.ip.GetString(), address.port,
+                                         timeout_in_millis);
+                     });
+}
+
 Status LlmDataDist::UnlinkLlmClusters(const std::vector<ClusterInfo>& clusters, std::vector<Status>& rets,
                                       int32_t timeout_in_millis, bool force_flag) {
-  return guarded([&]() -> Status {
-    rets.assign(clusters.size(), LLM_SUCCESS);
-    if (clusters.size() > kMaxClusters) {
-      rets.assign(clusters.size(), LLM_CLUSTER_NUM_EXCEED_LIMIT);
-      return LLM_CLUSTER_NUM_EXCEED_LIMIT;
-    }
-    if (timeout_in_millis <= 0) {
-      return LLM_PARAM_INVALID;
-    }
-    Registry::instance().require_initialized();
-    const kvreg::RemoteHooks hooks = kvreg::remote_hooks();
-    if (hooks.unlink == nullptr) {
-      rets.assign(clusters.size(), LLM_NOT_YET_LINK);  // nothing can have been linked
-      return clusters.empty() ? LLM_SUCCESS : LLM_NOT_YET_LINK;
-    }
-    Status overall = LLM_SUCCESS;
-    for (size_t i = 0; i < clusters.size(); ++i) {
-      rets[i] = hooks.unlink(clusters[i].remote_cluster_id, timeout_in_millis, force_flag);
-      if (rets[i] != LLM_SUCCESS && overall == LLM_SUCCESS) {
-        overall = rets[i];
-      }
-    }
-    return overall;
-  });
+  const kvreg::RemoteHooks hooks = kvreg::remote_hooks();
+  // Without the Python layer nothing can have been linked: LLM_NOT_YET_LINK.
+  return per_cluster(clusters, rets, timeout_in_millis, hooks.unlink != nullptr, LLM_NOT_YET_LINK,
+                     [&](const ClusterInfo& cluster) -> Status {
+                       return hooks.unlink(cluster.remote_cluster_id, timeout_in_millis, force_flag);
+                     });
 }
 
 Status LlmDataDist::AllocateCache(const CacheDesc& cache_desc, Cache& cache) {
