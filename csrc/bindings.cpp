@@ -149,6 +149,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("unhold", [](int64_t cache_id) { Registry::instance().unhold(cache_id); });
   m.def("cache_ids", [] { return Registry::instance().cache_ids(); });
   m.def("get_cache", [](int64_t cache_id) { return cache_tuple(Registry::instance().get(cache_id)); });
+  // copy_kv_blocks without the GIL, for copies that run beside Python (asynchronous ones).
+  m.def(
+      "copy_blocks",
+      [](int64_t src_cache_id, int64_t dst_cache_id, const at::Tensor& src_blocks, const at::Tensor& dst_blocks) {
+        kvreg::copy_kv_blocks(src_cache_id, dst_cache_id, src_blocks, dst_blocks);
+      },
+      py::call_guard<py::gil_scoped_release>());
   m.def("cache_keys", [](int64_t cache_id) { return Registry::instance().get(cache_id).keys; });
   m.def("find_key", [](const std::string& key) { return Registry::instance().find_key(key); });
   m.def("remove_key", [](const std::string& key) { Registry::instance().remove_key(key); });
@@ -173,13 +180,16 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "plan_blocks",
       [](const DescFields& src, int64_t src_id, const DescFields& dst, int64_t dst_id,
-         const at::Tensor& src_blocks, const at::Tensor& dst_blocks, int64_t max_segment_bytes) {
+         const at::Tensor& src_blocks, const at::Tensor& dst_blocks, int64_t max_segment_bytes,
+         bool same_cache) {
         auto src_list = kvreg::block_indices(src_blocks, "src_blocks");
         auto dst_list = kvreg::block_indices(dst_blocks, "dst_blocks");
         return segments_tensor(kvreg::plan_blocks(
-            desc_from(src), src_id, desc_from(dst), dst_id, /*same_cache=*/false,
-            std::move(src_list), std::move(dst_list), max_segment_bytes));
-      });
+            desc_from(src), src_id, desc_from(dst), dst_id, same_cache, std::move(src_list),
+            std::move(dst_list), max_segment_bytes));
+      },
+      py::arg("src"), py::arg("src_id"), py::arg("dst"), py::arg("dst_id"), py::arg("src_blocks"),
+      py::arg("dst_blocks"), py::arg("max_segment_bytes"), py::arg("same_cache") = false);
   m.def(
       "plan_slice",
       [](const DescFields& src, int64_t src_id, const DescFields& dst, int64_t dst_id,

@@ -34,6 +34,8 @@ def peer_main(commands, replies, cluster_id, wait_ms=2000):
                 cache = kv.register_kv_cache(tensors, kv.RegisterCfg(remote_accessible=True), keys=keys)
                 caches[cache.cache_id] = tensors
                 replies.put(("ok", cache.cache_id))
+            elif op == "notifications":  # (cluster id, message) pairs received so far
+                replies.put(("ok", [tuple(n) for n in kv.get_notifications()]))
             elif op == "leases":  # leases peers hold on this process's caches
                 replies.put(("ok", dict(kv.remote._engine.leases)))
             elif op == "read":

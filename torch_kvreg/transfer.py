@@ -6,9 +6,26 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .errors import LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
-from .registry import cache_id_of
+import concurrent.futures
+import threading
+
+from . import _C
+from .errors import LLMException, LLMStatusCode, make_error, param_invalid, raises_llm, translate, wrong_type
+from .inflight import Transfer
+from .registry import cache_id_of, get_cache
 from .types import Cache, as_int
+
+# Local asynchronous copies run here, one at a time (each copy already uses every core).
+_copier: concurrent.futures.ThreadPoolExecutor | None = None
+_copier_lock = threading.Lock()
+
+
+def _copy_worker() -> concurrent.futures.ThreadPoolExecutor:
+    global _copier
+    with _copier_lock:
+        if _copier is None:
+            _copier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvreg-copy")
+        return _copier
 
 
 def block_tensor(blocks, name: str) -> torch.Tensor:
@@ -98,3 +115,53 @@ def copy_kv_cache(
         as_int(offset, "offset"),
         as_int(size, "size"),
     )
+
+
+@raises_llm
+def copy_kv_blocks_async(src: Cache | int, dst: Cache | int, src_blocks, dst_blocks) -> Transfer:
+    """Starts ``copy_kv_blocks`` on a worker thread (without the GIL) and returns its
+    Transfer. Checked before it returns, as the blocking form; both caches count as in use
+    (unregister waits for the copy) until it has finished.
+
+    >>> import torch, torch_kvreg
+    >>> torch_kvreg.initialize()
+    >>> a = torch_kvreg.register_kv_cache([torch.ones(4, 2)])
+    >>> b = torch_kvreg.register_kv_cache([torch.zeros(4, 2)])
+    >>> transfer = torch_kvreg.copy_kv_blocks_async(a, b, [0, 1], [2, 3])
+    >>> transfer.wait(), transfer.status.name
+    (16, 'LLM_SUCCESS')
+    >>> torch_kvreg.finalize()
+    """
+    src_id, dst_id = cache_id_of(src, "src"), cache_id_of(dst, "dst")
+    src_list, dst_list = block_tensor(src_blocks, "src_blocks"), block_tensor(dst_blocks, "dst_blocks")
+    src_cache, dst_cache = get_cache(src_id), get_cache(dst_id)
+    fields = [(c.cache_desc.num_tensors, int(c.cache_desc.data_type), list(c.cache_desc.shape),
+               int(c.cache_desc.placement), c.cache_desc.device_index) for c in (src_cache, dst_cache)]
+    # The checks of the copy itself, now: a bad call raises here and nothing is queued.
+    _C.plan_blocks(fields[0], src_id, fields[1], dst_id, src_list, dst_list, 1 << 20, src_id == dst_id)
+    nbytes = src_list.numel() * src_cache.cache_desc.block_nbytes * src_cache.cache_desc.num_tensors
+    transfer = Transfer(nbytes, dst_list.tolist(), "local copy")
+    held = []
+    try:
+        for cache_id in {src_id, dst_id}:
+            _C.hold(cache_id)
+            held.append(cache_id)
+    except BaseException:
+        for cache_id in held:
+            _C.unhold(cache_id)
+        raise
+
+    def run() -> None:
+        try:
+            _C.copy_blocks(src_id, dst_id, src_list, dst_list)
+            transfer.succeed()
+        except Exception as exc:  # reported through the Transfer
+            error = translate(exc)
+            transfer.fail(error if isinstance(error, LLMException)
+                          else make_error(LLMStatusCode.LLM_FAILED, f"local copy failed: {exc}"))
+        finally:
+            for cache_id in held:
+                _C.unhold(cache_id)
+
+    _copy_worker().submit(run)
+    return transfer

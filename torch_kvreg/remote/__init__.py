@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import threading
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
 from ..errors import LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
+from ..inflight import Transfer
 from ..types import Cache, CacheIndex, ClusterInfo, as_int
 from . import plan
 
@@ -252,24 +253,44 @@ def _planned(local: Cache, remote_ref, tensors, read: bool, plan_one):
     return segments
 
 
-def transfer_blocks(operation: str, local: Cache, cluster_id: int, remote_ref, src_blocks, dst_blocks,
-                    local_layers=None, remote_layers=None, tensors_per_layer: int = 2) -> int:
-    """Blocks between a local cache and a remote one (by id or key), optionally a layer
-    subset of each; the remote side is the source for READ, the destination for WRITE."""
+MAX_NOTIFY_BYTES = 1024
+
+
+def _notify(notify) -> bytes:
+    if notify is None:
+        return b""
+    if isinstance(notify, str):
+        notify = notify.encode("utf-8")
+    if not isinstance(notify, (bytes, bytearray)):
+        raise wrong_type(f"notify must be str, bytes or None, got {type(notify).__name__}")
+    if len(notify) > MAX_NOTIFY_BYTES:
+        raise param_invalid(f"notify has {len(notify)} bytes, at most {MAX_NOTIFY_BYTES} allowed")
+    return bytes(notify)
+
+
+def start_blocks(operation: str, local: Cache, cluster_id: int, remote_ref, src_blocks, dst_blocks,
+                 local_layers=None, remote_layers=None, tensors_per_layer: int = 2, notify=None) -> Transfer:
+    """Starts moving blocks between a local cache and a remote one (by id or key),
+    optionally a layer subset of each; the remote side is the source for READ, the
+    destination for WRITE. Everything is validated before this returns."""
     engine = _get_engine()
+    message = _notify(notify)
     src_list, dst_list = _blocks(src_blocks, "src_blocks"), _blocks(dst_blocks, "dst_blocks")
     read = operation == "READ"
     tensors = _selection(local.cache_desc, local_layers, remote_layers, tensors_per_layer, read)
     segments = _planned(local, remote_ref, tensors, read, lambda src, dst, _index: plan.block_segments(
         src[0], src[1], dst[0], dst[1], src_list, dst_list))
-    return engine.transfer(operation, local, cluster_id, remote_ref, segments, tensors)
+    return engine.start_transfer(operation, local, cluster_id, remote_ref, segments, tensors, message,
+                                 dst_list.tolist())
 
 
-def transfer_slice(operation: str, local: Cache, cluster_id: int, remote_ref, remote_index, local_index: int,
-                   size: int = -1, local_layers=None, remote_layers=None, tensors_per_layer: int = 2) -> int:
-    """``size`` bytes (-1: all) of one dim-0 slice between a local cache and a remote one.
-    ``remote_index`` None: the slice the remote key names."""
+def start_slice(operation: str, local: Cache, cluster_id: int, remote_ref, remote_index, local_index: int,
+                size: int = -1, local_layers=None, remote_layers=None, tensors_per_layer: int = 2,
+                notify=None) -> Transfer:
+    """Starts moving ``size`` bytes (-1: all) of one dim-0 slice between a local cache and a
+    remote one. ``remote_index`` None: the slice the remote key names."""
     engine = _get_engine()
+    message = _notify(notify)
     local_index, size = as_int(local_index, "batch_index"), as_int(size, "size")
     read = operation == "READ"
     tensors = _selection(local.cache_desc, local_layers, remote_layers, tensors_per_layer, read)
@@ -279,47 +300,98 @@ def transfer_slice(operation: str, local: Cache, cluster_id: int, remote_ref, re
         src_index, dst_index = (remote, local_index) if read else (local_index, remote)
         return plan.slice_segments(src[0], src[1], dst[0], dst[1], src_index, dst_index, size)
 
-    return engine.transfer(operation, local, cluster_id, remote_ref, _planned(local, remote_ref, tensors, read,
-                                                                              plan_one), tensors)
+    dst_index = local_index if read else remote_index
+    return engine.start_transfer(operation, local, cluster_id, remote_ref,
+                                 _planned(local, remote_ref, tensors, read, plan_one), tensors, message,
+                                 [] if dst_index is None else [dst_index])
+
+
+def transfer_blocks(*args, **kwargs) -> int:
+    """``start_blocks(...).wait()``: the bytes moved."""
+    return start_blocks(*args, **kwargs).wait()
+
+
+def transfer_slice(*args, **kwargs) -> int:
+    """``start_slice(...).wait()``: the bytes moved."""
+    return start_slice(*args, **kwargs).wait()
 
 
 @raises_llm
-def pull_kv_blocks(src: CacheIndex, dst: Cache | int, src_blocks, dst_blocks, *,
-                   layers: range | None = None, tensors_per_layer: int = 2) -> int:
-    """Reads blocks ``src_blocks`` of a remote cache into blocks ``dst_blocks`` of a local one.
-
-    Returns the bytes moved. Validated against the remote cache's desc before any byte moves.
-    ``layers`` (a range) moves only those layers' tensors (layer i: tensors
+def pull_kv_blocks_async(src: CacheIndex, dst: Cache | int, src_blocks, dst_blocks, *,
+                         layers: range | None = None, tensors_per_layer: int = 2, notify=None) -> Transfer:
+    """Starts reading blocks ``src_blocks`` of a remote cache into blocks ``dst_blocks`` of a
+    local one; returns its Transfer. Validated against the remote cache's desc before it
+    returns. ``layers`` (a range) moves only those layers' tensors (layer i: tensors
     ``i*tensors_per_layer .. (i+1)*tensors_per_layer-1``), the same layers on both sides.
-    """
+    ``notify`` (str or bytes, at most 1 KiB) reaches the peer's ``get_notifications()``
+    once the data has been read."""
     src = _cache_index(src)
     _get_engine()
-    local = _local(dst)
-    return transfer_blocks("READ", local, src.cluster_id, src.cache_id, src_blocks, dst_blocks,
-                           layers, layers, tensors_per_layer)
+    return start_blocks("READ", _local(dst), src.cluster_id, src.cache_id, src_blocks, dst_blocks, layers, layers,
+                        tensors_per_layer, notify)
 
 
 @raises_llm
-def push_kv_blocks(src: Cache | int, dst: CacheIndex, src_blocks, dst_blocks, *,
-                   layers: range | None = None, tensors_per_layer: int = 2) -> int:
-    """Writes blocks ``src_blocks`` of a local cache into blocks ``dst_blocks`` of a remote one."""
+def push_kv_blocks_async(src: Cache | int, dst: CacheIndex, src_blocks, dst_blocks, *,
+                         layers: range | None = None, tensors_per_layer: int = 2, notify=None) -> Transfer:
+    """Starts writing blocks ``src_blocks`` of a local cache into blocks ``dst_blocks`` of a
+    remote one; ``notify`` reaches the peer once the data has landed there."""
     dst = _cache_index(dst)
     _get_engine()
-    local = _local(src)
-    return transfer_blocks("WRITE", local, dst.cluster_id, dst.cache_id, src_blocks, dst_blocks,
-                           layers, layers, tensors_per_layer)
+    return start_blocks("WRITE", _local(src), dst.cluster_id, dst.cache_id, src_blocks, dst_blocks, layers, layers,
+                        tensors_per_layer, notify)
 
 
 @raises_llm
-def pull_kv_cache(src: CacheIndex, dst: Cache | int, batch_index: int = 0, size: int = -1, *,
-                  layers: range | None = None, tensors_per_layer: int = 2) -> int:
-    """Reads ``size`` bytes (-1: the whole slice) of slice ``src.batch_index`` of a remote
-    cache into slice ``batch_index`` of a local one, for every tensor (or ``layers``)."""
+def pull_kv_cache_async(src: CacheIndex, dst: Cache | int, batch_index: int = 0, size: int = -1, *,
+                        layers: range | None = None, tensors_per_layer: int = 2, notify=None) -> Transfer:
+    """Starts reading ``size`` bytes (-1: the whole slice) of slice ``src.batch_index`` of a
+    remote cache into slice ``batch_index`` of a local one, for every tensor (or ``layers``)."""
     src = _cache_index(src)
     _get_engine()
-    local = _local(dst)
-    return transfer_slice("READ", local, src.cluster_id, src.cache_id, src.batch_index, batch_index, size,
-                          layers, layers, tensors_per_layer)
+    return start_slice("READ", _local(dst), src.cluster_id, src.cache_id, src.batch_index, batch_index, size,
+                       layers, layers, tensors_per_layer, notify)
+
+
+@raises_llm
+def pull_kv_blocks(src: CacheIndex, dst: Cache | int, src_blocks, dst_blocks, **kwargs) -> int:
+    """``pull_kv_blocks_async(...).wait()``: returns the bytes moved."""
+    return pull_kv_blocks_async(src, dst, src_blocks, dst_blocks, **kwargs).wait()
+
+
+@raises_llm
+def push_kv_blocks(src: Cache | int, dst: CacheIndex, src_blocks, dst_blocks, **kwargs) -> int:
+    """``push_kv_blocks_async(...).wait()``: returns the bytes moved."""
+    return push_kv_blocks_async(src, dst, src_blocks, dst_blocks, **kwargs).wait()
+
+
+@raises_llm
+def pull_kv_cache(src: CacheIndex, dst: Cache | int, batch_index: int = 0, size: int = -1, **kwargs) -> int:
+    """``pull_kv_cache_async(...).wait()``: returns the bytes moved."""
+    return pull_kv_cache_async(src, dst, batch_index, size, **kwargs).wait()
+
+
+class Notification(NamedTuple):
+    """A completion notice from a peer: its cluster id (None if not linked) and message."""
+
+    cluster_id: int | None
+    message: bytes
+
+
+def get_notifications() -> list[Notification]:
+    """Drains the completion notices peers sent with their transfers' ``notify``, oldest
+    first. Empty when nothing arrived (or remote transfers are not in use).
+
+    >>> import torch_kvreg as kv
+    >>> kv.initialize()
+    >>> kv.get_notifications()
+    []
+    >>> kv.finalize()
+    """
+    engine = _engine
+    if engine is None:
+        return []
+    return [Notification(cluster_id, message) for cluster_id, message in engine.notifications()]
 
 
 def stop_listening() -> None:

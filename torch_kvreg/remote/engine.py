@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import _C
 from ..errors import LLMException, LLMStatusCode, make_error
+from ..inflight import Transfer
 from ..types import Cache, CacheDesc, ClusterInfo
 from . import plan, protocol
 
@@ -230,6 +231,10 @@ class Engine:
         self.connections: set[Link] = set()  # connections peers opened to us
         self.server: _Server | None = None
         self.listen_address: str | None = None
+        self.progress = threading.Condition()  # guards flights and stopping
+        self.flights: list[_Flight] = []
+        self.stopping = False
+        self.progress_thread: threading.Thread | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
     def listen(self, host: str, port: int) -> str:
@@ -253,12 +258,15 @@ class Engine:
             server.server_close()
 
     def close(self) -> None:
+        # Transfers in flight and peers' leases first (bounded), then links and the server.
+        with self.lock:
+            if not self.lock.wait_for(lambda: not any(self.in_flight.values()), timeout=self.wait_s):
+                log.warning("finalize: transfers still in flight after %.0f ms", self.wait_s * 1000)
+        self.stop_progress()
         for cluster_id in list(self.links):
             self.unlink(cluster_id, force=False)
         self.stop_listening()
         with self.lock:
-            if not self.lock.wait_for(lambda: not any(self.in_flight.values()), timeout=self.wait_s):
-                log.warning("finalize: transfers still in flight after %.0f ms", self.wait_s * 1000)
             # Peers that still hold leases lose them and their connections: the registry is
             # about to be emptied.
             connections = list(self.connections)
@@ -324,8 +332,7 @@ class Engine:
             with contextlib.suppress(Exception):
                 self.agent.deregister_memory(reg)
 
-    @contextlib.contextmanager
-    def using(self, cache_id: int):
+    def hold_local(self, cache_id: int) -> None:
         """Counts a transfer in flight on a local cache, here and in the native registry, so
         that unregister (from Python or from the raw op) waits for it."""
         with self.lock:
@@ -333,13 +340,20 @@ class Engine:
                 raise _error(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"cache id {cache_id} is being unregistered")
             _C.hold(cache_id)
             self.in_flight[cache_id] = self.in_flight.get(cache_id, 0) + 1
+
+    def unhold_local(self, cache_id: int) -> None:
+        with self.lock:
+            self.in_flight[cache_id] -= 1
+            _C.unhold(cache_id)
+            self.lock.notify_all()
+
+    @contextlib.contextmanager
+    def using(self, cache_id: int):
+        self.hold_local(cache_id)
         try:
             yield
         finally:
-            with self.lock:
-                self.in_flight[cache_id] -= 1
-                _C.unhold(cache_id)
-                self.lock.notify_all()
+            self.unhold_local(cache_id)
 
     # --- serving peers -----------------------------------------------------------------
     def serve(self, op: str, fields: dict, link: Link) -> dict:
@@ -507,18 +521,28 @@ class Engine:
 
     # --- transfers ---------------------------------------------------------------------
     def transfer(self, operation: str, local: Cache, cluster_id: int, remote_ref: int | str, make_segments,
-                 tensors=None) -> int:
-        """Moves bytes between a local cache and a remote one; returns the bytes moved.
+                 tensors=None, notify: bytes = b"") -> int:
+        """A blocking transfer: ``start_transfer(...).wait()``; returns the bytes moved."""
+        return self.start_transfer(operation, local, cluster_id, remote_ref, make_segments, tensors,
+                                   notify=notify).wait()
+
+    def start_transfer(self, operation: str, local: Cache, cluster_id: int, remote_ref: int | str, make_segments,
+                       tensors=None, notify: bytes = b"", dst_blocks=()) -> Transfer:
+        """Starts moving bytes between a local cache and a remote one; returns its Transfer.
 
         ``remote_ref`` is the remote cache id, or a cache key the peer registered.
         ``make_segments(remote_desc, remote_index)`` validates and returns (source offsets,
         destination offsets, lengths) before any byte moves (``remote_index``: the slice a
         key names, else 0); READ moves remote -> local, WRITE local -> remote.
         ``tensors(remote_desc)`` gives the (local, remote) tensor indices that take part;
-        None: all, pairwise.
+        None: all, pairwise. ``notify`` reaches the peer once the data has landed.
+        Everything is checked, the peer's cache leased and the request posted before this
+        returns; the engine's progress thread completes it.
         """
         link = self.link_for(cluster_id)
-        with self.using(local.cache_id):
+        self.hold_local(local.cache_id)
+        lease = None
+        try:
             self.register(local)
             request = {"op": "acquire", "key": remote_ref} if isinstance(remote_ref, str) else \
                 {"op": "acquire", "cache_id": remote_ref}
@@ -527,39 +551,161 @@ class Engine:
                 lease, remote, md = protocol.parse_acquire_response(response)
                 index = protocol.parse_acquire_index(response)
             except protocol.ProtocolError as exc:
-                with contextlib.suppress(LLMException):
-                    link.request({"op": "release", "lease": response.get("lease")})
+                lease = response.get("lease") if isinstance(response.get("lease"), int) else None
                 raise _error(LLMStatusCode.LLM_FAILED, f"cluster {cluster_id} sent a malformed cache entry: {exc}") from None
+            if tensors is None:
+                local_tensors = remote_tensors = list(range(local.cache_desc.num_tensors))
+            else:
+                local_tensors, remote_tensors = tensors(remote.desc)
+            src_offsets, dst_offsets, lengths = make_segments(remote.desc, index)
+            local_offsets, remote_offsets = (
+                (dst_offsets, src_offsets) if operation == "READ" else (src_offsets, dst_offsets))
+            nbytes = int(lengths.sum()) * len(local_tensors)
+            transfer = Transfer(nbytes, dst_blocks, f"{operation.lower()} with cluster {cluster_id}")
+            if nbytes == 0:
+                self._settle(link, lease, local.cache_id, None)
+                transfer.succeed()
+                return transfer
+            if link.loaded_md.get(remote.cache_id) != md:
+                self.agent.add_remote_agent(md)
+                link.loaded_md[remote.cache_id] = md
+            block_nbytes = local.cache_desc.block_nbytes
+            local_sel = np.asarray(local_tensors, dtype=np.int64)
+            remote_sel = np.asarray(remote_tensors, dtype=np.int64)
+            if (lengths.size >= PREPPED_MIN_SEGMENTS and bool(np.all(lengths == block_nbytes))
+                    and _preppable(local.cache_desc) and _preppable(remote.desc)):
+                # Scattered single blocks: index into per-block lists prepared once per
+                # cache, as NIXL recommends, instead of preparing every descriptor again.
+                make_handle = self._prepped_request(operation, local, remote, link, local_offsets,
+                                                    remote_offsets, block_nbytes, local_sel, remote_sel)
+            else:
+                make_handle = self._request(operation, local, remote, link, local_offsets,
+                                            remote_offsets, lengths, local_sel, remote_sel)
             try:
-                if tensors is None:
-                    local_tensors = remote_tensors = list(range(local.cache_desc.num_tensors))
-                else:
-                    local_tensors, remote_tensors = tensors(remote.desc)
-                src_offsets, dst_offsets, lengths = make_segments(remote.desc, index)
-                local_offsets, remote_offsets = (
-                    (dst_offsets, src_offsets) if operation == "READ" else (src_offsets, dst_offsets))
-                if lengths.size == 0 or not local_tensors:
-                    return 0
-                if link.loaded_md.get(remote.cache_id) != md:
-                    self.agent.add_remote_agent(md)
-                    link.loaded_md[remote.cache_id] = md
-                block_nbytes = local.cache_desc.block_nbytes
-                local_sel = np.asarray(local_tensors, dtype=np.int64)
-                remote_sel = np.asarray(remote_tensors, dtype=np.int64)
-                if (lengths.size >= PREPPED_MIN_SEGMENTS and bool(np.all(lengths == block_nbytes))
-                        and _preppable(local.cache_desc) and _preppable(remote.desc)):
-                    # Scattered single blocks: index into per-block lists prepared once per
-                    # cache, as NIXL recommends, instead of preparing every descriptor again.
-                    make_handle = self._prepped_request(operation, local, remote, link, local_offsets,
-                                                        remote_offsets, block_nbytes, local_sel, remote_sel)
-                else:
-                    make_handle = self._request(operation, local, remote, link, local_offsets,
-                                                remote_offsets, lengths, local_sel, remote_sel)
-                self._run(make_handle, link)
-                return int(lengths.sum()) * len(local_tensors)
-            finally:
-                with contextlib.suppress(LLMException):
-                    link.request({"op": "release", "lease": lease})
+                handle = make_handle()
+            except Exception as exc:
+                raise _error(LLMStatusCode.LLM_LINK_FAILED, f"NIXL could not prepare the transfer: {exc}") from None
+            flight = _Flight(transfer, link, lease, local.cache_id, handle, time.monotonic() + self.wait_s)
+            try:
+                state = self.agent.transfer(handle, notify)
+            except Exception as exc:
+                state = "ERR"
+                log.warning("NIXL refused to post a transfer: %s", exc)
+        except BaseException:
+            self._settle(link, lease, local.cache_id, None)
+            raise
+        self._track(flight, state)
+        return transfer
+
+    def _settle(self, link: Link, lease, local_id: int, handle) -> bool:
+        """Releases what a transfer held; False (holding on) while NIXL still owns the handle."""
+        if handle is not None:
+            try:
+                self.agent.release_xfer_handle(handle)
+            except Exception:
+                return False
+        if lease is not None:
+            with contextlib.suppress(LLMException):
+                link.request({"op": "release", "lease": lease})
+        self.unhold_local(local_id)
+        return True
+
+    def _track(self, flight: "_Flight", state: str) -> None:
+        if state != "PROC" and self._land(flight, state):
+            return
+        with self.progress:
+            self.flights.append(flight)
+            if self.progress_thread is None:
+                self.progress_thread = threading.Thread(target=self._progress, name="kvreg-progress", daemon=True)
+                self.progress_thread.start()
+            self.progress.notify()
+
+    def _land(self, flight: "_Flight", state: str) -> bool:
+        """Completes a transfer whose state is known; True once everything is released."""
+        peer = flight.link.cluster_id
+        if state == "DONE":
+            flight.transfer.succeed()
+        elif state == "PROC":
+            flight.transfer.fail(_error(LLMStatusCode.LLM_TIMEOUT, f"transfer with cluster {peer} not done "
+                                        f"within {self.wait_s * 1000:.0f} ms"))
+        else:
+            flight.transfer.fail(_error(LLMStatusCode.LLM_LINK_FAILED, f"NIXL transfer with cluster {peer} failed"))
+        # A transfer NIXL still runs keeps its local cache and the peer's lease held (so
+        # neither side frees memory under it) until NIXL lets go of the handle.
+        return self._settle(flight.link, flight.lease, flight.local_id, flight.handle)
+
+    def _progress(self) -> None:
+        """Drives NIXL and completes transfers: polls without sleeping while any is in
+        flight (each status check drives UCX progress; sleeping cost 5-10% of throughput on
+        scattered blocks), yielding the GIL now and then; waits when there is none."""
+        polls = 0
+        while True:
+            with self.progress:
+                while not self.flights and not self.stopping:
+                    self.progress.wait()
+                if not self.flights:
+                    return
+                flights = list(self.flights)
+            landed = [flight for flight in flights if self._poll(flight)]
+            if landed:
+                with self.progress:
+                    for flight in landed:
+                        self.flights.remove(flight)
+            polls += 1
+            if all(flight.settled_late for flight in flights):
+                time.sleep(0.01)  # only handles NIXL has not let go of: no hurry
+            elif polls % 256 == 0:
+                time.sleep(0)
+
+    def _poll(self, flight: "_Flight") -> bool:
+        """One look at a flight; True once it has landed and released what it held."""
+        if flight.settled_late:  # completed earlier; retry releasing what it held
+            return self._settle(flight.link, flight.lease, flight.local_id, flight.handle)
+        try:
+            state = self.agent.check_xfer_state(flight.handle)
+        except Exception:
+            state = "ERR"
+        if state == "PROC" and time.monotonic() <= flight.deadline:
+            return False
+        if self._land(flight, state):
+            return True
+        flight.settled_late = True
+        return False
+
+    def stop_progress(self) -> None:
+        """Stops the progress thread (finalize). Transfers NIXL still holds then fail and
+        give up their holds, so that finalize cannot hang on a peer that never answers."""
+        with self.progress:
+            self.stopping = True
+            self.progress.notify()
+            thread = self.progress_thread
+        if thread is not None:
+            thread.join(timeout=self.wait_s + 1)
+        with self.progress:
+            leftovers, self.flights = self.flights, []
+        for flight in leftovers:
+            flight.transfer.fail(_error(LLMStatusCode.LLM_FAILED, "finalized with the transfer in flight"))
+            log.warning("finalize: a transfer with cluster %s was still in flight", flight.link.cluster_id)
+            with contextlib.suppress(Exception):
+                self.agent.release_xfer_handle(flight.handle)
+            self.unhold_local(flight.local_id)
+
+    def notifications(self) -> list[tuple[int | None, bytes]]:
+        """Completion notices peers sent since the last call, oldest first, with the
+        sending cluster id (None for an agent this process has no link with)."""
+        try:
+            received = self.agent.get_new_notifs()
+        except Exception as exc:
+            log.warning("NIXL notifications unavailable: %s", exc)
+            return []
+        with self.lock:
+            clusters = {link.agent_name: link.cluster_id for link in self.links.values() if link.agent_name}
+            clusters.update({link.agent_name: link.cluster_id for link in self.connections if link.agent_name})
+        out = []
+        for agent_name, messages in received.items():
+            name = agent_name.decode() if isinstance(agent_name, bytes) else str(agent_name)
+            out.extend((clusters.get(name), bytes(message)) for message in messages)
+        return out
 
     def _request(self, operation, local: Cache, remote, link: Link, local_offsets, remote_offsets, lengths,
                  local_sel, remote_sel):
@@ -609,30 +755,11 @@ class Engine:
         remote_idx = indices(remote_offsets, remote.desc.shape[0], remote_sel)
         return lambda: agent.make_prepped_xfer(operation, local_prep, local_idx, remote_prep, remote_idx)
 
-    def _run(self, make_handle, link: Link) -> None:
-        agent = self.agent
-        try:
-            handle = make_handle()
-        except Exception as exc:
-            raise _error(LLMStatusCode.LLM_LINK_FAILED, f"NIXL could not prepare the transfer: {exc}") from None
-        try:
-            state = agent.transfer(handle)
-            deadline = time.monotonic() + self.wait_s
-            polls = 0
-            # Each status check also drives UCX progress, so poll without sleeping (sleeping
-            # cost 5-10% of throughput on scattered blocks); yield the GIL now and then.
-            while state == "PROC":
-                polls += 1
-                if polls % 256 == 0:
-                    if time.monotonic() > deadline:
-                        raise _error(LLMStatusCode.LLM_TIMEOUT,
-                                     f"transfer with cluster {link.info.remote_cluster_id} not done "
-                                     f"within {self.wait_s * 1000:.0f} ms")
-                    time.sleep(0)
-                state = agent.check_xfer_state(handle)
-            if state != "DONE":
-                raise _error(LLMStatusCode.LLM_LINK_FAILED, f"NIXL transfer with cluster "
-                             f"{link.info.remote_cluster_id} failed")
-        finally:
-            with contextlib.suppress(Exception):
-                agent.release_xfer_handle(handle)
+
+class _Flight:
+    """One posted NIXL transfer and what it holds until it lands."""
+
+    def __init__(self, transfer: Transfer, link: Link, lease, local_id: int, handle, deadline: float):
+        self.transfer, self.link, self.lease, self.local_id = transfer, link, lease, local_id
+        self.handle, self.deadline = handle, deadline
+        self.settled_late = False

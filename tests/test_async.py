@@ -1,0 +1,204 @@
+"""Asynchronous transfers: Transfer handles for local copies and remote pulls and pushes,
+many in flight from one thread, waits that release the GIL and time out without stopping
+the transfer, failures reported with the blocks to recompute, caches kept registered while
+a transfer needs them, and completion notices delivered to the peer after the data."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+import torch_kvreg as kv
+from torch_kvreg import CacheIndex, LLMStatusCode
+from torch_kvreg.transfer import _copy_worker
+
+from remote_peer import Peer, paged
+
+
+@pytest.fixture
+def local():
+    kv.initialize(options={"llm.SyncKvCacheWaitTime": "200"})
+    src = [torch.arange(64.0).reshape(8, 8) + 100 * t for t in range(2)]
+    dst = [torch.zeros(8, 8) for _ in range(2)]
+    yield src, dst, kv.register_kv_cache(src), kv.register_kv_cache(dst)
+    kv.finalize()
+
+
+def blocked_worker():
+    """Holds the local copy worker until the returned event is set."""
+    gate = threading.Event()
+    _copy_worker().submit(gate.wait, 30)
+    return gate
+
+
+def test_local_async_copy_lands(local):
+    src, dst, a, b = local
+    transfer = kv.copy_kv_blocks_async(a, b, [1, 6], [0, 7])
+    assert isinstance(transfer, kv.Transfer)
+    assert transfer.wait(5000) == 2 * 8 * 4 * 2 == transfer.nbytes
+    assert transfer.done() and transfer.status == LLMStatusCode.LLM_SUCCESS and transfer.failed_blocks == []
+    assert all(torch.equal(d[[0, 7]], s[[1, 6]]) for d, s in zip(dst, src)) and not dst[0][1:7].any()
+    assert transfer.elapsed_s >= 0 and "local copy" in repr(transfer)
+
+
+def test_local_async_copy_checks_before_it_queues(local):
+    src, dst, a, b = local
+    before = (kv.usage(), kv.registered_caches())
+    for call, error in ((lambda: kv.copy_kv_blocks_async(a, b, [8], [0]), kv.LLMIndexError),
+                        (lambda: kv.copy_kv_blocks_async(a, b, [0, 1], [2, 2]), kv.LLMParamInvalidError),
+                        (lambda: kv.copy_kv_blocks_async(a, a, [0, 1], [1, 2]), kv.LLMParamInvalidError),
+                        (lambda: kv.copy_kv_blocks_async(a, 10**6, [0], [0]), kv.LLMKVCacheNotExistError),
+                        (lambda: kv.copy_kv_blocks_async(a, b, "0", [0]), kv.LLMTypeError)):
+        with pytest.raises(error):
+            call()
+    assert (kv.usage(), kv.registered_caches()) == before
+    kv.unregister_kv_cache(a)  # nothing was left holding it
+
+
+def test_many_local_copies_in_flight_from_one_thread(local):
+    src, dst, a, b = local
+    gate = blocked_worker()
+    transfers = [kv.copy_kv_blocks_async(a, b, [i % 8], [(i + 3) % 8]) for i in range(64)]
+    assert not any(t.done() for t in transfers)  # all queued behind the gate
+    gate.set()
+    assert sum(t.wait(10_000) for t in transfers) == 64 * 8 * 4 * 2
+    assert all(torch.equal(d[(i + 3) % 8], s[i % 8]) for i in range(8) for d, s in zip(dst, src))
+
+
+def test_wait_times_out_without_stopping_and_releases_the_gil(local):
+    src, dst, a, b = local
+    gate = blocked_worker()
+    transfer = kv.copy_kv_blocks_async(a, b, [2], [3])
+    spins = {"n": 0}
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            spins["n"] += 1
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    with pytest.raises(kv.LLMException) as info:
+        transfer.wait(timeout_ms=300)
+    stop.set()
+    spinner.join()
+    assert info.value.status_code == LLMStatusCode.LLM_TIMEOUT
+    assert spins["n"] > 1000  # Python ran while we waited
+    assert not transfer.done() and transfer.status is None and transfer.failed_blocks == [3]
+    gate.set()
+    transfer.wait(5000)
+    assert torch.equal(dst[1][3], src[1][2])
+
+
+def test_unregister_waits_for_a_queued_copy(local):
+    src, dst, a, b = local
+    gate = blocked_worker()
+    transfer = kv.copy_kv_blocks_async(a, b, [0], [1])
+    with pytest.raises(kv.LLMException) as info:
+        kv.unregister_kv_cache(b)  # llm.SyncKvCacheWaitTime is 200 ms here
+    assert info.value.status_code == LLMStatusCode.LLM_TIMEOUT and kv.get_cache(b.cache_id) == b
+    gate.set()
+    transfer.wait(5000)
+    kv.unregister_kv_cache(b)
+    assert torch.equal(dst[0][1], src[0][0])
+
+
+def test_a_failed_copy_reports_its_blocks(local):
+    src, dst, a, b = local
+    gate = blocked_worker()
+    transfer = kv.copy_kv_blocks_async(a, b, [0, 1], [4, 5])
+    dst[0].resize_(64, 64)  # reallocates memory the registry holds: the copy must refuse
+    gate.set()
+    with pytest.raises(kv.LLMException) as info:
+        transfer.wait(5000)
+    assert info.value.status_code == LLMStatusCode.LLM_FAILED and "reallocated" in str(info.value)
+    assert transfer.status == LLMStatusCode.LLM_FAILED and transfer.failed_blocks == [4, 5]
+    with pytest.raises(kv.LLMException):  # every wait raises it again
+        transfer.wait()
+
+
+# --- remote ------------------------------------------------------------------------------------
+BLOCK = (16, 2, 32)  # 2 KiB fp16 blocks
+
+
+@pytest.fixture(scope="module")
+def peer():
+    if not kv.remote.nixl_available():
+        pytest.skip("needs the nixl extra")
+    p = Peer(cluster_id=9)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def decoder(peer):
+    kv.initialize(cluster_id=2, options={"llm.SyncKvCacheWaitTime": "1000"})
+    assert kv.link_clusters([peer.info])[0] == LLMStatusCode.LLM_SUCCESS
+    yield kv
+    kv.finalize()
+
+
+def test_64_pulls_in_flight_from_one_thread(peer, decoder):
+    remote_id = peer.call("register", (2, 64, BLOCK, 41, True))
+    theirs = paged(2, 64, BLOCK, 41)
+    mine = [torch.zeros(64, *BLOCK, dtype=torch.float16) for _ in range(2)]
+    local = kv.register_kv_cache(mine)
+    start = time.monotonic()
+    transfers = [kv.pull_kv_blocks_async(CacheIndex(9, remote_id), local, [i], [63 - i]) for i in range(64)]
+    started = time.monotonic() - start
+    assert all(isinstance(t, kv.Transfer) for t in transfers)
+    assert sum(t.wait(10_000) for t in transfers) == 64 * 2 * local.cache_desc.block_nbytes
+    assert all(t.status == LLMStatusCode.LLM_SUCCESS and t.failed_blocks == [] for t in transfers)
+    assert all(torch.equal(m.flip(0), t) for m, t in zip(mine, theirs))
+    assert started < 10
+    assert peer.call("leases") == {}
+    peer.call("unregister", remote_id)
+
+
+def test_notices_reach_the_peer_after_the_data(peer, decoder):
+    remote_id = peer.call("register", (2, 8, BLOCK, 42, True))
+    peer.call("notifications")  # drain
+    mine = [torch.full((8, *BLOCK), 5.0, dtype=torch.float16) for _ in range(2)]
+    local = kv.register_kv_cache(mine)
+    kv.push_kv_blocks_async(local, CacheIndex(9, remote_id), [0, 1], [6, 7], notify="req-17 pushed").wait(5000)
+    kv.pull_kv_blocks(CacheIndex(9, remote_id), local, [2], [3], notify=b"req-18 pulled")
+    kv.pull_kv_cache_async(CacheIndex(9, remote_id, 4), local, 5, notify="x" * 1024).wait(5000)
+    deadline = time.monotonic() + 5
+    received = []
+    while len(received) < 3 and time.monotonic() < deadline:
+        received += peer.call("notifications")
+        time.sleep(0.05)
+    assert received == [(2, b"req-17 pushed"), (2, b"req-18 pulled"), (2, b"x" * 1024)]
+    assert torch.all(peer.call("read", remote_id)[1][7] == 5.0)  # the data was there by then
+    assert kv.get_notifications() == []  # nothing was sent to us
+    before = (kv.usage(), kv.registered_caches())
+    with pytest.raises(kv.LLMParamInvalidError):
+        kv.pull_kv_blocks_async(CacheIndex(9, remote_id), local, [0], [0], notify="x" * 1025)
+    with pytest.raises(kv.LLMTypeError):
+        kv.pull_kv_blocks_async(CacheIndex(9, remote_id), local, [0], [0], notify=17)
+    assert (kv.usage(), kv.registered_caches()) == before and peer.call("leases") == {}
+    peer.call("unregister", remote_id)
+
+
+@pytest.mark.parametrize("failure", ["never_done", "error"])
+def test_transfers_in_flight_fail_with_their_blocks(peer, decoder, monkeypatch, failure):
+    remote_id = peer.call("register", (2, 8, BLOCK, 43, True))
+    local = kv.register_kv_cache([torch.zeros(8, *BLOCK, dtype=torch.float16) for _ in range(2)])
+    agent = kv.remote._engine.agent
+    state = "PROC" if failure == "never_done" else "ERR"
+    monkeypatch.setattr(agent, "check_xfer_state", lambda handle: state)
+    monkeypatch.setattr(agent, "transfer", lambda handle, notif_msg=b"": "PROC")
+    start = time.monotonic()
+    transfers = [kv.pull_kv_blocks_async(CacheIndex(9, remote_id), local, [i], [7 - i]) for i in range(4)]
+    for i, transfer in enumerate(transfers):
+        with pytest.raises(kv.LLMException) as info:
+            transfer.wait(5000)
+        expected = LLMStatusCode.LLM_TIMEOUT if failure == "never_done" else LLMStatusCode.LLM_LINK_FAILED
+        assert info.value.status_code == expected and transfer.status == expected
+        assert transfer.failed_blocks == [7 - i]
+    assert time.monotonic() - start < 1.0 + 2  # llm.SyncKvCacheWaitTime is 1 s
+    assert peer.call("leases") == {}
+    monkeypatch.undo()
+    kv.unregister_kv_cache(local)  # nothing holds it any more
+    peer.call("unregister", remote_id)

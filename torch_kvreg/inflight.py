@@ -1,0 +1,115 @@
+"""Transfer: the handle of an asynchronous transfer, local or remote, and the table of
+transfers that compiled code refers to by id."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from typing import Sequence
+
+from .errors import LLMException, LLMStatusCode, make_error, param_invalid, wrong_type
+from .types import format_bytes
+
+
+class Transfer:
+    """A transfer in flight: ``done()``, ``wait(timeout_ms=None)``, ``status`` (None until
+    done), ``nbytes``, ``elapsed_s``, and ``failed_blocks``: the destination blocks not
+    known to be written (all of them after a failure, none after success), for recomputation.
+
+    >>> t = Transfer(nbytes=4096, dst_blocks=[3, 5])
+    >>> t.done(), t.status
+    (False, None)
+    >>> t.succeed(); t.wait(), t.status, t.failed_blocks
+    (4096, <LLMStatusCode.LLM_SUCCESS: 0>, [])
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(self, nbytes: int = 0, dst_blocks: Sequence[int] = (), description: str = "transfer"):
+        self.transfer_id = next(Transfer._ids)
+        self.nbytes = int(nbytes)
+        self.description = description
+        self._dst_blocks = [int(b) for b in dst_blocks]
+        self._started = time.monotonic()
+        self._finished: float | None = None
+        self._done = threading.Event()
+        self._error: LLMException | None = None
+        self.status: LLMStatusCode | None = None
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def elapsed_s(self) -> float:
+        end = self._finished if self._finished is not None else time.monotonic()
+        return end - self._started
+
+    @property
+    def failed_blocks(self) -> list[int]:
+        if not self.done() or self.status != LLMStatusCode.LLM_SUCCESS:
+            return list(self._dst_blocks)
+        return []
+
+    def wait(self, timeout_ms: int | None = None) -> int:
+        """Blocks (without holding the GIL) until done; returns the bytes moved. Raises the
+        failure's LLMException, or LLM_TIMEOUT when not done in time (it goes on)."""
+        if timeout_ms is not None:
+            if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int):
+                raise wrong_type(f"timeout_ms must be an int or None, got {type(timeout_ms).__name__}")
+            if timeout_ms < 0:
+                raise param_invalid(f"timeout_ms must be >= 0, got {timeout_ms}")
+        if not self._done.wait(None if timeout_ms is None else timeout_ms / 1000):
+            raise make_error(LLMStatusCode.LLM_TIMEOUT, f"{self.description} not done within {timeout_ms} ms")
+        if self._error is not None:
+            # A fresh exception each time (the stored one keeps its own traceback).
+            raise make_error(self._error.status_code, self._error.detail, type(self._error))
+        return self.nbytes
+
+    # --- completion, by whoever runs the transfer ----------------------------------------
+    def succeed(self, nbytes: int | None = None) -> None:
+        if nbytes is not None:
+            self.nbytes = int(nbytes)
+        self._complete(LLMStatusCode.LLM_SUCCESS, None)
+
+    def fail(self, error: LLMException) -> None:
+        self._complete(error.status_code, error)
+
+    def _complete(self, status: LLMStatusCode, error: LLMException | None) -> None:
+        if self._done.is_set():
+            return
+        self._finished = time.monotonic()
+        self._error = error
+        self.status = status
+        self._done.set()
+
+    def __repr__(self) -> str:
+        state = "in flight" if self.status is None else self.status.name
+        return f"Transfer(id={self.transfer_id}, {self.description}, {format_bytes(self.nbytes)}, {state})"
+
+
+# --- transfers that compiled code names by id ------------------------------------------------
+_table: dict[int, Transfer] = {}
+_table_lock = threading.Lock()
+
+
+def remember(transfer: Transfer) -> int:
+    with _table_lock:
+        _table[transfer.transfer_id] = transfer
+    return transfer.transfer_id
+
+
+def take(transfer_id: int) -> Transfer:
+    """The transfer with this id, forgotten here (each id is waited for exactly once)."""
+    with _table_lock:
+        transfer = _table.pop(int(transfer_id), None)
+    if transfer is None:
+        raise make_error(LLMStatusCode.LLM_PARAM_INVALID,
+                         f"transfer id {transfer_id} is unknown or was already waited for", ValueError)
+    return transfer
+
+
+def completed(nbytes: int = 0, description: str = "transfer") -> Transfer:
+    transfer = Transfer(nbytes, (), description)
+    transfer.succeed()
+    return transfer
