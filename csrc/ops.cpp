@@ -48,6 +48,12 @@ void register_ops() {
   m->def(
       "pull_kv_cache(int cluster_id, SymInt src_cache_id, int src_batch_index, SymInt dst_cache_id,"
       " int batch_index=0, int size=-1) -> ()");
+  // Asynchronous: start returns a transfer id that wait_transfer consumes, exactly once, so a
+  // compiled layer can start the next layer's load and wait for its own.
+  m->def(
+      "start_pull_kv_blocks(int cluster_id, SymInt src_cache_id, SymInt dst_cache_id, Tensor src_blocks,"
+      " Tensor dst_blocks) -> SymInt");
+  m->def("wait_transfer(SymInt transfer_id) -> ()");
 
   // One kernel for every device: the registry, not the argument tensors, says where the
   // cache memory lives.

@@ -202,3 +202,67 @@ def test_transfers_in_flight_fail_with_their_blocks(peer, decoder, monkeypatch, 
     monkeypatch.undo()
     kv.unregister_kv_cache(local)  # nothing holds it any more
     peer.call("unregister", remote_id)
+
+
+# --- compiled code: start the next layer's load, wait for one's own --------------------------
+def test_start_and_wait_ops_in_eager(peer, decoder):
+    remote_id = peer.call("register", (2, 8, BLOCK, 44, True))
+    theirs = paged(2, 8, BLOCK, 44)
+    mine = [torch.zeros(8, *BLOCK, dtype=torch.float16) for _ in range(2)]
+    local = kv.register_kv_cache(mine)
+    transfer_id = torch.ops.llm.start_pull_kv_blocks(9, remote_id, local.cache_id, torch.tensor([1]),
+                                                     torch.tensor([2]))
+    assert int(transfer_id) > 0
+    torch.ops.llm.wait_transfer(transfer_id)
+    assert torch.equal(mine[1][2], theirs[1][1])
+    with pytest.raises(ValueError, match="^LLM_PARAM_INVALID: transfer id .* already waited for"):
+        torch.ops.llm.wait_transfer(transfer_id)  # exactly once
+    with pytest.raises(ValueError, match="^LLM_PARAM_INVALID"):
+        torch.ops.llm.wait_transfer(10**9)
+    with pytest.raises(IndexError, match="^LLM_PARAM_INVALID: src_blocks"):
+        torch.ops.llm.start_pull_kv_blocks(9, remote_id, local.cache_id, torch.tensor([8]), torch.tensor([0]))
+    assert kv.inflight._table == {}
+    peer.call("unregister", remote_id)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_layer_pipeline_in_a_compiled_graph(peer, decoder, backend):
+    """Layer i+1's load starts before layer i is waited for and used, in one graph."""
+    torch._dynamo.reset()
+    remote0 = peer.call("register", (2, 8, BLOCK, 45, True))  # the prompt's layers 0 and 1 (K, V)
+    remote1 = peer.call("register", (2, 8, BLOCK, 46, True))
+    theirs0, theirs1 = paged(2, 8, BLOCK, 45), paged(2, 8, BLOCK, 46)
+    mine = [torch.zeros(8, *BLOCK, dtype=torch.float16) for _ in range(2)]
+    spare = [torch.zeros(8, *BLOCK, dtype=torch.float16) for _ in range(2)]
+    layer0, layer1 = kv.register_kv_cache(mine).cache_id, kv.register_kv_cache(spare).cache_id
+
+    @torch.compile(fullgraph=True, backend=backend)
+    def step(blocks, slots, x):
+        loading = torch.ops.llm.start_pull_kv_blocks(9, remote0, layer0, blocks, slots)
+        upcoming = torch.ops.llm.start_pull_kv_blocks(9, remote1, layer1, blocks + 4, slots)
+        torch.ops.llm.wait_transfer(loading)
+        seen = mine[0].index_select(0, slots)  # read after the wait, inside the graph
+        torch.ops.llm.wait_transfer(upcoming)
+        return seen, x * 2
+
+    seen, _ = step(torch.tensor([0, 3]), torch.tensor([5, 6]), torch.ones(1))
+    assert torch.equal(seen, theirs0[0][[0, 3]])
+    assert torch.equal(spare[1][[5, 6]], theirs1[1][[4, 7]])
+    assert kv.inflight._table == {}  # every transfer waited for once
+    peer.call("unregister", remote0)
+    peer.call("unregister", remote1)
+
+
+@pytest.mark.parametrize("util", ("test_schema", "test_faketensor", "test_autograd_registration"))
+def test_opcheck_start_and_wait(peer, decoder, util):
+    remote_id = peer.call("register", (2, 8, BLOCK, 46, True))
+    local = kv.register_kv_cache([torch.zeros(8, *BLOCK, dtype=torch.float16) for _ in range(2)])
+    args = (9, remote_id, local.cache_id, torch.tensor([1, 2]), torch.tensor([3, 4]))
+    assert torch.library.opcheck(torch.ops.llm.start_pull_kv_blocks.default, args,
+                                 test_utils=(util,)) == {util: "SUCCESS"}
+    for transfer_id in list(kv.inflight._table):  # what the checks started
+        transfer_id = torch.ops.llm.start_pull_kv_blocks(*args)
+        assert torch.library.opcheck(torch.ops.llm.wait_transfer.default, (transfer_id,),
+                                     test_utils=(util,)) == {util: "SUCCESS"}
+    kv.inflight._table.clear()
+    peer.call("unregister", remote_id)

@@ -30,6 +30,8 @@ _EFFECTFUL_OPS = (
     "llm::pull_kv_blocks",
     "llm::push_kv_blocks",
     "llm::pull_kv_cache",
+    "llm::start_pull_kv_blocks",
+    "llm::wait_transfer",
 )
 
 # Kernels of the remote ops: their schemas are in csrc/ops.cpp, their data path is NIXL.
@@ -57,10 +59,29 @@ def _pull_kv_cache_kernel(cluster_id, src_cache_id, src_batch_index, dst_cache_i
     pull_kv_cache(CacheIndex(cluster_id, int(src_cache_id), src_batch_index), int(dst_cache_id), batch_index, size)
 
 
+def _start_pull_kv_blocks_kernel(cluster_id, src_cache_id, dst_cache_id, src_blocks, dst_blocks):
+    from .inflight import remember
+    from .remote import pull_kv_blocks_async
+    from .types import CacheIndex
+
+    transfer = pull_kv_blocks_async(CacheIndex(cluster_id, int(src_cache_id)), int(dst_cache_id), src_blocks,
+                                    dst_blocks)
+    return remember(transfer)
+
+
+def _wait_transfer_kernel(transfer_id):
+    from .errors import raises_llm
+    from .inflight import take
+
+    raises_llm(take)(int(transfer_id)).wait()
+
+
 for _name, _kernel in (
     ("pull_kv_blocks", _pull_kv_blocks_kernel),
     ("push_kv_blocks", _push_kv_blocks_kernel),
     ("pull_kv_cache", _pull_kv_cache_kernel),
+    ("start_pull_kv_blocks", _start_pull_kv_blocks_kernel),
+    ("wait_transfer", _wait_transfer_kernel),
 ):
     _remote_impls.impl(_name, _kernel, "CompositeExplicitAutograd", allow_override=True)
 
@@ -119,6 +140,16 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("llm::pull_kv_cache")
     def _pull_kv_cache_fake(cluster_id, src_cache_id, src_batch_index, dst_cache_id, batch_index=0, size=-1):
+        return None
+
+    @torch.library.register_fake("llm::start_pull_kv_blocks")
+    def _start_pull_kv_blocks_fake(cluster_id, src_cache_id, dst_cache_id, src_blocks, dst_blocks):
+        _reject_meta(src_blocks, "src_blocks")
+        _reject_meta(dst_blocks, "dst_blocks")
+        return _new_cache_id()  # a transfer id: known only when the op runs
+
+    @torch.library.register_fake("llm::wait_transfer")
+    def _wait_transfer_fake(transfer_id):
         return None
 
     for name in _EFFECTFUL_OPS:

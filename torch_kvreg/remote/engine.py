@@ -623,6 +623,10 @@ class Engine:
     def _land(self, flight: "_Flight", state: str) -> bool:
         """Completes a transfer whose state is known; True once everything is released."""
         peer = flight.link.cluster_id
+        # Released before the waiter wakes, so that what it does next (unregister, ask the
+        # peer) finds nothing held. A transfer NIXL still runs keeps its local cache and the
+        # peer's lease held (neither side may free memory under it) until NIXL lets go.
+        settled = self._settle(flight.link, flight.lease, flight.local_id, flight.handle)
         if state == "DONE":
             flight.transfer.succeed()
         elif state == "PROC":
@@ -630,9 +634,7 @@ class Engine:
                                         f"within {self.wait_s * 1000:.0f} ms"))
         else:
             flight.transfer.fail(_error(LLMStatusCode.LLM_LINK_FAILED, f"NIXL transfer with cluster {peer} failed"))
-        # A transfer NIXL still runs keeps its local cache and the peer's lease held (so
-        # neither side frees memory under it) until NIXL lets go of the handle.
-        return self._settle(flight.link, flight.lease, flight.local_id, flight.handle)
+        return settled
 
     def _progress(self) -> None:
         """Drives NIXL and completes transfers: polls without sleeping while any is in
