@@ -266,3 +266,34 @@ def test_opcheck_start_and_wait(peer, decoder, util):
                                      test_utils=(util,)) == {util: "SUCCESS"}
     kv.inflight._table.clear()
     peer.call("unregister", remote_id)
+
+
+def test_bad_remote_calls_change_nothing(peer, decoder):
+    remote_id = peer.call("register", (4, 8, BLOCK, 47, True))  # 2 layers x (K, V)
+    mine = [torch.zeros(8, *BLOCK, dtype=torch.float16) for _ in range(4)]
+    local = kv.register_kv_cache(mine)
+    index = CacheIndex(9, remote_id)
+    before = (kv.usage(), kv.registered_caches())
+    for call, error in (
+        (lambda: kv.pull_kv_blocks_async(index, local, [0], [0], layers=range(0, 3)), kv.LLMParamInvalidError),
+        (lambda: kv.pull_kv_blocks_async(index, local, [0], [0], layers=range(0, 2, 2)), kv.LLMParamInvalidError),
+        (lambda: kv.pull_kv_blocks_async(index, local, [0], [0], layers=range(1, 1)), kv.LLMParamInvalidError),
+        (lambda: kv.pull_kv_blocks_async(index, local, [0], [0], layers=[0, 1]), kv.LLMTypeError),
+        (lambda: kv.pull_kv_blocks_async(index, local, [0], [0], layers=range(0, 1), tensors_per_layer=0),
+         kv.LLMParamInvalidError),
+        (lambda: kv.push_kv_blocks_async(local, index, [0], [9]), kv.LLMIndexError),
+        (lambda: kv.pull_kv_cache_async(CacheIndex(9, remote_id, 8), local), kv.LLMIndexError),
+        (lambda: kv.pull_kv_blocks_async(index, local, [0], [0], notify="x" * 2000), kv.LLMParamInvalidError),
+        (lambda: kv.pull_kv_blocks_async(CacheIndex(9, 10**6), local, [0], [0]), kv.LLMKVCacheNotExistError),
+    ):
+        with pytest.raises(error):
+            call()
+    assert (kv.usage(), kv.registered_caches()) == before
+    assert peer.call("leases") == {} and all(not t.any() for t in mine)
+    assert torch.equal(peer.call("read", remote_id)[0], paged(4, 8, BLOCK, 47)[0])
+    # The same layers on both sides move just those tensors.
+    kv.pull_kv_blocks(index, local, [3], [4], layers=range(1, 2))
+    theirs = paged(4, 8, BLOCK, 47)
+    assert torch.equal(mine[2][4], theirs[2][3]) and torch.equal(mine[3][4], theirs[3][3])
+    assert not mine[0].any() and not mine[1].any()
+    peer.call("unregister", remote_id)

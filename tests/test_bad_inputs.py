@@ -114,6 +114,16 @@ CASES = [
     ("copy_kv_cache size past slice", lambda w: kv.copy_kv_cache(w.a, w.b, 0, 0, offset=8, size=9), Value, P),
     ("copy_kv_cache batch out of range", lambda w: kv.copy_kv_cache(w.a, w.b, 8, 0), Index, P),
     ("swap_blocks with a list", lambda w: kv.swap_blocks(w.a, w.b, [(0, 1)]), Type, P),
+    # asynchronous transfers: checked before anything is queued
+    ("async copy block out of range", lambda w: kv.copy_kv_blocks_async(w.a, w.b, [0], [8]), Index, P),
+    ("async copy duplicate destination", lambda w: kv.copy_kv_blocks_async(w.a, w.b, [0, 1], [2, 2]), Value, P),
+    ("async copy read and written", lambda w: kv.copy_kv_blocks_async(w.a, w.a, [0, 1], [1, 2]), Value, P),
+    ("async copy incompatible", lambda w: kv.copy_kv_blocks_async(w.a, w.half, [0], [0]), Value, P),
+    ("async copy unknown cache", lambda w: kv.copy_kv_blocks_async(w.a, 10**9, [0], [0]), NotExist,
+     LLMStatusCode.LLM_KV_CACHE_NOT_EXIST),
+    ("wait for an unknown transfer", lambda w: kv.inflight.take(10**9), Value, P),
+    ("wait with a float timeout", lambda w: kv.inflight.completed().wait(1.5), Type, P),
+    ("wait with a negative timeout", lambda w: kv.inflight.completed().wait(-1), Value, P),
 ]
 
 
@@ -136,7 +146,7 @@ def test_catalogue_covers_every_entry_point_and_error_class():
     assert len(set(names)) == len(names)
     called = set().union(*(case[1].__code__.co_names for case in CASES))
     for entry_point in ("register_kv_cache", "raw", "unregister_kv_cache", "get_cache", "initialize",
-                        "copy_kv_blocks", "copy_kv_cache", "swap_blocks"):
+                        "copy_kv_blocks", "copy_kv_cache", "swap_blocks", "copy_kv_blocks_async", "take", "wait"):
         assert entry_point in called, entry_point
     assert {case[2] for case in CASES} == {Value, Index, Type, NotExist, kv.LLMException}
     assert {case[3] for case in CASES} == {P, LLMStatusCode.LLM_OUT_OF_MEMORY, LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
