@@ -26,7 +26,9 @@ py::tuple cache_tuple(const kvreg::CacheRecord& record) {
       static_cast<int64_t>(desc.placement),
       desc.device_index,
       record.addrs,
-      record.remote_accessible);
+      record.remote_accessible,
+      record.layer_names,
+      record.name_layers);
 }
 
 // (num_tensors, data_type, shape, placement, device_index), as Python's CacheDesc holds it.
@@ -163,9 +165,13 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "register_tensors",
       [](const std::vector<at::Tensor>& caches, bool pin_host_memory, int64_t remote_accessible,
-         std::vector<std::string> keys) {
-        return kvreg::register_tensors(caches, pin_host_memory, remote_accessible, std::move(keys));
-      });
+         std::vector<std::string> keys, std::vector<std::string> layer_names, std::vector<int64_t> name_layers) {
+        return kvreg::register_tensors(
+            caches, pin_host_memory, remote_accessible, std::move(keys), std::move(layer_names),
+            std::move(name_layers));
+      },
+      py::arg("caches"), py::arg("pin_host_memory"), py::arg("remote_accessible"), py::arg("keys"),
+      py::arg("layer_names") = std::vector<std::string>(), py::arg("name_layers") = std::vector<int64_t>());
   m.def(
       "register_addrs",
       [](int64_t num_tensors, int64_t data_type, const std::vector<int64_t>& shape, int64_t placement,

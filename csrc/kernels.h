@@ -27,7 +27,9 @@ int64_t register_tensors(
     at::TensorList caches,
     bool pin_host_memory,
     int64_t remote_accessible,
-    std::vector<std::string> keys);
+    std::vector<std::string> keys,
+    std::vector<std::string> layer_names = {},
+    std::vector<int64_t> name_layers = {});
 int64_t register_addrs(
     int64_t num_tensors,
     int64_t data_type,

@@ -21,11 +21,17 @@ int64_t concrete_cache_id(const c10::SymInt& cache_id) {
 }
 
 RegisterOptions register_options(
-    bool pin_host_memory, int64_t remote_accessible, std::vector<std::string> keys) {
+    bool pin_host_memory,
+    int64_t remote_accessible,
+    std::vector<std::string> keys,
+    std::vector<std::string> layer_names = {},
+    std::vector<int64_t> name_layers = {}) {
   RegisterOptions options;
   options.pin_host_memory = pin_host_memory;
   options.remote_accessible = remote_accessible;
   options.keys = std::move(keys);
+  options.layer_names = std::move(layer_names);
+  options.name_layers = std::move(name_layers);
   return options;
 }
 
@@ -39,7 +45,9 @@ int64_t register_tensors(
     at::TensorList caches,
     bool pin_host_memory,
     int64_t remote_accessible,
-    std::vector<std::string> keys) {
+    std::vector<std::string> keys,
+    std::vector<std::string> layer_names,
+    std::vector<int64_t> name_layers) {
   Registry::instance().require_initialized();
   const int64_t count = static_cast<int64_t>(caches.size());
   KVREG_CHECK_ARG(count > 0, "caches is empty, expected 1 to ", kMaxAddrsPerCall, " tensors");
@@ -89,7 +97,8 @@ int64_t register_tensors(
   }
   return Registry::instance().register_cache(
       desc, std::move(addrs), std::move(owners),
-      register_options(pin_host_memory, remote_accessible, std::move(keys)));
+      register_options(
+          pin_host_memory, remote_accessible, std::move(keys), std::move(layer_names), std::move(name_layers)));
 }
 
 c10::SymInt register_kv_cache_addrs(

@@ -164,6 +164,18 @@ int64_t Registry::register_cache(
     }
   }
 
+  KVREG_CHECK_ARG(
+      options.layer_names.size() == options.name_layers.size(), "layer_names has ",
+      options.layer_names.size(), " entries but name_layers has ", options.name_layers.size());
+  for (size_t i = 0; i < options.layer_names.size(); ++i) {
+    KVREG_CHECK_ARG(
+        !options.layer_names[i].empty() && options.layer_names[i].size() <= kMaxKeyLength, "layer name ", i,
+        " must have 1 to ", kMaxKeyLength, " bytes");
+    KVREG_CHECK_ARG(
+        options.name_layers[i] >= 0 && options.name_layers[i] < num_addrs, "layer name ", i,
+        " names layer ", options.name_layers[i], " of a cache of ", num_addrs, " tensors");
+  }
+
   std::lock_guard<std::mutex> lock(mutex_);
   check_initialized_locked();
   for (const std::string& key : options.keys) {
@@ -221,6 +233,8 @@ int64_t Registry::register_cache(
   entry.owners = std::move(owners);
   entry.pinned_by_us = std::move(pinned_by_us);
   entry.record.keys = options.keys;
+  entry.record.layer_names = options.layer_names;
+  entry.record.name_layers = options.name_layers;
   for (const std::string& key : entry.record.keys) {
     if (!key.empty()) {
       keys_.emplace(key, cache_id);

@@ -56,6 +56,11 @@ struct RegisterOptions {
   // Names by which peers may find the cache (LLM-DataDist's cache keys): keys[i] names dim-0
   // slice i; an empty string leaves slice i unnamed. Unique among live registrations.
   std::vector<std::string> keys;
+  // Serving-engine layer names (register_layer_caches): layer_names[i] is a name the engine
+  // gave, name_layers[i] the registered layer (a group of tensors) it names. Names may
+  // share a layer (layers that share storage are registered once).
+  std::vector<std::string> layer_names;
+  std::vector<int64_t> name_layers;
 };
 
 constexpr size_t kMaxKeyLength = 256;
@@ -67,6 +72,8 @@ struct CacheRecord {
   std::vector<uint64_t> addrs;
   bool remote_accessible = false;
   std::vector<std::string> keys;  // see RegisterOptions::keys; removed keys become ""
+  std::vector<std::string> layer_names;  // see RegisterOptions::layer_names
+  std::vector<int64_t> name_layers;
 };
 
 class Registry {

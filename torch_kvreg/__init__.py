@@ -23,6 +23,7 @@ from .registry import (
     usage,
 )
 from .inflight import Transfer
+from .layouts import register_layer_caches
 from .remote import (
     Notification,
     get_notifications,
@@ -93,6 +94,7 @@ __all__ = [
     "push_kv_blocks",
     "push_kv_blocks_async",
     "register_kv_cache",
+    "register_layer_caches",
     "registered_caches",
     "remove_cache_key",
     "swap_blocks",

@@ -216,9 +216,9 @@ def usage() -> Usage:
 
 def cache_from_native(values) -> Cache:
     """A Cache from the tuple that ``_C.get_cache`` returns."""
-    cache_id, num_tensors, data_type, shape, placement, device_index, addrs, _remote = values
+    cache_id, num_tensors, data_type, shape, placement, device_index, addrs, _remote, names, layers = values
     desc = CacheDesc(num_tensors, DataType(data_type), tuple(shape), Placement(placement), device_index)
-    return Cache(cache_id, desc, tuple(addrs))
+    return Cache(cache_id, desc, tuple(addrs), tuple(names), tuple(layers))
 
 
 def cache_id_of(cache: Cache | int, name: str = "cache") -> int:

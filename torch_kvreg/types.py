@@ -245,11 +245,31 @@ class Cache:
     cache_id: int
     cache_desc: CacheDesc
     tensor_addrs: tuple[int, ...]
+    # Serving-engine layer names (register_layer_caches): name i names registered layer
+    # name_layers[i] (tensors layer*tpl .. (layer+1)*tpl-1); empty for other caches.
+    layer_names: tuple[str, ...] = ()
+    name_layers: tuple[int, ...] = ()
+
+    @property
+    def tensors_per_layer(self) -> int:
+        """Tensors per registered layer (2 for K,V; 1 for one tensor per layer); 0 without
+        layer names."""
+        if not self.layer_names:
+            return 0
+        return self.cache_desc.num_tensors // (max(self.name_layers) + 1)
+
+    def layer(self, name: str) -> int:
+        """The registered layer that ``name`` names (LLM_PARAM_INVALID for an unknown name)."""
+        if name not in self.layer_names:
+            raise param_invalid(f"cache {self.cache_id} has no layer named {name!r}")
+        return self.name_layers[self.layer_names.index(name)]
 
     def __repr__(self) -> str:
         addrs = self.tensor_addrs
         shown = ", ".join(hex(a) for a in addrs[:2]) + (f", ... ({len(addrs)} in all)" if len(addrs) > 2 else "")
-        return f"Cache(cache_id={self.cache_id}, {self.cache_desc!r}, tensor_addrs=[{shown}])"
+        layers = f", layers={len(set(self.name_layers))} ({self.tensors_per_layer} tensors each)" \
+            if self.layer_names else ""
+        return f"Cache(cache_id={self.cache_id}, {self.cache_desc!r}, tensor_addrs=[{shown}]{layers})"
 
 
 @dataclasses.dataclass(frozen=True)
