@@ -14,7 +14,7 @@ EXT_STAMP := $(VENV)/.kvreg-built
 DEPS_STAMP := $(VENV)/.kvreg-deps
 PYTEST_ARGS ?=
 
-.PHONY: all demo demo-pd demo-datadist demo-cpp test test-asan test-mutants test-cuda-build bench build clean
+.PHONY: all demo demo-pd demo-datadist demo-cpp demo-hf test test-asan test-mutants test-cuda-build bench build clean
 
 all: build
 
@@ -31,6 +31,8 @@ $(PY):
 $(DEPS_STAMP): $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install setuptools wheel ninja numpy pytest hypothesis
+	$(PIP) install "transformers>=4.45" || { [ -z "$$CI" ] || exit 1; \
+		echo "warning: transformers could not be installed; the Hugging Face example's test skips"; }
 	$(PIP) install "nixl-cu12>=0.6" || { [ -z "$$CI" ] || exit 1; \
 		echo "warning: nixl-cu12 could not be installed; remote transfers disabled, their tests skip"; }
 	KVREG_SKIP_EXT=1 $(PIP) install --no-build-isolation --no-deps --config-settings editable_mode=compat -e .
@@ -47,6 +49,11 @@ demo: build
 
 demo-pd: build
 	$(PY) examples/disaggregated_prefill_decode.py
+
+# A Hugging Face Llama (random weights, nothing downloaded): prefill pushes each layer's KV
+# as it is computed; decode waits per layer and continues with model.generate.
+demo-hf: build
+	$(PY) examples/hf_disaggregated_serving.py
 
 # An LLM-DataDist program (push_blocks) as two processes: the prompt in the background.
 demo-datadist: build
