@@ -231,6 +231,7 @@ class Engine:
         self.connections: set[Link] = set()  # connections peers opened to us
         self.server: _Server | None = None
         self.listen_address: str | None = None
+        self.shared_leases: dict[tuple, _SharedLease] = {}  # (link, remote cache) -> lease in use
         self.progress = threading.Condition()  # guards flights and stopping
         self.flights: list[_Flight] = []
         self.stopping = False
@@ -544,15 +545,8 @@ class Engine:
         lease = None
         try:
             self.register(local)
-            request = {"op": "acquire", "key": remote_ref} if isinstance(remote_ref, str) else \
-                {"op": "acquire", "cache_id": remote_ref}
-            response = link.request(request)
-            try:
-                lease, remote, md = protocol.parse_acquire_response(response)
-                index = protocol.parse_acquire_index(response)
-            except protocol.ProtocolError as exc:
-                lease = response.get("lease") if isinstance(response.get("lease"), int) else None
-                raise _error(LLMStatusCode.LLM_FAILED, f"cluster {cluster_id} sent a malformed cache entry: {exc}") from None
+            lease = self._lease(link, remote_ref, cluster_id)
+            remote, md, index = lease.remote, lease.md, lease.index
             if tensors is None:
                 local_tensors = remote_tensors = list(range(local.cache_desc.num_tensors))
             else:
@@ -597,7 +591,45 @@ class Engine:
         self._track(flight, state)
         return transfer
 
-    def _settle(self, link: Link, lease, local_id: int, handle) -> bool:
+    def _lease(self, link: Link, remote_ref: int | str, cluster_id: int) -> "_SharedLease":
+        """A lease on the peer's cache. Transfers in flight at the same time on the same
+        remote cache share one (acquired by the first, released by the last), so that a
+        burst of requests costs one round trip, not two per request."""
+        key = (id(link), remote_ref)
+        with self.lock:
+            shared = self.shared_leases.get(key)
+            if shared is not None and shared.link is link and link.alive:
+                shared.refs += 1
+                return shared
+        request = {"op": "acquire", "key": remote_ref} if isinstance(remote_ref, str) else \
+            {"op": "acquire", "cache_id": remote_ref}
+        response = link.request(request)
+        try:
+            lease, remote, md = protocol.parse_acquire_response(response)
+            index = protocol.parse_acquire_index(response)
+        except protocol.ProtocolError as exc:
+            if isinstance(response.get("lease"), int):
+                with contextlib.suppress(LLMException):
+                    link.request({"op": "release", "lease": response["lease"]})
+            raise _error(LLMStatusCode.LLM_FAILED, f"cluster {cluster_id} sent a malformed cache entry: {exc}") from None
+        shared = _SharedLease(key, link, lease, remote, md, index)
+        with self.lock:
+            if key not in self.shared_leases:  # else another thread won the race: ours stays private
+                self.shared_leases[key] = shared
+        return shared
+
+    def _unlease(self, shared: "_SharedLease") -> None:
+        with self.lock:
+            shared.refs -= 1
+            if shared.refs > 0:
+                return
+            if self.shared_leases.get(shared.key) is shared:
+                del self.shared_leases[shared.key]
+        if shared.link.alive:
+            with contextlib.suppress(LLMException):
+                shared.link.request({"op": "release", "lease": shared.lease})
+
+    def _settle(self, link: Link, lease: "_SharedLease | None", local_id: int, handle) -> bool:
         """Releases what a transfer held; False (holding on) while NIXL still owns the handle."""
         if handle is not None:
             try:
@@ -605,8 +637,7 @@ class Engine:
             except Exception:
                 return False
         if lease is not None:
-            with contextlib.suppress(LLMException):
-                link.request({"op": "release", "lease": lease})
+            self._unlease(lease)
         self.unhold_local(local_id)
         return True
 
@@ -765,3 +796,12 @@ class _Flight:
         self.transfer, self.link, self.lease, self.local_id = transfer, link, lease, local_id
         self.handle, self.deadline = handle, deadline
         self.settled_late = False
+
+
+class _SharedLease:
+    """A lease on a peer's cache and its entry, shared by the transfers using it now."""
+
+    def __init__(self, key: tuple, link: Link, lease: int, remote, md: bytes, index: int):
+        self.key, self.link, self.lease = key, link, lease
+        self.remote, self.md, self.index = remote, md, index
+        self.refs = 1

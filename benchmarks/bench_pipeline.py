@@ -1,0 +1,182 @@
+"""Prefill to first token: layer-wise asynchronous pushes against compute-then-transfer,
+and many asynchronous pulls against one blocking pull, in one run.
+
+Two processes on this host. The prefill process computes L layers (each a fixed amount of
+matrix work that writes the layer's K and V blocks) and pushes them to the decode process:
+(a) sequential: every layer computed, then every layer pushed; (b) overlapped: each layer
+pushed asynchronously as soon as it is computed, the next layer computed meanwhile. The
+decode process records when the last layer's completion notice arrives and computes its
+first token. The layer work is calibrated in this run so that computing a layer takes about
+as long as pushing it. Then: 64 asynchronous pulls of 32 KiB blocks in flight from one
+thread against one blocking pull of the same blocks.
+
+    python benchmarks/bench_pipeline.py [--layers 8] [--repeats 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import random
+import statistics
+import time
+
+import torch
+
+BLOCK_SHAPE = (16, 8, 128)  # 16 tokens x 8 heads x 128 dims fp16: 32 KiB per block per tensor
+PREFILL, DECODE = 1, 2
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def decode_process(layers, blocks, to_main, from_main):
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+    import torch_kvreg as kv
+
+    kv.initialize(DECODE, kv.LlmRole.DECODER,
+                  options={"llm.ListenIpInfo": "127.0.0.1:0", "llm.SyncKvCacheWaitTime": "30000"})
+    tensors = [torch.zeros(blocks, *BLOCK_SHAPE, dtype=torch.float16) for _ in range(2 * layers)]
+    cache = kv.register_kv_cache(tensors, kv.RegisterCfg(remote_accessible=True))
+    head = torch.randn(BLOCK_SHAPE[-1], 256)
+    to_main.put((kv.listen_address(), cache.cache_id))
+    while True:
+        command = from_main.get()
+        if command == "exit":
+            break
+        # Wait for the last layer's notice, then the first token (a small read of every layer).
+        expected, seen = f"last {command}", None
+        while seen is None:
+            for notice in kv.get_notifications():
+                if notice.message.decode() == expected:
+                    seen = time.time()
+        first = sum(t[0, 0].float() @ head for t in tensors[::2]).argmax()
+        to_main.put((seen, time.time(), int(first)))
+    kv.finalize()
+
+
+def layer_work(x: torch.Tensor, weight: torch.Tensor, reps: int) -> torch.Tensor:
+    for _ in range(reps):
+        x = torch.tanh(x @ weight)
+    return x
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--blocks", type=int, default=128, help="blocks per layer pushed (32 KiB each, K and V)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+    import torch_kvreg as kv
+
+    torch.set_num_threads(1)  # the prefill computes on one core; the transfer has the other
+    ctx = mp.get_context("spawn")
+    to_main, from_main = ctx.Queue(), ctx.Queue()
+    decoder = ctx.Process(target=decode_process, args=(args.layers, args.blocks, to_main, from_main))
+    decoder.start()
+    address, remote_id = to_main.get(timeout=600)
+    kv.initialize(PREFILL, kv.LlmRole.PROMPT, options={"llm.SyncKvCacheWaitTime": "30000"})
+    host, port = address.split(":")
+    assert kv.link_clusters([kv.ClusterInfo(DECODE, host, int(port))])[0] == kv.LLMStatusCode.LLM_SUCCESS
+    tensors = [torch.zeros(args.blocks, *BLOCK_SHAPE, dtype=torch.float16) for _ in range(2 * args.layers)]
+    for t in tensors:
+        t.normal_()  # written memory
+    local = kv.register_kv_cache(tensors)
+    remote = kv.CacheIndex(DECODE, remote_id)
+    blocks = list(range(args.blocks))
+    weight = torch.randn(256, 256) / 16
+    x0 = torch.randn(256, 256)
+    layer_bytes = 2 * args.blocks * local.cache_desc.block_nbytes
+
+    def push(layer, notify=None):
+        return kv.push_kv_blocks_async(local, remote, blocks, blocks, layers=range(layer, layer + 1), notify=notify)
+
+    # Calibrate: one layer's push time, and matrix work of about the same duration.
+    for _ in range(3):
+        push(0).wait()
+    start = time.perf_counter()
+    for layer in range(args.layers):
+        push(layer).wait()
+    push_s = (time.perf_counter() - start) / args.layers
+    start = time.perf_counter()
+    layer_work(x0, weight, 20)
+    reps = max(1, round(20 * push_s / (time.perf_counter() - start)))
+
+    def run(overlapped: bool, tag: int):
+        from_main.put(tag)
+        start_wall = time.time()
+        x, pending = x0, []
+        for layer in range(args.layers):
+            x = layer_work(x, weight, reps)
+            tensors[2 * layer][0, 0, 0, 0] = float(x[0, 0])  # the layer's KV depends on its compute
+            if overlapped:
+                last = layer == args.layers - 1
+                pending.append(push(layer, f"last {tag}" if last else None))
+        if not overlapped:
+            pending = [push(layer, f"last {tag}" if layer == args.layers - 1 else None)
+                       for layer in range(args.layers)]
+        for transfer in pending:
+            transfer.wait(60_000)
+        seen, first_token, _ = to_main.get(timeout=120)
+        return first_token - start_wall, seen - start_wall
+
+    times = {"sequential": [], "overlapped": []}
+    for repeat in range(args.repeats):
+        for mode in ("sequential", "overlapped"):
+            times[mode].append(run(mode == "overlapped", 2 * repeat + (mode == "overlapped"))[0])
+    sequential, overlapped = statistics.median(times["sequential"]), statistics.median(times["overlapped"])
+
+    # Many asynchronous pulls in flight against one blocking pull of the same blocks.
+    pull_blocks = random.Random(0).sample(range(args.blocks), 64)
+    mine = [torch.zeros(args.blocks, *BLOCK_SHAPE, dtype=torch.float16) for _ in range(2 * args.layers)]
+    target = kv.register_kv_cache(mine)
+    one, many = [], []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        kv.pull_kv_blocks(remote, target, pull_blocks, pull_blocks)
+        one.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        flights = [kv.pull_kv_blocks_async(remote, target, [b], [b]) for b in pull_blocks]
+        for flight in flights:
+            flight.wait(60_000)
+        many.append(time.perf_counter() - start)
+    pulled = 64 * 2 * args.layers * target.cache_desc.block_nbytes
+    one_gbps, many_gbps = pulled / statistics.median(one) / 1e9, pulled / statistics.median(many) / 1e9
+    from_main.put("exit")
+    decoder.join(timeout=60)
+    kv.finalize()
+
+    result = {
+        "cpu": cpu_model(), "torch": torch.__version__, "layers": args.layers, "layer_mib": layer_bytes / 2**20,
+        "push_ms_per_layer": push_s * 1e3, "work_reps_per_layer": reps,
+        "prefill_to_first_token_ms": {"sequential": sequential * 1e3, "overlapped": overlapped * 1e3},
+        "overlapped_over_sequential": overlapped / sequential,
+        "pulls": {"bytes": pulled, "one_blocking_gbps": one_gbps, "64_async_gbps": many_gbps,
+                  "async_over_blocking": many_gbps / one_gbps},
+    }
+    print(f"CPU: {result['cpu']}; {args.layers} layers, {result['layer_mib']:.1f} MiB per layer, "
+          f"push {push_s * 1e3:.2f} ms per layer, layer work calibrated to match")
+    print(f"prefill start -> first token: sequential {sequential * 1e3:.1f} ms, overlapped "
+          f"{overlapped * 1e3:.1f} ms, ratio {overlapped / sequential:.2f}x")
+    print(f"64 async pulls of one 32 KiB block (x{2 * args.layers} tensors) in flight: {many_gbps:.2f} GB/s; "
+          f"one blocking pull of the same blocks: {one_gbps:.2f} GB/s; ratio {many_gbps / one_gbps:.2f}x")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(result, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()
