@@ -452,6 +452,56 @@ void copy_kv_blocks(
                         std::move(dst_list), kMaxSegmentBytes)});
 }
 
+void copy_kv_blocks_of_tensors(
+    int64_t src_id,
+    int64_t dst_id,
+    const at::Tensor& src_blocks,
+    const at::Tensor& dst_blocks,
+    const std::vector<int64_t>& src_tensors,
+    const std::vector<int64_t>& dst_tensors) {
+  Registry::instance().require_initialized();
+  auto src_list = block_list(src_blocks, "src_blocks");
+  auto dst_list = block_list(dst_blocks, "dst_blocks");
+  KVREG_CHECK_ARG(
+      src_list.size() == dst_list.size(), "src_blocks has ", src_list.size(),
+      " entries but dst_blocks has ", dst_list.size());
+  KVREG_CHECK_ARG(
+      !src_tensors.empty() && src_tensors.size() == dst_tensors.size(), "the layers select ",
+      src_tensors.size(), " source and ", dst_tensors.size(), " destination tensors; they must be equal and not 0");
+  auto lease = Registry::instance().lease({src_id, dst_id});
+  // Records of just the selected tensors, in the order given.
+  auto subset = [](const CacheRecord& record, const std::vector<int64_t>& tensors, const char* name) {
+    CacheRecord out = record;
+    out.addrs.clear();
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      KVREG_CHECK_INDEX(
+          tensors[i] >= 0 && tensors[i] < record.desc.num_tensors, name, "[", i, "] = ", tensors[i],
+          " is out of range for a cache of ", record.desc.num_tensors, " tensors");
+      out.addrs.push_back(record.addrs[tensors[i]]);
+    }
+    out.desc.num_tensors = static_cast<int64_t>(tensors.size());
+    out.desc.nbytes = checked_mul(out.desc.tensor_nbytes, out.desc.num_tensors, "selected bytes");
+    return out;
+  };
+  const CacheRecord src = subset(lease[0], src_tensors, "src tensors");
+  const CacheRecord dst = subset(lease[1], dst_tensors, "dst tensors");
+  std::vector<int64_t> sorted_dst(dst_tensors);
+  std::sort(sorted_dst.begin(), sorted_dst.end());
+  KVREG_CHECK_ARG(
+      std::adjacent_find(sorted_dst.begin(), sorted_dst.end()) == sorted_dst.end(),
+      "a destination tensor is selected twice");
+  // Within one cache, blocks may be both read and written only in tensors that are not both.
+  bool shared_tensor = false;
+  if (src_id == dst_id) {
+    for (int64_t t : src_tensors) {
+      shared_tensor = shared_tensor || std::binary_search(sorted_dst.begin(), sorted_dst.end(), t);
+    }
+  }
+  run_copy({&src, &dst,
+            plan_blocks(src.desc, src_id, dst.desc, dst_id, shared_tensor, std::move(src_list), std::move(dst_list),
+                        kMaxSegmentBytes)});
+}
+
 void copy_kv_cache(
     c10::SymInt src_cache_id,
     c10::SymInt dst_cache_id,

@@ -47,6 +47,14 @@ void copy_kv_blocks(
     c10::SymInt dst_cache_id,
     const at::Tensor& src_blocks,
     const at::Tensor& dst_blocks);
+// copy_kv_blocks for selected tensors of each cache (layers): src_tensors[i] -> dst_tensors[i].
+void copy_kv_blocks_of_tensors(
+    int64_t src_id,
+    int64_t dst_id,
+    const at::Tensor& src_blocks,
+    const at::Tensor& dst_blocks,
+    const std::vector<int64_t>& src_tensors,
+    const std::vector<int64_t>& dst_tensors);
 void copy_kv_cache(
     c10::SymInt src_cache_id,
     c10::SymInt dst_cache_id,

@@ -247,3 +247,32 @@ def test_checks_on_huge_caches_use_memory_of_the_list_not_the_cache():
     fields = (1, int(DataType.DT_INT8), [1 << 40, 1], int(torch_kvreg.Placement.HOST), -1)
     rows = torch_kvreg._C.plan_blocks(fields, 1, fields, 2, torch.tensor([3, 1, 2]), torch.tensor([10, 11, 12]), 1 << 20)
     assert rows.tolist() == [[1, 11, 2], [3, 10, 1]]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_layers_copy_only_their_tensors(kv, asynchronous):
+    """layers=range(a, b): the same layers of both caches, tensors i*tpl .. (i+1)*tpl-1."""
+    src = [torch.full((6, 4), float(t + 1)) for t in range(6)]  # 3 layers x (K, V)
+    dst = [torch.zeros(6, 4) for _ in range(6)]
+    a, b = kv.register_kv_cache(src), kv.register_kv_cache(dst)
+    if asynchronous:
+        assert kv.copy_kv_blocks_async(a, b, [1, 2], [4, 0], layers=range(1, 3)).wait(5000) == 2 * 4 * 4 * 4
+    else:
+        kv.copy_kv_blocks(a, b, [1, 2], [4, 0], layers=range(1, 3))
+    for t in range(6):
+        copied = t >= 2
+        assert torch.all(dst[t][[4, 0]] == (t + 1 if copied else 0)), t
+        assert not dst[t][1:4].any() and not dst[t][5].any()
+    kv.copy_kv_blocks(a, b, [5], [5], layers=range(0, 6), tensors_per_layer=1)  # one tensor per layer
+    assert all(torch.all(dst[t][5] == t + 1) for t in range(6))
+    before = (kv.usage(), kv.registered_caches(), [d.clone() for d in dst])
+    for call in (lambda: kv.copy_kv_blocks(a, b, [0], [0], layers=range(0, 4)),
+                 lambda: kv.copy_kv_blocks(a, b, [0], [0], layers=range(0, 2, 2)),
+                 lambda: kv.copy_kv_blocks(a, b, [0], [0], layers=range(0, 1), tensors_per_layer=0),
+                 lambda: kv.copy_kv_blocks_async(a, b, [0], [9], layers=range(0, 1)),
+                 lambda: kv.copy_kv_blocks_async(a, b, [0], [0], layers=(0, 1))):
+        with pytest.raises(kv.LLMException) as info:
+            call()
+        assert info.value.status_code == kv.LLMStatusCode.LLM_PARAM_INVALID
+    assert (kv.usage(), kv.registered_caches()) == before[:2]
+    assert all(torch.equal(x, y) for x, y in zip(dst, before[2]))

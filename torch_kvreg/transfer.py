@@ -51,12 +51,24 @@ def block_tensor(blocks, name: str) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64)
 
 
+def _layer_tensors(src_id: int, dst_id: int, layers, tensors_per_layer) -> tuple[list[int], list[int]]:
+    """The tensor indices ``layers`` selects in each cache (the same layers on both sides)."""
+    from .remote import layer_tensors
+
+    src_tensors = layer_tensors(layers, tensors_per_layer, get_cache(src_id).cache_desc.num_tensors)
+    dst_tensors = layer_tensors(layers, tensors_per_layer, get_cache(dst_id).cache_desc.num_tensors)
+    return src_tensors, dst_tensors
+
+
 @raises_llm
-def copy_kv_blocks(src: Cache | int, dst: Cache | int, src_blocks, dst_blocks) -> None:
+def copy_kv_blocks(src: Cache | int, dst: Cache | int, src_blocks, dst_blocks, *,
+                   layers: range | None = None, tensors_per_layer: int = 2) -> None:
     """Copies dim-0 slice ``src_blocks[j]`` of every src tensor to ``dst_blocks[j]`` of dst.
 
     Works HOST->HOST, HOST->DEVICE, DEVICE->HOST and DEVICE->DEVICE; ordered on the
-    current CUDA stream. Validates everything before any byte moves.
+    current CUDA stream. Validates everything before any byte moves. ``layers`` (a range)
+    copies only those layers' tensors (layer i: tensors ``i*tensors_per_layer ..
+    (i+1)*tensors_per_layer-1``), the same layers of both caches.
 
     >>> import torch, torch_kvreg
     >>> torch_kvreg.initialize()
@@ -65,12 +77,13 @@ def copy_kv_blocks(src: Cache | int, dst: Cache | int, src_blocks, dst_blocks) -
     >>> torch_kvreg.copy_kv_blocks(a, b, [3, 0], [0, 1])
     >>> torch_kvreg.finalize()
     """
-    torch.ops.llm.copy_kv_blocks(
-        cache_id_of(src, "src"),
-        cache_id_of(dst, "dst"),
-        block_tensor(src_blocks, "src_blocks"),
-        block_tensor(dst_blocks, "dst_blocks"),
-    )
+    src_id, dst_id = cache_id_of(src, "src"), cache_id_of(dst, "dst")
+    src_list, dst_list = block_tensor(src_blocks, "src_blocks"), block_tensor(dst_blocks, "dst_blocks")
+    if layers is None:
+        torch.ops.llm.copy_kv_blocks(src_id, dst_id, src_list, dst_list)
+    else:
+        _C.copy_blocks_of_tensors(src_id, dst_id, src_list, dst_list,
+                                  *_layer_tensors(src_id, dst_id, layers, tensors_per_layer))
 
 
 def swap_blocks(src: Cache | int, dst: Cache | int, src_to_dst: Mapping[int, int]) -> None:
@@ -118,7 +131,8 @@ def copy_kv_cache(
 
 
 @raises_llm
-def copy_kv_blocks_async(src: Cache | int, dst: Cache | int, src_blocks, dst_blocks) -> Transfer:
+def copy_kv_blocks_async(src: Cache | int, dst: Cache | int, src_blocks, dst_blocks, *,
+                         layers: range | None = None, tensors_per_layer: int = 2) -> Transfer:
     """Starts ``copy_kv_blocks`` on a worker thread (without the GIL) and returns its
     Transfer. Checked before it returns, as the blocking form; both caches count as in use
     (unregister waits for the copy) until it has finished.
@@ -135,11 +149,18 @@ def copy_kv_blocks_async(src: Cache | int, dst: Cache | int, src_blocks, dst_blo
     src_id, dst_id = cache_id_of(src, "src"), cache_id_of(dst, "dst")
     src_list, dst_list = block_tensor(src_blocks, "src_blocks"), block_tensor(dst_blocks, "dst_blocks")
     src_cache, dst_cache = get_cache(src_id), get_cache(dst_id)
-    fields = [(c.cache_desc.num_tensors, int(c.cache_desc.data_type), list(c.cache_desc.shape),
-               int(c.cache_desc.placement), c.cache_desc.device_index) for c in (src_cache, dst_cache)]
+    if layers is None:
+        tensors = None
+        counts = (src_cache.cache_desc.num_tensors, dst_cache.cache_desc.num_tensors)
+    else:
+        tensors = _layer_tensors(src_id, dst_id, layers, tensors_per_layer)
+        counts = (len(tensors[0]), len(tensors[1]))
+    fields = [(count, int(c.cache_desc.data_type), list(c.cache_desc.shape), int(c.cache_desc.placement),
+               c.cache_desc.device_index) for count, c in zip(counts, (src_cache, dst_cache))]
     # The checks of the copy itself, now: a bad call raises here and nothing is queued.
-    _C.plan_blocks(fields[0], src_id, fields[1], dst_id, src_list, dst_list, 1 << 20, src_id == dst_id)
-    nbytes = src_list.numel() * src_cache.cache_desc.block_nbytes * src_cache.cache_desc.num_tensors
+    same = src_id == dst_id and (tensors is None or bool(set(tensors[0]) & set(tensors[1])))
+    _C.plan_blocks(fields[0], src_id, fields[1], dst_id, src_list, dst_list, 1 << 20, same)
+    nbytes = src_list.numel() * src_cache.cache_desc.block_nbytes * counts[0]
     transfer = Transfer(nbytes, dst_list.tolist(), "local copy")
     held = []
     try:
@@ -153,7 +174,10 @@ def copy_kv_blocks_async(src: Cache | int, dst: Cache | int, src_blocks, dst_blo
 
     def run() -> None:
         try:
-            _C.copy_blocks(src_id, dst_id, src_list, dst_list)
+            if tensors is None:
+                _C.copy_blocks(src_id, dst_id, src_list, dst_list)
+            else:
+                _C.copy_blocks_of_tensors(src_id, dst_id, src_list, dst_list, *tensors)
             transfer.succeed()
         except Exception as exc:  # reported through the Transfer
             error = translate(exc)
