@@ -37,3 +37,17 @@ def test_bench_register_small(tmp_path):
     assert result["tensors"] == 240
     assert set(result["us_per_call"]) == {"python_api", "raw_op", "dict_registry", "plain_torch_ops"}
     assert all(v > 0 and math.isfinite(v) for v in result["us_per_call"].values())
+
+
+def test_bench_pipeline_small(tmp_path):
+    import pytest
+    import torch_kvreg
+
+    if not torch_kvreg.remote.nixl_available():
+        pytest.skip("needs the nixl extra")
+    result, stdout = run_bench("bench_pipeline.py", "--layers", "2", "--blocks", "16", "--repeats", "1",
+                               tmp_path=tmp_path)
+    times = result["prefill_to_first_token_ms"]
+    assert set(times) == {"sequential", "overlapped"} and all(v > 0 and math.isfinite(v) for v in times.values())
+    assert result["overlapped_over_sequential"] > 0 and result["pulls"]["async_over_blocking"] > 0
+    assert result["cpu"] and "first token" in stdout
