@@ -79,13 +79,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json")
     args = parser.parse_args()
+    if args.blocks < 64:
+        parser.error("--blocks must be at least 64 (64 different blocks are pulled)")
     os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
     import torch_kvreg as kv
 
     torch.set_num_threads(1)  # the prefill computes on one core; the transfer has the other
     ctx = mp.get_context("spawn")
     to_main, from_main = ctx.Queue(), ctx.Queue()
-    decoder = ctx.Process(target=decode_process, args=(args.layers, args.blocks, to_main, from_main))
+    decoder = ctx.Process(target=decode_process, args=(args.layers, args.blocks, to_main, from_main), daemon=True)
     decoder.start()
     address, remote_id = to_main.get(timeout=600)
     kv.initialize(PREFILL, kv.LlmRole.PROMPT, options={"llm.SyncKvCacheWaitTime": "30000"})

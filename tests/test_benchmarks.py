@@ -45,7 +45,7 @@ def test_bench_pipeline_small(tmp_path):
 
     if not torch_kvreg.remote.nixl_available():
         pytest.skip("needs the nixl extra")
-    result, stdout = run_bench("bench_pipeline.py", "--layers", "2", "--blocks", "16", "--repeats", "1",
+    result, stdout = run_bench("bench_pipeline.py", "--layers", "2", "--blocks", "64", "--repeats", "1",
                                tmp_path=tmp_path)
     times = result["prefill_to_first_token_ms"]
     assert set(times) == {"sequential", "overlapped"} and all(v > 0 and math.isfinite(v) for v in times.values())
