@@ -317,3 +317,20 @@ def test_set_keeps_the_registered_memory_alive(kv):
     out = torch.zeros(4, 8)
     kv.copy_kv_blocks(cache, kv.register_kv_cache(out), [2], [0])
     assert torch.equal(out[0], torch.arange(16.0, 24.0))
+
+
+def test_default_wait_time_is_one_second():
+    """Without llm.SyncKvCacheWaitTime, unregister waits 1000 ms for a transfer in flight."""
+    import time
+
+    kv.initialize()
+    cache = kv.register_kv_cache(torch.zeros(4))
+    kv._C.hold(cache.cache_id)
+    start = time.monotonic()
+    with pytest.raises(kv.LLMException) as info:
+        kv.unregister_kv_cache(cache)
+    waited = time.monotonic() - start
+    kv._C.unhold(cache.cache_id)
+    assert info.value.status_code == LLMStatusCode.LLM_TIMEOUT
+    assert 0.9 <= waited < 3.0, waited
+    kv.unregister_kv_cache(cache)

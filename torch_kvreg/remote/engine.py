@@ -671,7 +671,7 @@ class Engine:
         """Drives NIXL and completes transfers: polls without sleeping while any is in
         flight (each status check drives UCX progress; sleeping cost 5-10% of throughput on
         scattered blocks), yielding the GIL now and then; waits when there is none."""
-        polls = 0
+        idle = 0  # polls since a transfer last landed
         while True:
             with self.progress:
                 while not self.flights and not self.stopping:
@@ -681,13 +681,19 @@ class Engine:
                 flights = list(self.flights)
             landed = [flight for flight in flights if self._poll(flight)]
             if landed:
+                idle = 0
                 with self.progress:
                     for flight in landed:
                         self.flights.remove(flight)
-            polls += 1
+            else:
+                idle += 1
             if all(flight.settled_late for flight in flights):
                 time.sleep(0.01)  # only handles NIXL has not let go of: no hurry
-            elif polls % 256 == 0:
+            elif idle > 2048:
+                # A long transfer: back off so that the threads computing beside it (which
+                # need the GIL between their torch ops) are not starved.
+                time.sleep(0.0001)
+            elif idle % 256 == 255:
                 time.sleep(0)
 
     def _poll(self, flight: "_Flight") -> bool:
