@@ -93,18 +93,19 @@ def decode_main(ready, results, batch: int, length: int, new_tokens: int) -> Non
     received = [torch.zeros(shape) for _ in range(2 * layers)]  # K, V per layer; dim 0: batch slot
     cache = kv.register_kv_cache(received, kv.RegisterCfg(remote_accessible=True))
     ready.put((kv.listen_address(), cache.cache_id))
-    landed, deadline = [], time.monotonic() + 120
-    while len(landed) < layers and time.monotonic() < deadline:  # one notice per layer, in order
+    # One notice per layer, as each layer's push lands (pushes in flight may land in any order).
+    landed, deadline = {}, time.monotonic() + 120
+    while len(landed) < layers and time.monotonic() < deadline:
         for notice in kv.get_notifications():
-            landed.append((notice.message.decode(), time.monotonic()))
+            landed[notice.message.decode()] = time.monotonic()
         time.sleep(0.001)
-    assert [name for name, _ in landed] == [f"layer {i}" for i in range(layers)], landed
+    assert sorted(landed) == sorted(f"layer {i}" for i in range(layers)), landed
     dynamic = DynamicCache()
     for layer in range(layers):
         dynamic.update(received[2 * layer].clone(), received[2 * layer + 1].clone(), layer)
     with torch.no_grad():
         tokens = generate_from(model, prompts(batch, length), dynamic, new_tokens)
-    results.put(("decode", tokens, [t for _, t in landed]))
+    results.put(("decode", tokens, [landed[f"layer {i}"] for i in range(layers)]))
     kv.finalize()
 
 

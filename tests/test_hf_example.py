@@ -36,8 +36,8 @@ def test_disaggregated_tokens_equal_one_process(example):
     model = example.build_model()
     batch, heads, length, head_dim = example.kv_shape(model, 3, 39)
     assert moved == 2 * model.config.num_hidden_layers * batch * heads * length * head_dim * 4
-    landed = got["decode"][1]
-    assert landed == sorted(landed) and len(landed) == model.config.num_hidden_layers
+    landed = got["decode"][1]  # when each layer's notice arrived
+    assert len(landed) == model.config.num_hidden_layers and all(t > 0 for t in landed)
 
 
 def test_the_tokens_depend_on_the_kv_that_landed(example):
