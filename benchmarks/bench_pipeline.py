@@ -5,8 +5,8 @@ Two processes on this host. The prefill process computes L layers (each a fixed 
 matrix work that writes the layer's K and V blocks) and pushes them to the decode process:
 (a) sequential: every layer computed, then every layer pushed; (b) overlapped: each layer
 pushed asynchronously as soon as it is computed, the next layer computed meanwhile. The
-decode process records when the last layer's completion notice arrives and computes its
-first token. The layer work is calibrated in this run so that computing a layer takes about
+decode process records when the last of the layers' completion notices arrives and
+computes its first token. The layer work is calibrated in this run so that computing a layer takes about
 as long as pushing it. Then: 64 asynchronous pulls of 32 KiB blocks in flight from one
 thread against one blocking pull of the same blocks.
 
@@ -55,13 +55,14 @@ def decode_process(layers, blocks, to_main, from_main):
         command = from_main.get()
         if command == "exit":
             break
-        # Wait for the last layer's notice, then the first token (a small read of every layer).
-        expected, seen = f"last {command}", None
-        while seen is None:
+        # Wait for every layer's notice (pushes in flight land in any order), then the first
+        # token (a small read of every layer).
+        waiting, seen = {f"{command}/{layer}" for layer in range(layers)}, None
+        while waiting:
             for notice in kv.get_notifications():
-                if notice.message.decode() == expected:
-                    seen = time.time()
+                waiting.discard(notice.message.decode())
             time.sleep(0.0002)  # a waiting decoder leaves the cores to prefill and transfer
+        seen = time.time()
         first = sum(t[0, 0].float() @ head for t in tensors[::2]).argmax()
         to_main.put((seen, time.time(), int(first)))
     kv.finalize()
@@ -126,11 +127,9 @@ def main():
             x = layer_work(x, weight, reps)
             tensors[2 * layer][0, 0, 0, 0] = float(x[0, 0])  # the layer's KV depends on its compute
             if overlapped:
-                last = layer == args.layers - 1
-                pending.append(push(layer, f"last {tag}" if last else None))
+                pending.append(push(layer, f"{tag}/{layer}"))
         if not overlapped:
-            pending = [push(layer, f"last {tag}" if layer == args.layers - 1 else None)
-                       for layer in range(args.layers)]
+            pending = [push(layer, f"{tag}/{layer}") for layer in range(args.layers)]
         for transfer in pending:
             transfer.wait(60_000)
         seen, first_token, _ = to_main.get(timeout=120)
