@@ -260,11 +260,15 @@ def test_opcheck_start_and_wait(peer, decoder, util):
     args = (9, remote_id, local.cache_id, torch.tensor([1, 2]), torch.tensor([3, 4]))
     assert torch.library.opcheck(torch.ops.llm.start_pull_kv_blocks.default, args,
                                  test_utils=(util,)) == {util: "SUCCESS"}
-    for transfer_id in list(kv.inflight._table):  # what the checks started
-        transfer_id = torch.ops.llm.start_pull_kv_blocks(*args)
-        assert torch.library.opcheck(torch.ops.llm.wait_transfer.default, (transfer_id,),
-                                     test_utils=(util,)) == {util: "SUCCESS"}
-    kv.inflight._table.clear()
+    for transfer_id in list(kv.inflight._table):  # what the check ran for real, if anything
+        kv.inflight.take(transfer_id).wait(5000)
+    transfer_id = torch.ops.llm.start_pull_kv_blocks(*args)
+    assert torch.library.opcheck(torch.ops.llm.wait_transfer.default, (transfer_id,),
+                                 test_utils=(util,)) == {util: "SUCCESS"}
+    for leftover in list(kv.inflight._table):  # the checks that ran only the fake kernel
+        kv.inflight.take(leftover).wait(5000)
+    with pytest.raises(ValueError, match="^LLM_PARAM_INVALID"):  # waited for once, by opcheck or above
+        torch.ops.llm.wait_transfer(transfer_id)
     peer.call("unregister", remote_id)
 
 

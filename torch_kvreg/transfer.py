@@ -13,7 +13,7 @@ from . import _C
 from .errors import LLMException, LLMStatusCode, make_error, param_invalid, raises_llm, translate, wrong_type
 from .inflight import Transfer
 from .registry import cache_id_of, get_cache
-from .types import Cache, as_int
+from .types import Cache, as_int, layer_tensors
 
 # Local asynchronous copies run here, one at a time (each copy already uses every core).
 _copier: concurrent.futures.ThreadPoolExecutor | None = None
@@ -53,8 +53,6 @@ def block_tensor(blocks, name: str) -> torch.Tensor:
 
 def _layer_tensors(src_id: int, dst_id: int, layers, tensors_per_layer) -> tuple[list[int], list[int]]:
     """The tensor indices ``layers`` selects in each cache (the same layers on both sides)."""
-    from .remote import layer_tensors
-
     src_tensors = layer_tensors(layers, tensors_per_layer, get_cache(src_id).cache_desc.num_tensors)
     dst_tensors = layer_tensors(layers, tensors_per_layer, get_cache(dst_id).cache_desc.num_tensors)
     return src_tensors, dst_tensors

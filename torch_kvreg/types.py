@@ -348,3 +348,24 @@ def tensor_list(tensors) -> list[torch.Tensor]:
         if not isinstance(tensor, torch.Tensor):
             raise wrong_type(f"tensors[{i}] is a {type(tensor).__name__}, not a Tensor")
     return out
+
+
+def layer_tensors(layers, tensors_per_layer, num_tensors: int, name: str = "layers") -> list[int]:
+    """Tensor indices of ``layers`` (layer i is tensors i*tpl .. (i+1)*tpl-1); None: all.
+
+    >>> layer_tensors(range(1, 3), 2, 8)
+    [2, 3, 4, 5]
+    """
+    tensors_per_layer = as_int(tensors_per_layer, "tensors_per_layer")
+    if tensors_per_layer <= 0:
+        raise param_invalid(f"tensors_per_layer must be positive, got {tensors_per_layer}")
+    if layers is None:
+        return list(range(num_tensors))
+    if not isinstance(layers, range):
+        raise wrong_type(f"{name} must be a range, got {type(layers).__name__}")
+    if layers.step != 1 or not 0 <= layers.start < layers.stop:
+        raise param_invalid(f"{name} must be a non-empty range(start, stop) with 0 <= start, step 1, got {layers}")
+    if layers.stop * tensors_per_layer > num_tensors:
+        raise param_invalid(f"{name}={layers} with {tensors_per_layer} tensors per layer needs "
+                            f"{layers.stop * tensors_per_layer} tensors; the cache has {num_tensors}")
+    return list(range(layers.start * tensors_per_layer, layers.stop * tensors_per_layer))

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
 from ..inflight import Transfer
-from ..types import Cache, CacheIndex, ClusterInfo, as_int
+from ..types import Cache, CacheIndex, ClusterInfo, as_int, layer_tensors
 from . import plan
 
 _engine = None
@@ -200,23 +200,6 @@ def _local(cache) -> Cache:
     from ..registry import get_cache
 
     return get_cache(cache.cache_id if isinstance(cache, Cache) else cache)
-
-
-def layer_tensors(layers, tensors_per_layer, num_tensors: int, name: str = "layers") -> list[int]:
-    """Tensor indices of ``layers`` (layer i is tensors i*tpl .. (i+1)*tpl-1); None: all."""
-    tensors_per_layer = as_int(tensors_per_layer, "tensors_per_layer")
-    if tensors_per_layer <= 0:
-        raise param_invalid(f"tensors_per_layer must be positive, got {tensors_per_layer}")
-    if layers is None:
-        return list(range(num_tensors))
-    if not isinstance(layers, range):
-        raise wrong_type(f"{name} must be a range, got {type(layers).__name__}")
-    if layers.step != 1 or not 0 <= layers.start < layers.stop:
-        raise param_invalid(f"{name} must be a non-empty range(start, stop) with 0 <= start, step 1, got {layers}")
-    if layers.stop * tensors_per_layer > num_tensors:
-        raise param_invalid(f"{name}={layers} with {tensors_per_layer} tensors per layer needs "
-                            f"{layers.stop * tensors_per_layer} tensors; the cache has {num_tensors}")
-    return list(range(layers.start * tensors_per_layer, layers.stop * tensors_per_layer))
 
 
 def _subset(desc, count: int):
