@@ -10,9 +10,12 @@ import os
 import torch
 import torch.distributed as dist
 
+from torch_kvreg.llm_datadist import BlocksCacheKey, CacheDesc, DataType, Placement
+
 logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
 PROMPT_CLUSTER_ID = 0
 DECODER_CLUSTER_ID = 1
+NUM_TENSORS, BLOCKS_NUM, KV_SHAPE = 2, 3, 10
 
 
 def parse_args(description: str) -> argparse.Namespace:
@@ -38,3 +41,22 @@ def log_tensor(label: str, tensor: torch.Tensor) -> None:
     """Logs the tensor as the samples do, plus a machine-readable line for tests."""
     logging.info(f"{label}, tensor={tensor.cpu()}")
     logging.info("RESULT %s %s", label.replace(" ", "_"), json.dumps(tensor.cpu().tolist()))
+
+
+def cache_memory(fill: float, args: argparse.Namespace):
+    """The samples' cache: its CacheDesc and two float tensors of [BLOCKS_NUM, KV_SHAPE]."""
+    placement = Placement.HOST if args.device == "cpu" else Placement.DEVICE
+    desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[BLOCKS_NUM, KV_SHAPE], data_type=DataType.DT_FLOAT,
+                     placement=placement)
+    tensors = [torch.full((BLOCKS_NUM, KV_SHAPE), fill, dtype=torch.float, device=args.device)
+               for _ in range(NUM_TENSORS)]
+    return desc, tensors
+
+
+def register_blocks(datadist, fill: float, own_cluster_id: int, args: argparse.Namespace):
+    """A blocks cache that peers find as BlocksCacheKey(own_cluster_id, 0); keep the tensors."""
+    desc, tensors = cache_memory(fill, args)
+    cache = datadist.cache_manager.register_blocks_cache(
+        desc, [int(t.data_ptr()) for t in tensors], BlocksCacheKey(own_cluster_id, 0))
+    logging.info("register_blocks_cache success")
+    return cache, tensors

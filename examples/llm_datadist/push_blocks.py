@@ -7,23 +7,18 @@ blocks cache, found by BlocksCacheKey. Run one process per role:
 
 import logging
 
-import torch
 import torch.distributed as dist
-from common import DECODER_CLUSTER_ID, PROMPT_CLUSTER_ID, init_process_group, log_tensor, parse_args
+from common import (DECODER_CLUSTER_ID, PROMPT_CLUSTER_ID, init_process_group, log_tensor, parse_args,
+                    register_blocks)
 
 from torch_kvreg.llm_datadist import (
     BlocksCacheKey,
-    CacheDesc,
-    DataType,
     LLMClusterInfo,
     LLMConfig,
     LLMDataDist,
     LLMRole,
     LLMStatusCode,
-    Placement,
 )
-
-NUM_TENSORS, BLOCKS_NUM, KV_SHAPE = 2, 3, 10
 
 
 def start(role, cluster_id, args):
@@ -39,20 +34,10 @@ def start(role, cluster_id, args):
     return datadist
 
 
-def blocks_cache(datadist, fill, own_cluster_id, args):
-    placement = Placement.HOST if args.device == "cpu" else Placement.DEVICE
-    desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[BLOCKS_NUM, KV_SHAPE], data_type=DataType.DT_FLOAT,
-                     placement=placement)
-    tensors = [torch.full((BLOCKS_NUM, KV_SHAPE), fill, dtype=torch.float, device=args.device)
-               for _ in range(NUM_TENSORS)]
-    cache = datadist.cache_manager.register_blocks_cache(
-        desc, [int(t.data_ptr()) for t in tensors], BlocksCacheKey(own_cluster_id, 0))
-    logging.info("register_blocks_cache success")
-    return cache, tensors
 
 
 def prompt(datadist, args):
-    cache, (tensor, tensor2) = blocks_cache(datadist, 1, PROMPT_CLUSTER_ID, args)
+    cache, (tensor, tensor2) = register_blocks(datadist, 1, PROMPT_CLUSTER_ID, args)
     dist.barrier()  # registered
     dist.barrier()  # the decoder pushed
     log_tensor("after decoder push", tensor)
@@ -67,7 +52,7 @@ def prompt(datadist, args):
 
 
 def decoder(datadist, args):
-    cache, tensors = blocks_cache(datadist, 0, DECODER_CLUSTER_ID, args)  # keep the memory alive
+    cache, tensors = register_blocks(datadist, 0, DECODER_CLUSTER_ID, args)  # keep the memory alive
     dist.barrier()  # registered
     cluster = LLMClusterInfo()
     cluster.remote_cluster_id = PROMPT_CLUSTER_ID

@@ -8,23 +8,18 @@ per role:
 
 import logging
 
-import torch
 import torch.distributed as dist
-from common import DECODER_CLUSTER_ID, PROMPT_CLUSTER_ID, init_process_group, log_tensor, parse_args
+from common import (DECODER_CLUSTER_ID, PROMPT_CLUSTER_ID, cache_memory, init_process_group, log_tensor,
+                    parse_args)
 
 from torch_kvreg.llm_datadist import (
-    CacheDesc,
     CacheKeyByIdAndIndex,
-    DataType,
     LLMClusterInfo,
     LLMConfig,
     LLMDataDist,
     LLMRole,
     LLMStatusCode,
-    Placement,
 )
-
-NUM_TENSORS, BLOCKS_NUM, KV_SHAPE = 2, 3, 10
 
 
 def start(role, cluster_id, args):
@@ -41,11 +36,7 @@ def start(role, cluster_id, args):
 
 
 def register(datadist, fill, args):
-    placement = Placement.HOST if args.device == "cpu" else Placement.DEVICE
-    desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[BLOCKS_NUM, KV_SHAPE], data_type=DataType.DT_FLOAT,
-                     placement=placement)
-    tensors = [torch.full((BLOCKS_NUM, KV_SHAPE), fill, dtype=torch.float, device=args.device)
-               for _ in range(NUM_TENSORS)]
+    desc, tensors = cache_memory(fill, args)
     cache = datadist.cache_manager.register_cache(desc, [int(t.data_ptr()) for t in tensors])
     logging.info(f"register_cache success, cache_id={cache.cache_id}")
     return cache, tensors

@@ -8,23 +8,18 @@ which pushes blocks back over that link, layer by layer. One process per role:
 
 import logging
 
-import torch
 import torch.distributed as dist
-from common import DECODER_CLUSTER_ID, PROMPT_CLUSTER_ID, init_process_group, log_tensor, parse_args
+from common import (DECODER_CLUSTER_ID, PROMPT_CLUSTER_ID, init_process_group, log_tensor, parse_args,
+                    register_blocks)
 
 from torch_kvreg.llm_datadist import (
     BlocksCacheKey,
-    CacheDesc,
-    DataType,
     LLMClusterInfo,
     LLMConfig,
     LLMDataDist,
     LLMRole,
     LLMStatusCode,
-    Placement,
 )
-
-NUM_TENSORS, BLOCKS_NUM, KV_SHAPE = 2, 3, 10
 
 
 def start(role, cluster_id, args):
@@ -40,15 +35,6 @@ def start(role, cluster_id, args):
     return datadist
 
 
-def register(datadist, fill, own_cluster_id, args):
-    placement = Placement.HOST if args.device == "cpu" else Placement.DEVICE
-    desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[BLOCKS_NUM, KV_SHAPE], data_type=DataType.DT_FLOAT,
-                     placement=placement)
-    tensors = [torch.full((BLOCKS_NUM, KV_SHAPE), fill, dtype=torch.float, device=args.device)
-               for _ in range(NUM_TENSORS)]
-    cache = datadist.cache_manager.register_blocks_cache(
-        desc, [int(t.data_ptr()) for t in tensors], BlocksCacheKey(own_cluster_id, 0))
-    return cache, tensors
 
 
 def cluster_info(remote_cluster_id, remote_ip=None, port=None, local_ip=None):
@@ -67,7 +53,7 @@ def check(ret, what):
 
 
 def prompt(datadist, args):
-    cache, (tensor, tensor2) = register(datadist, 1, PROMPT_CLUSTER_ID, args)
+    cache, (tensor, tensor2) = register_blocks(datadist, 1, PROMPT_CLUSTER_ID, args)
     dist.barrier()  # registered
     logging.info("waiting for the decoder to link and pull")
     dist.barrier()  # the decoder pulled and unlinked
@@ -86,7 +72,7 @@ def prompt(datadist, args):
 
 
 def decoder(datadist, args):
-    cache, (tensor, tensor2) = register(datadist, 0, DECODER_CLUSTER_ID, args)
+    cache, (tensor, tensor2) = register_blocks(datadist, 0, DECODER_CLUSTER_ID, args)
     dist.barrier()  # registered
     cluster = cluster_info(PROMPT_CLUSTER_ID, args.remote_host_ip, args.prompt_port, args.local_host_ip)
     check(datadist.link_clusters([cluster], 5000)[0], "link")

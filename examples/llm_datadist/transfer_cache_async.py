@@ -9,25 +9,20 @@ One process per role:
 import logging
 from typing import Optional
 
-import torch
 import torch.distributed as dist
-from common import DECODER_CLUSTER_ID, PROMPT_CLUSTER_ID, init_process_group, log_tensor, parse_args
+from common import (DECODER_CLUSTER_ID, PROMPT_CLUSTER_ID, init_process_group, log_tensor, parse_args,
+                    register_blocks)
 
 from torch_kvreg.llm_datadist import (
     BlocksCacheKey,
-    CacheDesc,
-    DataType,
     LayerSynchronizer,
     LLMClusterInfo,
     LLMConfig,
     LLMDataDist,
     LLMRole,
     LLMStatusCode,
-    Placement,
     TransferWithCacheKeyConfig,
 )
-
-NUM_TENSORS, BLOCKS_NUM, KV_SHAPE = 2, 3, 10
 
 
 class ReadyLayers(LayerSynchronizer):
@@ -55,19 +50,10 @@ def start(role, cluster_id, args):
     return datadist
 
 
-def register(datadist, fill, own_cluster_id, args):
-    placement = Placement.HOST if args.device == "cpu" else Placement.DEVICE
-    desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[BLOCKS_NUM, KV_SHAPE], data_type=DataType.DT_FLOAT,
-                     placement=placement)
-    tensors = [torch.full((BLOCKS_NUM, KV_SHAPE), fill, dtype=torch.float, device=args.device)
-               for _ in range(NUM_TENSORS)]
-    cache = datadist.cache_manager.register_blocks_cache(
-        desc, [int(t.data_ptr()) for t in tensors], BlocksCacheKey(own_cluster_id, 0))
-    return cache, tensors
 
 
 def prompt(datadist, args):
-    cache, tensors = register(datadist, 1, PROMPT_CLUSTER_ID, args)
+    cache, tensors = register_blocks(datadist, 1, PROMPT_CLUSTER_ID, args)
     dist.barrier()  # registered
     cluster = LLMClusterInfo()
     cluster.remote_cluster_id = DECODER_CLUSTER_ID
@@ -88,7 +74,7 @@ def prompt(datadist, args):
 
 
 def decoder(datadist, args):
-    cache, (tensor, tensor2) = register(datadist, 0, DECODER_CLUSTER_ID, args)
+    cache, (tensor, tensor2) = register_blocks(datadist, 0, DECODER_CLUSTER_ID, args)
     dist.barrier()  # registered
     dist.barrier()  # the prompt transferred
     log_tensor("after prompt transfer cache", tensor)
