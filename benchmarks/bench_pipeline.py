@@ -10,7 +10,10 @@ computes its first token. The layer work is calibrated in this run so that compu
 as long as pushing it. Then: 64 asynchronous pulls of 32 KiB blocks in flight from one
 thread against one blocking pull of the same blocks.
 
-    python benchmarks/bench_pipeline.py [--layers 8] [--repeats 5] [--json out.json]
+    python benchmarks/bench_pipeline.py [--layers 8] [--repeats 7] [--json out.json]
+
+BENCH_DEBUG=1 also prints, per run, when compute ended, the pushes landed, the decoder saw
+the last notice and computed its token.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def decode_process(layers, blocks, to_main, from_main):
     os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
     import torch_kvreg as kv
 
+    torch.set_num_threads(1)  # two cores: a second intra-op thread would spin against prefill
     kv.initialize(DECODE, kv.LlmRole.DECODER,
                   options={"llm.ListenIpInfo": "127.0.0.1:0", "llm.SyncKvCacheWaitTime": "30000"})
     tensors = [torch.zeros(blocks, *BLOCK_SHAPE, dtype=torch.float16) for _ in range(2 * layers)]
@@ -78,7 +82,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--blocks", type=int, default=128, help="blocks per layer pushed (32 KiB each, K and V)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.blocks < 64:
@@ -108,16 +112,23 @@ def main():
     def push(layer, notify=None):
         return kv.push_kv_blocks_async(local, remote, blocks, blocks, layers=range(layer, layer + 1), notify=notify)
 
-    # Calibrate: one layer's push time, and matrix work of about the same duration.
+    # Calibrate: one layer's push time, and matrix work of about the same duration (medians:
+    # this machine is shared, and single timings wander).
     for _ in range(3):
         push(0).wait()
-    start = time.perf_counter()
-    for layer in range(args.layers):
-        push(layer).wait()
-    push_s = (time.perf_counter() - start) / args.layers
-    start = time.perf_counter()
-    layer_work(x0, weight, 20)
-    reps = max(1, round(20 * push_s / (time.perf_counter() - start)))
+    rounds = []
+    for _ in range(5):  # as the sequential mode pushes: every layer started, then waited for
+        start = time.perf_counter()
+        for transfer in [push(layer) for layer in range(args.layers)]:
+            transfer.wait()
+        rounds.append((time.perf_counter() - start) / args.layers)
+    push_s = statistics.median(rounds)
+    work = []
+    for _ in range(5):
+        start = time.perf_counter()
+        layer_work(x0, weight, 10)
+        work.append((time.perf_counter() - start) / 10)
+    reps = max(1, round(push_s / statistics.median(work)))
 
     def run(overlapped: bool, tag: int):
         from_main.put(tag)
@@ -130,15 +141,23 @@ def main():
                 pending.append(push(layer, f"{tag}/{layer}"))
         if not overlapped:
             pending = [push(layer, f"{tag}/{layer}") for layer in range(args.layers)]
+        computed = time.time()
         for transfer in pending:
             transfer.wait(60_000)
+        pushed = time.time()
         seen, first_token, _ = to_main.get(timeout=120)
+        if os.environ.get("BENCH_DEBUG"):
+            print(f"{'overlapped' if overlapped else 'sequential'}: computed {1e3 * (computed - start_wall):.1f} "
+                  f"pushed {1e3 * (pushed - start_wall):.1f} seen {1e3 * (seen - start_wall):.1f} "
+                  f"token {1e3 * (first_token - start_wall):.1f}")
         return first_token - start_wall, seen - start_wall
 
     times = {"sequential": [], "overlapped": []}
     for repeat in range(args.repeats):
         for mode in ("sequential", "overlapped"):
             times[mode].append(run(mode == "overlapped", 2 * repeat + (mode == "overlapped"))[0])
+    if os.environ.get("BENCH_DEBUG"):
+        print({mode: [round(t * 1e3, 1) for t in runs] for mode, runs in times.items()})
     sequential, overlapped = statistics.median(times["sequential"]), statistics.median(times["overlapped"])
 
     # Many asynchronous pulls in flight against one blocking pull of the same blocks.

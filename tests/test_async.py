@@ -6,6 +6,7 @@ a transfer needs them, and completion notices delivered to the peer after the da
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -202,6 +203,100 @@ def test_transfers_in_flight_fail_with_their_blocks(peer, decoder, monkeypatch, 
     monkeypatch.undo()
     kv.unregister_kv_cache(local)  # nothing holds it any more
     peer.call("unregister", remote_id)
+
+
+def gated_posts(monkeypatch):
+    """Makes NIXL's post wait for the returned event the first time (as a post that moves
+    the bytes itself does) and records, per post, the thread and the descriptors posted."""
+    engine = kv.remote._engine
+    posts, gate, entered = [], threading.Event(), threading.Event()
+    post, make = engine.agent.transfer, engine.agent.initialize_xfer
+
+    def counting_make(operation, local_descs, remote_descs, agent_name, *args, **kwargs):
+        posts.append({"descriptors": local_descs.descCount()})
+        return make(operation, local_descs, remote_descs, agent_name, *args, **kwargs)
+
+    def gated_post(handle, notif_msg=b""):
+        if not gate.is_set():
+            entered.set()
+            gate.wait(30)
+        posts[-1]["thread"] = threading.current_thread().name
+        return post(handle, notif_msg)
+
+    monkeypatch.setattr(engine.agent, "initialize_xfer", counting_make)
+    monkeypatch.setattr(engine.agent, "transfer", gated_post)
+    return posts, gate, entered
+
+
+def test_async_starts_return_before_the_post_and_a_burst_goes_as_few_requests(peer, decoder, monkeypatch):
+    remote_id = peer.call("register", (2, 64, BLOCK, 45, True))
+    theirs = paged(2, 64, BLOCK, 45)
+    mine = [torch.zeros(64, *BLOCK, dtype=torch.float16) for _ in range(2)]
+    local = kv.register_kv_cache(mine)
+    posts, gate, entered = gated_posts(monkeypatch)
+    source = CacheIndex(9, remote_id)
+    # The first post hangs in NIXL (as one that moves the bytes itself does): the caller
+    # still gets every Transfer back at once, and what it starts meanwhile queues.
+    transfers = [kv.pull_kv_blocks_async(source, local, [0], [0])]
+    assert entered.wait(5)
+    transfers += [kv.pull_kv_blocks_async(source, local, [i], [i], notify="first half" if i == 31 else None)
+                  for i in range(1, 64)]
+    assert not any(t.done() for t in transfers)
+    gate.set()
+    assert sum(t.wait(10_000) for t in transfers) == 64 * 2 * local.cache_desc.block_nbytes
+    assert all(t.status == LLMStatusCode.LLM_SUCCESS for t in transfers)
+    assert all(torch.equal(m, t) for m, t in zip(mine, theirs))
+    # Posted by the progress thread: the first alone; the 63 that waited as two requests
+    # (a notice ends a group), each run of adjacent blocks one descriptor per tensor.
+    assert {post["thread"] for post in posts} == {"kvreg-progress"}
+    assert [post["descriptors"] for post in posts] == [2, 2, 2]
+    deadline = time.monotonic() + 5
+    received = []
+    while not received and time.monotonic() < deadline:
+        received = peer.call("notifications")
+    assert received == [(2, b"first half")]
+    assert peer.call("leases") == {}
+    monkeypatch.undo()
+    kv.unregister_kv_cache(local)
+    peer.call("unregister", remote_id)
+
+
+def test_a_failed_group_fails_every_transfer_in_it(peer, decoder, monkeypatch):
+    remote_id = peer.call("register", (2, 8, BLOCK, 46, True))
+    local = kv.register_kv_cache([torch.zeros(8, *BLOCK, dtype=torch.float16) for _ in range(2)])
+    posts, gate, entered = gated_posts(monkeypatch)
+    agent = kv.remote._engine.agent
+    first = kv.pull_kv_blocks_async(CacheIndex(9, remote_id), local, [0], [0])
+    assert entered.wait(5)  # the progress thread is posting the first
+    riders = [kv.pull_kv_blocks_async(CacheIndex(9, remote_id), local, [i], [8 - i]) for i in range(1, 5)]
+    gated = agent.transfer
+    monkeypatch.setattr(agent, "transfer", lambda handle, notif_msg=b"": "ERR" if gate.is_set() else gated(handle))
+    gate.set()
+    assert first.wait(5000) == 2 * local.cache_desc.block_nbytes
+    for i, transfer in enumerate(riders, start=1):
+        with pytest.raises(kv.LLMException) as info:
+            transfer.wait(5000)
+        assert info.value.status_code == LLMStatusCode.LLM_LINK_FAILED and transfer.failed_blocks == [8 - i]
+    assert len(posts) == 2  # the four failed as one request
+    assert peer.call("leases") == {}
+    monkeypatch.undo()
+    kv.unregister_kv_cache(local)  # nothing holds it any more
+    peer.call("unregister", remote_id)
+
+
+def test_joined_rows_join_only_what_is_adjacent_on_both_sides():
+    from torch_kvreg.remote.engine import _joined_rows
+
+    rows = lambda *r: np.array(r, dtype=np.uint64)  # noqa: E731
+    local = rows((300, 100, 0), (100, 100, 0), (200, 100, 0), (500, 100, 0), (600, 100, 1))
+    remote = rows((9300, 100, 0), (9100, 100, 0), (9200, 100, 0), (9900, 100, 0), (10000, 100, 0))
+    joined_local, joined_remote = _joined_rows(local, remote)
+    # 100-400 adjacent on both sides: one row; 500 not next to 400; 600 on another device.
+    assert joined_local.tolist() == [[100, 300, 0], [500, 100, 0], [600, 100, 1]]
+    assert joined_remote.tolist() == [[9100, 300, 0], [9900, 100, 0], [10000, 100, 0]]
+    shuffled = rows((100, 100, 0), (200, 100, 0))
+    apart = rows((9200, 100, 0), (9100, 100, 0))  # adjacent locally, reversed remotely
+    assert _joined_rows(shuffled, apart)[0].tolist() == shuffled.tolist()
 
 
 # --- compiled code: start the next layer's load, wait for one's own --------------------------

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import enum
 import math
 import operator
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -29,6 +30,8 @@ def format_bytes(nbytes: int) -> str:
 
 def as_int(value, name: str) -> int:
     """``value`` as a Python int: ints, numpy ints and SymInts pass; bools and floats do not."""
+    if type(value) is int:  # the common case, first: transfers check many ints
+        return value
     if isinstance(value, torch.SymInt):
         return value
     if isinstance(value, bool):
@@ -130,6 +133,8 @@ _FROM_TORCH = {dtype: data_type for data_type, dtype in _TO_TORCH.items()}
 
 
 def _enum_value(enum_cls, value, name: str):
+    if type(value) is enum_cls:
+        return value
     if isinstance(value, bool) or not isinstance(value, int):
         raise wrong_type(f"{name} must be a {enum_cls.__name__}, got {type(value).__name__}")
     try:
@@ -192,12 +197,13 @@ class CacheDesc:
             -1 if on_host else (first.device.index if first.device.index is not None else 0),
         )
 
-    @property
+    # Cached (the desc is frozen): every transfer asks for them.
+    @functools.cached_property
     def block_nbytes(self) -> int:
         """Bytes of one dim-0 slice of one tensor."""
         return math.prod(self.shape[1:]) * self.data_type.itemsize
 
-    @property
+    @functools.cached_property
     def tensor_nbytes(self) -> int:
         return math.prod(self.shape) * self.data_type.itemsize
 

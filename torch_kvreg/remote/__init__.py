@@ -202,11 +202,9 @@ def _local(cache) -> Cache:
     return get_cache(cache.cache_id if isinstance(cache, Cache) else cache)
 
 
-def _subset(desc, count: int):
-    """The desc of ``count`` of the cache's tensors (what the planner compares)."""
-    from ..types import CacheDesc
-
-    return CacheDesc(count, desc.data_type, desc.shape, desc.placement, desc.device_index)
+def _subset(desc, count: int) -> tuple:
+    """The planner's fields of ``count`` of the cache's tensors (what it compares)."""
+    return plan.fields(desc, count)
 
 
 def _selection(local_desc, local_layers, remote_layers, tensors_per_layer, remote_is_src: bool):
@@ -252,10 +250,13 @@ def _notify(notify) -> bytes:
 
 
 def start_blocks(operation: str, local: Cache, cluster_id: int, remote_ref, src_blocks, dst_blocks,
-                 local_layers=None, remote_layers=None, tensors_per_layer: int = 2, notify=None) -> Transfer:
+                 local_layers=None, remote_layers=None, tensors_per_layer: int = 2, notify=None,
+                 background: bool = False) -> Transfer:
     """Starts moving blocks between a local cache and a remote one (by id or key),
     optionally a layer subset of each; the remote side is the source for READ, the
-    destination for WRITE. Everything is validated before this returns."""
+    destination for WRITE. Everything is validated before this returns. ``background``:
+    the engine's progress thread posts the request (NIXL may move every byte inside the
+    post, as UCX does between processes of one host), so the caller goes on at once."""
     engine = _get_engine()
     message = _notify(notify)
     src_list, dst_list = _blocks(src_blocks, "src_blocks"), _blocks(dst_blocks, "dst_blocks")
@@ -264,14 +265,15 @@ def start_blocks(operation: str, local: Cache, cluster_id: int, remote_ref, src_
     segments = _planned(local, remote_ref, tensors, read, lambda src, dst, _index: plan.block_segments(
         src[0], src[1], dst[0], dst[1], src_list, dst_list))
     return engine.start_transfer(operation, local, cluster_id, remote_ref, segments, tensors, message,
-                                 dst_list.tolist())
+                                 dst_list.tolist(), background=background)
 
 
 def start_slice(operation: str, local: Cache, cluster_id: int, remote_ref, remote_index, local_index: int,
                 size: int = -1, local_layers=None, remote_layers=None, tensors_per_layer: int = 2,
-                notify=None) -> Transfer:
+                notify=None, background: bool = False) -> Transfer:
     """Starts moving ``size`` bytes (-1: all) of one dim-0 slice between a local cache and a
-    remote one. ``remote_index`` None: the slice the remote key names."""
+    remote one. ``remote_index`` None: the slice the remote key names (``background``: as
+    for start_blocks)."""
     engine = _get_engine()
     message = _notify(notify)
     local_index, size = as_int(local_index, "batch_index"), as_int(size, "size")
@@ -286,7 +288,7 @@ def start_slice(operation: str, local: Cache, cluster_id: int, remote_ref, remot
     dst_index = local_index if read else remote_index
     return engine.start_transfer(operation, local, cluster_id, remote_ref,
                                  _planned(local, remote_ref, tensors, read, plan_one), tensors, message,
-                                 [] if dst_index is None else [dst_index])
+                                 [] if dst_index is None else [dst_index], background=background)
 
 
 def transfer_blocks(*args, **kwargs) -> int:
@@ -308,10 +310,14 @@ def pull_kv_blocks_async(src: CacheIndex, dst: Cache | int, src_blocks, dst_bloc
     ``i*tensors_per_layer .. (i+1)*tensors_per_layer-1``), the same layers on both sides.
     ``notify`` (str or bytes, at most 1 KiB) reaches the peer's ``get_notifications()``
     once the data has been read."""
+    return _pull_blocks(src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background=True)
+
+
+def _pull_blocks(src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background) -> Transfer:
     src = _cache_index(src)
     _get_engine()
     return start_blocks("READ", _local(dst), src.cluster_id, src.cache_id, src_blocks, dst_blocks, layers, layers,
-                        tensors_per_layer, notify)
+                        tensors_per_layer, notify, background)
 
 
 @raises_llm
@@ -319,10 +325,14 @@ def push_kv_blocks_async(src: Cache | int, dst: CacheIndex, src_blocks, dst_bloc
                          layers: range | None = None, tensors_per_layer: int = 2, notify=None) -> Transfer:
     """Starts writing blocks ``src_blocks`` of a local cache into blocks ``dst_blocks`` of a
     remote one; ``notify`` reaches the peer once the data has landed there."""
+    return _push_blocks(src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background=True)
+
+
+def _push_blocks(src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background) -> Transfer:
     dst = _cache_index(dst)
     _get_engine()
     return start_blocks("WRITE", _local(src), dst.cluster_id, dst.cache_id, src_blocks, dst_blocks, layers, layers,
-                        tensors_per_layer, notify)
+                        tensors_per_layer, notify, background)
 
 
 @raises_llm
@@ -330,28 +340,35 @@ def pull_kv_cache_async(src: CacheIndex, dst: Cache | int, batch_index: int = 0,
                         layers: range | None = None, tensors_per_layer: int = 2, notify=None) -> Transfer:
     """Starts reading ``size`` bytes (-1: the whole slice) of slice ``src.batch_index`` of a
     remote cache into slice ``batch_index`` of a local one, for every tensor (or ``layers``)."""
+    return _pull_slice(src, dst, batch_index, size, layers, tensors_per_layer, notify, background=True)
+
+
+def _pull_slice(src, dst, batch_index, size, layers, tensors_per_layer, notify, background) -> Transfer:
     src = _cache_index(src)
     _get_engine()
     return start_slice("READ", _local(dst), src.cluster_id, src.cache_id, src.batch_index, batch_index, size,
-                       layers, layers, tensors_per_layer, notify)
+                       layers, layers, tensors_per_layer, notify, background)
 
 
 @raises_llm
-def pull_kv_blocks(src: CacheIndex, dst: Cache | int, src_blocks, dst_blocks, **kwargs) -> int:
-    """``pull_kv_blocks_async(...).wait()``: returns the bytes moved."""
-    return pull_kv_blocks_async(src, dst, src_blocks, dst_blocks, **kwargs).wait()
+def pull_kv_blocks(src: CacheIndex, dst: Cache | int, src_blocks, dst_blocks, *,
+                   layers: range | None = None, tensors_per_layer: int = 2, notify=None) -> int:
+    """``pull_kv_blocks_async(...).wait()``, posted from this thread: returns the bytes moved."""
+    return _pull_blocks(src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background=False).wait()
 
 
 @raises_llm
-def push_kv_blocks(src: Cache | int, dst: CacheIndex, src_blocks, dst_blocks, **kwargs) -> int:
-    """``push_kv_blocks_async(...).wait()``: returns the bytes moved."""
-    return push_kv_blocks_async(src, dst, src_blocks, dst_blocks, **kwargs).wait()
+def push_kv_blocks(src: Cache | int, dst: CacheIndex, src_blocks, dst_blocks, *,
+                   layers: range | None = None, tensors_per_layer: int = 2, notify=None) -> int:
+    """``push_kv_blocks_async(...).wait()``, posted from this thread: returns the bytes moved."""
+    return _push_blocks(src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background=False).wait()
 
 
 @raises_llm
-def pull_kv_cache(src: CacheIndex, dst: Cache | int, batch_index: int = 0, size: int = -1, **kwargs) -> int:
-    """``pull_kv_cache_async(...).wait()``: returns the bytes moved."""
-    return pull_kv_cache_async(src, dst, batch_index, size, **kwargs).wait()
+def pull_kv_cache(src: CacheIndex, dst: Cache | int, batch_index: int = 0, size: int = -1, *,
+                  layers: range | None = None, tensors_per_layer: int = 2, notify=None) -> int:
+    """``pull_kv_cache_async(...).wait()``, posted from this thread: returns the bytes moved."""
+    return _pull_slice(src, dst, batch_index, size, layers, tensors_per_layer, notify, background=False).wait()
 
 
 class Notification(NamedTuple):

@@ -27,6 +27,11 @@ PREPPED_MIN_SEGMENTS = 16
 # int32: caches with more descriptors than this (large, or a desc a peer claims) use
 # per-request descriptor lists, whose size follows the request.
 MAX_PREPPED_DESCRIPTORS = 1 << 24
+# Background transfers posted together as one NIXL request carry at most this many descriptors.
+MAX_GROUP_DESCRIPTORS = 1 << 16
+# How long a thread starting a background transfer lets go of the GIL when it wakes the
+# progress thread (the sleep lasts at least this long).
+HAND_OVER_S = 20e-6
 
 
 def _error(status: LLMStatusCode, message: str) -> LLMException:
@@ -234,6 +239,7 @@ class Engine:
         self.shared_leases: dict[tuple, _SharedLease] = {}  # (link, remote cache) -> lease in use
         self.progress = threading.Condition()  # guards flights and stopping
         self.flights: list[_Flight] = []
+        self.progress_idle = False  # the progress thread waits for flights
         self.stopping = False
         self.progress_thread: threading.Thread | None = None
 
@@ -289,6 +295,8 @@ class Engine:
 
     # --- NIXL registration of local caches --------------------------------------------
     def register(self, cache: Cache) -> None:
+        if cache.cache_id in self.nixl_regs:  # ids are never reused while the engine lives
+            return
         self._drop_stale_registrations()
         desc = cache.cache_desc
         rows = [(addr, desc.tensor_nbytes, plan.device_id(desc), "") for addr in cache.tensor_addrs]
@@ -528,7 +536,7 @@ class Engine:
                                    notify=notify).wait()
 
     def start_transfer(self, operation: str, local: Cache, cluster_id: int, remote_ref: int | str, make_segments,
-                       tensors=None, notify: bytes = b"", dst_blocks=()) -> Transfer:
+                       tensors=None, notify: bytes = b"", dst_blocks=(), background: bool = False) -> Transfer:
         """Starts moving bytes between a local cache and a remote one; returns its Transfer.
 
         ``remote_ref`` is the remote cache id, or a cache key the peer registered.
@@ -537,8 +545,11 @@ class Engine:
         key names, else 0); READ moves remote -> local, WRITE local -> remote.
         ``tensors(remote_desc)`` gives the (local, remote) tensor indices that take part;
         None: all, pairwise. ``notify`` reaches the peer once the data has landed.
-        Everything is checked, the peer's cache leased and the request posted before this
-        returns; the engine's progress thread completes it.
+        Everything is checked, the peer's cache leased and the request prepared before this
+        returns. The request is posted here, or with ``background`` by the engine's progress
+        thread in the order started: NIXL's post may itself move the bytes (UCX does between
+        processes of one host), which would make an "asynchronous" transfer block its caller.
+        The progress thread completes it either way.
         """
         link = self.link_for(cluster_id)
         self.hold_local(local.cache_id)
@@ -566,25 +577,26 @@ class Engine:
             block_nbytes = local.cache_desc.block_nbytes
             local_sel = np.asarray(local_tensors, dtype=np.int64)
             remote_sel = np.asarray(remote_tensors, dtype=np.int64)
-            if (lengths.size >= PREPPED_MIN_SEGMENTS and bool(np.all(lengths == block_nbytes))
+            if (not background and lengths.size >= PREPPED_MIN_SEGMENTS and bool(np.all(lengths == block_nbytes))
                     and _preppable(local.cache_desc) and _preppable(remote.desc)):
                 # Scattered single blocks: index into per-block lists prepared once per
                 # cache, as NIXL recommends, instead of preparing every descriptor again.
-                make_handle = self._prepped_request(operation, local, remote, link, local_offsets,
-                                                    remote_offsets, block_nbytes, local_sel, remote_sel)
+                # (Background requests keep their rows: the progress thread posts a burst of
+                # them as one request, joining the blocks that turn out adjacent.)
+                request = self._prepped_request(operation, local, remote, link, local_offsets,
+                                                remote_offsets, block_nbytes, local_sel, remote_sel)
             else:
-                make_handle = self._request(operation, local, remote, link, local_offsets,
-                                            remote_offsets, lengths, local_sel, remote_sel)
-            try:
-                handle = make_handle()
-            except Exception as exc:
-                raise _error(LLMStatusCode.LLM_LINK_FAILED, f"NIXL could not prepare the transfer: {exc}") from None
-            flight = _Flight(transfer, link, lease, local.cache_id, handle, time.monotonic() + self.wait_s)
-            try:
-                state = self.agent.transfer(handle, notify)
-            except Exception as exc:
-                state = "ERR"
-                log.warning("NIXL refused to post a transfer: %s", exc)
+                request = self._request(operation, local, remote, link, local_offsets,
+                                        remote_offsets, lengths, local_sel, remote_sel)
+            flight = _Flight(transfer, link, lease, local.cache_id, request, time.monotonic() + self.wait_s, notify)
+            if background:
+                state = None
+            else:
+                try:
+                    flight.handle = _Request.handle_of([request])
+                except Exception as exc:
+                    raise _error(LLMStatusCode.LLM_LINK_FAILED, f"NIXL could not prepare the transfer: {exc}") from None
+                state = self._post(flight)
         except BaseException:
             self._settle(link, lease, local.cache_id, None)
             raise
@@ -641,44 +653,117 @@ class Engine:
         self.unhold_local(local_id)
         return True
 
-    def _track(self, flight: "_Flight", state: str) -> None:
-        if state != "PROC" and self._land(flight, state):
+    def _post(self, flight: "_Flight") -> str:
+        """Hands a flight's NIXL request to NIXL; its state ("PROC", "DONE" or "ERR")."""
+        flight.posted = True
+        try:
+            return self.agent.transfer(flight.handle, flight.notify)
+        except Exception as exc:
+            log.warning("NIXL refused to post a transfer: %s", exc)
+            return "ERR"
+
+    def _post_waiting(self, waiting: list["_Flight"]) -> set[int]:
+        """Posts the flights started in the background, in the order started. Consecutive
+        requests of one kind to one peer become one NIXL request (the first flight leads, the
+        others ride along and land with it): a burst of small transfers costs one post,
+        not one each. A flight with a notice ends its group, so the notice still follows
+        all of its data. Returns the ids of the flights that ride along."""
+        riders: set[int] = set()
+        i = 0
+        while i < len(waiting):
+            group = [waiting[i]]
+            descriptors = len(waiting[i].request)
+            i += 1
+            while (not group[-1].notify and i < len(waiting) and waiting[i].request.key == group[0].request.key
+                   and descriptors + len(waiting[i].request) <= MAX_GROUP_DESCRIPTORS):
+                group.append(waiting[i])
+                descriptors += len(waiting[i].request)
+                i += 1
+            leader = group[0]
+            leader.riders = group[1:]
+            riders.update(id(flight) for flight in leader.riders)
+            leader.notify = group[-1].notify
+            leader.deadline = min(flight.deadline for flight in group)
+            try:
+                leader.handle = _Request.handle_of([flight.request for flight in group])
+            except Exception as exc:
+                log.warning("NIXL could not prepare a transfer: %s", exc)
+                leader.posted, leader.state = True, "ERR"
+                continue
+            leader.state = self._post(leader)
+        return riders
+
+    def _track(self, flight: "_Flight", state: str | None) -> None:
+        """Hands a flight to the progress thread (``state`` None: not posted yet)."""
+        if state not in (None, "PROC") and self._land(flight, state):
             return
         with self.progress:
+            hand_over = state is None and self.progress_idle
             self.flights.append(flight)
             if self.progress_thread is None:
                 self.progress_thread = threading.Thread(target=self._progress, name="kvreg-progress", daemon=True)
                 self.progress_thread.start()
             self.progress.notify()
+        if hand_over:
+            # The first of a burst: let the woken progress thread take the GIL and post it
+            # now. Otherwise it waits for the interpreter's switch interval (5 ms) while this
+            # thread starts more, and the burst's bytes start moving only after the last.
+            time.sleep(HAND_OVER_S)
+
+    def _release(self, flight: "_Flight") -> bool:
+        """Releases what a flight and its riders held; False (holding on) while NIXL still
+        owns the handle."""
+        if flight.handle is not None:
+            try:
+                self.agent.release_xfer_handle(flight.handle)
+            except Exception:
+                return False
+            flight.handle = None
+        for member in flight.members():
+            self._settle(member.link, member.lease, member.local_id, None)
+        return True
 
     def _land(self, flight: "_Flight", state: str) -> bool:
-        """Completes a transfer whose state is known; True once everything is released."""
+        """Completes a flight (and its riders) whose state is known; True once everything
+        is released."""
         peer = flight.link.cluster_id
         # Released before the waiter wakes, so that what it does next (unregister, ask the
         # peer) finds nothing held. A transfer NIXL still runs keeps its local cache and the
         # peer's lease held (neither side may free memory under it) until NIXL lets go.
-        settled = self._settle(flight.link, flight.lease, flight.local_id, flight.handle)
-        if state == "DONE":
-            flight.transfer.succeed()
-        elif state == "PROC":
-            flight.transfer.fail(_error(LLMStatusCode.LLM_TIMEOUT, f"transfer with cluster {peer} not done "
-                                        f"within {self.wait_s * 1000:.0f} ms"))
-        else:
-            flight.transfer.fail(_error(LLMStatusCode.LLM_LINK_FAILED, f"NIXL transfer with cluster {peer} failed"))
+        settled = self._release(flight)
+        for member in flight.members():
+            if state == "DONE":
+                member.transfer.succeed()
+            elif state == "PROC":
+                member.transfer.fail(_error(LLMStatusCode.LLM_TIMEOUT, f"transfer with cluster {peer} not done "
+                                            f"within {self.wait_s * 1000:.0f} ms"))
+            else:
+                member.transfer.fail(_error(LLMStatusCode.LLM_LINK_FAILED,
+                                            f"NIXL transfer with cluster {peer} failed"))
         return settled
 
     def _progress(self) -> None:
-        """Drives NIXL and completes transfers: polls without sleeping while any is in
-        flight (each status check drives UCX progress; sleeping cost 5-10% of throughput on
-        scattered blocks), yielding the GIL now and then; waits when there is none."""
+        """Posts the transfers started in the background, drives NIXL and completes
+        transfers: polls without sleeping while any is in flight (each status check drives
+        UCX progress; sleeping cost 5-10% of throughput on scattered blocks), handing the
+        GIL on between polls; waits when there is none."""
         idle = 0  # polls since a transfer last landed
         while True:
             with self.progress:
                 while not self.flights and not self.stopping:
+                    self.progress_idle = True
                     self.progress.wait()
+                self.progress_idle = False
                 if not self.flights:
                     return
                 flights = list(self.flights)
+            waiting = [flight for flight in flights if not flight.posted]
+            if waiting:
+                riders = self._post_waiting(waiting)
+                if riders:
+                    with self.progress:
+                        self.flights = [flight for flight in self.flights if id(flight) not in riders]
+                    flights = [flight for flight in flights if id(flight) not in riders]
             landed = [flight for flight in flights if self._poll(flight)]
             if landed:
                 idle = 0
@@ -693,17 +778,23 @@ class Engine:
                 # A long transfer: back off so that the threads computing beside it (which
                 # need the GIL between their torch ops) are not starved.
                 time.sleep(0.0001)
-            elif idle % 256 == 255:
+            else:
+                # Lets a thread that wants the GIL back (a compute thread between its torch
+                # ops, a caller starting transfers) take it now rather than after the
+                # interpreter's 5 ms switch interval.
                 time.sleep(0)
 
     def _poll(self, flight: "_Flight") -> bool:
-        """One look at a flight; True once it has landed and released what it held."""
+        """One look at a posted flight; True once it has landed and released what it held."""
         if flight.settled_late:  # completed earlier; retry releasing what it held
-            return self._settle(flight.link, flight.lease, flight.local_id, flight.handle)
-        try:
-            state = self.agent.check_xfer_state(flight.handle)
-        except Exception:
-            state = "ERR"
+            return self._release(flight)
+        if flight.state is not None:  # known when it was posted
+            state, flight.state = flight.state, None
+        else:
+            try:
+                state = self.agent.check_xfer_state(flight.handle)
+            except Exception:
+                state = "ERR"
         if state == "PROC" and time.monotonic() <= flight.deadline:
             return False
         if self._land(flight, state):
@@ -723,11 +814,13 @@ class Engine:
         with self.progress:
             leftovers, self.flights = self.flights, []
         for flight in leftovers:
-            flight.transfer.fail(_error(LLMStatusCode.LLM_FAILED, "finalized with the transfer in flight"))
             log.warning("finalize: a transfer with cluster %s was still in flight", flight.link.cluster_id)
-            with contextlib.suppress(Exception):
-                self.agent.release_xfer_handle(flight.handle)
-            self.unhold_local(flight.local_id)
+            if flight.handle is not None:
+                with contextlib.suppress(Exception):
+                    self.agent.release_xfer_handle(flight.handle)
+            for member in flight.members():
+                member.transfer.fail(_error(LLMStatusCode.LLM_FAILED, "finalized with the transfer in flight"))
+                self.unhold_local(member.local_id)
 
     def notifications(self) -> list[tuple[int | None, bytes]]:
         """Completion notices peers sent since the last call, oldest first, with the
@@ -753,15 +846,13 @@ class Engine:
         local_rows = plan.descriptors(local_addrs, plan.device_id(local.cache_desc), local_offsets, lengths)
         remote_rows = plan.descriptors(remote_addrs, plan.device_id(remote.desc), remote_offsets, lengths)
 
-        def make_handle():
-            return self.agent.initialize_xfer(
-                operation,
-                self.agent.get_xfer_descs(local_rows, plan.mem_type(local.cache_desc)),
-                self.agent.get_xfer_descs(remote_rows, plan.mem_type(remote.desc)),
-                link.agent_name,
-            )
+        agent, local_mem, remote_mem = self.agent, plan.mem_type(local.cache_desc), plan.mem_type(remote.desc)
 
-        return make_handle
+        def make_handle(local_rows, remote_rows):
+            return agent.initialize_xfer(operation, agent.get_xfer_descs(local_rows, local_mem),
+                                         agent.get_xfer_descs(remote_rows, remote_mem), link.agent_name)
+
+        return _Request(("rows", operation, id(link), local_mem, remote_mem), local_rows, remote_rows, make_handle)
 
     def _per_block_rows(self, addrs, desc: CacheDesc) -> np.ndarray:
         offsets = np.arange(desc.shape[0], dtype=np.uint64) * np.uint64(desc.block_nbytes)
@@ -792,16 +883,74 @@ class Engine:
 
         local_idx = indices(local_offsets, local.cache_desc.shape[0], local_sel)
         remote_idx = indices(remote_offsets, remote.desc.shape[0], remote_sel)
-        return lambda: agent.make_prepped_xfer(operation, local_prep, local_idx, remote_prep, remote_idx)
+
+        def make_handle(local_idx, remote_idx):
+            return agent.make_prepped_xfer(operation, local_prep, local_idx, remote_prep, remote_idx)
+
+        return _Request(("prepped", operation, id(link), id(local_prep), id(remote_prep)), local_idx, remote_idx,
+                        make_handle)
+
+
+class _Request:
+    """A NIXL request not made yet: each side's descriptor rows (or indices into prepared
+    lists) and how to make a handle of them. Requests with equal keys (one peer, operation
+    and kind of memory, or the same prepared lists) can be made into one handle."""
+
+    def __init__(self, key: tuple, local_part: np.ndarray, remote_part: np.ndarray, make_handle):
+        self.key, self.local_part, self.remote_part, self.make_handle = key, local_part, remote_part, make_handle
+
+    def __len__(self) -> int:
+        return len(self.local_part)
+
+    @staticmethod
+    def handle_of(requests: list["_Request"]):
+        """One NIXL handle moving every request's descriptors (all of one key)."""
+        if len(requests) == 1:
+            return requests[0].make_handle(requests[0].local_part, requests[0].remote_part)
+        local_part = np.concatenate([request.local_part for request in requests])
+        remote_part = np.concatenate([request.remote_part for request in requests])
+        if local_part.ndim == 2:
+            local_part, remote_part = _joined_rows(local_part, remote_part)
+        return requests[0].make_handle(local_part, remote_part)
+
+
+def _joined_rows(local_rows: np.ndarray, remote_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(address, length, device) rows of both sides in local address order, each run of
+    rows adjacent on both sides joined into one: what one request for all those blocks
+    would have had (the planner joins runs within a request; this joins across them)."""
+    order = np.argsort(local_rows[:, 0], kind="stable")
+    local_rows, remote_rows = local_rows[order], remote_rows[order]
+    lengths = local_rows[:, 1]
+    joins = ((local_rows[1:, 0] == local_rows[:-1, 0] + lengths[:-1])
+             & (remote_rows[1:, 0] == remote_rows[:-1, 0] + lengths[:-1])
+             & (local_rows[1:, 2] == local_rows[:-1, 2]) & (remote_rows[1:, 2] == remote_rows[:-1, 2]))
+    if not joins.any():
+        return local_rows, remote_rows
+    starts = np.flatnonzero(np.concatenate(([True], ~joins)))
+    joined = np.add.reduceat(lengths, starts)
+    local_rows, remote_rows = local_rows[starts], remote_rows[starts]
+    local_rows[:, 1] = joined
+    remote_rows[:, 1] = joined
+    return local_rows, remote_rows
 
 
 class _Flight:
-    """One posted NIXL transfer and what it holds until it lands."""
+    """One transfer handed to NIXL (or waiting for the progress thread to hand it over) and
+    what it holds until it lands. A flight posted with others in one request leads them:
+    they ride along and land with it."""
 
-    def __init__(self, transfer: Transfer, link: Link, lease, local_id: int, handle, deadline: float):
+    def __init__(self, transfer: Transfer, link: Link, lease, local_id: int, request: _Request, deadline: float,
+                 notify: bytes = b""):
         self.transfer, self.link, self.lease, self.local_id = transfer, link, lease, local_id
-        self.handle, self.deadline = handle, deadline
+        self.request, self.deadline, self.notify = request, deadline, notify
+        self.handle = None
+        self.riders: list[_Flight] = []
+        self.posted = False  # a background request waits for the progress thread to post it
+        self.state: str | None = None  # the state its post returned, until polled
         self.settled_late = False
+
+    def members(self) -> list["_Flight"]:
+        return [self, *self.riders]
 
 
 class _SharedLease:

@@ -13,8 +13,12 @@ from ..types import CacheDesc, Placement
 MAX_DESCRIPTOR_BYTES = 64 << 20
 
 
-def _fields(desc: CacheDesc):
-    return (desc.num_tensors, int(desc.data_type), list(desc.shape), int(desc.placement), desc.device_index)
+def fields(desc: CacheDesc | tuple, num_tensors: int | None = None) -> tuple:
+    """What the C++ planner takes of a desc (``num_tensors`` of its tensors: all if None)."""
+    if isinstance(desc, tuple):
+        return desc
+    count = desc.num_tensors if num_tensors is None else num_tensors
+    return (count, int(desc.data_type), list(desc.shape), int(desc.placement), desc.device_index)
 
 
 def _columns(rows: torch.Tensor):
@@ -22,17 +26,17 @@ def _columns(rows: torch.Tensor):
     return table[:, 0], table[:, 1], table[:, 2]
 
 
-def block_segments(src: CacheDesc, src_id: int, dst: CacheDesc, dst_id: int, src_blocks, dst_blocks):
+def block_segments(src: CacheDesc | tuple, src_id: int, dst: CacheDesc | tuple, dst_id: int, src_blocks, dst_blocks):
     """(src byte offsets, dst byte offsets, lengths) of the coalesced runs, after the checks
     of copy_kv_blocks (the same C++ code): equal lengths, compatible descs, indices in range,
     no repeated destination. Ids only name the caches in messages."""
-    rows = _C.plan_blocks(_fields(src), src_id, _fields(dst), dst_id, src_blocks, dst_blocks, MAX_DESCRIPTOR_BYTES)
+    rows = _C.plan_blocks(fields(src), src_id, fields(dst), dst_id, src_blocks, dst_blocks, MAX_DESCRIPTOR_BYTES)
     return _columns(rows)
 
 
-def slice_segments(src: CacheDesc, src_id: int, dst: CacheDesc, dst_id: int, src_index: int, dst_index: int, size: int):
+def slice_segments(src: CacheDesc | tuple, src_id: int, dst: CacheDesc | tuple, dst_id: int, src_index: int, dst_index: int, size: int):
     """copy_kv_cache's checks and segment for ``size`` bytes (-1: all) of one slice."""
-    rows = _C.plan_slice(_fields(src), src_id, _fields(dst), dst_id, src_index, dst_index, 0, size)
+    rows = _C.plan_slice(fields(src), src_id, fields(dst), dst_id, src_index, dst_index, 0, size)
     return _columns(rows)
 
 
