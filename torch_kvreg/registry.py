@@ -7,13 +7,18 @@ types, call it, and turn its errors into the LLMException family.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import hashlib
+import hmac
+import os
+import secrets
 import ipaddress
 from typing import Mapping, Sequence
 
 import torch
 
 from . import _ops  # noqa: F401  (loads the native library and the op registrations)
-from . import _C
+from . import _C, lifecycle
 from .errors import LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
 from .types import (
     Cache,
@@ -31,7 +36,16 @@ from .types import (
 OPTION_DEVICE_ID = "llm.DeviceId"
 OPTION_LISTEN_IP_INFO = "llm.ListenIpInfo"
 OPTION_SYNC_KV_CACHE_WAIT_TIME = "llm.SyncKvCacheWaitTime"
-KNOWN_OPTIONS = (OPTION_DEVICE_ID, OPTION_LISTEN_IP_INFO, OPTION_SYNC_KV_CACHE_WAIT_TIME)
+# Peers must prove they know it before they link (torch_kvreg.remote.auth); also read from
+# the environment variable below when the option is not given.
+OPTION_LINK_SECRET = "llm.LinkSecret"
+ENV_LINK_SECRET = "TORCH_KVREG_LINK_SECRET"
+MAX_LINK_SECRET_BYTES = 4096
+KNOWN_OPTIONS = (OPTION_DEVICE_ID, OPTION_LISTEN_IP_INFO, OPTION_SYNC_KV_CACHE_WAIT_TIME, OPTION_LINK_SECRET)
+# Keys the secret's stand-in in the options the native registry keeps (to tell a second
+# initialize with other options): equal secrets compare equal within this process, and
+# nothing kept or shown can be turned back into the secret.
+_SECRET_DIGEST_KEY = secrets.token_bytes(32)
 DEFAULT_SYNC_KV_CACHE_WAIT_TIME_MS = 1000
 _MAX_ADDRESS = 2**63 - 1
 
@@ -65,6 +79,13 @@ def parse_listen_address(text: str) -> tuple[str, int]:
     return host, port
 
 
+def _kept(key: str, value: str) -> str:
+    """An option's value as the native registry keeps it: the secret only as a keyed digest."""
+    if key != OPTION_LINK_SECRET:
+        return value
+    return "digest:" + hmac.new(_SECRET_DIGEST_KEY, value.encode(), hashlib.sha256).hexdigest()
+
+
 def _checked_options(options: Mapping[str, str] | None, device_id: int | None) -> dict[str, str]:
     if options is None:
         options = {}
@@ -73,7 +94,7 @@ def _checked_options(options: Mapping[str, str] | None, device_id: int | None) -
     checked: dict[str, str] = {}
     for key, value in options.items():
         if not isinstance(key, str) or not isinstance(value, str):
-            raise wrong_type(f"option {key!r}: keys and values must be str")
+            raise wrong_type(f"option {key!r}: keys and values must be str")  # never the value
         if key not in KNOWN_OPTIONS:
             raise param_invalid(f"unknown option {key!r}; known options are {', '.join(KNOWN_OPTIONS)}")
         checked[key] = value
@@ -88,6 +109,12 @@ def _checked_options(options: Mapping[str, str] | None, device_id: int | None) -
             raise param_invalid(f"device_id={device_id} disagrees with {OPTION_DEVICE_ID}={option_device}")
     if OPTION_LISTEN_IP_INFO in checked:
         parse_listen_address(checked[OPTION_LISTEN_IP_INFO])
+    if OPTION_LINK_SECRET not in checked and os.environ.get(ENV_LINK_SECRET):
+        checked[OPTION_LINK_SECRET] = os.environ[ENV_LINK_SECRET]
+    if OPTION_LINK_SECRET in checked:
+        size = len(checked[OPTION_LINK_SECRET].encode())
+        if not 0 < size <= MAX_LINK_SECRET_BYTES:  # (the message never shows the secret)
+            raise param_invalid(f"{OPTION_LINK_SECRET} must have 1 to {MAX_LINK_SECRET_BYTES} bytes, got {size}")
     if OPTION_SYNC_KV_CACHE_WAIT_TIME in checked:
         text = checked[OPTION_SYNC_KV_CACHE_WAIT_TIME]
         if not text.isdigit() or int(text) <= 0:
@@ -135,16 +162,16 @@ def initialize(
     caps = [as_int(v, "limits field") for v in (limits.max_addrs, limits.max_device_bytes, limits.max_host_bytes)]
     if any(v < 0 for v in caps) or any(v > _MAX_ADDRESS for v in caps):
         raise param_invalid(f"limits must be between 0 and 2**63-1, got {limits!r}")
-    canonical = "\n".join(f"{k}={v}" for k, v in sorted(checked.items()))
+    canonical = "\n".join(f"{k}={_kept(k, v)}" for k, v in sorted(checked.items()))
     first_time = not _C.is_initialized()
     wait_ms = int(checked.get(OPTION_SYNC_KV_CACHE_WAIT_TIME, DEFAULT_SYNC_KV_CACHE_WAIT_TIME_MS))
     _C.initialize(cluster_id, int(role), -1 if device_id is None else device_id, canonical, *caps, wait_ms)
-    if first_time and OPTION_LISTEN_IP_INFO in checked:
-        from .remote import start_listening
-
+    if first_time:
         try:
-            start_listening(checked[OPTION_LISTEN_IP_INFO])
+            lifecycle.initialized(checked)
         except BaseException:
+            with contextlib.suppress(Exception):
+                lifecycle.finalizing()
             _C.finalize()
             raise
 
@@ -157,10 +184,10 @@ def finalize() -> None:
     >>> torch_kvreg.is_initialized()
     False
     """
-    from .remote import stop_remote
-
-    stop_remote()
-    _C.finalize()
+    try:
+        lifecycle.finalizing()
+    finally:
+        _C.finalize()
 
 
 def is_initialized() -> bool:
@@ -342,8 +369,6 @@ def register_kv_cache(
     >>> torch_kvreg.unregister_kv_cache(cache)
     >>> torch_kvreg.finalize()
     """
-    from .remote import on_register
-
     if isinstance(tensors_or_desc, CacheDesc):
         desc = tensors_or_desc
         addrs = addrs_or_cfg
@@ -371,7 +396,7 @@ def register_kv_cache(
             cache_id = torch.ops.llm.register_kv_cache.default(tensors, pin, remote)
     cache = get_cache(int(cache_id))
     try:
-        on_register(cache)
+        lifecycle.registered(cache)
     except BaseException:
         torch.ops.llm.unregister_kv_cache(cache.cache_id)
         raise
@@ -390,11 +415,9 @@ def unregister_kv_cache(cache: Cache | int) -> None:
     0
     >>> torch_kvreg.finalize()
     """
-    from .remote import on_unregister
-
     cache_id = cache_id_of(cache)
     _C.get_cache(cache_id)  # LLM_KV_CACHE_NOT_EXIST before touching anything else
-    on_unregister(cache_id)
+    lifecycle.unregistering(cache_id)
     torch.ops.llm.unregister_kv_cache(cache_id)
 
 

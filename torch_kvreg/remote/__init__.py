@@ -14,13 +14,17 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from .. import lifecycle
 from ..errors import LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
 from ..inflight import Transfer
+from ..registry import OPTION_LISTEN_IP_INFO
 from ..types import Cache, CacheIndex, ClusterInfo, as_int, layer_tensors
 from . import plan
+from .auth import LinkSecret
 
 _engine = None
 _engine_lock = threading.Lock()
+_link_secret: LinkSecret | None = None  # from initialize's options; peers must prove it
 
 
 def nixl_available() -> bool:
@@ -58,7 +62,7 @@ def _get_engine(create: bool = True):
         if _engine is None and create:
             from .engine import Engine
 
-            engine = Engine(cluster_id(), _wait_ms())
+            engine = Engine(cluster_id(), _wait_ms(), _link_secret)
             for cache in registered_caches():
                 if remote_accessible(cache):
                     engine.register(cache)
@@ -66,9 +70,40 @@ def _get_engine(create: bool = True):
         return _engine
 
 
-# --- hooks called by the registry ----------------------------------------------------------
+# --- the registry's lifecycle, as this layer hears it ----------------------------------------
+class _RemoteLifecycle:
+    """Subscribed to the registry's lifecycle hooks (the registry does not know this layer)."""
+
+    def initialized(self, options) -> None:
+        global _link_secret
+        _link_secret = LinkSecret.from_options(options)
+        if OPTION_LISTEN_IP_INFO in options:
+            start_listening(options[OPTION_LISTEN_IP_INFO])
+
+    def registered(self, cache: Cache) -> None:
+        engine = _engine
+        if engine is not None:
+            from ..registry import remote_accessible
+
+            if remote_accessible(cache):
+                engine.register(cache)
+
+    def unregistering(self, cache_id: int) -> None:
+        engine = _engine
+        if engine is not None:
+            engine.unregister(cache_id)
+
+    def finalizing(self) -> None:
+        global _link_secret
+        try:
+            stop_remote()
+        finally:
+            _link_secret = None
+
+
 def start_listening(address: str) -> None:
-    """Called by initialize(options={"llm.ListenIpInfo": ...})."""
+    """Serves links on ``address`` ("ip:port"): what initialize(options={"llm.ListenIpInfo":
+    ...}) does."""
     from ..registry import parse_listen_address
 
     host, port = parse_listen_address(address)
@@ -76,7 +111,7 @@ def start_listening(address: str) -> None:
 
 
 def stop_remote() -> None:
-    """Called by finalize(): unlinks, stops serving, deregisters from NIXL."""
+    """Unlinks, stops serving, deregisters from NIXL (finalize does it)."""
     global _engine
     with _engine_lock:
         engine, _engine = _engine, None
@@ -84,19 +119,7 @@ def stop_remote() -> None:
         engine.close()
 
 
-def on_register(cache: Cache) -> None:
-    engine = _engine
-    if engine is not None:
-        from ..registry import remote_accessible
-
-        if remote_accessible(cache):
-            engine.register(cache)
-
-
-def on_unregister(cache_id: int) -> None:
-    engine = _engine
-    if engine is not None:
-        engine.unregister(cache_id)
+lifecycle.subscribe(_RemoteLifecycle())
 
 
 # --- public API ----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from ..errors import LLMException, LLMStatusCode, make_error
 from ..inflight import Transfer
 from ..types import Cache, CacheDesc, ClusterInfo
 from . import plan, protocol
+from .auth import LinkSecret, new_nonce
 
 log = logging.getLogger("torch_kvreg.remote")
 # From this many scattered blocks on, transfers index prepared per-block descriptor lists.
@@ -78,6 +79,11 @@ class Link:
         self.leases: set[int] = set()  # leases the peer holds on this process's caches
         self.loaded_md: dict[int, bytes] = {}  # remote cache id -> metadata already loaded
         self.remote_preps: dict[int, object] = {}  # remote cache id -> prepared per-block dlist
+        # Requests from the peer are served only once it has proved the link secret (or the
+        # engine has none). An inbound link remembers the challenge it answered.
+        self.authenticated = engine.secret is None
+        self.challenge: tuple[int, bytes, bytes] | None = None  # (cluster id, its nonce, ours)
+        self.last_heard = time.monotonic()
 
     @property
     def cluster_id(self) -> int | None:
@@ -118,6 +124,17 @@ class Link:
             raise _error(failure[0], f"cluster {peer}: {failure[1]}")
         return response
 
+    def ping(self) -> None:
+        """Asks the peer for a sign of life without waiting; its answer (any frame, in
+        fact) refreshes ``last_heard``. A link that cannot even send is closed."""
+        request_id = next(self.request_ids)
+        with self.pending_lock:
+            self.pending[request_id] = [threading.Event(), None]  # the answer lands here, unread
+        try:
+            self._send({"op": "ping", "id": request_id})
+        except (OSError, protocol.ProtocolError):
+            self.close()
+
     def _reply(self, message: dict, request_id) -> None:
         if request_id is not None:
             message = {**message, "id": request_id}
@@ -149,6 +166,7 @@ class Link:
                     self._reply({"ok": False, "status": "LLM_PARAM_INVALID", "message": f"malformed request: {exc}"},
                                 None)
                     return  # a peer that sends garbage loses its connection
+                self.last_heard = time.monotonic()
                 if self._deliver(message):
                     continue
                 request_id = message.get("id")
@@ -162,6 +180,13 @@ class Link:
                     self._reply({"ok": False, "status": "LLM_PARAM_INVALID", "message": f"malformed request: {exc}"},
                                 request_id)
                     return
+                if not self.authenticated and (op not in ("challenge", "hello") or self.info is not None):
+                    # Before the peer proved the secret: only the handshake, and only on a
+                    # link it opened. Nothing else is answered, and the link is dropped.
+                    self._reply({"ok": False, "status": "LLM_LINK_FAILED",
+                                 "message": "this cluster requires a link secret; the handshake did not prove it"},
+                                request_id)
+                    return
                 if op == "bye":
                     self.said_bye = True
                     self._reply({"ok": True}, request_id)
@@ -171,6 +196,8 @@ class Link:
                 except LLMException as exc:
                     reply = {"ok": False, "status": exc.status_code.name, "message": exc.detail}
                 self._reply(reply, request_id)
+                if op in ("challenge", "hello") and not reply["ok"]:
+                    return  # a failed handshake ends the connection
         finally:
             self.alive = False
             with self.pending_lock:
@@ -216,13 +243,20 @@ class _Server(socketserver.ThreadingTCPServer):
 class Engine:
     """Everything this process needs to be a NIXL peer."""
 
-    def __init__(self, cluster_id: int, wait_ms: int):
+    def __init__(self, cluster_id: int, wait_ms: int, secret: LinkSecret | None = None):
         # NIXL logs every agent and backend creation at INFO; keep a user's own setting.
         os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
         from nixl_cu12 import nixl_agent, nixl_agent_config
 
         self.cluster_id = cluster_id
         self.wait_s = wait_ms / 1000.0
+        self.secret = secret  # set: every peer proves it knows the secret before it links
+        # A link silent for heartbeat_s gets a ping; one silent for dead_after_s is closed,
+        # which releases what the peer held and fails transfers to it at once.
+        self.heartbeat_s = min(max(self.wait_s / 4, 0.05), 2.0)
+        self.dead_after_s = max(self.wait_s, 3 * self.heartbeat_s)
+        self.heartbeat_thread: threading.Thread | None = None
+        self.closed = threading.Event()
         self.name = f"kvreg-{cluster_id}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.agent = nixl_agent(self.name, nixl_agent_config(backends=["UCX"]))
         self.lock = threading.Condition()
@@ -244,6 +278,31 @@ class Engine:
         self.progress_thread: threading.Thread | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
+    def _watch_links(self) -> None:
+        """The heartbeat: pings links that went quiet and closes those silent for
+        ``dead_after_s`` (a cut cable sends no FIN), so that what the peer held is released
+        and transfers to it fail at once with LLM_LINK_FAILED."""
+        while not self.closed.wait(self.heartbeat_s):
+            now = time.monotonic()
+            with self.lock:
+                links = set(self.links.values()) | set(self.connections)
+            for link in links:
+                if not link.alive or link.info is None:  # only linked peers (which answer pings)
+                    continue
+                silent = now - link.last_heard
+                if silent > self.dead_after_s:
+                    log.warning("cluster %s silent for %.1f s: closing its link", link.cluster_id, silent)
+                    link.close()
+                elif silent > self.heartbeat_s and link.authenticated:
+                    link.ping()
+
+    def _start_heartbeat(self) -> None:
+        with self.lock:
+            if self.heartbeat_thread is None and not self.closed.is_set():
+                self.heartbeat_thread = threading.Thread(target=self._watch_links, name="kvreg-heartbeat",
+                                                         daemon=True)
+                self.heartbeat_thread.start()
+
     def listen(self, host: str, port: int) -> str:
         try:
             self.server = _Server((host, port), _ControlHandler)
@@ -253,6 +312,7 @@ class Engine:
         bound_host, bound_port = self.server.server_address[:2]
         self.listen_address = f"{bound_host}:{bound_port}"
         threading.Thread(target=self.server.serve_forever, name="kvreg-control", daemon=True).start()
+        self._start_heartbeat()
         return self.listen_address
 
     def stop_listening(self) -> None:
@@ -270,6 +330,9 @@ class Engine:
             if not self.lock.wait_for(lambda: not any(self.in_flight.values()), timeout=self.wait_s):
                 log.warning("finalize: transfers still in flight after %.0f ms", self.wait_s * 1000)
         self.stop_progress()
+        self.closed.set()
+        if self.heartbeat_thread is not None:
+            self.heartbeat_thread.join(timeout=self.heartbeat_s + 1)
         for cluster_id in list(self.links):
             self.unlink(cluster_id, force=False)
         self.stop_listening()
@@ -368,6 +431,10 @@ class Engine:
     def serve(self, op: str, fields: dict, link: Link) -> dict:
         if op == "hello":
             return self.greet(fields, link)
+        if op == "challenge":
+            return self.answer_challenge(fields, link)
+        if op == "ping":
+            return {"ok": True}
         if op == "acquire":
             return self.acquire_for_peer(fields.get("cache_id"), fields.get("key"), link.leases)
         if op == "release":
@@ -377,9 +444,35 @@ class Engine:
             return {"ok": True}
         raise _error(LLMStatusCode.LLM_PARAM_INVALID, f"unknown op {op}")
 
+    def answer_challenge(self, fields: dict, link: Link) -> dict:
+        """A linker's nonce: our nonce and our proof of the secret (none without a secret:
+        the linker, which has one, must not link to a cluster that cannot prove it)."""
+        if self.secret is None:
+            raise _error(LLMStatusCode.LLM_LINK_FAILED, "this cluster has no link secret")
+        if link.challenge is not None:
+            raise _error(LLMStatusCode.LLM_LINK_FAILED, "one challenge per connection")
+        ours = new_nonce()
+        link.challenge = (fields["cluster_id"], fields["nonce"], ours)
+        proof = self.secret.proof(b"accept", fields["nonce"], ours, fields["cluster_id"], self.cluster_id)
+        return {"ok": True, "nonce": protocol.b64(ours), "proof": protocol.b64(proof)}
+
+    def _check_hello_proof(self, fields: dict, link: Link) -> None:
+        if self.secret is None:
+            return
+        challenge, link.challenge = link.challenge, None  # one try per challenge
+        if challenge is None or "proof" not in fields or challenge[0] != fields["cluster_id"]:
+            raise _error(LLMStatusCode.LLM_LINK_FAILED, "this cluster requires a link secret")
+        cluster_id, theirs, ours = challenge
+        if not self.secret.check(fields["proof"], b"connect", theirs, ours, cluster_id, self.cluster_id):
+            log.warning("a peer claiming cluster %d failed the link secret check", cluster_id)
+            raise _error(LLMStatusCode.LLM_LINK_FAILED, "the link secret check failed")
+        link.authenticated = True
+
     def greet(self, fields: dict, link: Link) -> dict:
         """A hello from the peer that opened ``link``. With its agent metadata, the link also
-        carries our requests to it: the peer's cluster counts as linked here too."""
+        carries our requests to it: the peer's cluster counts as linked here too. With a
+        link secret, only after the peer answered our challenge."""
+        self._check_hello_proof(fields, link)
         md = fields.get("md")
         if md is not None and link.info is None:
             try:
@@ -487,8 +580,11 @@ class Engine:
         link = Link(self, sock, info, self.wait_s)
         link.start()
         try:
-            response = link.request({"op": "hello", "cluster_id": self.cluster_id, "agent": self.name,
-                                     "md": protocol.b64(self.agent.get_agent_metadata())}, timeout_s)
+            hello = {"op": "hello", "cluster_id": self.cluster_id, "agent": self.name,
+                     "md": protocol.b64(self.agent.get_agent_metadata())}
+            if self.secret is not None:
+                hello["proof"] = protocol.b64(self._prove(link, info, timeout_s))
+            response = link.request(hello, timeout_s)
             cluster_id, agent_name, md = protocol.parse_hello_response(response)
             if cluster_id != info.remote_cluster_id:
                 raise _error(LLMStatusCode.LLM_LINK_FAILED,
@@ -507,8 +603,32 @@ class Engine:
             return LLMStatusCode.LLM_LINK_FAILED
         with self.lock:
             self.links[info.remote_cluster_id] = link
+        self._start_heartbeat()
         log.info("linked to cluster %d at %s:%d", info.remote_cluster_id, info.remote_ip, info.remote_port)
         return LLMStatusCode.LLM_SUCCESS
+
+    def _prove(self, link: Link, info: ClusterInfo, timeout_s: float) -> bytes:
+        """The linker's half of the handshake: checks the peer's proof of the secret, then
+        returns ours (sent with the hello). The peer learns nothing about the secret."""
+        ours = new_nonce()
+        try:
+            response = link.request({"op": "challenge", "cluster_id": self.cluster_id, "nonce": protocol.b64(ours)},
+                                    timeout_s)
+            theirs, proof = protocol.parse_challenge_response(response)
+        except LLMException as exc:
+            if exc.status_code == LLMStatusCode.LLM_TIMEOUT:
+                raise
+            raise _error(LLMStatusCode.LLM_LINK_FAILED,
+                         f"cluster {info.remote_cluster_id} did not take part in the link secret check") from None
+        except protocol.ProtocolError:
+            raise _error(LLMStatusCode.LLM_LINK_FAILED, "malformed challenge response") from None
+        if not self.secret.check(proof, b"accept", ours, theirs, self.cluster_id, info.remote_cluster_id):
+            log.warning("cluster %d at %s:%d failed the link secret check", info.remote_cluster_id,
+                        info.remote_ip, info.remote_port)
+            raise _error(LLMStatusCode.LLM_LINK_FAILED,
+                         f"cluster {info.remote_cluster_id} failed the link secret check")
+        link.authenticated = True
+        return self.secret.proof(b"connect", ours, theirs, self.cluster_id, info.remote_cluster_id)
 
     def unlink(self, cluster_id: int, force: bool) -> LLMStatusCode:
         with self.lock:
@@ -795,6 +915,8 @@ class Engine:
                 state = self.agent.check_xfer_state(flight.handle)
             except Exception:
                 state = "ERR"
+        if state == "PROC" and not flight.link.alive:
+            state = "ERR"  # the peer is gone (closed, or silenced past the heartbeat)
         if state == "PROC" and time.monotonic() <= flight.deadline:
             return False
         if self._land(flight, state):

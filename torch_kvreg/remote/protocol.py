@@ -23,7 +23,9 @@ MAX_TENSORS = 240
 MAX_RANK = 32
 MAX_KEY = 256
 _HEADER = struct.Struct(">I")
-REQUESTS = ("hello", "acquire", "release", "bye")
+REQUESTS = ("challenge", "hello", "acquire", "release", "ping", "bye")
+NONCE_BYTES = 32  # fresh per handshake, from secrets.token_bytes
+PROOF_BYTES = 32  # HMAC-SHA256
 
 
 class ProtocolError(Exception):
@@ -91,6 +93,18 @@ def _bytes(message: dict, key: str) -> bytes:
         raise ProtocolError(f"field {key!r} is not valid base64") from None
 
 
+def _sized(message: dict, key: str, size: int) -> bytes:
+    value = _bytes(message, key)
+    if len(value) != size:
+        raise ProtocolError(f"field {key!r} must hold {size} bytes, got {len(value)}")
+    return value
+
+
+def parse_challenge_response(message: dict) -> tuple[bytes, bytes]:
+    """(the accepting side's nonce, its proof) from a challenge response."""
+    return _sized(message, "nonce", NONCE_BYTES), _sized(message, "proof", PROOF_BYTES)
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -100,10 +114,14 @@ def parse_request(message: dict) -> tuple[str, dict]:
     op = message.get("op")
     if op not in REQUESTS:
         raise ProtocolError(f"unknown op {op!r}")
+    if op == "challenge":  # a linker with a link secret opens with its nonce
+        return op, {"cluster_id": _int(message, "cluster_id"), "nonce": _sized(message, "nonce", NONCE_BYTES)}
     if op == "hello":
         fields = {"cluster_id": _int(message, "cluster_id"), "agent": _str(message, "agent")}
         if "md" in message:  # the peer's agent metadata: then we may transfer to it too
             fields["md"] = _bytes(message, "md")
+        if "proof" in message:  # the linker's answer to our challenge
+            fields["proof"] = _sized(message, "proof", PROOF_BYTES)
         return op, fields
     if op == "acquire":
         if "key" in message:  # a cache key the peer registered (LLM-DataDist's cache keys)
