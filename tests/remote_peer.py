@@ -1,4 +1,5 @@
-"""A torch_kvreg process driven by a test through queues (a prompt or decode peer)."""
+"""A torch_kvreg process driven by a test through queues (a prompt or decode peer),
+optionally inside a network namespace (tests/netns.py) with its own environment."""
 
 import multiprocessing as mp
 
@@ -12,11 +13,38 @@ def paged(num_tensors, num_blocks, block_shape, seed, dtype=torch.float16):
     return [torch.randn(num_blocks, *block_shape, generator=gen).to(dtype) for _ in range(num_tensors)]
 
 
-def peer_main(commands, replies, cluster_id, wait_ms=2000):
+CLONE_NEWNET = 0x40000000
+
+
+def enter_netns(name):
+    """Moves this (still single-threaded) process into network namespace ``name``."""
+    import ctypes
+    import os
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {name} failed")
+    finally:
+        os.close(fd)
+
+
+def peer_main(commands, replies, cluster_id, wait_ms=2000, options=None, netns=None, env=None):
+    import os
+
+    if netns is not None:
+        enter_netns(netns)
+    os.environ.update(env or {})
     import torch_kvreg as kv
 
-    kv.initialize(cluster_id=cluster_id, role=kv.LlmRole.PROMPT,
-                  options={"llm.ListenIpInfo": "127.0.0.1:0", "llm.SyncKvCacheWaitTime": str(wait_ms)})
+    options = {"llm.ListenIpInfo": "127.0.0.1:0", "llm.SyncKvCacheWaitTime": str(wait_ms), **(options or {})}
+    transfers = {}
+    try:
+        kv.initialize(cluster_id=cluster_id, role=kv.LlmRole.PROMPT, options=options)
+    except Exception as exc:
+        replies.put(("error", repr(exc)))
+        return
     caches = {}
     replies.put(("ready", kv.listen_address()))
     while True:
@@ -40,9 +68,30 @@ def peer_main(commands, replies, cluster_id, wait_ms=2000):
                 replies.put(("ok", dict(kv.remote._engine.leases)))
             elif op == "read":
                 replies.put(("ok", [t.clone() for t in caches[args]]))
+            elif op == "register_zeros":  # (num_tensors, num_blocks, block_shape): a destination
+                num_tensors, num_blocks, block_shape = args
+                tensors = [torch.zeros(num_blocks, *block_shape, dtype=torch.float16) for _ in range(num_tensors)]
+                cache = kv.register_kv_cache(tensors, kv.RegisterCfg(remote_accessible=True))
+                caches[cache.cache_id] = tensors
+                replies.put(("ok", cache.cache_id))
             elif op == "unregister":
                 kv.unregister_kv_cache(args)
                 replies.put(("ok", None))
+            elif op == "kv":  # any torch_kvreg function: (name, args, kwargs) -> its result
+                name, call_args, call_kwargs = args
+                replies.put(("ok", getattr(kv, name)(*call_args, **call_kwargs)))
+            elif op == "cache":  # the Cache of one of this process's cache ids
+                replies.put(("ok", kv.get_cache(args)))
+            elif op == "start_pull":  # (src CacheIndex, dst cache id, src blocks, dst blocks) -> handle
+                transfer = kv.pull_kv_blocks_async(*args)
+                transfers[id(transfer)] = transfer
+                replies.put(("ok", id(transfer)))
+            elif op == "wait":  # (handle, timeout ms) -> ("ok", bytes) or (status name, seconds waited)
+                transfer = transfers.pop(args[0])
+                try:
+                    replies.put(("ok", ("ok", transfer.wait(args[1]))))
+                except kv.LLMException as exc:
+                    replies.put(("ok", (exc.status_code.name, transfer.elapsed_s)))
             elif op == "exit":
                 kv.finalize()
                 replies.put(("ok", None))
@@ -54,13 +103,14 @@ def peer_main(commands, replies, cluster_id, wait_ms=2000):
 class Peer:
     """A peer process listening on 127.0.0.1; ``call(op, args)`` runs one command there."""
 
-    def __init__(self, cluster_id, wait_ms=2000):
+    def __init__(self, cluster_id, wait_ms=2000, options=None, netns=None, env=None):
         self.cluster_id = cluster_id
         self.commands, self.replies = CTX.Queue(), CTX.Queue()
-        self.process = CTX.Process(target=peer_main, args=(self.commands, self.replies, cluster_id, wait_ms))
+        self.process = CTX.Process(target=peer_main, args=(self.commands, self.replies, cluster_id, wait_ms,
+                                                           options, netns, env))
         self.process.start()
         status, address = self.replies.get(timeout=120)
-        assert status == "ready"
+        assert status == "ready", address
         host, port = address.split(":")
         self.host, self.port = host, int(port)
 
@@ -79,4 +129,9 @@ class Peer:
     def close(self):
         if self.process.is_alive():
             self.call("exit")
+        self.process.join(timeout=30)
+
+    def kill(self):
+        """Ends the process at once (SIGKILL): no bye, no finalize."""
+        self.process.kill()
         self.process.join(timeout=30)
