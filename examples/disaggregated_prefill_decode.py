@@ -6,6 +6,12 @@ process links to it, pulls exactly the prompt's blocks into its own cache (at ot
 ids) and generates tokens. The tokens must equal a single-process run.
 
     python examples/disaggregated_prefill_decode.py [--new-tokens 24]
+
+Across two "hosts" on one Linux machine (root; network namespaces A and B joined by a veth
+pair, UCX on TCP), the prefill worker in A listening on A's address:
+
+    UCX_TLS=tcp ip netns exec B python examples/disaggregated_prefill_decode.py \
+        --prefill-netns A --listen 10.213.1.1:0
 """
 
 import argparse
@@ -77,9 +83,33 @@ def prompt_blocks_needed(prompt_len, new_tokens):
     return (prompt_len + new_tokens + BLOCK - 1) // BLOCK
 
 
-def prefill_worker(prompt, block_table, to_decoder, from_decoder):
+def enter_netns(name):
+    """Moves this process (before it starts any thread) into network namespace ``name``."""
+    import ctypes
+    import os
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), f"cannot enter network namespace {name}")
+    finally:
+        os.close(fd)
+    # As `ip netns exec` does: a private mount namespace whose /sys shows this namespace's
+    # interfaces (UCX looks for its network devices there).
+    if libc.unshare(0x00020000) != 0:  # CLONE_NEWNS
+        raise OSError(ctypes.get_errno(), "cannot unshare the mount namespace")
+    libc.mount(b"none", b"/", None, 0x4000 | 0x80000, None)  # MS_REC | MS_SLAVE
+    libc.umount2(b"/sys", 2)  # MNT_DETACH
+    if libc.mount(name.encode(), b"/sys", b"sysfs", 0, None) != 0:
+        raise OSError(ctypes.get_errno(), "cannot mount sysfs for the namespace")
+
+
+def prefill_worker(prompt, block_table, to_decoder, from_decoder, listen="127.0.0.1:0", netns=None):
+    if netns is not None:
+        enter_netns(netns)
     kv.initialize(PREFILL_CLUSTER, kv.LlmRole.PROMPT,
-                  options={"llm.ListenIpInfo": "127.0.0.1:0", "llm.SyncKvCacheWaitTime": "5000"})
+                  options={"llm.ListenIpInfo": listen, "llm.SyncKvCacheWaitTime": "5000"})
     model = TinyLM()
     kv_cache = new_cache()
     first = prefill(model, prompt, kv_cache, block_table)
@@ -93,6 +123,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-len", type=int, default=45)
     parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--listen", default="127.0.0.1:0", help="the prefill worker's llm.ListenIpInfo")
+    parser.add_argument("--prefill-netns", help="run the prefill worker in this network namespace (root)")
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, VOCAB, (args.prompt_len,), generator=gen).tolist()
@@ -109,7 +141,8 @@ def main():
 
     ctx = mp.get_context("spawn")
     to_decoder, from_decoder = ctx.Queue(), ctx.Queue()
-    worker = ctx.Process(target=prefill_worker, args=(prompt, prompt_table, to_decoder, from_decoder))
+    worker = ctx.Process(target=prefill_worker, args=(prompt, prompt_table, to_decoder, from_decoder, args.listen,
+                                                      args.prefill_netns))
     worker.start()
     address, remote_cache_id, first = to_decoder.get(timeout=300)
 

@@ -28,6 +28,22 @@ def enter_netns(name):
             raise OSError(ctypes.get_errno(), f"setns into {name} failed")
     finally:
         os.close(fd)
+    remount_sysfs(libc, name)
+
+
+def remount_sysfs(libc, name):
+    """What ``ip netns exec`` does too: a private mount namespace with /sys remounted, so
+    that /sys/class/net (where UCX looks for devices) shows this namespace's interfaces."""
+    import ctypes
+
+    CLONE_NEWNS, MS_REC, MS_SLAVE, MNT_DETACH = 0x00020000, 0x4000, 0x80000, 2
+    if libc.unshare(CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS) failed")
+    if libc.mount(b"none", b"/", None, MS_REC | MS_SLAVE, None) != 0:
+        raise OSError(ctypes.get_errno(), "making / a slave mount failed")
+    libc.umount2(b"/sys", MNT_DETACH)
+    if libc.mount(name.encode(), b"/sys", b"sysfs", 0, None) != 0:
+        raise OSError(ctypes.get_errno(), "mounting sysfs failed")
 
 
 def peer_main(commands, replies, cluster_id, wait_ms=2000, options=None, netns=None, env=None):
@@ -103,13 +119,18 @@ def peer_main(commands, replies, cluster_id, wait_ms=2000, options=None, netns=N
 class Peer:
     """A peer process listening on 127.0.0.1; ``call(op, args)`` runs one command there."""
 
-    def __init__(self, cluster_id, wait_ms=2000, options=None, netns=None, env=None):
+    def __init__(self, cluster_id, wait_ms=2000, options=None, netns=None, env=None, wait=True):
         self.cluster_id = cluster_id
         self.commands, self.replies = CTX.Queue(), CTX.Queue()
         self.process = CTX.Process(target=peer_main, args=(self.commands, self.replies, cluster_id, wait_ms,
                                                            options, netns, env))
         self.process.start()
-        status, address = self.replies.get(timeout=120)
+        if wait:
+            self.ready()
+
+    def ready(self):
+        """Waits until the process listens (Peer(..., wait=False) starts several at once)."""
+        status, address = self.replies.get(timeout=300)
         assert status == "ready", address
         host, port = address.split(":")
         self.host, self.port = host, int(port)
