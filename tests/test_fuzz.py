@@ -180,3 +180,49 @@ def test_live_control_server_survives_random_frames():
         reply = read_message(s)
         assert protocol.parse_hello_response(reply)[0] == 5
     kv.finalize()
+
+
+@pytest.mark.skipif(not kv.remote.nixl_available(), reason="needs the nixl extra")
+def test_a_secret_server_gives_strangers_nothing_whatever_they_send():
+    """Random handshakes (challenges and hellos with random nonces, proofs and cluster ids,
+    in any order, truncated or garbled) against a server with a link secret: no reply ever
+    carries agent metadata, a cache entry or a lease, and the server still links a peer that
+    knows the secret afterwards."""
+    kv.initialize(cluster_id=5, options={"llm.ListenIpInfo": "127.0.0.1:0", "llm.LinkSecret": "fuzz-secret-0123"})
+    host, port = kv.listen_address().split(":")
+    cache = kv.register_kv_cache([torch.arange(64.0).reshape(8, 8)], kv.RegisterCfg(remote_accessible=True))
+    outcomes = collections.Counter()
+    raw32 = st.binary(min_size=32, max_size=32).map(protocol.b64)
+    handshake = st.one_of(
+        st.fixed_dictionaries({"op": st.just("challenge"), "cluster_id": st.integers(-1, 9),
+                               "nonce": st.one_of(raw32, st.binary(max_size=40).map(protocol.b64), st.text(max_size=4))}),
+        st.fixed_dictionaries({"op": st.just("hello"), "cluster_id": st.integers(-1, 9), "agent": st.text(max_size=4),
+                               "proof": st.one_of(raw32, st.binary(max_size=40).map(protocol.b64))}),
+        st.fixed_dictionaries({"op": st.sampled_from(["acquire", "release", "ping", "bye"]),
+                               "cache_id": st.just(cache.cache_id), "lease": st.integers(0, 3)}),
+    ).map(lambda m: protocol.encode({**m, "id": 1}))
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(frames=st.lists(st.one_of(handshake, handshake, st.binary(max_size=24)), min_size=1, max_size=3))
+    def fire(frames):
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.settimeout(0.05)
+            for frame in frames:
+                try:
+                    s.sendall(frame)
+                    reply = read_message(s)
+                except (socket.timeout, OSError, protocol.ProtocolError):
+                    outcomes["no reply"] += 1
+                    break
+                assert not {"md", "cache", "lease"} & set(reply), reply
+                outcomes["answered challenge" if "nonce" in reply else reply.get("status", "ok")] += 1
+
+    try:
+        fire()
+        # The fuzzing reached the handshake's every answer: challenges answered, hellos and
+        # other requests refused with LLM_LINK_FAILED, garbage refused or unanswered.
+        for outcome in ("answered challenge", "LLM_LINK_FAILED", "LLM_PARAM_INVALID", "no reply"):
+            assert outcomes[outcome] >= 3, dict(outcomes)
+        assert kv.remote._engine.leases == {} and kv.registered_caches() == [cache]
+    finally:
+        kv.finalize()
