@@ -9,6 +9,10 @@ also one descriptor per tensor run; (b) the local memory-bandwidth limit, one co
 copy_ of the same bytes.
 
     python benchmarks/bench_remote.py [--layers 32] [--repeats 5] [--json out.json]
+
+With --netns (root, Linux): the same over TCP between two network namespaces joined by a
+veth pair (tests/netns.py), UCX forced onto TCP over it for ours and the raw pair alike:
+the prompt process in one namespace, this one in the other.
 """
 
 import argparse
@@ -17,6 +21,8 @@ import multiprocessing as mp
 import os
 import random
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -33,12 +39,20 @@ def reg_rows(tensors):
     return [(t.data_ptr(), t.numel() * t.element_size(), 0, "") for t in tensors]
 
 
-def prompt_process(layers, to_main, from_main):
+TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+
+
+def prompt_process(layers, to_main, from_main, listen="127.0.0.1:0", netns=None):
+    if netns is not None:
+        sys.path.insert(0, TESTS)
+        from remote_peer import enter_netns
+
+        enter_netns(netns)
     os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
     import torch_kvreg as kv
     from nixl_cu12 import nixl_agent, nixl_agent_config
 
-    kv.initialize(1, kv.LlmRole.PROMPT, options={"llm.ListenIpInfo": "127.0.0.1:0", "llm.SyncKvCacheWaitTime": "30000"})
+    kv.initialize(1, kv.LlmRole.PROMPT, options={"llm.ListenIpInfo": listen, "llm.SyncKvCacheWaitTime": "30000"})
     tensors = make_tensors(layers, 1)
     cache = kv.register_kv_cache(tensors, kv.RegisterCfg(remote_accessible=True))
     raw = nixl_agent("raw-prompt", nixl_agent_config(backends=["UCX"]))
@@ -60,14 +74,19 @@ def main():
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json")
+    parser.add_argument("--netns", action="store_true", help="over TCP between two network namespaces (root)")
+    parser.add_argument("--inside", help=argparse.SUPPRESS)  # "namespace,address" of the prompt side
     args = parser.parse_args()
+    if args.netns:
+        return run_across_namespaces()
     os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
     import torch_kvreg as kv
     from nixl_cu12 import nixl_agent, nixl_agent_config
 
     ctx = mp.get_context("spawn")
     to_main, from_main = ctx.Queue(), ctx.Queue()
-    peer = ctx.Process(target=prompt_process, args=(args.layers, to_main, from_main))
+    prompt_netns, listen = args.inside.split(",") if args.inside else (None, "127.0.0.1:0")
+    peer = ctx.Process(target=prompt_process, args=(args.layers, to_main, from_main, listen, prompt_netns))
     peer.start()
     address, remote_id, raw_md, remote_addrs = to_main.get(timeout=600)
 
@@ -157,6 +176,8 @@ def main():
     from_main.put("done")
     peer.join(timeout=60)
 
+    where = f"over TCP across network namespaces ({os.environ.get('UCX_TLS')})" if args.inside else "on one host"
+    print(f"CPU: {cpu_model()}; {where}")
     print(f"pull_kv_blocks over NIXL/UCX between two processes, {num_tensors} tensors x {MOVED} of "
           f"{NUM_BLOCKS} blocks of {block_nbytes // 1024} KiB ({total / 2**30:.2f} GiB), torch {torch.__version__}")
     print(f"link_clusters: {link_ms:.1f} ms; register_kv_cache ({num_tensors} tensors, with NIXL): {register_ms:.1f} ms")
@@ -168,7 +189,38 @@ def main():
               f"{r['ratio_vs_raw_nixl']:.2f}x, ours / local limit = {r['ratio_vs_local_limit']:.2f}x")
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"link_ms": link_ms, "register_ms": register_ms, "rows": rows}, out, indent=2)
+            json.dump({"cpu": cpu_model(), "path": where, "link_ms": link_ms, "register_ms": register_ms,
+                       "rows": rows}, out, indent=2)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def run_across_namespaces() -> None:
+    """Makes the namespace pair, runs this benchmark with the decoder side in one and the
+    prompt process in the other (--inside), and removes the pair whatever happens."""
+    sys.path.insert(0, TESTS)
+    import netns
+
+    why = netns.available()
+    if why is not None:
+        raise SystemExit(f"--netns: {why}")
+    pair = netns.NetnsPair().up()
+    try:
+        rest = [a for a in sys.argv[1:] if a != "--netns"]
+        env = {**os.environ, "UCX_TLS": "tcp", "UCX_NET_DEVICES": f"{pair.dev_a},{pair.dev_b}"}
+        subprocess.run(["ip", "netns", "exec", pair.b, sys.executable, os.path.abspath(__file__), *rest,
+                        "--inside", f"{pair.a},{pair.addr_a}:0"], env=env, check=True)
+    finally:
+        pair.down()
 
 
 if __name__ == "__main__":
