@@ -4,9 +4,10 @@ Caches: 32 layers x K and V. (i) 1024 blocks of 16 tokens x 8 heads x 128 dims f
 (32 KiB per block per tensor), 512 moved; (ii) 4096 blocks of 16 x 1 x 64 fp16 (2 KiB),
 2048 moved. Random and consecutive block indices.
 
-Baselines: (a) one contiguous copy_ of the same number of bytes (the memory-bandwidth
-limit), (b) a Python loop of per-block copy_ calls, (c) per-tensor index_select +
-index_copy_ (the best vectorised plain torch). On CUDA also device<->device and
+Baselines: (a) one contiguous copy_ of the same number of bytes of written memory (the
+memory-bandwidth limit), (b) a Python loop of per-block copy_ calls, (c) per-tensor
+index_select + index_copy_ (the best vectorised plain torch), (d) on CPU, a plain C++ loop
+of one memcpy per run of blocks on one thread (the obvious implementation). On CUDA also device<->device and
 host<->device with registered (pinned) host memory, against a contiguous copy of the
 same kind.
 
@@ -79,8 +80,10 @@ def run_case(name, num_blocks, block_shape, moved, src_device, dst_device, repea
     src_cache, dst_cache = kv.register_kv_cache(src), kv.register_kv_cache(dst)
     block_nbytes = src_cache.cache_desc.block_nbytes
     total = moved * block_nbytes * len(src)
-    flat_src = torch.empty(total, dtype=torch.uint8, device=src_device)
-    flat_dst = torch.empty(total, dtype=torch.uint8, device=dst_device)
+    # Written memory on both sides: a never-written source reads the kernel's shared zero
+    # page, and the "limit" would measure writes only.
+    flat_src = torch.randint(0, 256, (total,), dtype=torch.uint8, device=src_device)
+    flat_dst = torch.ones(total, dtype=torch.uint8, device=dst_device)
     if src_device == "cpu" and dst_device != "cpu":
         flat_src = flat_src.pin_memory()
     if dst_device == "cpu" and src_device != "cpu":
@@ -116,6 +119,10 @@ def run_case(name, num_blocks, block_shape, moved, src_device, dst_device, repea
             for s_tensor, d_tensor in zip(src, dst):
                 d_tensor.index_copy_(0, d_idx, s_tensor.index_select(0, s_idx).to(dst_device))
 
+        if not on_gpu:  # (d) the obvious implementation: one thread, one memcpy per run of blocks
+            measured["memcpy_per_block"] = timed(
+                lambda: [kv._C.copy_blocks_with_memcpy(src_cache.cache_id, dst_cache.cache_id, src_idx, dst_idx)],
+                device, repeats)
         measured["python_loop"] = timed(python_loop, device, max(1, repeats // 3))
         measured["index_select_copy"] = timed(index_copy, device, repeats)
         expected = torch.stack([t[src_idx] for t in src]).cpu()
@@ -128,6 +135,9 @@ def run_case(name, num_blocks, block_shape, moved, src_device, dst_device, repea
             ratio_vs_contiguous=gbps["copy_kv_blocks"] / gbps["contiguous_copy"],
             ratio_vs_python_loop=gbps["copy_kv_blocks"] / gbps["python_loop"],
             ratio_vs_index_select=gbps["copy_kv_blocks"] / gbps["index_select_copy"],
+            ratio_vs_memcpy_per_block=(gbps["copy_kv_blocks"] / gbps["memcpy_per_block"]
+                                       if "memcpy_per_block" in gbps else None),
+            copy_strategy=kv.copy_strategy(),
             peak_extra_rss_mib=extra_mib,
             peak_extra_gpu_mib=extra_gpu_mib,
         ))
@@ -155,22 +165,37 @@ def main():
     kv.finalize()
 
     machine = (torch.cuda.get_device_name() if torch.cuda.is_available() else
-               f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
+               f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
     print(f"copy_kv_blocks, fp16 paged caches, {'4' if args.quick else LAYERS} layers x K,V ({machine}, torch {torch.__version__})")
+    print(f"CPU: {cpu_model()}; copy strategy: {kv.copy_strategy()}")
     header = (f"{'case':<6}{'pattern':<12}{'path':<11}{'GB/s':>7}{'contig':>8}{'ours/a':>8}"
-              f"{'ours/b':>8}{'ours/c':>8}{'peak+MiB':>9}{'gpu+MiB':>8}")
+              f"{'ours/b':>8}{'ours/c':>8}{'ours/d':>8}{'peak+MiB':>9}{'gpu+MiB':>8}")
     print(header)
     for r in rows:
         g = r["gbps"]
         print(f"{r['case']:<6}{r['pattern']:<12}{r['src'] + '>' + r['dst']:<11}{g['copy_kv_blocks']:>7.2f}"
               f"{g['contiguous_copy']:>8.2f}{r['ratio_vs_contiguous']:>7.2f}x{r['ratio_vs_python_loop']:>7.1f}x"
-              f"{r['ratio_vs_index_select']:>7.1f}x{r['peak_extra_rss_mib']:>9.1f}{r['peak_extra_gpu_mib']:>8.2f}")
-    print("a: one contiguous copy_ of the same bytes; b: Python loop of per-block copy_; "
-          "c: index_select + index_copy_; peak+MiB: resident host memory the op added at its peak; "
+              f"{r['ratio_vs_index_select']:>7.1f}x"
+              + (f"{r['ratio_vs_memcpy_per_block']:>7.2f}x" if r["ratio_vs_memcpy_per_block"] else f"{'-':>8}")
+              + f"{r['peak_extra_rss_mib']:>9.1f}{r['peak_extra_gpu_mib']:>8.2f}")
+    print("a: one contiguous copy_ of the same bytes (written memory); b: Python loop of per-block copy_; "
+          "c: index_select + index_copy_; d: one thread, one memcpy per run of blocks (CPU); peak+MiB: resident host memory the op added at its peak; "
           "gpu+MiB: device memory it allocated at its peak")
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"machine": machine, "torch": torch.__version__, "rows": rows}, out, indent=2)
+            json.dump({"machine": machine, "cpu": cpu_model(), "copy_strategy": kv.copy_strategy(),
+                       "torch": torch.__version__, "rows": rows}, out, indent=2)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -166,6 +166,14 @@ PYBIND11_MODULE(_C, m) {
             src_cache_id, dst_cache_id, src_blocks, dst_blocks, src_tensors, dst_tensors);
       },
       py::call_guard<py::gil_scoped_release>());
+  m.def("copy_strategy", [] { return kvreg::copy_strategy(); });
+  m.def("set_copy_strategy", [](const std::string& name) { kvreg::set_copy_strategy(name); });
+  m.def(
+      "copy_blocks_with_memcpy",
+      [](int64_t src_cache_id, int64_t dst_cache_id, const at::Tensor& src_blocks, const at::Tensor& dst_blocks) {
+        kvreg::copy_blocks_with_memcpy(src_cache_id, dst_cache_id, src_blocks, dst_blocks);
+      },
+      py::call_guard<py::gil_scoped_release>());
   m.def("cache_keys", [](int64_t cache_id) { return Registry::instance().get(cache_id).keys; });
   m.def("find_key", [](const std::string& key) { return Registry::instance().find_key(key); });
   m.def("remove_key", [](const std::string& key) { Registry::instance().remove_key(key); });

@@ -12,7 +12,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -174,9 +178,13 @@ std::vector<Segment> coalesce(
 // stops at 4 KiB page boundaries, software prefetches do not.
 constexpr size_t kPrefetchAhead = 1024;
 
-// One 64-byte line: four aligned loads, four streaming stores.
+// One 64-byte line: four aligned loads, four streaming stores (with a software prefetch
+// kPrefetchAhead bytes on, or without: what wins depends on the processor).
+template <bool kPrefetch = true>
 inline void stream_line(char* dst, const char* src) {
-  _mm_prefetch(src + kPrefetchAhead, _MM_HINT_NTA);
+  if (kPrefetch) {
+    _mm_prefetch(src + kPrefetchAhead, _MM_HINT_NTA);
+  }
   const __m128i* from = reinterpret_cast<const __m128i*>(src);
   __m128i* to = reinterpret_cast<__m128i*>(dst);
   const __m128i a = _mm_load_si128(from);
@@ -193,6 +201,7 @@ inline void stream_line(char* dst, const char* src) {
 // Copies a block with non-temporal stores where it can: the destination of a KV-block copy
 // is not read again soon, and streaming stores skip the read-for-ownership of every
 // destination cache line, which a plain memcpy of mid-sized blocks pays.
+template <bool kPrefetch = true>
 void copy_block(char* dst, const char* src, size_t nbytes) {
 #if defined(__x86_64__)
   constexpr size_t kStreamMin = 1024;
@@ -200,7 +209,7 @@ void copy_block(char* dst, const char* src, size_t nbytes) {
       ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) == 0) {
     size_t i = 0;
     for (; i + 64 <= nbytes; i += 64) {
-      stream_line(dst + i, src + i);
+      stream_line<kPrefetch>(dst + i, src + i);
     }
     std::memcpy(dst + i, src + i, nbytes - i);
     return;
@@ -251,6 +260,46 @@ void finish_stores() {
 #if defined(__x86_64__)
   _mm_sfence();
 #endif
+}
+
+// --- choosing the copy ------------------------------------------------------------------
+// What copies scattered blocks fastest differs between processors (one machine: streaming
+// stores with prefetch 1.0-1.26x of a contiguous copy; another of the same kind: plain
+// memcpy beat them). The first large copy of a process measures the candidates on its own
+// blocks (no byte is copied twice) and keeps the fastest; TORCH_KVREG_COPY or
+// set_copy_strategy() override it.
+enum class Strategy : int { kAuto = 0, kMemcpy, kStream, kStreamNoPrefetch };
+constexpr const char* kStrategyNames[] = {"auto", "memcpy", "stream", "stream_noprefetch"};
+constexpr int kNumStrategies = 4;
+std::atomic<int> chosen_strategy{-1};  // -1: TORCH_KVREG_COPY not read yet
+std::mutex measuring;
+// Copies at least this large measure (a few MiB of their own items, single-threaded).
+constexpr int64_t kMeasureMinBytes = int64_t{32} << 20;
+constexpr int64_t kMeasureChunkBytes = int64_t{1} << 20;
+constexpr int kMeasureRounds = 2;
+
+Strategy parse_strategy(const std::string& name, const char* source) {
+  for (int i = 0; i < kNumStrategies; ++i) {
+    if (name == kStrategyNames[i]) {
+      return static_cast<Strategy>(i);
+    }
+  }
+  KVREG_CHECK_ARG(
+      false, source, " '", name, "' is not a copy strategy; use auto, memcpy, stream or stream_noprefetch");
+  return Strategy::kAuto;
+}
+
+Strategy current_strategy() {
+  int value = chosen_strategy.load();
+  if (value < 0) {
+    const char* env = std::getenv("TORCH_KVREG_COPY");
+    const Strategy from_env =
+        env != nullptr && *env != 0 ? parse_strategy(env, "TORCH_KVREG_COPY") : Strategy::kAuto;
+    int unset = -1;
+    chosen_strategy.compare_exchange_strong(unset, static_cast<int>(from_env));
+    value = chosen_strategy.load();
+  }
+  return static_cast<Strategy>(value);
 }
 
 void run_copy(const CopyPlan& plan) {
@@ -369,10 +418,11 @@ void run_copy_cpu(const CopyPlan& plan) {
   const auto& dst_addrs = plan.dst->addrs;
   const int64_t num_segments = static_cast<int64_t>(segments.size());
   const int64_t num_items = plan.src->desc.num_tensors * num_segments;
-  const int64_t average_bytes = std::max<int64_t>(1, plan.total_bytes() / num_items);
+  const int64_t total_bytes = plan.total_bytes();
+  const int64_t average_bytes = std::max<int64_t>(1, total_bytes / num_items);
   // Enough bytes per task that the thread pool's overhead stays small.
   const int64_t grain = std::max<int64_t>(1, (int64_t{256} << 10) / average_bytes);
-  auto copy_items = [&](int64_t begin, int64_t end) {
+  auto copy_items = [&](int64_t begin, int64_t end, Strategy strategy) {
     // Items are (tensor, segment) pairs, tensor-major; walk them with a cursor rather than
     // dividing per item, which costs as much as copying a small block.
     struct Item {
@@ -392,6 +442,18 @@ void run_copy_cpu(const CopyPlan& plan) {
       }
       return item;
     };
+    if (strategy == Strategy::kMemcpy || strategy == Strategy::kStreamNoPrefetch) {
+      for (int64_t i = begin; i < end; ++i) {
+        const Item item = next_item();
+        if (strategy == Strategy::kMemcpy) {
+          std::memcpy(item.dst, item.src, static_cast<size_t>(item.nbytes));
+        } else {
+          copy_block<false>(item.dst, item.src, static_cast<size_t>(item.nbytes));
+        }
+      }
+      finish_stores();
+      return;
+    }
     Item batch[kWays];
     int64_t remaining = end - begin;
     while (remaining > 0) {
@@ -422,10 +484,85 @@ void run_copy_cpu(const CopyPlan& plan) {
     }
     finish_stores();
   };
+  Strategy strategy = current_strategy();
+  int64_t done = 0;  // items already copied while measuring
+  if (strategy == Strategy::kAuto && total_bytes >= kMeasureMinBytes) {
+    std::unique_lock<std::mutex> lock(measuring, std::try_to_lock);
+    const int64_t chunk = std::max<int64_t>(1, kMeasureChunkBytes / average_bytes);
+    const int candidates = kNumStrategies - 1;
+    if (lock.owns_lock() && current_strategy() == Strategy::kAuto &&
+        chunk * candidates * kMeasureRounds * 2 <= num_items) {
+      // Each candidate copies its own chunks of this copy's items, in turns (so that noise
+      // hits all alike); the fastest per byte is kept for the rest of the process.
+      double seconds[kNumStrategies] = {};
+      double bytes[kNumStrategies] = {};
+      for (int round = 0; round < kMeasureRounds; ++round) {
+        for (int c = 1; c <= candidates; ++c) {
+          const int64_t end = done + chunk;
+          double chunk_bytes = 0;
+          for (int64_t i = done; i < end; ++i) {
+            chunk_bytes += static_cast<double>(segments[i % num_segments].nbytes);
+          }
+          const auto start = std::chrono::steady_clock::now();
+          copy_items(done, end, static_cast<Strategy>(c));
+          seconds[c] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+          bytes[c] += chunk_bytes;
+          done = end;
+        }
+      }
+      int best = 1;
+      for (int c = 2; c <= candidates; ++c) {
+        if (bytes[c] / seconds[c] > bytes[best] / seconds[best]) {
+          best = c;
+        }
+      }
+      chosen_strategy.store(best);
+    }
+    strategy = current_strategy();
+  }
+  if (strategy == Strategy::kAuto) {
+    strategy = Strategy::kStream;  // until a large copy has measured
+  }
   if (in_forked_child()) {
-    copy_items(0, num_items);
+    copy_items(done, num_items, strategy);
   } else {
-    at::parallel_for(0, num_items, grain, copy_items);
+    at::parallel_for(done, num_items, grain, [&](int64_t begin, int64_t end) { copy_items(begin, end, strategy); });
+  }
+}
+
+std::string copy_strategy() {
+  return kStrategyNames[static_cast<int>(current_strategy())];
+}
+
+void set_copy_strategy(const std::string& name) {
+  chosen_strategy.store(static_cast<int>(parse_strategy(name, "copy strategy")));
+}
+
+void copy_blocks_with_memcpy(
+    int64_t src_id,
+    int64_t dst_id,
+    const at::Tensor& src_blocks,
+    const at::Tensor& dst_blocks) {
+  Registry::instance().require_initialized();
+  auto src_list = block_list(src_blocks, "src_blocks");
+  auto dst_list = block_list(dst_blocks, "dst_blocks");
+  KVREG_CHECK_ARG(
+      src_list.size() == dst_list.size(), "src_blocks has ", src_list.size(),
+      " entries but dst_blocks has ", dst_list.size());
+  auto lease = Registry::instance().lease({src_id, dst_id});
+  const CacheRecord& src = lease[0];
+  const CacheRecord& dst = lease[1];
+  KVREG_CHECK_ARG(
+      src.desc.placement == Placement::HOST && dst.desc.placement == Placement::HOST,
+      "the memcpy baseline copies between HOST caches only");
+  const auto segments = plan_blocks(src.desc, src_id, dst.desc, dst_id, src_id == dst_id, std::move(src_list),
+                                    std::move(dst_list), kMaxSegmentBytes);
+  // The obvious implementation, for benchmarks: one thread, one memcpy per segment.
+  for (int64_t t = 0; t < src.desc.num_tensors; ++t) {
+    for (const Segment& s : segments) {
+      std::memcpy(reinterpret_cast<char*>(dst.addrs[t]) + s.dst_offset,
+                  reinterpret_cast<const char*>(src.addrs[t]) + s.src_offset, static_cast<size_t>(s.nbytes));
+    }
   }
 }
 

@@ -55,6 +55,16 @@ void copy_kv_blocks_of_tensors(
     const at::Tensor& dst_blocks,
     const std::vector<int64_t>& src_tensors,
     const std::vector<int64_t>& dst_tensors);
+// The CPU copy's strategy: "auto" until the first large copy measured, then the one kept
+// ("memcpy", "stream", "stream_noprefetch"); TORCH_KVREG_COPY sets it at start.
+std::string copy_strategy();
+void set_copy_strategy(const std::string& name);
+// Benchmark baseline: the same segments copied by one thread with one memcpy each.
+void copy_blocks_with_memcpy(
+    int64_t src_id,
+    int64_t dst_id,
+    const at::Tensor& src_blocks,
+    const at::Tensor& dst_blocks);
 void copy_kv_cache(
     c10::SymInt src_cache_id,
     c10::SymInt dst_cache_id,

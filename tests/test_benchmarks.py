@@ -29,7 +29,10 @@ def test_bench_copy_blocks_quick(tmp_path):
         assert all(v > 0 and math.isfinite(v) for v in row["gbps"].values()), row
         assert row["ratio_vs_contiguous"] > 0 and row["ratio_vs_python_loop"] > 0
         assert row["peak_extra_rss_mib"] >= 0 or math.isnan(row["peak_extra_rss_mib"])
-    assert "ours/a" in stdout
+        if row["src"] == row["dst"] == "cpu":
+            assert row["ratio_vs_memcpy_per_block"] > 0 and "memcpy_per_block" in row["gbps"]
+    assert result["cpu"] and result["copy_strategy"] in ("auto", "memcpy", "stream", "stream_noprefetch")
+    assert "ours/a" in stdout and "ours/d" in stdout and "CPU:" in stdout
 
 
 def test_bench_register_small(tmp_path):
@@ -51,3 +54,4 @@ def test_bench_pipeline_small(tmp_path):
     assert set(times) == {"sequential", "overlapped"} and all(v > 0 and math.isfinite(v) for v in times.values())
     assert result["overlapped_over_sequential"] > 0 and result["pulls"]["async_over_blocking"] > 0
     assert result["cpu"] and "first token" in stdout
+    assert result["compute_slowdown_beside_a_copy"] > 0 and "at best" in stdout

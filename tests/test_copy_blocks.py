@@ -276,3 +276,91 @@ def test_layers_copy_only_their_tensors(kv, asynchronous):
         assert info.value.status_code == kv.LLMStatusCode.LLM_PARAM_INVALID
     assert (kv.usage(), kv.registered_caches()) == before[:2]
     assert all(torch.equal(x, y) for x, y in zip(dst, before[2]))
+
+
+# --- copy strategies -------------------------------------------------------------------------
+@pytest.fixture
+def strategy_restored():
+    before = torch_kvreg.copy_strategy()
+    yield
+    torch_kvreg.set_copy_strategy(before)
+
+
+@pytest.mark.parametrize("strategy", ["memcpy", "stream", "stream_noprefetch"])
+@pytest.mark.parametrize("block_shape", [(16, 8, 128), (16, 1, 64), (3, 7, 5), (64,)])
+def test_every_copy_strategy_moves_the_right_bytes(strategy, block_shape, strategy_restored):
+    """32 KiB, 2 KiB, 210-byte (odd, unaligned tails) and 256-byte blocks, random and
+    consecutive, across tensors: each strategy writes exactly the destination blocks."""
+    torch_kvreg.set_copy_strategy(strategy)
+    assert torch_kvreg.copy_strategy() == strategy
+    torch_kvreg.initialize()
+    try:
+        gen = torch.Generator().manual_seed(len(block_shape))
+        src = [torch.randn(64, *block_shape, generator=gen).half() for _ in range(6)]
+        dst = [torch.randn(64, *block_shape, generator=gen).half() for _ in range(6)]
+        before = [t.clone() for t in dst]
+        a, b = torch_kvreg.register_kv_cache(src), torch_kvreg.register_kv_cache(dst)
+        order = torch.randperm(64, generator=gen)
+        for src_blocks, dst_blocks in ((order[:24].tolist(), order[24:48].tolist()),
+                                       (list(range(8, 40)), list(range(30, 62)))):
+            torch_kvreg.copy_kv_blocks(a, b, src_blocks, dst_blocks)
+            untouched = sorted(set(range(64)) - set(dst_blocks))
+            for s, d, old in zip(src, dst, before):
+                assert torch.equal(d[dst_blocks].view(torch.int16), s[src_blocks].view(torch.int16))
+                assert torch.equal(d[untouched].view(torch.int16), old[untouched].view(torch.int16))
+                old.copy_(d)
+    finally:
+        torch_kvreg.finalize()
+
+
+def test_auto_measures_on_the_first_large_copy_and_keeps_the_bytes(strategy_restored):
+    torch_kvreg.set_copy_strategy("auto")
+    assert torch_kvreg.copy_strategy() == "auto"
+    torch_kvreg.initialize(limits=torch_kvreg.Limits(240, 2**40, 2**40))
+    try:
+        src = [torch.randn(512, 16, 8, 128).half() for _ in range(8)]  # 8 x 16 MiB
+        dst = [torch.zeros_like(t) for t in src]
+        a, b = torch_kvreg.register_kv_cache(src), torch_kvreg.register_kv_cache(dst)
+        small = list(range(4))
+        torch_kvreg.copy_kv_blocks(a, b, small, small)  # 1 MiB: too small to measure
+        assert torch_kvreg.copy_strategy() == "auto"
+        order = torch.randperm(512).tolist()
+        torch_kvreg.copy_kv_blocks(a, b, order[:300], order[200:500])  # 75 MiB, measured on its own items
+        assert torch_kvreg.copy_strategy() in ("memcpy", "stream", "stream_noprefetch")
+        for s, d in zip(src, dst):  # the measured chunks moved their blocks too
+            assert torch.equal(d[order[200:500]].view(torch.int16), s[order[:300]].view(torch.int16))
+    finally:
+        torch_kvreg.finalize()
+
+
+def test_bad_strategies_are_refused_and_change_nothing(strategy_restored):
+    torch_kvreg.set_copy_strategy("memcpy")
+    for name, error in (("fast", torch_kvreg.LLMParamInvalidError), ("", torch_kvreg.LLMParamInvalidError), (3, torch_kvreg.LLMTypeError)):
+        with pytest.raises(error):
+            torch_kvreg.set_copy_strategy(name)
+        assert torch_kvreg.copy_strategy() == "memcpy"
+
+
+ENV_PROBE = """
+import torch, torch_kvreg as kv
+kv.initialize(limits=kv.Limits(240, 2**40, 2**40))
+src = [torch.randn(512, 16, 8, 128).half() for _ in range(8)]
+dst = [torch.zeros_like(t) for t in src]
+a, b = kv.register_kv_cache(src), kv.register_kv_cache(dst)
+try:
+    kv.copy_kv_blocks(a, b, list(range(400)), list(range(400)))
+    print(kv.copy_strategy(), all(torch.equal(d[:400], s[:400]) for s, d in zip(src, dst)))
+except kv.LLMException as exc:
+    print(exc.status_code.name, exc)
+"""
+
+
+@pytest.mark.parametrize("value", ["memcpy", "stream_noprefetch", "bogus"])
+def test_the_environment_sets_the_strategy(value):
+    result = subprocess.run([sys.executable, "-c", ENV_PROBE], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TORCH_KVREG_COPY": value})
+    assert result.returncode == 0, result.stderr[-2000:]
+    if value == "bogus":
+        assert result.stdout.startswith("LLM_PARAM_INVALID") and "TORCH_KVREG_COPY" in result.stdout
+    else:
+        assert result.stdout.split() == [value, "True"]  # kept, not measured over

@@ -37,7 +37,14 @@ from .remote import (
     push_kv_blocks_async,
     unlink_clusters,
 )
-from .transfer import copy_kv_blocks, copy_kv_blocks_async, copy_kv_cache, swap_blocks
+from .transfer import (
+    copy_kv_blocks,
+    copy_kv_blocks_async,
+    copy_kv_cache,
+    copy_strategy,
+    set_copy_strategy,
+    swap_blocks,
+)
 from .types import (
     Cache,
     CacheDesc,
@@ -77,6 +84,7 @@ __all__ = [
     "cache_keys",
     "copy_kv_blocks",
     "copy_kv_blocks_async",
+    "copy_strategy",
     "copy_kv_cache",
     "finalize",
     "find_cache_key",
@@ -97,6 +105,7 @@ __all__ = [
     "register_layer_caches",
     "registered_caches",
     "remove_cache_key",
+    "set_copy_strategy",
     "swap_blocks",
     "unlink_clusters",
     "unregister_kv_cache",

@@ -187,3 +187,32 @@ def copy_kv_blocks_async(src: Cache | int, dst: Cache | int, src_blocks, dst_blo
 
     _copy_worker().submit(run)
     return transfer
+
+
+COPY_STRATEGIES = ("auto", "memcpy", "stream", "stream_noprefetch")
+
+
+def copy_strategy() -> str:
+    """How CPU block copies are made in this process: "auto" until the first large copy
+    (32 MiB or more) has measured the candidates on its own blocks, then the fastest of
+    "memcpy", "stream" (streaming stores, software prefetch, four blocks interleaved) and
+    "stream_noprefetch"; the environment variable TORCH_KVREG_COPY sets it at start.
+
+    >>> copy_strategy() in COPY_STRATEGIES
+    True
+    """
+    return _C.copy_strategy()
+
+
+@raises_llm
+def set_copy_strategy(name: str) -> None:
+    """Sets the CPU copy strategy ("auto" measures again on the next large copy).
+
+    >>> before = copy_strategy()
+    >>> set_copy_strategy("memcpy"); copy_strategy()
+    'memcpy'
+    >>> set_copy_strategy(before)
+    """
+    if not isinstance(name, str):
+        raise wrong_type(f"the copy strategy must be a str, got {type(name).__name__}")
+    _C.set_copy_strategy(name)
