@@ -58,6 +58,11 @@ MUTANTS = [
      "    transfers_done_.wait(lock, [this] {", "    if (false) transfers_done_.wait(lock, [this] {",
      ["tests/test_stress.py"]),
     # --- block plans (C++) ----------------------------------------------------------------
+    ("the memcpy strategy drops each block's last byte", "csrc/copy_blocks.cpp",
+     "std::memcpy(item.dst, item.src, static_cast<size_t>(item.nbytes));",
+     "std::memcpy(item.dst, item.src, static_cast<size_t>(item.nbytes) - 1);", ["tests/test_copy_blocks.py"]),
+    ("measuring copies the same chunk again (later items never copied)", "csrc/copy_blocks.cpp",
+     "          done = end;\n", "\n", ["tests/test_copy_blocks.py"]),
     ("block index bound off by one", "csrc/copy_blocks.cpp",
      "blocks[j] >= 0 && blocks[j] < num_blocks,", "blocks[j] >= 0 && blocks[j] <= num_blocks,",
      ["tests/test_bad_inputs.py", "tests/test_copy_blocks.py"]),
