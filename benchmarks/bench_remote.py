@@ -3,7 +3,9 @@
 Caches: 32 layers x K and V, 1024 blocks of 16 tokens x 8 heads x 128 dims fp16 (32 KiB
 per block per tensor, 2 GiB per process); 512 blocks pulled (1 GiB), random and
 consecutive indices. Baselines in the same run and the same processes:
-(a) a plain NIXL agent pair registering the same tensors, with hand-made per-block
+(a) a plain NIXL agent pair registering the same tensors (configured as ours: UCX, a
+progress thread that pauses between polls; nixl-cu12's default busy-polling thread would
+take a core from every measurement), with hand-made per-block
 descriptors in prepared descriptor lists (make_prepped_xfer), and for consecutive blocks
 also one descriptor per tensor run; (b) the local memory-bandwidth limit, one contiguous
 copy_ of the same bytes.
@@ -50,12 +52,12 @@ def prompt_process(layers, to_main, from_main, listen="127.0.0.1:0", netns=None)
         enter_netns(netns)
     os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
     import torch_kvreg as kv
-    from nixl_cu12 import nixl_agent, nixl_agent_config
+    from torch_kvreg.remote.engine import make_agent
 
     kv.initialize(1, kv.LlmRole.PROMPT, options={"llm.ListenIpInfo": listen, "llm.SyncKvCacheWaitTime": "30000"})
     tensors = make_tensors(layers, 1)
     cache = kv.register_kv_cache(tensors, kv.RegisterCfg(remote_accessible=True))
-    raw = nixl_agent("raw-prompt", nixl_agent_config(backends=["UCX"]))
+    raw = make_agent("raw-prompt")
     raw.register_memory(reg_rows(tensors), "DRAM")
     to_main.put((kv.listen_address(), cache.cache_id, raw.get_agent_metadata(), [t.data_ptr() for t in tensors]))
     from_main.get()
@@ -81,7 +83,7 @@ def main():
         return run_across_namespaces()
     os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
     import torch_kvreg as kv
-    from nixl_cu12 import nixl_agent, nixl_agent_config
+    from torch_kvreg.remote.engine import make_agent
 
     ctx = mp.get_context("spawn")
     to_main, from_main = ctx.Queue(), ctx.Queue()
@@ -104,7 +106,7 @@ def main():
     block_nbytes = local.cache_desc.block_nbytes
     total = MOVED * block_nbytes * num_tensors
 
-    raw = nixl_agent("raw-decoder", nixl_agent_config(backends=["UCX"]))
+    raw = make_agent("raw-decoder")
     raw.register_memory(reg_rows(tensors), "DRAM")
     remote_name = raw.add_remote_agent(raw_md)
     raw.make_connection(remote_name.decode() if isinstance(remote_name, bytes) else remote_name)

@@ -35,6 +35,35 @@ MAX_GROUP_DESCRIPTORS = 1 << 16
 HAND_OVER_S = 20e-6
 
 
+# NIXL's agent runs a progress thread that, as nixl-cu12 configures it (pthrDelay 0), polls
+# without pause: a whole core per process, idle or not (measured: 0.98 CPU-seconds per
+# second). On a two-core host that starved the prefill's compute and this engine's own
+# threads. With any pause it costs under 2% of a core; UCX still progresses on time (the
+# passive side of TCP transfers needs it), and this engine's progress thread drives its own
+# transfers. TORCH_KVREG_NIXL_PROGRESS_DELAY_US sets it (0: nixl-cu12's busy polling).
+DEFAULT_PROGRESS_DELAY_US = 10
+_agent_lock = threading.Lock()
+
+
+def make_agent(name: str):
+    """A NIXL agent with the UCX backend whose progress thread pauses between polls."""
+    from nixl_cu12 import _api, nixl_agent, nixl_agent_config
+
+    delay = int(os.environ.get("TORCH_KVREG_NIXL_PROGRESS_DELAY_US", DEFAULT_PROGRESS_DELAY_US))
+    config_class = _api.nixlBind.nixlAgentConfig
+
+    class PausingConfig(config_class):  # nixl_agent sets pthrDelay itself; this keeps ours
+        def __setattr__(self, field, value):
+            super().__setattr__(field, delay if field == "pthrDelay" else value)
+
+    with _agent_lock:
+        _api.nixlBind.nixlAgentConfig = PausingConfig
+        try:
+            return nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+        finally:
+            _api.nixlBind.nixlAgentConfig = config_class
+
+
 def _error(status: LLMStatusCode, message: str) -> LLMException:
     return make_error(status, message)
 
@@ -246,8 +275,6 @@ class Engine:
     def __init__(self, cluster_id: int, wait_ms: int, secret: LinkSecret | None = None):
         # NIXL logs every agent and backend creation at INFO; keep a user's own setting.
         os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
-        from nixl_cu12 import nixl_agent, nixl_agent_config
-
         self.cluster_id = cluster_id
         self.wait_s = wait_ms / 1000.0
         self.secret = secret  # set: every peer proves it knows the secret before it links
@@ -258,7 +285,7 @@ class Engine:
         self.heartbeat_thread: threading.Thread | None = None
         self.closed = threading.Event()
         self.name = f"kvreg-{cluster_id}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.agent = nixl_agent(self.name, nixl_agent_config(backends=["UCX"]))
+        self.agent = make_agent(self.name)
         self.lock = threading.Condition()
         self.nixl_regs: dict[int, object] = {}  # cache id -> NIXL registration descriptors
         self.local_preps: dict[int, object] = {}  # cache id -> prepared per-block dlist
@@ -274,6 +301,11 @@ class Engine:
         self.progress = threading.Condition()  # guards flights and stopping
         self.flights: list[_Flight] = []
         self.progress_idle = False  # the progress thread waits for flights
+        # While the progress thread posts: since when, and how long the post should take at
+        # the rate posts have moved bytes so far (UCX may copy everything inside the post).
+        self.posting_since: float | None = None
+        self.posting_expected_s = 0.0
+        self.post_rate = 2e9  # bytes per second
         self.stopping = False
         self.progress_thread: threading.Thread | None = None
 
@@ -810,7 +842,13 @@ class Engine:
                 log.warning("NIXL could not prepare a transfer: %s", exc)
                 leader.posted, leader.state = True, "ERR"
                 continue
+            nbytes = sum(flight.transfer.nbytes for flight in group)
+            self.posting_since, self.posting_expected_s = time.monotonic(), nbytes / self.post_rate
             leader.state = self._post(leader)
+            took = time.monotonic() - self.posting_since
+            self.posting_since = None
+            if took > 0 and nbytes >= 1 << 16:  # a running estimate of how fast posts move bytes
+                self.post_rate = 0.7 * self.post_rate + 0.3 * (nbytes / took)
         return riders
 
     def _track(self, flight: "_Flight", state: str | None) -> None:
@@ -824,10 +862,13 @@ class Engine:
                 self.progress_thread = threading.Thread(target=self._progress, name="kvreg-progress", daemon=True)
                 self.progress_thread.start()
             self.progress.notify()
-        if hand_over:
-            # The first of a burst: let the woken progress thread take the GIL and post it
-            # now. Otherwise it waits for the interpreter's switch interval (5 ms) while this
-            # thread starts more, and the burst's bytes start moving only after the last.
+        posting_since = self.posting_since
+        if hand_over or (state is None and posting_since is not None
+                         and time.monotonic() - posting_since > self.posting_expected_s):
+            # The first of a burst, or the progress thread's post has most likely finished
+            # and it now waits for the GIL: let it take the GIL and post what waits. Otherwise
+            # it waits for the interpreter's switch interval (5 ms) while this thread starts
+            # more, and the burst's bytes move only after the last start.
             time.sleep(HAND_OVER_S)
 
     def _release(self, flight: "_Flight") -> bool:
