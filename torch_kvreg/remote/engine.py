@@ -46,8 +46,9 @@ _agent_lock = threading.Lock()
 
 
 def make_agent(name: str):
-    """A NIXL agent with the UCX backend whose progress thread pauses between polls."""
-    from nixl_cu12 import _api, nixl_agent, nixl_agent_config
+    """A NIXL agent with the UCX backend whose progress thread pauses between polls, safe to
+    call from several threads."""
+    from nixl_cu12 import _api, nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
     delay = int(os.environ.get("TORCH_KVREG_NIXL_PROGRESS_DELAY_US", DEFAULT_PROGRESS_DELAY_US))
     config_class = _api.nixlBind.nixlAgentConfig
@@ -59,7 +60,9 @@ def make_agent(name: str):
     with _agent_lock:
         _api.nixlBind.nixlAgentConfig = PausingConfig
         try:
-            return nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+            # Reader-writer locking inside the agent: this engine calls it from several threads
+            # (callers posting, the progress thread, link threads loading peers' metadata).
+            return nixl_agent(name, nixl_agent_config(backends=["UCX"], sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_RW))
         finally:
             _api.nixlBind.nixlAgentConfig = config_class
 
