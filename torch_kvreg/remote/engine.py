@@ -309,6 +309,7 @@ class Engine:
         self.posting_since: float | None = None
         self.posting_expected_s = 0.0
         self.post_rate = 2e9  # bytes per second
+        self.handed_over_at: float | None = None  # the post after which a starter last yielded
         self.stopping = False
         self.progress_thread: threading.Thread | None = None
 
@@ -866,8 +867,11 @@ class Engine:
                 self.progress_thread.start()
             self.progress.notify()
         posting_since = self.posting_since
-        if hand_over or (state is None and posting_since is not None
-                         and time.monotonic() - posting_since > self.posting_expected_s):
+        if (state is None and posting_since is not None and posting_since != self.handed_over_at
+                and time.monotonic() - posting_since > self.posting_expected_s):
+            self.handed_over_at = posting_since  # once per post: each hand-over costs this thread
+            hand_over = True
+        if hand_over:
             # The first of a burst, or the progress thread's post has most likely finished
             # and it now waits for the GIL: let it take the GIL and post what waits. Otherwise
             # it waits for the interpreter's switch interval (5 ms) while this thread starts
