@@ -278,28 +278,46 @@ constexpr int64_t kMeasureMinBytes = int64_t{32} << 20;
 constexpr int64_t kMeasureChunkBytes = int64_t{1} << 20;
 constexpr int kMeasureRounds = 2;
 
-Strategy parse_strategy(const std::string& name, const char* source) {
+// The chosen value: a Strategy, plus kSingleThread when one thread copies (on some
+// machines the cores share memory bandwidth or execution units, and a second thread slows
+// the first more than it adds).
+constexpr int kSingleThread = 0x10;
+constexpr const char* kSingleSuffix = ":single";
+
+int parse_strategy(const std::string& text, const char* source) {
+  std::string name = text;
+  int flags = 0;
+  const auto colon = text.find(':');
+  if (colon != std::string::npos && text.substr(colon) == kSingleSuffix) {
+    name = text.substr(0, colon);
+    flags = kSingleThread;
+  }
   for (int i = 0; i < kNumStrategies; ++i) {
-    if (name == kStrategyNames[i]) {
-      return static_cast<Strategy>(i);
+    if (name == kStrategyNames[i] && !(i == 0 && flags != 0)) {
+      return i | flags;
     }
   }
   KVREG_CHECK_ARG(
-      false, source, " '", name, "' is not a copy strategy; use auto, memcpy, stream or stream_noprefetch");
-  return Strategy::kAuto;
+      false, source, " '", text,
+      "' is not a copy strategy; use auto, memcpy, stream or stream_noprefetch, the last three "
+      "optionally with :single (one thread)");
+  return 0;
 }
 
-Strategy current_strategy() {
+int current_choice() {
   int value = chosen_strategy.load();
   if (value < 0) {
     const char* env = std::getenv("TORCH_KVREG_COPY");
-    const Strategy from_env =
-        env != nullptr && *env != 0 ? parse_strategy(env, "TORCH_KVREG_COPY") : Strategy::kAuto;
+    const int from_env = env != nullptr && *env != 0 ? parse_strategy(env, "TORCH_KVREG_COPY") : 0;
     int unset = -1;
-    chosen_strategy.compare_exchange_strong(unset, static_cast<int>(from_env));
+    chosen_strategy.compare_exchange_strong(unset, from_env);
     value = chosen_strategy.load();
   }
-  return static_cast<Strategy>(value);
+  return value;
+}
+
+Strategy current_strategy() {
+  return static_cast<Strategy>(current_choice() & ~kSingleThread);
 }
 
 void run_copy(const CopyPlan& plan) {
@@ -486,56 +504,62 @@ void run_copy_cpu(const CopyPlan& plan) {
   };
   Strategy strategy = current_strategy();
   int64_t done = 0;  // items already copied while measuring
+  const bool can_fan_out = !in_forked_child() && at::get_num_threads() > 1;
+  auto copy_range = [&](int64_t begin, int64_t end, Strategy how, bool single) {
+    if (single || !can_fan_out) {
+      copy_items(begin, end, how);
+    } else {
+      at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { copy_items(b, e, how); });
+    }
+  };
   if (strategy == Strategy::kAuto && total_bytes >= kMeasureMinBytes) {
     std::unique_lock<std::mutex> lock(measuring, std::try_to_lock);
     const int64_t chunk = std::max<int64_t>(1, kMeasureChunkBytes / average_bytes);
-    const int candidates = kNumStrategies - 1;
+    const int candidates = (kNumStrategies - 1) * (can_fan_out ? 2 : 1);
     if (lock.owns_lock() && current_strategy() == Strategy::kAuto &&
         chunk * candidates * kMeasureRounds * 2 <= num_items) {
-      // Each candidate copies its own chunks of this copy's items, in turns (so that noise
-      // hits all alike); the fastest per byte is kept for the rest of the process.
-      double seconds[kNumStrategies] = {};
-      double bytes[kNumStrategies] = {};
+      // Each candidate (a strategy, on one thread or on all) copies its own chunks of this
+      // copy's items, in turns so that noise hits all alike; the fastest per byte is kept.
+      std::vector<double> seconds(candidates, 0.0), bytes(candidates, 0.0);
       for (int round = 0; round < kMeasureRounds; ++round) {
-        for (int c = 1; c <= candidates; ++c) {
+        for (int c = 0; c < candidates; ++c) {
           const int64_t end = done + chunk;
           double chunk_bytes = 0;
           for (int64_t i = done; i < end; ++i) {
             chunk_bytes += static_cast<double>(segments[i % num_segments].nbytes);
           }
           const auto start = std::chrono::steady_clock::now();
-          copy_items(done, end, static_cast<Strategy>(c));
+          copy_range(done, end, static_cast<Strategy>(1 + c % (kNumStrategies - 1)), c >= kNumStrategies - 1);
           seconds[c] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
           bytes[c] += chunk_bytes;
           done = end;
         }
       }
-      int best = 1;
-      for (int c = 2; c <= candidates; ++c) {
+      int best = 0;
+      for (int c = 1; c < candidates; ++c) {
         if (bytes[c] / seconds[c] > bytes[best] / seconds[best]) {
           best = c;
         }
       }
-      chosen_strategy.store(best);
+      chosen_strategy.store((1 + best % (kNumStrategies - 1)) | (best >= kNumStrategies - 1 ? kSingleThread : 0));
     }
     strategy = current_strategy();
   }
+  const bool single = (current_choice() & kSingleThread) != 0;
   if (strategy == Strategy::kAuto) {
     strategy = Strategy::kStream;  // until a large copy has measured
   }
-  if (in_forked_child()) {
-    copy_items(done, num_items, strategy);
-  } else {
-    at::parallel_for(done, num_items, grain, [&](int64_t begin, int64_t end) { copy_items(begin, end, strategy); });
-  }
+  copy_range(done, num_items, strategy, single);
 }
 
 std::string copy_strategy() {
-  return kStrategyNames[static_cast<int>(current_strategy())];
+  const int choice = current_choice();
+  std::string name = kStrategyNames[choice & ~kSingleThread];
+  return (choice & kSingleThread) != 0 ? name + kSingleSuffix : name;
 }
 
 void set_copy_strategy(const std::string& name) {
-  chosen_strategy.store(static_cast<int>(parse_strategy(name, "copy strategy")));
+  chosen_strategy.store(parse_strategy(name, "copy strategy"));
 }
 
 void copy_blocks_with_memcpy(

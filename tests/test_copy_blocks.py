@@ -286,7 +286,8 @@ def strategy_restored():
     torch_kvreg.set_copy_strategy(before)
 
 
-@pytest.mark.parametrize("strategy", ["memcpy", "stream", "stream_noprefetch"])
+@pytest.mark.parametrize("strategy", ["memcpy", "stream", "stream_noprefetch", "memcpy:single", "stream:single",
+                                      "stream_noprefetch:single"])
 @pytest.mark.parametrize("block_shape", [(16, 8, 128), (16, 1, 64), (3, 7, 5), (64,)])
 def test_every_copy_strategy_moves_the_right_bytes(strategy, block_shape, strategy_restored):
     """32 KiB, 2 KiB, 210-byte (odd, unaligned tails) and 256-byte blocks, random and
@@ -326,7 +327,8 @@ def test_auto_measures_on_the_first_large_copy_and_keeps_the_bytes(strategy_rest
         assert torch_kvreg.copy_strategy() == "auto"
         order = torch.randperm(512).tolist()
         torch_kvreg.copy_kv_blocks(a, b, order[:300], order[200:500])  # 75 MiB, measured on its own items
-        assert torch_kvreg.copy_strategy() in ("memcpy", "stream", "stream_noprefetch")
+        assert torch_kvreg.copy_strategy() in [name + threads for name in ("memcpy", "stream", "stream_noprefetch")
+                                               for threads in ("", ":single")]
         for s, d in zip(src, dst):  # the measured chunks moved their blocks too
             assert torch.equal(d[order[200:500]].view(torch.int16), s[order[:300]].view(torch.int16))
     finally:
@@ -335,7 +337,9 @@ def test_auto_measures_on_the_first_large_copy_and_keeps_the_bytes(strategy_rest
 
 def test_bad_strategies_are_refused_and_change_nothing(strategy_restored):
     torch_kvreg.set_copy_strategy("memcpy")
-    for name, error in (("fast", torch_kvreg.LLMParamInvalidError), ("", torch_kvreg.LLMParamInvalidError), (3, torch_kvreg.LLMTypeError)):
+    for name, error in (("fast", torch_kvreg.LLMParamInvalidError), ("", torch_kvreg.LLMParamInvalidError),
+                        ("auto:single", torch_kvreg.LLMParamInvalidError), ("memcpy:double", torch_kvreg.LLMParamInvalidError),
+                        (3, torch_kvreg.LLMTypeError)):
         with pytest.raises(error):
             torch_kvreg.set_copy_strategy(name)
         assert torch_kvreg.copy_strategy() == "memcpy"
@@ -355,7 +359,7 @@ except kv.LLMException as exc:
 """
 
 
-@pytest.mark.parametrize("value", ["memcpy", "stream_noprefetch", "bogus"])
+@pytest.mark.parametrize("value", ["memcpy", "stream_noprefetch:single", "bogus"])
 def test_the_environment_sets_the_strategy(value):
     result = subprocess.run([sys.executable, "-c", ENV_PROBE], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "TORCH_KVREG_COPY": value})

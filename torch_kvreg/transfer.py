@@ -189,14 +189,17 @@ def copy_kv_blocks_async(src: Cache | int, dst: Cache | int, src_blocks, dst_blo
     return transfer
 
 
-COPY_STRATEGIES = ("auto", "memcpy", "stream", "stream_noprefetch")
+COPY_STRATEGIES = ("auto", "memcpy", "stream", "stream_noprefetch", "memcpy:single", "stream:single",
+                   "stream_noprefetch:single")
 
 
 def copy_strategy() -> str:
     """How CPU block copies are made in this process: "auto" until the first large copy
     (32 MiB or more) has measured the candidates on its own blocks, then the fastest of
     "memcpy", "stream" (streaming stores, software prefetch, four blocks interleaved) and
-    "stream_noprefetch"; the environment variable TORCH_KVREG_COPY sets it at start.
+    "stream_noprefetch", each on all of torch's threads or, with ":single", on one (where
+    cores share memory bandwidth, a second thread can cost more than it adds). The
+    environment variable TORCH_KVREG_COPY sets it at start.
 
     >>> copy_strategy() in COPY_STRATEGIES
     True
