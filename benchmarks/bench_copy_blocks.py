@@ -17,12 +17,13 @@ same kind.
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import time
 
 import torch
+
+from machine import cpu_model
 
 import torch_kvreg as kv
 
@@ -187,15 +188,6 @@ def main():
                        "torch": torch.__version__, "rows": rows}, out, indent=2)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -22,26 +22,18 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import random
 import statistics
 import time
 
 import torch
 
+from machine import cpu_model
+
 BLOCK_SHAPE = (16, 8, 128)  # 16 tokens x 8 heads x 128 dims fp16: 32 KiB per block per tensor
 PREFILL, DECODE = 1, 2
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def decode_process(layers, blocks, to_main, from_main):

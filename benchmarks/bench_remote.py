@@ -30,6 +30,8 @@ import time
 import numpy as np
 import torch
 
+from machine import cpu_model
+
 NUM_BLOCKS, MOVED, BLOCK_SHAPE = 1024, 512, (16, 8, 128)
 
 
@@ -195,15 +197,6 @@ def main():
                        "rows": rows}, out, indent=2)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def run_across_namespaces() -> None:

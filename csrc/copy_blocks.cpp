@@ -562,28 +562,47 @@ void set_copy_strategy(const std::string& name) {
   chosen_strategy.store(parse_strategy(name, "copy strategy"));
 }
 
-void copy_blocks_with_memcpy(
-    int64_t src_id,
-    int64_t dst_id,
-    const at::Tensor& src_blocks,
-    const at::Tensor& dst_blocks) {
+namespace {
+
+// The checked block lists of a copy between two caches, and a lease that keeps both
+// registered while it lives; ``plan`` holds the caches' records and the coalesced runs.
+struct LeasedCopy {
+  Registry::Lease lease;
+  CopyPlan plan;
+};
+
+LeasedCopy lease_blocks(int64_t src_id, int64_t dst_id, const at::Tensor& src_blocks, const at::Tensor& dst_blocks) {
   Registry::instance().require_initialized();
   auto src_list = block_list(src_blocks, "src_blocks");
   auto dst_list = block_list(dst_blocks, "dst_blocks");
   KVREG_CHECK_ARG(
       src_list.size() == dst_list.size(), "src_blocks has ", src_list.size(),
       " entries but dst_blocks has ", dst_list.size());
-  auto lease = Registry::instance().lease({src_id, dst_id});
-  const CacheRecord& src = lease[0];
-  const CacheRecord& dst = lease[1];
+  LeasedCopy copy{Registry::instance().lease({src_id, dst_id}), {}};
+  const CacheRecord& src = copy.lease[0];
+  const CacheRecord& dst = copy.lease[1];
+  copy.plan = {&src, &dst,
+               plan_blocks(src.desc, src_id, dst.desc, dst_id, src_id == dst_id, std::move(src_list),
+                           std::move(dst_list), kMaxSegmentBytes)};
+  return copy;
+}
+
+}  // namespace
+
+void copy_blocks_with_memcpy(
+    int64_t src_id,
+    int64_t dst_id,
+    const at::Tensor& src_blocks,
+    const at::Tensor& dst_blocks) {
+  const LeasedCopy copy = lease_blocks(src_id, dst_id, src_blocks, dst_blocks);
+  const CacheRecord& src = *copy.plan.src;
+  const CacheRecord& dst = *copy.plan.dst;
   KVREG_CHECK_ARG(
       src.desc.placement == Placement::HOST && dst.desc.placement == Placement::HOST,
       "the memcpy baseline copies between HOST caches only");
-  const auto segments = plan_blocks(src.desc, src_id, dst.desc, dst_id, src_id == dst_id, std::move(src_list),
-                                    std::move(dst_list), kMaxSegmentBytes);
   // The obvious implementation, for benchmarks: one thread, one memcpy per segment.
   for (int64_t t = 0; t < src.desc.num_tensors; ++t) {
-    for (const Segment& s : segments) {
+    for (const Segment& s : copy.plan.segments) {
       std::memcpy(reinterpret_cast<char*>(dst.addrs[t]) + s.dst_offset,
                   reinterpret_cast<const char*>(src.addrs[t]) + s.src_offset, static_cast<size_t>(s.nbytes));
     }
@@ -595,22 +614,10 @@ void copy_kv_blocks(
     c10::SymInt dst_cache_id,
     const at::Tensor& src_blocks,
     const at::Tensor& dst_blocks) {
-  const int64_t src_id = concrete_id(src_cache_id, "src_cache_id");
-  const int64_t dst_id = concrete_id(dst_cache_id, "dst_cache_id");
-  Registry::instance().require_initialized();
-  auto src_list = block_list(src_blocks, "src_blocks");
-  auto dst_list = block_list(dst_blocks, "dst_blocks");
-  KVREG_CHECK_ARG(
-      src_list.size() == dst_list.size(), "src_blocks has ", src_list.size(),
-      " entries but dst_blocks has ", dst_list.size());
-
   // The lease keeps both caches registered until the copy has been issued.
-  auto lease = Registry::instance().lease({src_id, dst_id});
-  const CacheRecord& src = lease[0];
-  const CacheRecord& dst = lease[1];
-  run_copy({&src, &dst,
-            plan_blocks(src.desc, src_id, dst.desc, dst_id, src_id == dst_id, std::move(src_list),
-                        std::move(dst_list), kMaxSegmentBytes)});
+  const LeasedCopy copy = lease_blocks(
+      concrete_id(src_cache_id, "src_cache_id"), concrete_id(dst_cache_id, "dst_cache_id"), src_blocks, dst_blocks);
+  run_copy(copy.plan);
 }
 
 void copy_kv_blocks_of_tensors(
