@@ -12,6 +12,7 @@ host<->device with registered (pinned) host memory, against a contiguous copy of
 same kind.
 
     python benchmarks/bench_copy_blocks.py [--quick] [--json out.json]
+    python benchmarks/bench_copy_blocks.py --sizes 1,2,4,8,16,32,64,128 --plot copy.png
 """
 
 import argparse
@@ -152,7 +153,17 @@ def main():
     parser.add_argument("--quick", action="store_true", help="4 layers instead of 32 (smoke run)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--sizes", help="block sizes in KiB to sweep instead of the two cases, e.g. 1,2,8,32,128")
+    parser.add_argument("--plot", help="draw GB/s against block size per path to this PNG (needs matplotlib)")
     args = parser.parse_args()
+    cases = CASES
+    if args.sizes:
+        cases = {}
+        for text in args.sizes.split(","):
+            dim = max(1, int(float(text) * 1024) // 32)  # blocks of 16 tokens x dim fp16
+            block_bytes = 16 * dim * 2
+            num_blocks = max(64, (8 << 20) // block_bytes)  # about 8 MiB per tensor
+            cases[f"{block_bytes / 1024:g}KiB"] = dict(num_blocks=num_blocks, block_shape=(16, dim), moved=num_blocks // 2)
 
     kv.initialize(limits=kv.Limits(480, 100 * 2**30, 100 * 2**30))
     pairs = [("cpu", "cpu")]
@@ -160,7 +171,7 @@ def main():
         pairs += [("cuda", "cuda"), ("cpu", "cuda"), ("cuda", "cpu")]
     rows = []
     for src_device, dst_device in pairs:
-        for name, case in CASES.items():
+        for name, case in cases.items():
             rows += run_case(name, **case, src_device=src_device, dst_device=dst_device,
                              repeats=args.repeats, quick=args.quick)
     kv.finalize()
@@ -182,12 +193,44 @@ def main():
     print("a: one contiguous copy_ of the same bytes (written memory); b: Python loop of per-block copy_; "
           "c: index_select + index_copy_; d: one thread, one memcpy per run of blocks (CPU); peak+MiB: resident host memory the op added at its peak; "
           "gpu+MiB: device memory it allocated at its peak")
+    if args.plot:
+        plot(rows, args.plot, machine)
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"machine": machine, "cpu": cpu_model(), "copy_strategy": kv.copy_strategy(),
                        "torch": torch.__version__, "rows": rows}, out, indent=2)
 
 
+
+
+def plot(rows, path, machine):
+    """GB/s against block size, one line per path and pattern: ours and the baselines."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib (pip install matplotlib)") from None
+    figure, axis = plt.subplots(figsize=(8, 5))
+    lines = {}
+    for r in rows:
+        for baseline, gbps in r["gbps"].items():
+            if baseline in ("copy_kv_blocks", "contiguous_copy", "memcpy_per_block"):
+                key = (f"{r['src']}>{r['dst']}", r["pattern"], baseline)
+                lines.setdefault(key, []).append((r["block_nbytes"] / 1024, gbps))
+    for (route, pattern, baseline), points in sorted(lines.items()):
+        points.sort()
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                  linestyle="-" if baseline == "copy_kv_blocks" else ":",
+                  label=f"{route} {pattern} {'ours' if baseline == 'copy_kv_blocks' else baseline}")
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("block size (KiB)")
+    axis.set_ylabel("GB/s")
+    axis.set_title(f"copy_kv_blocks: {machine}", fontsize=9)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

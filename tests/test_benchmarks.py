@@ -37,6 +37,17 @@ def test_bench_copy_blocks_quick(tmp_path):
     assert "ours/a" in stdout and "ours/d" in stdout and "CPU:" in stdout
 
 
+def test_bench_copy_blocks_sweep_draws_its_plot(tmp_path):
+    import pytest
+
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "copy.png"
+    result, _ = run_bench("bench_copy_blocks.py", "--quick", "--repeats", "1", "--sizes", "1,8,32",
+                          "--plot", str(png), tmp_path=tmp_path)
+    assert sorted({r["block_nbytes"] for r in result["rows"]}) == [1024, 8192, 32768]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
 def test_bench_register_small(tmp_path):
     result, _ = run_bench("bench_register.py", "--iters", "20", tmp_path=tmp_path)
     assert result["tensors"] == 240
