@@ -22,7 +22,9 @@ from .registry import (
     unregister_kv_cache,
     usage,
 )
+from . import metrics
 from .inflight import Transfer
+from .counters import reset_stats, stats
 from .layouts import register_layer_caches
 from .remote import (
     Notification,
@@ -62,6 +64,9 @@ from .types import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "metrics",
+    "reset_stats",
+    "stats",
     "Cache",
     "CacheDesc",
     "CacheIndex",

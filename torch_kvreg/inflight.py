@@ -4,12 +4,16 @@ transfers that compiled code refers to by id."""
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from typing import Sequence
 
+from . import counters
 from .errors import LLMException, LLMStatusCode, make_error, param_invalid, wrong_type
 from .types import format_bytes
+
+log = logging.getLogger("torch_kvreg")
 
 
 class Transfer:
@@ -26,8 +30,10 @@ class Transfer:
 
     _ids = itertools.count(1)
 
-    def __init__(self, nbytes: int = 0, dst_blocks: Sequence[int] = (), description: str = "transfer"):
+    def __init__(self, nbytes: int = 0, dst_blocks: Sequence[int] = (), description: str = "transfer",
+                 path: str | None = None):
         self.transfer_id = next(Transfer._ids)
+        self.path = path  # "local_copy", "pull" or "push": counted in torch_kvreg.stats()
         self.nbytes = int(nbytes)
         self.description = description
         self._dst_blocks = [int(b) for b in dst_blocks]
@@ -81,6 +87,13 @@ class Transfer:
         self._finished = time.monotonic()
         self._error = error
         self.status = status
+        if self.path is not None:
+            counters.record(self.path, self.nbytes, self._finished - self._started, status)
+        if error is None:
+            log.debug("%s: %s in %.3f ms", self.description, format_bytes(self.nbytes),
+                      (self._finished - self._started) * 1e3)
+        else:
+            log.warning("%s failed: %s", self.description, error)
         self._done.set()
 
     def __repr__(self) -> str:

@@ -7,9 +7,11 @@ from typing import Mapping, Sequence
 import torch
 
 import concurrent.futures
+import contextlib
 import threading
+import time
 
-from . import _C
+from . import _C, counters
 from .errors import LLMException, LLMStatusCode, make_error, param_invalid, raises_llm, translate, wrong_type
 from .inflight import Transfer
 from .registry import cache_id_of, get_cache
@@ -77,11 +79,35 @@ def copy_kv_blocks(src: Cache | int, dst: Cache | int, src_blocks, dst_blocks, *
     """
     src_id, dst_id = cache_id_of(src, "src"), cache_id_of(dst, "dst")
     src_list, dst_list = block_tensor(src_blocks, "src_blocks"), block_tensor(dst_blocks, "dst_blocks")
-    if layers is None:
-        torch.ops.llm.copy_kv_blocks(src_id, dst_id, src_list, dst_list)
-    else:
-        _C.copy_blocks_of_tensors(src_id, dst_id, src_list, dst_list,
-                                  *_layer_tensors(src_id, dst_id, layers, tensors_per_layer))
+    with _counted_local_copy() as counted:
+        desc = get_cache(src_id).cache_desc
+        if layers is None:
+            torch.ops.llm.copy_kv_blocks(src_id, dst_id, src_list, dst_list)
+            tensors = desc.num_tensors
+        else:
+            selected = _layer_tensors(src_id, dst_id, layers, tensors_per_layer)
+            _C.copy_blocks_of_tensors(src_id, dst_id, src_list, dst_list, *selected)
+            tensors = len(selected[0])
+        counted.nbytes = src_list.numel() * desc.block_nbytes * tensors
+
+
+class _LocalCopyCount:
+    nbytes = 0
+
+
+@contextlib.contextmanager
+def _counted_local_copy():
+    """Counts a blocking local copy in torch_kvreg.stats(): its bytes (set on the yielded
+    object) if it returns, its status if it raises one."""
+    counted, start = _LocalCopyCount(), time.perf_counter()
+    try:
+        yield counted
+    except BaseException as exc:
+        error = translate(exc)
+        status = error.status_code if error is not None else LLMStatusCode.LLM_FAILED
+        counters.record("local_copy", 0, time.perf_counter() - start, status)
+        raise
+    counters.record("local_copy", counted.nbytes, time.perf_counter() - start)
 
 
 def swap_blocks(src: Cache | int, dst: Cache | int, src_to_dst: Mapping[int, int]) -> None:
@@ -118,14 +144,18 @@ def copy_kv_cache(
     >>> torch_kvreg.copy_kv_cache(a, b, 0, 1, offset=4, size=8)
     >>> torch_kvreg.finalize()
     """
-    torch.ops.llm.copy_kv_cache(
-        cache_id_of(src, "src"),
-        cache_id_of(dst, "dst"),
-        as_int(src_batch_index, "src_batch_index"),
-        as_int(dst_batch_index, "dst_batch_index"),
-        as_int(offset, "offset"),
-        as_int(size, "size"),
-    )
+    src_id = cache_id_of(src, "src")
+    with _counted_local_copy() as counted:
+        desc = get_cache(src_id).cache_desc
+        torch.ops.llm.copy_kv_cache(
+            src_id,
+            cache_id_of(dst, "dst"),
+            as_int(src_batch_index, "src_batch_index"),
+            as_int(dst_batch_index, "dst_batch_index"),
+            as_int(offset, "offset"),
+            as_int(size, "size"),
+        )
+        counted.nbytes = (desc.block_nbytes - offset if size == -1 else size) * desc.num_tensors
 
 
 @raises_llm
@@ -159,7 +189,7 @@ def copy_kv_blocks_async(src: Cache | int, dst: Cache | int, src_blocks, dst_blo
     same = src_id == dst_id and (tensors is None or bool(set(tensors[0]) & set(tensors[1])))
     _C.plan_blocks(fields[0], src_id, fields[1], dst_id, src_list, dst_list, 1 << 20, same)
     nbytes = src_list.numel() * src_cache.cache_desc.block_nbytes * counts[0]
-    transfer = Transfer(nbytes, dst_list.tolist(), "local copy")
+    transfer = Transfer(nbytes, dst_list.tolist(), "local copy", "local_copy")
     held = []
     try:
         for cache_id in {src_id, dst_id}:

@@ -722,7 +722,8 @@ class Engine:
             local_offsets, remote_offsets = (
                 (dst_offsets, src_offsets) if operation == "READ" else (src_offsets, dst_offsets))
             nbytes = int(lengths.sum()) * len(local_tensors)
-            transfer = Transfer(nbytes, dst_blocks, f"{operation.lower()} with cluster {cluster_id}")
+            transfer = Transfer(nbytes, dst_blocks, f"{operation.lower()} with cluster {cluster_id}",
+                                "pull" if operation == "READ" else "push")
             if nbytes == 0:
                 self._settle(link, lease, local.cache_id, None)
                 transfer.succeed()
