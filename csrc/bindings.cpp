@@ -149,6 +149,7 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("hold", [](int64_t cache_id) { Registry::instance().hold(cache_id); });
   m.def("unhold", [](int64_t cache_id) { Registry::instance().unhold(cache_id); });
+  m.def("in_flight", [](int64_t cache_id) { return Registry::instance().in_flight(cache_id); });
   m.def("cache_ids", [] { return Registry::instance().cache_ids(); });
   m.def("get_cache", [](int64_t cache_id) { return cache_tuple(Registry::instance().get(cache_id)); });
   // copy_kv_blocks without the GIL, for copies that run beside Python (asynchronous ones).

@@ -380,6 +380,12 @@ void Registry::hold(int64_t cache_id) {
   entry.in_flight += 1;
 }
 
+int64_t Registry::in_flight(int64_t cache_id) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto it = entries_.find(cache_id);
+  return it == entries_.end() ? 0 : it->second.in_flight;
+}
+
 void Registry::unhold(int64_t cache_id) noexcept {
   {
     std::lock_guard<std::mutex> lock(mutex_);

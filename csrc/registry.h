@@ -131,6 +131,8 @@ class Registry {
   // hold() counts a transfer in flight on a live cache, unhold() ends it.
   void hold(int64_t cache_id);
   void unhold(int64_t cache_id) noexcept;
+  // Transfers and leases holding the cache now (0 for an id not registered).
+  int64_t in_flight(int64_t cache_id) const;
 
  private:
   // What an erased entry owned, dropped by the caller after the lock is released.

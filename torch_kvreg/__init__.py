@@ -21,6 +21,7 @@ from .registry import (
     remove_cache_key,
     unregister_kv_cache,
     usage,
+    registered_caches_table,
 )
 from . import metrics
 from .inflight import Transfer
@@ -65,6 +66,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "metrics",
+    "registered_caches_table",
     "reset_stats",
     "stats",
     "Cache",

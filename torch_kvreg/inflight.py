@@ -9,7 +9,7 @@ import threading
 import time
 from typing import Sequence
 
-from . import counters
+from . import counters, display
 from .errors import LLMException, LLMStatusCode, make_error, param_invalid, wrong_type
 from .types import format_bytes
 
@@ -95,6 +95,12 @@ class Transfer:
         else:
             log.warning("%s failed: %s", self.description, error)
         self._done.set()
+
+    def _repr_html_(self) -> str:
+        return display.card(f"Transfer {self.transfer_id}", lambda: [
+            ("what", self.description), ("state", "in flight" if self.status is None else self.status.name),
+            ("bytes", format_bytes(self.nbytes)), ("elapsed", f"{self.elapsed_s * 1e3:.2f} ms"),
+            ("failed blocks", self.failed_blocks if self.done() and self.status != LLMStatusCode.LLM_SUCCESS else [])])
 
     def __repr__(self) -> str:
         state = "in flight" if self.status is None else self.status.name

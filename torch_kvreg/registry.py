@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import torch
 
 from . import _ops  # noqa: F401  (loads the native library and the op registrations)
-from . import _C, lifecycle
+from . import _C, display, lifecycle
 from .errors import LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
 from .types import (
     Cache,
@@ -30,6 +30,7 @@ from .types import (
     RegisterCfg,
     Usage,
     as_int,
+    format_bytes,
     tensor_list,
 )
 
@@ -419,6 +420,33 @@ def unregister_kv_cache(cache: Cache | int) -> None:
     _C.get_cache(cache_id)  # LLM_KV_CACHE_NOT_EXIST before touching anything else
     lifecycle.unregistering(cache_id)
     torch.ops.llm.unregister_kv_cache(cache_id)
+
+
+def registered_caches_table() -> display.Table:
+    """One row per registered cache: id, placement, dtype, shape, tensors, bytes, whether
+    remote peers may reach it and the transfers holding it now. Prints as aligned text,
+    renders as a table in Jupyter; a snapshot, so it renders even after its caches leave.
+
+    >>> import torch, torch_kvreg
+    >>> torch_kvreg.initialize()
+    >>> _ = torch_kvreg.register_kv_cache([torch.zeros(4, 8), torch.zeros(4, 8)])
+    >>> print(torch_kvreg.registered_caches_table())  # doctest: +ELLIPSIS +NORMALIZE_WHITESPACE
+    id  placement  dtype     shape   tensors  bytes  remote  in flight
+    ...
+    ... HOST DT_FLOAT (4, 8) 2 256 B no 0
+    >>> torch_kvreg.finalize()
+    """
+    rows = []
+    if _C.is_initialized():
+        for cache_id in _C.cache_ids():
+            try:
+                values = _C.get_cache(cache_id)
+            except RuntimeError:  # unregistered since cache_ids()
+                continue
+            desc = cache_from_native(values).cache_desc
+            rows.append([cache_id, desc.placement.name, desc.data_type.name, tuple(desc.shape), desc.num_tensors,
+                         format_bytes(desc.nbytes), "yes" if values[7] else "no", _C.in_flight(cache_id)])
+    return display.Table(["id", "placement", "dtype", "shape", "tensors", "bytes", "remote", "in flight"], rows)
 
 
 def require_initialized() -> None:

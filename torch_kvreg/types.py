@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import display
 from .errors import param_invalid, wrong_type
 
 
@@ -211,6 +212,13 @@ class CacheDesc:
     def nbytes(self) -> int:
         return self.tensor_nbytes * self.num_tensors
 
+    def _repr_html_(self) -> str:
+        return display.card("CacheDesc", lambda: [
+            ("tensors", self.num_tensors), ("dtype", self.data_type.name), ("shape", tuple(self.shape)),
+            ("placement", self.placement.name), ("device index", self.device_index),
+            ("block", format_bytes(self.block_nbytes)), ("per tensor", format_bytes(self.tensor_nbytes)),
+            ("in all", format_bytes(self.nbytes))])
+
     def __repr__(self) -> str:
         return (
             f"CacheDesc(num_tensors={self.num_tensors}, data_type={self.data_type.name}, "
@@ -270,6 +278,27 @@ class Cache:
             raise param_invalid(f"cache {self.cache_id} has no layer named {name!r}")
         return self.name_layers[self.layer_names.index(name)]
 
+    def _repr_html_(self) -> str:
+        def fields():
+            from . import _C
+
+            try:
+                registered = "yes" if _C.get_cache(self.cache_id)[6] == list(self.tensor_addrs) else "no (id reused)"
+            except Exception:  # noqa: BLE001  (unregistered, or the registry finalized)
+                registered = "no (unregistered)"
+            desc = self.cache_desc
+            rows = [("cache id", self.cache_id), ("registered", registered), ("tensors", desc.num_tensors),
+                    ("dtype", desc.data_type.name), ("shape", tuple(desc.shape)), ("placement", desc.placement.name),
+                    ("bytes", format_bytes(desc.nbytes)),
+                    ("addresses", ", ".join(hex(a) for a in self.tensor_addrs[:4])
+                     + (f", ... ({len(self.tensor_addrs)} in all)" if len(self.tensor_addrs) > 4 else ""))]
+            if self.layer_names:
+                rows.append(("layers", f"{len(set(self.name_layers))} x {self.tensors_per_layer} tensors: "
+                             + ", ".join(self.layer_names[:4]) + (", ..." if len(self.layer_names) > 4 else "")))
+            return rows
+
+        return display.card(f"Cache {self.cache_id}", fields)
+
     def __repr__(self) -> str:
         addrs = self.tensor_addrs
         shown = ", ".join(hex(a) for a in addrs[:2]) + (f", ... ({len(addrs)} in all)" if len(addrs) > 2 else "")
@@ -303,6 +332,11 @@ class Limits:
     max_device_bytes: int
     max_host_bytes: int
 
+    def _repr_html_(self) -> str:
+        return display.card("Limits", lambda: [
+            ("addresses", self.max_addrs), ("device bytes", format_bytes(self.max_device_bytes)),
+            ("host bytes", format_bytes(self.max_host_bytes))])
+
     def __repr__(self) -> str:
         return (
             f"Limits(max_addrs={self.max_addrs}, max_device_bytes={format_bytes(self.max_device_bytes)}, "
@@ -322,6 +356,11 @@ class Usage:
     num_addrs: int
     device_bytes: int
     host_bytes: int
+
+    def _repr_html_(self) -> str:
+        return display.card("Usage", lambda: [
+            ("caches", self.num_caches), ("addresses", self.num_addrs),
+            ("device bytes", format_bytes(self.device_bytes)), ("host bytes", format_bytes(self.host_bytes))])
 
     def __repr__(self) -> str:
         return (
