@@ -30,7 +30,7 @@ $(PY):
 # satisfies. In CI (CI set) a failed NIXL install fails: the remote tests must run there.
 $(DEPS_STAMP): $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install setuptools wheel ninja numpy pytest hypothesis matplotlib prometheus-client nbclient nbformat ipykernel
+	$(PIP) install setuptools wheel ninja numpy pytest hypothesis matplotlib prometheus-client nbclient nbformat ipykernel build
 	$(PIP) install "transformers>=4.45" || { [ -z "$$CI" ] || exit 1; \
 		echo "warning: transformers could not be installed; the Hugging Face example's test skips"; }
 	$(PIP) install "nixl-cu12>=0.6" || { [ -z "$$CI" ] || exit 1; \

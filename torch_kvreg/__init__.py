@@ -1,5 +1,7 @@
 """torch_kvreg: KV-cache registration and block transfer for PyTorch, LLM-DataDist style."""
 
+import importlib.metadata
+
 from .errors import (
     LLMException,
     LLMIndexError,
@@ -62,7 +64,10 @@ from .types import (
     Usage,
 )
 
-__version__ = "0.1.0"
+try:  # the installed distribution's version (wheel or editable install)
+    __version__ = importlib.metadata.version("torch_kvreg")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "metrics",
