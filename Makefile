@@ -14,7 +14,7 @@ EXT_STAMP := $(VENV)/.kvreg-built
 DEPS_STAMP := $(VENV)/.kvreg-deps
 PYTEST_ARGS ?=
 
-.PHONY: all demo demo-pd demo-datadist demo-cpp demo-hf test test-asan test-mutants test-cuda-build bench build clean
+.PHONY: all demo demo-pd demo-datadist demo-cpp demo-hf test lint test-asan test-mutants test-cuda-build bench build clean
 
 all: build
 
@@ -30,7 +30,7 @@ $(PY):
 # satisfies. In CI (CI set) a failed NIXL install fails: the remote tests must run there.
 $(DEPS_STAMP): $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install setuptools wheel ninja numpy pytest hypothesis matplotlib prometheus-client nbclient nbformat ipykernel build
+	$(PIP) install setuptools wheel ninja numpy pytest hypothesis matplotlib prometheus-client nbclient nbformat ipykernel build ruff
 	$(PIP) install "transformers>=4.45" || { [ -z "$$CI" ] || exit 1; \
 		echo "warning: transformers could not be installed; the Hugging Face example's test skips"; }
 	$(PIP) install "nixl-cu12>=0.6" || { [ -z "$$CI" ] || exit 1; \
@@ -68,6 +68,10 @@ demo-cpp: build
 
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# ruff's lint rules (pyproject.toml) over the package, tests, benchmarks and examples.
+lint: $(DEPS_STAMP)
+	$(VENV)/bin/ruff check torch_kvreg tests benchmarks examples
 
 # AddressSanitizer + UndefinedBehaviorSanitizer build in its own folder and package copy;
 # the registry, copy, bad-input, stress and model-based tests run against it.

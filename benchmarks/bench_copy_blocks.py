@@ -24,9 +24,9 @@ import time
 
 import torch
 
-from machine import cpu_model
-
 import torch_kvreg as kv
+
+from machine import cpu_model
 
 CASES = {
     "32KiB": dict(num_blocks=1024, block_shape=(16, 8, 128), moved=512),
@@ -163,7 +163,8 @@ def main():
             dim = max(1, int(float(text) * 1024) // 32)  # blocks of 16 tokens x dim fp16
             block_bytes = 16 * dim * 2
             num_blocks = max(64, (8 << 20) // block_bytes)  # about 8 MiB per tensor
-            cases[f"{block_bytes / 1024:g}KiB"] = dict(num_blocks=num_blocks, block_shape=(16, dim), moved=num_blocks // 2)
+            cases[f"{block_bytes / 1024:g}KiB"] = dict(
+                num_blocks=num_blocks, block_shape=(16, dim), moved=num_blocks // 2)
 
     kv.initialize(limits=kv.Limits(480, 100 * 2**30, 100 * 2**30))
     pairs = [("cpu", "cpu")]
@@ -172,35 +173,56 @@ def main():
     rows = []
     for src_device, dst_device in pairs:
         for name, case in cases.items():
-            rows += run_case(name, **case, src_device=src_device, dst_device=dst_device,
-                             repeats=args.repeats, quick=args.quick)
+            rows += run_case(
+                name, **case, src_device=src_device, dst_device=dst_device, repeats=args.repeats, quick=args.quick
+            )
     kv.finalize()
 
-    machine = (torch.cuda.get_device_name() if torch.cuda.is_available() else
-               f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
-    print(f"copy_kv_blocks, fp16 paged caches, {'4' if args.quick else LAYERS} layers x K,V ({machine}, torch {torch.__version__})")
+    machine = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    )
+    print(
+        f"copy_kv_blocks, fp16 paged caches, {'4' if args.quick else LAYERS} layers x K,V "
+        f"({machine}, torch {torch.__version__})"
+    )
     print(f"CPU: {cpu_model()}; copy strategy: {kv.copy_strategy()}")
-    header = (f"{'case':<6}{'pattern':<12}{'path':<11}{'GB/s':>7}{'contig':>8}{'ours/a':>8}"
-              f"{'ours/b':>8}{'ours/c':>8}{'ours/d':>8}{'peak+MiB':>9}{'gpu+MiB':>8}")
+    header = (
+        f"{'case':<6}{'pattern':<12}{'path':<11}{'GB/s':>7}{'contig':>8}{'ours/a':>8}"
+        f"{'ours/b':>8}{'ours/c':>8}{'ours/d':>8}{'peak+MiB':>9}{'gpu+MiB':>8}"
+    )
     print(header)
     for r in rows:
         g = r["gbps"]
-        print(f"{r['case']:<6}{r['pattern']:<12}{r['src'] + '>' + r['dst']:<11}{g['copy_kv_blocks']:>7.2f}"
-              f"{g['contiguous_copy']:>8.2f}{r['ratio_vs_contiguous']:>7.2f}x{r['ratio_vs_python_loop']:>7.1f}x"
-              f"{r['ratio_vs_index_select']:>7.1f}x"
-              + (f"{r['ratio_vs_memcpy_per_block']:>7.2f}x" if r["ratio_vs_memcpy_per_block"] else f"{'-':>8}")
-              + f"{r['peak_extra_rss_mib']:>9.1f}{r['peak_extra_gpu_mib']:>8.2f}")
-    print("a: one contiguous copy_ of the same bytes (written memory); b: Python loop of per-block copy_; "
-          "c: index_select + index_copy_; d: one thread, one memcpy per run of blocks (CPU); peak+MiB: resident host memory the op added at its peak; "
-          "gpu+MiB: device memory it allocated at its peak")
+        print(
+            f"{r['case']:<6}{r['pattern']:<12}{r['src'] + '>' + r['dst']:<11}{g['copy_kv_blocks']:>7.2f}"
+            f"{g['contiguous_copy']:>8.2f}{r['ratio_vs_contiguous']:>7.2f}x{r['ratio_vs_python_loop']:>7.1f}x"
+            f"{r['ratio_vs_index_select']:>7.1f}x"
+            + (f"{r['ratio_vs_memcpy_per_block']:>7.2f}x" if r["ratio_vs_memcpy_per_block"] else f"{'-':>8}")
+            + f"{r['peak_extra_rss_mib']:>9.1f}{r['peak_extra_gpu_mib']:>8.2f}"
+        )
+    print(
+        "a: one contiguous copy_ of the same bytes (written memory); b: Python loop of per-block copy_; "
+        "c: index_select + index_copy_; d: one thread, one memcpy per run of blocks (CPU); "
+        "peak+MiB: resident host memory the op added at its peak; "
+        "gpu+MiB: device memory it allocated at its peak"
+    )
     if args.plot:
         plot(rows, args.plot, machine)
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"machine": machine, "cpu": cpu_model(), "copy_strategy": kv.copy_strategy(),
-                       "torch": torch.__version__, "rows": rows}, out, indent=2)
-
-
+            json.dump(
+                {
+                    "machine": machine,
+                    "cpu": cpu_model(),
+                    "copy_strategy": kv.copy_strategy(),
+                    "torch": torch.__version__,
+                    "rows": rows,
+                },
+                out,
+                indent=2,
+            )
 
 
 def plot(rows, path, machine):
@@ -221,9 +243,13 @@ def plot(rows, path, machine):
                 lines.setdefault(key, []).append((r["block_nbytes"] / 1024, gbps))
     for (route, pattern, baseline), points in sorted(lines.items()):
         points.sort()
-        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-                  linestyle="-" if baseline == "copy_kv_blocks" else ":",
-                  label=f"{route} {pattern} {'ours' if baseline == 'copy_kv_blocks' else baseline}")
+        axis.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            marker="o",
+            linestyle="-" if baseline == "copy_kv_blocks" else ":",
+            label=f"{route} {pattern} {'ours' if baseline == 'copy_kv_blocks' else baseline}",
+        )
     axis.set_xscale("log", base=2)
     axis.set_xlabel("block size (KiB)")
     axis.set_ylabel("GB/s")

@@ -114,7 +114,9 @@ def main():
     raw.make_connection(remote_name.decode() if isinstance(remote_name, bytes) else remote_name)
 
     def per_block(addrs):
-        base = np.asarray(addrs, dtype=np.uint64)[:, None] + np.arange(NUM_BLOCKS, dtype=np.uint64)[None, :] * block_nbytes
+        base = (
+            np.asarray(addrs, dtype=np.uint64)[:, None] + np.arange(NUM_BLOCKS, dtype=np.uint64)[None, :] * block_nbytes
+        )
         rows = np.zeros((base.size, 3), dtype=np.uint64)
         rows[:, 0], rows[:, 1] = base.reshape(-1), block_nbytes
         return rows
@@ -147,8 +149,16 @@ def main():
             "copy_kv_blocks_local_limit": lambda: flat_dst.copy_(flat_src),
             "pull_kv_blocks": lambda: kv.pull_kv_blocks(kv.CacheIndex(1, remote_id), local, src_blocks, dst_blocks),
         }
-        src_idx = (np.arange(num_tensors)[:, None] * NUM_BLOCKS + np.asarray(src_blocks)[None, :]).reshape(-1).astype(np.int32)
-        dst_idx = (np.arange(num_tensors)[:, None] * NUM_BLOCKS + np.asarray(dst_blocks)[None, :]).reshape(-1).astype(np.int32)
+        src_idx = (
+            (np.arange(num_tensors)[:, None] * NUM_BLOCKS + np.asarray(src_blocks)[None, :])
+            .reshape(-1)
+            .astype(np.int32)
+        )
+        dst_idx = (
+            (np.arange(num_tensors)[:, None] * NUM_BLOCKS + np.asarray(dst_blocks)[None, :])
+            .reshape(-1)
+            .astype(np.int32)
+        )
 
         def raw_prepped():
             handle = raw.make_prepped_xfer("READ", local_prep, dst_idx, remote_prep, src_idx)
@@ -157,46 +167,69 @@ def main():
 
         variants["raw_nixl_per_block"] = raw_prepped
         if pattern == "consecutive":
-            local_rows = np.array([(t.data_ptr() + dst_blocks[0] * block_nbytes, MOVED * block_nbytes, 0) for t in tensors], dtype=np.uint64)
-            remote_rows = np.array([(a + src_blocks[0] * block_nbytes, MOVED * block_nbytes, 0) for a in remote_addrs], dtype=np.uint64)
+            local_rows = np.array(
+                [(t.data_ptr() + dst_blocks[0] * block_nbytes, MOVED * block_nbytes, 0) for t in tensors],
+                dtype=np.uint64,
+            )
+            remote_rows = np.array(
+                [(a + src_blocks[0] * block_nbytes, MOVED * block_nbytes, 0) for a in remote_addrs], dtype=np.uint64
+            )
 
             def raw_coalesced():
-                handle = raw.initialize_xfer("READ", raw.get_xfer_descs(local_rows, "DRAM"),
-                                             raw.get_xfer_descs(remote_rows, "DRAM"), remote_name)
+                handle = raw.initialize_xfer(
+                    "READ", raw.get_xfer_descs(local_rows, "DRAM"), raw.get_xfer_descs(remote_rows, "DRAM"), remote_name
+                )
                 wait(raw, handle)
                 raw.release_xfer_handle(handle)
 
             variants["raw_nixl_coalesced"] = raw_coalesced
         measured = interleaved(variants)
-        expected = torch.stack([torch.full(BLOCK_SHAPE, float(1 + i % 7), dtype=torch.float16) for i in range(num_tensors)])
+        expected = torch.stack(
+            [torch.full(BLOCK_SHAPE, float(1 + i % 7), dtype=torch.float16) for i in range(num_tensors)]
+        )
         got = torch.stack([t[dst_blocks[-1]] for t in tensors])
         assert torch.equal(got, expected), "pulled the wrong bytes"
         gbps = {k: total / v / 1e9 for k, v in measured.items()}
         baseline = "raw_nixl_coalesced" if pattern == "consecutive" else "raw_nixl_per_block"
-        rows.append(dict(pattern=pattern, bytes=total, gbps=gbps,
-                         ratio_vs_raw_nixl=gbps["pull_kv_blocks"] / gbps[baseline], raw_baseline=baseline,
-                         ratio_vs_local_limit=gbps["pull_kv_blocks"] / gbps["copy_kv_blocks_local_limit"]))
+        rows.append(
+            dict(
+                pattern=pattern,
+                bytes=total,
+                gbps=gbps,
+                ratio_vs_raw_nixl=gbps["pull_kv_blocks"] / gbps[baseline],
+                raw_baseline=baseline,
+                ratio_vs_local_limit=gbps["pull_kv_blocks"] / gbps["copy_kv_blocks_local_limit"],
+            )
+        )
     kv.finalize()
     from_main.put("done")
     peer.join(timeout=60)
 
     where = f"over TCP across network namespaces ({os.environ.get('UCX_TLS')})" if args.inside else "on one host"
     print(f"CPU: {cpu_model()}; {where}")
-    print(f"pull_kv_blocks over NIXL/UCX between two processes, {num_tensors} tensors x {MOVED} of "
-          f"{NUM_BLOCKS} blocks of {block_nbytes // 1024} KiB ({total / 2**30:.2f} GiB), torch {torch.__version__}")
-    print(f"link_clusters: {link_ms:.1f} ms; register_kv_cache ({num_tensors} tensors, with NIXL): {register_ms:.1f} ms")
+    print(
+        f"pull_kv_blocks over NIXL/UCX between two processes, {num_tensors} tensors x {MOVED} of "
+        f"{NUM_BLOCKS} blocks of {block_nbytes // 1024} KiB ({total / 2**30:.2f} GiB), torch {torch.__version__}"
+    )
+    print(
+        f"link_clusters: {link_ms:.1f} ms; register_kv_cache ({num_tensors} tensors, with NIXL): {register_ms:.1f} ms"
+    )
     for r in rows:
         g = r["gbps"]
         extra = f", raw coalesced {g['raw_nixl_coalesced']:.2f}" if "raw_nixl_coalesced" in g else ""
-        print(f"{r['pattern']:<12} ours {g['pull_kv_blocks']:.2f} GB/s | raw per-block {g['raw_nixl_per_block']:.2f}{extra}"
-              f" | local copy {g['copy_kv_blocks_local_limit']:.2f} GB/s || ours / {r['raw_baseline']} = "
-              f"{r['ratio_vs_raw_nixl']:.2f}x, ours / local limit = {r['ratio_vs_local_limit']:.2f}x")
+        print(
+            f"{r['pattern']:<12} ours {g['pull_kv_blocks']:.2f} GB/s | "
+            f"raw per-block {g['raw_nixl_per_block']:.2f}{extra}"
+            f" | local copy {g['copy_kv_blocks_local_limit']:.2f} GB/s || ours / {r['raw_baseline']} = "
+            f"{r['ratio_vs_raw_nixl']:.2f}x, ours / local limit = {r['ratio_vs_local_limit']:.2f}x"
+        )
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"cpu": cpu_model(), "path": where, "link_ms": link_ms, "register_ms": register_ms,
-                       "rows": rows}, out, indent=2)
-
-
+            json.dump(
+                {"cpu": cpu_model(), "path": where, "link_ms": link_ms, "register_ms": register_ms, "rows": rows},
+                out,
+                indent=2,
+            )
 
 
 def run_across_namespaces() -> None:
@@ -212,8 +245,21 @@ def run_across_namespaces() -> None:
     try:
         rest = [a for a in sys.argv[1:] if a != "--netns"]
         env = {**os.environ, "UCX_TLS": "tcp", "UCX_NET_DEVICES": f"{pair.dev_a},{pair.dev_b}"}
-        subprocess.run(["ip", "netns", "exec", pair.b, sys.executable, os.path.abspath(__file__), *rest,
-                        "--inside", f"{pair.a},{pair.addr_a}:0"], env=env, check=True)
+        subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                pair.b,
+                sys.executable,
+                os.path.abspath(__file__),
+                *rest,
+                "--inside",
+                f"{pair.a},{pair.addr_a}:0",
+            ],
+            env=env,
+            check=True,
+        )
     finally:
         pair.down()
 

@@ -36,8 +36,11 @@ class TinyLM(torch.nn.Module):
         self.qkv = torch.nn.ModuleList(torch.nn.Linear(D_MODEL, 3 * HEADS * HEAD_DIM) for _ in range(LAYERS))
         self.out = torch.nn.ModuleList(torch.nn.Linear(HEADS * HEAD_DIM, D_MODEL) for _ in range(LAYERS))
         self.mlp = torch.nn.ModuleList(
-            torch.nn.Sequential(torch.nn.Linear(D_MODEL, 4 * D_MODEL), torch.nn.GELU(), torch.nn.Linear(4 * D_MODEL, D_MODEL))
-            for _ in range(LAYERS))
+            torch.nn.Sequential(
+                torch.nn.Linear(D_MODEL, 4 * D_MODEL), torch.nn.GELU(), torch.nn.Linear(4 * D_MODEL, D_MODEL)
+            )
+            for _ in range(LAYERS)
+        )
         self.norm = torch.nn.LayerNorm(D_MODEL)
         self.head = torch.nn.Linear(D_MODEL, VOCAB)
 
@@ -108,8 +111,9 @@ def enter_netns(name):
 def prefill_worker(prompt, block_table, to_decoder, from_decoder, listen="127.0.0.1:0", netns=None):
     if netns is not None:
         enter_netns(netns)
-    kv.initialize(PREFILL_CLUSTER, kv.LlmRole.PROMPT,
-                  options={"llm.ListenIpInfo": listen, "llm.SyncKvCacheWaitTime": "5000"})
+    kv.initialize(
+        PREFILL_CLUSTER, kv.LlmRole.PROMPT, options={"llm.ListenIpInfo": listen, "llm.SyncKvCacheWaitTime": "5000"}
+    )
     model = TinyLM()
     kv_cache = new_cache()
     first = prefill(model, prompt, kv_cache, block_table)
@@ -141,8 +145,9 @@ def main():
 
     ctx = mp.get_context("spawn")
     to_decoder, from_decoder = ctx.Queue(), ctx.Queue()
-    worker = ctx.Process(target=prefill_worker, args=(prompt, prompt_table, to_decoder, from_decoder, args.listen,
-                                                      args.prefill_netns))
+    worker = ctx.Process(
+        target=prefill_worker, args=(prompt, prompt_table, to_decoder, from_decoder, args.listen, args.prefill_netns)
+    )
     worker.start()
     address, remote_cache_id, first = to_decoder.get(timeout=300)
 
@@ -153,8 +158,9 @@ def main():
     kv_cache = new_cache()
     cache = kv.register_kv_cache(kv_cache)
     start = time.perf_counter()
-    moved = kv.pull_kv_blocks(kv.CacheIndex(PREFILL_CLUSTER, remote_cache_id), cache,
-                              prompt_table[:prompt_used], decode_table[:prompt_used])
+    moved = kv.pull_kv_blocks(
+        kv.CacheIndex(PREFILL_CLUSTER, remote_cache_id), cache, prompt_table[:prompt_used], decode_table[:prompt_used]
+    )
     seconds = time.perf_counter() - start
     from_decoder.put("pulled")
     tokens = decode(model, first, args.prompt_len, kv_cache, decode_table, args.new_tokens)
@@ -162,8 +168,10 @@ def main():
     kv.finalize()
     worker.join(timeout=60)
 
-    print(f"prompt: {args.prompt_len} tokens in {prompt_used} blocks; pulled {moved / 2**20:.2f} MiB "
-          f"in {seconds * 1e3:.1f} ms ({moved / seconds / 1e9:.2f} GB/s, incl. the control round trips)")
+    print(
+        f"prompt: {args.prompt_len} tokens in {prompt_used} blocks; pulled {moved / 2**20:.2f} MiB "
+        f"in {seconds * 1e3:.1f} ms ({moved / seconds / 1e9:.2f} GB/s, incl. the control round trips)"
+    )
     print("decoded:", tokens)
     print("single-process reference:", reference)
     assert tokens == reference, "disaggregated decode differs from the single-process run"

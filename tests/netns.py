@@ -36,7 +36,7 @@ class NetnsPair:
         subnet = 1 + tag % 250
         self.addr_a, self.addr_b = f"10.213.{subnet}.1", f"10.213.{subnet}.2"
 
-    def up(self) -> "NetnsPair":
+    def up(self) -> NetnsPair:
         self.down()  # leftovers of an earlier run with the same tag
         try:
             for ns in (self.a, self.b):

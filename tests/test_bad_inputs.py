@@ -61,8 +61,12 @@ CASES = [
     ("same tensor twice in a call", lambda w: kv.register_kv_cache([w.free, w.free]), Value, P),
     ("overlapping views in a call", lambda w: kv.register_kv_cache([w.free[:32], w.free[16:48]]), Value, P),
     ("cfg of wrong type", lambda w: kv.register_kv_cache(w.free, {"pin": True}), Type, P),
-    ("address cap crossed", lambda w: kv.register_kv_cache([torch.zeros(1) for _ in range(235)]), kv.LLMException,
-     LLMStatusCode.LLM_OUT_OF_MEMORY),
+    (
+        "address cap crossed",
+        lambda w: kv.register_kv_cache([torch.zeros(1) for _ in range(235)]),
+        kv.LLMException,
+        LLMStatusCode.LLM_OUT_OF_MEMORY,
+    ),
     # register, raw-address form
     ("raw null address", lambda w: w.raw(f32((4,)), [0]), Value, P),
     ("raw misaligned address", lambda w: w.raw(f32((4,)), [w.free.data_ptr() + 2]), Value, P),
@@ -71,7 +75,12 @@ CASES = [
     ("raw address over 63 bits", lambda w: w.raw(f32((4,)), [2**64 - 4096]), Value, P),
     ("raw addrs not a sequence", lambda w: w.raw(f32((4,)), w.free.data_ptr()), Type, P),
     ("raw float address", lambda w: w.raw(f32((4,)), [4096.0]), Type, P),
-    ("raw DT_UNDEFINED", lambda w: w.raw(CacheDesc(1, DataType.DT_UNDEFINED, (4,), HOST), [w.free.data_ptr()]), Value, P),
+    (
+        "raw DT_UNDEFINED",
+        lambda w: w.raw(CacheDesc(1, DataType.DT_UNDEFINED, (4,), HOST), [w.free.data_ptr()]),
+        Value,
+        P,
+    ),
     ("raw zero dim", lambda w: w.raw(f32((4, 0)), [w.free.data_ptr()]), Value, P),
     ("raw negative dim", lambda w: w.raw(f32((-4,)), [w.free.data_ptr()]), Value, P),
     ("raw rank 0", lambda w: w.raw(f32(()), [w.free.data_ptr()]), Value, P),
@@ -80,8 +89,12 @@ CASES = [
     ("raw 241 addresses", lambda w: w.raw(f32((1,), 241), [4096 * (i + 1) for i in range(241)]), Value, P),
     ("raw overlap with live cache", lambda w: w.raw(f32((4,)), [w.a.tensor_addrs[1] + 16]), Value, P),
     ("raw size overflow", lambda w: w.raw(f32((2**40, 2**40)), [4096]), Value, P),
-    ("raw host cap crossed", lambda w: w.raw(f32((21 * 2**28,)), [1 << 44]), kv.LLMException,
-     LLMStatusCode.LLM_OUT_OF_MEMORY),
+    (
+        "raw host cap crossed",
+        lambda w: w.raw(f32((21 * 2**28,)), [1 << 44]),
+        kv.LLMException,
+        LLMStatusCode.LLM_OUT_OF_MEMORY,
+    ),
     # unregister and queries
     ("unregister unknown id", lambda w: kv.unregister_kv_cache(10**9), NotExist, LLMStatusCode.LLM_KV_CACHE_NOT_EXIST),
     ("unregister id as str", lambda w: kv.unregister_kv_cache("1"), Type, P),
@@ -103,8 +116,12 @@ CASES = [
     ("one bad index among good ones", lambda w: kv.copy_kv_blocks(w.a, w.b, [0, 1, 9], [0, 1, 2]), Index, P),
     ("duplicate destination", lambda w: kv.copy_kv_blocks(w.a, w.b, [0, 1], [3, 3]), Value, P),
     ("unequal block lists", lambda w: kv.copy_kv_blocks(w.a, w.b, [0, 1], [0]), Value, P),
-    ("unknown src cache", lambda w: kv.copy_kv_blocks(10**9, w.b, [0], [0]), NotExist,
-     LLMStatusCode.LLM_KV_CACHE_NOT_EXIST),
+    (
+        "unknown src cache",
+        lambda w: kv.copy_kv_blocks(10**9, w.b, [0], [0]),
+        NotExist,
+        LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
+    ),
     ("float block tensor", lambda w: kv.copy_kv_blocks(w.a, w.b, torch.tensor([0.0]), [0]), Type, P),
     ("2-D block tensor", lambda w: kv.copy_kv_blocks(w.a, w.b, torch.zeros(1, 1, dtype=torch.long), [0]), Value, P),
     ("bool block", lambda w: kv.copy_kv_blocks(w.a, w.b, [True], [0]), Type, P),
@@ -119,8 +136,12 @@ CASES = [
     ("async copy duplicate destination", lambda w: kv.copy_kv_blocks_async(w.a, w.b, [0, 1], [2, 2]), Value, P),
     ("async copy read and written", lambda w: kv.copy_kv_blocks_async(w.a, w.a, [0, 1], [1, 2]), Value, P),
     ("async copy incompatible", lambda w: kv.copy_kv_blocks_async(w.a, w.half, [0], [0]), Value, P),
-    ("async copy unknown cache", lambda w: kv.copy_kv_blocks_async(w.a, 10**9, [0], [0]), NotExist,
-     LLMStatusCode.LLM_KV_CACHE_NOT_EXIST),
+    (
+        "async copy unknown cache",
+        lambda w: kv.copy_kv_blocks_async(w.a, 10**9, [0], [0]),
+        NotExist,
+        LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
+    ),
     ("wait for an unknown transfer", lambda w: kv.inflight.take(10**9), Value, P),
     ("wait with a float timeout", lambda w: kv.inflight.completed().wait(1.5), Type, P),
     ("wait with a negative timeout", lambda w: kv.inflight.completed().wait(-1), Value, P),
@@ -145,12 +166,27 @@ def test_catalogue_covers_every_entry_point_and_error_class():
     names = [case[0] for case in CASES]
     assert len(set(names)) == len(names)
     called = set().union(*(case[1].__code__.co_names for case in CASES))
-    for entry_point in ("register_kv_cache", "raw", "unregister_kv_cache", "get_cache", "initialize",
-                        "copy_kv_blocks", "copy_kv_cache", "swap_blocks", "copy_kv_blocks_async", "take", "wait"):
+    for entry_point in (
+        "register_kv_cache",
+        "raw",
+        "unregister_kv_cache",
+        "get_cache",
+        "initialize",
+        "copy_kv_blocks",
+        "copy_kv_cache",
+        "swap_blocks",
+        "copy_kv_blocks_async",
+        "take",
+        "wait",
+    ):
         assert entry_point in called, entry_point
     assert {case[2] for case in CASES} == {Value, Index, Type, NotExist, kv.LLMException}
-    assert {case[3] for case in CASES} == {P, LLMStatusCode.LLM_OUT_OF_MEMORY, LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
-                                          LLMStatusCode.LLM_FAILED}
+    assert {case[3] for case in CASES} == {
+        P,
+        LLMStatusCode.LLM_OUT_OF_MEMORY,
+        LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
+        LLMStatusCode.LLM_FAILED,
+    }
 
 
 def test_calls_after_finalize_fail_cleanly():
@@ -174,10 +210,16 @@ def test_calls_after_finalize_fail_cleanly():
     "call,builtin,status",
     [
         (lambda w: torch.ops.llm.register_kv_cache([torch.zeros(0)]), ValueError, "LLM_PARAM_INVALID"),
-        (lambda w: torch.ops.llm.copy_kv_blocks(w.a.cache_id, w.b.cache_id, torch.tensor([99]), torch.tensor([0])),
-         IndexError, "LLM_PARAM_INVALID"),
-        (lambda w: torch.ops.llm.copy_kv_blocks(w.a.cache_id, w.b.cache_id, torch.tensor([0.5]), torch.tensor([0])),
-         TypeError, "LLM_PARAM_INVALID"),
+        (
+            lambda w: torch.ops.llm.copy_kv_blocks(w.a.cache_id, w.b.cache_id, torch.tensor([99]), torch.tensor([0])),
+            IndexError,
+            "LLM_PARAM_INVALID",
+        ),
+        (
+            lambda w: torch.ops.llm.copy_kv_blocks(w.a.cache_id, w.b.cache_id, torch.tensor([0.5]), torch.tensor([0])),
+            TypeError,
+            "LLM_PARAM_INVALID",
+        ),
         (lambda w: torch.ops.llm.unregister_kv_cache(12345678), RuntimeError, "LLM_KV_CACHE_NOT_EXIST"),
     ],
 )

@@ -57,6 +57,7 @@ def test_bench_register_small(tmp_path):
 
 def test_bench_pipeline_small(tmp_path):
     import pytest
+
     import torch_kvreg
 
     if not torch_kvreg.remote.nixl_available():

@@ -38,7 +38,7 @@ def test_register_and_unregister_once_per_call(kv, backend):
 
     fn = compiled(step, backend)
     k, v = torch.zeros(4, 8), torch.zeros(4, 8)
-    for calls in range(1, 4):
+    for _call in range(1, 4):
         start = next_id()
         fn(k, v)
         assert kv.usage() == kv.Usage(0, 0, 0, 0)
@@ -210,6 +210,7 @@ def test_effect_registration_falls_back_on_older_torch(monkeypatch):
     calls = []
     original = effects._register_effectful_op
     monkeypatch.delattr(torch.library, "_register_effectful_op", raising=False)
-    monkeypatch.setattr(effects, "_register_effectful_op", lambda op, effect: calls.append((op, effect)) or original(op, effect))
+    monkeypatch.setattr(effects, "_register_effectful_op",
+                        lambda op, effect: calls.append((op, effect)) or original(op, effect))
     _ops._mark_ordered("llm::register_kv_cache.addrs")
     assert calls == [(torch.ops.llm.register_kv_cache.addrs, effects._EffectType.ORDERED)]

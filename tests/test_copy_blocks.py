@@ -85,7 +85,10 @@ def test_matches_reference(kv, src_device, dst_device, count, num_tensors, shape
     if "cuda" in (src_device, dst_device):
         torch.cuda.synchronize()
     assert all(same_bytes(a, b) for a, b in zip(dst_tensors, expected))
-    assert all(same_bytes(a, b) for a, b in zip(src_tensors, [filled(shape, torch.float16, "cpu", 7 + i) for i in range(num_tensors)]))
+    assert all(
+        same_bytes(a, b)
+        for a, b in zip(src_tensors, [filled(shape, torch.float16, "cpu", 7 + i) for i in range(num_tensors)])
+    )
 
 
 def test_same_cache_disjoint_blocks(kv):
@@ -174,7 +177,7 @@ def test_copy_captured_in_cuda_graph_replays(kv, src_device, dst_device):
     torch.cuda.synchronize()
     with torch.cuda.graph(graph, stream=stream):
         kv.copy_kv_blocks(src, dst, src_blocks, dst_blocks)
-    for round in range(2):
+    for _round in range(2):
         for t in src_tensors:
             t.copy_(torch.randn_like(t, device="cpu").to(t.device))  # new data after capture
         torch.cuda.synchronize()
@@ -245,7 +248,9 @@ def test_checks_on_huge_caches_use_memory_of_the_list_not_the_cache():
     assert (torch_kvreg.usage(), torch_kvreg.registered_caches()) == before
     # The planner alone (what the remote path calls) passes valid lists over such a cache.
     fields = (1, int(DataType.DT_INT8), [1 << 40, 1], int(torch_kvreg.Placement.HOST), -1)
-    rows = torch_kvreg._C.plan_blocks(fields, 1, fields, 2, torch.tensor([3, 1, 2]), torch.tensor([10, 11, 12]), 1 << 20)
+    rows = torch_kvreg._C.plan_blocks(
+        fields, 1, fields, 2, torch.tensor([3, 1, 2]), torch.tensor([10, 11, 12]), 1 << 20
+    )
     assert rows.tolist() == [[1, 11, 2], [3, 10, 1]]
 
 
@@ -266,11 +271,13 @@ def test_layers_copy_only_their_tensors(kv, asynchronous):
     kv.copy_kv_blocks(a, b, [5], [5], layers=range(0, 6), tensors_per_layer=1)  # one tensor per layer
     assert all(torch.all(dst[t][5] == t + 1) for t in range(6))
     before = (kv.usage(), kv.registered_caches(), [d.clone() for d in dst])
-    for call in (lambda: kv.copy_kv_blocks(a, b, [0], [0], layers=range(0, 4)),
-                 lambda: kv.copy_kv_blocks(a, b, [0], [0], layers=range(0, 2, 2)),
-                 lambda: kv.copy_kv_blocks(a, b, [0], [0], layers=range(0, 1), tensors_per_layer=0),
-                 lambda: kv.copy_kv_blocks_async(a, b, [0], [9], layers=range(0, 1)),
-                 lambda: kv.copy_kv_blocks_async(a, b, [0], [0], layers=(0, 1))):
+    for call in (
+        lambda: kv.copy_kv_blocks(a, b, [0], [0], layers=range(0, 4)),
+        lambda: kv.copy_kv_blocks(a, b, [0], [0], layers=range(0, 2, 2)),
+        lambda: kv.copy_kv_blocks(a, b, [0], [0], layers=range(0, 1), tensors_per_layer=0),
+        lambda: kv.copy_kv_blocks_async(a, b, [0], [9], layers=range(0, 1)),
+        lambda: kv.copy_kv_blocks_async(a, b, [0], [0], layers=(0, 1)),
+    ):
         with pytest.raises(kv.LLMException) as info:
             call()
         assert info.value.status_code == kv.LLMStatusCode.LLM_PARAM_INVALID
@@ -286,8 +293,9 @@ def strategy_restored():
     torch_kvreg.set_copy_strategy(before)
 
 
-@pytest.mark.parametrize("strategy", ["memcpy", "stream", "stream_noprefetch", "memcpy:single", "stream:single",
-                                      "stream_noprefetch:single"])
+@pytest.mark.parametrize(
+    "strategy", ["memcpy", "stream", "stream_noprefetch", "memcpy:single", "stream:single", "stream_noprefetch:single"]
+)
 @pytest.mark.parametrize("block_shape", [(16, 8, 128), (16, 1, 64), (3, 7, 5), (64,)])
 def test_every_copy_strategy_moves_the_right_bytes(strategy, block_shape, strategy_restored):
     """32 KiB, 2 KiB, 210-byte (odd, unaligned tails) and 256-byte blocks, random and
@@ -302,8 +310,10 @@ def test_every_copy_strategy_moves_the_right_bytes(strategy, block_shape, strate
         before = [t.clone() for t in dst]
         a, b = torch_kvreg.register_kv_cache(src), torch_kvreg.register_kv_cache(dst)
         order = torch.randperm(64, generator=gen)
-        for src_blocks, dst_blocks in ((order[:24].tolist(), order[24:48].tolist()),
-                                       (list(range(8, 40)), list(range(30, 62)))):
+        for src_blocks, dst_blocks in (
+            (order[:24].tolist(), order[24:48].tolist()),
+            (list(range(8, 40)), list(range(30, 62))),
+        ):
             torch_kvreg.copy_kv_blocks(a, b, src_blocks, dst_blocks)
             untouched = sorted(set(range(64)) - set(dst_blocks))
             for s, d, old in zip(src, dst, before):
@@ -327,8 +337,9 @@ def test_auto_measures_on_the_first_large_copy_and_keeps_the_bytes(strategy_rest
         assert torch_kvreg.copy_strategy() == "auto"
         order = torch.randperm(512).tolist()
         torch_kvreg.copy_kv_blocks(a, b, order[:300], order[200:500])  # 75 MiB, measured on its own items
-        assert torch_kvreg.copy_strategy() in [name + threads for name in ("memcpy", "stream", "stream_noprefetch")
-                                               for threads in ("", ":single")]
+        assert torch_kvreg.copy_strategy() in [
+            name + threads for name in ("memcpy", "stream", "stream_noprefetch") for threads in ("", ":single")
+        ]
         for s, d in zip(src, dst):  # the measured chunks moved their blocks too
             assert torch.equal(d[order[200:500]].view(torch.int16), s[order[:300]].view(torch.int16))
     finally:
@@ -337,9 +348,13 @@ def test_auto_measures_on_the_first_large_copy_and_keeps_the_bytes(strategy_rest
 
 def test_bad_strategies_are_refused_and_change_nothing(strategy_restored):
     torch_kvreg.set_copy_strategy("memcpy")
-    for name, error in (("fast", torch_kvreg.LLMParamInvalidError), ("", torch_kvreg.LLMParamInvalidError),
-                        ("auto:single", torch_kvreg.LLMParamInvalidError), ("memcpy:double", torch_kvreg.LLMParamInvalidError),
-                        (3, torch_kvreg.LLMTypeError)):
+    for name, error in (
+        ("fast", torch_kvreg.LLMParamInvalidError),
+        ("", torch_kvreg.LLMParamInvalidError),
+        ("auto:single", torch_kvreg.LLMParamInvalidError),
+        ("memcpy:double", torch_kvreg.LLMParamInvalidError),
+        (3, torch_kvreg.LLMTypeError),
+    ):
         with pytest.raises(error):
             torch_kvreg.set_copy_strategy(name)
         assert torch_kvreg.copy_strategy() == "memcpy"
@@ -361,8 +376,13 @@ except kv.LLMException as exc:
 
 @pytest.mark.parametrize("value", ["memcpy", "stream_noprefetch:single", "bogus"])
 def test_the_environment_sets_the_strategy(value):
-    result = subprocess.run([sys.executable, "-c", ENV_PROBE], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "TORCH_KVREG_COPY": value})
+    result = subprocess.run(
+        [sys.executable, "-c", ENV_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TORCH_KVREG_COPY": value},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     if value == "bogus":
         assert result.stdout.startswith("LLM_PARAM_INVALID") and "TORCH_KVREG_COPY" in result.stdout

@@ -95,7 +95,7 @@ def test_link_pull_push_and_slices_over_tcp(pair, hosts):
     back = prefill.call("register_zeros", (4, 64, BLOCK))
     on(decode, "push_kv_blocks", target, CacheIndex(1, back), [0, 62], [7, 8])
     landed = prefill.call("read", back)
-    assert all((l[[7, 8]] == t[[3, 40]]).all() for l, t in zip(landed, theirs))
+    assert all((got[[7, 8]] == t[[3, 40]]).all() for got, t in zip(landed, theirs))
     # A slice (pull_kv_cache): block 20 of the source into slice 30 of the target.
     on(decode, "pull_kv_cache", CacheIndex(1, source, 20), target, 30)
     mine = decode.call("read", target)
@@ -108,9 +108,25 @@ def test_link_pull_push_and_slices_over_tcp(pair, hosts):
 def test_the_disaggregated_example_across_namespaces(pair):
     env = {**os.environ, "UCX_TLS": "tcp", "UCX_NET_DEVICES": f"{pair.dev_a},{pair.dev_b}"}
     result = subprocess.run(
-        ["ip", "netns", "exec", pair.b, sys.executable, os.path.join(ROOT, "examples", "disaggregated_prefill_decode.py"),
-         "--prefill-netns", pair.a, "--listen", f"{pair.addr_a}:0", "--new-tokens", "8"],
-        capture_output=True, text=True, timeout=600, env=env)
+        [
+            "ip",
+            "netns",
+            "exec",
+            pair.b,
+            sys.executable,
+            os.path.join(ROOT, "examples", "disaggregated_prefill_decode.py"),
+            "--prefill-netns",
+            pair.a,
+            "--listen",
+            f"{pair.addr_a}:0",
+            "--new-tokens",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "OK: disaggregated tokens equal the single-process run" in result.stdout
 
@@ -133,8 +149,10 @@ def test_17_clusters_across_the_pair(pair):
         status, statuses = on(decode, "link_clusters", [peer.info for peer in prefills])
         assert status == SUCCESS and statuses == [SUCCESS] * 16
         for i, (peer, source) in enumerate(zip(prefills, sources)):
-            assert on(decode, "pull_kv_blocks", CacheIndex(peer.cluster_id, source), target, [i % 4], [i]) \
+            assert (
+                on(decode, "pull_kv_blocks", CacheIndex(peer.cluster_id, source), target, [i % 4], [i])
                 == 2 * BLOCK_NBYTES
+            )
         mine = decode.call("read", target)
         for i, (peer, source) in enumerate(zip(prefills, sources)):
             theirs = peer.call("read", source)
@@ -150,8 +168,27 @@ def test_a_cut_cable_fails_the_pull_in_time_and_a_relink_heals(pair, hosts):
     target = decode.call("register_zeros", (4, 256, BLOCK))
     info = linked(decode, prefill)
     # Throttle the cable so that the pull (16 MiB) is still running when it is cut.
-    subprocess.run(["tc", "-n", pair.a, "qdisc", "add", "dev", pair.dev_a, "root", "tbf", "rate", "40mbit",
-                    "burst", "64kb", "latency", "500ms"], check=True, timeout=30)
+    subprocess.run(
+        [
+            "tc",
+            "-n",
+            pair.a,
+            "qdisc",
+            "add",
+            "dev",
+            pair.dev_a,
+            "root",
+            "tbf",
+            "rate",
+            "40mbit",
+            "burst",
+            "64kb",
+            "latency",
+            "500ms",
+        ],
+        check=True,
+        timeout=30,
+    )
     try:
         dst_blocks = list(range(0, 256, 1))
         handle = decode.call("start_pull", (CacheIndex(1, source), target, list(range(256)), dst_blocks[::-1]))
@@ -190,8 +227,27 @@ def test_a_cut_pull_leaves_everything_outside_its_blocks_alone(pair, hosts):
     target = decode.call("register", (2, 256, BLOCK, 14, True))  # random, not zeros
     before = decode.call("read", target)
     info = linked(decode, prefill)
-    subprocess.run(["tc", "-n", pair.a, "qdisc", "add", "dev", pair.dev_a, "root", "tbf", "rate", "40mbit",
-                    "burst", "64kb", "latency", "500ms"], check=True, timeout=30)
+    subprocess.run(
+        [
+            "tc",
+            "-n",
+            pair.a,
+            "qdisc",
+            "add",
+            "dev",
+            pair.dev_a,
+            "root",
+            "tbf",
+            "rate",
+            "40mbit",
+            "burst",
+            "64kb",
+            "latency",
+            "500ms",
+        ],
+        check=True,
+        timeout=30,
+    )
     try:
         handle = decode.call("start_pull", (CacheIndex(1, source), target, list(range(128)), list(range(128, 256))))
         time.sleep(0.2)
@@ -253,8 +309,11 @@ SILENT_SERVER = textwrap.dedent("""
 
 def test_a_peer_silent_mid_handshake_never_hangs_the_linker(pair, hosts):
     _, decode = hosts
-    server = subprocess.Popen(["ip", "netns", "exec", pair.a, sys.executable, "-c", SILENT_SERVER, pair.addr_a],
-                              stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", pair.a, sys.executable, "-c", SILENT_SERVER, pair.addr_a],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         port = int(server.stdout.readline())
         started = time.monotonic()
@@ -262,8 +321,9 @@ def test_a_peer_silent_mid_handshake_never_hangs_the_linker(pair, hosts):
         assert status != SUCCESS and statuses == [LLMStatusCode.LLM_TIMEOUT]
         assert time.monotonic() - started < 3.0
         # Nothing half-made is left: the decoder still links to a real peer.
-        assert on(decode, "link_clusters", [kv.ClusterInfo(7, pair.addr_a, port)], timeout_ms=500)[1] == \
-            [LLMStatusCode.LLM_TIMEOUT]
+        assert on(decode, "link_clusters", [kv.ClusterInfo(7, pair.addr_a, port)], timeout_ms=500)[1] == [
+            LLMStatusCode.LLM_TIMEOUT
+        ]
     finally:
         server.kill()
         server.wait(timeout=30)

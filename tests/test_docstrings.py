@@ -5,9 +5,19 @@ import importlib
 
 import pytest
 
-MODULES = ["torch_kvreg.errors", "torch_kvreg.types", "torch_kvreg.registry", "torch_kvreg.transfer", "torch_kvreg.inflight",
-           "torch_kvreg.remote", "torch_kvreg.config", "torch_kvreg.llm_datadist", "torch_kvreg.llm_datadist.config",
-           "torch_kvreg.llm_datadist.types", "torch_kvreg.llm_datadist.datadist"]
+MODULES = [
+    "torch_kvreg.errors",
+    "torch_kvreg.types",
+    "torch_kvreg.registry",
+    "torch_kvreg.transfer",
+    "torch_kvreg.inflight",
+    "torch_kvreg.remote",
+    "torch_kvreg.config",
+    "torch_kvreg.llm_datadist",
+    "torch_kvreg.llm_datadist.config",
+    "torch_kvreg.llm_datadist.types",
+    "torch_kvreg.llm_datadist.datadist",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

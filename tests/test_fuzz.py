@@ -143,7 +143,7 @@ def replies_to(host, port, frames, outcomes):
             try:
                 s.sendall(frame)
                 reply = read_message(s)
-            except (socket.timeout, OSError, protocol.ProtocolError):
+            except (TimeoutError, OSError, protocol.ProtocolError):
                 outcomes["no reply"] += 1
                 return
             yield reply
@@ -201,12 +201,28 @@ def test_a_secret_server_gives_strangers_nothing_whatever_they_send():
     outcomes = collections.Counter()
     raw32 = st.binary(min_size=32, max_size=32).map(protocol.b64)
     handshake = st.one_of(
-        st.fixed_dictionaries({"op": st.just("challenge"), "cluster_id": st.integers(-1, 9),
-                               "nonce": st.one_of(raw32, st.binary(max_size=40).map(protocol.b64), st.text(max_size=4))}),
-        st.fixed_dictionaries({"op": st.just("hello"), "cluster_id": st.integers(-1, 9), "agent": st.text(max_size=4),
-                               "proof": st.one_of(raw32, st.binary(max_size=40).map(protocol.b64))}),
-        st.fixed_dictionaries({"op": st.sampled_from(["acquire", "release", "ping", "bye"]),
-                               "cache_id": st.just(cache.cache_id), "lease": st.integers(0, 3)}),
+        st.fixed_dictionaries(
+            {
+                "op": st.just("challenge"),
+                "cluster_id": st.integers(-1, 9),
+                "nonce": st.one_of(raw32, st.binary(max_size=40).map(protocol.b64), st.text(max_size=4)),
+            }
+        ),
+        st.fixed_dictionaries(
+            {
+                "op": st.just("hello"),
+                "cluster_id": st.integers(-1, 9),
+                "agent": st.text(max_size=4),
+                "proof": st.one_of(raw32, st.binary(max_size=40).map(protocol.b64)),
+            }
+        ),
+        st.fixed_dictionaries(
+            {
+                "op": st.sampled_from(["acquire", "release", "ping", "bye"]),
+                "cache_id": st.just(cache.cache_id),
+                "lease": st.integers(0, 3),
+            }
+        ),
     ).map(lambda m: protocol.encode({**m, "id": 1}))
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)

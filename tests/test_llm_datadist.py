@@ -178,24 +178,47 @@ def cluster(remote_id=None, ip=None):
 NE, NOT_EXIST = LLMStatusCode.LLM_FEATURE_NOT_ENABLED, LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
 BAD = [
     ("init: unknown option", lambda w: LLMDataDist(LLMRole.MIX, 1).init({"llm.Bogus": "1"}), LLMStatusCode.LLM_FAILED),
-    ("switch_role: option value not str", lambda w: w.datadist.switch_role(LLMRole.PROMPT, {"llm.listenIpInfo": 5}),
-     None),
+    (
+        "switch_role: option value not str",
+        lambda w: w.datadist.switch_role(LLMRole.PROMPT, {"llm.listenIpInfo": 5}),
+        None,
+    ),
     ("register: empty addrs", lambda w: w.manager.register_cache(host_desc(), []), P),
     ("register: count mismatch", lambda w: w.manager.register_cache(host_desc(3), addrs(w.free)), P),
-    ("register: 241 addrs", lambda w: w.manager.register_cache(host_desc(241), [4096 * (i + 1) for i in range(241)]), P),
+    (
+        "register: 241 addrs",
+        lambda w: w.manager.register_cache(host_desc(241), [4096 * (i + 1) for i in range(241)]),
+        P,
+    ),
     ("register: null address", lambda w: w.manager.register_cache(host_desc(1), [0]), P),
     ("register: addrs not a list", lambda w: w.manager.register_cache(host_desc(), 4096), P),
     ("register: overlap", lambda w: w.manager.register_cache(host_desc(), addrs(w.tensors)), P),
-    ("register: duplicate blocks key", lambda w: w.manager.register_blocks_cache(
-        host_desc(), addrs(w.free), BlocksCacheKey(9, 0)), P),
-    ("register: duplicate cache key", lambda w: w.manager.register_cache(host_desc(), addrs(w.free), [CacheKey(3, 1)]), P),
-    ("register: more keys than slots", lambda w: w.manager.register_cache(
-        host_desc(), addrs(w.free), [CacheKey(3, 50 + i) for i in range(5)]), P),
+    (
+        "register: duplicate blocks key",
+        lambda w: w.manager.register_blocks_cache(host_desc(), addrs(w.free), BlocksCacheKey(9, 0)),
+        P,
+    ),
+    (
+        "register: duplicate cache key",
+        lambda w: w.manager.register_cache(host_desc(), addrs(w.free), [CacheKey(3, 1)]),
+        P,
+    ),
+    (
+        "register: more keys than slots",
+        lambda w: w.manager.register_cache(host_desc(), addrs(w.free), [CacheKey(3, 50 + i) for i in range(5)]),
+        P,
+    ),
     ("register: key of wrong type", lambda w: w.manager.register_cache(host_desc(), addrs(w.free), ["k"]), P),
-    ("register: remote_accessible not bool", lambda w: w.manager.register_cache(
-        host_desc(), addrs(w.free), remote_accessible=1), P),
-    ("register: desc of wrong type", lambda w: w.manager.register_cache(kv.CacheDesc(2, DataType.DT_FLOAT, (4, 8)),
-                                                                       addrs(w.free)), P),
+    (
+        "register: remote_accessible not bool",
+        lambda w: w.manager.register_cache(host_desc(), addrs(w.free), remote_accessible=1),
+        P,
+    ),
+    (
+        "register: desc of wrong type",
+        lambda w: w.manager.register_cache(kv.CacheDesc(2, DataType.DT_FLOAT, (4, 8)), addrs(w.free)),
+        P,
+    ),
     ("CacheDesc: batch_dim_index 1", lambda w: CacheDesc(2, [4, 8], DataType.DT_FLOAT, HOST, 1), P),
     ("CacheDesc: shape of str", lambda w: CacheDesc(2, "48", DataType.DT_FLOAT, HOST), P),
     ("unregister: unknown id", lambda w: w.manager.unregister_cache(10**6), NOT_EXIST),
@@ -211,22 +234,41 @@ BAD = [
     ("pull_blocks: empty dst_blocks", lambda w: w.manager.pull_blocks(BlocksCacheKey(1), w.blocks, [0], []), P),
     ("pull_blocks: into a batch cache", lambda w: w.manager.pull_blocks(BlocksCacheKey(1), w.batch, [0], [0]), P),
     ("pull_blocks: from a CacheKey", lambda w: w.manager.pull_blocks(CacheKey(1, 2), w.blocks, [], [0]), NE),
-    ("pull_blocks: layer range step 2", lambda w: w.manager.pull_blocks(
-        BlocksCacheKey(1), w.blocks, [0], [0], src_layer_range=range(0, 4, 2)), P),
-    ("pull_blocks: tensor_num_per_layer 0", lambda w: w.manager.pull_blocks(
-        BlocksCacheKey(1), w.blocks, [0], [0], tensor_num_per_layer=0), P),
-    ("pull_blocks: unknown keyword", lambda w: w.manager.pull_blocks(BlocksCacheKey(1), w.blocks, [0], [0], layers=1), P),
-    ("pull_blocks: not linked", lambda w: w.manager.pull_blocks(BlocksCacheKey(1), w.blocks, [0], [0]),
-     LLMStatusCode.LLM_NOT_YET_LINK),
+    (
+        "pull_blocks: layer range step 2",
+        lambda w: w.manager.pull_blocks(BlocksCacheKey(1), w.blocks, [0], [0], src_layer_range=range(0, 4, 2)),
+        P,
+    ),
+    (
+        "pull_blocks: tensor_num_per_layer 0",
+        lambda w: w.manager.pull_blocks(BlocksCacheKey(1), w.blocks, [0], [0], tensor_num_per_layer=0),
+        P,
+    ),
+    (
+        "pull_blocks: unknown keyword",
+        lambda w: w.manager.pull_blocks(BlocksCacheKey(1), w.blocks, [0], [0], layers=1),
+        P,
+    ),
+    (
+        "pull_blocks: not linked",
+        lambda w: w.manager.pull_blocks(BlocksCacheKey(1), w.blocks, [0], [0]),
+        LLMStatusCode.LLM_NOT_YET_LINK,
+    ),
     ("pull_cache: blocks cache", lambda w: w.manager.pull_cache(CacheKeyByIdAndIndex(1, 1), w.blocks), P),
     ("pull_cache: CacheKey with both ids", lambda w: w.manager.pull_cache(CacheKey(1, 2, 0, 3), w.batch), P),
     ("push_cache: size not -1", lambda w: w.manager.push_cache(CacheKeyByIdAndIndex(1, 1), w.batch, size=8), P),
     ("push_cache: BlocksCacheKey", lambda w: w.manager.push_cache(BlocksCacheKey(1), w.batch), P),
     ("push_blocks: batch cache", lambda w: w.manager.push_blocks(BlocksCacheKey(1), w.batch, [0], [0]), P),
-    ("transfer_cache_async: TransferConfig", lambda w: w.manager.transfer_cache_async(
-        w.blocks, Never(), [TransferConfig(1, [4096])]), NE),
-    ("TransferWithCacheKeyConfig: ranges differ", lambda w: TransferWithCacheKeyConfig(
-        BlocksCacheKey(1), range(0, 2), range(0, 1)), P),
+    (
+        "transfer_cache_async: TransferConfig",
+        lambda w: w.manager.transfer_cache_async(w.blocks, Never(), [TransferConfig(1, [4096])]),
+        NE,
+    ),
+    (
+        "TransferWithCacheKeyConfig: ranges differ",
+        lambda w: TransferWithCacheKeyConfig(BlocksCacheKey(1), range(0, 2), range(0, 1)),
+        P,
+    ),
     ("link: no remote ip", lambda w: w.datadist.link_clusters([cluster(1)]), P),
     ("link: timeout 0", lambda w: w.datadist.link_clusters([cluster(1, "127.0.0.1")], 0), P),
     ("link: not a list", lambda w: w.datadist.link_clusters(cluster(1, "127.0.0.1")), P),
@@ -263,10 +305,25 @@ def test_bad_input_table_covers_the_surface():
     names = [b[0] for b in BAD]
     assert len(set(names)) == len(names)
     called = set().union(*(b[1].__code__.co_names for b in BAD))
-    for method in ("init", "register_cache", "register_blocks_cache", "unregister_cache", "deallocate_cache",
-                   "remove_cache_key", "copy_cache", "copy_blocks", "swap_blocks", "pull_blocks", "pull_cache",
-                   "push_cache", "push_blocks", "transfer_cache_async", "link_clusters", "unlink_clusters",
-                   "switch_role"):
+    for method in (
+        "init",
+        "register_cache",
+        "register_blocks_cache",
+        "unregister_cache",
+        "deallocate_cache",
+        "remove_cache_key",
+        "copy_cache",
+        "copy_blocks",
+        "swap_blocks",
+        "pull_blocks",
+        "pull_cache",
+        "push_cache",
+        "push_blocks",
+        "transfer_cache_async",
+        "link_clusters",
+        "unlink_clusters",
+        "switch_role",
+    ):
         assert method in called, method
 
 
@@ -299,8 +356,9 @@ def test_keys_and_layer_ranges_with_a_peer(peer, datadist):
     mine = [torch.zeros(6, *BLOCK, dtype=torch.float16) for _ in range(4)]  # 2 layers x (K, V)
     local = manager.register_blocks_cache(CacheDesc(4, [6, *BLOCK], DataType.DT_FLOAT16, HOST), addrs(mine))
     # Their layers 2..3 into our layers 0..1.
-    manager.pull_blocks(BlocksCacheKey(8, 2), local, [1, 4], [0, 5], src_layer_range=range(2, 4),
-                        dst_layer_range=range(0, 2))
+    manager.pull_blocks(
+        BlocksCacheKey(8, 2), local, [1, 4], [0, 5], src_layer_range=range(2, 4), dst_layer_range=range(0, 2)
+    )
     for t in range(4):
         assert torch.equal(mine[t][[0, 5]], theirs[4 + t][[1, 4]])
         assert not mine[t][1:5].any()
@@ -308,12 +366,20 @@ def test_keys_and_layer_ranges_with_a_peer(peer, datadist):
         manager.pull_blocks(BlocksCacheKey(8, 3), local, [0], [0])
     assert info.value.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
     with pytest.raises(LLMException) as info:  # layer 4 does not exist there
-        manager.pull_blocks(BlocksCacheKey(8, 2), local, [0], [0], src_layer_range=range(3, 5),
-                            dst_layer_range=range(0, 2))
+        manager.pull_blocks(
+            BlocksCacheKey(8, 2), local, [0], [0], src_layer_range=range(3, 5), dst_layer_range=range(0, 2)
+        )
     assert info.value.status_code == P
     # Push our layer 1 into their layer 0, one tensor per layer.
-    manager.push_blocks(BlocksCacheKey(8, 2), local, [5], [3], src_layer_range=range(1, 2),
-                        dst_layer_range=range(0, 1), tensor_num_per_layer=1)
+    manager.push_blocks(
+        BlocksCacheKey(8, 2),
+        local,
+        [5],
+        [3],
+        src_layer_range=range(1, 2),
+        dst_layer_range=range(0, 1),
+        tensor_num_per_layer=1,
+    )
     now = peer.call("read", blocks_id)
     assert torch.equal(now[0][3], mine[1][5]) and torch.equal(now[1][3], theirs[1][3])
     # A batch cache with request keys: pull_cache by CacheKey lands the named slot.

@@ -153,7 +153,8 @@ class RegistryMachine(RuleBasedStateMachine):
             error, event = self.predicted_register_error(pool, [offset], nblocks)
             if event == "overlap_refused":
                 continue
-            cache = self.expect(lambda: kv.register_kv_cache([self.view(pool, offset, nblocks, dtype)]), error)
+            tensor = self.view(pool, offset, nblocks, dtype)
+            cache = self.expect(lambda tensor=tensor: kv.register_kv_cache([tensor]), error)
             RegistryMachine.events[event] += 1
             if cache is None:
                 return

@@ -69,7 +69,9 @@ def test_stress_register_unregister_copy():
     # Every thread reached every kind of call, often: a change to the mix that starves one
     # (say, pools too small for two live caches) fails here.
     for per_thread in counts:
-        assert all(per_thread[kind] >= 200 for kind in ("register", "unregister", "own_copy", "shared_copy")), per_thread
+        assert all(per_thread[kind] >= 200 for kind in ("register", "unregister", "own_copy", "shared_copy")), (
+            per_thread
+        )
     assert sum(c["shared_copy"] for c in counts) >= 2_000
     copied = sorted(set().union(*shared_blocks))
     assert len(copied) > 16
@@ -118,7 +120,7 @@ def test_finalize_racing_a_copy_is_safe():
         a, b = kv.register_kv_cache(src), kv.register_kv_cache(dst)
         outcome = []
 
-        def copy():
+        def copy(a=a, b=b, outcome=outcome):
             try:
                 kv.copy_kv_blocks(a, b, list(range(64)), list(range(64)))
                 outcome.append("done")

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -63,7 +65,7 @@ def test_cache_desc_sizes_and_value_semantics():
     assert desc == CacheDesc(64, 1, (1024, 16, 8, 128), Placement.DEVICE, -1)
     assert hash(desc) == hash(CacheDesc(64, 1, (1024, 16, 8, 128)))
     assert "2.00 GiB" in repr(desc) and "DT_FLOAT16" in repr(desc)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         desc.num_tensors = 3  # immutable
 
 

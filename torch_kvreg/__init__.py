@@ -2,6 +2,8 @@
 
 import importlib.metadata
 
+from . import metrics
+from .counters import reset_stats, stats
 from .errors import (
     LLMException,
     LLMIndexError,
@@ -10,6 +12,8 @@ from .errors import (
     LLMStatusCode,
     LLMTypeError,
 )
+from .inflight import Transfer
+from .layouts import register_layer_caches
 from .registry import (
     cache_keys,
     finalize,
@@ -20,15 +24,11 @@ from .registry import (
     limits,
     register_kv_cache,
     registered_caches,
+    registered_caches_table,
     remove_cache_key,
     unregister_kv_cache,
     usage,
-    registered_caches_table,
 )
-from . import metrics
-from .inflight import Transfer
-from .counters import reset_stats, stats
-from .layouts import register_layer_caches
 from .remote import (
     Notification,
     get_notifications,
@@ -57,8 +57,8 @@ from .types import (
     ClusterInfo,
     DataType,
     Limits,
-    LlmRole,
     LLMRole,
+    LlmRole,
     Placement,
     RegisterCfg,
     Usage,

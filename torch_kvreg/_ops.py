@@ -8,10 +8,10 @@ even when the result is unused.
 
 from __future__ import annotations
 
+import atexit
+
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
-
-import atexit
 
 # Fails with ImportError (never aborts) if another copy of the library owns the namespace.
 from . import _C  # noqa: F401,E402  (defines torch.ops.llm)
@@ -169,7 +169,7 @@ def _mark_ordered(name: str) -> None:
         return
     from torch._higher_order_ops import effects
 
-    ordered = getattr(effects, "_EffectType", None) or getattr(effects, "EffectType")
+    ordered = getattr(effects, "_EffectType", None) or effects.EffectType
     effects._register_effectful_op(op, ordered.ORDERED)
 
 

@@ -21,7 +21,9 @@ def card(title: str, fields: Callable[[], Sequence[tuple[str, object]]]) -> str:
         rows = [("unavailable", f"{type(exc).__name__}: {exc}")]
     body = "".join(f"<tr><th style='{_CELL}'>{html.escape(str(name))}</th>"
                    f"<td style='{_CELL}'>{html.escape(str(value))}</td></tr>" for name, value in rows)
-    return f"<table style='{_STYLE}'><caption style='text-align:left'><b>{html.escape(title)}</b></caption>{body}</table>"
+    return (
+        f"<table style='{_STYLE}'><caption style='text-align:left'><b>{html.escape(title)}</b></caption>{body}</table>"
+    )
 
 
 class Table:
@@ -44,8 +46,10 @@ class Table:
 
     def __str__(self) -> str:
         widths = [max([len(c)] + [len(row[i]) for row in self.rows]) for i, c in enumerate(self.columns)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(self.columns, widths)).rstrip(),
-                 "  ".join("-" * w for w in widths)]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(self.columns, widths)).rstrip(),
+            "  ".join("-" * w for w in widths),
+        ]
         lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in self.rows]
         return "\n".join(lines)
 
@@ -53,8 +57,9 @@ class Table:
 
     def _repr_html_(self) -> str:
         head = "".join(f"<th style='{_CELL}'>{html.escape(c)}</th>" for c in self.columns)
-        body = "".join("<tr>" + "".join(f"<td style='{_CELL}'>{html.escape(v)}</td>" for v in row) + "</tr>"
-                       for row in self.rows)
+        body = "".join(
+            "<tr>" + "".join(f"<td style='{_CELL}'>{html.escape(v)}</td>" for v in row) + "</tr>" for row in self.rows
+        )
         if not self.rows:
             body = f"<tr><td style='{_CELL}' colspan='{len(self.columns)}'>(none)</td></tr>"
         return f"<table style='{_STYLE}'><tr>{head}</tr>{body}</table>"

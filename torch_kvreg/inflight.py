@@ -7,7 +7,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import counters, display
 from .errors import LLMException, LLMStatusCode, make_error, param_invalid, wrong_type

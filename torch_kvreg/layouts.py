@@ -17,13 +17,13 @@ registered tensor is block i of the engine's block table.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
+from . import _C
 from .errors import param_invalid, raises_llm, wrong_type
 from .registry import _cfg_args, get_cache
-from . import _C
 from .types import Cache, RegisterCfg
 
 LAYOUTS = ("flash_attn", "flashinfer", "mla")

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from .errors import LLMStatusCode, make_error
 from .counters import stats
+from .errors import LLMStatusCode, make_error
 
 
 class TransferCollector:

@@ -10,15 +10,19 @@ import atexit
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import os
 import secrets
-import ipaddress
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from . import _ops  # noqa: F401  (loads the native library and the op registrations)
-from . import _C, display, lifecycle
+from . import (
+    _C,
+    _ops,  # noqa: F401  (loads the native library and the op registrations)
+    display,
+    lifecycle,
+)
 from .errors import LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
 from .types import (
     Cache,

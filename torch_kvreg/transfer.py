@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
-
-import torch
-
 import concurrent.futures
 import contextlib
 import threading
 import time
+from collections.abc import Mapping, Sequence
+
+import torch
 
 from . import _C, counters
 from .errors import LLMException, LLMStatusCode, make_error, param_invalid, raises_llm, translate, wrong_type

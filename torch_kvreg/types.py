@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import enum
+import functools
 import math
 import operator
 from collections.abc import Sequence
@@ -94,7 +94,7 @@ class DataType(enum.IntEnum):
     DT_FLOAT8_E4M3FN = 36
 
     @classmethod
-    def from_torch(cls, dtype: torch.dtype) -> "DataType":
+    def from_torch(cls, dtype: torch.dtype) -> DataType:
         if not isinstance(dtype, torch.dtype):
             raise wrong_type(f"expected a torch.dtype, got {type(dtype).__name__}")
         try:
@@ -173,7 +173,7 @@ class CacheDesc:
         set_field(self, "device_index", as_int(self.device_index, "device_index"))
 
     @classmethod
-    def from_tensors(cls, tensors: torch.Tensor | Sequence[torch.Tensor]) -> "CacheDesc":
+    def from_tensors(cls, tensors: torch.Tensor | Sequence[torch.Tensor]) -> CacheDesc:
         """The desc that registering ``tensors`` would give.
 
         >>> CacheDesc.from_tensors([torch.zeros(4, 2), torch.zeros(4, 2)])
@@ -252,8 +252,8 @@ class RegisterCfg:
 class Cache:
     """A registered cache: its id, desc and one address per tensor.
 
-    >>> Cache(1, CacheDesc(1, DataType.DT_INT8, (4,), Placement.HOST), (4096,))
-    Cache(cache_id=1, CacheDesc(num_tensors=1, data_type=DT_INT8, shape=(4,), placement=HOST, device_index=-1, nbytes=4 B), tensor_addrs=[0x1000])
+    >>> Cache(1, CacheDesc(1, DataType.DT_INT8, (4,), Placement.HOST), (4096,))  # doctest: +ELLIPSIS
+    Cache(cache_id=1, CacheDesc(num_tensors=1, data_type=DT_INT8, shape=(4,), ...), tensor_addrs=[0x1000])
     """
 
     cache_id: int
@@ -287,14 +287,29 @@ class Cache:
             except Exception:  # noqa: BLE001  (unregistered, or the registry finalized)
                 registered = "no (unregistered)"
             desc = self.cache_desc
-            rows = [("cache id", self.cache_id), ("registered", registered), ("tensors", desc.num_tensors),
-                    ("dtype", desc.data_type.name), ("shape", tuple(desc.shape)), ("placement", desc.placement.name),
-                    ("bytes", format_bytes(desc.nbytes)),
-                    ("addresses", ", ".join(hex(a) for a in self.tensor_addrs[:4])
-                     + (f", ... ({len(self.tensor_addrs)} in all)" if len(self.tensor_addrs) > 4 else ""))]
+            rows = [
+                ("cache id", self.cache_id),
+                ("registered", registered),
+                ("tensors", desc.num_tensors),
+                ("dtype", desc.data_type.name),
+                ("shape", tuple(desc.shape)),
+                ("placement", desc.placement.name),
+                ("bytes", format_bytes(desc.nbytes)),
+                (
+                    "addresses",
+                    ", ".join(hex(a) for a in self.tensor_addrs[:4])
+                    + (f", ... ({len(self.tensor_addrs)} in all)" if len(self.tensor_addrs) > 4 else ""),
+                ),
+            ]
             if self.layer_names:
-                rows.append(("layers", f"{len(set(self.name_layers))} x {self.tensors_per_layer} tensors: "
-                             + ", ".join(self.layer_names[:4]) + (", ..." if len(self.layer_names) > 4 else "")))
+                rows.append(
+                    (
+                        "layers",
+                        f"{len(set(self.name_layers))} x {self.tensors_per_layer} tensors: "
+                        + ", ".join(self.layer_names[:4])
+                        + (", ..." if len(self.layer_names) > 4 else ""),
+                    )
+                )
             return rows
 
         return display.card(f"Cache {self.cache_id}", fields)
@@ -302,8 +317,9 @@ class Cache:
     def __repr__(self) -> str:
         addrs = self.tensor_addrs
         shown = ", ".join(hex(a) for a in addrs[:2]) + (f", ... ({len(addrs)} in all)" if len(addrs) > 2 else "")
-        layers = f", layers={len(set(self.name_layers))} ({self.tensors_per_layer} tensors each)" \
-            if self.layer_names else ""
+        layers = (
+            f", layers={len(set(self.name_layers))} ({self.tensors_per_layer} tensors each)" if self.layer_names else ""
+        )
         return f"Cache(cache_id={self.cache_id}, {self.cache_desc!r}, tensor_addrs=[{shown}]{layers})"
 
 
@@ -333,9 +349,14 @@ class Limits:
     max_host_bytes: int
 
     def _repr_html_(self) -> str:
-        return display.card("Limits", lambda: [
-            ("addresses", self.max_addrs), ("device bytes", format_bytes(self.max_device_bytes)),
-            ("host bytes", format_bytes(self.max_host_bytes))])
+        return display.card(
+            "Limits",
+            lambda: [
+                ("addresses", self.max_addrs),
+                ("device bytes", format_bytes(self.max_device_bytes)),
+                ("host bytes", format_bytes(self.max_host_bytes)),
+            ],
+        )
 
     def __repr__(self) -> str:
         return (
@@ -358,9 +379,15 @@ class Usage:
     host_bytes: int
 
     def _repr_html_(self) -> str:
-        return display.card("Usage", lambda: [
-            ("caches", self.num_caches), ("addresses", self.num_addrs),
-            ("device bytes", format_bytes(self.device_bytes)), ("host bytes", format_bytes(self.host_bytes))])
+        return display.card(
+            "Usage",
+            lambda: [
+                ("caches", self.num_caches),
+                ("addresses", self.num_addrs),
+                ("device bytes", format_bytes(self.device_bytes)),
+                ("host bytes", format_bytes(self.host_bytes)),
+            ],
+        )
 
     def __repr__(self) -> str:
         return (
@@ -411,6 +438,8 @@ def layer_tensors(layers, tensors_per_layer, num_tensors: int, name: str = "laye
     if layers.step != 1 or not 0 <= layers.start < layers.stop:
         raise param_invalid(f"{name} must be a non-empty range(start, stop) with 0 <= start, step 1, got {layers}")
     if layers.stop * tensors_per_layer > num_tensors:
-        raise param_invalid(f"{name}={layers} with {tensors_per_layer} tensors per layer needs "
-                            f"{layers.stop * tensors_per_layer} tensors; the cache has {num_tensors}")
+        raise param_invalid(
+            f"{name}={layers} with {tensors_per_layer} tensors per layer needs "
+            f"{layers.stop * tensors_per_layer} tensors; the cache has {num_tensors}"
+        )
     return list(range(layers.start * tensors_per_layer, layers.stop * tensors_per_layer))

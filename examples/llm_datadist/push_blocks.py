@@ -8,8 +8,6 @@ blocks cache, found by BlocksCacheKey. Run one process per role:
 import logging
 
 import torch.distributed as dist
-from common import (DECODER_CLUSTER_ID, PROMPT_CLUSTER_ID, init_process_group, log_tensor, parse_args,
-                    register_blocks)
 
 from torch_kvreg.llm_datadist import (
     BlocksCacheKey,
@@ -19,6 +17,8 @@ from torch_kvreg.llm_datadist import (
     LLMRole,
     LLMStatusCode,
 )
+
+from common import DECODER_CLUSTER_ID, PROMPT_CLUSTER_ID, init_process_group, log_tensor, parse_args, register_blocks
 
 
 def start(role, cluster_id, args):

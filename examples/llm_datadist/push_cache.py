@@ -9,8 +9,6 @@ per role:
 import logging
 
 import torch.distributed as dist
-from common import (DECODER_CLUSTER_ID, PROMPT_CLUSTER_ID, cache_memory, init_process_group, log_tensor,
-                    parse_args)
 
 from torch_kvreg.llm_datadist import (
     CacheKeyByIdAndIndex,
@@ -20,6 +18,8 @@ from torch_kvreg.llm_datadist import (
     LLMRole,
     LLMStatusCode,
 )
+
+from common import DECODER_CLUSTER_ID, PROMPT_CLUSTER_ID, cache_memory, init_process_group, log_tensor, parse_args
 
 
 def start(role, cluster_id, args):

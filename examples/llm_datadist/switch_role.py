@@ -9,8 +9,6 @@ which pushes blocks back over that link, layer by layer. One process per role:
 import logging
 
 import torch.distributed as dist
-from common import (DECODER_CLUSTER_ID, PROMPT_CLUSTER_ID, init_process_group, log_tensor, parse_args,
-                    register_blocks)
 
 from torch_kvreg.llm_datadist import (
     BlocksCacheKey,
@@ -20,6 +18,8 @@ from torch_kvreg.llm_datadist import (
     LLMRole,
     LLMStatusCode,
 )
+
+from common import DECODER_CLUSTER_ID, PROMPT_CLUSTER_ID, init_process_group, log_tensor, parse_args, register_blocks
 
 
 def start(role, cluster_id, args):

@@ -7,11 +7,8 @@ One process per role:
 """
 
 import logging
-from typing import Optional
 
 import torch.distributed as dist
-from common import (DECODER_CLUSTER_ID, PROMPT_CLUSTER_ID, init_process_group, log_tensor, parse_args,
-                    register_blocks)
 
 from torch_kvreg.llm_datadist import (
     BlocksCacheKey,
@@ -24,6 +21,8 @@ from torch_kvreg.llm_datadist import (
     TransferWithCacheKeyConfig,
 )
 
+from common import DECODER_CLUSTER_ID, PROMPT_CLUSTER_ID, init_process_group, log_tensor, parse_args, register_blocks
+
 
 class ReadyLayers(LayerSynchronizer):
     """Reports every layer as computed (or none, with ready=False)."""
@@ -31,7 +30,7 @@ class ReadyLayers(LayerSynchronizer):
     def __init__(self, ready=True):
         self._ready = ready
 
-    def synchronize_layer(self, layer_index: int, timeout_in_millis: Optional[int]) -> bool:
+    def synchronize_layer(self, layer_index: int, timeout_in_millis: int | None) -> bool:
         return self._ready
 
 

@@ -14,7 +14,8 @@ NPU ones). A facade: the native registry and remote engine hold every fact.
 """
 
 from ..errors import LLMException, LLMStatusCode
-from ..types import DataType, LlmRole as LLMRole, Placement
+from ..types import DataType, Placement
+from ..types import LlmRole as LLMRole
 from .cache_manager import CacheManager
 from .config import LLMClusterInfo, LLMConfig, LlmConfig
 from .datadist import LLMDataDist

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from .. import registry, remote
 from ..errors import LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type

@@ -6,7 +6,7 @@ from __future__ import annotations
 import abc
 import enum
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
 
 from .. import types as native
 from ..errors import LLMStatusCode, param_invalid, wrong_type

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import threading
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 

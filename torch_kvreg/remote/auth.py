@@ -62,7 +62,7 @@ class LinkSecret:
         return hmac.compare_digest(expected, proof)
 
     @classmethod
-    def from_options(cls, options: Mapping[str, str]) -> "LinkSecret | None":
+    def from_options(cls, options: Mapping[str, str]) -> LinkSecret | None:
         """The secret in ``options`` (initialize already folded the environment in), if any."""
         value = options.get(OPTION_LINK_SECRET)
         return None if value is None else cls(value)

@@ -62,7 +62,9 @@ def make_agent(name: str):
         try:
             # Reader-writer locking inside the agent: this engine calls it from several threads
             # (callers posting, the progress thread, link threads loading peers' metadata).
-            return nixl_agent(name, nixl_agent_config(backends=["UCX"], sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_RW))
+            return nixl_agent(
+                name, nixl_agent_config(backends=["UCX"], sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_RW)
+            )
         finally:
             _api.nixlBind.nixlAgentConfig = config_class
 
@@ -87,16 +89,16 @@ def read_message(sock: socket.socket) -> dict:
     return protocol.decode(_recv_exact(sock, length))
 
 
-
 def _preppable(desc: CacheDesc) -> bool:
     return desc.num_tensors * desc.shape[0] <= MAX_PREPPED_DESCRIPTORS
+
 
 class Link:
     """One control connection to a peer cluster, whichever side opened it. Both sides send
     requests on it and serve the other's (a prompt that linked to a decoder can be pushed
     to by that decoder): a reader loop serves requests and hands responses to waiters."""
 
-    def __init__(self, engine: "Engine", sock: socket.socket, info: ClusterInfo | None, wait_s: float):
+    def __init__(self, engine: Engine, sock: socket.socket, info: ClusterInfo | None, wait_s: float):
         self.engine = engine
         self.sock = sock
         self.info = info  # None until a hello names the peer (inbound connections)
@@ -195,8 +197,9 @@ class Link:
                 except (ConnectionError, OSError):
                     return
                 except protocol.ProtocolError as exc:
-                    self._reply({"ok": False, "status": "LLM_PARAM_INVALID", "message": f"malformed request: {exc}"},
-                                None)
+                    self._reply(
+                        {"ok": False, "status": "LLM_PARAM_INVALID", "message": f"malformed request: {exc}"}, None
+                    )
                     return  # a peer that sends garbage loses its connection
                 self.last_heard = time.monotonic()
                 if self._deliver(message):
@@ -209,15 +212,21 @@ class Link:
                     if request_id is None and message.get("id") is not None:
                         raise protocol.ProtocolError("field 'id' must be a positive int")
                 except protocol.ProtocolError as exc:
-                    self._reply({"ok": False, "status": "LLM_PARAM_INVALID", "message": f"malformed request: {exc}"},
-                                request_id)
+                    self._reply(
+                        {"ok": False, "status": "LLM_PARAM_INVALID", "message": f"malformed request: {exc}"}, request_id
+                    )
                     return
                 if not self.authenticated and (op not in ("challenge", "hello") or self.info is not None):
                     # Before the peer proved the secret: only the handshake, and only on a
                     # link it opened. Nothing else is answered, and the link is dropped.
-                    self._reply({"ok": False, "status": "LLM_LINK_FAILED",
-                                 "message": "this cluster requires a link secret; the handshake did not prove it"},
-                                request_id)
+                    self._reply(
+                        {
+                            "ok": False,
+                            "status": "LLM_LINK_FAILED",
+                            "message": "this cluster requires a link secret; the handshake did not prove it",
+                        },
+                        request_id,
+                    )
                     return
                 if op == "bye":
                     self.said_bye = True
@@ -335,8 +344,7 @@ class Engine:
     def _start_heartbeat(self) -> None:
         with self.lock:
             if self.heartbeat_thread is None and not self.closed.is_set():
-                self.heartbeat_thread = threading.Thread(target=self._watch_links, name="kvreg-heartbeat",
-                                                         daemon=True)
+                self.heartbeat_thread = threading.Thread(target=self._watch_links, name="kvreg-heartbeat", daemon=True)
                 self.heartbeat_thread.start()
 
     def listen(self, host: str, port: int) -> str:
@@ -405,8 +413,9 @@ class Engine:
             try:
                 self.nixl_regs[cache.cache_id] = self.agent.register_memory(rows, plan.mem_type(desc))
             except Exception as exc:  # NIXL raises its own types
-                raise _error(LLMStatusCode.LLM_FAILED,
-                             f"NIXL could not register cache {cache.cache_id}: {exc}") from None
+                raise _error(
+                    LLMStatusCode.LLM_FAILED, f"NIXL could not register cache {cache.cache_id}: {exc}"
+                ) from None
 
     def _drop_stale_registrations(self) -> None:
         """Deregisters from NIXL the caches that left the registry without this engine
@@ -428,8 +437,10 @@ class Engine:
             done = self.lock.wait_for(lambda: self.in_flight.get(cache_id, 0) == 0, timeout=self.wait_s)
             if not done:
                 self.closing.discard(cache_id)
-                raise _error(LLMStatusCode.LLM_TIMEOUT,
-                             f"cache {cache_id} still has a transfer in flight after {self.wait_s * 1000:.0f} ms")
+                raise _error(
+                    LLMStatusCode.LLM_TIMEOUT,
+                    f"cache {cache_id} still has a transfer in flight after {self.wait_s * 1000:.0f} ms",
+                )
             reg = self.nixl_regs.pop(cache_id, None)
             prep = self.local_preps.pop(cache_id, None)
             self.closing.discard(cache_id)
@@ -523,8 +534,12 @@ class Engine:
                 if current is None or not current.alive:
                     self.links[fields["cluster_id"]] = link
             log.info("cluster %d linked to us from %s:%d", fields["cluster_id"], peer_host, peer_port)
-        return {"ok": True, "cluster_id": self.cluster_id, "agent": self.name,
-                "md": protocol.b64(self.agent.get_agent_metadata())}
+        return {
+            "ok": True,
+            "cluster_id": self.cluster_id,
+            "agent": self.name,
+            "md": protocol.b64(self.agent.get_agent_metadata()),
+        }
 
     def connection_closed(self, link: Link) -> None:
         """A link's reader loop ended. A peer that said bye is unlinked here; one that
@@ -566,8 +581,9 @@ class Engine:
 
         cache, remote_accessible = cache_from_native(values), bool(values[7])
         if not remote_accessible:
-            raise _error(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
-                         f"cache id {cache_id} is registered with remote_accessible=False")
+            raise _error(
+                LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"cache id {cache_id} is registered with remote_accessible=False"
+            )
         self.register(cache)
         with self.lock:
             if cache_id in self.closing or cache_id not in self.nixl_regs:
@@ -582,8 +598,12 @@ class Engine:
             reg = self.nixl_regs[cache_id]
         leases.add(lease)
         md = self.agent.get_partial_agent_metadata(reg, False)
-        reply = {"ok": True, "lease": lease, "md": protocol.b64(md),
-                 "cache": protocol.cache_entry(cache_id, cache.cache_desc, cache.tensor_addrs)}
+        reply = {
+            "ok": True,
+            "lease": lease,
+            "md": protocol.b64(md),
+            "cache": protocol.cache_entry(cache_id, cache.cache_desc, cache.tensor_addrs),
+        }
         if key is not None:
             reply["index"] = index
         return reply
@@ -607,7 +627,7 @@ class Engine:
         timeout_s = timeout_ms / 1000.0
         try:
             sock = socket.create_connection((info.remote_ip, info.remote_port), timeout=timeout_s)
-        except socket.timeout:
+        except TimeoutError:
             return LLMStatusCode.LLM_TIMEOUT
         except OSError:
             return LLMStatusCode.LLM_LINK_FAILED
@@ -616,15 +636,21 @@ class Engine:
         link = Link(self, sock, info, self.wait_s)
         link.start()
         try:
-            hello = {"op": "hello", "cluster_id": self.cluster_id, "agent": self.name,
-                     "md": protocol.b64(self.agent.get_agent_metadata())}
+            hello = {
+                "op": "hello",
+                "cluster_id": self.cluster_id,
+                "agent": self.name,
+                "md": protocol.b64(self.agent.get_agent_metadata()),
+            }
             if self.secret is not None:
                 hello["proof"] = protocol.b64(self._prove(link, info, timeout_s))
             response = link.request(hello, timeout_s)
             cluster_id, agent_name, md = protocol.parse_hello_response(response)
             if cluster_id != info.remote_cluster_id:
-                raise _error(LLMStatusCode.LLM_LINK_FAILED,
-                             f"{info.remote_ip}:{info.remote_port} is cluster {cluster_id}, not {info.remote_cluster_id}")
+                raise _error(
+                    LLMStatusCode.LLM_LINK_FAILED,
+                    f"{info.remote_ip}:{info.remote_port} is cluster {cluster_id}, not {info.remote_cluster_id}",
+                )
             loaded = self.agent.add_remote_agent(md)
             link.agent_name = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
             # Connect now, so that the first transfer does not pay for it.
@@ -648,21 +674,29 @@ class Engine:
         returns ours (sent with the hello). The peer learns nothing about the secret."""
         ours = new_nonce()
         try:
-            response = link.request({"op": "challenge", "cluster_id": self.cluster_id, "nonce": protocol.b64(ours)},
-                                    timeout_s)
+            response = link.request(
+                {"op": "challenge", "cluster_id": self.cluster_id, "nonce": protocol.b64(ours)}, timeout_s
+            )
             theirs, proof = protocol.parse_challenge_response(response)
         except LLMException as exc:
             if exc.status_code == LLMStatusCode.LLM_TIMEOUT:
                 raise
-            raise _error(LLMStatusCode.LLM_LINK_FAILED,
-                         f"cluster {info.remote_cluster_id} did not take part in the link secret check") from None
+            raise _error(
+                LLMStatusCode.LLM_LINK_FAILED,
+                f"cluster {info.remote_cluster_id} did not take part in the link secret check",
+            ) from None
         except protocol.ProtocolError:
             raise _error(LLMStatusCode.LLM_LINK_FAILED, "malformed challenge response") from None
         if not self.secret.check(proof, b"accept", ours, theirs, self.cluster_id, info.remote_cluster_id):
-            log.warning("cluster %d at %s:%d failed the link secret check", info.remote_cluster_id,
-                        info.remote_ip, info.remote_port)
-            raise _error(LLMStatusCode.LLM_LINK_FAILED,
-                         f"cluster {info.remote_cluster_id} failed the link secret check")
+            log.warning(
+                "cluster %d at %s:%d failed the link secret check",
+                info.remote_cluster_id,
+                info.remote_ip,
+                info.remote_port,
+            )
+            raise _error(
+                LLMStatusCode.LLM_LINK_FAILED, f"cluster {info.remote_cluster_id} failed the link secret check"
+            )
         link.authenticated = True
         return self.secret.proof(b"connect", ours, theirs, self.cluster_id, info.remote_cluster_id)
 
@@ -681,18 +715,39 @@ class Engine:
         with self.lock:
             link = self.links.get(cluster_id)
         if link is None:
-            raise _error(LLMStatusCode.LLM_NOT_YET_LINK, f"cluster {cluster_id} is not linked; call link_clusters first")
+            raise _error(
+                LLMStatusCode.LLM_NOT_YET_LINK, f"cluster {cluster_id} is not linked; call link_clusters first"
+            )
         return link
 
     # --- transfers ---------------------------------------------------------------------
-    def transfer(self, operation: str, local: Cache, cluster_id: int, remote_ref: int | str, make_segments,
-                 tensors=None, notify: bytes = b"") -> int:
+    def transfer(
+        self,
+        operation: str,
+        local: Cache,
+        cluster_id: int,
+        remote_ref: int | str,
+        make_segments,
+        tensors=None,
+        notify: bytes = b"",
+    ) -> int:
         """A blocking transfer: ``start_transfer(...).wait()``; returns the bytes moved."""
-        return self.start_transfer(operation, local, cluster_id, remote_ref, make_segments, tensors,
-                                   notify=notify).wait()
+        return self.start_transfer(
+            operation, local, cluster_id, remote_ref, make_segments, tensors, notify=notify
+        ).wait()
 
-    def start_transfer(self, operation: str, local: Cache, cluster_id: int, remote_ref: int | str, make_segments,
-                       tensors=None, notify: bytes = b"", dst_blocks=(), background: bool = False) -> Transfer:
+    def start_transfer(
+        self,
+        operation: str,
+        local: Cache,
+        cluster_id: int,
+        remote_ref: int | str,
+        make_segments,
+        tensors=None,
+        notify: bytes = b"",
+        dst_blocks=(),
+        background: bool = False,
+    ) -> Transfer:
         """Starts moving bytes between a local cache and a remote one; returns its Transfer.
 
         ``remote_ref`` is the remote cache id, or a cache key the peer registered.
@@ -720,10 +775,15 @@ class Engine:
                 local_tensors, remote_tensors = tensors(remote.desc)
             src_offsets, dst_offsets, lengths = make_segments(remote.desc, index)
             local_offsets, remote_offsets = (
-                (dst_offsets, src_offsets) if operation == "READ" else (src_offsets, dst_offsets))
+                (dst_offsets, src_offsets) if operation == "READ" else (src_offsets, dst_offsets)
+            )
             nbytes = int(lengths.sum()) * len(local_tensors)
-            transfer = Transfer(nbytes, dst_blocks, f"{operation.lower()} with cluster {cluster_id}",
-                                "pull" if operation == "READ" else "push")
+            transfer = Transfer(
+                nbytes,
+                dst_blocks,
+                f"{operation.lower()} with cluster {cluster_id}",
+                "pull" if operation == "READ" else "push",
+            )
             if nbytes == 0:
                 self._settle(link, lease, local.cache_id, None)
                 transfer.succeed()
@@ -734,17 +794,24 @@ class Engine:
             block_nbytes = local.cache_desc.block_nbytes
             local_sel = np.asarray(local_tensors, dtype=np.int64)
             remote_sel = np.asarray(remote_tensors, dtype=np.int64)
-            if (not background and lengths.size >= PREPPED_MIN_SEGMENTS and bool(np.all(lengths == block_nbytes))
-                    and _preppable(local.cache_desc) and _preppable(remote.desc)):
+            if (
+                not background
+                and lengths.size >= PREPPED_MIN_SEGMENTS
+                and bool(np.all(lengths == block_nbytes))
+                and _preppable(local.cache_desc)
+                and _preppable(remote.desc)
+            ):
                 # Scattered single blocks: index into per-block lists prepared once per
                 # cache, as NIXL recommends, instead of preparing every descriptor again.
                 # (Background requests keep their rows: the progress thread posts a burst of
                 # them as one request, joining the blocks that turn out adjacent.)
-                request = self._prepped_request(operation, local, remote, link, local_offsets,
-                                                remote_offsets, block_nbytes, local_sel, remote_sel)
+                request = self._prepped_request(
+                    operation, local, remote, link, local_offsets, remote_offsets, block_nbytes, local_sel, remote_sel
+                )
             else:
-                request = self._request(operation, local, remote, link, local_offsets,
-                                        remote_offsets, lengths, local_sel, remote_sel)
+                request = self._request(
+                    operation, local, remote, link, local_offsets, remote_offsets, lengths, local_sel, remote_sel
+                )
             flight = _Flight(transfer, link, lease, local.cache_id, request, time.monotonic() + self.wait_s, notify)
             if background:
                 state = None
@@ -760,7 +827,7 @@ class Engine:
         self._track(flight, state)
         return transfer
 
-    def _lease(self, link: Link, remote_ref: int | str, cluster_id: int) -> "_SharedLease":
+    def _lease(self, link: Link, remote_ref: int | str, cluster_id: int) -> _SharedLease:
         """A lease on the peer's cache. Transfers in flight at the same time on the same
         remote cache share one (acquired by the first, released by the last), so that a
         burst of requests costs one round trip, not two per request."""
@@ -770,8 +837,11 @@ class Engine:
             if shared is not None and shared.link is link and link.alive:
                 shared.refs += 1
                 return shared
-        request = {"op": "acquire", "key": remote_ref} if isinstance(remote_ref, str) else \
-            {"op": "acquire", "cache_id": remote_ref}
+        request = (
+            {"op": "acquire", "key": remote_ref}
+            if isinstance(remote_ref, str)
+            else {"op": "acquire", "cache_id": remote_ref}
+        )
         response = link.request(request)
         try:
             lease, remote, md = protocol.parse_acquire_response(response)
@@ -780,14 +850,16 @@ class Engine:
             if isinstance(response.get("lease"), int):
                 with contextlib.suppress(LLMException):
                     link.request({"op": "release", "lease": response["lease"]})
-            raise _error(LLMStatusCode.LLM_FAILED, f"cluster {cluster_id} sent a malformed cache entry: {exc}") from None
+            raise _error(
+                LLMStatusCode.LLM_FAILED, f"cluster {cluster_id} sent a malformed cache entry: {exc}"
+            ) from None
         shared = _SharedLease(key, link, lease, remote, md, index)
         with self.lock:
             if key not in self.shared_leases:  # else another thread won the race: ours stays private
                 self.shared_leases[key] = shared
         return shared
 
-    def _unlease(self, shared: "_SharedLease") -> None:
+    def _unlease(self, shared: _SharedLease) -> None:
         with self.lock:
             shared.refs -= 1
             if shared.refs > 0:
@@ -798,7 +870,7 @@ class Engine:
             with contextlib.suppress(LLMException):
                 shared.link.request({"op": "release", "lease": shared.lease})
 
-    def _settle(self, link: Link, lease: "_SharedLease | None", local_id: int, handle) -> bool:
+    def _settle(self, link: Link, lease: _SharedLease | None, local_id: int, handle) -> bool:
         """Releases what a transfer held; False (holding on) while NIXL still owns the handle."""
         if handle is not None:
             try:
@@ -810,7 +882,7 @@ class Engine:
         self.unhold_local(local_id)
         return True
 
-    def _post(self, flight: "_Flight") -> str:
+    def _post(self, flight: _Flight) -> str:
         """Hands a flight's NIXL request to NIXL; its state ("PROC", "DONE" or "ERR")."""
         flight.posted = True
         try:
@@ -819,7 +891,7 @@ class Engine:
             log.warning("NIXL refused to post a transfer: %s", exc)
             return "ERR"
 
-    def _post_waiting(self, waiting: list["_Flight"]) -> set[int]:
+    def _post_waiting(self, waiting: list[_Flight]) -> set[int]:
         """Posts the flights started in the background, in the order started. Consecutive
         requests of one kind to one peer become one NIXL request (the first flight leads, the
         others ride along and land with it): a burst of small transfers costs one post,
@@ -831,8 +903,12 @@ class Engine:
             group = [waiting[i]]
             descriptors = len(waiting[i].request)
             i += 1
-            while (not group[-1].notify and i < len(waiting) and waiting[i].request.key == group[0].request.key
-                   and descriptors + len(waiting[i].request) <= MAX_GROUP_DESCRIPTORS):
+            while (
+                not group[-1].notify
+                and i < len(waiting)
+                and waiting[i].request.key == group[0].request.key
+                and descriptors + len(waiting[i].request) <= MAX_GROUP_DESCRIPTORS
+            ):
                 group.append(waiting[i])
                 descriptors += len(waiting[i].request)
                 i += 1
@@ -856,7 +932,7 @@ class Engine:
                 self.post_rate = 0.7 * self.post_rate + 0.3 * (nbytes / took)
         return riders
 
-    def _track(self, flight: "_Flight", state: str | None) -> None:
+    def _track(self, flight: _Flight, state: str | None) -> None:
         """Hands a flight to the progress thread (``state`` None: not posted yet)."""
         if state not in (None, "PROC") and self._land(flight, state):
             return
@@ -868,8 +944,12 @@ class Engine:
                 self.progress_thread.start()
             self.progress.notify()
         posting_since = self.posting_since
-        if (state is None and posting_since is not None and posting_since != self.handed_over_at
-                and time.monotonic() - posting_since > self.posting_expected_s):
+        if (
+            state is None
+            and posting_since is not None
+            and posting_since != self.handed_over_at
+            and time.monotonic() - posting_since > self.posting_expected_s
+        ):
             self.handed_over_at = posting_since  # once per post: each hand-over costs this thread
             hand_over = True
         if hand_over:
@@ -879,7 +959,7 @@ class Engine:
             # more, and the burst's bytes move only after the last start.
             time.sleep(HAND_OVER_S)
 
-    def _release(self, flight: "_Flight") -> bool:
+    def _release(self, flight: _Flight) -> bool:
         """Releases what a flight and its riders held; False (holding on) while NIXL still
         owns the handle."""
         if flight.handle is not None:
@@ -892,7 +972,7 @@ class Engine:
             self._settle(member.link, member.lease, member.local_id, None)
         return True
 
-    def _land(self, flight: "_Flight", state: str) -> bool:
+    def _land(self, flight: _Flight, state: str) -> bool:
         """Completes a flight (and its riders) whose state is known; True once everything
         is released."""
         peer = flight.link.cluster_id
@@ -904,11 +984,14 @@ class Engine:
             if state == "DONE":
                 member.transfer.succeed()
             elif state == "PROC":
-                member.transfer.fail(_error(LLMStatusCode.LLM_TIMEOUT, f"transfer with cluster {peer} not done "
-                                            f"within {self.wait_s * 1000:.0f} ms"))
+                member.transfer.fail(
+                    _error(
+                        LLMStatusCode.LLM_TIMEOUT,
+                        f"transfer with cluster {peer} not done within {self.wait_s * 1000:.0f} ms",
+                    )
+                )
             else:
-                member.transfer.fail(_error(LLMStatusCode.LLM_LINK_FAILED,
-                                            f"NIXL transfer with cluster {peer} failed"))
+                member.transfer.fail(_error(LLMStatusCode.LLM_LINK_FAILED, f"NIXL transfer with cluster {peer} failed"))
         return settled
 
     def _progress(self) -> None:
@@ -953,7 +1036,7 @@ class Engine:
                 # interpreter's 5 ms switch interval.
                 time.sleep(0)
 
-    def _poll(self, flight: "_Flight") -> bool:
+    def _poll(self, flight: _Flight) -> bool:
         """One look at a posted flight; True once it has landed and released what it held."""
         if flight.settled_late:  # completed earlier; retry releasing what it held
             return self._release(flight)
@@ -1010,8 +1093,9 @@ class Engine:
             out.extend((clusters.get(name), bytes(message)) for message in messages)
         return out
 
-    def _request(self, operation, local: Cache, remote, link: Link, local_offsets, remote_offsets, lengths,
-                 local_sel, remote_sel):
+    def _request(
+        self, operation, local: Cache, remote, link: Link, local_offsets, remote_offsets, lengths, local_sel, remote_sel
+    ):
         local_addrs = np.asarray(local.tensor_addrs, dtype=np.uint64)[local_sel]
         remote_addrs = np.asarray(remote.addrs, dtype=np.uint64)[remote_sel]
         local_rows = plan.descriptors(local_addrs, plan.device_id(local.cache_desc), local_offsets, lengths)
@@ -1020,8 +1104,12 @@ class Engine:
         agent, local_mem, remote_mem = self.agent, plan.mem_type(local.cache_desc), plan.mem_type(remote.desc)
 
         def make_handle(local_rows, remote_rows):
-            return agent.initialize_xfer(operation, agent.get_xfer_descs(local_rows, local_mem),
-                                         agent.get_xfer_descs(remote_rows, remote_mem), link.agent_name)
+            return agent.initialize_xfer(
+                operation,
+                agent.get_xfer_descs(local_rows, local_mem),
+                agent.get_xfer_descs(remote_rows, remote_mem),
+                link.agent_name,
+            )
 
         return _Request(("rows", operation, id(link), local_mem, remote_mem), local_rows, remote_rows, make_handle)
 
@@ -1030,21 +1118,34 @@ class Engine:
         lengths = np.full(desc.shape[0], desc.block_nbytes, dtype=np.uint64)
         return plan.descriptors(addrs, plan.device_id(desc), offsets, lengths)
 
-    def _prepped_request(self, operation, local: Cache, remote, link: Link, local_offsets, remote_offsets,
-                         block_nbytes: int, local_sel, remote_sel):
+    def _prepped_request(
+        self,
+        operation,
+        local: Cache,
+        remote,
+        link: Link,
+        local_offsets,
+        remote_offsets,
+        block_nbytes: int,
+        local_sel,
+        remote_sel,
+    ):
         agent = self.agent
         with self.lock:
             local_prep = self.local_preps.get(local.cache_id)
         if local_prep is None:
             local_prep = agent.prep_xfer_dlist(
-                "NIXL_INIT_AGENT", self._per_block_rows(local.tensor_addrs, local.cache_desc),
-                plan.mem_type(local.cache_desc))
+                "NIXL_INIT_AGENT",
+                self._per_block_rows(local.tensor_addrs, local.cache_desc),
+                plan.mem_type(local.cache_desc),
+            )
             with self.lock:
                 self.local_preps[local.cache_id] = local_prep
         remote_prep = link.remote_preps.get(remote.cache_id)
         if remote_prep is None:
             remote_prep = agent.prep_xfer_dlist(
-                link.agent_name, self._per_block_rows(remote.addrs, remote.desc), plan.mem_type(remote.desc))
+                link.agent_name, self._per_block_rows(remote.addrs, remote.desc), plan.mem_type(remote.desc)
+            )
             link.remote_preps[remote.cache_id] = remote_prep
 
         def indices(offsets, num_blocks, selected):
@@ -1058,8 +1159,9 @@ class Engine:
         def make_handle(local_idx, remote_idx):
             return agent.make_prepped_xfer(operation, local_prep, local_idx, remote_prep, remote_idx)
 
-        return _Request(("prepped", operation, id(link), id(local_prep), id(remote_prep)), local_idx, remote_idx,
-                        make_handle)
+        return _Request(
+            ("prepped", operation, id(link), id(local_prep), id(remote_prep)), local_idx, remote_idx, make_handle
+        )
 
 
 class _Request:
@@ -1074,7 +1176,7 @@ class _Request:
         return len(self.local_part)
 
     @staticmethod
-    def handle_of(requests: list["_Request"]):
+    def handle_of(requests: list[_Request]):
         """One NIXL handle moving every request's descriptors (all of one key)."""
         if len(requests) == 1:
             return requests[0].make_handle(requests[0].local_part, requests[0].remote_part)
@@ -1092,9 +1194,12 @@ def _joined_rows(local_rows: np.ndarray, remote_rows: np.ndarray) -> tuple[np.nd
     order = np.argsort(local_rows[:, 0], kind="stable")
     local_rows, remote_rows = local_rows[order], remote_rows[order]
     lengths = local_rows[:, 1]
-    joins = ((local_rows[1:, 0] == local_rows[:-1, 0] + lengths[:-1])
-             & (remote_rows[1:, 0] == remote_rows[:-1, 0] + lengths[:-1])
-             & (local_rows[1:, 2] == local_rows[:-1, 2]) & (remote_rows[1:, 2] == remote_rows[:-1, 2]))
+    joins = (
+        (local_rows[1:, 0] == local_rows[:-1, 0] + lengths[:-1])
+        & (remote_rows[1:, 0] == remote_rows[:-1, 0] + lengths[:-1])
+        & (local_rows[1:, 2] == local_rows[:-1, 2])
+        & (remote_rows[1:, 2] == remote_rows[:-1, 2])
+    )
     if not joins.any():
         return local_rows, remote_rows
     starts = np.flatnonzero(np.concatenate(([True], ~joins)))
@@ -1110,8 +1215,16 @@ class _Flight:
     what it holds until it lands. A flight posted with others in one request leads them:
     they ride along and land with it."""
 
-    def __init__(self, transfer: Transfer, link: Link, lease, local_id: int, request: _Request, deadline: float,
-                 notify: bytes = b""):
+    def __init__(
+        self,
+        transfer: Transfer,
+        link: Link,
+        lease,
+        local_id: int,
+        request: _Request,
+        deadline: float,
+        notify: bytes = b"",
+    ):
         self.transfer, self.link, self.lease, self.local_id = transfer, link, lease, local_id
         self.request, self.deadline, self.notify = request, deadline, notify
         self.handle = None
@@ -1120,7 +1233,7 @@ class _Flight:
         self.state: str | None = None  # the state its post returned, until polled
         self.settled_late = False
 
-    def members(self) -> list["_Flight"]:
+    def members(self) -> list[_Flight]:
         return [self, *self.riders]
 
 

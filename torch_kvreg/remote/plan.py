@@ -34,7 +34,9 @@ def block_segments(src: CacheDesc | tuple, src_id: int, dst: CacheDesc | tuple, 
     return _columns(rows)
 
 
-def slice_segments(src: CacheDesc | tuple, src_id: int, dst: CacheDesc | tuple, dst_id: int, src_index: int, dst_index: int, size: int):
+def slice_segments(
+    src: CacheDesc | tuple, src_id: int, dst: CacheDesc | tuple, dst_id: int, src_index: int, dst_index: int, size: int
+):
     """copy_kv_cache's checks and segment for ``size`` bytes (-1: all) of one slice."""
     rows = _C.plan_slice(fields(src), src_id, fields(dst), dst_id, src_index, dst_index, 0, size)
     return _columns(rows)
