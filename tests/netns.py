@@ -64,6 +64,14 @@ class NetnsPair:
     def mend(self) -> None:
         _ip("-n", self.a, "link", "set", self.dev_a, "up")
 
+    def throttle(self, rate: str) -> None:
+        """Limits what ``a`` sends to ``rate`` (tc's token bucket), so that a transfer lasts."""
+        subprocess.run(["tc", "-n", self.a, "qdisc", "add", "dev", self.dev_a, "root", "tbf", "rate", rate,
+                        "burst", "64kb", "latency", "500ms"], check=True, timeout=30)
+
+    def unthrottle(self) -> None:
+        subprocess.run(["tc", "-n", self.a, "qdisc", "del", "dev", self.dev_a, "root"], timeout=30)
+
     def sent_bytes(self, side: str = "a") -> int:
         ns, dev = (self.a, self.dev_a) if side == "a" else (self.b, self.dev_b)
         info = json.loads(_ip("-n", ns, "-s", "-j", "link", "show", "dev", dev).stdout)

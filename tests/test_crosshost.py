@@ -168,27 +168,7 @@ def test_a_cut_cable_fails_the_pull_in_time_and_a_relink_heals(pair, hosts):
     target = decode.call("register_zeros", (4, 256, BLOCK))
     info = linked(decode, prefill)
     # Throttle the cable so that the pull (16 MiB) is still running when it is cut.
-    subprocess.run(
-        [
-            "tc",
-            "-n",
-            pair.a,
-            "qdisc",
-            "add",
-            "dev",
-            pair.dev_a,
-            "root",
-            "tbf",
-            "rate",
-            "40mbit",
-            "burst",
-            "64kb",
-            "latency",
-            "500ms",
-        ],
-        check=True,
-        timeout=30,
-    )
+    pair.throttle("40mbit")
     try:
         dst_blocks = list(range(0, 256, 1))
         handle = decode.call("start_pull", (CacheIndex(1, source), target, list(range(256)), dst_blocks[::-1]))
@@ -198,7 +178,7 @@ def test_a_cut_cable_fails_the_pull_in_time_and_a_relink_heals(pair, hosts):
         outcome, _ = decode.call("wait", (handle, 30_000))
         waited = time.monotonic() - started
     finally:
-        subprocess.run(["tc", "-n", pair.a, "qdisc", "del", "dev", pair.dev_a, "root"], timeout=30)
+        pair.unthrottle()
     assert outcome in ("LLM_TIMEOUT", "LLM_LINK_FAILED"), outcome
     assert waited < WAIT_MS / 1000 + 2.0
     # The heartbeat closes the silent link: a transfer now fails at once.
@@ -227,34 +207,14 @@ def test_a_cut_pull_leaves_everything_outside_its_blocks_alone(pair, hosts):
     target = decode.call("register", (2, 256, BLOCK, 14, True))  # random, not zeros
     before = decode.call("read", target)
     info = linked(decode, prefill)
-    subprocess.run(
-        [
-            "tc",
-            "-n",
-            pair.a,
-            "qdisc",
-            "add",
-            "dev",
-            pair.dev_a,
-            "root",
-            "tbf",
-            "rate",
-            "40mbit",
-            "burst",
-            "64kb",
-            "latency",
-            "500ms",
-        ],
-        check=True,
-        timeout=30,
-    )
+    pair.throttle("40mbit")
     try:
         handle = decode.call("start_pull", (CacheIndex(1, source), target, list(range(128)), list(range(128, 256))))
         time.sleep(0.2)
         pair.cut()
         outcome, _ = decode.call("wait", (handle, 30_000))
     finally:
-        subprocess.run(["tc", "-n", pair.a, "qdisc", "del", "dev", pair.dev_a, "root"], timeout=30)
+        pair.unthrottle()
         pair.mend()
     assert outcome in ("LLM_TIMEOUT", "LLM_LINK_FAILED"), outcome
     after = decode.call("read", target)

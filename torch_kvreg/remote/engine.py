@@ -721,21 +721,6 @@ class Engine:
         return link
 
     # --- transfers ---------------------------------------------------------------------
-    def transfer(
-        self,
-        operation: str,
-        local: Cache,
-        cluster_id: int,
-        remote_ref: int | str,
-        make_segments,
-        tensors=None,
-        notify: bytes = b"",
-    ) -> int:
-        """A blocking transfer: ``start_transfer(...).wait()``; returns the bytes moved."""
-        return self.start_transfer(
-            operation, local, cluster_id, remote_ref, make_segments, tensors, notify=notify
-        ).wait()
-
     def start_transfer(
         self,
         operation: str,
