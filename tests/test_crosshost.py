@@ -190,12 +190,16 @@ def test_a_cut_cable_fails_the_pull_in_time_and_a_relink_heals(pair, hosts):
     # ... and the prefill side dropped the decoder's lease on its cache.
     assert prefill.call("leases") == {}
     pair.mend()
-    # Cable back: unlink, link again, and pulls work.
+    # Cable back: unlink, link again, and pulls work. Into a fresh cache: once the cable is
+    # back, UCX may still deliver bytes of the pull that failed into its destination blocks
+    # (seen under load in CI); those blocks are the ones failed_blocks says to recompute.
     on(decode, "unlink_clusters", [info], force=True)
     linked(decode, prefill)
-    assert on(decode, "pull_kv_blocks", CacheIndex(1, source), target, [5, 6], [5, 6]) == 2 * 4 * BLOCK_NBYTES
-    theirs, mine = prefill.call("read", source), decode.call("read", target)
+    fresh = decode.call("register_zeros", (4, 256, BLOCK))
+    assert on(decode, "pull_kv_blocks", CacheIndex(1, source), fresh, [5, 6], [5, 6]) == 2 * 4 * BLOCK_NBYTES
+    theirs, mine = prefill.call("read", source), decode.call("read", fresh)
     assert all((m[[5, 6]] == t[[5, 6]]).all() for m, t in zip(mine, theirs))
+    decode.call("unregister", fresh)
     on(decode, "unlink_clusters", [info])
     prefill.call("unregister", source)
     decode.call("unregister", target)
@@ -206,6 +210,7 @@ def test_a_cut_pull_leaves_everything_outside_its_blocks_alone(pair, hosts):
     source = prefill.call("register", (2, 256, BLOCK, 13, True))
     target = decode.call("register", (2, 256, BLOCK, 14, True))  # random, not zeros
     before = decode.call("read", target)
+    on(decode, "unlink_clusters", [prefill.info], force=True)  # whatever an earlier test left
     info = linked(decode, prefill)
     pair.throttle("40mbit")
     try:
