@@ -189,14 +189,14 @@ def main():
     )
     print(f"CPU: {cpu_model()}; copy strategy: {kv.copy_strategy()}")
     header = (
-        f"{'case':<6}{'pattern':<12}{'path':<11}{'GB/s':>7}{'contig':>8}{'ours/a':>8}"
+        f"{'case':<8}{'pattern':<12}{'path':<11}{'GB/s':>7}{'contig':>8}{'ours/a':>8}"
         f"{'ours/b':>8}{'ours/c':>8}{'ours/d':>8}{'peak+MiB':>9}{'gpu+MiB':>8}"
     )
     print(header)
     for r in rows:
         g = r["gbps"]
         print(
-            f"{r['case']:<6}{r['pattern']:<12}{r['src'] + '>' + r['dst']:<11}{g['copy_kv_blocks']:>7.2f}"
+            f"{r['case']:<8}{r['pattern']:<12}{r['src'] + '>' + r['dst']:<11}{g['copy_kv_blocks']:>7.2f}"
             f"{g['contiguous_copy']:>8.2f}{r['ratio_vs_contiguous']:>7.2f}x{r['ratio_vs_python_loop']:>7.1f}x"
             f"{r['ratio_vs_index_select']:>7.1f}x"
             + (f"{r['ratio_vs_memcpy_per_block']:>7.2f}x" if r["ratio_vs_memcpy_per_block"] else f"{'-':>8}")
@@ -239,10 +239,11 @@ def plot(rows, path, machine):
     for r in rows:
         for baseline, gbps in r["gbps"].items():
             if baseline in ("copy_kv_blocks", "contiguous_copy", "memcpy_per_block"):
-                key = (f"{r['src']}>{r['dst']}", r["pattern"], baseline)
+                pattern = "" if baseline == "contiguous_copy" else r["pattern"]  # the same for both patterns
+                key = (f"{r['src']}>{r['dst']}", pattern, baseline)
                 lines.setdefault(key, []).append((r["block_nbytes"] / 1024, gbps))
     for (route, pattern, baseline), points in sorted(lines.items()):
-        points.sort()
+        points = sorted(set(points))
         axis.plot(
             [p[0] for p in points],
             [p[1] for p in points],
