@@ -145,19 +145,26 @@ CASES = [
     ("wait for an unknown transfer", lambda w: kv.inflight.take(10**9), Value, P),
     ("wait with a float timeout", lambda w: kv.inflight.completed().wait(1.5), Type, P),
     ("wait with a negative timeout", lambda w: kv.inflight.completed().wait(-1), Value, P),
+    # settings: the CPU copy strategy, the link secret
+    ("unknown copy strategy", lambda w: kv.set_copy_strategy("fastest"), Value, P),
+    ("auto on one thread", lambda w: kv.set_copy_strategy("auto:single"), Value, P),
+    ("copy strategy not a str", lambda w: kv.set_copy_strategy(1), Type, P),
+    ("empty link secret", lambda w: kv.initialize(options={"llm.LinkSecret": ""}), Value, P),
+    ("link secret over 4 KiB", lambda w: kv.initialize(options={"llm.LinkSecret": "s" * 5000}), Value, P),
 ]
 
 
 @pytest.mark.parametrize("name,call,error,status", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_rejected_and_changes_nothing(name, call, error, status):
     world = World()
-    before = world.state()
+    before, strategy = world.state(), kv.copy_strategy()
     with pytest.raises(error) as info:
         call(world)
     assert info.value.status_code == status
     assert str(info.value).startswith(status.name + ": ")
     after = world.state()
-    assert after[:3] == before[:3]
+    assert after[:3] == before[:3] and kv.copy_strategy() == strategy
+    assert kv.registry.option("llm.LinkSecret") is None
     assert all(torch.equal(x, y) for x, y in zip(after[3], before[3]))
 
 
@@ -178,6 +185,7 @@ def test_catalogue_covers_every_entry_point_and_error_class():
         "copy_kv_blocks_async",
         "take",
         "wait",
+        "set_copy_strategy",
     ):
         assert entry_point in called, entry_point
     assert {case[2] for case in CASES} == {Value, Index, Type, NotExist, kv.LLMException}
