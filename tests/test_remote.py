@@ -353,3 +353,25 @@ def test_raw_op_unregister_drops_the_nixl_registration():
     second = kv.register_kv_cache(torch.zeros(8, 8), kv.RegisterCfg(remote_accessible=True))
     assert first.cache_id not in engine.nixl_regs and second.cache_id in engine.nixl_regs
     kv.finalize()
+
+
+@pytest.mark.parametrize("value", ["ten", "-1", "1.5", "2000000"])
+def test_a_bad_progress_delay_is_a_clear_error(monkeypatch, value):
+    from torch_kvreg.remote.engine import make_agent
+
+    monkeypatch.setenv("TORCH_KVREG_NIXL_PROGRESS_DELAY_US", value)
+    with pytest.raises(kv.LLMParamInvalidError) as info:
+        make_agent("never-made")
+    assert "TORCH_KVREG_NIXL_PROGRESS_DELAY_US" in str(info.value)
+
+
+def test_agents_pause_between_progress_polls():
+    """nixl-cu12's own default polls without pause (a core per process); ours must not."""
+    from torch_kvreg.remote.engine import make_agent
+
+    agent = make_agent("pausing-probe")
+    start_cpu, start_wall = time.process_time(), time.monotonic()
+    time.sleep(1.0)
+    used = (time.process_time() - start_cpu) / (time.monotonic() - start_wall)
+    del agent
+    assert used < 0.5, f"{used:.2f} CPU-seconds per second while idle"

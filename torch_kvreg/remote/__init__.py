@@ -226,11 +226,6 @@ def _local(cache) -> Cache:
     return get_cache(cache.cache_id if isinstance(cache, Cache) else cache)
 
 
-def _subset(desc, count: int) -> tuple:
-    """The planner's fields of ``count`` of the cache's tensors (what it compares)."""
-    return plan.fields(desc, count)
-
-
 def _selection(local_desc, local_layers, remote_layers, tensors_per_layer, remote_is_src: bool):
     """tensors(remote_desc) for Engine.transfer: equal-length local and remote tensor lists."""
     def tensors(remote_desc):
@@ -251,8 +246,8 @@ def _planned(local: Cache, remote_ref, tensors, read: bool, plan_one):
     part, source first (the remote side is the source of a READ)."""
     def segments(remote_desc, key_index):
         local_tensors, remote_tensors = tensors(remote_desc)
-        local_side = (_subset(local.cache_desc, len(local_tensors)), local.cache_id)
-        remote_side = (_subset(remote_desc, len(remote_tensors)), remote_ref if isinstance(remote_ref, int) else -1)
+        local_side = (plan.fields(local.cache_desc, len(local_tensors)), local.cache_id)
+        remote_side = (plan.fields(remote_desc, len(remote_tensors)), remote_ref if isinstance(remote_ref, int) else -1)
         src, dst = (remote_side, local_side) if read else (local_side, remote_side)
         return plan_one(src, dst, key_index)
     return segments

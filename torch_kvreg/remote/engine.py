@@ -50,7 +50,11 @@ def make_agent(name: str):
     call from several threads."""
     from nixl_cu12 import _api, nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
-    delay = int(os.environ.get("TORCH_KVREG_NIXL_PROGRESS_DELAY_US", DEFAULT_PROGRESS_DELAY_US))
+    text = os.environ.get("TORCH_KVREG_NIXL_PROGRESS_DELAY_US", str(DEFAULT_PROGRESS_DELAY_US))
+    if not text.isdigit() or int(text) > 10**6:
+        raise _error(LLMStatusCode.LLM_PARAM_INVALID,
+                     f"TORCH_KVREG_NIXL_PROGRESS_DELAY_US must be 0 to 1000000 (us), got {text!r}")
+    delay = int(text)
     config_class = _api.nixlBind.nixlAgentConfig
 
     class PausingConfig(config_class):  # nixl_agent sets pthrDelay itself; this keeps ours
