@@ -71,7 +71,8 @@ test: build
 
 # ruff's lint rules (pyproject.toml) over the package, tests, benchmarks and examples.
 lint: $(DEPS_STAMP)
-	$(VENV)/bin/ruff check torch_kvreg tests benchmarks examples
+	$(VENV)/bin/ruff check torch_kvreg tests benchmarks examples scripts
+	$(VENV)/bin/ruff format --check torch_kvreg tests benchmarks examples scripts
 
 # AddressSanitizer + UndefinedBehaviorSanitizer build in its own folder and package copy;
 # the registry, copy, bad-input, stress and model-based tests run against it.

@@ -104,8 +104,9 @@ def run_case(name, num_blocks, block_shape, moved, src_device, dst_device, repea
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             gpu_before = torch.cuda.memory_allocated()
-        measured["copy_kv_blocks"] = timed(lambda: kv.copy_kv_blocks(src_cache, dst_cache, src_idx, dst_idx),
-                                           device, repeats)
+        measured["copy_kv_blocks"] = timed(
+            lambda: kv.copy_kv_blocks(src_cache, dst_cache, src_idx, dst_idx), device, repeats
+        )
         peak_after, _ = rss_peak_kib()
         extra_mib = max(0, peak_after - rss_before) / 1024 if reset_supported else float("nan")
         # Device memory the op allocated at its peak (the uploaded copy plan).
@@ -124,25 +125,35 @@ def run_case(name, num_blocks, block_shape, moved, src_device, dst_device, repea
         if not on_gpu:  # (d) the obvious implementation: one thread, one memcpy per run of blocks
             measured["memcpy_per_block"] = timed(
                 lambda: [kv._C.copy_blocks_with_memcpy(src_cache.cache_id, dst_cache.cache_id, src_idx, dst_idx)],
-                device, repeats)
+                device,
+                repeats,
+            )
         measured["python_loop"] = timed(python_loop, device, max(1, repeats // 3))
         measured["index_select_copy"] = timed(index_copy, device, repeats)
         expected = torch.stack([t[src_idx] for t in src]).cpu()
         got = torch.stack([t[dst_idx] for t in dst]).cpu()
         assert torch.equal(expected, got), "copy_kv_blocks moved the wrong bytes"
         gbps = {k: total / v / 1e9 for k, v in measured.items()}
-        rows.append(dict(
-            case=name, pattern=pattern, src=src_device, dst=dst_device, block_nbytes=block_nbytes,
-            bytes_moved=total, gbps=gbps,
-            ratio_vs_contiguous=gbps["copy_kv_blocks"] / gbps["contiguous_copy"],
-            ratio_vs_python_loop=gbps["copy_kv_blocks"] / gbps["python_loop"],
-            ratio_vs_index_select=gbps["copy_kv_blocks"] / gbps["index_select_copy"],
-            ratio_vs_memcpy_per_block=(gbps["copy_kv_blocks"] / gbps["memcpy_per_block"]
-                                       if "memcpy_per_block" in gbps else None),
-            copy_strategy=kv.copy_strategy(),
-            peak_extra_rss_mib=extra_mib,
-            peak_extra_gpu_mib=extra_gpu_mib,
-        ))
+        rows.append(
+            dict(
+                case=name,
+                pattern=pattern,
+                src=src_device,
+                dst=dst_device,
+                block_nbytes=block_nbytes,
+                bytes_moved=total,
+                gbps=gbps,
+                ratio_vs_contiguous=gbps["copy_kv_blocks"] / gbps["contiguous_copy"],
+                ratio_vs_python_loop=gbps["copy_kv_blocks"] / gbps["python_loop"],
+                ratio_vs_index_select=gbps["copy_kv_blocks"] / gbps["index_select_copy"],
+                ratio_vs_memcpy_per_block=(
+                    gbps["copy_kv_blocks"] / gbps["memcpy_per_block"] if "memcpy_per_block" in gbps else None
+                ),
+                copy_strategy=kv.copy_strategy(),
+                peak_extra_rss_mib=extra_mib,
+                peak_extra_gpu_mib=extra_gpu_mib,
+            )
+        )
     kv.unregister_kv_cache(src_cache)
     kv.unregister_kv_cache(dst_cache)
     return rows
@@ -164,7 +175,8 @@ def main():
             block_bytes = 16 * dim * 2
             num_blocks = max(64, (8 << 20) // block_bytes)  # about 8 MiB per tensor
             cases[f"{block_bytes / 1024:g}KiB"] = dict(
-                num_blocks=num_blocks, block_shape=(16, dim), moved=num_blocks // 2)
+                num_blocks=num_blocks, block_shape=(16, dim), moved=num_blocks // 2
+            )
 
     kv.initialize(limits=kv.Limits(480, 100 * 2**30, 100 * 2**30))
     pairs = [("cpu", "cpu")]

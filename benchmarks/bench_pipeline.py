@@ -34,15 +34,14 @@ BLOCK_SHAPE = (16, 8, 128)  # 16 tokens x 8 heads x 128 dims fp16: 32 KiB per bl
 PREFILL, DECODE = 1, 2
 
 
-
-
 def decode_process(layers, blocks, to_main, from_main):
     os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
     import torch_kvreg as kv
 
     torch.set_num_threads(1)  # two cores: a second intra-op thread would spin against prefill
-    kv.initialize(DECODE, kv.LlmRole.DECODER,
-                  options={"llm.ListenIpInfo": "127.0.0.1:0", "llm.SyncKvCacheWaitTime": "30000"})
+    kv.initialize(
+        DECODE, kv.LlmRole.DECODER, options={"llm.ListenIpInfo": "127.0.0.1:0", "llm.SyncKvCacheWaitTime": "30000"}
+    )
     tensors = [torch.zeros(blocks, *BLOCK_SHAPE, dtype=torch.float16) for _ in range(2 * layers)]
     cache = kv.register_kv_cache(tensors, kv.RegisterCfg(remote_accessible=True))
     head = torch.randn(BLOCK_SHAPE[-1], 256)
@@ -78,6 +77,7 @@ def compute_slowdown(ctx, x0, weight, reps) -> float:
     """How much slower the layer work runs while another process copies memory: 1.0 on two
     independent cores; near 2.0 where the two "cores" share one (vCPUs on sibling threads).
     Bounds what overlapping can win on this machine."""
+
     def timed():  # a whole prefill's worth of layer work, median of five
         runs = []
         for _ in range(5):
@@ -173,9 +173,11 @@ def main():
         pushed = time.time()
         seen, first_token, _ = to_main.get(timeout=120)
         if os.environ.get("BENCH_DEBUG"):
-            print(f"{'overlapped' if overlapped else 'sequential'}: computed {1e3 * (computed - start_wall):.1f} "
-                  f"pushed {1e3 * (pushed - start_wall):.1f} seen {1e3 * (seen - start_wall):.1f} "
-                  f"token {1e3 * (first_token - start_wall):.1f}")
+            print(
+                f"{'overlapped' if overlapped else 'sequential'}: computed {1e3 * (computed - start_wall):.1f} "
+                f"pushed {1e3 * (pushed - start_wall):.1f} seen {1e3 * (seen - start_wall):.1f} "
+                f"token {1e3 * (first_token - start_wall):.1f}"
+            )
         return first_token - start_wall, seen - start_wall
 
     slowdown = compute_slowdown(ctx, x0, weight, reps)
@@ -208,24 +210,40 @@ def main():
     kv.finalize()
 
     result = {
-        "cpu": cpu_model(), "torch": torch.__version__, "layers": args.layers, "layer_mib": layer_bytes / 2**20,
-        "push_ms_per_layer": push_s * 1e3, "work_reps_per_layer": reps,
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+        "layers": args.layers,
+        "layer_mib": layer_bytes / 2**20,
+        "push_ms_per_layer": push_s * 1e3,
+        "work_reps_per_layer": reps,
         "prefill_to_first_token_ms": {"sequential": sequential * 1e3, "overlapped": overlapped * 1e3},
         "overlapped_over_sequential": overlapped / sequential,
         "compute_slowdown_beside_a_copy": slowdown,
-        "pulls": {"bytes": pulled, "one_blocking_gbps": one_gbps, "64_async_gbps": many_gbps,
-                  "async_over_blocking": many_gbps / one_gbps},
+        "pulls": {
+            "bytes": pulled,
+            "one_blocking_gbps": one_gbps,
+            "64_async_gbps": many_gbps,
+            "async_over_blocking": many_gbps / one_gbps,
+        },
     }
-    print(f"CPU: {result['cpu']}; {args.layers} layers, {result['layer_mib']:.1f} MiB per layer, "
-          f"push {push_s * 1e3:.2f} ms per layer, layer work calibrated to match")
-    print(f"prefill start -> first token: sequential {sequential * 1e3:.1f} ms, overlapped "
-          f"{overlapped * 1e3:.1f} ms, ratio {overlapped / sequential:.2f}x")
+    print(
+        f"CPU: {result['cpu']}; {args.layers} layers, {result['layer_mib']:.1f} MiB per layer, "
+        f"push {push_s * 1e3:.2f} ms per layer, layer work calibrated to match"
+    )
+    print(
+        f"prefill start -> first token: sequential {sequential * 1e3:.1f} ms, overlapped "
+        f"{overlapped * 1e3:.1f} ms, ratio {overlapped / sequential:.2f}x"
+    )
     # Compute C and transfer T about equal: sequential takes 2T; overlapped at least the
     # slowed compute, s*T, so no better than s/2 of sequential here.
-    print(f"layer work runs {slowdown:.2f}x slower beside a memory copy in another process: "
-          f"overlapping can reach about {min(1.0, slowdown / 2):.2f}x of sequential on this machine at best")
-    print(f"64 async pulls of one 32 KiB block (x{2 * args.layers} tensors) in flight: {many_gbps:.2f} GB/s; "
-          f"one blocking pull of the same blocks: {one_gbps:.2f} GB/s; ratio {many_gbps / one_gbps:.2f}x")
+    print(
+        f"layer work runs {slowdown:.2f}x slower beside a memory copy in another process: "
+        f"overlapping can reach about {min(1.0, slowdown / 2):.2f}x of sequential on this machine at best"
+    )
+    print(
+        f"64 async pulls of one 32 KiB block (x{2 * args.layers} tensors) in flight: {many_gbps:.2f} GB/s; "
+        f"one blocking pull of the same blocks: {one_gbps:.2f} GB/s; ratio {many_gbps / one_gbps:.2f}x"
+    )
     if args.json:
         with open(args.json, "w") as out:
             json.dump(result, out, indent=2)

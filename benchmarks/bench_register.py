@@ -81,20 +81,28 @@ def main():
         torch.ops.aten.broadcast_tensors(tensors)
         torch.ops.aten.broadcast_tensors(tensors)
 
-    results = {name: per_call_us(fn, args.iters) for name, fn in [
-        ("python_api", python_api), ("raw_op", raw_op), ("dict_registry", dict_registry),
-        ("plain_torch_ops", plain_torch_ops),
-    ]}
+    results = {
+        name: per_call_us(fn, args.iters)
+        for name, fn in [
+            ("python_api", python_api),
+            ("raw_op", raw_op),
+            ("dict_registry", dict_registry),
+            ("plain_torch_ops", plain_torch_ops),
+        ]
+    }
     kv.finalize()
 
-    print(f"register + unregister of a {args.tensors}-tensor cache, CPU, no pinning "
-          f"({platform.processor() or platform.machine()}, torch {torch.__version__})")
+    print(
+        f"register + unregister of a {args.tensors}-tensor cache, CPU, no pinning "
+        f"({platform.processor() or platform.machine()}, torch {torch.__version__})"
+    )
     print(f"{'path':<18}{'us/call':>10}{'vs dict registry':>18}{'vs plain torch.ops':>20}")
     for name, us in results.items():
-        print(f"{name:<18}{us:>10.1f}{results['dict_registry'] / us:>17.2f}x"
-              f"{us / results['plain_torch_ops']:>19.2f}x")
-    print("(vs dict registry: >1 means faster than the baseline; vs plain torch.ops: the op's "
-          "cost as a multiple of two plain dispatches of the same list)")
+        print(f"{name:<18}{us:>10.1f}{results['dict_registry'] / us:>17.2f}x{us / results['plain_torch_ops']:>19.2f}x")
+    print(
+        "(vs dict registry: >1 means faster than the baseline; vs plain torch.ops: the op's "
+        "cost as a multiple of two plain dispatches of the same list)"
+    )
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"tensors": args.tensors, "us_per_call": results, "torch": torch.__version__}, out, indent=2)

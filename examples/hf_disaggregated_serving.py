@@ -29,9 +29,19 @@ def build_model(layers: int = 4):
 
     torch.manual_seed(0)
     # A wide initialisation, so that random weights give varied, context-dependent tokens.
-    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.2,
+    )
     model = LlamaForCausalLM(config).eval()
     model.generation_config.pad_token_id = 0
     return model
@@ -62,8 +72,13 @@ def prompts(batch: int, length: int) -> torch.Tensor:
 
 
 def generate_from(model, input_ids, cache, new_tokens: int) -> torch.Tensor:
-    return model.generate(input_ids, **{cache_argument(model): cache}, max_new_tokens=new_tokens, do_sample=False,
-                          attention_mask=torch.ones_like(input_ids))
+    return model.generate(
+        input_ids,
+        **{cache_argument(model): cache},
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        attention_mask=torch.ones_like(input_ids),
+    )
 
 
 def prefill(model, input_ids, cache) -> None:
@@ -85,8 +100,11 @@ def single_process(batch: int, length: int, new_tokens: int) -> torch.Tensor:
 def decode_main(ready, results, batch: int, length: int, new_tokens: int) -> None:
     from transformers import DynamicCache
 
-    kv.initialize(DECODE_CLUSTER, kv.LlmRole.DECODER,
-                  options={"llm.ListenIpInfo": "127.0.0.1:0", "llm.SyncKvCacheWaitTime": "10000"})
+    kv.initialize(
+        DECODE_CLUSTER,
+        kv.LlmRole.DECODER,
+        options={"llm.ListenIpInfo": "127.0.0.1:0", "llm.SyncKvCacheWaitTime": "10000"},
+    )
     model = build_model()
     layers = model.config.num_hidden_layers
     shape = kv_shape(model, batch, length - 1)
@@ -129,8 +147,12 @@ def prefill_main(address: str, remote_cache_id: int, results, batch: int, length
             keys, values = layer_kv(cache, layer)
             staging[2 * layer].copy_(keys)
             staging[2 * layer + 1].copy_(values)
-            pushes.append(kv.push_kv_blocks_async(local, remote, range(batch), range(batch),
-                                                  layers=range(layer, layer + 1), notify=f"layer {layer}"))
+            pushes.append(
+                kv.push_kv_blocks_async(
+                    local, remote, range(batch), range(batch), layers=range(layer, layer + 1), notify=f"layer {layer}"
+                )
+            )
+
         return hook
 
     handles = [model.model.layers[i].register_forward_hook(push_layer(i)) for i in range(layers)]
@@ -172,10 +194,12 @@ def main() -> None:
     args = parser.parse_args()
     tokens, reference, got = run(args.batch, args.prompt_len, args.new_tokens)
     moved, computed = got["prefill"]
-    print(f"prefill: {args.batch} prompts of {args.prompt_len} tokens in {computed * 1000:.1f} ms; pushed "
-          f"{moved / 2**20:.2f} MiB layer by layer as each layer finished")
-    print("decode tokens:   ", tokens[:, -args.new_tokens:].tolist()[0])
-    print("one-process run: ", reference[:, -args.new_tokens:].tolist()[0])
+    print(
+        f"prefill: {args.batch} prompts of {args.prompt_len} tokens in {computed * 1000:.1f} ms; pushed "
+        f"{moved / 2**20:.2f} MiB layer by layer as each layer finished"
+    )
+    print("decode tokens:   ", tokens[:, -args.new_tokens :].tolist()[0])
+    print("one-process run: ", reference[:, -args.new_tokens :].tolist()[0])
     if torch.equal(tokens, reference):
         print("OK: disaggregated tokens equal the single-process generate")
     else:

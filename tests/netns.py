@@ -66,8 +66,27 @@ class NetnsPair:
 
     def throttle(self, rate: str) -> None:
         """Limits what ``a`` sends to ``rate`` (tc's token bucket), so that a transfer lasts."""
-        subprocess.run(["tc", "-n", self.a, "qdisc", "add", "dev", self.dev_a, "root", "tbf", "rate", rate,
-                        "burst", "64kb", "latency", "500ms"], check=True, timeout=30)
+        subprocess.run(
+            [
+                "tc",
+                "-n",
+                self.a,
+                "qdisc",
+                "add",
+                "dev",
+                self.dev_a,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "64kb",
+                "latency",
+                "500ms",
+            ],
+            check=True,
+            timeout=30,
+        )
 
     def unthrottle(self) -> None:
         subprocess.run(["tc", "-n", self.a, "qdisc", "del", "dev", self.dev_a, "root"], timeout=30)

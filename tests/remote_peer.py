@@ -122,8 +122,9 @@ class Peer:
     def __init__(self, cluster_id, wait_ms=2000, options=None, netns=None, env=None, wait=True):
         self.cluster_id = cluster_id
         self.commands, self.replies = CTX.Queue(), CTX.Queue()
-        self.process = CTX.Process(target=peer_main, args=(self.commands, self.replies, cluster_id, wait_ms,
-                                                           options, netns, env))
+        self.process = CTX.Process(
+            target=peer_main, args=(self.commands, self.replies, cluster_id, wait_ms, options, netns, env)
+        )
         self.process.start()
         if wait:
             self.ready()

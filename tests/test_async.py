@@ -46,11 +46,13 @@ def test_local_async_copy_lands(local):
 def test_local_async_copy_checks_before_it_queues(local):
     src, dst, a, b = local
     before = (kv.usage(), kv.registered_caches())
-    for call, error in ((lambda: kv.copy_kv_blocks_async(a, b, [8], [0]), kv.LLMIndexError),
-                        (lambda: kv.copy_kv_blocks_async(a, b, [0, 1], [2, 2]), kv.LLMParamInvalidError),
-                        (lambda: kv.copy_kv_blocks_async(a, a, [0, 1], [1, 2]), kv.LLMParamInvalidError),
-                        (lambda: kv.copy_kv_blocks_async(a, 10**6, [0], [0]), kv.LLMKVCacheNotExistError),
-                        (lambda: kv.copy_kv_blocks_async(a, b, "0", [0]), kv.LLMTypeError)):
+    for call, error in (
+        (lambda: kv.copy_kv_blocks_async(a, b, [8], [0]), kv.LLMIndexError),
+        (lambda: kv.copy_kv_blocks_async(a, b, [0, 1], [2, 2]), kv.LLMParamInvalidError),
+        (lambda: kv.copy_kv_blocks_async(a, a, [0, 1], [1, 2]), kv.LLMParamInvalidError),
+        (lambda: kv.copy_kv_blocks_async(a, 10**6, [0], [0]), kv.LLMKVCacheNotExistError),
+        (lambda: kv.copy_kv_blocks_async(a, b, "0", [0]), kv.LLMTypeError),
+    ):
         with pytest.raises(error):
             call()
     assert (kv.usage(), kv.registered_caches()) == before
@@ -239,8 +241,9 @@ def test_async_starts_return_before_the_post_and_a_burst_goes_as_few_requests(pe
     # still gets every Transfer back at once, and what it starts meanwhile queues.
     transfers = [kv.pull_kv_blocks_async(source, local, [0], [0])]
     assert entered.wait(5)
-    transfers += [kv.pull_kv_blocks_async(source, local, [i], [i], notify="first half" if i == 31 else None)
-                  for i in range(1, 64)]
+    transfers += [
+        kv.pull_kv_blocks_async(source, local, [i], [i], notify="first half" if i == 31 else None) for i in range(1, 64)
+    ]
     assert not any(t.done() for t in transfers)
     gate.set()
     assert sum(t.wait(10_000) for t in transfers) == 64 * 2 * local.cache_desc.block_nbytes
@@ -305,8 +308,7 @@ def test_start_and_wait_ops_in_eager(peer, decoder):
     theirs = paged(2, 8, BLOCK, 44)
     mine = [torch.zeros(8, *BLOCK, dtype=torch.float16) for _ in range(2)]
     local = kv.register_kv_cache(mine)
-    transfer_id = torch.ops.llm.start_pull_kv_blocks(9, remote_id, local.cache_id, torch.tensor([1]),
-                                                     torch.tensor([2]))
+    transfer_id = torch.ops.llm.start_pull_kv_blocks(9, remote_id, local.cache_id, torch.tensor([1]), torch.tensor([2]))
     assert int(transfer_id) > 0
     torch.ops.llm.wait_transfer(transfer_id)
     assert torch.equal(mine[1][2], theirs[1][1])
@@ -353,13 +355,15 @@ def test_opcheck_start_and_wait(peer, decoder, util):
     remote_id = peer.call("register", (2, 8, BLOCK, 46, True))
     local = kv.register_kv_cache([torch.zeros(8, *BLOCK, dtype=torch.float16) for _ in range(2)])
     args = (9, remote_id, local.cache_id, torch.tensor([1, 2]), torch.tensor([3, 4]))
-    assert torch.library.opcheck(torch.ops.llm.start_pull_kv_blocks.default, args,
-                                 test_utils=(util,)) == {util: "SUCCESS"}
+    assert torch.library.opcheck(torch.ops.llm.start_pull_kv_blocks.default, args, test_utils=(util,)) == {
+        util: "SUCCESS"
+    }
     for transfer_id in list(kv.inflight._table):  # what the check ran for real, if anything
         kv.inflight.take(transfer_id).wait(5000)
     transfer_id = torch.ops.llm.start_pull_kv_blocks(*args)
-    assert torch.library.opcheck(torch.ops.llm.wait_transfer.default, (transfer_id,),
-                                 test_utils=(util,)) == {util: "SUCCESS"}
+    assert torch.library.opcheck(torch.ops.llm.wait_transfer.default, (transfer_id,), test_utils=(util,)) == {
+        util: "SUCCESS"
+    }
     for leftover in list(kv.inflight._table):  # the checks that ran only the fake kernel
         kv.inflight.take(leftover).wait(5000)
     with pytest.raises(ValueError, match="^LLM_PARAM_INVALID"):  # waited for once, by opcheck or above
@@ -378,8 +382,10 @@ def test_bad_remote_calls_change_nothing(peer, decoder):
         (lambda: kv.pull_kv_blocks_async(index, local, [0], [0], layers=range(0, 2, 2)), kv.LLMParamInvalidError),
         (lambda: kv.pull_kv_blocks_async(index, local, [0], [0], layers=range(1, 1)), kv.LLMParamInvalidError),
         (lambda: kv.pull_kv_blocks_async(index, local, [0], [0], layers=[0, 1]), kv.LLMTypeError),
-        (lambda: kv.pull_kv_blocks_async(index, local, [0], [0], layers=range(0, 1), tensors_per_layer=0),
-         kv.LLMParamInvalidError),
+        (
+            lambda: kv.pull_kv_blocks_async(index, local, [0], [0], layers=range(0, 1), tensors_per_layer=0),
+            kv.LLMParamInvalidError,
+        ),
         (lambda: kv.push_kv_blocks_async(local, index, [0], [9]), kv.LLMIndexError),
         (lambda: kv.pull_kv_cache_async(CacheIndex(9, remote_id, 8), local), kv.LLMIndexError),
         (lambda: kv.pull_kv_blocks_async(index, local, [0], [0], notify="x" * 2000), kv.LLMParamInvalidError),

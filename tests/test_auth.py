@@ -122,10 +122,13 @@ def test_a_secret_linker_refuses_a_cluster_that_cannot_prove_it():
 
 
 def test_raw_requests_before_the_handshake_get_nothing(guarded):
-    for request in ({"op": "acquire", "cache_id": guarded.cache_id, "id": 1},
-                    {"op": "hello", "cluster_id": 4, "agent": "x", "id": 1},
-                    {"op": "hello", "cluster_id": 4, "agent": "x", "proof": protocol.b64(bytes(32)), "id": 1},
-                    {"op": "ping", "id": 1}, {"op": "release", "lease": 1, "id": 1}):
+    for request in (
+        {"op": "acquire", "cache_id": guarded.cache_id, "id": 1},
+        {"op": "hello", "cluster_id": 4, "agent": "x", "id": 1},
+        {"op": "hello", "cluster_id": 4, "agent": "x", "proof": protocol.b64(bytes(32)), "id": 1},
+        {"op": "ping", "id": 1},
+        {"op": "release", "lease": 1, "id": 1},
+    ):
         raw = Recorder(guarded.host, guarded.port)
         reply = raw.request(request)
         assert reply["ok"] is False and reply["status"] == "LLM_LINK_FAILED", reply
@@ -238,7 +241,7 @@ def test_the_registry_does_not_import_the_remote_layer():
     # with the remote layer made unimportable: anything registry loads that imports it fails.
     probe = f"""
 import importlib.util, sys, types
-package = types.ModuleType("torch_kvreg"); package.__path__ = [{os.path.join(ROOT, 'torch_kvreg')!r}]
+package = types.ModuleType("torch_kvreg"); package.__path__ = [{os.path.join(ROOT, "torch_kvreg")!r}]
 sys.modules["torch_kvreg"] = package
 sys.modules["torch_kvreg.remote"] = None  # importing it now raises
 import torch_kvreg.registry, torch_kvreg.lifecycle

@@ -14,7 +14,10 @@ def run_bench(script, *args, tmp_path):
     out = tmp_path / "result.json"
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), *args, "--json", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(out.read_text()), done.stdout
@@ -24,7 +27,11 @@ def test_bench_copy_blocks_quick(tmp_path):
     result, stdout = run_bench("bench_copy_blocks.py", "--quick", "--repeats", "1", tmp_path=tmp_path)
     rows = result["rows"]
     assert {(r["case"], r["pattern"]) for r in rows} >= {
-        ("32KiB", "random"), ("32KiB", "consecutive"), ("2KiB", "random"), ("2KiB", "consecutive")}
+        ("32KiB", "random"),
+        ("32KiB", "consecutive"),
+        ("2KiB", "random"),
+        ("2KiB", "consecutive"),
+    }
     for row in rows:
         assert all(v > 0 and math.isfinite(v) for v in row["gbps"].values()), row
         assert row["ratio_vs_contiguous"] > 0 and row["ratio_vs_python_loop"] > 0
@@ -42,8 +49,9 @@ def test_bench_copy_blocks_sweep_draws_its_plot(tmp_path):
 
     pytest.importorskip("matplotlib")
     png = tmp_path / "copy.png"
-    result, _ = run_bench("bench_copy_blocks.py", "--quick", "--repeats", "1", "--sizes", "1,8,32",
-                          "--plot", str(png), tmp_path=tmp_path)
+    result, _ = run_bench(
+        "bench_copy_blocks.py", "--quick", "--repeats", "1", "--sizes", "1,8,32", "--plot", str(png), tmp_path=tmp_path
+    )
     assert sorted({r["block_nbytes"] for r in result["rows"]}) == [1024, 8192, 32768]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
@@ -62,8 +70,9 @@ def test_bench_pipeline_small(tmp_path):
 
     if not torch_kvreg.remote.nixl_available():
         pytest.skip("needs the nixl extra")
-    result, stdout = run_bench("bench_pipeline.py", "--layers", "2", "--blocks", "64", "--repeats", "1",
-                               tmp_path=tmp_path)
+    result, stdout = run_bench(
+        "bench_pipeline.py", "--layers", "2", "--blocks", "64", "--repeats", "1", tmp_path=tmp_path
+    )
     times = result["prefill_to_first_token_ms"]
     assert set(times) == {"sequential", "overlapped"} and all(v > 0 and math.isfinite(v) for v in times.values())
     assert result["overlapped_over_sequential"] > 0 and result["pulls"]["async_over_blocking"] > 0

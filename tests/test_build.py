@@ -26,7 +26,8 @@ def test_build_with_private_libstdcxx_streams_is_detected(tmp_path):
     setup = load_setup()
     private = tmp_path / "private.so"
     source = "#include <ostream>\ntemplate std::ostream& std::ostream::_M_insert<long>(long);\n"
-    subprocess.run(["g++", "-shared", "-fPIC", "-x", "c++", "-", "-o", str(private)],
-                   input=source, text=True, check=True)
+    subprocess.run(
+        ["g++", "-shared", "-fPIC", "-x", "c++", "-", "-o", str(private)], input=source, text=True, check=True
+    )
     assert setup.defines_libstdcxx_streams(str(private)) is True
     assert setup.defines_libstdcxx_streams(torch_kvreg._C.__file__) is False

@@ -1,6 +1,5 @@
 """torch.ops.llm inside torch.compile(fullgraph=True), opcheck, and notebook-style imports."""
 
-
 import pytest
 import torch
 
@@ -64,6 +63,7 @@ def test_ops_run_in_program_order(kv, backend):
     """Each re-registration reuses memory that only the unregister just before it freed, so
     moving any unregister later (or a register earlier) makes a register fail with an
     overlap; the ids show the registers kept their order."""
+
     def step(a, b):
         first = torch.ops.llm.register_kv_cache([a])
         second = torch.ops.llm.register_kv_cache([b])
@@ -152,7 +152,6 @@ def test_opcheck_unregister(kv, util):
     assert result == {util: "SUCCESS"}
 
 
-
 def test_import_twice_and_reload_do_not_abort():
     code = (
         "import importlib, torch\n"
@@ -193,8 +192,10 @@ def test_second_copy_of_the_library_shares_the_first(tmp_path):
         "torch_kvreg.register_kv_cache(torch.zeros(2))\n"
         "print('shared', torch_kvreg.usage().num_caches, copy.usage()[0])\n"
     )
-    for code in ("import torch, torch_kvreg\n" + load_copy + use_both,
-                 "import torch\n" + load_copy + "import torch_kvreg\n" + use_both):
+    for code in (
+        "import torch, torch_kvreg\n" + load_copy + use_both,
+        "import torch\n" + load_copy + "import torch_kvreg\n" + use_both,
+    ):
         result = run_python(code)
         assert result.returncode == 0, result.stderr
         assert "shared 2 2" in result.stdout, result.stdout
@@ -210,7 +211,8 @@ def test_effect_registration_falls_back_on_older_torch(monkeypatch):
     calls = []
     original = effects._register_effectful_op
     monkeypatch.delattr(torch.library, "_register_effectful_op", raising=False)
-    monkeypatch.setattr(effects, "_register_effectful_op",
-                        lambda op, effect: calls.append((op, effect)) or original(op, effect))
+    monkeypatch.setattr(
+        effects, "_register_effectful_op", lambda op, effect: calls.append((op, effect)) or original(op, effect)
+    )
     _ops._mark_ordered("llm::register_kv_cache.addrs")
     assert calls == [(torch.ops.llm.register_kv_cache.addrs, effects._EffectType.ORDERED)]

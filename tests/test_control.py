@@ -62,8 +62,11 @@ class Client:
 
 @pytest.fixture
 def prompt():
-    kv.initialize(cluster_id=5, role=kv.LlmRole.PROMPT,
-                  options={"llm.ListenIpInfo": "127.0.0.1:0", "llm.SyncKvCacheWaitTime": str(WAIT_MS)})
+    kv.initialize(
+        cluster_id=5,
+        role=kv.LlmRole.PROMPT,
+        options={"llm.ListenIpInfo": "127.0.0.1:0", "llm.SyncKvCacheWaitTime": str(WAIT_MS)},
+    )
     tensors = [torch.arange(64.0).reshape(8, 8) for _ in range(2)]
     public = kv.register_kv_cache(tensors, kv.RegisterCfg(remote_accessible=True))
     private = kv.register_kv_cache([torch.ones(4, 4)], kv.RegisterCfg(remote_accessible=False))
@@ -141,8 +144,7 @@ MALFORMED = [
 
 def state(prompt):
     engine = kv.remote._engine
-    return (kv.usage(), kv.registered_caches(), dict(engine.leases),
-            [t.clone() for t in prompt["tensors"]])
+    return (kv.usage(), kv.registered_caches(), dict(engine.leases), [t.clone() for t in prompt["tensors"]])
 
 
 def same_state(a, b):
@@ -171,8 +173,9 @@ def test_truncated_frame_gets_no_reply_and_changes_nothing(prompt):
     assert same_state(state(prompt), before)
 
 
-@pytest.mark.parametrize("which,cache_id", [
-    ("unknown", 10**6), ("private", "private"), ("default_host", "default_host"), ("id 0", 0)])
+@pytest.mark.parametrize(
+    "which,cache_id", [("unknown", 10**6), ("private", "private"), ("default_host", "default_host"), ("id 0", 0)]
+)
 def test_refused_acquire_keeps_the_connection(prompt, which, cache_id):
     if isinstance(cache_id, str):
         cache_id = prompt[cache_id].cache_id
@@ -227,8 +230,9 @@ def test_decoder_killed_while_holding_a_lease(prompt):
 
     public = prompt["public"]
     host, port = kv.listen_address().split(":")
-    code = HOLDER.format(root=str(pathlib.Path(kv.__file__).parent.parent), host=host, port=port,
-                         cache_id=public.cache_id)
+    code = HOLDER.format(
+        root=str(pathlib.Path(kv.__file__).parent.parent), host=host, port=port, cache_id=public.cache_id
+    )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().startswith("held")
@@ -294,8 +298,18 @@ def test_peer_cache_entry_edges(name, cache, accepted):
             protocol.parse_acquire_response(message)
 
 
-@pytest.mark.parametrize("field,value", [("lease", -1), ("lease", True), ("lease", 2**63), ("md", "not base64!"),
-                                         ("md", 7), ("cache", None), ("cache", [])])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("lease", -1),
+        ("lease", True),
+        ("lease", 2**63),
+        ("md", "not base64!"),
+        ("md", 7),
+        ("cache", None),
+        ("cache", []),
+    ],
+)
 def test_acquire_response_fields(field, value):
     message = {"v": 1, "ok": True, "lease": 4, "md": protocol.b64(b"md"), "cache": entry([4096])}
     protocol.parse_acquire_response(message)  # the uncorrupted one parses

@@ -26,8 +26,9 @@ DT_FLOAT, DT_FLOAT16, HOST = 0, 1, 0
 
 
 def config_flags(*which: str) -> list[str]:
-    out = subprocess.run([sys.executable, "-m", "torch_kvreg.config", *which], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "torch_kvreg.config", *which], capture_output=True, text=True, check=True
+    ).stdout
     return out.split()
 
 
@@ -50,8 +51,9 @@ def test_header_needs_only_the_standard_library(tmp_path):
     source = tmp_path / "only_header.cpp"
     source.write_text('#include "llm_datadist/llm_datadist.h"\nint main() { return llm_datadist::LLM_SUCCESS; }\n')
     include = config_flags("--cflags")
-    result = subprocess.run(["c++", "-std=c++17", "-fsyntax-only", *include, str(source)], capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        ["c++", "-std=c++17", "-fsyntax-only", *include, str(source)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -115,9 +117,18 @@ class Cpp:
 
     def register(self, addrs, shape, num_tensors=None, data_type=DT_FLOAT, placement=HOST):
         cache_id = i64(-1)
-        status = S(self.lib.shim_register(placement, len(addrs) if num_tensors is None else num_tensors, data_type,
-                                          arr(i64, shape), len(shape), arr(u64, addrs), len(addrs),
-                                          ctypes.byref(cache_id)))
+        status = S(
+            self.lib.shim_register(
+                placement,
+                len(addrs) if num_tensors is None else num_tensors,
+                data_type,
+                arr(i64, shape),
+                len(shape),
+                arr(u64, addrs),
+                len(addrs),
+                ctypes.byref(cache_id),
+            )
+        )
         return status, cache_id.value
 
     def __getattr__(self, name):
@@ -149,8 +160,10 @@ def test_one_registry_for_cpp_and_python(shim):
     kv.unregister_kv_cache(cpp_id)
     assert kv.usage() == kv.Usage(0, 0, 0, 0)
     cache_id, first = i64(), u64()
-    assert S(shim.shim_allocate(HOST, 2, DT_FLOAT16, arr(i64, [3, 5]), 2, ctypes.byref(cache_id),
-                                ctypes.byref(first))) == S.LLM_SUCCESS
+    assert (
+        S(shim.shim_allocate(HOST, 2, DT_FLOAT16, arr(i64, [3, 5]), 2, ctypes.byref(cache_id), ctypes.byref(first)))
+        == S.LLM_SUCCESS
+    )
     assert kv.get_cache(cache_id.value).tensor_addrs[0] == first.value
     assert kv.usage().host_bytes == 2 * 3 * 5 * 2
     assert cpp.deallocate(cache_id.value) == S.LLM_SUCCESS and kv.usage().num_caches == 0
@@ -181,32 +194,59 @@ def bad_calls(cpp, world):
         ("rank 0", lambda: cpp.register([addr], [])[0], S.LLM_PARAM_INVALID),
         ("negative dim", lambda: cpp.register([addr], [-4])[0], S.LLM_PARAM_INVALID),
         ("placement 7", lambda: cpp.register([addr], [4], placement=7)[0], S.LLM_PARAM_INVALID),
-        ("overlap with a live cache", lambda: cpp.register([world["a_tensors"][0].data_ptr()], [2])[0],
-         S.LLM_PARAM_INVALID),
+        (
+            "overlap with a live cache",
+            lambda: cpp.register([world["a_tensors"][0].data_ptr()], [2])[0],
+            S.LLM_PARAM_INVALID,
+        ),
         ("unregister unknown", lambda: cpp.unregister(10**9), S.LLM_KV_CACHE_NOT_EXIST),
         ("deallocate unknown (upstream: success)", lambda: cpp.deallocate(10**9), S.LLM_SUCCESS),
-        ("copy blocks out of range", lambda: cpp.copy_blocks(a, b, arr(u64, [8]), 1, arr(u64, [0]), 1),
-         S.LLM_PARAM_INVALID),
-        ("copy blocks past 2**63", lambda: cpp.copy_blocks(a, b, arr(u64, [2**63]), 1, arr(u64, [0]), 1),
-         S.LLM_PARAM_INVALID),
-        ("copy blocks: no destination group", lambda: cpp.copy_blocks(a, b, arr(u64, [0]), 1, arr(u64, []), 0),
-         S.LLM_PARAM_INVALID),
-        ("copy blocks: duplicate in a group",
-         lambda: cpp.copy_blocks(a, b, arr(u64, [0, 1]), 2, arr(u64, [3, 4, 5, 5]), 2), S.LLM_PARAM_INVALID),
-        ("copy blocks: second group out of range",  # checked before the first group moves
-         lambda: cpp.copy_blocks(a, b, arr(u64, [0]), 1, arr(u64, [1, 9]), 2), S.LLM_PARAM_INVALID),
-        ("copy blocks unknown cache", lambda: cpp.copy_blocks(10**9, b, arr(u64, [0]), 1, arr(u64, [0]), 1),
-         S.LLM_KV_CACHE_NOT_EXIST),
+        (
+            "copy blocks out of range",
+            lambda: cpp.copy_blocks(a, b, arr(u64, [8]), 1, arr(u64, [0]), 1),
+            S.LLM_PARAM_INVALID,
+        ),
+        (
+            "copy blocks past 2**63",
+            lambda: cpp.copy_blocks(a, b, arr(u64, [2**63]), 1, arr(u64, [0]), 1),
+            S.LLM_PARAM_INVALID,
+        ),
+        (
+            "copy blocks: no destination group",
+            lambda: cpp.copy_blocks(a, b, arr(u64, [0]), 1, arr(u64, []), 0),
+            S.LLM_PARAM_INVALID,
+        ),
+        (
+            "copy blocks: duplicate in a group",
+            lambda: cpp.copy_blocks(a, b, arr(u64, [0, 1]), 2, arr(u64, [3, 4, 5, 5]), 2),
+            S.LLM_PARAM_INVALID,
+        ),
+        (
+            "copy blocks: second group out of range",  # checked before the first group moves
+            lambda: cpp.copy_blocks(a, b, arr(u64, [0]), 1, arr(u64, [1, 9]), 2),
+            S.LLM_PARAM_INVALID,
+        ),
+        (
+            "copy blocks unknown cache",
+            lambda: cpp.copy_blocks(10**9, b, arr(u64, [0]), 1, arr(u64, [0]), 1),
+            S.LLM_KV_CACHE_NOT_EXIST,
+        ),
         ("copy cache batch out of range", lambda: cpp.copy_cache(a, b, 8, 0, 0, -1), S.LLM_PARAM_INVALID),
         ("copy cache offset past the slot", lambda: cpp.copy_cache(a, b, 0, 0, 33, -1), S.LLM_PARAM_INVALID),
         ("copy cache offset over int64", lambda: cpp.copy_cache(a, b, 0, 0, 2**63, -1), S.LLM_PARAM_INVALID),
         ("link 17 clusters", lambda: cpp.link(1, b"127.0.0.1", 1, 100, 17), S.LLM_CLUSTER_NUM_EXCEED_LIMIT),
         ("link timeout 0", lambda: cpp.link(1, b"127.0.0.1", 1, 0, 1), S.LLM_PARAM_INVALID),
         ("unlink not linked", lambda: cpp.unlink(5, 100, False), S.LLM_NOT_YET_LINK),
-        ("pull blocks not linked", lambda: cpp.pull_blocks(5, 1, a, arr(u64, [0]), arr(u64, [0]), 1, -1, -1, -1, -1,
-                                                           2), S.LLM_NOT_YET_LINK),
-        ("pull blocks bad layer range", lambda: cpp.pull_blocks(5, 1, a, arr(u64, [0]), arr(u64, [0]), 1, 2, 1, -1, -1,
-                                                                2), S.LLM_PARAM_INVALID),
+        (
+            "pull blocks not linked",
+            lambda: cpp.pull_blocks(5, 1, a, arr(u64, [0]), arr(u64, [0]), 1, -1, -1, -1, -1, 2),
+            S.LLM_NOT_YET_LINK,
+        ),
+        (
+            "pull blocks bad layer range",
+            lambda: cpp.pull_blocks(5, 1, a, arr(u64, [0]), arr(u64, [0]), 1, 2, 1, -1, -1, 2),
+            S.LLM_PARAM_INVALID,
+        ),
         ("push cache not linked", lambda: cpp.push_cache(a, 0, 5, 1, 0), S.LLM_NOT_YET_LINK),
         ("set role 9", lambda: cpp.set_role(9, None), S.LLM_PARAM_INVALID),
         ("initialize again, other options", lambda: cpp.initialize(**{"llm.SyncKvCacheWaitTime": "7"}), S.LLM_FAILED),
@@ -219,8 +259,12 @@ def test_bad_calls_get_upstream_statuses_and_change_nothing(shim):
     assert cpp.initialize() == S.LLM_SUCCESS
     a_tensors = [torch.randn(8, 8) for _ in range(2)]
     b_tensors = [torch.randn(8, 8) for _ in range(2)]
-    world = {"a_tensors": a_tensors, "free": [torch.zeros(16)],
-             "a": cpp.register(ptrs(a_tensors), [8, 8])[1], "b": cpp.register(ptrs(b_tensors), [8, 8])[1]}
+    world = {
+        "a_tensors": a_tensors,
+        "free": [torch.zeros(16)],
+        "a": cpp.register(ptrs(a_tensors), [8, 8])[1],
+        "b": cpp.register(ptrs(b_tensors), [8, 8])[1],
+    }
     calls = bad_calls(cpp, world)
     assert len(calls) >= 25
     for name, call, expected in calls:
@@ -248,12 +292,16 @@ def test_link_pull_push_from_cpp_in_a_python_process(shim):
         assert cpp.link(6, host, peer.port, 3000, 1) == S.LLM_SUCCESS
         assert cpp.link(6, host, peer.port, 3000, 1) == S.LLM_ALREADY_LINK
         # Their layer 1 (inclusive pair 1..1) into our layer 0.
-        assert cpp.pull_blocks(6, remote_id, local_id, arr(u64, [2, 5]), arr(u64, [0, 7]), 2, 1, 1, 0, 0,
-                               2) == S.LLM_SUCCESS
+        assert (
+            cpp.pull_blocks(6, remote_id, local_id, arr(u64, [2, 5]), arr(u64, [0, 7]), 2, 1, 1, 0, 0, 2)
+            == S.LLM_SUCCESS
+        )
         assert torch.equal(mine[0][[0, 7]], theirs[2][[2, 5]]) and torch.equal(mine[1][[0, 7]], theirs[3][[2, 5]])
         assert not mine[0][1:7].any()
-        assert cpp.pull_blocks(6, 10**6, local_id, arr(u64, [0]), arr(u64, [0]), 1, -1, -1, -1, -1,
-                               2) == S.LLM_KV_CACHE_NOT_EXIST
+        assert (
+            cpp.pull_blocks(6, 10**6, local_id, arr(u64, [0]), arr(u64, [0]), 1, -1, -1, -1, -1, 2)
+            == S.LLM_KV_CACHE_NOT_EXIST
+        )
         mine[0][4].fill_(7.0)
         mine[1][4].fill_(8.0)
         assert cpp.push_blocks(local_id, 6, remote_id, arr(u64, [4]), arr(u64, [6]), 1) == S.LLM_PARAM_INVALID

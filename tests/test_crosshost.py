@@ -48,8 +48,15 @@ def host(pair, side, cluster_id, wait=True, **kwargs):
     """A peer process on one side of the pair, listening on that side's address."""
     address = pair.addr_a if side == "a" else pair.addr_b
     options = {"llm.ListenIpInfo": f"{address}:0", **kwargs.pop("options", {})}
-    return Peer(cluster_id, wait_ms=WAIT_MS, options=options, netns=pair.a if side == "a" else pair.b,
-                env=pair.env(side), wait=wait, **kwargs)
+    return Peer(
+        cluster_id,
+        wait_ms=WAIT_MS,
+        options=options,
+        netns=pair.a if side == "a" else pair.b,
+        env=pair.env(side),
+        wait=wait,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -40,8 +40,9 @@ def registry():
 
 
 def test_every_object_renders_its_fields_as_html(registry):
-    cache = kv.register_kv_cache([torch.zeros(8, 4, dtype=torch.float16) for _ in range(2)],
-                                 kv.RegisterCfg(remote_accessible=True))
+    cache = kv.register_kv_cache(
+        [torch.zeros(8, 4, dtype=torch.float16) for _ in range(2)], kv.RegisterCfg(remote_accessible=True)
+    )
     cells = Cells(cache._repr_html_()).cells
     assert cells[0] == f"Cache {cache.cache_id}" and "registered" in cells and "yes" in cells
     assert "DT_FLOAT16" in cells and "(8, 4)" in cells and "128 B" in cells
@@ -92,7 +93,7 @@ def test_the_cache_table_in_text_and_html(registry):
     # Aligned: every column starts where its header starts.
     starts = [text[0].index(name) for name in ("placement", "dtype", "tensors", "bytes", "remote")]
     for line in text[2:]:
-        assert all(line[start - 2:start] == "  " and line[start] != " " for start in starts), line
+        assert all(line[start - 2 : start] == "  " and line[start] != " " for start in starts), line
     assert text[2].split()[:5] == [str(a.cache_id), "HOST", "DT_BF16", "(16,", "8)"]
     assert text[2].split()[5:] == ["4", "1.00", "KiB", "no", "0"]
     assert text[3].split()[-2:] == ["yes", "1"]  # remote-accessible, one transfer holding it

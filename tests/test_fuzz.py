@@ -27,8 +27,27 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=6),
     max_leaves=30,
 )
-keys = st.sampled_from(["v", "op", "ok", "cluster_id", "agent", "md", "cache_id", "lease", "cache", "status",
-                        "message", "num_tensors", "data_type", "shape", "placement", "device_index", "addrs"])
+keys = st.sampled_from(
+    [
+        "v",
+        "op",
+        "ok",
+        "cluster_id",
+        "agent",
+        "md",
+        "cache_id",
+        "lease",
+        "cache",
+        "status",
+        "message",
+        "num_tensors",
+        "data_type",
+        "shape",
+        "placement",
+        "device_index",
+        "addrs",
+    ]
+)
 messages = st.dictionaries(keys, json_values, max_size=10).map(lambda d: {**d, "v": d.get("v", 1)})
 
 
@@ -123,7 +142,8 @@ def test_raw_address_register_path(desc, addrs):
     num_tensors, data_type, shape, placement, device_index = desc
     try:
         cache_id = torch.ops.llm.register_kv_cache.addrs(
-            num_tensors, data_type, shape, placement, device_index, addrs, False, -1)
+            num_tensors, data_type, shape, placement, device_index, addrs, False, -1
+        )
     except (ValueError, IndexError, TypeError, RuntimeError, OverflowError) as exc:
         message = str(exc)
         # Values outside int64 are refused by the op binding itself; everything else is ours.
@@ -156,19 +176,30 @@ def test_live_control_server_survives_random_frames():
     tensors = [torch.arange(64.0).reshape(8, 8)]
     cache = kv.register_kv_cache(tensors, kv.RegisterCfg(remote_accessible=True))
     outcomes = collections.Counter()  # what the server answered
-    near_valid = st.fixed_dictionaries({
-        "op": st.sampled_from(["acquire", "acquire", "hello", "release", "bye", "bogus"]),
-        "cache_id": st.sampled_from([cache.cache_id, cache.cache_id + 1, 10**6, 0, -1, 2**63, "1"]),
-        "lease": st.integers(-1, 3), "cluster_id": st.integers(-1, 3), "agent": st.text(max_size=3),
-    }).map(protocol.encode)
+    near_valid = st.fixed_dictionaries(
+        {
+            "op": st.sampled_from(["acquire", "acquire", "hello", "release", "bye", "bogus"]),
+            "cache_id": st.sampled_from([cache.cache_id, cache.cache_id + 1, 10**6, 0, -1, 2**63, "1"]),
+            "lease": st.integers(-1, 3),
+            "cluster_id": st.integers(-1, 3),
+            "agent": st.text(max_size=3),
+        }
+    ).map(protocol.encode)
 
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-    @given(frames=st.lists(st.one_of(
-        st.binary(max_size=64),
-        messages.map(lambda m: protocol.encode({k: v for k, v in m.items() if k != "v"})),
-        near_valid, near_valid,
-        st.builds(lambda n, b: struct.pack(">I", n) + b, st.integers(0, 2**32 - 1), st.binary(max_size=16)),
-    ), min_size=1, max_size=3))
+    @given(
+        frames=st.lists(
+            st.one_of(
+                st.binary(max_size=64),
+                messages.map(lambda m: protocol.encode({k: v for k, v in m.items() if k != "v"})),
+                near_valid,
+                near_valid,
+                st.builds(lambda n, b: struct.pack(">I", n) + b, st.integers(0, 2**32 - 1), st.binary(max_size=16)),
+            ),
+            min_size=1,
+            max_size=3,
+        )
+    )
     def fire(frames):
         for reply in replies_to(host, port, frames, outcomes):
             outcomes["ok" if reply.get("ok") is True else reply.get("status")] += 1

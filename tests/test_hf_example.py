@@ -23,6 +23,7 @@ def example():
     sys.path.insert(0, str(EXAMPLES))
     try:
         import hf_disaggregated_serving
+
         yield hf_disaggregated_serving
     finally:
         sys.path.remove(str(EXAMPLES))
@@ -58,7 +59,20 @@ def test_the_tokens_depend_on_the_kv_that_landed(example):
 
 
 def test_demo_script_runs():
-    result = subprocess.run([sys.executable, str(EXAMPLES / "hf_disaggregated_serving.py"), "--new-tokens", "8",
-                             "--batch", "2", "--prompt-len", "24"], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "hf_disaggregated_serving.py"),
+            "--new-tokens",
+            "8",
+            "--batch",
+            "2",
+            "--prompt-len",
+            "24",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK: disaggregated tokens equal the single-process generate" in result.stdout

@@ -80,22 +80,40 @@ def test_views_of_one_buffer_register_as_layers(kv):
 LAYOUT_CASES = [
     ("not a layout", lambda: kv.register_layer_caches([torch.zeros(4, 4)]), kv.LLMParamInvalidError),
     ("ambiguous 2x2", lambda: kv.register_layer_caches([torch.zeros(2, 2, B, H, D)]), kv.LLMParamInvalidError),
-    ("unknown layout name", lambda: kv.register_layer_caches([torch.zeros(N, B, D)], layout="paged"),
-     kv.LLMParamInvalidError),
-    ("layout that does not fit", lambda: kv.register_layer_caches([torch.zeros(N, B, D)], layout="flash_attn"),
-     kv.LLMParamInvalidError),
-    ("mixed layouts", lambda: kv.register_layer_caches([torch.zeros(2, N, B, H, D), torch.zeros(N, 2, B, H, D)]),
-     kv.LLMParamInvalidError),
-    ("mixed shapes", lambda: kv.register_layer_caches([torch.zeros(2, N, B, H, D), torch.zeros(2, N, B, H, 4)]),
-     kv.LLMParamInvalidError),
-    ("a strided view", lambda: kv.register_layer_caches([torch.zeros(2, N, B, H, 2 * D)[..., ::2]]),
-     kv.LLMParamInvalidError),
+    (
+        "unknown layout name",
+        lambda: kv.register_layer_caches([torch.zeros(N, B, D)], layout="paged"),
+        kv.LLMParamInvalidError,
+    ),
+    (
+        "layout that does not fit",
+        lambda: kv.register_layer_caches([torch.zeros(N, B, D)], layout="flash_attn"),
+        kv.LLMParamInvalidError,
+    ),
+    (
+        "mixed layouts",
+        lambda: kv.register_layer_caches([torch.zeros(2, N, B, H, D), torch.zeros(N, 2, B, H, D)]),
+        kv.LLMParamInvalidError,
+    ),
+    (
+        "mixed shapes",
+        lambda: kv.register_layer_caches([torch.zeros(2, N, B, H, D), torch.zeros(2, N, B, H, 4)]),
+        kv.LLMParamInvalidError,
+    ),
+    (
+        "a strided view",
+        lambda: kv.register_layer_caches([torch.zeros(2, N, B, H, 2 * D)[..., ::2]]),
+        kv.LLMParamInvalidError,
+    ),
     ("empty", lambda: kv.register_layer_caches({}), kv.LLMParamInvalidError),
     ("not tensors", lambda: kv.register_layer_caches({"a": [1, 2]}), kv.LLMTypeError),
     ("a string", lambda: kv.register_layer_caches("layers"), kv.LLMTypeError),
     ("non-str names", lambda: kv.register_layer_caches({1: torch.zeros(N, B, D)}), kv.LLMTypeError),
-    ("unknown layer name", lambda: kv.register_layer_caches({"a": torch.zeros(N, B, D)}).layer("b"),
-     kv.LLMParamInvalidError),
+    (
+        "unknown layer name",
+        lambda: kv.register_layer_caches({"a": torch.zeros(N, B, D)}).layer("b"),
+        kv.LLMParamInvalidError,
+    ),
 ]
 
 

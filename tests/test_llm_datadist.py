@@ -162,8 +162,12 @@ class World:
 
     def state(self):
         caches = kv.registered_caches()
-        return (kv.usage(), caches, [kv.cache_keys(c) for c in caches],
-                [t.clone() for t in self.tensors + self.batch_t])
+        return (
+            kv.usage(),
+            caches,
+            [kv.cache_keys(c) for c in caches],
+            [t.clone() for t in self.tensors + self.batch_t],
+        )
 
 
 def cluster(remote_id=None, ip=None):

@@ -50,10 +50,20 @@ def free_ports(count):
 
 def run_pair(program: str) -> dict:
     prompt_port, decoder_port, master_port = free_ports(3)
-    command = [sys.executable, str(PROGRAMS / f"{program}.py"), "--prompt_port", str(prompt_port),
-               "--decoder_port", str(decoder_port), "--master_port", str(master_port)]
-    procs = {role: subprocess.Popen(command + ["--role", role], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True) for role in ("p", "d")}
+    command = [
+        sys.executable,
+        str(PROGRAMS / f"{program}.py"),
+        "--prompt_port",
+        str(prompt_port),
+        "--decoder_port",
+        str(decoder_port),
+        "--master_port",
+        str(master_port),
+    ]
+    procs = {
+        role: subprocess.Popen(command + ["--role", role], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for role in ("p", "d")
+    }
     logs = {}
     try:
         for role, proc in procs.items():

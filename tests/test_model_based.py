@@ -72,12 +72,12 @@ class RegistryMachine(RuleBasedStateMachine):
             return LLMStatusCode.LLM_FAILED, "uninitialized"
         new = self.ranges(pool, offsets, nblocks)
         for i, (p, s, e) in enumerate(new):
-            for (p2, s2, e2) in new[:i]:
+            for p2, s2, e2 in new[:i]:
                 if p == p2 and s < e2 and s2 < e:
                     return LLMStatusCode.LLM_PARAM_INVALID, "overlap_refused"
         for c_pool, c_offsets, c_blocks, _ in self.caches.values():
-            for (p, s, e) in new:
-                for (p2, s2, e2) in self.ranges(c_pool, c_offsets, c_blocks):
+            for p, s, e in new:
+                for p2, s2, e2 in self.ranges(c_pool, c_offsets, c_blocks):
                     if p == p2 and s < e2 and s2 < e:
                         return LLMStatusCode.LLM_PARAM_INVALID, "overlap_refused"
         addrs = sum(len(c[1]) for c in self.caches.values()) + len(offsets)
@@ -89,7 +89,7 @@ class RegistryMachine(RuleBasedStateMachine):
         return None, "register"
 
     def view(self, pool, offset, nblocks, dtype):
-        raw = self.pools[pool][offset:offset + nblocks * WIDTH_BYTES]
+        raw = self.pools[pool][offset : offset + nblocks * WIDTH_BYTES]
         return raw.view(dtype).view(nblocks, WIDTH_BYTES // dtype.itemsize)
 
     @staticmethod
@@ -124,8 +124,13 @@ class RegistryMachine(RuleBasedStateMachine):
         self.initialized = False
         self.caches.clear()
 
-    @rule(pool=st.integers(0, POOLS - 1), slots=st.lists(st.integers(0, 14), min_size=1, max_size=2),
-          nblocks=st.integers(4, 8), dtype=st.sampled_from(DTYPES), raw=st.booleans())
+    @rule(
+        pool=st.integers(0, POOLS - 1),
+        slots=st.lists(st.integers(0, 14), min_size=1, max_size=2),
+        nblocks=st.integers(4, 8),
+        dtype=st.sampled_from(DTYPES),
+        raw=st.booleans(),
+    )
     def register(self, pool, slots, nblocks, dtype, raw):
         offsets = [s * SLOT_BYTES for s in slots]
         error, event = self.predicted_register_error(pool, offsets, nblocks)
@@ -240,10 +245,12 @@ class RegistryMachine(RuleBasedStateMachine):
             return
         RegistryMachine.events["cross_cache_copy" if dst_id != src_id else "self_copy"] += 1
         for s_off, d_off in zip(src[1], dst[1]):
-            chunks = [self.expected[src[0]][s_off + s * WIDTH_BYTES:s_off + (s + 1) * WIDTH_BYTES].clone()
-                      for s in src_blocks]
+            chunks = [
+                self.expected[src[0]][s_off + s * WIDTH_BYTES : s_off + (s + 1) * WIDTH_BYTES].clone()
+                for s in src_blocks
+            ]
             for d, chunk in zip(dst_blocks, chunks):
-                self.expected[dst[0]][d_off + d * WIDTH_BYTES:d_off + (d + 1) * WIDTH_BYTES] = chunk
+                self.expected[dst[0]][d_off + d * WIDTH_BYTES : d_off + (d + 1) * WIDTH_BYTES] = chunk
 
     # --- invariants --------------------------------------------------------------------
     @invariant()

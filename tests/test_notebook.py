@@ -35,8 +35,9 @@ def test_the_notebook_runs_in_a_kernel_and_shows_its_results(tmp_path):
     pytest.importorskip("ipykernel")
     pytest.importorskip("matplotlib")
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     shown = [outputs_of(cell) for cell in code]

@@ -44,16 +44,27 @@ def run_lists(draw):
 
 
 @settings(max_examples=400, deadline=None)
-@given(pairs=st.one_of(st.tuples(lists, lists), run_lists()), src_n=st.integers(1, 40),
-       dst_n=st.integers(1, 40), max_run=st.integers(1, 6), huge=st.booleans())
+@given(
+    pairs=st.one_of(st.tuples(lists, lists), run_lists()),
+    src_n=st.integers(1, 40),
+    dst_n=st.integers(1, 40),
+    max_run=st.integers(1, 6),
+    huge=st.booleans(),
+)
 def test_planner_matches_reference(pairs, src_n, dst_n, max_run, huge):
     src_blocks, dst_blocks = pairs
     # huge: the caches claim 2**40 extra blocks, so the checks take the sorted-list path.
     extra = (1 << 40) if huge else 0
     expected_error = reference_error(src_blocks, dst_blocks, src_n + extra, dst_n + extra)
     call = lambda: kv._C.plan_blocks(  # noqa: E731
-        fields(src_n + extra), 1, fields(dst_n + extra), 2, torch.tensor(src_blocks, dtype=torch.int64),
-        torch.tensor(dst_blocks, dtype=torch.int64), max_run * BLOCK_NBYTES)
+        fields(src_n + extra),
+        1,
+        fields(dst_n + extra),
+        2,
+        torch.tensor(src_blocks, dtype=torch.int64),
+        torch.tensor(dst_blocks, dtype=torch.int64),
+        max_run * BLOCK_NBYTES,
+    )
     if expected_error is not None:
         with pytest.raises(expected_error):
             kv.errors.raises_llm(call)()

@@ -180,9 +180,9 @@ ACROSS_CALLS = [
 @pytest.mark.parametrize("form", ["tensors", "addrs"])
 def test_overlap_table_across_calls(kv, name, new, accepted, form):
     pool = torch.zeros(1000, dtype=torch.int8)
-    live = kv.register_kv_cache(pool[LIVE[0]:LIVE[1]])
+    live = kv.register_kv_cache(pool[LIVE[0] : LIVE[1]])
     before = (kv.usage(), kv.registered_caches())
-    view = pool[new[0]:new[1]]
+    view = pool[new[0] : new[1]]
     if form == "tensors":
         call = lambda: kv.register_kv_cache(view)  # noqa: E731
     else:
@@ -227,7 +227,7 @@ def test_overlap_table_within_one_call(kv, name, offsets, size, accepted):
         assert "of this call overlap" in str(info.value)
         if offsets[0] != offsets[1]:  # the views form refuses it the same way
             with pytest.raises(kv.LLMParamInvalidError):
-                kv.register_kv_cache([pool[o:o + size] for o in offsets])
+                kv.register_kv_cache([pool[o : o + size] for o in offsets])
     assert (kv.usage(), kv.registered_caches()) == before
 
 
@@ -256,7 +256,6 @@ def test_host_memory_pinned_and_unpinned():
     unpinned = torch.zeros(1 << 16)
     kv.register_kv_cache(unpinned, RegisterCfg(pin_host_memory=False))
     assert not unpinned.is_pinned()
-
 
 
 def test_finalize_runs_at_exit():

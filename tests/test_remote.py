@@ -102,9 +102,11 @@ def test_private_peer_caches_cannot_be_pulled_or_pushed(peer, decoder, remote):
     private_id = peer.call("register", (2, 8, BLOCK_SHAPE, 13, remote))
     mine = [torch.full((8, *BLOCK_SHAPE), 3.0, dtype=torch.float16) for _ in range(2)]
     local = kv.register_kv_cache(mine)
-    for call in (lambda: kv.pull_kv_blocks(CacheIndex(7, private_id), local, [0, 1], [2, 3]),
-                 lambda: kv.push_kv_blocks(local, CacheIndex(7, private_id), [0, 1], [2, 3]),
-                 lambda: kv.pull_kv_cache(CacheIndex(7, private_id, 1), local)):
+    for call in (
+        lambda: kv.pull_kv_blocks(CacheIndex(7, private_id), local, [0, 1], [2, 3]),
+        lambda: kv.push_kv_blocks(local, CacheIndex(7, private_id), [0, 1], [2, 3]),
+        lambda: kv.pull_kv_cache(CacheIndex(7, private_id, 1), local),
+    ):
         with pytest.raises(kv.LLMKVCacheNotExistError) as info:
             call()
         assert "remote_accessible=False" in str(info.value)
@@ -129,6 +131,7 @@ def test_nixl_failure_releases_everything(peer, failure, monkeypatch):
         monkeypatch.setattr(agent, "transfer", lambda handle, *args, **kwargs: "ERR")
         expected = LLMStatusCode.LLM_LINK_FAILED
     else:
+
         def still_running(handle):
             polls["count"] += 1
             return "PROC"
@@ -137,8 +140,10 @@ def test_nixl_failure_releases_everything(peer, failure, monkeypatch):
         monkeypatch.setattr(agent, "check_xfer_state", still_running)
         expected = LLMStatusCode.LLM_TIMEOUT
     start = time.monotonic()
-    for call in (lambda: kv.pull_kv_blocks(CacheIndex(7, remote_id), local, [0, 1], [2, 3]),
-                 lambda: kv.push_kv_blocks(local, CacheIndex(7, remote_id), [0], [5])):
+    for call in (
+        lambda: kv.pull_kv_blocks(CacheIndex(7, remote_id), local, [0, 1], [2, 3]),
+        lambda: kv.push_kv_blocks(local, CacheIndex(7, remote_id), [0], [5]),
+    ):
         with pytest.raises(kv.LLMException) as info:
             call()
         assert info.value.status_code == expected, info.value
@@ -258,8 +263,9 @@ def test_disaggregated_example_matches_single_process():
     import sys
 
     script = pathlib.Path(__file__).resolve().parent.parent / "examples" / "disaggregated_prefill_decode.py"
-    result = subprocess.run([sys.executable, str(script), "--new-tokens", "12"], capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(script), "--new-tokens", "12"], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK: disaggregated tokens equal the single-process run" in result.stdout
     assert "pulled" in result.stdout and "GB/s" in result.stdout

@@ -46,8 +46,12 @@ def test_local_copies_are_counted_with_their_bytes_and_failures(local):
     assert latency["samples"] == 7 and 0 < latency["p50"] <= latency["p99"] < 5
     assert figures["pull"]["ops"] == figures["push"]["ops"] == 0
     kv.reset_stats()
-    assert kv.stats()["local_copy"] == {"ops": 0, "bytes": 0, "failures": {},
-                                        "latency_s": {"p50": None, "p99": None, "samples": 0}}
+    assert kv.stats()["local_copy"] == {
+        "ops": 0,
+        "bytes": 0,
+        "failures": {},
+        "latency_s": {"p50": None, "p99": None, "samples": 0},
+    }
 
 
 def test_the_latency_window_is_bounded_and_its_quantiles_are_right():
@@ -121,8 +125,10 @@ def test_transfers_log_through_the_torch_kvreg_logger(local, caplog):
         kv.copy_kv_blocks_async(src, dst, [0], [1]).wait()
         failing = kv.copy_kv_blocks_async(src, dst, [0], [2])
         failing.wait()
-    assert any(r.name == "torch_kvreg" and r.levelno == logging.DEBUG and "local copy" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        r.name == "torch_kvreg" and r.levelno == logging.DEBUG and "local copy" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_the_library_never_prints(local, capsys):
@@ -132,7 +138,10 @@ def test_the_library_never_prints(local, capsys):
     kv.stats()
     assert capsys.readouterr() == ("", "")
     package = pathlib.Path(kv.__file__).parent
-    printing = [f"{path.relative_to(package)}:{n}" for path in package.rglob("*.py")
-                for n, line in enumerate(path.read_text().splitlines(), 1)
-                if re.match(r"\s*print\(", line) and path.name != "config.py"]  # config.py is a CLI
+    printing = [
+        f"{path.relative_to(package)}:{n}"
+        for path in package.rglob("*.py")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if re.match(r"\s*print\(", line) and path.name != "config.py"
+    ]  # config.py is a CLI
     assert printing == []

@@ -15,8 +15,9 @@ import sysconfig
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SKIP = shutil.ignore_patterns(".git", ".venv*", "build*", "dist", "*.so", "__pycache__", ".hypothesis",
-                              ".pytest_cache", "*.egg-info")
+SKIP = shutil.ignore_patterns(
+    ".git", ".venv*", "build*", "dist", "*.so", "__pycache__", ".hypothesis", ".pytest_cache", "*.egg-info"
+)
 
 
 def run(*args, **kwargs):
@@ -45,8 +46,10 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
     elsewhere.mkdir()
     shutil.copy(ROOT / "examples" / "quickstart.py", elsewhere / "quickstart.py")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    probe = ("import importlib.metadata, torch_kvreg; "
-             "print(torch_kvreg.__file__); print(torch_kvreg.__version__, importlib.metadata.version('torch_kvreg'))")
+    probe = (
+        "import importlib.metadata, torch_kvreg; "
+        "print(torch_kvreg.__file__); print(torch_kvreg.__version__, importlib.metadata.version('torch_kvreg'))"
+    )
     where, versions = run(python, "-c", probe, cwd=elsewhere, env=env).strip().splitlines()
     assert where.startswith(site) and str(ROOT) not in where
     version = versions.split()[0]

@@ -74,16 +74,48 @@ def _layers(first_stop: tuple[int, int]):
 
 
 @_status
-def transfer(pull, blocks, cluster_id, remote_cache_id, local_cache_id, src_blocks, dst_blocks, remote_index,
-             local_index, size, local_layers, remote_layers, tensors_per_layer):
+def transfer(
+    pull,
+    blocks,
+    cluster_id,
+    remote_cache_id,
+    local_cache_id,
+    src_blocks,
+    dst_blocks,
+    remote_index,
+    local_index,
+    size,
+    local_layers,
+    remote_layers,
+    tensors_per_layer,
+):
     from . import registry, remote
     from .errors import raises_llm
 
     local = registry.get_cache(local_cache_id)
     operation = "READ" if pull else "WRITE"
     if blocks:
-        raises_llm(remote.transfer_blocks)(operation, local, cluster_id, remote_cache_id, src_blocks, dst_blocks,
-                                           _layers(local_layers), _layers(remote_layers), tensors_per_layer)
+        raises_llm(remote.transfer_blocks)(
+            operation,
+            local,
+            cluster_id,
+            remote_cache_id,
+            src_blocks,
+            dst_blocks,
+            _layers(local_layers),
+            _layers(remote_layers),
+            tensors_per_layer,
+        )
     else:
-        raises_llm(remote.transfer_slice)(operation, local, cluster_id, remote_cache_id, remote_index, local_index,
-                                          size, _layers(local_layers), _layers(remote_layers), tensors_per_layer)
+        raises_llm(remote.transfer_slice)(
+            operation,
+            local,
+            cluster_id,
+            remote_cache_id,
+            remote_index,
+            local_index,
+            size,
+            _layers(local_layers),
+            _layers(remote_layers),
+            tensors_per_layer,
+        )

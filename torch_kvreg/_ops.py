@@ -64,8 +64,9 @@ def _start_pull_kv_blocks_kernel(cluster_id, src_cache_id, dst_cache_id, src_blo
     from .remote import pull_kv_blocks_async
     from .types import CacheIndex
 
-    transfer = pull_kv_blocks_async(CacheIndex(cluster_id, int(src_cache_id)), int(dst_cache_id), src_blocks,
-                                    dst_blocks)
+    transfer = pull_kv_blocks_async(
+        CacheIndex(cluster_id, int(src_cache_id)), int(dst_cache_id), src_blocks, dst_blocks
+    )
     return remember(transfer)
 
 
@@ -107,8 +108,14 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("llm::register_kv_cache.addrs")
     def _register_kv_cache_addrs_fake(
-        num_tensors, data_type, shape, placement, device_index, addrs,
-        pin_host_memory=True, remote_accessible=-1,
+        num_tensors,
+        data_type,
+        shape,
+        placement,
+        device_index,
+        addrs,
+        pin_host_memory=True,
+        remote_accessible=-1,
     ):
         return _new_cache_id()
 
@@ -123,9 +130,7 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("llm::copy_kv_cache")
-    def _copy_kv_cache_fake(
-        src_cache_id, dst_cache_id, src_batch_index=0, dst_batch_index=0, offset=0, size=-1
-    ):
+    def _copy_kv_cache_fake(src_cache_id, dst_cache_id, src_batch_index=0, dst_batch_index=0, offset=0, size=-1):
         return None
 
     @torch.library.register_fake("llm::pull_kv_blocks")

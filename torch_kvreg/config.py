@@ -36,8 +36,9 @@ def cflags() -> list[str]:
 def libs() -> list[str]:
     """Link flags; LLM_FEATURE_NOT_ENABLED-style advice if the library was not built."""
     if not (library_dir() / "libtorch_kvreg.so").is_file():
-        raise FileNotFoundError(f"{library_dir() / 'libtorch_kvreg.so'} is missing: build torch_kvreg first "
-                                "(make build, or pip install)")
+        raise FileNotFoundError(
+            f"{library_dir() / 'libtorch_kvreg.so'} is missing: build torch_kvreg first (make build, or pip install)"
+        )
     return [f"-L{library_dir()}", "-ltorch_kvreg", f"-Wl,-rpath,{library_dir()}"]
 
 

@@ -78,8 +78,7 @@ def stats() -> dict[str, dict]:
                 "ops": figures.ops,
                 "bytes": figures.bytes,
                 "failures": dict(figures.failures),
-                "latency_s": {"p50": _quantile(ordered, 0.5), "p99": _quantile(ordered, 0.99),
-                              "samples": len(ordered)},
+                "latency_s": {"p50": _quantile(ordered, 0.5), "p99": _quantile(ordered, 0.99), "samples": len(ordered)},
             }
     return out
 

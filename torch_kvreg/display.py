@@ -19,8 +19,10 @@ def card(title: str, fields: Callable[[], Sequence[tuple[str, object]]]) -> str:
         rows = list(fields())
     except Exception as exc:  # noqa: BLE001  (rendering must not raise)
         rows = [("unavailable", f"{type(exc).__name__}: {exc}")]
-    body = "".join(f"<tr><th style='{_CELL}'>{html.escape(str(name))}</th>"
-                   f"<td style='{_CELL}'>{html.escape(str(value))}</td></tr>" for name, value in rows)
+    body = "".join(
+        f"<tr><th style='{_CELL}'>{html.escape(str(name))}</th><td style='{_CELL}'>{html.escape(str(value))}</td></tr>"
+        for name, value in rows
+    )
     return (
         f"<table style='{_STYLE}'><caption style='text-align:left'><b>{html.escape(title)}</b></caption>{body}</table>"
     )

@@ -30,8 +30,9 @@ class Transfer:
 
     _ids = itertools.count(1)
 
-    def __init__(self, nbytes: int = 0, dst_blocks: Sequence[int] = (), description: str = "transfer",
-                 path: str | None = None):
+    def __init__(
+        self, nbytes: int = 0, dst_blocks: Sequence[int] = (), description: str = "transfer", path: str | None = None
+    ):
         self.transfer_id = next(Transfer._ids)
         self.path = path  # "local_copy", "pull" or "push": counted in torch_kvreg.stats()
         self.nbytes = int(nbytes)
@@ -90,17 +91,27 @@ class Transfer:
         if self.path is not None:
             counters.record(self.path, self.nbytes, self._finished - self._started, status)
         if error is None:
-            log.debug("%s: %s in %.3f ms", self.description, format_bytes(self.nbytes),
-                      (self._finished - self._started) * 1e3)
+            log.debug(
+                "%s: %s in %.3f ms", self.description, format_bytes(self.nbytes), (self._finished - self._started) * 1e3
+            )
         else:
             log.warning("%s failed: %s", self.description, error)
         self._done.set()
 
     def _repr_html_(self) -> str:
-        return display.card(f"Transfer {self.transfer_id}", lambda: [
-            ("what", self.description), ("state", "in flight" if self.status is None else self.status.name),
-            ("bytes", format_bytes(self.nbytes)), ("elapsed", f"{self.elapsed_s * 1e3:.2f} ms"),
-            ("failed blocks", self.failed_blocks if self.done() and self.status != LLMStatusCode.LLM_SUCCESS else [])])
+        return display.card(
+            f"Transfer {self.transfer_id}",
+            lambda: [
+                ("what", self.description),
+                ("state", "in flight" if self.status is None else self.status.name),
+                ("bytes", format_bytes(self.nbytes)),
+                ("elapsed", f"{self.elapsed_s * 1e3:.2f} ms"),
+                (
+                    "failed blocks",
+                    self.failed_blocks if self.done() and self.status != LLMStatusCode.LLM_SUCCESS else [],
+                ),
+            ],
+        )
 
     def __repr__(self) -> str:
         state = "in flight" if self.status is None else self.status.name
@@ -123,8 +134,11 @@ def take(transfer_id: int) -> Transfer:
     with _table_lock:
         transfer = _table.pop(int(transfer_id), None)
     if transfer is None:
-        raise make_error(LLMStatusCode.LLM_PARAM_INVALID,
-                         f"transfer id {transfer_id} is unknown or was already waited for", ValueError)
+        raise make_error(
+            LLMStatusCode.LLM_PARAM_INVALID,
+            f"transfer id {transfer_id} is unknown or was already waited for",
+            ValueError,
+        )
     return transfer
 
 

@@ -38,8 +38,10 @@ def _physical(tensor: torch.Tensor) -> torch.Tensor:
         physical = tensor.permute(*_HND)
         if physical.is_contiguous():
             return physical
-    raise param_invalid(f"a layer tensor of shape {tuple(tensor.shape)} and strides {tensor.stride()} is neither "
-                        "contiguous nor an HND view of a contiguous tensor")
+    raise param_invalid(
+        f"a layer tensor of shape {tuple(tensor.shape)} and strides {tensor.stride()} is neither "
+        "contiguous nor an HND view of a contiguous tensor"
+    )
 
 
 def detect_layout(tensor: torch.Tensor) -> str:
@@ -57,10 +59,13 @@ def detect_layout(tensor: torch.Tensor) -> str:
     if tensor.dim() == 3:
         return "mla"
     if tensor.dim() == 5 and tensor.shape[0] == 2 and tensor.shape[1] == 2:
-        raise param_invalid(f"shape {tuple(tensor.shape)} fits both flash_attn (2, N, ...) and flashinfer "
-                            "(N, 2, ...); pass layout=")
-    raise param_invalid(f"a layer tensor of shape {tuple(tensor.shape)} is no recognised KV-cache layout: "
-                        "flash_attn (2, N, B, H, D), flashinfer (N, 2, B, H, D) or mla (N, B, D)")
+        raise param_invalid(
+            f"shape {tuple(tensor.shape)} fits both flash_attn (2, N, ...) and flashinfer (N, 2, ...); pass layout="
+        )
+    raise param_invalid(
+        f"a layer tensor of shape {tuple(tensor.shape)} is no recognised KV-cache layout: "
+        "flash_attn (2, N, B, H, D), flashinfer (N, 2, B, H, D) or mla (N, B, D)"
+    )
 
 
 def _split(tensor: torch.Tensor, layout: str) -> list[torch.Tensor]:
@@ -85,8 +90,9 @@ def _named(caches) -> list[tuple[str, torch.Tensor]]:
     elif isinstance(caches, Sequence) and not isinstance(caches, (str, bytes)):
         items = [(str(i), tensor) for i, tensor in enumerate(caches)]
     else:
-        raise wrong_type(f"caches must be a dict of layer name to tensor or a list of tensors, got "
-                         f"{type(caches).__name__}")
+        raise wrong_type(
+            f"caches must be a dict of layer name to tensor or a list of tensors, got {type(caches).__name__}"
+        )
     if not items:
         raise param_invalid("caches is empty")
     for name, tensor in items:
@@ -98,8 +104,12 @@ def _named(caches) -> list[tuple[str, torch.Tensor]]:
 
 
 @raises_llm
-def register_layer_caches(caches: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
-                          cfg: RegisterCfg | None = None, *, layout: str | None = None) -> Cache:
+def register_layer_caches(
+    caches: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
+    cfg: RegisterCfg | None = None,
+    *,
+    layout: str | None = None,
+) -> Cache:
     """Registers a serving engine's per-layer caches as one cache, K,V per layer in layer
     order; ``Cache.layer_names`` / ``Cache.layer(name)`` map the engine's names to layers.
 

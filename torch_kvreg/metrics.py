@@ -25,13 +25,17 @@ class TransferCollector:
 
         figures = stats()
         ops = CounterMetricFamily("torch_kvreg_transfers", "Transfers finished, by path", labels=["path"])
-        moved = CounterMetricFamily("torch_kvreg_transfer_bytes", "Bytes moved by successful transfers",
-                                    labels=["path"])
-        failures = CounterMetricFamily("torch_kvreg_transfer_failures", "Failed transfers, by LLM status",
-                                       labels=["path", "status"])
-        latency = GaugeMetricFamily("torch_kvreg_transfer_latency_seconds",
-                                    "Transfer latency quantiles over the last transfers of a path",
-                                    labels=["path", "quantile"])
+        moved = CounterMetricFamily(
+            "torch_kvreg_transfer_bytes", "Bytes moved by successful transfers", labels=["path"]
+        )
+        failures = CounterMetricFamily(
+            "torch_kvreg_transfer_failures", "Failed transfers, by LLM status", labels=["path", "status"]
+        )
+        latency = GaugeMetricFamily(
+            "torch_kvreg_transfer_latency_seconds",
+            "Transfer latency quantiles over the last transfers of a path",
+            labels=["path", "quantile"],
+        )
         for path, path_figures in figures.items():
             ops.add_metric([path], path_figures["ops"])
             moved.add_metric([path], path_figures["bytes"])
@@ -50,7 +54,8 @@ def collector() -> TransferCollector:
     try:
         import prometheus_client  # noqa: F401
     except ImportError:
-        raise make_error(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
-                         "torch_kvreg.metrics.collector() needs prometheus_client "
-                         "(pip install prometheus-client)") from None
+        raise make_error(
+            LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
+            "torch_kvreg.metrics.collector() needs prometheus_client (pip install prometheus-client)",
+        ) from None
     return TransferCollector()

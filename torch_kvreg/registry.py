@@ -384,8 +384,16 @@ def register_kv_cache(
             if not 0 < addr <= _MAX_ADDRESS:
                 raise param_invalid(f"addrs[{i}] = {addr} is not a valid (non-null, 63-bit) address")
         pin, remote = _cfg_args(cfg)
-        fields = (desc.num_tensors, int(desc.data_type), list(desc.shape), int(desc.placement),
-                  desc.device_index, addr_list, pin, remote)
+        fields = (
+            desc.num_tensors,
+            int(desc.data_type),
+            list(desc.shape),
+            int(desc.placement),
+            desc.device_index,
+            addr_list,
+            pin,
+            remote,
+        )
         if keys:
             cache_id = _C.register_addrs(*fields, _keys(keys))
         else:
@@ -448,8 +456,18 @@ def registered_caches_table() -> display.Table:
             except RuntimeError:  # unregistered since cache_ids()
                 continue
             desc = cache_from_native(values).cache_desc
-            rows.append([cache_id, desc.placement.name, desc.data_type.name, tuple(desc.shape), desc.num_tensors,
-                         format_bytes(desc.nbytes), "yes" if values[7] else "no", _C.in_flight(cache_id)])
+            rows.append(
+                [
+                    cache_id,
+                    desc.placement.name,
+                    desc.data_type.name,
+                    tuple(desc.shape),
+                    desc.num_tensors,
+                    format_bytes(desc.nbytes),
+                    "yes" if values[7] else "no",
+                    _C.in_flight(cache_id),
+                ]
+            )
     return display.Table(["id", "placement", "dtype", "shape", "tensors", "bytes", "remote", "in flight"], rows)
 
 

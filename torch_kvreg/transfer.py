@@ -60,8 +60,15 @@ def _layer_tensors(src_id: int, dst_id: int, layers, tensors_per_layer) -> tuple
 
 
 @raises_llm
-def copy_kv_blocks(src: Cache | int, dst: Cache | int, src_blocks, dst_blocks, *,
-                   layers: range | None = None, tensors_per_layer: int = 2) -> None:
+def copy_kv_blocks(
+    src: Cache | int,
+    dst: Cache | int,
+    src_blocks,
+    dst_blocks,
+    *,
+    layers: range | None = None,
+    tensors_per_layer: int = 2,
+) -> None:
     """Copies dim-0 slice ``src_blocks[j]`` of every src tensor to ``dst_blocks[j]`` of dst.
 
     Works HOST->HOST, HOST->DEVICE, DEVICE->HOST and DEVICE->DEVICE; ordered on the
@@ -158,8 +165,15 @@ def copy_kv_cache(
 
 
 @raises_llm
-def copy_kv_blocks_async(src: Cache | int, dst: Cache | int, src_blocks, dst_blocks, *,
-                         layers: range | None = None, tensors_per_layer: int = 2) -> Transfer:
+def copy_kv_blocks_async(
+    src: Cache | int,
+    dst: Cache | int,
+    src_blocks,
+    dst_blocks,
+    *,
+    layers: range | None = None,
+    tensors_per_layer: int = 2,
+) -> Transfer:
     """Starts ``copy_kv_blocks`` on a worker thread (without the GIL) and returns its
     Transfer. Checked before it returns, as the blocking form; both caches count as in use
     (unregister waits for the copy) until it has finished.
@@ -182,8 +196,16 @@ def copy_kv_blocks_async(src: Cache | int, dst: Cache | int, src_blocks, dst_blo
     else:
         tensors = _layer_tensors(src_id, dst_id, layers, tensors_per_layer)
         counts = (len(tensors[0]), len(tensors[1]))
-    fields = [(count, int(c.cache_desc.data_type), list(c.cache_desc.shape), int(c.cache_desc.placement),
-               c.cache_desc.device_index) for count, c in zip(counts, (src_cache, dst_cache))]
+    fields = [
+        (
+            count,
+            int(c.cache_desc.data_type),
+            list(c.cache_desc.shape),
+            int(c.cache_desc.placement),
+            c.cache_desc.device_index,
+        )
+        for count, c in zip(counts, (src_cache, dst_cache))
+    ]
     # The checks of the copy itself, now: a bad call raises here and nothing is queued.
     same = src_id == dst_id and (tensors is None or bool(set(tensors[0]) & set(tensors[1])))
     _C.plan_blocks(fields[0], src_id, fields[1], dst_id, src_list, dst_list, 1 << 20, same)
@@ -208,8 +230,11 @@ def copy_kv_blocks_async(src: Cache | int, dst: Cache | int, src_blocks, dst_blo
             transfer.succeed()
         except Exception as exc:  # reported through the Transfer
             error = translate(exc)
-            transfer.fail(error if isinstance(error, LLMException)
-                          else make_error(LLMStatusCode.LLM_FAILED, f"local copy failed: {exc}"))
+            transfer.fail(
+                error
+                if isinstance(error, LLMException)
+                else make_error(LLMStatusCode.LLM_FAILED, f"local copy failed: {exc}")
+            )
         finally:
             for cache_id in held:
                 _C.unhold(cache_id)
@@ -218,8 +243,15 @@ def copy_kv_blocks_async(src: Cache | int, dst: Cache | int, src_blocks, dst_blo
     return transfer
 
 
-COPY_STRATEGIES = ("auto", "memcpy", "stream", "stream_noprefetch", "memcpy:single", "stream:single",
-                   "stream_noprefetch:single")
+COPY_STRATEGIES = (
+    "auto",
+    "memcpy",
+    "stream",
+    "stream_noprefetch",
+    "memcpy:single",
+    "stream:single",
+    "stream_noprefetch:single",
+)
 
 
 def copy_strategy() -> str:

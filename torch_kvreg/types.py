@@ -213,11 +213,19 @@ class CacheDesc:
         return self.tensor_nbytes * self.num_tensors
 
     def _repr_html_(self) -> str:
-        return display.card("CacheDesc", lambda: [
-            ("tensors", self.num_tensors), ("dtype", self.data_type.name), ("shape", tuple(self.shape)),
-            ("placement", self.placement.name), ("device index", self.device_index),
-            ("block", format_bytes(self.block_nbytes)), ("per tensor", format_bytes(self.tensor_nbytes)),
-            ("in all", format_bytes(self.nbytes))])
+        return display.card(
+            "CacheDesc",
+            lambda: [
+                ("tensors", self.num_tensors),
+                ("dtype", self.data_type.name),
+                ("shape", tuple(self.shape)),
+                ("placement", self.placement.name),
+                ("device index", self.device_index),
+                ("block", format_bytes(self.block_nbytes)),
+                ("per tensor", format_bytes(self.tensor_nbytes)),
+                ("in all", format_bytes(self.nbytes)),
+            ],
+        )
 
     def __repr__(self) -> str:
         return (

@@ -46,10 +46,12 @@ def log_tensor(label: str, tensor: torch.Tensor) -> None:
 def cache_memory(fill: float, args: argparse.Namespace):
     """The samples' cache: its CacheDesc and two float tensors of [BLOCKS_NUM, KV_SHAPE]."""
     placement = Placement.HOST if args.device == "cpu" else Placement.DEVICE
-    desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[BLOCKS_NUM, KV_SHAPE], data_type=DataType.DT_FLOAT,
-                     placement=placement)
-    tensors = [torch.full((BLOCKS_NUM, KV_SHAPE), fill, dtype=torch.float, device=args.device)
-               for _ in range(NUM_TENSORS)]
+    desc = CacheDesc(
+        num_tensors=NUM_TENSORS, shape=[BLOCKS_NUM, KV_SHAPE], data_type=DataType.DT_FLOAT, placement=placement
+    )
+    tensors = [
+        torch.full((BLOCKS_NUM, KV_SHAPE), fill, dtype=torch.float, device=args.device) for _ in range(NUM_TENSORS)
+    ]
     return desc, tensors
 
 
@@ -57,6 +59,7 @@ def register_blocks(datadist, fill: float, own_cluster_id: int, args: argparse.N
     """A blocks cache that peers find as BlocksCacheKey(own_cluster_id, 0); keep the tensors."""
     desc, tensors = cache_memory(fill, args)
     cache = datadist.cache_manager.register_blocks_cache(
-        desc, [int(t.data_ptr()) for t in tensors], BlocksCacheKey(own_cluster_id, 0))
+        desc, [int(t.data_ptr()) for t in tensors], BlocksCacheKey(own_cluster_id, 0)
+    )
     logging.info("register_blocks_cache success")
     return cache, tensors

@@ -34,8 +34,6 @@ def start(role, cluster_id, args):
     return datadist
 
 
-
-
 def prompt(datadist, args):
     cache, (tensor, tensor2) = register_blocks(datadist, 1, PROMPT_CLUSTER_ID, args)
     dist.barrier()  # registered
@@ -61,8 +59,9 @@ def decoder(datadist, args):
     ret, _ = datadist.link_clusters([cluster], 5000)
     if ret != LLMStatusCode.LLM_SUCCESS:
         raise Exception(f"link failed: {ret}")
-    datadist.cache_manager.push_blocks(BlocksCacheKey(PROMPT_CLUSTER_ID, 0), cache, src_blocks=[0, 1],
-                                       dst_blocks=[0, 2])
+    datadist.cache_manager.push_blocks(
+        BlocksCacheKey(PROMPT_CLUSTER_ID, 0), cache, src_blocks=[0, 1], dst_blocks=[0, 2]
+    )
     dist.barrier()  # pushed
     ret, _ = datadist.unlink_clusters([cluster], 5000, force=True)
     if ret != LLMStatusCode.LLM_SUCCESS:

@@ -63,8 +63,9 @@ def decoder(datadist, args):
     ret, _ = datadist.link_clusters([cluster], 5000)
     if ret != LLMStatusCode.LLM_SUCCESS:
         raise Exception(f"link failed: {ret}")
-    datadist.cache_manager.push_cache(CacheKeyByIdAndIndex(cluster_id=PROMPT_CLUSTER_ID, cache_id=1, batch_index=0),
-                                      cache, src_batch_index=0)
+    datadist.cache_manager.push_cache(
+        CacheKeyByIdAndIndex(cluster_id=PROMPT_CLUSTER_ID, cache_id=1, batch_index=0), cache, src_batch_index=0
+    )
     dist.barrier()  # pushed
     ret, _ = datadist.unlink_clusters([cluster], 5000)
     if ret != LLMStatusCode.LLM_SUCCESS:

@@ -35,8 +35,6 @@ def start(role, cluster_id, args):
     return datadist
 
 
-
-
 def cluster_info(remote_cluster_id, remote_ip=None, port=None, local_ip=None):
     cluster = LLMClusterInfo()
     cluster.remote_cluster_id = remote_cluster_id
@@ -76,8 +74,9 @@ def decoder(datadist, args):
     dist.barrier()  # registered
     cluster = cluster_info(PROMPT_CLUSTER_ID, args.remote_host_ip, args.prompt_port, args.local_host_ip)
     check(datadist.link_clusters([cluster], 5000)[0], "link")
-    datadist.cache_manager.pull_blocks(BlocksCacheKey(PROMPT_CLUSTER_ID, 0), cache, src_blocks=[0, 1],
-                                       dst_blocks=[0, 2])
+    datadist.cache_manager.pull_blocks(
+        BlocksCacheKey(PROMPT_CLUSTER_ID, 0), cache, src_blocks=[0, 1], dst_blocks=[0, 2]
+    )
     log_tensor("after decoder pull", tensor)
     log_tensor("after decoder pull tensor2", tensor2)
     check(datadist.unlink_clusters([cluster], 5000)[0], "unlink")
@@ -89,9 +88,15 @@ def decoder(datadist, args):
     logging.info("switched to prompt; waiting for the new decoder to link")
     dist.barrier()  # listening
     dist.barrier()  # the new decoder linked
-    datadist.cache_manager.push_blocks(BlocksCacheKey(PROMPT_CLUSTER_ID, 0), cache, src_blocks=[0, 1, 2],
-                                       dst_blocks=[0, 1, 2], src_layer_range=range(0, 2),
-                                       dst_layer_range=range(0, 2), tensor_num_per_layer=1)
+    datadist.cache_manager.push_blocks(
+        BlocksCacheKey(PROMPT_CLUSTER_ID, 0),
+        cache,
+        src_blocks=[0, 1, 2],
+        dst_blocks=[0, 1, 2],
+        src_layer_range=range(0, 2),
+        dst_layer_range=range(0, 2),
+        tensor_num_per_layer=1,
+    )
     dist.barrier()  # pushed
     check(datadist.unlink_clusters([cluster_info(PROMPT_CLUSTER_ID)], 5000, force=True)[0], "unlink")
     datadist.cache_manager.unregister_cache(cache.cache_id)

@@ -49,8 +49,6 @@ def start(role, cluster_id, args):
     return datadist
 
 
-
-
 def prompt(datadist, args):
     cache, tensors = register_blocks(datadist, 1, PROMPT_CLUSTER_ID, args)
     dist.barrier()  # registered

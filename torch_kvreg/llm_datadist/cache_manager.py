@@ -72,8 +72,9 @@ class CacheManager:
 
     def _check(self) -> None:
         if not self._datadist.is_initialized:
-            raise make_error(LLMStatusCode.LLM_FAILED,
-                             "this CacheManager belongs to a finalized LLMDataDist; call init() again")
+            raise make_error(
+                LLMStatusCode.LLM_FAILED, "this CacheManager belongs to a finalized LLMDataDist; call init() again"
+            )
 
     # --- registration -----------------------------------------------------------------
     def _register(self, cache_desc: CacheDesc, addrs, keys: list[str], remote_accessible, blocks: bool) -> Cache:
@@ -89,8 +90,13 @@ class CacheManager:
         return Cache(native.cache_id, cache_desc, native.tensor_addrs, is_blocks_cache=blocks)
 
     @raises_llm
-    def register_cache(self, cache_desc: CacheDesc, addrs: Sequence[int], cache_keys: Sequence[CacheKey] = (),
-                       remote_accessible: bool | None = None) -> Cache:
+    def register_cache(
+        self,
+        cache_desc: CacheDesc,
+        addrs: Sequence[int],
+        cache_keys: Sequence[CacheKey] = (),
+        remote_accessible: bool | None = None,
+    ) -> Cache:
         """Registers memory as a cache of batch slots; ``cache_keys[i]`` names slot i for
         peers' ``pull_cache(CacheKey(...))`` (a key with req_id 2**64-1 leaves a slot unnamed)."""
         if not isinstance(cache_keys, (list, tuple)):
@@ -103,9 +109,13 @@ class CacheManager:
         return self._register(cache_desc, addrs, keys, remote_accessible, blocks=False)
 
     @raises_llm
-    def register_blocks_cache(self, cache_desc: CacheDesc, addrs: Sequence[int],
-                              blocks_cache_key: BlocksCacheKey | None = None,
-                              remote_accessible: bool | None = None) -> Cache:
+    def register_blocks_cache(
+        self,
+        cache_desc: CacheDesc,
+        addrs: Sequence[int],
+        blocks_cache_key: BlocksCacheKey | None = None,
+        remote_accessible: bool | None = None,
+    ) -> Cache:
         """Registers memory as a blocks cache; peers reach it by ``BlocksCacheKey(our id, model_id)``."""
         if blocks_cache_key is not None and not isinstance(blocks_cache_key, BlocksCacheKey):
             raise wrong_type(f"blocks_cache_key must be a BlocksCacheKey, got {type(blocks_cache_key).__name__}")
@@ -132,15 +142,23 @@ class CacheManager:
             device = torch.device("cpu")
         dtype = native_desc.data_type.to_torch()
         try:
-            tensors = [torch.empty(native_desc.shape, dtype=dtype, device=device)
-                       for _ in range(native_desc.num_tensors)]
+            tensors = [
+                torch.empty(native_desc.shape, dtype=dtype, device=device) for _ in range(native_desc.num_tensors)
+            ]
         except (RuntimeError, MemoryError) as exc:
-            status = (LLMStatusCode.LLM_DEVICE_OUT_OF_MEMORY if device.type == "cuda"
-                      else LLMStatusCode.LLM_OUT_OF_MEMORY)
+            status = (
+                LLMStatusCode.LLM_DEVICE_OUT_OF_MEMORY if device.type == "cuda" else LLMStatusCode.LLM_OUT_OF_MEMORY
+            )
             raise make_error(status, f"cannot allocate {native_desc!r}: {exc}") from None
         native = registry.register_kv_cache(tensors, RegisterCfg(remote_accessible=True), keys=keys)
-        return Cache(native.cache_id, cache_desc, native.tensor_addrs, is_blocks_cache=blocks,
-                     is_registered=False, tensors=tensors)
+        return Cache(
+            native.cache_id,
+            cache_desc,
+            native.tensor_addrs,
+            is_blocks_cache=blocks,
+            is_registered=False,
+            tensors=tensors,
+        )
 
     @raises_llm
     def allocate_cache(self, cache_desc: CacheDesc, cache_keys: Sequence[CacheKey] = ()) -> Cache:
@@ -187,8 +205,16 @@ class CacheManager:
 
     # --- local copies -----------------------------------------------------------------
     @raises_llm
-    def copy_cache(self, dst: Cache, src: Cache, dst_batch_index: int = 0, src_batch_index: int = 0,
-                   offset: int = 0, size: int = -1, req_id: int | None = None) -> None:
+    def copy_cache(
+        self,
+        dst: Cache,
+        src: Cache,
+        dst_batch_index: int = 0,
+        src_batch_index: int = 0,
+        offset: int = 0,
+        size: int = -1,
+        req_id: int | None = None,
+    ) -> None:
         """Copies a batch slot (destination first, as upstream)."""
         self._check()
         dst, src = _cache(dst, "dst"), _cache(src, "src")
@@ -235,8 +261,9 @@ class CacheManager:
         return src, dst, _tensors_per_layer(kwargs.get("tensor_num_per_layer", TENSORS_PER_LAYER))
 
     @raises_llm
-    def pull_blocks(self, src_cache_key, dst_cache: Cache, src_blocks: Sequence[int] = (),
-                    dst_blocks: Sequence[int] = (), **kwargs) -> None:
+    def pull_blocks(
+        self, src_cache_key, dst_cache: Cache, src_blocks: Sequence[int] = (), dst_blocks: Sequence[int] = (), **kwargs
+    ) -> None:
         """Reads blocks of a peer's blocks cache (``BlocksCacheKey``) into ``dst_cache``."""
         self._check()
         dst_cache = _cache(dst_cache, "dst_cache")
@@ -247,36 +274,65 @@ class CacheManager:
         if not dst_blocks:
             raise param_invalid("dst_blocks can not be empty")
         if isinstance(src_cache_key, (CacheKey, CacheKeyByIdAndIndex)):
-            raise _not_enabled("pull_blocks from a batch cache (CacheKey, CacheKeyByIdAndIndex)",
-                               "is not supported; register the prompt's cache as a blocks cache")
+            raise _not_enabled(
+                "pull_blocks from a batch cache (CacheKey, CacheKeyByIdAndIndex)",
+                "is not supported; register the prompt's cache as a blocks cache",
+            )
         if not isinstance(src_cache_key, BlocksCacheKey):
             raise wrong_type(f"src_cache_key must be a BlocksCacheKey, got {type(src_cache_key).__name__}")
         if not src_blocks:
             raise param_invalid("src_blocks can not be empty with a BlocksCacheKey")
-        remote.transfer_blocks("READ", registry.get_cache(dst_cache.cache_id), src_cache_key.cluster_id,
-                               src_cache_key.registry_key(), src_blocks, dst_blocks, dst_layers, src_layers,
-                               per_layer)
+        remote.transfer_blocks(
+            "READ",
+            registry.get_cache(dst_cache.cache_id),
+            src_cache_key.cluster_id,
+            src_cache_key.registry_key(),
+            src_blocks,
+            dst_blocks,
+            dst_layers,
+            src_layers,
+            per_layer,
+        )
 
     @raises_llm
-    def push_blocks(self, dst_cache_key: BlocksCacheKey, src_cache: Cache, src_blocks: Sequence[int] = (),
-                    dst_blocks: Sequence[int] = (), src_layer_range: range | None = None,
-                    dst_layer_range: range | None = None, tensor_num_per_layer: int = TENSORS_PER_LAYER) -> None:
+    def push_blocks(
+        self,
+        dst_cache_key: BlocksCacheKey,
+        src_cache: Cache,
+        src_blocks: Sequence[int] = (),
+        dst_blocks: Sequence[int] = (),
+        src_layer_range: range | None = None,
+        dst_layer_range: range | None = None,
+        tensor_num_per_layer: int = TENSORS_PER_LAYER,
+    ) -> None:
         """Writes blocks of ``src_cache`` into a peer's blocks cache (``BlocksCacheKey``)."""
         self._check()
         if not isinstance(dst_cache_key, BlocksCacheKey):
             raise wrong_type(f"dst_cache_key must be a BlocksCacheKey, got {type(dst_cache_key).__name__}")
         src_cache = _cache(src_cache, "src_cache")
         src_blocks, dst_blocks = _int_list(src_blocks, "src_blocks"), _int_list(dst_blocks, "dst_blocks")
-        src_layers, dst_layers, per_layer = self._layers({
-            "src_layer_range": src_layer_range, "dst_layer_range": dst_layer_range,
-            "tensor_num_per_layer": tensor_num_per_layer})
+        src_layers, dst_layers, per_layer = self._layers(
+            {
+                "src_layer_range": src_layer_range,
+                "dst_layer_range": dst_layer_range,
+                "tensor_num_per_layer": tensor_num_per_layer,
+            }
+        )
         if not src_cache.is_blocks_cache:
             raise param_invalid("src_cache must be a blocks cache")
         if not dst_blocks:
             raise param_invalid("dst_blocks can not be empty")
-        remote.transfer_blocks("WRITE", registry.get_cache(src_cache.cache_id), dst_cache_key.cluster_id,
-                               dst_cache_key.registry_key(), src_blocks, dst_blocks, src_layers, dst_layers,
-                               per_layer)
+        remote.transfer_blocks(
+            "WRITE",
+            registry.get_cache(src_cache.cache_id),
+            dst_cache_key.cluster_id,
+            dst_cache_key.registry_key(),
+            src_blocks,
+            dst_blocks,
+            src_layers,
+            dst_layers,
+            per_layer,
+        )
 
     @raises_llm
     def pull_cache(self, cache_key, cache: Cache, batch_index: int = 0, size: int = -1, **kwargs) -> None:
@@ -294,18 +350,45 @@ class CacheManager:
         local = registry.get_cache(cache.cache_id)
         if isinstance(cache_key, CacheKey):
             cache_key.check()
-            remote.transfer_slice("READ", local, cache_key.cluster_id, cache_key.registry_key(), None, batch_index,
-                                  size, dst_layers, src_layers, per_layer)
+            remote.transfer_slice(
+                "READ",
+                local,
+                cache_key.cluster_id,
+                cache_key.registry_key(),
+                None,
+                batch_index,
+                size,
+                dst_layers,
+                src_layers,
+                per_layer,
+            )
         elif isinstance(cache_key, CacheKeyByIdAndIndex):
-            remote.transfer_slice("READ", local, cache_key.cluster_id, cache_key.cache_id, cache_key.batch_index,
-                                  batch_index, size, dst_layers, src_layers, per_layer)
+            remote.transfer_slice(
+                "READ",
+                local,
+                cache_key.cluster_id,
+                cache_key.cache_id,
+                cache_key.batch_index,
+                batch_index,
+                size,
+                dst_layers,
+                src_layers,
+                per_layer,
+            )
         else:
             raise wrong_type(f"cache_key must be a CacheKey or CacheKeyByIdAndIndex, got {type(cache_key).__name__}")
 
     @raises_llm
-    def push_cache(self, dst_cache_key: CacheKeyByIdAndIndex, src_cache: Cache, src_batch_index: int = 0,
-                   src_layer_range: range | None = None, dst_layer_range: range | None = None, size: int = -1,
-                   tensor_num_per_layer: int = TENSORS_PER_LAYER) -> None:
+    def push_cache(
+        self,
+        dst_cache_key: CacheKeyByIdAndIndex,
+        src_cache: Cache,
+        src_batch_index: int = 0,
+        src_layer_range: range | None = None,
+        dst_layer_range: range | None = None,
+        size: int = -1,
+        tensor_num_per_layer: int = TENSORS_PER_LAYER,
+    ) -> None:
         """Writes slot ``src_batch_index`` of ``src_cache`` into a peer's slot."""
         self._check()
         if not isinstance(dst_cache_key, CacheKeyByIdAndIndex):
@@ -314,19 +397,37 @@ class CacheManager:
         check_int("src_batch_index", src_batch_index, 0, UINT32_MAX)
         if size != -1:
             raise param_invalid(f"size must be -1 for push_cache, got {size}")
-        src_layers, dst_layers, per_layer = self._layers({
-            "src_layer_range": src_layer_range, "dst_layer_range": dst_layer_range,
-            "tensor_num_per_layer": tensor_num_per_layer})
+        src_layers, dst_layers, per_layer = self._layers(
+            {
+                "src_layer_range": src_layer_range,
+                "dst_layer_range": dst_layer_range,
+                "tensor_num_per_layer": tensor_num_per_layer,
+            }
+        )
         if src_cache.is_blocks_cache:
             raise param_invalid("src_cache can not be a blocks cache")
-        remote.transfer_slice("WRITE", registry.get_cache(src_cache.cache_id), dst_cache_key.cluster_id,
-                              dst_cache_key.cache_id, dst_cache_key.batch_index, src_batch_index, -1,
-                              src_layers, dst_layers, per_layer)
+        remote.transfer_slice(
+            "WRITE",
+            registry.get_cache(src_cache.cache_id),
+            dst_cache_key.cluster_id,
+            dst_cache_key.cache_id,
+            dst_cache_key.batch_index,
+            src_batch_index,
+            -1,
+            src_layers,
+            dst_layers,
+            per_layer,
+        )
 
-    def transfer_cache_async(self, src_cache: Cache, layer_synchronizer: LayerSynchronizer, transfer_configs,
-                             src_block_indices: Sequence[int] | None = None,
-                             dst_block_indices: Sequence[int] | None = None,
-                             dst_block_memory_size: int | None = None) -> CacheTask:
+    def transfer_cache_async(
+        self,
+        src_cache: Cache,
+        layer_synchronizer: LayerSynchronizer,
+        transfer_configs,
+        src_block_indices: Sequence[int] | None = None,
+        dst_block_indices: Sequence[int] | None = None,
+        dst_block_memory_size: int | None = None,
+    ) -> CacheTask:
         """Pushes ``src_cache`` to every config's peer cache layer by layer: layer i moves
         only after ``layer_synchronizer.synchronize_layer(i, timeout)`` returned True; a
         False or a timeout fails the task (LLM_TIMEOUT) and moves no later layer."""
@@ -338,11 +439,14 @@ class CacheManager:
             raise wrong_type("transfer_configs must be a non-empty list of TransferWithCacheKeyConfig")
         for config in transfer_configs:
             if isinstance(config, TransferConfig):
-                raise _not_enabled("transfer_cache_async to raw peer addresses (TransferConfig)",
-                                   "is not supported; use TransferWithCacheKeyConfig")
+                raise _not_enabled(
+                    "transfer_cache_async to raw peer addresses (TransferConfig)",
+                    "is not supported; use TransferWithCacheKeyConfig",
+                )
             if not isinstance(config, TransferWithCacheKeyConfig):
-                raise wrong_type(f"transfer_configs entries must be TransferWithCacheKeyConfig, got "
-                                 f"{type(config).__name__}")
+                raise wrong_type(
+                    f"transfer_configs entries must be TransferWithCacheKeyConfig, got {type(config).__name__}"
+                )
         src_blocks = None if src_block_indices is None else _int_list(src_block_indices, "src_block_indices")
         dst_blocks = None if dst_block_indices is None else _int_list(dst_block_indices, "dst_block_indices")
         if (src_blocks is None) != (dst_blocks is None):
@@ -362,12 +466,30 @@ class CacheManager:
             if isinstance(key, BlocksCacheKey):
                 blocks = list(range(local.cache_desc.shape[0])) if src_blocks is None else src_blocks
                 targets = blocks if dst_blocks is None else dst_blocks
-                remote.transfer_blocks("WRITE", local, key.cluster_id, key.registry_key(), blocks, targets,
-                                       range(layer, layer + 1), range(dst_layer, dst_layer + 1), TENSORS_PER_LAYER)
+                remote.transfer_blocks(
+                    "WRITE",
+                    local,
+                    key.cluster_id,
+                    key.registry_key(),
+                    blocks,
+                    targets,
+                    range(layer, layer + 1),
+                    range(dst_layer, dst_layer + 1),
+                    TENSORS_PER_LAYER,
+                )
             else:
-                remote.transfer_slice("WRITE", local, key.cluster_id, key.cache_id, key.batch_index,
-                                      config.src_batch_index, -1, range(layer, layer + 1),
-                                      range(dst_layer, dst_layer + 1), TENSORS_PER_LAYER)
+                remote.transfer_slice(
+                    "WRITE",
+                    local,
+                    key.cluster_id,
+                    key.cache_id,
+                    key.batch_index,
+                    config.src_batch_index,
+                    -1,
+                    range(layer, layer + 1),
+                    range(dst_layer, dst_layer + 1),
+                    TENSORS_PER_LAYER,
+                )
 
         def run() -> None:
             try:
@@ -399,5 +521,7 @@ class CacheManager:
         return task
 
     def remap_registered_memory(self, mem_infos) -> None:
-        raise _not_enabled("remap_registered_memory", "remaps Ascend device memory after a fault; it has no "
-                                                      "meaning for CPU or CUDA memory")
+        raise _not_enabled(
+            "remap_registered_memory",
+            "remaps Ascend device memory after a fault; it has no meaning for CPU or CUDA memory",
+        )

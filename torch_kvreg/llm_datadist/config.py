@@ -155,8 +155,19 @@ class LLMConfig:
             options["ge.session_device_id"] = str(ids[0])
         for name, key in self._KEYS.items():
             value = self._values.get(name)
-            if value is None or value == "" and name in ("listen_ip_info", "deploy_res_path", "buf_pool_cfg",
-                                                        "mem_pool_cfg", "host_mem_pool_cfg", "cluster_info"):
+            if (
+                value is None
+                or value == ""
+                and name
+                in (
+                    "listen_ip_info",
+                    "deploy_res_path",
+                    "buf_pool_cfg",
+                    "mem_pool_cfg",
+                    "host_mem_pool_cfg",
+                    "cluster_info",
+                )
+            ):
                 continue
             if name == "enable_switch_role" and not value:
                 continue

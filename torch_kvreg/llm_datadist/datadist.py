@@ -20,13 +20,28 @@ WAIT_KEY = "llm.SyncKvCacheWaitTime"
 # Accepted and ignored: they tune Ascend resources (memory pools, RDMA, HCCL communication
 # resources, the transfer backend's name, link retries) and cannot change what a call
 # returns or which bytes land where here.
-IGNORED_KEYS = frozenset({
-    "llm.MemoryUtilization", "llm.EnableCacheManager", "llm.EnableRemoteCacheAccessible", "llm.LocalCommRes",
-    "llm.TransferBackend", "llm.LinkTotalTime", "llm.LinkRetryCount", "llm.RdmaTrafficClass",
-    "llm.RdmaServiceLevel", "llm.EnableSwitchRole", "llm.MemPoolConfig", "llm.HostMemPoolConfig",
-    "llm.BufPoolCfg", "llm.deployResPath", "llm.OutputMaxSize", "llm.ClusterInfo", "llm.GlobalResourceConfig",
-    "ge.flowGraphMemMaxSize",
-})
+IGNORED_KEYS = frozenset(
+    {
+        "llm.MemoryUtilization",
+        "llm.EnableCacheManager",
+        "llm.EnableRemoteCacheAccessible",
+        "llm.LocalCommRes",
+        "llm.TransferBackend",
+        "llm.LinkTotalTime",
+        "llm.LinkRetryCount",
+        "llm.RdmaTrafficClass",
+        "llm.RdmaServiceLevel",
+        "llm.EnableSwitchRole",
+        "llm.MemPoolConfig",
+        "llm.HostMemPoolConfig",
+        "llm.BufPoolCfg",
+        "llm.deployResPath",
+        "llm.OutputMaxSize",
+        "llm.ClusterInfo",
+        "llm.GlobalResourceConfig",
+        "ge.flowGraphMemMaxSize",
+    }
+)
 
 
 def _native_options(options: Mapping[str, str]) -> tuple[dict[str, str], int | None]:
@@ -175,14 +190,19 @@ class LLMDataDist:
         self._role = role
 
     def link(self, comm_name: str, cluster_rank_info: dict, rank_table: str) -> int:
-        raise make_error(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
-                         "link(comm_name, rank_info, rank_table) builds an HCCL communicator from an Ascend rank "
-                         "table; torch_kvreg links with link_clusters over NIXL")
+        raise make_error(
+            LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
+            "link(comm_name, rank_info, rank_table) builds an HCCL communicator from an Ascend rank "
+            "table; torch_kvreg links with link_clusters over NIXL",
+        )
 
     def unlink(self, comm_id: int) -> None:
-        raise make_error(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
-                         "unlink(comm_id) closes an HCCL communicator; use unlink_clusters")
+        raise make_error(
+            LLMStatusCode.LLM_FEATURE_NOT_ENABLED, "unlink(comm_id) closes an HCCL communicator; use unlink_clusters"
+        )
 
     def query_register_mem_status(self, comm_id: int):
-        raise make_error(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
-                         "query_register_mem_status reports HCCL memory registration, which does not exist here")
+        raise make_error(
+            LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
+            "query_register_mem_status reports HCCL memory registration, which does not exist here",
+        )

@@ -33,8 +33,11 @@ class MemInfo:
 
     def __init__(self, mem_type: Memtype, addr: int, size: int):
         check_type("mem_type", mem_type, Memtype)
-        self.mem_type, self.addr, self.size = mem_type, check_int("addr", addr, 0, UINT64_MAX), \
-            check_int("size", size, 0, UINT64_MAX)
+        self.mem_type, self.addr, self.size = (
+            mem_type,
+            check_int("addr", addr, 0, UINT64_MAX),
+            check_int("size", size, 0, UINT64_MAX),
+        )
 
     def __repr__(self) -> str:
         return f"MemInfo(mem_type={self.mem_type}, addr={self.addr}, size={self.size})"
@@ -49,9 +52,16 @@ class CacheDesc:
     (3, 120)
     """
 
-    def __init__(self, num_tensors: int, shape: Sequence[int], data_type: DataType,
-                 placement: Placement = Placement.DEVICE, batch_dim_index: int = 0,
-                 seq_len_dim_index: int = -1, kv_tensor_format: str | None = None):
+    def __init__(
+        self,
+        num_tensors: int,
+        shape: Sequence[int],
+        data_type: DataType,
+        placement: Placement = Placement.DEVICE,
+        batch_dim_index: int = 0,
+        seq_len_dim_index: int = -1,
+        kv_tensor_format: str | None = None,
+    ):
         check_int("num_tensors", num_tensors, 0, UINT32_MAX)
         if isinstance(shape, (str, bytes)) or not isinstance(shape, (list, tuple)):
             raise wrong_type(f"shape must be a list or tuple of ints, got {type(shape).__name__}")
@@ -65,8 +75,9 @@ class CacheDesc:
         if not 0 <= batch_dim_index < max(len(shape), 1):
             raise param_invalid(f"batch_dim_index {batch_dim_index} out of range [0, {len(shape)})")
         if batch_dim_index != 0:
-            raise param_invalid("batch_dim_index must be 0 here: torch_kvreg addresses blocks and batch slots "
-                                "along dim 0")
+            raise param_invalid(
+                "batch_dim_index must be 0 here: torch_kvreg addresses blocks and batch slots along dim 0"
+            )
         check_int("seq_len_dim_index", seq_len_dim_index, -1, max(len(shape) - 1, -1))
         if kv_tensor_format is not None:
             check_type("kv_tensor_format", kv_tensor_format, str)
@@ -100,20 +111,29 @@ class CacheDesc:
 
     def to_native(self, device_index: int = -1) -> native.CacheDesc:
         """torch_kvreg's CacheDesc (LLM_PARAM_INVALID for shapes it cannot describe)."""
-        return native.CacheDesc(self._num_tensors, self._data_type, tuple(self._shape), self._placement,
-                                device_index)
+        return native.CacheDesc(self._num_tensors, self._data_type, tuple(self._shape), self._placement, device_index)
 
     def __repr__(self) -> str:
-        return (f"CacheDesc(num_tensors={self._num_tensors}, shape={self._shape}, data_type={self._data_type}, "
-                f"placement={self._placement}, batch_dim_index={self._batch_dim}, "
-                f"seq_len_dim_index={self._seq_len_dim_index}, kv_tensor_format={self._kv_tensor_format})")
+        return (
+            f"CacheDesc(num_tensors={self._num_tensors}, shape={self._shape}, data_type={self._data_type}, "
+            f"placement={self._placement}, batch_dim_index={self._batch_dim}, "
+            f"seq_len_dim_index={self._seq_len_dim_index}, kv_tensor_format={self._kv_tensor_format})"
+        )
 
 
 class Cache:
     """A registered or allocated cache, as ``CacheManager`` returns it; users do not build it."""
 
-    def __init__(self, cache_id: int, cache_desc: CacheDesc, tensor_addrs: Sequence[int], *,
-                 is_blocks_cache: bool, is_registered: bool = True, tensors=None):
+    def __init__(
+        self,
+        cache_id: int,
+        cache_desc: CacheDesc,
+        tensor_addrs: Sequence[int],
+        *,
+        is_blocks_cache: bool,
+        is_registered: bool = True,
+        tensors=None,
+    ):
         self._cache_id = cache_id
         self._cache_desc = cache_desc
         self._tensor_addrs = list(tensor_addrs)
@@ -132,8 +152,10 @@ class Cache:
         return self._tensors
 
     def __repr__(self) -> str:
-        return (f"Cache(cache_id={self._cache_id}, tensor_addrs={len(self._tensor_addrs)}, "
-                f"is_blocks_cache={self._is_blocks_cache})")
+        return (
+            f"Cache(cache_id={self._cache_id}, tensor_addrs={len(self._tensor_addrs)}, "
+            f"is_blocks_cache={self._is_blocks_cache})"
+        )
 
 
 def _key_args(args, kwargs, names: Sequence[str], limit: int) -> dict:
@@ -210,8 +232,10 @@ class CacheKey:
         return f"{KEY_PREFIX}/prefix/{self._prefix_id}/{self._model_id}"
 
     def __repr__(self) -> str:
-        return (f"CacheKey(cluster_id={self._cluster_id}, req_id={self._req_id}, prefix_id={self._prefix_id}, "
-                f"model_id={self._model_id})")
+        return (
+            f"CacheKey(cluster_id={self._cluster_id}, req_id={self._req_id}, prefix_id={self._prefix_id}, "
+            f"model_id={self._model_id})"
+        )
 
 
 class CacheKeyByIdAndIndex:
@@ -227,8 +251,10 @@ class CacheKeyByIdAndIndex:
     batch_index = property(lambda self: self._batch_index)
 
     def __repr__(self) -> str:
-        return (f"CacheKeyByIdAndIndex(cluster_id={self._cluster_id}, cache_id={self._cache_id}, "
-                f"batch_index={self._batch_index})")
+        return (
+            f"CacheKeyByIdAndIndex(cluster_id={self._cluster_id}, cache_id={self._cache_id}, "
+            f"batch_index={self._batch_index})"
+        )
 
 
 def check_layer_range(name: str, layer_range, allow_none: bool = True) -> None:
@@ -251,11 +277,17 @@ class LayerSynchronizer(abc.ABC):
 class TransferWithCacheKeyConfig:
     """One destination of ``transfer_cache_async``: a peer's cache by key, layer ranges."""
 
-    def __init__(self, cache_key, src_layer_range: range | None = None, dst_layer_range: range | None = None,
-                 src_batch_index: int = 0):
+    def __init__(
+        self,
+        cache_key,
+        src_layer_range: range | None = None,
+        dst_layer_range: range | None = None,
+        src_batch_index: int = 0,
+    ):
         if not isinstance(cache_key, (BlocksCacheKey, CacheKeyByIdAndIndex)):
-            raise wrong_type(f"cache_key must be a BlocksCacheKey or CacheKeyByIdAndIndex, got "
-                             f"{type(cache_key).__name__}")
+            raise wrong_type(
+                f"cache_key must be a BlocksCacheKey or CacheKeyByIdAndIndex, got {type(cache_key).__name__}"
+            )
         check_layer_range("src_layer_range", src_layer_range, allow_none=False)
         check_layer_range("dst_layer_range", dst_layer_range, allow_none=False)
         if len(src_layer_range) != len(dst_layer_range):
@@ -270,16 +302,23 @@ class TransferWithCacheKeyConfig:
         self.dst_cluster_id = cache_key.cluster_id
 
     def __repr__(self) -> str:
-        return (f"TransferWithCacheKeyConfig(cache_key={self.cache_key}, src_layer_range={self.src_layer_range}, "
-                f"dst_layer_range={self.dst_layer_range}, src_batch_index={self.src_batch_index})")
+        return (
+            f"TransferWithCacheKeyConfig(cache_key={self.cache_key}, src_layer_range={self.src_layer_range}, "
+            f"dst_layer_range={self.dst_layer_range}, src_batch_index={self.src_batch_index})"
+        )
 
 
 class TransferConfig:
     """A destination by raw peer addresses: accepted for construction; transferring to
     addresses the peer did not register is refused (LLM_FEATURE_NOT_ENABLED)."""
 
-    def __init__(self, dst_cluster_id: int, dst_addrs: Sequence[int], src_layer_range: range | None = None,
-                 src_batch_index: int = 0):
+    def __init__(
+        self,
+        dst_cluster_id: int,
+        dst_addrs: Sequence[int],
+        src_layer_range: range | None = None,
+        src_batch_index: int = 0,
+    ):
         self.dst_cluster_id = check_int("dst_cluster_id", dst_cluster_id, 0, UINT64_MAX)
         if not isinstance(dst_addrs, (list, tuple)):
             raise wrong_type("dst_addrs must be a list of ints")

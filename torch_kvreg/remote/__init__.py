@@ -228,28 +228,42 @@ def _local(cache) -> Cache:
 
 def _selection(local_desc, local_layers, remote_layers, tensors_per_layer, remote_is_src: bool):
     """tensors(remote_desc) for Engine.transfer: equal-length local and remote tensor lists."""
+
     def tensors(remote_desc):
-        local_tensors = layer_tensors(local_layers, tensors_per_layer, local_desc.num_tensors,
-                                      "dst_layer_range" if remote_is_src else "src_layer_range")
-        remote_tensors = layer_tensors(remote_layers, tensors_per_layer, remote_desc.num_tensors,
-                                       "src_layer_range" if remote_is_src else "dst_layer_range")
+        local_tensors = layer_tensors(
+            local_layers,
+            tensors_per_layer,
+            local_desc.num_tensors,
+            "dst_layer_range" if remote_is_src else "src_layer_range",
+        )
+        remote_tensors = layer_tensors(
+            remote_layers,
+            tensors_per_layer,
+            remote_desc.num_tensors,
+            "src_layer_range" if remote_is_src else "dst_layer_range",
+        )
         if len(local_tensors) != len(remote_tensors):
-            raise param_invalid(f"the layers select {len(remote_tensors) if remote_is_src else len(local_tensors)} "
-                                f"source and {len(local_tensors) if remote_is_src else len(remote_tensors)} "
-                                "destination tensors; they must be equal")
+            raise param_invalid(
+                f"the layers select {len(remote_tensors) if remote_is_src else len(local_tensors)} "
+                f"source and {len(local_tensors) if remote_is_src else len(remote_tensors)} "
+                "destination tensors; they must be equal"
+            )
         return local_tensors, remote_tensors
+
     return tensors
 
 
 def _planned(local: Cache, remote_ref, tensors, read: bool, plan_one):
     """make_segments for Engine.transfer: the planner sees the descs of the tensors taking
     part, source first (the remote side is the source of a READ)."""
+
     def segments(remote_desc, key_index):
         local_tensors, remote_tensors = tensors(remote_desc)
         local_side = (plan.fields(local.cache_desc, len(local_tensors)), local.cache_id)
         remote_side = (plan.fields(remote_desc, len(remote_tensors)), remote_ref if isinstance(remote_ref, int) else -1)
         src, dst = (remote_side, local_side) if read else (local_side, remote_side)
         return plan_one(src, dst, key_index)
+
     return segments
 
 
@@ -268,9 +282,19 @@ def _notify(notify) -> bytes:
     return bytes(notify)
 
 
-def start_blocks(operation: str, local: Cache, cluster_id: int, remote_ref, src_blocks, dst_blocks,
-                 local_layers=None, remote_layers=None, tensors_per_layer: int = 2, notify=None,
-                 background: bool = False) -> Transfer:
+def start_blocks(
+    operation: str,
+    local: Cache,
+    cluster_id: int,
+    remote_ref,
+    src_blocks,
+    dst_blocks,
+    local_layers=None,
+    remote_layers=None,
+    tensors_per_layer: int = 2,
+    notify=None,
+    background: bool = False,
+) -> Transfer:
     """Starts moving blocks between a local cache and a remote one (by id or key),
     optionally a layer subset of each; the remote side is the source for READ, the
     destination for WRITE. Everything is validated before this returns. ``background``:
@@ -281,15 +305,32 @@ def start_blocks(operation: str, local: Cache, cluster_id: int, remote_ref, src_
     src_list, dst_list = _blocks(src_blocks, "src_blocks"), _blocks(dst_blocks, "dst_blocks")
     read = operation == "READ"
     tensors = _selection(local.cache_desc, local_layers, remote_layers, tensors_per_layer, read)
-    segments = _planned(local, remote_ref, tensors, read, lambda src, dst, _index: plan.block_segments(
-        src[0], src[1], dst[0], dst[1], src_list, dst_list))
-    return engine.start_transfer(operation, local, cluster_id, remote_ref, segments, tensors, message,
-                                 dst_list.tolist(), background=background)
+    segments = _planned(
+        local,
+        remote_ref,
+        tensors,
+        read,
+        lambda src, dst, _index: plan.block_segments(src[0], src[1], dst[0], dst[1], src_list, dst_list),
+    )
+    return engine.start_transfer(
+        operation, local, cluster_id, remote_ref, segments, tensors, message, dst_list.tolist(), background=background
+    )
 
 
-def start_slice(operation: str, local: Cache, cluster_id: int, remote_ref, remote_index, local_index: int,
-                size: int = -1, local_layers=None, remote_layers=None, tensors_per_layer: int = 2,
-                notify=None, background: bool = False) -> Transfer:
+def start_slice(
+    operation: str,
+    local: Cache,
+    cluster_id: int,
+    remote_ref,
+    remote_index,
+    local_index: int,
+    size: int = -1,
+    local_layers=None,
+    remote_layers=None,
+    tensors_per_layer: int = 2,
+    notify=None,
+    background: bool = False,
+) -> Transfer:
     """Starts moving ``size`` bytes (-1: all) of one dim-0 slice between a local cache and a
     remote one. ``remote_index`` None: the slice the remote key names (``background``: as
     for start_blocks)."""
@@ -305,9 +346,17 @@ def start_slice(operation: str, local: Cache, cluster_id: int, remote_ref, remot
         return plan.slice_segments(src[0], src[1], dst[0], dst[1], src_index, dst_index, size)
 
     dst_index = local_index if read else remote_index
-    return engine.start_transfer(operation, local, cluster_id, remote_ref,
-                                 _planned(local, remote_ref, tensors, read, plan_one), tensors, message,
-                                 [] if dst_index is None else [dst_index], background=background)
+    return engine.start_transfer(
+        operation,
+        local,
+        cluster_id,
+        remote_ref,
+        _planned(local, remote_ref, tensors, read, plan_one),
+        tensors,
+        message,
+        [] if dst_index is None else [dst_index],
+        background=background,
+    )
 
 
 def transfer_blocks(*args, **kwargs) -> int:
@@ -321,8 +370,16 @@ def transfer_slice(*args, **kwargs) -> int:
 
 
 @raises_llm
-def pull_kv_blocks_async(src: CacheIndex, dst: Cache | int, src_blocks, dst_blocks, *,
-                         layers: range | None = None, tensors_per_layer: int = 2, notify=None) -> Transfer:
+def pull_kv_blocks_async(
+    src: CacheIndex,
+    dst: Cache | int,
+    src_blocks,
+    dst_blocks,
+    *,
+    layers: range | None = None,
+    tensors_per_layer: int = 2,
+    notify=None,
+) -> Transfer:
     """Starts reading blocks ``src_blocks`` of a remote cache into blocks ``dst_blocks`` of a
     local one; returns its Transfer. Validated against the remote cache's desc before it
     returns. ``layers`` (a range) moves only those layers' tensors (layer i: tensors
@@ -335,13 +392,32 @@ def pull_kv_blocks_async(src: CacheIndex, dst: Cache | int, src_blocks, dst_bloc
 def _pull_blocks(src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background) -> Transfer:
     src = _cache_index(src)
     _get_engine()
-    return start_blocks("READ", _local(dst), src.cluster_id, src.cache_id, src_blocks, dst_blocks, layers, layers,
-                        tensors_per_layer, notify, background)
+    return start_blocks(
+        "READ",
+        _local(dst),
+        src.cluster_id,
+        src.cache_id,
+        src_blocks,
+        dst_blocks,
+        layers,
+        layers,
+        tensors_per_layer,
+        notify,
+        background,
+    )
 
 
 @raises_llm
-def push_kv_blocks_async(src: Cache | int, dst: CacheIndex, src_blocks, dst_blocks, *,
-                         layers: range | None = None, tensors_per_layer: int = 2, notify=None) -> Transfer:
+def push_kv_blocks_async(
+    src: Cache | int,
+    dst: CacheIndex,
+    src_blocks,
+    dst_blocks,
+    *,
+    layers: range | None = None,
+    tensors_per_layer: int = 2,
+    notify=None,
+) -> Transfer:
     """Starts writing blocks ``src_blocks`` of a local cache into blocks ``dst_blocks`` of a
     remote one; ``notify`` reaches the peer once the data has landed there."""
     return _push_blocks(src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background=True)
@@ -350,13 +426,32 @@ def push_kv_blocks_async(src: Cache | int, dst: CacheIndex, src_blocks, dst_bloc
 def _push_blocks(src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background) -> Transfer:
     dst = _cache_index(dst)
     _get_engine()
-    return start_blocks("WRITE", _local(src), dst.cluster_id, dst.cache_id, src_blocks, dst_blocks, layers, layers,
-                        tensors_per_layer, notify, background)
+    return start_blocks(
+        "WRITE",
+        _local(src),
+        dst.cluster_id,
+        dst.cache_id,
+        src_blocks,
+        dst_blocks,
+        layers,
+        layers,
+        tensors_per_layer,
+        notify,
+        background,
+    )
 
 
 @raises_llm
-def pull_kv_cache_async(src: CacheIndex, dst: Cache | int, batch_index: int = 0, size: int = -1, *,
-                        layers: range | None = None, tensors_per_layer: int = 2, notify=None) -> Transfer:
+def pull_kv_cache_async(
+    src: CacheIndex,
+    dst: Cache | int,
+    batch_index: int = 0,
+    size: int = -1,
+    *,
+    layers: range | None = None,
+    tensors_per_layer: int = 2,
+    notify=None,
+) -> Transfer:
     """Starts reading ``size`` bytes (-1: the whole slice) of slice ``src.batch_index`` of a
     remote cache into slice ``batch_index`` of a local one, for every tensor (or ``layers``)."""
     return _pull_slice(src, dst, batch_index, size, layers, tensors_per_layer, notify, background=True)
@@ -365,27 +460,63 @@ def pull_kv_cache_async(src: CacheIndex, dst: Cache | int, batch_index: int = 0,
 def _pull_slice(src, dst, batch_index, size, layers, tensors_per_layer, notify, background) -> Transfer:
     src = _cache_index(src)
     _get_engine()
-    return start_slice("READ", _local(dst), src.cluster_id, src.cache_id, src.batch_index, batch_index, size,
-                       layers, layers, tensors_per_layer, notify, background)
+    return start_slice(
+        "READ",
+        _local(dst),
+        src.cluster_id,
+        src.cache_id,
+        src.batch_index,
+        batch_index,
+        size,
+        layers,
+        layers,
+        tensors_per_layer,
+        notify,
+        background,
+    )
 
 
 @raises_llm
-def pull_kv_blocks(src: CacheIndex, dst: Cache | int, src_blocks, dst_blocks, *,
-                   layers: range | None = None, tensors_per_layer: int = 2, notify=None) -> int:
+def pull_kv_blocks(
+    src: CacheIndex,
+    dst: Cache | int,
+    src_blocks,
+    dst_blocks,
+    *,
+    layers: range | None = None,
+    tensors_per_layer: int = 2,
+    notify=None,
+) -> int:
     """``pull_kv_blocks_async(...).wait()``, posted from this thread: returns the bytes moved."""
     return _pull_blocks(src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background=False).wait()
 
 
 @raises_llm
-def push_kv_blocks(src: Cache | int, dst: CacheIndex, src_blocks, dst_blocks, *,
-                   layers: range | None = None, tensors_per_layer: int = 2, notify=None) -> int:
+def push_kv_blocks(
+    src: Cache | int,
+    dst: CacheIndex,
+    src_blocks,
+    dst_blocks,
+    *,
+    layers: range | None = None,
+    tensors_per_layer: int = 2,
+    notify=None,
+) -> int:
     """``push_kv_blocks_async(...).wait()``, posted from this thread: returns the bytes moved."""
     return _push_blocks(src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background=False).wait()
 
 
 @raises_llm
-def pull_kv_cache(src: CacheIndex, dst: Cache | int, batch_index: int = 0, size: int = -1, *,
-                  layers: range | None = None, tensors_per_layer: int = 2, notify=None) -> int:
+def pull_kv_cache(
+    src: CacheIndex,
+    dst: Cache | int,
+    batch_index: int = 0,
+    size: int = -1,
+    *,
+    layers: range | None = None,
+    tensors_per_layer: int = 2,
+    notify=None,
+) -> int:
     """``pull_kv_cache_async(...).wait()``, posted from this thread: returns the bytes moved."""
     return _pull_slice(src, dst, batch_index, size, layers, tensors_per_layer, notify, background=False).wait()
 

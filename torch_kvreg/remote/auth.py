@@ -50,14 +50,23 @@ class LinkSecret:
     def __reduce__(self):
         raise TypeError("a LinkSecret is not pickled")
 
-    def proof(self, role: bytes, linker_nonce: bytes, acceptor_nonce: bytes, linker_cluster: int,
-              acceptor_cluster: int) -> bytes:
-        message = b"|".join((_CONTEXT, role, linker_nonce, acceptor_nonce,
-                             str(linker_cluster).encode(), str(acceptor_cluster).encode()))
+    def proof(
+        self, role: bytes, linker_nonce: bytes, acceptor_nonce: bytes, linker_cluster: int, acceptor_cluster: int
+    ) -> bytes:
+        message = b"|".join(
+            (_CONTEXT, role, linker_nonce, acceptor_nonce, str(linker_cluster).encode(), str(acceptor_cluster).encode())
+        )
         return hmac.new(self._key, message, hashlib.sha256).digest()
 
-    def check(self, proof: bytes, role: bytes, linker_nonce: bytes, acceptor_nonce: bytes, linker_cluster: int,
-              acceptor_cluster: int) -> bool:
+    def check(
+        self,
+        proof: bytes,
+        role: bytes,
+        linker_nonce: bytes,
+        acceptor_nonce: bytes,
+        linker_cluster: int,
+        acceptor_cluster: int,
+    ) -> bool:
         expected = self.proof(role, linker_nonce, acceptor_nonce, linker_cluster, acceptor_cluster)
         return hmac.compare_digest(expected, proof)
 

@@ -52,8 +52,10 @@ def make_agent(name: str):
 
     text = os.environ.get("TORCH_KVREG_NIXL_PROGRESS_DELAY_US", str(DEFAULT_PROGRESS_DELAY_US))
     if not text.isdigit() or int(text) > 10**6:
-        raise _error(LLMStatusCode.LLM_PARAM_INVALID,
-                     f"TORCH_KVREG_NIXL_PROGRESS_DELAY_US must be 0 to 1000000 (us), got {text!r}")
+        raise _error(
+            LLMStatusCode.LLM_PARAM_INVALID,
+            f"TORCH_KVREG_NIXL_PROGRESS_DELAY_US must be 0 to 1000000 (us), got {text!r}",
+        )
     delay = int(text)
     config_class = _api.nixlBind.nixlAgentConfig
 
