@@ -30,7 +30,7 @@ $(PY):
 # satisfies. In CI (CI set) a failed NIXL install fails: the remote tests must run there.
 $(DEPS_STAMP): $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install setuptools wheel ninja numpy pytest hypothesis matplotlib prometheus-client nbclient nbformat ipykernel build ruff
+	$(PIP) install setuptools wheel ninja numpy pytest hypothesis matplotlib prometheus-client nbclient nbformat ipykernel build ruff mypy clang-format==23.1.5
 	$(PIP) install "transformers>=4.45" || { [ -z "$$CI" ] || exit 1; \
 		echo "warning: transformers could not be installed; the Hugging Face example's test skips"; }
 	$(PIP) install "nixl-cu12>=0.6" || { [ -z "$$CI" ] || exit 1; \
@@ -69,10 +69,15 @@ demo-cpp: build
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# ruff's lint rules (pyproject.toml) over the package, tests, benchmarks and examples.
+# ruff (lint rules and format) over the Python, mypy over the package (every function
+# annotated: pyproject.toml), clang-format (.clang-format) over the C++ and CUDA sources.
+CXX_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu torch_kvreg/include/llm_datadist/*.h \
+	examples/cpp/*.cpp tests/cpp/*.cpp)
 lint: $(DEPS_STAMP)
 	$(VENV)/bin/ruff check torch_kvreg tests benchmarks examples scripts
 	$(VENV)/bin/ruff format --check torch_kvreg tests benchmarks examples scripts
+	$(VENV)/bin/mypy
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
 
 # AddressSanitizer + UndefinedBehaviorSanitizer build in its own folder and package copy;
 # the registry, copy, bad-input, stress and model-based tests run against it.

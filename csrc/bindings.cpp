@@ -19,16 +19,9 @@ using kvreg::Registry;
 py::tuple cache_tuple(const kvreg::CacheRecord& record) {
   const auto& desc = record.desc;
   return py::make_tuple(
-      record.cache_id,
-      desc.num_tensors,
-      static_cast<int64_t>(desc.data_type),
-      desc.shape,
-      static_cast<int64_t>(desc.placement),
-      desc.device_index,
-      record.addrs,
-      record.remote_accessible,
-      record.layer_names,
-      record.name_layers);
+      record.cache_id, desc.num_tensors, static_cast<int64_t>(desc.data_type), desc.shape,
+      static_cast<int64_t>(desc.placement), desc.device_index, record.addrs, record.remote_accessible,
+      record.layer_names, record.name_layers);
 }
 
 // (num_tensors, data_type, shape, placement, device_index), as Python's CacheDesc holds it.
@@ -97,9 +90,10 @@ PYBIND11_MODULE(_C, m) {
     kvreg::register_ops();
   } catch (const c10::Error& error) {
     throw py::import_error(
-        std::string("torch_kvreg: another library already defined the torch.ops.llm namespace "
-                    "in this process (a second build of torch_kvreg?); restart the interpreter "
-                    "and load one copy. Dispatcher said: ") +
+        std::string(
+            "torch_kvreg: another library already defined the torch.ops.llm namespace "
+            "in this process (a second build of torch_kvreg?); restart the interpreter "
+            "and load one copy. Dispatcher said: ") +
         error.what_without_backtrace());
   }
   m.doc() = "torch_kvreg native registry; use the torch_kvreg package instead.";
@@ -115,8 +109,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_available", &kvreg::cuda_available);
   m.def(
       "initialize",
-      [](int64_t cluster_id, int64_t role, int64_t device_id, std::string options,
-         int64_t max_addrs, int64_t max_device_bytes, int64_t max_host_bytes, int64_t wait_ms) {
+      [](int64_t cluster_id, int64_t role, int64_t device_id, std::string options, int64_t max_addrs,
+         int64_t max_device_bytes, int64_t max_host_bytes, int64_t wait_ms) {
         kvreg::InitConfig config;
         config.cluster_id = cluster_id;
         config.role = role;
@@ -127,9 +121,7 @@ PYBIND11_MODULE(_C, m) {
         Registry::instance().initialize(config);
       },
       py::call_guard<py::gil_scoped_release>());
-  m.def(
-      "finalize", [] { Registry::instance().finalize(); },
-      py::call_guard<py::gil_scoped_release>());
+  m.def("finalize", [] { Registry::instance().finalize(); }, py::call_guard<py::gil_scoped_release>());
   m.def("is_initialized", [] { return Registry::instance().is_initialized(); });
   m.def("config", [] {
     const auto config = Registry::instance().config();
@@ -155,14 +147,16 @@ PYBIND11_MODULE(_C, m) {
   // copy_kv_blocks without the GIL, for copies that run beside Python (asynchronous ones).
   m.def(
       "copy_blocks",
-      [](int64_t src_cache_id, int64_t dst_cache_id, const at::Tensor& src_blocks, const at::Tensor& dst_blocks) {
+      [](int64_t src_cache_id, int64_t dst_cache_id, const at::Tensor& src_blocks,
+         const at::Tensor& dst_blocks) {
         kvreg::copy_kv_blocks(src_cache_id, dst_cache_id, src_blocks, dst_blocks);
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "copy_blocks_of_tensors",
-      [](int64_t src_cache_id, int64_t dst_cache_id, const at::Tensor& src_blocks, const at::Tensor& dst_blocks,
-         const std::vector<int64_t>& src_tensors, const std::vector<int64_t>& dst_tensors) {
+      [](int64_t src_cache_id, int64_t dst_cache_id, const at::Tensor& src_blocks,
+         const at::Tensor& dst_blocks, const std::vector<int64_t>& src_tensors,
+         const std::vector<int64_t>& dst_tensors) {
         kvreg::copy_kv_blocks_of_tensors(
             src_cache_id, dst_cache_id, src_blocks, dst_blocks, src_tensors, dst_tensors);
       },
@@ -171,7 +165,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_copy_strategy", [](const std::string& name) { kvreg::set_copy_strategy(name); });
   m.def(
       "copy_blocks_with_memcpy",
-      [](int64_t src_cache_id, int64_t dst_cache_id, const at::Tensor& src_blocks, const at::Tensor& dst_blocks) {
+      [](int64_t src_cache_id, int64_t dst_cache_id, const at::Tensor& src_blocks,
+         const at::Tensor& dst_blocks) {
         kvreg::copy_blocks_with_memcpy(src_cache_id, dst_cache_id, src_blocks, dst_blocks);
       },
       py::call_guard<py::gil_scoped_release>());
@@ -182,7 +177,8 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "register_tensors",
       [](const std::vector<at::Tensor>& caches, bool pin_host_memory, int64_t remote_accessible,
-         std::vector<std::string> keys, std::vector<std::string> layer_names, std::vector<int64_t> name_layers) {
+         std::vector<std::string> keys, std::vector<std::string> layer_names,
+         std::vector<int64_t> name_layers) {
         return kvreg::register_tensors(
             caches, pin_host_memory, remote_accessible, std::move(keys), std::move(layer_names),
             std::move(name_layers));
@@ -190,13 +186,12 @@ PYBIND11_MODULE(_C, m) {
       py::arg("caches"), py::arg("pin_host_memory"), py::arg("remote_accessible"), py::arg("keys"),
       py::arg("layer_names") = std::vector<std::string>(), py::arg("name_layers") = std::vector<int64_t>());
   m.def(
-      "register_addrs",
-      [](int64_t num_tensors, int64_t data_type, const std::vector<int64_t>& shape, int64_t placement,
-         int64_t device_index, const std::vector<int64_t>& addrs, bool pin_host_memory,
-         int64_t remote_accessible, std::vector<std::string> keys) {
+      "register_addrs", [](int64_t num_tensors, int64_t data_type, const std::vector<int64_t>& shape,
+                           int64_t placement, int64_t device_index, const std::vector<int64_t>& addrs,
+                           bool pin_host_memory, int64_t remote_accessible, std::vector<std::string> keys) {
         return kvreg::register_addrs(
-            num_tensors, data_type, shape, placement, device_index, addrs, pin_host_memory,
-            remote_accessible, std::move(keys));
+            num_tensors, data_type, shape, placement, device_index, addrs, pin_host_memory, remote_accessible,
+            std::move(keys));
       });
   // The validation and planning of copy_kv_blocks / copy_kv_cache, for transfers whose
   // other side is a desc received from a peer (torch_kvreg.remote).
@@ -207,18 +202,19 @@ PYBIND11_MODULE(_C, m) {
          bool same_cache) {
         auto src_list = kvreg::block_indices(src_blocks, "src_blocks");
         auto dst_list = kvreg::block_indices(dst_blocks, "dst_blocks");
-        return segments_tensor(kvreg::plan_blocks(
-            desc_from(src), src_id, desc_from(dst), dst_id, same_cache, std::move(src_list),
-            std::move(dst_list), max_segment_bytes));
+        return segments_tensor(
+            kvreg::plan_blocks(
+                desc_from(src), src_id, desc_from(dst), dst_id, same_cache, std::move(src_list),
+                std::move(dst_list), max_segment_bytes));
       },
       py::arg("src"), py::arg("src_id"), py::arg("dst"), py::arg("dst_id"), py::arg("src_blocks"),
       py::arg("dst_blocks"), py::arg("max_segment_bytes"), py::arg("same_cache") = false);
   m.def(
-      "plan_slice",
-      [](const DescFields& src, int64_t src_id, const DescFields& dst, int64_t dst_id,
-         int64_t src_batch_index, int64_t dst_batch_index, int64_t offset, int64_t size) {
-        return segments_tensor(kvreg::plan_slice(
-            desc_from(src), src_id, desc_from(dst), dst_id, /*same_cache=*/false,
-            src_batch_index, dst_batch_index, offset, size));
+      "plan_slice", [](const DescFields& src, int64_t src_id, const DescFields& dst, int64_t dst_id,
+                       int64_t src_batch_index, int64_t dst_batch_index, int64_t offset, int64_t size) {
+        return segments_tensor(
+            kvreg::plan_slice(
+                desc_from(src), src_id, desc_from(dst), dst_id, /*same_cache=*/false, src_batch_index,
+                dst_batch_index, offset, size));
       });
 }

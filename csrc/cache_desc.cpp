@@ -86,18 +86,14 @@ int64_t checked_add(int64_t a, int64_t b, const char* what) {
 }
 
 CacheDesc CacheDesc::validated(
-    int64_t num_tensors,
-    int64_t data_type,
-    std::vector<int64_t> shape,
-    int64_t placement,
+    int64_t num_tensors, int64_t data_type, std::vector<int64_t> shape, int64_t placement,
     int64_t device_index) {
   KVREG_CHECK_ARG(
-      num_tensors >= 1 && num_tensors <= kMaxAddrsPerCall,
-      "num_tensors is ", num_tensors, ", expected 1 to ", kMaxAddrsPerCall);
+      num_tensors >= 1 && num_tensors <= kMaxAddrsPerCall, "num_tensors is ", num_tensors, ", expected 1 to ",
+      kMaxAddrsPerCall);
   const int64_t element_size = data_type_size(data_type);
   KVREG_CHECK_ARG(
-      element_size > 0, "data_type ", data_type_name(data_type),
-      " cannot be registered (no element size)");
+      element_size > 0, "data_type ", data_type_name(data_type), " cannot be registered (no element size)");
   const int64_t rank = static_cast<int64_t>(shape.size());
   KVREG_CHECK_ARG(rank >= 1 && rank <= kMaxRank, "shape has rank ", rank, ", expected 1 to ", kMaxRank);
   for (int64_t d = 0; d < rank; ++d) {

@@ -63,10 +63,7 @@ struct CacheDesc {
 
   // Checks every field (LLM_PARAM_INVALID on failure) and computes the sizes.
   static CacheDesc validated(
-      int64_t num_tensors,
-      int64_t data_type,
-      std::vector<int64_t> shape,
-      int64_t placement,
+      int64_t num_tensors, int64_t data_type, std::vector<int64_t> shape, int64_t placement,
       int64_t device_index);
 
   std::string str() const;

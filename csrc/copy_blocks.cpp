@@ -46,15 +46,14 @@ int64_t concrete_id(const c10::SymInt& cache_id, const char* name) {
 
 void check_compatible(const CacheDesc& s, int64_t src_id, const CacheDesc& d, int64_t dst_id) {
   KVREG_CHECK_ARG(
-      s.num_tensors == d.num_tensors, "src cache ", src_id, " has ", s.num_tensors,
-      " tensors but dst cache ", dst_id, " has ", d.num_tensors);
+      s.num_tensors == d.num_tensors, "src cache ", src_id, " has ", s.num_tensors, " tensors but dst cache ",
+      dst_id, " has ", d.num_tensors);
   KVREG_CHECK_ARG(
       s.data_type == d.data_type, "src cache has data_type ",
       data_type_name(static_cast<int64_t>(s.data_type)), " but dst cache has ",
       data_type_name(static_cast<int64_t>(d.data_type)));
   KVREG_CHECK_ARG(
-      s.shape.size() == d.shape.size() &&
-          std::equal(s.shape.begin() + 1, s.shape.end(), d.shape.begin() + 1),
+      s.shape.size() == d.shape.size() && std::equal(s.shape.begin() + 1, s.shape.end(), d.shape.begin() + 1),
       "src ", s.str(), " and dst ", d.str(), " differ in shape[1:]");
 }
 
@@ -151,9 +150,7 @@ void sort_by_source(std::vector<int64_t>& src_blocks, std::vector<int64_t>& dst_
 
 // Runs of consecutive (src, dst) block pairs become one segment of at most max_segment_bytes.
 std::vector<Segment> coalesce(
-    const std::vector<int64_t>& src_blocks,
-    const std::vector<int64_t>& dst_blocks,
-    int64_t block_nbytes,
+    const std::vector<int64_t>& src_blocks, const std::vector<int64_t>& dst_blocks, int64_t block_nbytes,
     int64_t max_segment_bytes) {
   std::vector<Segment> segments;
   const int64_t max_run = std::max<int64_t>(1, max_segment_bytes / block_nbytes);
@@ -357,14 +354,8 @@ std::vector<int64_t> block_indices(const at::Tensor& blocks, const char* name) {
 }
 
 std::vector<Segment> plan_blocks(
-    const CacheDesc& src,
-    int64_t src_id,
-    const CacheDesc& dst,
-    int64_t dst_id,
-    bool same_cache,
-    std::vector<int64_t> src_blocks,
-    std::vector<int64_t> dst_blocks,
-    int64_t max_segment_bytes) {
+    const CacheDesc& src, int64_t src_id, const CacheDesc& dst, int64_t dst_id, bool same_cache,
+    std::vector<int64_t> src_blocks, std::vector<int64_t> dst_blocks, int64_t max_segment_bytes) {
   KVREG_CHECK_ARG(
       src_blocks.size() == dst_blocks.size(), "src_blocks has ", src_blocks.size(),
       " entries but dst_blocks has ", dst_blocks.size());
@@ -387,23 +378,16 @@ std::vector<Segment> plan_blocks(
 }
 
 std::vector<Segment> plan_slice(
-    const CacheDesc& src,
-    int64_t src_id,
-    const CacheDesc& dst,
-    int64_t dst_id,
-    bool same_cache,
-    int64_t src_batch_index,
-    int64_t dst_batch_index,
-    int64_t offset,
-    int64_t size) {
+    const CacheDesc& src, int64_t src_id, const CacheDesc& dst, int64_t dst_id, bool same_cache,
+    int64_t src_batch_index, int64_t dst_batch_index, int64_t offset, int64_t size) {
   check_compatible(src, src_id, dst, dst_id);
   const int64_t block_nbytes = src.block_nbytes;
   KVREG_CHECK_INDEX(
-      src_batch_index >= 0 && src_batch_index < src.num_blocks(), "src_batch_index ",
-      src_batch_index, " is out of range for a cache of ", src.num_blocks(), " slices");
+      src_batch_index >= 0 && src_batch_index < src.num_blocks(), "src_batch_index ", src_batch_index,
+      " is out of range for a cache of ", src.num_blocks(), " slices");
   KVREG_CHECK_INDEX(
-      dst_batch_index >= 0 && dst_batch_index < dst.num_blocks(), "dst_batch_index ",
-      dst_batch_index, " is out of range for a cache of ", dst.num_blocks(), " slices");
+      dst_batch_index >= 0 && dst_batch_index < dst.num_blocks(), "dst_batch_index ", dst_batch_index,
+      " is out of range for a cache of ", dst.num_blocks(), " slices");
   KVREG_CHECK_ARG(
       offset >= 0 && offset <= block_nbytes, "offset ", offset, " is outside the ", block_nbytes,
       "-byte slice");
@@ -412,8 +396,8 @@ std::vector<Segment> plan_slice(
       nbytes >= 0 && nbytes <= block_nbytes - offset, "size ", size, " at offset ", offset,
       " does not fit the ", block_nbytes, "-byte slice");
   KVREG_CHECK_ARG(
-      !(same_cache && src_batch_index == dst_batch_index) || nbytes == 0, "slice ",
-      src_batch_index, " is both read and written in one copy within cache ", src_id);
+      !(same_cache && src_batch_index == dst_batch_index) || nbytes == 0, "slice ", src_batch_index,
+      " is both read and written in one copy within cache ", src_id);
   std::vector<Segment> segments;
   if (nbytes > 0) {
     segments.push_back(
@@ -452,8 +436,9 @@ void run_copy_cpu(const CopyPlan& plan) {
     int64_t segment = begin % num_segments;
     auto next_item = [&]() {
       const Segment& s = segments[segment];
-      Item item{reinterpret_cast<const char*>(src_addrs[tensor]) + s.src_offset,
-                reinterpret_cast<char*>(dst_addrs[tensor]) + s.dst_offset, s.nbytes};
+      Item item{
+          reinterpret_cast<const char*>(src_addrs[tensor]) + s.src_offset,
+          reinterpret_cast<char*>(dst_addrs[tensor]) + s.dst_offset, s.nbytes};
       if (++segment == num_segments) {
         segment = 0;
         ++tensor;
@@ -541,7 +526,8 @@ void run_copy_cpu(const CopyPlan& plan) {
           best = c;
         }
       }
-      chosen_strategy.store((1 + best % (kNumStrategies - 1)) | (best >= kNumStrategies - 1 ? kSingleThread : 0));
+      chosen_strategy.store(
+          (1 + best % (kNumStrategies - 1)) | (best >= kNumStrategies - 1 ? kSingleThread : 0));
     }
     strategy = current_strategy();
   }
@@ -571,29 +557,29 @@ struct LeasedCopy {
   CopyPlan plan;
 };
 
-LeasedCopy lease_blocks(int64_t src_id, int64_t dst_id, const at::Tensor& src_blocks, const at::Tensor& dst_blocks) {
+LeasedCopy lease_blocks(
+    int64_t src_id, int64_t dst_id, const at::Tensor& src_blocks, const at::Tensor& dst_blocks) {
   Registry::instance().require_initialized();
   auto src_list = block_list(src_blocks, "src_blocks");
   auto dst_list = block_list(dst_blocks, "dst_blocks");
   KVREG_CHECK_ARG(
-      src_list.size() == dst_list.size(), "src_blocks has ", src_list.size(),
-      " entries but dst_blocks has ", dst_list.size());
+      src_list.size() == dst_list.size(), "src_blocks has ", src_list.size(), " entries but dst_blocks has ",
+      dst_list.size());
   LeasedCopy copy{Registry::instance().lease({src_id, dst_id}), {}};
   const CacheRecord& src = copy.lease[0];
   const CacheRecord& dst = copy.lease[1];
-  copy.plan = {&src, &dst,
-               plan_blocks(src.desc, src_id, dst.desc, dst_id, src_id == dst_id, std::move(src_list),
-                           std::move(dst_list), kMaxSegmentBytes)};
+  copy.plan = {
+      &src, &dst,
+      plan_blocks(
+          src.desc, src_id, dst.desc, dst_id, src_id == dst_id, std::move(src_list), std::move(dst_list),
+          kMaxSegmentBytes)};
   return copy;
 }
 
 }  // namespace
 
 void copy_blocks_with_memcpy(
-    int64_t src_id,
-    int64_t dst_id,
-    const at::Tensor& src_blocks,
-    const at::Tensor& dst_blocks) {
+    int64_t src_id, int64_t dst_id, const at::Tensor& src_blocks, const at::Tensor& dst_blocks) {
   const LeasedCopy copy = lease_blocks(src_id, dst_id, src_blocks, dst_blocks);
   const CacheRecord& src = *copy.plan.src;
   const CacheRecord& dst = *copy.plan.dst;
@@ -603,39 +589,36 @@ void copy_blocks_with_memcpy(
   // The obvious implementation, for benchmarks: one thread, one memcpy per segment.
   for (int64_t t = 0; t < src.desc.num_tensors; ++t) {
     for (const Segment& s : copy.plan.segments) {
-      std::memcpy(reinterpret_cast<char*>(dst.addrs[t]) + s.dst_offset,
-                  reinterpret_cast<const char*>(src.addrs[t]) + s.src_offset, static_cast<size_t>(s.nbytes));
+      std::memcpy(
+          reinterpret_cast<char*>(dst.addrs[t]) + s.dst_offset,
+          reinterpret_cast<const char*>(src.addrs[t]) + s.src_offset, static_cast<size_t>(s.nbytes));
     }
   }
 }
 
 void copy_kv_blocks(
-    c10::SymInt src_cache_id,
-    c10::SymInt dst_cache_id,
-    const at::Tensor& src_blocks,
+    c10::SymInt src_cache_id, c10::SymInt dst_cache_id, const at::Tensor& src_blocks,
     const at::Tensor& dst_blocks) {
   // The lease keeps both caches registered until the copy has been issued.
   const LeasedCopy copy = lease_blocks(
-      concrete_id(src_cache_id, "src_cache_id"), concrete_id(dst_cache_id, "dst_cache_id"), src_blocks, dst_blocks);
+      concrete_id(src_cache_id, "src_cache_id"), concrete_id(dst_cache_id, "dst_cache_id"), src_blocks,
+      dst_blocks);
   run_copy(copy.plan);
 }
 
 void copy_kv_blocks_of_tensors(
-    int64_t src_id,
-    int64_t dst_id,
-    const at::Tensor& src_blocks,
-    const at::Tensor& dst_blocks,
-    const std::vector<int64_t>& src_tensors,
-    const std::vector<int64_t>& dst_tensors) {
+    int64_t src_id, int64_t dst_id, const at::Tensor& src_blocks, const at::Tensor& dst_blocks,
+    const std::vector<int64_t>& src_tensors, const std::vector<int64_t>& dst_tensors) {
   Registry::instance().require_initialized();
   auto src_list = block_list(src_blocks, "src_blocks");
   auto dst_list = block_list(dst_blocks, "dst_blocks");
   KVREG_CHECK_ARG(
-      src_list.size() == dst_list.size(), "src_blocks has ", src_list.size(),
-      " entries but dst_blocks has ", dst_list.size());
+      src_list.size() == dst_list.size(), "src_blocks has ", src_list.size(), " entries but dst_blocks has ",
+      dst_list.size());
   KVREG_CHECK_ARG(
       !src_tensors.empty() && src_tensors.size() == dst_tensors.size(), "the layers select ",
-      src_tensors.size(), " source and ", dst_tensors.size(), " destination tensors; they must be equal and not 0");
+      src_tensors.size(), " source and ", dst_tensors.size(),
+      " destination tensors; they must be equal and not 0");
   auto lease = Registry::instance().lease({src_id, dst_id});
   // Records of just the selected tensors, in the order given.
   auto subset = [](const CacheRecord& record, const std::vector<int64_t>& tensors, const char* name) {
@@ -665,26 +648,26 @@ void copy_kv_blocks_of_tensors(
       shared_tensor = shared_tensor || std::binary_search(sorted_dst.begin(), sorted_dst.end(), t);
     }
   }
-  run_copy({&src, &dst,
-            plan_blocks(src.desc, src_id, dst.desc, dst_id, shared_tensor, std::move(src_list), std::move(dst_list),
-                        kMaxSegmentBytes)});
+  run_copy(
+      {&src, &dst,
+       plan_blocks(
+           src.desc, src_id, dst.desc, dst_id, shared_tensor, std::move(src_list), std::move(dst_list),
+           kMaxSegmentBytes)});
 }
 
 void copy_kv_cache(
-    c10::SymInt src_cache_id,
-    c10::SymInt dst_cache_id,
-    int64_t src_batch_index,
-    int64_t dst_batch_index,
-    int64_t offset,
-    int64_t size) {
+    c10::SymInt src_cache_id, c10::SymInt dst_cache_id, int64_t src_batch_index, int64_t dst_batch_index,
+    int64_t offset, int64_t size) {
   const int64_t src_id = concrete_id(src_cache_id, "src_cache_id");
   const int64_t dst_id = concrete_id(dst_cache_id, "dst_cache_id");
   auto lease = Registry::instance().lease({src_id, dst_id});
   const CacheRecord& src = lease[0];
   const CacheRecord& dst = lease[1];
-  run_copy({&src, &dst,
-            plan_slice(src.desc, src_id, dst.desc, dst_id, src_id == dst_id, src_batch_index,
-                       dst_batch_index, offset, size)});
+  run_copy(
+      {&src, &dst,
+       plan_slice(
+           src.desc, src_id, dst.desc, dst_id, src_id == dst_id, src_batch_index, dst_batch_index, offset,
+           size)});
 }
 
 }  // namespace kvreg

@@ -33,25 +33,12 @@ struct CopyPlan {
 // is a desc received from a peer). same_cache: src and dst are one cache, so no block may
 // be both read and written. Ids only name the caches in messages.
 std::vector<Segment> plan_blocks(
-    const CacheDesc& src,
-    int64_t src_id,
-    const CacheDesc& dst,
-    int64_t dst_id,
-    bool same_cache,
-    std::vector<int64_t> src_blocks,
-    std::vector<int64_t> dst_blocks,
-    int64_t max_segment_bytes);
+    const CacheDesc& src, int64_t src_id, const CacheDesc& dst, int64_t dst_id, bool same_cache,
+    std::vector<int64_t> src_blocks, std::vector<int64_t> dst_blocks, int64_t max_segment_bytes);
 // copy_kv_cache's form: size bytes (-1: to the end) from byte offset of one slice.
 std::vector<Segment> plan_slice(
-    const CacheDesc& src,
-    int64_t src_id,
-    const CacheDesc& dst,
-    int64_t dst_id,
-    bool same_cache,
-    int64_t src_batch_index,
-    int64_t dst_batch_index,
-    int64_t offset,
-    int64_t size);
+    const CacheDesc& src, int64_t src_id, const CacheDesc& dst, int64_t dst_id, bool same_cache,
+    int64_t src_batch_index, int64_t dst_batch_index, int64_t offset, int64_t size);
 // A block list (int32/int64, CPU or device, at most 1-D) as int64 values on the host.
 std::vector<int64_t> block_indices(const at::Tensor& blocks, const char* name);
 

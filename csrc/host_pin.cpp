@@ -28,8 +28,7 @@ bool pin_host(void* ptr, size_t nbytes) {
     return false;
   }
   cudaPointerAttributes attributes{};
-  if (cudaPointerGetAttributes(&attributes, ptr) == cudaSuccess &&
-      attributes.type == cudaMemoryTypeHost) {
+  if (cudaPointerGetAttributes(&attributes, ptr) == cudaSuccess && attributes.type == cudaMemoryTypeHost) {
     return false;  // already page-locked by its allocator or by someone else
   }
   cudaGetLastError();
@@ -41,8 +40,8 @@ bool pin_host(void* ptr, size_t nbytes) {
   if (err != cudaSuccess) {
     cudaGetLastError();
     KVREG_CHECK(
-        false, LLM_FAILED, "cudaHostRegister of ", nbytes, " bytes failed: ",
-        cudaGetErrorString(err), "; register with RegisterCfg(pin_host_memory=False) to skip pinning");
+        false, LLM_FAILED, "cudaHostRegister of ", nbytes, " bytes failed: ", cudaGetErrorString(err),
+        "; register with RegisterCfg(pin_host_memory=False) to skip pinning");
   }
   return true;
 }

@@ -108,9 +108,9 @@ kvreg::Options options_of(const std::map<AscendString, AscendString>& options) {
 }
 
 bool known_option(const std::string& key) {
-  for (const char* known : {OPTION_LISTEN_IP_INFO, OPTION_DEVICE_ID, OPTION_SYNC_CACHE_WAIT_TIME,
-                            OPTION_BUF_POOL_CFG, OPTION_ENABLE_SET_ROLE, OPTION_LOCAL_COMM_RES,
-                            OPTION_TRANSFER_BACKEND}) {
+  for (const char* known :
+       {OPTION_LISTEN_IP_INFO, OPTION_DEVICE_ID, OPTION_SYNC_CACHE_WAIT_TIME, OPTION_BUF_POOL_CFG,
+        OPTION_ENABLE_SET_ROLE, OPTION_LOCAL_COMM_RES, OPTION_TRANSFER_BACKEND}) {
     if (key == known) {
       return true;
     }
@@ -172,7 +172,8 @@ LlmDataDist::~LlmDataDist() = default;
 Status LlmDataDist::Initialize(const std::map<AscendString, AscendString>& options) {
   return guarded([&]() -> Status {
     const auto role = static_cast<int32_t>(impl_->role);
-    if (role < 1 || role > 3 || impl_->cluster_id > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+    if (role < 1 || role > 3 ||
+        impl_->cluster_id > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
       return LLM_PARAM_INVALID;
     }
     const kvreg::Options pairs = options_of(options);
@@ -263,8 +264,9 @@ namespace {
 // What LinkLlmClusters and UnlinkLlmClusters share: the cluster cap, the timeout, and a
 // status per cluster (`each`), the first failure being the call's.
 template <typename Each>
-Status per_cluster(const std::vector<ClusterInfo>& clusters, std::vector<Status>& rets, int32_t timeout_in_millis,
-                   bool hooked, Status without_python, Each&& each) {
+Status per_cluster(
+    const std::vector<ClusterInfo>& clusters, std::vector<Status>& rets, int32_t timeout_in_millis,
+    bool hooked, Status without_python, Each&& each) {
   return guarded([&]() -> Status {
     rets.assign(clusters.size(), LLM_SUCCESS);
     if (clusters.size() > kMaxClusters) {
@@ -292,29 +294,31 @@ Status per_cluster(const std::vector<ClusterInfo>& clusters, std::vector<Status>
 
 }  // namespace
 
-Status LlmDataDist::LinkLlmClusters(const std::vector<ClusterInfo>& clusters, std::vector<Status>& rets,
-                                    int32_t timeout_in_millis) {
+Status LlmDataDist::LinkLlmClusters(
+    const std::vector<ClusterInfo>& clusters, std::vector<Status>& rets, int32_t timeout_in_millis) {
   const kvreg::RemoteHooks hooks = kvreg::remote_hooks();
   // Linking needs the Python layer: without it, LLM_FEATURE_NOT_ENABLED.
-  return per_cluster(clusters, rets, timeout_in_millis, hooks.link != nullptr, LLM_FEATURE_NOT_ENABLED,
-                     [&](const ClusterInfo& cluster) -> Status {
-                       if (cluster.remote_ip_infos.empty()) {
-                         return LLM_PARAM_INVALID;
-                       }
-                       const IpInfo& address = cluster.remote_ip_infos[0];
-                       return hooks.link(cluster.remote_cluster_id, address.ip.GetString(), address.port,
-                                         timeout_in_millis);
-                     });
+  return per_cluster(
+      clusters, rets, timeout_in_millis, hooks.link != nullptr, LLM_FEATURE_NOT_ENABLED,
+      [&](const ClusterInfo& cluster) -> Status {
+        if (cluster.remote_ip_infos.empty()) {
+          return LLM_PARAM_INVALID;
+        }
+        const IpInfo& address = cluster.remote_ip_infos[0];
+        return hooks.link(cluster.remote_cluster_id, address.ip.GetString(), address.port, timeout_in_millis);
+      });
 }
 
-Status LlmDataDist::UnlinkLlmClusters(const std::vector<ClusterInfo>& clusters, std::vector<Status>& rets,
-                                      int32_t timeout_in_millis, bool force_flag) {
+Status LlmDataDist::UnlinkLlmClusters(
+    const std::vector<ClusterInfo>& clusters, std::vector<Status>& rets, int32_t timeout_in_millis,
+    bool force_flag) {
   const kvreg::RemoteHooks hooks = kvreg::remote_hooks();
   // Without the Python layer nothing can have been linked: LLM_NOT_YET_LINK.
-  return per_cluster(clusters, rets, timeout_in_millis, hooks.unlink != nullptr, LLM_NOT_YET_LINK,
-                     [&](const ClusterInfo& cluster) -> Status {
-                       return hooks.unlink(cluster.remote_cluster_id, timeout_in_millis, force_flag);
-                     });
+  return per_cluster(
+      clusters, rets, timeout_in_millis, hooks.unlink != nullptr, LLM_NOT_YET_LINK,
+      [&](const ClusterInfo& cluster) -> Status {
+        return hooks.unlink(cluster.remote_cluster_id, timeout_in_millis, force_flag);
+      });
 }
 
 Status LlmDataDist::AllocateCache(const CacheDesc& cache_desc, Cache& cache) {
@@ -359,8 +363,9 @@ Status LlmDataDist::DeallocateCache(int64_t cache_id) {
   return status == LLM_KV_CACHE_NOT_EXIST ? LLM_SUCCESS : status;
 }
 
-Status LlmDataDist::RegisterKvCache(const CacheDesc& cache_desc, const std::vector<uint64_t>& addrs,
-                                    const RegisterCfg& /*cfg*/, int64_t& cache_id) {
+Status LlmDataDist::RegisterKvCache(
+    const CacheDesc& cache_desc, const std::vector<uint64_t>& addrs, const RegisterCfg& /*cfg*/,
+    int64_t& cache_id) {
   return guarded([&]() -> Status {
     std::vector<int64_t> signed_addrs;
     if (!signed_blocks(addrs, signed_addrs)) {
@@ -384,21 +389,23 @@ Status LlmDataDist::UnregisterKvCache(int64_t cache_id) {
   });
 }
 
-Status LlmDataDist::CopyKvCache(const Cache& src_cache, const Cache& dst_cache, uint32_t src_batch_index,
-                                uint32_t dst_batch_index, uint64_t offset, int64_t size) {
+Status LlmDataDist::CopyKvCache(
+    const Cache& src_cache, const Cache& dst_cache, uint32_t src_batch_index, uint32_t dst_batch_index,
+    uint64_t offset, int64_t size) {
   return guarded([&]() -> Status {
     if (offset > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
       return LLM_PARAM_INVALID;
     }
-    kvreg::copy_kv_cache(src_cache.cache_id, dst_cache.cache_id, src_batch_index, dst_batch_index,
-                         static_cast<int64_t>(offset), size);
+    kvreg::copy_kv_cache(
+        src_cache.cache_id, dst_cache.cache_id, src_batch_index, dst_batch_index,
+        static_cast<int64_t>(offset), size);
     return LLM_SUCCESS;
   });
 }
 
-Status LlmDataDist::CopyKvBlocks(const Cache& src_cache, const Cache& dst_cache,
-                                 const std::vector<uint64_t>& src_blocks,
-                                 const std::vector<std::vector<uint64_t>>& dst_blocks_list) {
+Status LlmDataDist::CopyKvBlocks(
+    const Cache& src_cache, const Cache& dst_cache, const std::vector<uint64_t>& src_blocks,
+    const std::vector<std::vector<uint64_t>>& dst_blocks_list) {
   return guarded([&]() -> Status {
     std::vector<int64_t> sources;
     if (dst_blocks_list.empty() || !signed_blocks(src_blocks, sources)) {
@@ -412,8 +419,9 @@ Status LlmDataDist::CopyKvBlocks(const Cache& src_cache, const Cache& dst_cache,
       if (dst_blocks_list[g].size() != src_blocks.size() || !signed_blocks(dst_blocks_list[g], groups[g])) {
         return LLM_PARAM_INVALID;
       }
-      kvreg::plan_blocks(src.desc, src.cache_id, dst.desc, dst.cache_id, src.cache_id == dst.cache_id, sources,
-                         groups[g], kvreg::kMaxSegmentBytes);
+      kvreg::plan_blocks(
+          src.desc, src.cache_id, dst.desc, dst.cache_id, src.cache_id == dst.cache_id, sources, groups[g],
+          kvreg::kMaxSegmentBytes);
     }
     const at::Tensor source_tensor = block_tensor(sources);
     for (const auto& group : groups) {
@@ -464,16 +472,18 @@ kvreg::RemoteTransfer transfer_of(bool pull, bool blocks, const CacheIndex& remo
   return transfer;
 }
 
-Status slice_transfer(bool pull, const CacheIndex& remote, const Cache& local, uint32_t local_index, int64_t size,
-                      const KvCacheExtParam& ext_param) {
+Status slice_transfer(
+    bool pull, const CacheIndex& remote, const Cache& local, uint32_t local_index, int64_t size,
+    const KvCacheExtParam& ext_param) {
   kvreg::RemoteTransfer transfer = transfer_of(pull, /*blocks=*/false, remote, local);
   transfer.local_index = local_index;
   transfer.size = size;
   return remote_transfer(std::move(transfer), ext_param);
 }
 
-Status blocks_transfer(bool pull, const CacheIndex& remote, const Cache& local, const std::vector<uint64_t>& src_blocks,
-                       const std::vector<uint64_t>& dst_blocks, const KvCacheExtParam& ext_param) {
+Status blocks_transfer(
+    bool pull, const CacheIndex& remote, const Cache& local, const std::vector<uint64_t>& src_blocks,
+    const std::vector<uint64_t>& dst_blocks, const KvCacheExtParam& ext_param) {
   kvreg::RemoteTransfer transfer = transfer_of(pull, /*blocks=*/true, remote, local);
   if (!signed_blocks(src_blocks, transfer.src_blocks) || !signed_blocks(dst_blocks, transfer.dst_blocks)) {
     return LLM_PARAM_INVALID;
@@ -483,25 +493,27 @@ Status blocks_transfer(bool pull, const CacheIndex& remote, const Cache& local, 
 
 }  // namespace
 
-Status LlmDataDist::PullKvCache(const CacheIndex& src_cache_index, const Cache& dst_cache, uint32_t batch_index,
-                                int64_t size, const KvCacheExtParam& ext_param) {
+Status LlmDataDist::PullKvCache(
+    const CacheIndex& src_cache_index, const Cache& dst_cache, uint32_t batch_index, int64_t size,
+    const KvCacheExtParam& ext_param) {
   return slice_transfer(true, src_cache_index, dst_cache, batch_index, size, ext_param);
 }
 
-Status LlmDataDist::PushKvCache(const Cache& src_cache, const CacheIndex& dst_cache_index, uint32_t src_batch_index,
-                                int64_t size, const KvCacheExtParam& ext_param) {
+Status LlmDataDist::PushKvCache(
+    const Cache& src_cache, const CacheIndex& dst_cache_index, uint32_t src_batch_index, int64_t size,
+    const KvCacheExtParam& ext_param) {
   return slice_transfer(false, dst_cache_index, src_cache, src_batch_index, size, ext_param);
 }
 
-Status LlmDataDist::PullKvBlocks(const CacheIndex& src_cache_index, const Cache& dst_cache,
-                                 const std::vector<uint64_t>& src_blocks, const std::vector<uint64_t>& dst_blocks,
-                                 const KvCacheExtParam& ext_param) {
+Status LlmDataDist::PullKvBlocks(
+    const CacheIndex& src_cache_index, const Cache& dst_cache, const std::vector<uint64_t>& src_blocks,
+    const std::vector<uint64_t>& dst_blocks, const KvCacheExtParam& ext_param) {
   return blocks_transfer(true, src_cache_index, dst_cache, src_blocks, dst_blocks, ext_param);
 }
 
-Status LlmDataDist::PushKvBlocks(const Cache& src_cache, const CacheIndex& dst_cache_index,
-                                 const std::vector<uint64_t>& src_blocks, const std::vector<uint64_t>& dst_blocks,
-                                 const KvCacheExtParam& ext_param) {
+Status LlmDataDist::PushKvBlocks(
+    const Cache& src_cache, const CacheIndex& dst_cache_index, const std::vector<uint64_t>& src_blocks,
+    const std::vector<uint64_t>& dst_blocks, const KvCacheExtParam& ext_param) {
   return blocks_transfer(false, dst_cache_index, src_cache, src_blocks, dst_blocks, ext_param);
 }
 

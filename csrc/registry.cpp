@@ -45,9 +45,8 @@ void Registry::finalize() {
       entry.closing = true;
     }
     transfers_done_.wait(lock, [this] {
-      return std::all_of(entries_.begin(), entries_.end(), [](const auto& item) {
-        return item.second.in_flight == 0;
-      });
+      return std::all_of(
+          entries_.begin(), entries_.end(), [](const auto& item) { return item.second.in_flight == 0; });
     });
     std::vector<int64_t> ids;
     for (const auto& item : entries_) {
@@ -114,15 +113,13 @@ int64_t Registry::overlapping_locked(uint64_t start, uint64_t end) const {
 }
 
 int64_t Registry::register_cache(
-    CacheDesc desc,
-    std::vector<uint64_t> addrs,
-    std::vector<at::Tensor> owners,
+    CacheDesc desc, std::vector<uint64_t> addrs, std::vector<at::Tensor> owners,
     const RegisterOptions& options) {
   const int64_t num_addrs = static_cast<int64_t>(addrs.size());
   KVREG_CHECK_ARG(num_addrs > 0, "no addresses given");
   KVREG_CHECK_ARG(
-      num_addrs <= kMaxAddrsPerCall, "addrs has ", num_addrs, " entries, at most ",
-      kMaxAddrsPerCall, " allowed");
+      num_addrs <= kMaxAddrsPerCall, "addrs has ", num_addrs, " entries, at most ", kMaxAddrsPerCall,
+      " allowed");
   KVREG_CHECK_ARG(
       num_addrs == desc.num_tensors, "addrs has ", num_addrs, " entries but cache_desc.num_tensors is ",
       desc.num_tensors);
@@ -172,8 +169,8 @@ int64_t Registry::register_cache(
         !options.layer_names[i].empty() && options.layer_names[i].size() <= kMaxKeyLength, "layer name ", i,
         " must have 1 to ", kMaxKeyLength, " bytes");
     KVREG_CHECK_ARG(
-        options.name_layers[i] >= 0 && options.name_layers[i] < num_addrs, "layer name ", i,
-        " names layer ", options.name_layers[i], " of a cache of ", num_addrs, " tensors");
+        options.name_layers[i] >= 0 && options.name_layers[i] < num_addrs, "layer name ", i, " names layer ",
+        options.name_layers[i], " of a cache of ", num_addrs, " tensors");
   }
 
   std::lock_guard<std::mutex> lock(mutex_);
@@ -185,23 +182,21 @@ int64_t Registry::register_cache(
   }
   for (int64_t i = 0; i < num_addrs; ++i) {
     const int64_t other = overlapping_locked(addrs[i], addrs[i] + span);
-    KVREG_CHECK_ARG(
-        other == 0, "addrs[", i, "] overlaps the memory of registered cache id ", other);
+    KVREG_CHECK_ARG(other == 0, "addrs[", i, "] overlaps the memory of registered cache id ", other);
   }
 
   const Limits& limits = config_.limits;
   const int64_t total_addrs = checked_add(usage_.num_addrs, num_addrs, "registered address count");
   KVREG_CHECK(
-      total_addrs <= limits.max_addrs, LLM_OUT_OF_MEMORY, "registering ", num_addrs,
-      " addresses would make ", total_addrs, ", over the limit of ", limits.max_addrs);
+      total_addrs <= limits.max_addrs, LLM_OUT_OF_MEMORY, "registering ", num_addrs, " addresses would make ",
+      total_addrs, ", over the limit of ", limits.max_addrs);
   const bool on_host = desc.placement == Placement::HOST;
   const int64_t used_bytes = on_host ? usage_.host_bytes : usage_.device_bytes;
   const int64_t max_bytes = on_host ? limits.max_host_bytes : limits.max_device_bytes;
   const int64_t total_bytes = checked_add(used_bytes, desc.nbytes, "registered byte count");
   KVREG_CHECK(
       total_bytes <= max_bytes, LLM_OUT_OF_MEMORY, "registering ", desc.nbytes, " ",
-      on_host ? "host" : "device", " bytes would make ", total_bytes, ", over the limit of ",
-      max_bytes);
+      on_host ? "host" : "device", " bytes would make ", total_bytes, ", over the limit of ", max_bytes);
 
   std::vector<bool> pinned_by_us(num_addrs, false);
   if (on_host && options.pin_host_memory) {
@@ -254,7 +249,8 @@ void Registry::erase_locked(int64_t cache_id, Released& released) {
   auto it = entries_.find(cache_id);
   Entry& entry = it->second;
   const CacheDesc& desc = entry.record.desc;
-  const bool device_reachable = desc.placement == Placement::DEVICE ||
+  const bool device_reachable =
+      desc.placement == Placement::DEVICE ||
       std::find(entry.pinned_by_us.begin(), entry.pinned_by_us.end(), true) != entry.pinned_by_us.end();
   if (device_reachable) {
     // Copies are asynchronous on CUDA streams: none may still be reading or writing this
@@ -300,8 +296,8 @@ void Registry::unregister_cache(int64_t cache_id) {
     check_initialized_locked();
     find_live_locked(cache_id).closing = true;  // no new transfer may start on it
     // Re-find on every wake-up: a finalize() waiting beside us may have erased the entry.
-    const bool idle = transfers_done_.wait_for(
-        lock, std::chrono::milliseconds(config_.wait_ms), [this, cache_id] {
+    const bool idle =
+        transfers_done_.wait_for(lock, std::chrono::milliseconds(config_.wait_ms), [this, cache_id] {
           auto it = entries_.find(cache_id);
           return it == entries_.end() || it->second.in_flight == 0;
         });

@@ -21,7 +21,7 @@ struct Limits {
   int64_t max_host_bytes = int64_t{20} << 30;
   bool operator==(const Limits& other) const {
     return max_addrs == other.max_addrs && max_device_bytes == other.max_device_bytes &&
-        max_host_bytes == other.max_host_bytes;
+           max_host_bytes == other.max_host_bytes;
   }
 };
 
@@ -44,9 +44,8 @@ struct InitConfig {
   // llm.SyncKvCacheWaitTime option).
   int64_t wait_ms = 1000;
   bool operator==(const InitConfig& other) const {
-    return cluster_id == other.cluster_id && role == other.role &&
-        device_id == other.device_id && options == other.options && limits == other.limits &&
-        wait_ms == other.wait_ms;
+    return cluster_id == other.cluster_id && role == other.role && device_id == other.device_id &&
+           options == other.options && limits == other.limits && wait_ms == other.wait_ms;
   }
 };
 
@@ -71,7 +70,7 @@ struct CacheRecord {
   CacheDesc desc;
   std::vector<uint64_t> addrs;
   bool remote_accessible = false;
-  std::vector<std::string> keys;  // see RegisterOptions::keys; removed keys become ""
+  std::vector<std::string> keys;         // see RegisterOptions::keys; removed keys become ""
   std::vector<std::string> layer_names;  // see RegisterOptions::layer_names
   std::vector<int64_t> name_layers;
 };
@@ -94,9 +93,7 @@ class Registry {
   // Validates against live registrations and limits, pins host memory if asked, and
   // inserts, all or nothing. `owners` (possibly empty) are kept alive until unregister.
   int64_t register_cache(
-      CacheDesc desc,
-      std::vector<uint64_t> addrs,
-      std::vector<at::Tensor> owners,
+      CacheDesc desc, std::vector<uint64_t> addrs, std::vector<at::Tensor> owners,
       const RegisterOptions& options);
   // Waits (up to InitConfig::wait_ms, then LLM_TIMEOUT and no change) for transfers in
   // flight on the cache, then removes it.
@@ -177,7 +174,7 @@ class Registry {
   int64_t next_cache_id_ = 1;  // never reset: ids are unique for the life of the process
   std::map<int64_t, Entry> entries_;
   std::map<uint64_t, Interval> intervals_;  // start -> (end, cache id), disjoint
-  std::map<std::string, int64_t> keys_;  // cache key -> cache id
+  std::map<std::string, int64_t> keys_;     // cache key -> cache id
   Usage usage_;
 };
 

@@ -61,3 +61,6 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
     assert site in flags and str(ROOT) not in flags
     include = next(f[2:] for f in flags.split() if f.startswith("-I") and "torch_kvreg" in f)
     assert (pathlib.Path(include) / "llm_datadist" / "llm_datadist.h").is_file()
+    # Typed: the marker and the native module's stub are installed beside the package.
+    installed = pathlib.Path(where).parent
+    assert (installed / "py.typed").is_file() and (installed / "_C.pyi").is_file()

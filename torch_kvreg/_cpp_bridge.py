@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from .errors import LLMException, LLMStatusCode
 
@@ -13,9 +15,9 @@ log = logging.getLogger("torch_kvreg.cpp")
 NATIVE_OPTIONS = ("llm.ListenIpInfo", "llm.DeviceId", "llm.SyncKvCacheWaitTime")
 
 
-def _status(fn):
+def _status(fn: Callable[..., LLMStatusCode | int | None]) -> Callable[..., int]:
     @functools.wraps(fn)
-    def wrapper(*args) -> int:
+    def wrapper(*args: Any) -> int:
         try:
             result = fn(*args)
         except LLMException as exc:
@@ -29,21 +31,21 @@ def _status(fn):
 
 
 @_status
-def initialize(cluster_id: int, role: int, options: list[tuple[str, str]]):
+def initialize(cluster_id: int, role: int, options: list[tuple[str, str]]) -> None:
     from . import registry
 
     registry.initialize(cluster_id, role, options={k: v for k, v in options if k in NATIVE_OPTIONS})
 
 
 @_status
-def finalize():
+def finalize() -> None:
     from . import registry
 
     registry.finalize()
 
 
 @_status
-def set_role(role: int, options: list[tuple[str, str]]):
+def set_role(role: int, options: list[tuple[str, str]]) -> None:
     from . import remote
 
     address = dict(options).get("llm.ListenIpInfo")
@@ -51,7 +53,7 @@ def set_role(role: int, options: list[tuple[str, str]]):
 
 
 @_status
-def link(cluster_id: int, ip: str, port: int, timeout_ms: int):
+def link(cluster_id: int, ip: str, port: int, timeout_ms: int) -> LLMStatusCode:
     from . import remote
     from .types import ClusterInfo
 
@@ -60,7 +62,7 @@ def link(cluster_id: int, ip: str, port: int, timeout_ms: int):
 
 
 @_status
-def unlink(cluster_id: int, timeout_ms: int, force: bool):
+def unlink(cluster_id: int, timeout_ms: int, force: bool) -> LLMStatusCode:
     from . import remote
     from .types import ClusterInfo
 
@@ -68,27 +70,27 @@ def unlink(cluster_id: int, timeout_ms: int, force: bool):
     return statuses[0]
 
 
-def _layers(first_stop: tuple[int, int]):
+def _layers(first_stop: tuple[int, int]) -> range | None:
     first, stop = first_stop
     return None if stop == 0 else range(first, stop)
 
 
 @_status
 def transfer(
-    pull,
-    blocks,
-    cluster_id,
-    remote_cache_id,
-    local_cache_id,
-    src_blocks,
-    dst_blocks,
-    remote_index,
-    local_index,
-    size,
-    local_layers,
-    remote_layers,
-    tensors_per_layer,
-):
+    pull: bool,
+    blocks: bool,
+    cluster_id: int,
+    remote_cache_id: int,
+    local_cache_id: int,
+    src_blocks: list[int],
+    dst_blocks: list[int],
+    remote_index: int,
+    local_index: int,
+    size: int,
+    local_layers: tuple[int, int],
+    remote_layers: tuple[int, int],
+    tensors_per_layer: int,
+) -> None:
     from . import registry, remote
     from .errors import raises_llm
 

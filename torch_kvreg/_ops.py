@@ -11,7 +11,11 @@ from __future__ import annotations
 import atexit
 
 import torch
+from torch import SymInt, Tensor
 from torch._subclasses.fake_tensor import FakeTensor
+
+# A cache or transfer id as compiled code carries it: an int, or a SymInt while tracing.
+Id = int | SymInt
 
 # Fails with ImportError (never aborts) if another copy of the library owns the namespace.
 from . import _C  # noqa: F401,E402  (defines torch.ops.llm)
@@ -38,28 +42,36 @@ _EFFECTFUL_OPS = (
 _remote_impls = torch.library.Library("llm", "IMPL")
 
 
-def _pull_kv_blocks_kernel(cluster_id, src_cache_id, dst_cache_id, src_blocks, dst_blocks):
+def _pull_kv_blocks_kernel(
+    cluster_id: int, src_cache_id: int, dst_cache_id: int, src_blocks: Tensor, dst_blocks: Tensor
+) -> None:
     from .remote import pull_kv_blocks
     from .types import CacheIndex
 
     pull_kv_blocks(CacheIndex(cluster_id, int(src_cache_id)), int(dst_cache_id), src_blocks, dst_blocks)
 
 
-def _push_kv_blocks_kernel(src_cache_id, cluster_id, dst_cache_id, src_blocks, dst_blocks):
+def _push_kv_blocks_kernel(
+    src_cache_id: int, cluster_id: int, dst_cache_id: int, src_blocks: Tensor, dst_blocks: Tensor
+) -> None:
     from .remote import push_kv_blocks
     from .types import CacheIndex
 
     push_kv_blocks(int(src_cache_id), CacheIndex(cluster_id, int(dst_cache_id)), src_blocks, dst_blocks)
 
 
-def _pull_kv_cache_kernel(cluster_id, src_cache_id, src_batch_index, dst_cache_id, batch_index=0, size=-1):
+def _pull_kv_cache_kernel(
+    cluster_id: int, src_cache_id: int, src_batch_index: int, dst_cache_id: int, batch_index: int = 0, size: int = -1
+) -> None:
     from .remote import pull_kv_cache
     from .types import CacheIndex
 
     pull_kv_cache(CacheIndex(cluster_id, int(src_cache_id), src_batch_index), int(dst_cache_id), batch_index, size)
 
 
-def _start_pull_kv_blocks_kernel(cluster_id, src_cache_id, dst_cache_id, src_blocks, dst_blocks):
+def _start_pull_kv_blocks_kernel(
+    cluster_id: int, src_cache_id: int, dst_cache_id: int, src_blocks: Tensor, dst_blocks: Tensor
+) -> int:
     from .inflight import remember
     from .remote import pull_kv_blocks_async
     from .types import CacheIndex
@@ -70,7 +82,7 @@ def _start_pull_kv_blocks_kernel(cluster_id, src_cache_id, dst_cache_id, src_blo
     return remember(transfer)
 
 
-def _wait_transfer_kernel(transfer_id):
+def _wait_transfer_kernel(transfer_id: int) -> None:
     from .errors import raises_llm
     from .inflight import take
 
@@ -87,12 +99,12 @@ for _name, _kernel in (
     _remote_impls.impl(_name, _kernel, "CompositeExplicitAutograd", allow_override=True)
 
 
-def _new_cache_id():
+def _new_cache_id() -> SymInt:
     # Ids are only known when the op runs; compiled code carries them as unbacked SymInts.
     return torch.library.get_ctx().new_dynamic_size(min=1)
 
 
-def _reject_meta(tensor, name: str) -> None:
+def _reject_meta(tensor: Tensor, name: str) -> None:
     # Fake kernels also serve the Meta key, so real meta tensors arrive here instead of in
     # C++; without this check an eager call with meta tensors would silently do nothing.
     if not isinstance(tensor, FakeTensor):
@@ -101,60 +113,82 @@ def _reject_meta(tensor, name: str) -> None:
 
 def _register_fakes() -> None:
     @torch.library.register_fake("llm::register_kv_cache")
-    def _register_kv_cache_fake(caches, pin_host_memory=True, remote_accessible=-1):
+    def _register_kv_cache_fake(
+        caches: list[Tensor], pin_host_memory: bool = True, remote_accessible: int = -1
+    ) -> SymInt:
         for i, tensor in enumerate(caches):
             _reject_meta(tensor, f"caches[{i}]")
         return _new_cache_id()
 
     @torch.library.register_fake("llm::register_kv_cache.addrs")
     def _register_kv_cache_addrs_fake(
-        num_tensors,
-        data_type,
-        shape,
-        placement,
-        device_index,
-        addrs,
-        pin_host_memory=True,
-        remote_accessible=-1,
-    ):
+        num_tensors: int,
+        data_type: int,
+        shape: list[int],
+        placement: int,
+        device_index: int,
+        addrs: list[int],
+        pin_host_memory: bool = True,
+        remote_accessible: int = -1,
+    ) -> SymInt:
         return _new_cache_id()
 
     @torch.library.register_fake("llm::unregister_kv_cache")
-    def _unregister_kv_cache_fake(cache_id):
+    def _unregister_kv_cache_fake(cache_id: Id) -> None:
         return None
 
     @torch.library.register_fake("llm::copy_kv_blocks")
-    def _copy_kv_blocks_fake(src_cache_id, dst_cache_id, src_blocks, dst_blocks):
+    def _copy_kv_blocks_fake(src_cache_id: Id, dst_cache_id: Id, src_blocks: Tensor, dst_blocks: Tensor) -> None:
         _reject_meta(src_blocks, "src_blocks")
         _reject_meta(dst_blocks, "dst_blocks")
         return None
 
     @torch.library.register_fake("llm::copy_kv_cache")
-    def _copy_kv_cache_fake(src_cache_id, dst_cache_id, src_batch_index=0, dst_batch_index=0, offset=0, size=-1):
+    def _copy_kv_cache_fake(
+        src_cache_id: Id,
+        dst_cache_id: Id,
+        src_batch_index: int = 0,
+        dst_batch_index: int = 0,
+        offset: int = 0,
+        size: int = -1,
+    ) -> None:
         return None
 
     @torch.library.register_fake("llm::pull_kv_blocks")
-    def _pull_kv_blocks_fake(cluster_id, src_cache_id, dst_cache_id, src_blocks, dst_blocks):
+    def _pull_kv_blocks_fake(
+        cluster_id: int, src_cache_id: Id, dst_cache_id: Id, src_blocks: Tensor, dst_blocks: Tensor
+    ) -> None:
         _reject_meta(src_blocks, "src_blocks")
         _reject_meta(dst_blocks, "dst_blocks")
 
     @torch.library.register_fake("llm::push_kv_blocks")
-    def _push_kv_blocks_fake(src_cache_id, cluster_id, dst_cache_id, src_blocks, dst_blocks):
+    def _push_kv_blocks_fake(
+        src_cache_id: Id, cluster_id: int, dst_cache_id: Id, src_blocks: Tensor, dst_blocks: Tensor
+    ) -> None:
         _reject_meta(src_blocks, "src_blocks")
         _reject_meta(dst_blocks, "dst_blocks")
 
     @torch.library.register_fake("llm::pull_kv_cache")
-    def _pull_kv_cache_fake(cluster_id, src_cache_id, src_batch_index, dst_cache_id, batch_index=0, size=-1):
+    def _pull_kv_cache_fake(
+        cluster_id: int,
+        src_cache_id: Id,
+        src_batch_index: int,
+        dst_cache_id: Id,
+        batch_index: int = 0,
+        size: int = -1,
+    ) -> None:
         return None
 
     @torch.library.register_fake("llm::start_pull_kv_blocks")
-    def _start_pull_kv_blocks_fake(cluster_id, src_cache_id, dst_cache_id, src_blocks, dst_blocks):
+    def _start_pull_kv_blocks_fake(
+        cluster_id: int, src_cache_id: Id, dst_cache_id: Id, src_blocks: Tensor, dst_blocks: Tensor
+    ) -> SymInt:
         _reject_meta(src_blocks, "src_blocks")
         _reject_meta(dst_blocks, "dst_blocks")
         return _new_cache_id()  # a transfer id: known only when the op runs
 
     @torch.library.register_fake("llm::wait_transfer")
-    def _wait_transfer_fake(transfer_id):
+    def _wait_transfer_fake(transfer_id: Id) -> None:
         return None
 
     for name in _EFFECTFUL_OPS:

@@ -25,7 +25,7 @@ log = logging.getLogger("torch_kvreg")
 class _PathFigures:
     __slots__ = ("ops", "bytes", "failures", "latencies")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.ops = 0
         self.bytes = 0
         self.failures: collections.Counter[str] = collections.Counter()

@@ -6,7 +6,7 @@ import enum
 import functools
 import re
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 
 class LLMStatusCode(enum.IntEnum):
@@ -119,7 +119,7 @@ def raises_llm(fn: F) -> F:
     """Decorator: errors from the raw ops come out as the LLMException family."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except (RuntimeError, ValueError, IndexError, TypeError, KeyError) as exc:

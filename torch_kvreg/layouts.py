@@ -84,7 +84,7 @@ def _split(tensor: torch.Tensor, layout: str) -> list[torch.Tensor]:
     return [_physical(tensor)]
 
 
-def _named(caches) -> list[tuple[str, torch.Tensor]]:
+def _named(caches: object) -> list[tuple[str, torch.Tensor]]:
     if isinstance(caches, Mapping):
         items = list(caches.items())
     elif isinstance(caches, Sequence) and not isinstance(caches, (str, bytes)):

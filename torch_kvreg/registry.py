@@ -130,7 +130,7 @@ def _checked_options(options: Mapping[str, str] | None, device_id: int | None) -
 @raises_llm
 def initialize(
     cluster_id: int = 0,
-    role: LlmRole = LlmRole.MIX,
+    role: LlmRole | int = LlmRole.MIX,
     *,
     device_id: int | None = None,
     options: Mapping[str, str] | None = None,
@@ -164,13 +164,14 @@ def initialize(
         limits = default_limits()
     if not isinstance(limits, Limits):
         raise wrong_type(f"limits must be a torch_kvreg.Limits, got {type(limits).__name__}")
-    caps = [as_int(v, "limits field") for v in (limits.max_addrs, limits.max_device_bytes, limits.max_host_bytes)]
+    caps = tuple(as_int(v, "limits field") for v in (limits.max_addrs, limits.max_device_bytes, limits.max_host_bytes))
     if any(v < 0 for v in caps) or any(v > _MAX_ADDRESS for v in caps):
         raise param_invalid(f"limits must be between 0 and 2**63-1, got {limits!r}")
     canonical = "\n".join(f"{k}={_kept(k, v)}" for k, v in sorted(checked.items()))
     first_time = not _C.is_initialized()
     wait_ms = int(checked.get(OPTION_SYNC_KV_CACHE_WAIT_TIME, DEFAULT_SYNC_KV_CACHE_WAIT_TIME_MS))
-    _C.initialize(cluster_id, int(role), -1 if device_id is None else device_id, canonical, *caps, wait_ms)
+    device = -1 if device_id is None else device_id
+    _C.initialize(cluster_id, int(role), device, canonical, caps[0], caps[1], caps[2], wait_ms)
     if first_time:
         try:
             lifecycle.initialized(checked)
@@ -246,7 +247,7 @@ def usage() -> Usage:
     return Usage(*_C.usage())
 
 
-def cache_from_native(values) -> Cache:
+def cache_from_native(values: _C.CacheTuple) -> Cache:
     """A Cache from the tuple that ``_C.get_cache`` returns."""
     cache_id, num_tensors, data_type, shape, placement, device_index, addrs, _remote, names, layers = values
     desc = CacheDesc(num_tensors, DataType(data_type), tuple(shape), Placement(placement), device_index)

@@ -6,7 +6,7 @@ import concurrent.futures
 import contextlib
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
@@ -14,7 +14,7 @@ from . import _C, counters
 from .errors import LLMException, LLMStatusCode, make_error, param_invalid, raises_llm, translate, wrong_type
 from .inflight import Transfer
 from .registry import cache_id_of, get_cache
-from .types import Cache, as_int, layer_tensors
+from .types import Blocks, Cache, as_int, layer_tensors
 
 # Local asynchronous copies run here, one at a time (each copy already uses every core).
 _copier: concurrent.futures.ThreadPoolExecutor | None = None
@@ -29,7 +29,7 @@ def _copy_worker() -> concurrent.futures.ThreadPoolExecutor:
         return _copier
 
 
-def block_tensor(blocks, name: str) -> torch.Tensor:
+def block_tensor(blocks: Blocks, name: str) -> torch.Tensor:
     """A block list (sequence of ints, or an integer tensor) as a 1-D int64 tensor."""
     if isinstance(blocks, torch.Tensor):
         if blocks.dtype not in (torch.int64, torch.int32):
@@ -52,7 +52,9 @@ def block_tensor(blocks, name: str) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64)
 
 
-def _layer_tensors(src_id: int, dst_id: int, layers, tensors_per_layer) -> tuple[list[int], list[int]]:
+def _layer_tensors(
+    src_id: int, dst_id: int, layers: range | None, tensors_per_layer: int
+) -> tuple[list[int], list[int]]:
     """The tensor indices ``layers`` selects in each cache (the same layers on both sides)."""
     src_tensors = layer_tensors(layers, tensors_per_layer, get_cache(src_id).cache_desc.num_tensors)
     dst_tensors = layer_tensors(layers, tensors_per_layer, get_cache(dst_id).cache_desc.num_tensors)
@@ -63,8 +65,8 @@ def _layer_tensors(src_id: int, dst_id: int, layers, tensors_per_layer) -> tuple
 def copy_kv_blocks(
     src: Cache | int,
     dst: Cache | int,
-    src_blocks,
-    dst_blocks,
+    src_blocks: Blocks,
+    dst_blocks: Blocks,
     *,
     layers: range | None = None,
     tensors_per_layer: int = 2,
@@ -102,7 +104,7 @@ class _LocalCopyCount:
 
 
 @contextlib.contextmanager
-def _counted_local_copy():
+def _counted_local_copy() -> Iterator[_LocalCopyCount]:
     """Counts a blocking local copy in torch_kvreg.stats(): its bytes (set on the yielded
     object) if it returns, its status if it raises one."""
     counted, start = _LocalCopyCount(), time.perf_counter()
@@ -168,8 +170,8 @@ def copy_kv_cache(
 def copy_kv_blocks_async(
     src: Cache | int,
     dst: Cache | int,
-    src_blocks,
-    dst_blocks,
+    src_blocks: Blocks,
+    dst_blocks: Blocks,
     *,
     layers: range | None = None,
     tensors_per_layer: int = 2,

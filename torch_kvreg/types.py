@@ -8,6 +8,7 @@ import functools
 import math
 import operator
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 
@@ -29,16 +30,16 @@ def format_bytes(nbytes: int) -> str:
     raise AssertionError("unreachable")
 
 
-def as_int(value, name: str) -> int:
+def as_int(value: object, name: str) -> int:
     """``value`` as a Python int: ints, numpy ints and SymInts pass; bools and floats do not."""
     if type(value) is int:  # the common case, first: transfers check many ints
         return value
     if isinstance(value, torch.SymInt):
-        return value
+        return value  # type: ignore[return-value]  # an int to every caller, traced or not
     if isinstance(value, bool):
         raise wrong_type(f"{name} must be an int, got bool")
     try:
-        return operator.index(value)
+        return operator.index(value)  # type: ignore[arg-type]  # its TypeError is the check
     except TypeError:
         raise wrong_type(f"{name} must be an int, got {type(value).__name__}") from None
 
@@ -133,7 +134,13 @@ _TO_TORCH = {
 _FROM_TORCH = {dtype: data_type for data_type, dtype in _TO_TORCH.items()}
 
 
-def _enum_value(enum_cls, value, name: str):
+E = TypeVar("E", bound=enum.Enum)
+
+# Block indices as every transfer takes them: ints (or one int), or a 1-D integer tensor.
+Blocks = Sequence[int] | torch.Tensor | int
+
+
+def _enum_value(enum_cls: type[E], value: object, name: str) -> E:
     if type(value) is enum_cls:
         return value
     if isinstance(value, bool) or not isinstance(value, int):
@@ -161,7 +168,7 @@ class CacheDesc:
     placement: Placement = Placement.DEVICE
     device_index: int = -1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         set_field = object.__setattr__
         set_field(self, "num_tensors", as_int(self.num_tensors, "num_tensors"))
         set_field(self, "data_type", _enum_value(DataType, self.data_type, "data_type"))
@@ -249,7 +256,7 @@ class RegisterCfg:
     pin_host_memory: bool = True
     remote_accessible: bool | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not isinstance(self.pin_host_memory, bool):
             raise wrong_type("RegisterCfg.pin_host_memory must be a bool")
         if self.remote_accessible is not None and not isinstance(self.remote_accessible, bool):
@@ -287,7 +294,7 @@ class Cache:
         return self.name_layers[self.layer_names.index(name)]
 
     def _repr_html_(self) -> str:
-        def fields():
+        def fields() -> list[tuple[str, object]]:
             from . import _C
 
             try:
@@ -417,7 +424,7 @@ class ClusterInfo:
     remote_port: int
 
 
-def tensor_list(tensors) -> list[torch.Tensor]:
+def tensor_list(tensors: object) -> list[torch.Tensor]:
     """A tensor or a sequence of tensors as a list; anything else is a wrong type."""
     if isinstance(tensors, torch.Tensor):
         return [tensors]
@@ -430,7 +437,7 @@ def tensor_list(tensors) -> list[torch.Tensor]:
     return out
 
 
-def layer_tensors(layers, tensors_per_layer, num_tensors: int, name: str = "layers") -> list[int]:
+def layer_tensors(layers: range | None, tensors_per_layer: int, num_tensors: int, name: str = "layers") -> list[int]:
     """Tensor indices of ``layers`` (layer i is tensors i*tpl .. (i+1)*tpl-1); None: all.
 
     >>> layer_tensors(range(1, 3), 2, 8)

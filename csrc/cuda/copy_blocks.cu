@@ -29,23 +29,20 @@ constexpr int64_t kChunkBytes = int64_t{16} << 10;
 // stores when the chunk is 16-byte aligned on both sides, bytes otherwise. Host memory is
 // reached through unified addressing, so it must be page-locked.
 __global__ void copy_chunks_kernel(
-    const uint64_t* __restrict__ src_addrs,
-    const uint64_t* __restrict__ dst_addrs,
-    const Segment* __restrict__ chunks,
-    int64_t num_chunks,
-    int64_t num_items) {
+    const uint64_t* __restrict__ src_addrs, const uint64_t* __restrict__ dst_addrs,
+    const Segment* __restrict__ chunks, int64_t num_chunks, int64_t num_items) {
   const int lane = threadIdx.x & 31;
   const int64_t num_warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-  for (int64_t item = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-       item < num_items; item += num_warps) {
+  for (int64_t item = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; item < num_items;
+       item += num_warps) {
     const int64_t tensor = item / num_chunks;
     const Segment chunk = chunks[item - tensor * num_chunks];
     const char* src = reinterpret_cast<const char*>(src_addrs[tensor]) + chunk.src_offset;
     char* dst = reinterpret_cast<char*>(dst_addrs[tensor]) + chunk.dst_offset;
     const int64_t nbytes = chunk.nbytes;
-    const bool aligned =
-        ((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst) |
-          static_cast<uintptr_t>(nbytes)) & 15) == 0;
+    const bool aligned = ((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst) |
+                           static_cast<uintptr_t>(nbytes)) &
+                          15) == 0;
     if (aligned) {
       const int4* src4 = reinterpret_cast<const int4*>(src);
       int4* dst4 = reinterpret_cast<int4*>(dst);
@@ -79,8 +76,10 @@ std::vector<Segment> chunked(const std::vector<Segment>& segments) {
   chunks.reserve(segments.size());
   for (const Segment& segment : segments) {
     for (int64_t done = 0; done < segment.nbytes; done += kChunkBytes) {
-      chunks.push_back(Segment{segment.src_offset + done, segment.dst_offset + done,
-                               std::min(kChunkBytes, segment.nbytes - done)});
+      chunks.push_back(
+          Segment{
+              segment.src_offset + done, segment.dst_offset + done,
+              std::min(kChunkBytes, segment.nbytes - done)});
     }
   }
   return chunks;
@@ -92,8 +91,8 @@ bool host_side_page_locked(const CacheRecord& record) {
   }
   for (uint64_t addr : record.addrs) {
     cudaPointerAttributes attributes{};
-    const bool locked = cudaPointerGetAttributes(&attributes, reinterpret_cast<void*>(addr)) ==
-            cudaSuccess && attributes.type == cudaMemoryTypeHost;
+    const bool locked = cudaPointerGetAttributes(&attributes, reinterpret_cast<void*>(addr)) == cudaSuccess &&
+                        attributes.type == cudaMemoryTypeHost;
     cudaGetLastError();
     if (!locked) {
       return false;
@@ -187,8 +186,8 @@ void run_copy_cuda(const CopyPlan& plan) {
   } else {
     // Staged in pinned memory, which the caching host allocator keeps until the upload on
     // this stream has finished; the device copy is freed in stream order after the kernel.
-    at::Tensor staging = at::empty(
-        {plan_words(plan, chunks)}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    at::Tensor staging =
+        at::empty({plan_words(plan, chunks)}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
     fill_plan(plan, chunks, reinterpret_cast<uint64_t*>(staging.data_ptr<int64_t>()));
     uploaded = staging.to(at::Device(at::kCUDA, guard.current_device().index()), /*non_blocking=*/true);
     words = reinterpret_cast<const uint64_t*>(uploaded.const_data_ptr<int64_t>());
@@ -201,13 +200,10 @@ void run_copy_cuda(const CopyPlan& plan) {
   const int64_t num_items = num_tensors * num_chunks;
   const int64_t resident =
       int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * (2048 / kThreads);
-  const int64_t grid = std::max<int64_t>(
-      1, std::min((num_items + kWarpsPerBlock - 1) / kWarpsPerBlock, resident));
+  const int64_t grid =
+      std::max<int64_t>(1, std::min((num_items + kWarpsPerBlock - 1) / kWarpsPerBlock, resident));
   copy_chunks_kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
-      words,
-      words + num_tensors,
-      reinterpret_cast<const Segment*>(words + 2 * num_tensors),
-      num_chunks,
+      words, words + num_tensors, reinterpret_cast<const Segment*>(words + 2 * num_tensors), num_chunks,
       num_items);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -12,7 +12,8 @@ namespace {
 
 std::unique_ptr<LlmDataDist> datadist;
 
-CacheDesc make_desc(uint32_t placement, uint32_t num_tensors, int32_t data_type, const int64_t* shape, int rank) {
+CacheDesc make_desc(
+    uint32_t placement, uint32_t num_tensors, int32_t data_type, const int64_t* shape, int rank) {
   CacheDesc desc;
   desc.placement = static_cast<CachePlacement>(placement);
   desc.num_tensors = num_tensors;
@@ -43,7 +44,9 @@ void shim_create(uint64_t cluster_id, int32_t role) {
   datadist = std::make_unique<LlmDataDist>(cluster_id, static_cast<LlmRole>(role));
 }
 
-void shim_destroy() { datadist.reset(); }
+void shim_destroy() {
+  datadist.reset();
+}
 
 // options: n key/value pairs
 uint32_t shim_initialize(const char** keys, const char** values, int n) {
@@ -54,7 +57,9 @@ uint32_t shim_initialize(const char** keys, const char** values, int n) {
   return datadist->Initialize(options);
 }
 
-void shim_finalize() { datadist->Finalize(); }
+void shim_finalize() {
+  datadist->Finalize();
+}
 
 uint32_t shim_set_role(int32_t role, const char* listen) {
   std::map<AscendString, AscendString> options;
@@ -64,38 +69,46 @@ uint32_t shim_set_role(int32_t role, const char* listen) {
   return datadist->SetRole(static_cast<LlmRole>(role), options);
 }
 
-uint32_t shim_register(uint32_t placement, uint32_t num_tensors, int32_t data_type, const int64_t* shape, int rank,
-                       const uint64_t* addrs, int n, int64_t* cache_id) {
-  return datadist->RegisterKvCache(make_desc(placement, num_tensors, data_type, shape, rank),
-                                   std::vector<uint64_t>(addrs, addrs + n), RegisterCfg(), *cache_id);
+uint32_t shim_register(
+    uint32_t placement, uint32_t num_tensors, int32_t data_type, const int64_t* shape, int rank,
+    const uint64_t* addrs, int n, int64_t* cache_id) {
+  return datadist->RegisterKvCache(
+      make_desc(placement, num_tensors, data_type, shape, rank), std::vector<uint64_t>(addrs, addrs + n),
+      RegisterCfg(), *cache_id);
 }
 
-uint32_t shim_unregister(int64_t cache_id) { return datadist->UnregisterKvCache(cache_id); }
+uint32_t shim_unregister(int64_t cache_id) {
+  return datadist->UnregisterKvCache(cache_id);
+}
 
-uint32_t shim_allocate(uint32_t placement, uint32_t num_tensors, int32_t data_type, const int64_t* shape, int rank,
-                       int64_t* cache_id, uint64_t* first_addr) {
+uint32_t shim_allocate(
+    uint32_t placement, uint32_t num_tensors, int32_t data_type, const int64_t* shape, int rank,
+    int64_t* cache_id, uint64_t* first_addr) {
   Cache cache;
-  const Status status = datadist->AllocateCache(make_desc(placement, num_tensors, data_type, shape, rank), cache);
+  const Status status =
+      datadist->AllocateCache(make_desc(placement, num_tensors, data_type, shape, rank), cache);
   *cache_id = cache.cache_id;
   *first_addr = cache.tensor_addrs.empty() ? 0 : cache.tensor_addrs[0];
   return status;
 }
 
-uint32_t shim_deallocate(int64_t cache_id) { return datadist->DeallocateCache(cache_id); }
+uint32_t shim_deallocate(int64_t cache_id) {
+  return datadist->DeallocateCache(cache_id);
+}
 
 // dst_blocks: groups x n, row-major
-uint32_t shim_copy_blocks(int64_t src, int64_t dst, const uint64_t* src_blocks, int n, const uint64_t* dst_blocks,
-                          int groups) {
+uint32_t shim_copy_blocks(
+    int64_t src, int64_t dst, const uint64_t* src_blocks, int n, const uint64_t* dst_blocks, int groups) {
   std::vector<std::vector<uint64_t>> dst_list;
   for (int g = 0; g < groups; ++g) {
     dst_list.emplace_back(dst_blocks + g * n, dst_blocks + (g + 1) * n);
   }
-  return datadist->CopyKvBlocks(cache_of(src), cache_of(dst), std::vector<uint64_t>(src_blocks, src_blocks + n),
-                                dst_list);
+  return datadist->CopyKvBlocks(
+      cache_of(src), cache_of(dst), std::vector<uint64_t>(src_blocks, src_blocks + n), dst_list);
 }
 
-uint32_t shim_copy_cache(int64_t src, int64_t dst, uint32_t src_batch, uint32_t dst_batch, uint64_t offset,
-                         int64_t size) {
+uint32_t shim_copy_cache(
+    int64_t src, int64_t dst, uint32_t src_batch, uint32_t dst_batch, uint64_t offset, int64_t size) {
   return datadist->CopyKvCache(cache_of(src), cache_of(dst), src_batch, dst_batch, offset, size);
 }
 
@@ -116,28 +129,32 @@ uint32_t shim_unlink(uint64_t cluster_id, int32_t timeout_ms, bool force) {
   return datadist->UnlinkLlmClusters({info}, rets, timeout_ms, force);
 }
 
-uint32_t shim_pull_blocks(uint64_t cluster_id, int64_t remote_id, int64_t local_id, const uint64_t* src_blocks,
-                          const uint64_t* dst_blocks, int n, int32_t src_first, int32_t src_last, int32_t dst_first,
-                          int32_t dst_last, int tpl) {
+uint32_t shim_pull_blocks(
+    uint64_t cluster_id, int64_t remote_id, int64_t local_id, const uint64_t* src_blocks,
+    const uint64_t* dst_blocks, int n, int32_t src_first, int32_t src_last, int32_t dst_first,
+    int32_t dst_last, int tpl) {
   CacheIndex index;
   index.cluster_id = cluster_id;
   index.cache_id = remote_id;
-  return datadist->PullKvBlocks(index, cache_of(local_id), std::vector<uint64_t>(src_blocks, src_blocks + n),
-                                std::vector<uint64_t>(dst_blocks, dst_blocks + n),
-                                ext(src_first, src_last, dst_first, dst_last, tpl));
+  return datadist->PullKvBlocks(
+      index, cache_of(local_id), std::vector<uint64_t>(src_blocks, src_blocks + n),
+      std::vector<uint64_t>(dst_blocks, dst_blocks + n), ext(src_first, src_last, dst_first, dst_last, tpl));
 }
 
-uint32_t shim_push_blocks(int64_t local_id, uint64_t cluster_id, int64_t remote_id, const uint64_t* src_blocks,
-                          const uint64_t* dst_blocks, int n) {
+uint32_t shim_push_blocks(
+    int64_t local_id, uint64_t cluster_id, int64_t remote_id, const uint64_t* src_blocks,
+    const uint64_t* dst_blocks, int n) {
   CacheIndex index;
   index.cluster_id = cluster_id;
   index.cache_id = remote_id;
-  return datadist->PushKvBlocks(cache_of(local_id), index, std::vector<uint64_t>(src_blocks, src_blocks + n),
-                                std::vector<uint64_t>(dst_blocks, dst_blocks + n));
+  return datadist->PushKvBlocks(
+      cache_of(local_id), index, std::vector<uint64_t>(src_blocks, src_blocks + n),
+      std::vector<uint64_t>(dst_blocks, dst_blocks + n));
 }
 
-uint32_t shim_pull_cache(uint64_t cluster_id, int64_t remote_id, uint32_t remote_batch, int64_t local_id,
-                         uint32_t batch_index, int64_t size) {
+uint32_t shim_pull_cache(
+    uint64_t cluster_id, int64_t remote_id, uint32_t remote_batch, int64_t local_id, uint32_t batch_index,
+    int64_t size) {
   CacheIndex index;
   index.cluster_id = cluster_id;
   index.cache_id = remote_id;
@@ -145,8 +162,8 @@ uint32_t shim_pull_cache(uint64_t cluster_id, int64_t remote_id, uint32_t remote
   return datadist->PullKvCache(index, cache_of(local_id), batch_index, size);
 }
 
-uint32_t shim_push_cache(int64_t local_id, uint32_t src_batch, uint64_t cluster_id, int64_t remote_id,
-                         uint32_t remote_batch) {
+uint32_t shim_push_cache(
+    int64_t local_id, uint32_t src_batch, uint64_t cluster_id, int64_t remote_id, uint32_t remote_batch) {
   CacheIndex index;
   index.cluster_id = cluster_id;
   index.cache_id = remote_id;

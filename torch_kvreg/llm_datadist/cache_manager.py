@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
@@ -26,6 +27,9 @@ from .types import (
     check_layer_range,
 )
 
+if TYPE_CHECKING:
+    from .datadist import LLMDataDist
+
 log = logging.getLogger("torch_kvreg.llm_datadist")
 TENSORS_PER_LAYER = 2
 
@@ -34,13 +38,13 @@ def _not_enabled(what: str, why: str) -> LLMException:
     return make_error(LLMStatusCode.LLM_FEATURE_NOT_ENABLED, f"{what} {why}")
 
 
-def _cache(value, name: str = "cache") -> Cache:
+def _cache(value: object, name: str = "cache") -> Cache:
     if not isinstance(value, Cache):
         raise wrong_type(f"{name} must be a Cache, got {type(value).__name__}")
     return value
 
 
-def _int_list(value, name: str) -> list[int]:
+def _int_list(value: object, name: str) -> list[int]:
     if not isinstance(value, (list, tuple)):
         raise wrong_type(f"{name} must be a list or tuple of ints, got {type(value).__name__}")
     for item in value:
@@ -49,7 +53,7 @@ def _int_list(value, name: str) -> list[int]:
     return list(value)
 
 
-def _remote_accessible(value) -> bool:
+def _remote_accessible(value: object) -> bool:
     """Caches registered through CacheManager are remotely reachable unless the caller says
     False: upstream's rule for DEVICE caches, applied to HOST too, since CPU tensors stand in
     for device memory here."""
@@ -60,14 +64,14 @@ def _remote_accessible(value) -> bool:
     return value
 
 
-def _tensors_per_layer(value) -> int:
+def _tensors_per_layer(value: int) -> int:
     return check_int("tensor_num_per_layer", value, 1, UINT32_MAX)
 
 
 class CacheManager:
     """Registration, allocation and transfers of caches, as ``LLMDataDist.cache_manager``."""
 
-    def __init__(self, datadist) -> None:
+    def __init__(self, datadist: LLMDataDist) -> None:
         self._datadist = datadist
 
     def _check(self) -> None:
@@ -77,15 +81,17 @@ class CacheManager:
             )
 
     # --- registration -----------------------------------------------------------------
-    def _register(self, cache_desc: CacheDesc, addrs, keys: list[str], remote_accessible, blocks: bool) -> Cache:
+    def _register(
+        self, cache_desc: CacheDesc, addrs: Sequence[int], keys: list[str], remote_accessible: bool | None, blocks: bool
+    ) -> Cache:
         self._check()
         if not isinstance(cache_desc, CacheDesc):
             raise wrong_type(f"cache_desc must be a llm_datadist CacheDesc, got {type(cache_desc).__name__}")
-        addrs = _int_list(addrs, "addrs")
-        if not addrs:
+        addr_list = _int_list(addrs, "addrs")
+        if not addr_list:
             raise param_invalid("addrs can not be empty")
         cfg = RegisterCfg(remote_accessible=_remote_accessible(remote_accessible))
-        native = registry.register_kv_cache(cache_desc.to_native(), addrs, cfg, keys=keys)
+        native = registry.register_kv_cache(cache_desc.to_native(), addr_list, cfg, keys=keys)
         log.info("registered cache %d (%s)", native.cache_id, "blocks" if blocks else "batch")
         return Cache(native.cache_id, cache_desc, native.tensor_addrs, is_blocks_cache=blocks)
 
@@ -178,7 +184,7 @@ class CacheManager:
         keys = [] if blocks_cache_key is None else [blocks_cache_key.registry_key()]
         return self._allocate(cache_desc, keys, blocks=True)
 
-    def _deallocate(self, cache, blocks: bool) -> None:
+    def _deallocate(self, cache: Cache, blocks: bool) -> None:
         self._check()
         cache = _cache(cache)
         if cache.is_blocks_cache != blocks:
@@ -262,7 +268,12 @@ class CacheManager:
 
     @raises_llm
     def pull_blocks(
-        self, src_cache_key, dst_cache: Cache, src_blocks: Sequence[int] = (), dst_blocks: Sequence[int] = (), **kwargs
+        self,
+        src_cache_key: BlocksCacheKey,
+        dst_cache: Cache,
+        src_blocks: Sequence[int] = (),
+        dst_blocks: Sequence[int] = (),
+        **kwargs: Any,
     ) -> None:
         """Reads blocks of a peer's blocks cache (``BlocksCacheKey``) into ``dst_cache``."""
         self._check()
@@ -335,7 +346,14 @@ class CacheManager:
         )
 
     @raises_llm
-    def pull_cache(self, cache_key, cache: Cache, batch_index: int = 0, size: int = -1, **kwargs) -> None:
+    def pull_cache(
+        self,
+        cache_key: CacheKey | CacheKeyByIdAndIndex,
+        cache: Cache,
+        batch_index: int = 0,
+        size: int = -1,
+        **kwargs: Any,
+    ) -> None:
         """Reads a peer's batch slot (``CacheKey`` or ``CacheKeyByIdAndIndex``) into slot
         ``batch_index`` of ``cache``."""
         self._check()
@@ -423,7 +441,7 @@ class CacheManager:
         self,
         src_cache: Cache,
         layer_synchronizer: LayerSynchronizer,
-        transfer_configs,
+        transfer_configs: Sequence[TransferWithCacheKeyConfig],
         src_block_indices: Sequence[int] | None = None,
         dst_block_indices: Sequence[int] | None = None,
         dst_block_memory_size: int | None = None,
@@ -456,7 +474,7 @@ class CacheManager:
             if dst_block_memory_size != src_cache.cache_desc.to_native().block_nbytes:
                 raise param_invalid("dst_block_memory_size must equal the source block size")
         local = raises_llm(registry.get_cache)(src_cache.cache_id)
-        wait_ms = int(registry.option("llm.SyncKvCacheWaitTime", "1000"))
+        wait_ms = int(registry.option("llm.SyncKvCacheWaitTime") or 1000)
         task = CacheTask(len(transfer_configs))
         layers = sorted({layer for config in transfer_configs for layer in config.src_layer_range})
 
@@ -520,7 +538,7 @@ class CacheManager:
         threading.Thread(target=run, name="kvreg-transfer-cache", daemon=True).start()
         return task
 
-    def remap_registered_memory(self, mem_infos) -> None:
+    def remap_registered_memory(self, mem_infos: object) -> NoReturn:
         raise _not_enabled(
             "remap_registered_memory",
             "remaps Ascend device memory after a fault; it has no meaning for CPU or CUDA memory",

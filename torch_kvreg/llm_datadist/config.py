@@ -22,14 +22,14 @@ def check_int(name: str, value: Any, low: int, high: int) -> int:
     return value
 
 
-def check_type(name: str, value: Any, types) -> Any:
+def check_type(name: str, value: Any, types: type | tuple[type, ...]) -> Any:
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
         names = "/".join(t.__name__ for t in _as_tuple(types))
         raise wrong_type(f"{name} must be {names}, got {type(value).__name__}")
     return value
 
 
-def _as_tuple(types) -> tuple:
+def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
     return types if isinstance(types, tuple) else (types,)
 
 
@@ -43,7 +43,7 @@ def ip_to_int(ip: str | int) -> int:
         return check_int("ip", ip, 0, UINT32_MAX)
     check_type("ip", ip, str)
     try:
-        return int.from_bytes(socket.inet_aton(ip), "little")
+        return int.from_bytes(socket.inet_aton(str(ip)), "little")
     except OSError:
         raise param_invalid(f"cannot parse ip {ip!r}") from None
 
@@ -69,7 +69,7 @@ class LLMClusterInfo:
 
     def __init__(self) -> None:
         self._remote_cluster_id: int | None = None
-        self._remote_role_type = None
+        self._remote_role_type: int | None = None
         self._local_ip_info_list: list[tuple[int, int]] = []
         self._remote_ip_info_list: list[tuple[int, int]] = []
 
@@ -82,11 +82,11 @@ class LLMClusterInfo:
         self._remote_cluster_id = check_int("remote_cluster_id", value, 0, UINT64_MAX)
 
     @property
-    def remote_role_type(self):
+    def remote_role_type(self) -> int | None:
         return self._remote_role_type
 
     @remote_role_type.setter
-    def remote_role_type(self, value) -> None:
+    def remote_role_type(self, value: int) -> None:
         self._remote_role_type = check_type("remote_role_type", value, int)
 
     @property
@@ -188,11 +188,11 @@ class LLMConfig:
         return self._values.get(name, default)
 
     @property
-    def device_id(self):
+    def device_id(self) -> int | list[int] | None:
         return self._get("device_id")
 
     @device_id.setter
-    def device_id(self, value) -> None:
+    def device_id(self, value: int | list[int] | tuple[int, ...]) -> None:
         ids = value if isinstance(value, (list, tuple)) else [value]
         for device in ids:
             check_int("device_id", device, 0, INT32_MAX)
@@ -210,20 +210,20 @@ class LLMConfig:
             check_type("ge_options value", item, str)
         self._set("ge_options", dict(value))
 
-    def _str_property(name: str):  # type: ignore[misc]
-        def getter(self):
+    def _str_property(name: str) -> property:  # type: ignore[misc]  # used in the class body
+        def getter(self: LLMConfig) -> str:
             return self._get(name, "")
 
-        def setter(self, value):
+        def setter(self: LLMConfig, value: str) -> None:
             self._set(name, check_type(name, value, str))
 
         return property(getter, setter)
 
-    def _bool_property(name: str):  # type: ignore[misc]
-        def getter(self):
+    def _bool_property(name: str) -> property:  # type: ignore[misc]  # used in the class body
+        def getter(self: LLMConfig) -> bool:
             return bool(self._get(name, False))
 
-        def setter(self, value):
+        def setter(self: LLMConfig, value: bool) -> None:
             self._set(name, check_type(name, value, bool))
 
         return property(getter, setter)
@@ -242,11 +242,11 @@ class LLMConfig:
     enable_switch_role = _bool_property("enable_switch_role")
 
     @property
-    def sync_kv_timeout(self):
+    def sync_kv_timeout(self) -> int | str | None:
         return self._get("sync_kv_timeout")
 
     @sync_kv_timeout.setter
-    def sync_kv_timeout(self, value) -> None:
+    def sync_kv_timeout(self, value: int | str) -> None:
         check_type("sync_kv_timeout", value, (int, str))
         if isinstance(value, str) and not value.isdigit():
             raise param_invalid(f"sync_kv_timeout must be digits, got {value!r}")
@@ -270,7 +270,7 @@ class LLMConfig:
         self._set("link_retry_count", check_int("link_retry_count", value, 1, 100))
 
     @property
-    def rdma_traffic_class(self):
+    def rdma_traffic_class(self) -> int | None:
         return self._get("rdma_traffic_class")
 
     @rdma_traffic_class.setter
@@ -278,7 +278,7 @@ class LLMConfig:
         self._set("rdma_traffic_class", check_int("rdma_traffic_class", value, 0, UINT32_MAX))
 
     @property
-    def rdma_service_level(self):
+    def rdma_service_level(self) -> int | None:
         return self._get("rdma_service_level")
 
     @rdma_service_level.setter
@@ -297,7 +297,7 @@ class LLMConfig:
         self._set("mem_utilization", value)
 
     @property
-    def output_max_size(self):
+    def output_max_size(self) -> int | None:
         return self._get("output_max_size")
 
     @output_max_size.setter

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import NoReturn
 
 from .. import registry, remote
 from ..errors import LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
@@ -68,7 +69,7 @@ def _native_options(options: Mapping[str, str]) -> tuple[dict[str, str], int | N
     return native, device_id
 
 
-def _cluster_infos(clusters, need_address: bool) -> list[ClusterInfo]:
+def _cluster_infos(clusters: object, need_address: bool) -> list[ClusterInfo]:
     if not isinstance(clusters, (list, tuple)):
         raise wrong_type(f"clusters must be a list or tuple of LLMClusterInfo, got {type(clusters).__name__}")
     infos = []
@@ -87,7 +88,7 @@ def _cluster_infos(clusters, need_address: bool) -> list[ClusterInfo]:
     return infos
 
 
-def _timeout(timeout) -> int:
+def _timeout(timeout: int) -> int:
     check_int("timeout", timeout, -(2**31), INT32_MAX)
     if timeout <= 0:
         raise param_invalid(f"timeout must be greater than 0, got {timeout}")
@@ -160,14 +161,18 @@ class LLMDataDist:
         return self._cache_manager
 
     @raises_llm
-    def link_clusters(self, clusters: Sequence[LLMClusterInfo], timeout: int = 3000):
+    def link_clusters(
+        self, clusters: Sequence[LLMClusterInfo], timeout: int = 3000
+    ) -> tuple[LLMStatusCode, list[LLMStatusCode]]:
         """Links to each cluster's first remote address: (status, [status per cluster])."""
         self._check()
         timeout = _timeout(timeout)
         return remote.link_clusters(_cluster_infos(clusters, need_address=True), timeout)
 
     @raises_llm
-    def unlink_clusters(self, clusters: Sequence[LLMClusterInfo], timeout: int = 3000, force: bool = False):
+    def unlink_clusters(
+        self, clusters: Sequence[LLMClusterInfo], timeout: int = 3000, force: bool = False
+    ) -> tuple[LLMStatusCode, list[LLMStatusCode]]:
         """Unlinks clusters (by id): (status, [status per cluster])."""
         self._check()
         timeout = _timeout(timeout)
@@ -201,7 +206,7 @@ class LLMDataDist:
             LLMStatusCode.LLM_FEATURE_NOT_ENABLED, "unlink(comm_id) closes an HCCL communicator; use unlink_clusters"
         )
 
-    def query_register_mem_status(self, comm_id: int):
+    def query_register_mem_status(self, comm_id: int) -> NoReturn:
         raise make_error(
             LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
             "query_register_mem_status reports HCCL memory registration, which does not exist here",

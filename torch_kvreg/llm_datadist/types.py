@@ -7,6 +7,9 @@ import abc
 import enum
 import threading
 from collections.abc import Sequence
+from typing import Any
+
+import torch
 
 from .. import types as native
 from ..errors import LLMStatusCode, param_invalid, wrong_type
@@ -132,7 +135,7 @@ class Cache:
         *,
         is_blocks_cache: bool,
         is_registered: bool = True,
-        tensors=None,
+        tensors: list[torch.Tensor] | None = None,
     ):
         self._cache_id = cache_id
         self._cache_desc = cache_desc
@@ -147,7 +150,7 @@ class Cache:
     is_blocks_cache = property(lambda self: self._is_blocks_cache)
 
     @property
-    def tensors(self):
+    def tensors(self) -> list[torch.Tensor] | None:
         """The torch tensors of a cache from ``allocate_cache`` (None for registered memory)."""
         return self._tensors
 
@@ -158,7 +161,7 @@ class Cache:
         )
 
 
-def _key_args(args, kwargs, names: Sequence[str], limit: int) -> dict:
+def _key_args(args: tuple, kwargs: dict[str, Any], names: Sequence[str], limit: int) -> dict[str, Any]:
     if len(args) + len(kwargs) > limit:
         raise param_invalid("too many arguments")
     values = dict(zip(names, args))
@@ -179,7 +182,7 @@ class BlocksCacheKey:
     BlocksCacheKey(cluster_id=0, model_id=1)
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: int, **kwargs: int):
         values = _key_args(args, kwargs, ("cluster_id", "model_id"), 2)
         self._cluster_id = check_type("cluster_id", values["cluster_id"], int)
         self._model_id = check_type("model_id", values.get("model_id", 0), int)
@@ -203,7 +206,7 @@ class CacheKey:
     'llm_datadist/req/12/0'
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: int, **kwargs: int):
         values = _key_args(args, kwargs, ("cluster_id", "req_id", "model_id", "prefix_id"), 4)
         if "req_id" not in values:
             raise param_invalid("req_id is required")
@@ -257,13 +260,19 @@ class CacheKeyByIdAndIndex:
         )
 
 
-def check_layer_range(name: str, layer_range, allow_none: bool = True) -> None:
+def check_layer_range(name: str, layer_range: object, allow_none: bool = True) -> None:
     if layer_range is None and allow_none:
         return
+    layer_range_arg(name, layer_range)
+
+
+def layer_range_arg(name: str, layer_range: object) -> range:
+    """``layer_range`` if it is a non-empty range(start, stop) from 0 up with step 1."""
     if not isinstance(layer_range, range):
         raise wrong_type(f"{name} must be a range, got {type(layer_range).__name__}")
     if layer_range.step != 1 or not 0 <= layer_range.start < layer_range.stop:
         raise param_invalid(f"{name} must be range(start, stop) with 0 <= start < stop and step 1, got {layer_range}")
+    return layer_range
 
 
 class LayerSynchronizer(abc.ABC):
@@ -279,7 +288,7 @@ class TransferWithCacheKeyConfig:
 
     def __init__(
         self,
-        cache_key,
+        cache_key: BlocksCacheKey | CacheKeyByIdAndIndex,
         src_layer_range: range | None = None,
         dst_layer_range: range | None = None,
         src_batch_index: int = 0,
@@ -288,16 +297,16 @@ class TransferWithCacheKeyConfig:
             raise wrong_type(
                 f"cache_key must be a BlocksCacheKey or CacheKeyByIdAndIndex, got {type(cache_key).__name__}"
             )
-        check_layer_range("src_layer_range", src_layer_range, allow_none=False)
-        check_layer_range("dst_layer_range", dst_layer_range, allow_none=False)
-        if len(src_layer_range) != len(dst_layer_range):
+        src_range = layer_range_arg("src_layer_range", src_layer_range)
+        dst_range = layer_range_arg("dst_layer_range", dst_layer_range)
+        if len(src_range) != len(dst_range):
             raise param_invalid("src_layer_range and dst_layer_range must have the same length")
         check_int("src_batch_index", src_batch_index, 0, UINT32_MAX)
         if isinstance(cache_key, BlocksCacheKey) and src_batch_index != 0:
             raise param_invalid("src_batch_index must be 0 with a BlocksCacheKey")
         self.cache_key = cache_key
-        self.src_layer_range = src_layer_range
-        self.dst_layer_range = dst_layer_range
+        self.src_layer_range = src_range
+        self.dst_layer_range = dst_range
         self.src_batch_index = src_batch_index
         self.dst_cluster_id = cache_key.cluster_id
 

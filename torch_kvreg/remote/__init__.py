@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import threading
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -19,9 +19,16 @@ from .. import lifecycle
 from ..errors import LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
 from ..inflight import Transfer
 from ..registry import OPTION_LISTEN_IP_INFO
-from ..types import Cache, CacheIndex, ClusterInfo, as_int, layer_tensors
+from ..types import Blocks, Cache, CacheDesc, CacheIndex, ClusterInfo, LlmRole, as_int, layer_tensors
 from . import plan
 from .auth import LinkSecret
+
+if TYPE_CHECKING:
+    from .. import _C
+    from .engine import Engine
+
+# One side of a planned transfer: (the desc fields of its tensors taking part, its cache id).
+PlanSide = tuple["_C.DescFields", int]
 
 _engine = None
 _engine_lock = threading.Lock()
@@ -49,18 +56,28 @@ def _require_nixl() -> None:
 def _wait_ms() -> int:
     from ..registry import DEFAULT_SYNC_KV_CACHE_WAIT_TIME_MS, OPTION_SYNC_KV_CACHE_WAIT_TIME, option
 
-    return int(option(OPTION_SYNC_KV_CACHE_WAIT_TIME, str(DEFAULT_SYNC_KV_CACHE_WAIT_TIME_MS)))
+    return int(option(OPTION_SYNC_KV_CACHE_WAIT_TIME) or DEFAULT_SYNC_KV_CACHE_WAIT_TIME_MS)
 
 
-def _get_engine(create: bool = True):
-    """This process's engine, created on first use (initialize must have run)."""
-    global _engine
-    from ..registry import cluster_id, registered_caches, remote_accessible, require_initialized
+def _existing_engine() -> Engine | None:
+    """This process's engine if one was made (initialize must have run)."""
+    from ..registry import require_initialized
 
     require_initialized()
     _require_nixl()
+    return _engine
+
+
+def _get_engine() -> Engine:
+    """This process's engine, created on first use (initialize must have run)."""
+    global _engine
+    from ..registry import cluster_id, registered_caches, remote_accessible
+
+    engine = _existing_engine()
+    if engine is not None:
+        return engine
     with _engine_lock:
-        if _engine is None and create:
+        if _engine is None:
             from .engine import Engine
 
             engine = Engine(cluster_id(), _wait_ms(), _link_secret)
@@ -75,7 +92,7 @@ def _get_engine(create: bool = True):
 class _RemoteLifecycle:
     """Subscribed to the registry's lifecycle hooks (the registry does not know this layer)."""
 
-    def initialized(self, options) -> None:
+    def initialized(self, options: Mapping[str, str]) -> None:
         global _link_secret
         _link_secret = LinkSecret.from_options(options)
         if OPTION_LISTEN_IP_INFO in options:
@@ -140,7 +157,7 @@ def listen_address() -> str | None:
     return None if engine is None else engine.listen_address
 
 
-def _cluster_list(clusters) -> list[ClusterInfo]:
+def _cluster_list(clusters: object) -> list[ClusterInfo]:
     if isinstance(clusters, ClusterInfo):
         clusters = [clusters]
     if isinstance(clusters, (str, bytes)) or not isinstance(clusters, Sequence):
@@ -152,7 +169,7 @@ def _cluster_list(clusters) -> list[ClusterInfo]:
     return out
 
 
-def _timeout(timeout_ms) -> int:
+def _timeout(timeout_ms: int) -> int:
     timeout_ms = as_int(timeout_ms, "timeout_ms")
     if timeout_ms <= 0:
         raise param_invalid(f"timeout_ms must be positive, got {timeout_ms}")
@@ -160,7 +177,7 @@ def _timeout(timeout_ms) -> int:
 
 
 @raises_llm
-def link_clusters(clusters: Sequence[ClusterInfo], timeout_ms: int = 3000):
+def link_clusters(clusters: Sequence[ClusterInfo], timeout_ms: int = 3000) -> tuple[LLMStatusCode, list[LLMStatusCode]]:
     """Links to remote clusters; returns (overall status, one status per cluster).
 
     >>> import torch_kvreg as kv
@@ -186,14 +203,16 @@ def link_clusters(clusters: Sequence[ClusterInfo], timeout_ms: int = 3000):
 
 
 @raises_llm
-def unlink_clusters(clusters: Sequence[ClusterInfo], timeout_ms: int = 3000, force: bool = False):
+def unlink_clusters(
+    clusters: Sequence[ClusterInfo], timeout_ms: int = 3000, force: bool = False
+) -> tuple[LLMStatusCode, list[LLMStatusCode]]:
     """Unlinks remote clusters; returns (overall status, one status per cluster)."""
     clusters = _cluster_list(clusters)
     _timeout(timeout_ms)
     if len(clusters) > MAX_CLUSTERS:
         code = LLMStatusCode.LLM_CLUSTER_NUM_EXCEED_LIMIT
         return code, [code] * len(clusters)
-    engine = _get_engine(create=False)
+    engine = _existing_engine()
     if engine is None:
         code = LLMStatusCode.LLM_NOT_YET_LINK
         return (code if clusters else LLMStatusCode.LLM_SUCCESS), [code] * len(clusters)
@@ -205,13 +224,13 @@ def unlink_clusters(clusters: Sequence[ClusterInfo], timeout_ms: int = 3000, for
 MAX_CLUSTERS = 16
 
 
-def _blocks(blocks, name: str) -> torch.Tensor:
+def _blocks(blocks: Blocks, name: str) -> torch.Tensor:
     from ..transfer import block_tensor
 
     return block_tensor(blocks, name)
 
 
-def _cache_index(index) -> CacheIndex:
+def _cache_index(index: object) -> CacheIndex:
     if not isinstance(index, CacheIndex):
         raise wrong_type(f"expected a CacheIndex, got {type(index).__name__}")
     as_int(index.cluster_id, "cluster_id")
@@ -220,16 +239,22 @@ def _cache_index(index) -> CacheIndex:
     return index
 
 
-def _local(cache) -> Cache:
+def _local(cache: Cache | int) -> Cache:
     from ..registry import get_cache
 
     return get_cache(cache.cache_id if isinstance(cache, Cache) else cache)
 
 
-def _selection(local_desc, local_layers, remote_layers, tensors_per_layer, remote_is_src: bool):
+def _selection(
+    local_desc: CacheDesc,
+    local_layers: range | None,
+    remote_layers: range | None,
+    tensors_per_layer: int,
+    remote_is_src: bool,
+) -> plan.TensorSelection:
     """tensors(remote_desc) for Engine.transfer: equal-length local and remote tensor lists."""
 
-    def tensors(remote_desc):
+    def tensors(remote_desc: CacheDesc) -> tuple[list[int], list[int]]:
         local_tensors = layer_tensors(
             local_layers,
             tensors_per_layer,
@@ -253,11 +278,17 @@ def _selection(local_desc, local_layers, remote_layers, tensors_per_layer, remot
     return tensors
 
 
-def _planned(local: Cache, remote_ref, tensors, read: bool, plan_one):
+def _planned(
+    local: Cache,
+    remote_ref: plan.RemoteRef,
+    tensors: plan.TensorSelection,
+    read: bool,
+    plan_one: Callable[[PlanSide, PlanSide, int], plan.Segments],
+) -> plan.MakeSegments:
     """make_segments for Engine.transfer: the planner sees the descs of the tensors taking
     part, source first (the remote side is the source of a READ)."""
 
-    def segments(remote_desc, key_index):
+    def segments(remote_desc: CacheDesc, key_index: int) -> plan.Segments:
         local_tensors, remote_tensors = tensors(remote_desc)
         local_side = (plan.fields(local.cache_desc, len(local_tensors)), local.cache_id)
         remote_side = (plan.fields(remote_desc, len(remote_tensors)), remote_ref if isinstance(remote_ref, int) else -1)
@@ -270,7 +301,7 @@ def _planned(local: Cache, remote_ref, tensors, read: bool, plan_one):
 MAX_NOTIFY_BYTES = 1024
 
 
-def _notify(notify) -> bytes:
+def _notify(notify: object) -> bytes:
     if notify is None:
         return b""
     if isinstance(notify, str):
@@ -286,13 +317,13 @@ def start_blocks(
     operation: str,
     local: Cache,
     cluster_id: int,
-    remote_ref,
-    src_blocks,
-    dst_blocks,
-    local_layers=None,
-    remote_layers=None,
+    remote_ref: plan.RemoteRef,
+    src_blocks: Blocks,
+    dst_blocks: Blocks,
+    local_layers: range | None = None,
+    remote_layers: range | None = None,
     tensors_per_layer: int = 2,
-    notify=None,
+    notify: str | bytes | None = None,
     background: bool = False,
 ) -> Transfer:
     """Starts moving blocks between a local cache and a remote one (by id or key),
@@ -321,14 +352,14 @@ def start_slice(
     operation: str,
     local: Cache,
     cluster_id: int,
-    remote_ref,
-    remote_index,
+    remote_ref: plan.RemoteRef,
+    remote_index: int | None,
     local_index: int,
     size: int = -1,
-    local_layers=None,
-    remote_layers=None,
+    local_layers: range | None = None,
+    remote_layers: range | None = None,
     tensors_per_layer: int = 2,
-    notify=None,
+    notify: str | bytes | None = None,
     background: bool = False,
 ) -> Transfer:
     """Starts moving ``size`` bytes (-1: all) of one dim-0 slice between a local cache and a
@@ -340,7 +371,7 @@ def start_slice(
     read = operation == "READ"
     tensors = _selection(local.cache_desc, local_layers, remote_layers, tensors_per_layer, read)
 
-    def plan_one(src, dst, key_index):
+    def plan_one(src: PlanSide, dst: PlanSide, key_index: int) -> plan.Segments:
         remote = key_index if remote_index is None else remote_index
         src_index, dst_index = (remote, local_index) if read else (local_index, remote)
         return plan.slice_segments(src[0], src[1], dst[0], dst[1], src_index, dst_index, size)
@@ -359,12 +390,12 @@ def start_slice(
     )
 
 
-def transfer_blocks(*args, **kwargs) -> int:
+def transfer_blocks(*args: Any, **kwargs: Any) -> int:
     """``start_blocks(...).wait()``: the bytes moved."""
     return start_blocks(*args, **kwargs).wait()
 
 
-def transfer_slice(*args, **kwargs) -> int:
+def transfer_slice(*args: Any, **kwargs: Any) -> int:
     """``start_slice(...).wait()``: the bytes moved."""
     return start_slice(*args, **kwargs).wait()
 
@@ -373,12 +404,12 @@ def transfer_slice(*args, **kwargs) -> int:
 def pull_kv_blocks_async(
     src: CacheIndex,
     dst: Cache | int,
-    src_blocks,
-    dst_blocks,
+    src_blocks: Blocks,
+    dst_blocks: Blocks,
     *,
     layers: range | None = None,
     tensors_per_layer: int = 2,
-    notify=None,
+    notify: str | bytes | None = None,
 ) -> Transfer:
     """Starts reading blocks ``src_blocks`` of a remote cache into blocks ``dst_blocks`` of a
     local one; returns its Transfer. Validated against the remote cache's desc before it
@@ -389,7 +420,16 @@ def pull_kv_blocks_async(
     return _pull_blocks(src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background=True)
 
 
-def _pull_blocks(src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background) -> Transfer:
+def _pull_blocks(
+    src: CacheIndex,
+    dst: Cache | int,
+    src_blocks: Blocks,
+    dst_blocks: Blocks,
+    layers: range | None,
+    tensors_per_layer: int,
+    notify: str | bytes | None,
+    background: bool,
+) -> Transfer:
     src = _cache_index(src)
     _get_engine()
     return start_blocks(
@@ -411,19 +451,28 @@ def _pull_blocks(src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, no
 def push_kv_blocks_async(
     src: Cache | int,
     dst: CacheIndex,
-    src_blocks,
-    dst_blocks,
+    src_blocks: Blocks,
+    dst_blocks: Blocks,
     *,
     layers: range | None = None,
     tensors_per_layer: int = 2,
-    notify=None,
+    notify: str | bytes | None = None,
 ) -> Transfer:
     """Starts writing blocks ``src_blocks`` of a local cache into blocks ``dst_blocks`` of a
     remote one; ``notify`` reaches the peer once the data has landed there."""
     return _push_blocks(src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background=True)
 
 
-def _push_blocks(src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background) -> Transfer:
+def _push_blocks(
+    src: Cache | int,
+    dst: CacheIndex,
+    src_blocks: Blocks,
+    dst_blocks: Blocks,
+    layers: range | None,
+    tensors_per_layer: int,
+    notify: str | bytes | None,
+    background: bool,
+) -> Transfer:
     dst = _cache_index(dst)
     _get_engine()
     return start_blocks(
@@ -450,14 +499,23 @@ def pull_kv_cache_async(
     *,
     layers: range | None = None,
     tensors_per_layer: int = 2,
-    notify=None,
+    notify: str | bytes | None = None,
 ) -> Transfer:
     """Starts reading ``size`` bytes (-1: the whole slice) of slice ``src.batch_index`` of a
     remote cache into slice ``batch_index`` of a local one, for every tensor (or ``layers``)."""
     return _pull_slice(src, dst, batch_index, size, layers, tensors_per_layer, notify, background=True)
 
 
-def _pull_slice(src, dst, batch_index, size, layers, tensors_per_layer, notify, background) -> Transfer:
+def _pull_slice(
+    src: CacheIndex,
+    dst: Cache | int,
+    batch_index: int,
+    size: int,
+    layers: range | None,
+    tensors_per_layer: int,
+    notify: str | bytes | None,
+    background: bool,
+) -> Transfer:
     src = _cache_index(src)
     _get_engine()
     return start_slice(
@@ -480,12 +538,12 @@ def _pull_slice(src, dst, batch_index, size, layers, tensors_per_layer, notify, 
 def pull_kv_blocks(
     src: CacheIndex,
     dst: Cache | int,
-    src_blocks,
-    dst_blocks,
+    src_blocks: Blocks,
+    dst_blocks: Blocks,
     *,
     layers: range | None = None,
     tensors_per_layer: int = 2,
-    notify=None,
+    notify: str | bytes | None = None,
 ) -> int:
     """``pull_kv_blocks_async(...).wait()``, posted from this thread: returns the bytes moved."""
     return _pull_blocks(src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background=False).wait()
@@ -495,12 +553,12 @@ def pull_kv_blocks(
 def push_kv_blocks(
     src: Cache | int,
     dst: CacheIndex,
-    src_blocks,
-    dst_blocks,
+    src_blocks: Blocks,
+    dst_blocks: Blocks,
     *,
     layers: range | None = None,
     tensors_per_layer: int = 2,
-    notify=None,
+    notify: str | bytes | None = None,
 ) -> int:
     """``push_kv_blocks_async(...).wait()``, posted from this thread: returns the bytes moved."""
     return _push_blocks(src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background=False).wait()
@@ -515,7 +573,7 @@ def pull_kv_cache(
     *,
     layers: range | None = None,
     tensors_per_layer: int = 2,
-    notify=None,
+    notify: str | bytes | None = None,
 ) -> int:
     """``pull_kv_cache_async(...).wait()``, posted from this thread: returns the bytes moved."""
     return _pull_slice(src, dst, batch_index, size, layers, tensors_per_layer, notify, background=False).wait()
@@ -551,11 +609,10 @@ def stop_listening() -> None:
         engine.stop_listening()
 
 
-def serve_as(role, address: str | None) -> None:
+def serve_as(role: LlmRole | int, address: str | None) -> None:
     """LLM-DataDist's role switch: a DECODER stops listening; a PROMPT (or MIX) listens on
     ``address`` ("ip:port"), or keeps listening where it does. Links and caches stay."""
     from ..registry import parse_listen_address
-    from ..types import LlmRole
 
     if int(role) == LlmRole.DECODER:
         stop_listening()

@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Mapping
+from typing import NoReturn
 
 from ..errors import param_invalid
 from ..registry import OPTION_LINK_SECRET
@@ -47,7 +48,7 @@ class LinkSecret:
 
     __str__ = __repr__
 
-    def __reduce__(self):
+    def __reduce__(self) -> NoReturn:
         raise TypeError("a LinkSecret is not pickled")
 
     def proof(

@@ -11,6 +11,8 @@ import socketserver
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +22,11 @@ from ..inflight import Transfer
 from ..types import Cache, CacheDesc, ClusterInfo
 from . import plan, protocol
 from .auth import LinkSecret, new_nonce
+from .protocol import RemoteCache
+
+# nixl_cu12's opaque handles (a transfer request, a prepared descriptor list) and its agent.
+NixlHandle = Any
+NixlAgent = Any
 
 log = logging.getLogger("torch_kvreg.remote")
 # From this many scattered blocks on, transfers index prepared per-block descriptor lists.
@@ -45,7 +52,7 @@ DEFAULT_PROGRESS_DELAY_US = 10
 _agent_lock = threading.Lock()
 
 
-def make_agent(name: str):
+def make_agent(name: str) -> NixlAgent:
     """A NIXL agent with the UCX backend whose progress thread pauses between polls, safe to
     call from several threads."""
     from nixl_cu12 import _api, nixl_agent, nixl_agent_config, nixl_thread_sync_t
@@ -57,10 +64,10 @@ def make_agent(name: str):
             f"TORCH_KVREG_NIXL_PROGRESS_DELAY_US must be 0 to 1000000 (us), got {text!r}",
         )
     delay = int(text)
-    config_class = _api.nixlBind.nixlAgentConfig
+    config_class: Any = _api.nixlBind.nixlAgentConfig
 
     class PausingConfig(config_class):  # nixl_agent sets pthrDelay itself; this keeps ours
-        def __setattr__(self, field, value):
+        def __setattr__(self, field: str, value: object) -> None:
             super().__setattr__(field, delay if field == "pthrDelay" else value)
 
     with _agent_lock:
@@ -175,7 +182,7 @@ class Link:
         except (OSError, protocol.ProtocolError):
             self.close()
 
-    def _reply(self, message: dict, request_id) -> None:
+    def _reply(self, message: dict, request_id: object) -> None:
         if request_id is not None:
             message = {**message, "id": request_id}
         with contextlib.suppress(OSError, protocol.ProtocolError):
@@ -270,7 +277,7 @@ class Link:
 class _ControlHandler(socketserver.BaseRequestHandler):
     """Serves one connection a peer opened to us, in this thread, until it closes."""
 
-    def handle(self):
+    def handle(self) -> None:
         engine: Engine = self.server.engine  # type: ignore[attr-defined]
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -359,8 +366,8 @@ class Engine:
         except OSError as exc:
             raise _error(LLMStatusCode.LLM_FAILED, f"cannot listen on {host}:{port}: {exc}") from None
         self.server.engine = self  # type: ignore[attr-defined]
-        bound_host, bound_port = self.server.server_address[:2]
-        self.listen_address = f"{bound_host}:{bound_port}"
+        bound_host, bound_port = self.server.server_address[:2]  # (str, int): an AF_INET server
+        self.listen_address = f"{bound_host!s}:{bound_port}"
         threading.Thread(target=self.server.serve_forever, name="kvreg-control", daemon=True).start()
         self._start_heartbeat()
         return self.listen_address
@@ -473,7 +480,7 @@ class Engine:
             self.lock.notify_all()
 
     @contextlib.contextmanager
-    def using(self, cache_id: int):
+    def using(self, cache_id: int) -> Iterator[None]:
         self.hold_local(cache_id)
         try:
             yield
@@ -554,9 +561,10 @@ class Engine:
         with self.lock:
             self.connections.discard(link)
             cluster_id = link.cluster_id
-            drop = link.said_bye and cluster_id is not None and self.links.get(cluster_id) is link
-            if drop:
+            drop = False
+            if link.said_bye and cluster_id is not None and self.links.get(cluster_id) is link:
                 del self.links[cluster_id]
+                drop = True
         if drop:
             self._forget(link)
         elif cluster_id is not None and self.links.get(cluster_id) is link:
@@ -579,6 +587,8 @@ class Engine:
                 cache_id, index = _C.find_key(key)
             except RuntimeError:
                 raise _error(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"no cache is registered with key {key!r}") from None
+        if cache_id is None:
+            raise _error(LLMStatusCode.LLM_PARAM_INVALID, "a lease request names a cache id or a key")
         try:
             values = _C.get_cache(cache_id)
         except RuntimeError:
@@ -649,7 +659,7 @@ class Engine:
                 "md": protocol.b64(self.agent.get_agent_metadata()),
             }
             if self.secret is not None:
-                hello["proof"] = protocol.b64(self._prove(link, info, timeout_s))
+                hello["proof"] = protocol.b64(self._prove(self.secret, link, info, timeout_s))
             response = link.request(hello, timeout_s)
             cluster_id, agent_name, md = protocol.parse_hello_response(response)
             if cluster_id != info.remote_cluster_id:
@@ -675,7 +685,7 @@ class Engine:
         log.info("linked to cluster %d at %s:%d", info.remote_cluster_id, info.remote_ip, info.remote_port)
         return LLMStatusCode.LLM_SUCCESS
 
-    def _prove(self, link: Link, info: ClusterInfo, timeout_s: float) -> bytes:
+    def _prove(self, secret: LinkSecret, link: Link, info: ClusterInfo, timeout_s: float) -> bytes:
         """The linker's half of the handshake: checks the peer's proof of the secret, then
         returns ours (sent with the hello). The peer learns nothing about the secret."""
         ours = new_nonce()
@@ -693,7 +703,7 @@ class Engine:
             ) from None
         except protocol.ProtocolError:
             raise _error(LLMStatusCode.LLM_LINK_FAILED, "malformed challenge response") from None
-        if not self.secret.check(proof, b"accept", ours, theirs, self.cluster_id, info.remote_cluster_id):
+        if not secret.check(proof, b"accept", ours, theirs, self.cluster_id, info.remote_cluster_id):
             log.warning(
                 "cluster %d at %s:%d failed the link secret check",
                 info.remote_cluster_id,
@@ -704,7 +714,7 @@ class Engine:
                 LLMStatusCode.LLM_LINK_FAILED, f"cluster {info.remote_cluster_id} failed the link secret check"
             )
         link.authenticated = True
-        return self.secret.proof(b"connect", ours, theirs, self.cluster_id, info.remote_cluster_id)
+        return secret.proof(b"connect", ours, theirs, self.cluster_id, info.remote_cluster_id)
 
     def unlink(self, cluster_id: int, force: bool) -> LLMStatusCode:
         with self.lock:
@@ -733,10 +743,10 @@ class Engine:
         local: Cache,
         cluster_id: int,
         remote_ref: int | str,
-        make_segments,
-        tensors=None,
+        make_segments: plan.MakeSegments,
+        tensors: plan.TensorSelection | None = None,
         notify: bytes = b"",
-        dst_blocks=(),
+        dst_blocks: Sequence[int] = (),
         background: bool = False,
     ) -> Transfer:
         """Starts moving bytes between a local cache and a remote one; returns its Transfer.
@@ -861,7 +871,7 @@ class Engine:
             with contextlib.suppress(LLMException):
                 shared.link.request({"op": "release", "lease": shared.lease})
 
-    def _settle(self, link: Link, lease: _SharedLease | None, local_id: int, handle) -> bool:
+    def _settle(self, link: Link, lease: _SharedLease | None, local_id: int, handle: NixlHandle) -> bool:
         """Releases what a transfer held; False (holding on) while NIXL still owns the handle."""
         if handle is not None:
             try:
@@ -1078,15 +1088,24 @@ class Engine:
         with self.lock:
             clusters = {link.agent_name: link.cluster_id for link in self.links.values() if link.agent_name}
             clusters.update({link.agent_name: link.cluster_id for link in self.connections if link.agent_name})
-        out = []
+        out: list[tuple[int | None, bytes]] = []
         for agent_name, messages in received.items():
             name = agent_name.decode() if isinstance(agent_name, bytes) else str(agent_name)
             out.extend((clusters.get(name), bytes(message)) for message in messages)
         return out
 
     def _request(
-        self, operation, local: Cache, remote, link: Link, local_offsets, remote_offsets, lengths, local_sel, remote_sel
-    ):
+        self,
+        operation: str,
+        local: Cache,
+        remote: RemoteCache,
+        link: Link,
+        local_offsets: np.ndarray,
+        remote_offsets: np.ndarray,
+        lengths: np.ndarray,
+        local_sel: np.ndarray,
+        remote_sel: np.ndarray,
+    ) -> _Request:
         local_addrs = np.asarray(local.tensor_addrs, dtype=np.uint64)[local_sel]
         remote_addrs = np.asarray(remote.addrs, dtype=np.uint64)[remote_sel]
         local_rows = plan.descriptors(local_addrs, plan.device_id(local.cache_desc), local_offsets, lengths)
@@ -1094,7 +1113,7 @@ class Engine:
 
         agent, local_mem, remote_mem = self.agent, plan.mem_type(local.cache_desc), plan.mem_type(remote.desc)
 
-        def make_handle(local_rows, remote_rows):
+        def make_handle(local_rows: np.ndarray, remote_rows: np.ndarray) -> NixlHandle:
             return agent.initialize_xfer(
                 operation,
                 agent.get_xfer_descs(local_rows, local_mem),
@@ -1104,23 +1123,23 @@ class Engine:
 
         return _Request(("rows", operation, id(link), local_mem, remote_mem), local_rows, remote_rows, make_handle)
 
-    def _per_block_rows(self, addrs, desc: CacheDesc) -> np.ndarray:
+    def _per_block_rows(self, addrs: Sequence[int], desc: CacheDesc) -> np.ndarray:
         offsets = np.arange(desc.shape[0], dtype=np.uint64) * np.uint64(desc.block_nbytes)
         lengths = np.full(desc.shape[0], desc.block_nbytes, dtype=np.uint64)
         return plan.descriptors(addrs, plan.device_id(desc), offsets, lengths)
 
     def _prepped_request(
         self,
-        operation,
+        operation: str,
         local: Cache,
-        remote,
+        remote: RemoteCache,
         link: Link,
-        local_offsets,
-        remote_offsets,
+        local_offsets: np.ndarray,
+        remote_offsets: np.ndarray,
         block_nbytes: int,
-        local_sel,
-        remote_sel,
-    ):
+        local_sel: np.ndarray,
+        remote_sel: np.ndarray,
+    ) -> _Request:
         agent = self.agent
         with self.lock:
             local_prep = self.local_preps.get(local.cache_id)
@@ -1139,7 +1158,7 @@ class Engine:
             )
             link.remote_preps[remote.cache_id] = remote_prep
 
-        def indices(offsets, num_blocks, selected):
+        def indices(offsets: np.ndarray, num_blocks: int, selected: np.ndarray) -> np.ndarray:
             blocks = (offsets // np.uint64(block_nbytes)).astype(np.int64)
             tensors = selected[:, None] * num_blocks
             return (tensors + blocks[None, :]).reshape(-1).astype(np.int32)
@@ -1147,7 +1166,7 @@ class Engine:
         local_idx = indices(local_offsets, local.cache_desc.shape[0], local_sel)
         remote_idx = indices(remote_offsets, remote.desc.shape[0], remote_sel)
 
-        def make_handle(local_idx, remote_idx):
+        def make_handle(local_idx: np.ndarray, remote_idx: np.ndarray) -> NixlHandle:
             return agent.make_prepped_xfer(operation, local_prep, local_idx, remote_prep, remote_idx)
 
         return _Request(
@@ -1160,14 +1179,20 @@ class _Request:
     lists) and how to make a handle of them. Requests with equal keys (one peer, operation
     and kind of memory, or the same prepared lists) can be made into one handle."""
 
-    def __init__(self, key: tuple, local_part: np.ndarray, remote_part: np.ndarray, make_handle):
+    def __init__(
+        self,
+        key: tuple,
+        local_part: np.ndarray,
+        remote_part: np.ndarray,
+        make_handle: Callable[[np.ndarray, np.ndarray], NixlHandle],
+    ):
         self.key, self.local_part, self.remote_part, self.make_handle = key, local_part, remote_part, make_handle
 
     def __len__(self) -> int:
         return len(self.local_part)
 
     @staticmethod
-    def handle_of(requests: list[_Request]):
+    def handle_of(requests: list[_Request]) -> NixlHandle:
         """One NIXL handle moving every request's descriptors (all of one key)."""
         if len(requests) == 1:
             return requests[0].make_handle(requests[0].local_part, requests[0].remote_part)
@@ -1210,7 +1235,7 @@ class _Flight:
         self,
         transfer: Transfer,
         link: Link,
-        lease,
+        lease: _SharedLease | None,
         local_id: int,
         request: _Request,
         deadline: float,
@@ -1231,7 +1256,7 @@ class _Flight:
 class _SharedLease:
     """A lease on a peer's cache and its entry, shared by the transfers using it now."""
 
-    def __init__(self, key: tuple, link: Link, lease: int, remote, md: bytes, index: int):
+    def __init__(self, key: tuple, link: Link, lease: int, remote: RemoteCache, md: bytes, index: int):
         self.key, self.link, self.lease = key, link, lease
         self.remote, self.md, self.index = remote, md, index
         self.refs = 1

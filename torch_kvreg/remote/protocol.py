@@ -13,6 +13,7 @@ import binascii
 import dataclasses
 import json
 import struct
+from collections.abc import Sequence
 
 from ..errors import LLMStatusCode
 from ..types import CacheDesc, DataType, Placement
@@ -153,7 +154,7 @@ def parse_hello_response(message: dict) -> tuple[int, str, bytes]:
     return _int(message, "cluster_id"), _str(message, "agent"), _bytes(message, "md")
 
 
-def cache_entry(cache_id: int, desc: CacheDesc, addrs) -> dict:
+def cache_entry(cache_id: int, desc: CacheDesc, addrs: Sequence[int]) -> dict:
     return {
         "cache_id": cache_id,
         "num_tensors": desc.num_tensors,
@@ -165,7 +166,7 @@ def cache_entry(cache_id: int, desc: CacheDesc, addrs) -> dict:
     }
 
 
-def parse_cache_entry(entry) -> RemoteCache:
+def parse_cache_entry(entry: object) -> RemoteCache:
     """A remote cache-table entry, checked as strictly as a local registration."""
     if not isinstance(entry, dict):
         raise ProtocolError("cache entry is not an object")

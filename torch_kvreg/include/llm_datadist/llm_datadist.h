@@ -155,30 +155,36 @@ class TORCH_KVREG_API LlmDataDist {
   Status Initialize(const std::map<AscendString, AscendString>& options);
   void Finalize();
   Status SetRole(LlmRole role, const std::map<AscendString, AscendString>& options = {});
-  Status LinkLlmClusters(const std::vector<ClusterInfo>& clusters, std::vector<Status>& rets,
-                         int32_t timeout_in_millis = 1000);
-  Status UnlinkLlmClusters(const std::vector<ClusterInfo>& clusters, std::vector<Status>& rets,
-                           int32_t timeout_in_millis = 1000, bool force_flag = false);
+  Status LinkLlmClusters(
+      const std::vector<ClusterInfo>& clusters, std::vector<Status>& rets, int32_t timeout_in_millis = 1000);
+  Status UnlinkLlmClusters(
+      const std::vector<ClusterInfo>& clusters, std::vector<Status>& rets, int32_t timeout_in_millis = 1000,
+      bool force_flag = false);
   Status AllocateCache(const CacheDesc& cache_desc, Cache& cache);
   // LLM_SUCCESS also when the cache does not exist (any more), as upstream documents.
   Status DeallocateCache(int64_t cache_id);
-  Status PullKvCache(const CacheIndex& src_cache_index, const Cache& dst_cache, uint32_t batch_index = 0U,
-                     int64_t size = -1, const KvCacheExtParam& ext_param = {});
-  Status PullKvBlocks(const CacheIndex& src_cache_index, const Cache& dst_cache,
-                      const std::vector<uint64_t>& src_blocks, const std::vector<uint64_t>& dst_blocks,
-                      const KvCacheExtParam& ext_param = {});
-  Status CopyKvCache(const Cache& src_cache, const Cache& dst_cache, uint32_t src_batch_index = 0U,
-                     uint32_t dst_batch_index = 0U, uint64_t offset = 0U, int64_t size = -1);
+  Status PullKvCache(
+      const CacheIndex& src_cache_index, const Cache& dst_cache, uint32_t batch_index = 0U, int64_t size = -1,
+      const KvCacheExtParam& ext_param = {});
+  Status PullKvBlocks(
+      const CacheIndex& src_cache_index, const Cache& dst_cache, const std::vector<uint64_t>& src_blocks,
+      const std::vector<uint64_t>& dst_blocks, const KvCacheExtParam& ext_param = {});
+  Status CopyKvCache(
+      const Cache& src_cache, const Cache& dst_cache, uint32_t src_batch_index = 0U,
+      uint32_t dst_batch_index = 0U, uint64_t offset = 0U, int64_t size = -1);
   // Copies src_blocks into every destination group of dst_blocks_list (each the same length).
-  Status CopyKvBlocks(const Cache& src_cache, const Cache& dst_cache, const std::vector<uint64_t>& src_blocks,
-                      const std::vector<std::vector<uint64_t>>& dst_blocks_list);
-  Status PushKvCache(const Cache& src_cache, const CacheIndex& dst_cache_index, uint32_t src_batch_index = 0U,
-                     int64_t size = -1, const KvCacheExtParam& ext_param = {});
-  Status PushKvBlocks(const Cache& src_cache, const CacheIndex& dst_cache_index,
-                      const std::vector<uint64_t>& src_blocks, const std::vector<uint64_t>& dst_blocks,
-                      const KvCacheExtParam& ext_param = {});
-  Status RegisterKvCache(const CacheDesc& cache_desc, const std::vector<uint64_t>& addrs, const RegisterCfg& cfg,
-                         int64_t& cache_id);
+  Status CopyKvBlocks(
+      const Cache& src_cache, const Cache& dst_cache, const std::vector<uint64_t>& src_blocks,
+      const std::vector<std::vector<uint64_t>>& dst_blocks_list);
+  Status PushKvCache(
+      const Cache& src_cache, const CacheIndex& dst_cache_index, uint32_t src_batch_index = 0U,
+      int64_t size = -1, const KvCacheExtParam& ext_param = {});
+  Status PushKvBlocks(
+      const Cache& src_cache, const CacheIndex& dst_cache_index, const std::vector<uint64_t>& src_blocks,
+      const std::vector<uint64_t>& dst_blocks, const KvCacheExtParam& ext_param = {});
+  Status RegisterKvCache(
+      const CacheDesc& cache_desc, const std::vector<uint64_t>& addrs, const RegisterCfg& cfg,
+      int64_t& cache_id);
   Status UnregisterKvCache(int64_t cache_id);
 
  private:

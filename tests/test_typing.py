@@ -1,0 +1,73 @@
+"""The typed surface: the native module's stub (torch_kvreg/_C.pyi) matches the module that
+bindings.cpp builds, and the package ships its py.typed marker. (mypy itself runs in
+`make lint`, with every function annotated: pyproject.toml's [tool.mypy].)"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import torch_kvreg
+from torch_kvreg import _C
+
+PACKAGE = pathlib.Path(torch_kvreg.__file__).parent
+
+
+def _stub() -> tuple[dict[str, int], set[str]]:
+    """(function name -> parameter count, module attributes) declared in _C.pyi."""
+    tree = ast.parse((PACKAGE / "_C.pyi").read_text())
+    functions: dict[str, int] = {}
+    attributes: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            args = node.args
+            functions[node.name] = len(args.posonlyargs) + len(args.args) + len(args.kwonlyargs)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            attributes.add(node.target.id)
+    return functions, attributes
+
+
+def _pybind_arity(function: object) -> int:
+    """The parameter count in pybind11's signature line, e.g. ``f(arg0: int, arg1: str) -> None``."""
+    line = (function.__doc__ or "").splitlines()[0]
+    inside = line[line.index("(") + 1 : line.rindex(")")]
+    depth, count, seen = 0, 0, False
+    for char in inside:
+        if char in "([":
+            depth += 1
+        elif char in ")]":
+            depth -= 1
+        elif char == "," and depth == 0:
+            count += 1
+        seen = seen or not char.isspace()
+    return count + 1 if seen else 0
+
+
+def test_the_stub_declares_exactly_what_the_native_module_has():
+    functions, attributes = _stub()
+    native = {name: getattr(_C, name) for name in dir(_C) if not name.startswith("_")}
+    native_functions = {name for name, value in native.items() if callable(value)}
+    native_attributes = set(native) - native_functions
+    assert set(functions) == native_functions, (
+        f"missing from _C.pyi: {sorted(native_functions - set(functions))}; "
+        f"not in _C: {sorted(set(functions) - native_functions)}"
+    )
+    assert attributes >= native_attributes, sorted(native_attributes - attributes)
+    for name in sorted(native_functions):
+        assert functions[name] == _pybind_arity(native[name]), (name, native[name].__doc__.splitlines()[0])
+    assert len(native_functions) >= 25  # the comparison saw the whole module
+
+
+def test_the_arity_parser_reads_nested_types():
+    class Fake:
+        __doc__ = "f(arg0: tuple[int, list[int]], arg1: str) -> None"
+
+    class Empty:
+        __doc__ = "g() -> int"
+
+    assert _pybind_arity(Fake) == 2
+    assert _pybind_arity(Empty) == 0
+
+
+def test_the_package_is_marked_typed():
+    assert (PACKAGE / "py.typed").is_file()

@@ -1,0 +1,101 @@
+# Types of the native module torch_kvreg._C (csrc/bindings.cpp). Importing it also defines
+# torch.ops.llm. Keep this in step with bindings.cpp: tests/test_types.py compares the two.
+from collections.abc import Sequence
+
+import torch
+
+# (num_tensors, data_type, shape, placement, device_index), as CacheDesc holds it.
+DescFields = tuple[int, int, Sequence[int], int, int]
+# (cache_id, num_tensors, data_type, shape, placement, device_index, addrs, remote_accessible,
+#  layer_names, name_layers)
+CacheTuple = tuple[int, int, int, list[int], int, int, list[int], bool, list[str], list[int]]
+
+with_cuda: bool
+with_openmp: bool
+
+def install_remote_hooks() -> None: ...
+def clear_remote_hooks() -> None: ...
+def cuda_available() -> bool: ...
+def initialize(
+    cluster_id: int,
+    role: int,
+    device_id: int,
+    options: str,
+    max_addrs: int,
+    max_device_bytes: int,
+    max_host_bytes: int,
+    wait_ms: int,
+    /,
+) -> None: ...
+def finalize() -> None: ...
+def is_initialized() -> bool: ...
+def config() -> tuple[int, int, int, str]: ...
+def limits() -> tuple[int, int, int]: ...
+def default_limits() -> tuple[int, int, int]: ...
+def usage() -> tuple[int, int, int, int]: ...
+def hold(cache_id: int, /) -> None: ...
+def unhold(cache_id: int, /) -> None: ...
+def in_flight(cache_id: int, /) -> int: ...
+def cache_ids() -> list[int]: ...
+def get_cache(cache_id: int, /) -> CacheTuple: ...
+def copy_blocks(
+    src_cache_id: int, dst_cache_id: int, src_blocks: torch.Tensor, dst_blocks: torch.Tensor, /
+) -> None: ...
+def copy_blocks_of_tensors(
+    src_cache_id: int,
+    dst_cache_id: int,
+    src_blocks: torch.Tensor,
+    dst_blocks: torch.Tensor,
+    src_tensors: Sequence[int],
+    dst_tensors: Sequence[int],
+    /,
+) -> None: ...
+def copy_strategy() -> str: ...
+def set_copy_strategy(name: str, /) -> None: ...
+def copy_blocks_with_memcpy(
+    src_cache_id: int, dst_cache_id: int, src_blocks: torch.Tensor, dst_blocks: torch.Tensor, /
+) -> None: ...
+def cache_keys(cache_id: int, /) -> list[str]: ...
+def find_key(key: str, /) -> tuple[int, int]: ...
+def remove_key(key: str, /) -> None: ...
+def register_tensors(
+    caches: Sequence[torch.Tensor],
+    pin_host_memory: bool,
+    remote_accessible: int,
+    keys: Sequence[str],
+    layer_names: Sequence[str] = ...,
+    name_layers: Sequence[int] = ...,
+) -> int: ...
+def register_addrs(
+    num_tensors: int,
+    data_type: int,
+    shape: Sequence[int],
+    placement: int,
+    device_index: int,
+    addrs: Sequence[int],
+    pin_host_memory: bool,
+    remote_accessible: int,
+    keys: Sequence[str],
+    /,
+) -> int: ...
+def plan_blocks(
+    src: DescFields,
+    src_id: int,
+    dst: DescFields,
+    dst_id: int,
+    src_blocks: torch.Tensor,
+    dst_blocks: torch.Tensor,
+    max_segment_bytes: int,
+    same_cache: bool = ...,
+) -> torch.Tensor: ...
+def plan_slice(
+    src: DescFields,
+    src_id: int,
+    dst: DescFields,
+    dst_id: int,
+    src_batch_index: int,
+    dst_batch_index: int,
+    offset: int,
+    size: int,
+    /,
+) -> torch.Tensor: ...
