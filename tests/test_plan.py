@@ -2,6 +2,7 @@
 pure-Python reference: which lists are refused, and that the segments move exactly the
 requested blocks, sorted by source, coalesced, never longer than the cap."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,6 +10,7 @@ from hypothesis import strategies as st
 
 import torch_kvreg as kv
 from torch_kvreg import DataType, Placement
+from torch_kvreg.remote import plan
 
 BLOCK_NBYTES = 8  # (num_blocks, 4) int16
 
@@ -91,3 +93,14 @@ def test_planner_rejects_incompatible_descs():
     with pytest.raises(kv.LLMParamInvalidError, match="outside|does not fit"):
         kv.errors.raises_llm(kv._C.plan_slice)(fields(8), 1, fields(8), 2, 0, 1, 0, BLOCK_NBYTES + 1)
     assert kv._C.plan_slice(fields(8), 1, fields(8), 2, 3, 5, 0, -1).tolist() == [[24, 40, 8]]
+
+
+def test_descriptor_rows_list_every_segment_of_every_tensor_in_order():
+    addrs = [1 << 40, (1 << 40) + (1 << 20), (1 << 41)]
+    offsets = np.array([0, 4096, 65536], dtype=np.uint64)
+    lengths = np.array([4096, 8192, 512], dtype=np.uint64)
+    rows = plan.descriptors(addrs, 3, offsets, lengths)
+    expected = [[a + int(o), int(n), 3] for a in addrs for o, n in zip(offsets, lengths)]
+    assert rows.dtype == np.uint64 and rows.tolist() == expected
+    single = plan.descriptors(addrs, 0, offsets[1:2], lengths[1:2])
+    assert single.tolist() == [[a + 4096, 8192, 0] for a in addrs]

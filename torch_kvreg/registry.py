@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -250,8 +251,15 @@ def usage() -> Usage:
 def cache_from_native(values: _C.CacheTuple) -> Cache:
     """A Cache from the tuple that ``_C.get_cache`` returns."""
     cache_id, num_tensors, data_type, shape, placement, device_index, addrs, _remote, names, layers = values
-    desc = CacheDesc(num_tensors, DataType(data_type), tuple(shape), Placement(placement), device_index)
+    desc = _desc(num_tensors, data_type, tuple(shape), placement, device_index)
     return Cache(cache_id, desc, tuple(addrs), tuple(names), tuple(layers))
+
+
+@functools.lru_cache(maxsize=1024)
+def _desc(num_tensors: int, data_type: int, shape: tuple[int, ...], placement: int, device_index: int) -> CacheDesc:
+    # Descs are values: one object per distinct desc, so that every transfer does not check
+    # and size the same desc again (each remote start looks its local cache up).
+    return CacheDesc(num_tensors, DataType(data_type), shape, Placement(placement), device_index)
 
 
 def cache_id_of(cache: Cache | int, name: str = "cache") -> int:

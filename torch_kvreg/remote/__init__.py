@@ -73,6 +73,9 @@ def _get_engine() -> Engine:
     global _engine
     from ..registry import cluster_id, registered_caches, remote_accessible
 
+    engine = _engine
+    if engine is not None:  # finalize drops it before the registry stops
+        return engine
     engine = _existing_engine()
     if engine is not None:
         return engine

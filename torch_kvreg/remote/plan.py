@@ -67,13 +67,13 @@ def slice_segments(
 
 
 def descriptors(addrs: Sequence[int], device_id: int, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Nx3 (address, length, device) rows: every segment of every tensor."""
-    base = np.asarray(addrs, dtype=np.uint64)[:, None] + offsets[None, :]
-    rows = np.empty((base.size, 3), dtype=np.uint64)
-    rows[:, 0] = base.reshape(-1)
-    rows[:, 1] = np.broadcast_to(lengths, base.shape).reshape(-1)
-    rows[:, 2] = device_id
-    return rows
+    """Nx3 (address, length, device) rows: every segment of every tensor, tensor by tensor."""
+    bases = np.asarray(addrs, dtype=np.uint64)
+    rows = np.empty((bases.size, offsets.size, 3), dtype=np.uint64)
+    rows[:, :, 0] = bases[:, None] + offsets[None, :]
+    rows[:, :, 1] = lengths
+    rows[:, :, 2] = device_id
+    return rows.reshape(-1, 3)
 
 
 def mem_type(desc: CacheDesc) -> str:
