@@ -121,7 +121,8 @@ PYBIND11_MODULE(_C, m) {
         Registry::instance().initialize(config);
       },
       py::call_guard<py::gil_scoped_release>());
-  m.def("finalize", [] { Registry::instance().finalize(); }, py::call_guard<py::gil_scoped_release>());
+  m.def("finalize", [] { return Registry::instance().finalize(); }, py::call_guard<py::gil_scoped_release>());
+  m.def("orphans", [] { return Registry::instance().orphans(); });
   m.def("is_initialized", [] { return Registry::instance().is_initialized(); });
   m.def("config", [] {
     const auto config = Registry::instance().config();

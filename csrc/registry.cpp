@@ -33,18 +33,21 @@ void Registry::initialize(const InitConfig& config) {
   initialized_ = true;
 }
 
-void Registry::finalize() {
+int64_t Registry::finalize() {
   Released released;
+  int64_t kept = 0;
   {
     std::unique_lock<std::mutex> lock(mutex_);
     if (!initialized_) {
-      return;
+      return 0;
     }
     initialized_ = false;  // new registrations and leases fail from here on
     for (auto& [cache_id, entry] : entries_) {
       entry.closing = true;
     }
-    transfers_done_.wait(lock, [this] {
+    // Bounded: a transfer that never ends (a hold leaked by a caller, a peer that vanished
+    // mid-write) must not hang finalize, nor the interpreter's exit that calls it.
+    transfers_done_.wait_for(lock, std::chrono::milliseconds(std::max<int64_t>(config_.wait_ms, 0)), [this] {
       return std::all_of(
           entries_.begin(), entries_.end(), [](const auto& item) { return item.second.in_flight == 0; });
     });
@@ -53,11 +56,50 @@ void Registry::finalize() {
       ids.push_back(item.first);
     }
     for (int64_t cache_id : ids) {
-      erase_locked(cache_id, released);
+      if (entries_.at(cache_id).in_flight == 0) {
+        erase_locked(cache_id, released);
+      } else {
+        orphan_locked(cache_id);
+        kept += 1;
+      }
     }
     config_ = InitConfig();
   }
   // `released` drops the tensors here, outside the lock.
+  return kept;
+}
+
+int64_t Registry::orphans() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return static_cast<int64_t>(orphans_.size());
+}
+
+void Registry::orphan_locked(int64_t cache_id) {
+  auto node = entries_.extract(cache_id);
+  Entry& entry = node.mapped();
+  const CacheDesc& desc = entry.record.desc;
+  for (const std::string& key : entry.record.keys) {
+    if (!key.empty()) {
+      keys_.erase(key);
+    }
+  }
+  usage_.num_caches -= 1;
+  usage_.num_addrs -= desc.num_tensors;
+  (desc.placement == Placement::HOST ? usage_.host_bytes : usage_.device_bytes) -= desc.nbytes;
+  // Its address ranges stay in intervals_: the memory is still being written or read, so
+  // registering it again must wait until the transfer has ended.
+  orphans_.insert(std::move(node));
+}
+
+void Registry::end_orphan_transfer_locked(int64_t cache_id, Released& released) {
+  auto it = orphans_.find(cache_id);
+  if (it == orphans_.end() || it->second.in_flight == 0) {
+    return;
+  }
+  if (--it->second.in_flight == 0) {
+    drop_memory_locked(it->second, released);
+    orphans_.erase(it);
+  }
 }
 
 bool Registry::is_initialized() const {
@@ -182,7 +224,10 @@ int64_t Registry::register_cache(
   }
   for (int64_t i = 0; i < num_addrs; ++i) {
     const int64_t other = overlapping_locked(addrs[i], addrs[i] + span);
-    KVREG_CHECK_ARG(other == 0, "addrs[", i, "] overlaps the memory of registered cache id ", other);
+    KVREG_CHECK_ARG(
+        other == 0, "addrs[", i, "] overlaps the memory of ",
+        orphans_.count(other) != 0 ? "cache id " : "registered cache id ", other,
+        orphans_.count(other) != 0 ? ", which finalize unregistered while a transfer still uses it" : "");
   }
 
   const Limits& limits = config_.limits;
@@ -249,6 +294,20 @@ void Registry::erase_locked(int64_t cache_id, Released& released) {
   auto it = entries_.find(cache_id);
   Entry& entry = it->second;
   const CacheDesc& desc = entry.record.desc;
+  for (const std::string& key : entry.record.keys) {
+    if (!key.empty()) {
+      keys_.erase(key);
+    }
+  }
+  usage_.num_caches -= 1;
+  usage_.num_addrs -= desc.num_tensors;
+  (desc.placement == Placement::HOST ? usage_.host_bytes : usage_.device_bytes) -= desc.nbytes;
+  drop_memory_locked(entry, released);
+  entries_.erase(it);
+}
+
+void Registry::drop_memory_locked(Entry& entry, Released& released) {
+  const CacheDesc& desc = entry.record.desc;
   const bool device_reachable =
       desc.placement == Placement::DEVICE ||
       std::find(entry.pinned_by_us.begin(), entry.pinned_by_us.end(), true) != entry.pinned_by_us.end();
@@ -263,21 +322,12 @@ void Registry::erase_locked(int64_t cache_id, Released& released) {
       unpin_host(reinterpret_cast<void*>(entry.record.addrs[i]));
     }
   }
-  for (const std::string& key : entry.record.keys) {
-    if (!key.empty()) {
-      keys_.erase(key);
-    }
-  }
-  usage_.num_caches -= 1;
-  usage_.num_addrs -= desc.num_tensors;
-  (desc.placement == Placement::HOST ? usage_.host_bytes : usage_.device_bytes) -= desc.nbytes;
   for (auto& owner : entry.owners) {
     released.owners.push_back(std::move(owner));
   }
   for (auto& storage : entry.storages) {
     released.storages.push_back(std::move(storage));
   }
-  entries_.erase(it);
 }
 
 void Registry::check_memory_unchanged_locked(const Entry& entry) const {
@@ -383,22 +433,30 @@ int64_t Registry::in_flight(int64_t cache_id) const {
 }
 
 void Registry::unhold(int64_t cache_id) noexcept {
+  Released released;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = entries_.find(cache_id);
-    if (it == entries_.end() || it->second.in_flight == 0) {
-      return;
+    if (it == entries_.end()) {
+      end_orphan_transfer_locked(cache_id, released);
+    } else if (it->second.in_flight > 0) {
+      it->second.in_flight -= 1;
     }
-    it->second.in_flight -= 1;
   }
   transfers_done_.notify_all();
 }
 
 void Registry::release(const std::vector<CacheRecord>& records) {
+  Released released;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     for (const auto& record : records) {
-      entries_.at(record.cache_id).in_flight -= 1;
+      auto it = entries_.find(record.cache_id);
+      if (it == entries_.end()) {
+        end_orphan_transfer_locked(record.cache_id, released);
+      } else {
+        it->second.in_flight -= 1;
+      }
     }
   }
   transfers_done_.notify_all();

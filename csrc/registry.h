@@ -81,8 +81,13 @@ class Registry {
 
   // Same config again: no-op. Different config while initialized: LLM_FAILED.
   void initialize(const InitConfig& config);
-  // Waits for transfers in flight, then unregisters everything. No-op when not initialized.
-  void finalize();
+  // Waits (at most the config's wait_ms) for transfers in flight, then unregisters
+  // everything. A cache still in use after that is unregistered but kept alive, its memory
+  // held, until its last transfer ends (unhold or lease release). Returns how many were
+  // kept so. No-op (0) when not initialized.
+  int64_t finalize();
+  // Caches that finalize gave up waiting for and whose transfers have not ended yet.
+  int64_t orphans() const;
   bool is_initialized() const;
   // LLM_FAILED unless initialized.
   void require_initialized() const;
@@ -163,6 +168,13 @@ class Registry {
   // Removes the entry from every index and undoes its pins; what it owned goes to
   // `released`, for the caller to drop after releasing the lock.
   void erase_locked(int64_t cache_id, Released& released);
+  // finalize's end for a cache still in use: out of the id, key and usage indexes, into
+  // orphans_, its memory (and its address range, pins and owners) kept until its last
+  // transfer ends.
+  void orphan_locked(int64_t cache_id);
+  // Ends one transfer on an orphan; when it was the last, what it held goes to `released`.
+  void end_orphan_transfer_locked(int64_t cache_id, Released& released);
+  void drop_memory_locked(Entry& entry, Released& released);
   // LLM_FAILED if a registered tensor's memory was reallocated since registration.
   void check_memory_unchanged_locked(const Entry& entry) const;
   void release(const std::vector<CacheRecord>& records);
@@ -173,6 +185,7 @@ class Registry {
   InitConfig config_;
   int64_t next_cache_id_ = 1;  // never reset: ids are unique for the life of the process
   std::map<int64_t, Entry> entries_;
+  std::map<int64_t, Entry> orphans_;        // unregistered by finalize, still in use
   std::map<uint64_t, Interval> intervals_;  // start -> (end, cache id), disjoint
   std::map<std::string, int64_t> keys_;     // cache key -> cache id
   Usage usage_;

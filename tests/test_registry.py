@@ -121,6 +121,40 @@ def test_finalize_releases_everything(kv):
     assert kv.registered_caches() == []
 
 
+def test_finalize_waits_bounded_and_keeps_memory_a_transfer_still_uses(kv, caplog):
+    """A transfer that never ends (here a hold nobody releases) delays finalize by at most
+    llm.SyncKvCacheWaitTime; its cache is unregistered but its memory stays owned and
+    unregistrable until the transfer ends; the other caches go at once."""
+    import time
+
+    from torch_kvreg import _C
+
+    kv.finalize()
+    kv.initialize(options={"llm.SyncKvCacheWaitTime": "200"})
+    busy, idle = torch.arange(32.0).reshape(8, 4), torch.zeros(8, 4)
+    busy_ref, idle_ref = weakref.ref(busy), weakref.ref(idle)
+    busy_cache = kv.register_kv_cache(busy)
+    kv.register_kv_cache(idle)
+    _C.hold(busy_cache.cache_id)
+    del busy, idle
+    start = time.monotonic()
+    with caplog.at_level("WARNING", logger="torch_kvreg"):
+        kv.finalize()
+    assert 0.15 < time.monotonic() - start < 2.0
+    assert "1 cache(s) still had transfers in flight after 200 ms" in caplog.text
+    gc.collect()
+    assert idle_ref() is None and busy_ref() is not None  # the busy memory is still owned
+    assert _C.orphans() == 1
+    kv.initialize()
+    assert kv.usage() == kv.Usage(0, 0, 0, 0) and kv.registered_caches() == []
+    with pytest.raises(kv.LLMParamInvalidError, match="finalize unregistered while a transfer still uses it"):
+        kv.register_kv_cache(busy_ref())
+    _C.unhold(busy_cache.cache_id)  # the transfer ends: the memory goes
+    assert _C.orphans() == 0
+    gc.collect()
+    assert busy_ref() is None
+
+
 def test_default_limits_and_cumulative_address_cap(kv):
     assert kv.limits() == kv.Limits(240, 50 * 2**30, 20 * 2**30)
     keep = [torch.zeros(2) for _ in range(240)]

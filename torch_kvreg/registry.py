@@ -12,6 +12,7 @@ import functools
 import hashlib
 import hmac
 import ipaddress
+import logging
 import os
 import secrets
 from collections.abc import Mapping, Sequence
@@ -39,6 +40,7 @@ from .types import (
     tensor_list,
 )
 
+log = logging.getLogger("torch_kvreg")
 OPTION_DEVICE_ID = "llm.DeviceId"
 OPTION_LISTEN_IP_INFO = "llm.ListenIpInfo"
 OPTION_SYNC_KV_CACHE_WAIT_TIME = "llm.SyncKvCacheWaitTime"
@@ -186,6 +188,10 @@ def initialize(
 def finalize() -> None:
     """Unregisters every cache and resets all state; no-op when not initialized.
 
+    Transfers still in flight are waited for, at most ``llm.SyncKvCacheWaitTime``; a cache
+    one of them still uses after that is unregistered all the same, its memory kept (and
+    not registrable again) until that transfer ends, and a WARNING is logged.
+
     >>> import torch_kvreg
     >>> torch_kvreg.finalize()
     >>> torch_kvreg.is_initialized()
@@ -194,7 +200,15 @@ def finalize() -> None:
     try:
         lifecycle.finalizing()
     finally:
-        _C.finalize()
+        wait_ms = option(OPTION_SYNC_KV_CACHE_WAIT_TIME)
+        kept = _C.finalize()
+        if kept:
+            log.warning(
+                "finalize: %d cache(s) still had transfers in flight after %s ms; unregistered, their "
+                "memory is kept until those transfers end",
+                kept,
+                wait_ms or DEFAULT_SYNC_KV_CACHE_WAIT_TIME_MS,
+            )
 
 
 def is_initialized() -> bool:
