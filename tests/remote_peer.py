@@ -2,6 +2,7 @@
 optionally inside a network namespace (tests/netns.py) with its own environment."""
 
 import multiprocessing as mp
+import time
 
 import torch
 
@@ -147,6 +148,17 @@ class Peer:
         status, value = self.replies.get(timeout=60)
         assert status == "ok", value
         return value
+
+    def settled_leases(self, within_s: float = 2.0):
+        """The leases peers hold on this process's caches once the unused ones have been
+        given back (a peer keeps a lease LEASE_LINGER_S after its last transfer); whatever
+        is still held after ``within_s``."""
+        deadline = time.monotonic() + within_s
+        while True:
+            leases = self.call("leases")
+            if not leases or time.monotonic() > deadline:
+                return leases
+            time.sleep(0.01)
 
     def close(self):
         if self.process.is_alive():

@@ -155,7 +155,7 @@ def test_64_pulls_in_flight_from_one_thread(peer, decoder):
     assert all(t.status == LLMStatusCode.LLM_SUCCESS and t.failed_blocks == [] for t in transfers)
     assert all(torch.equal(m.flip(0), t) for m, t in zip(mine, theirs))
     assert started < 10
-    assert peer.call("leases") == {}
+    assert peer.settled_leases() == {}
     peer.call("unregister", remote_id)
 
 
@@ -180,7 +180,7 @@ def test_notices_reach_the_peer_after_the_data(peer, decoder):
         kv.pull_kv_blocks_async(CacheIndex(9, remote_id), local, [0], [0], notify="x" * 1025)
     with pytest.raises(kv.LLMTypeError):
         kv.pull_kv_blocks_async(CacheIndex(9, remote_id), local, [0], [0], notify=17)
-    assert (kv.usage(), kv.registered_caches()) == before and peer.call("leases") == {}
+    assert (kv.usage(), kv.registered_caches()) == before and peer.settled_leases() == {}
     peer.call("unregister", remote_id)
 
 
@@ -201,7 +201,7 @@ def test_transfers_in_flight_fail_with_their_blocks(peer, decoder, monkeypatch, 
         assert info.value.status_code == expected and transfer.status == expected
         assert transfer.failed_blocks == [7 - i]
     assert time.monotonic() - start < 1.0 + 2  # llm.SyncKvCacheWaitTime is 1 s
-    assert peer.call("leases") == {}
+    assert peer.settled_leases() == {}
     monkeypatch.undo()
     kv.unregister_kv_cache(local)  # nothing holds it any more
     peer.call("unregister", remote_id)
@@ -258,7 +258,7 @@ def test_async_starts_return_before_the_post_and_a_burst_goes_as_few_requests(pe
     while not received and time.monotonic() < deadline:
         received = peer.call("notifications")
     assert received == [(2, b"first half")]
-    assert peer.call("leases") == {}
+    assert peer.settled_leases() == {}
     monkeypatch.undo()
     kv.unregister_kv_cache(local)
     peer.call("unregister", remote_id)
@@ -281,7 +281,7 @@ def test_a_failed_group_fails_every_transfer_in_it(peer, decoder, monkeypatch):
             transfer.wait(5000)
         assert info.value.status_code == LLMStatusCode.LLM_LINK_FAILED and transfer.failed_blocks == [8 - i]
     assert len(posts) == 2  # the four failed as one request
-    assert peer.call("leases") == {}
+    assert peer.settled_leases() == {}
     monkeypatch.undo()
     kv.unregister_kv_cache(local)  # nothing holds it any more
     peer.call("unregister", remote_id)
@@ -394,7 +394,7 @@ def test_bad_remote_calls_change_nothing(peer, decoder):
         with pytest.raises(error):
             call()
     assert (kv.usage(), kv.registered_caches()) == before
-    assert peer.call("leases") == {} and all(not t.any() for t in mine)
+    assert peer.settled_leases() == {} and all(not t.any() for t in mine)
     assert torch.equal(peer.call("read", remote_id)[0], paged(4, 8, BLOCK, 47)[0])
     # The same layers on both sides move just those tensors.
     kv.pull_kv_blocks(index, local, [3], [4], layers=range(1, 2))

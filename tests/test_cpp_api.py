@@ -315,7 +315,7 @@ def test_link_pull_push_from_cpp_in_a_python_process(shim):
         assert torch.equal(mine[1][1], paged(2, 8, (16, 8), 32)[1][3])
         assert cpp.push_cache(local_id, 0, 6, two, 5) == S.LLM_SUCCESS
         assert torch.equal(peer.call("read", two)[0][5], mine[0][0])
-        assert peer.call("leases") == {}
+        assert peer.settled_leases() == {}
         assert cpp.unlink(6, 1000, False) == S.LLM_SUCCESS
         assert cpp.pull_cache(6, two, 3, local_id, 1, -1) == S.LLM_NOT_YET_LINK
         peer.call("unregister", two)

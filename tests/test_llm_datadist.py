@@ -397,7 +397,7 @@ def test_keys_and_layer_ranges_with_a_peer(peer, datadist):
     manager.pull_cache(CacheKeyByIdAndIndex(8, batch_id, 1), batch, batch_index=0, size=64)
     assert torch.equal(slots[0][0].flatten()[:32], batch_theirs[0][1].flatten()[:32])
     assert not slots[0][0].flatten()[32:].any()
-    assert peer.call("leases") == {}
+    assert peer.settled_leases() == {}
     peer.call("unregister", blocks_id)
     peer.call("unregister", batch_id)
     datadist.unlink_clusters([llm_cluster(peer)])

@@ -113,7 +113,7 @@ def test_private_peer_caches_cannot_be_pulled_or_pushed(peer, decoder, remote):
     assert all(torch.all(t == 3.0) for t in mine)
     remote_now = peer.call("read", private_id)
     assert all(torch.equal(a, b) for a, b in zip(remote_now, paged(2, 8, BLOCK_SHAPE, 13)))
-    assert peer.call("leases") == {}
+    assert peer.settled_leases() == {}
     peer.call("unregister", private_id)
 
 
@@ -149,7 +149,7 @@ def test_nixl_failure_releases_everything(peer, failure, monkeypatch):
         assert info.value.status_code == expected, info.value
     assert time.monotonic() - start < 2 * 0.3 + 2
     assert (polls["count"] > 0) == (failure == "never_done")
-    assert peer.call("leases") == {}
+    assert peer.settled_leases() == {}
     assert kv.remote._engine.in_flight[local.cache_id] == 0
     kv.unregister_kv_cache(local)
     assert kv.registered_caches() == []
@@ -381,3 +381,54 @@ def test_agents_pause_between_progress_polls():
     used = (time.process_time() - start_cpu) / (time.monotonic() - start_wall)
     del agent
     assert used < 0.5, f"{used:.2f} CPU-seconds per second while idle"
+
+
+def test_a_lease_outlives_its_transfer_briefly_and_is_shared_by_the_next(peer, decoder):
+    """Consecutive transfers to one remote cache share one lease (no acquire, no release
+    round trip each); the lease goes back LEASE_LINGER_S after the last transfer; the peer
+    can unregister the cache right after a transfer (its unregister waits that long at most);
+    finalize leaves no lease behind."""
+    from torch_kvreg.remote import engine as remote_engine
+
+    remote_id = peer.call("register", (2, 16, BLOCK_SHAPE, 5, True))
+    kv.link_clusters([peer.info])
+    mine = [torch.zeros(16, *BLOCK_SHAPE, dtype=torch.float16) for _ in range(2)]
+    local = kv.register_kv_cache(mine)
+    engine = kv.remote._engine
+    acquires = []
+    request = engine.link_for(peer.cluster_id).request
+
+    def counting(message, *args, **kwargs):
+        if message.get("op") in ("acquire", "release"):
+            acquires.append(message["op"])
+        return request(message, *args, **kwargs)
+
+    engine.link_for(peer.cluster_id).request = counting
+    for block in range(6):  # one after another, each done before the next starts
+        kv.pull_kv_blocks(CacheIndex(peer.cluster_id, remote_id), local, [block], [block])
+    kv.push_kv_blocks_async(local, CacheIndex(peer.cluster_id, remote_id), [0], [9]).wait()
+    assert acquires == ["acquire"]  # one lease for all seven
+    held = peer.call("leases")
+    assert list(held.values()) == [remote_id]
+    start = time.monotonic()
+    assert peer.settled_leases() == {}
+    assert time.monotonic() - start < 1.0
+    assert acquires == ["acquire", "release"]
+    expected = paged(2, 16, BLOCK_SHAPE, 5)
+    assert all(torch.equal(mine[t][:6], expected[t][:6]) for t in range(2))
+    # Right after a transfer the peer unregisters: it waits for the lingering lease, briefly.
+    kv.pull_kv_blocks(CacheIndex(peer.cluster_id, remote_id), local, [7], [7])
+    assert len(peer.call("leases")) == 1
+    start = time.monotonic()
+    peer.call("unregister", remote_id)
+    assert time.monotonic() - start < remote_engine.LEASE_LINGER_S + 1.0
+    with pytest.raises(kv.LLMKVCacheNotExistError):
+        kv.pull_kv_blocks(CacheIndex(peer.cluster_id, remote_id), local, [0], [0])
+    # finalize with a lease still lingering
+    other_id = peer.call("register", (2, 16, BLOCK_SHAPE, 6, True))
+    kv.pull_kv_blocks(CacheIndex(peer.cluster_id, other_id), local, [1], [1])
+    assert len(peer.call("leases")) == 1
+    kv.finalize()
+    assert peer.settled_leases(within_s=0.5) == {}
+    kv.initialize(cluster_id=2, role=kv.LlmRole.DECODER, options={"llm.SyncKvCacheWaitTime": "2000"})
+    peer.call("unregister", other_id)

@@ -40,6 +40,11 @@ MAX_GROUP_DESCRIPTORS = 1 << 16
 # How long a thread starting a background transfer lets go of the GIL when it wakes the
 # progress thread (the sleep lasts at least this long).
 HAND_OVER_S = 20e-6
+# A lease on a peer's cache outlives its last transfer by this long, so that the next
+# transfer to that cache (the next layer of a layer-wise push, the next pull of a decode
+# loop) finds it instead of paying a round trip to acquire it (and one to release the old).
+# The peer's unregister of that cache waits at most this much longer.
+LEASE_LINGER_S = 0.05
 
 
 # NIXL's agent runs a progress thread that, as nixl-cu12 configures it (pthrDelay 0), polls
@@ -323,6 +328,7 @@ class Engine:
         self.server: _Server | None = None
         self.listen_address: str | None = None
         self.shared_leases: dict[tuple, _SharedLease] = {}  # (link, remote cache) -> lease in use
+        self.lingering = 0  # shared leases no transfer uses now, kept LEASE_LINGER_S
         self.progress = threading.Condition()  # guards flights and stopping
         self.flights: list[_Flight] = []
         self.progress_idle = False  # the progress thread waits for flights
@@ -836,6 +842,8 @@ class Engine:
         with self.lock:
             shared = self.shared_leases.get(key)
             if shared is not None and shared.link is link and link.alive:
+                if shared.refs == 0:
+                    self.lingering -= 1
                 shared.refs += 1
                 return shared
         request = (
@@ -865,11 +873,47 @@ class Engine:
             shared.refs -= 1
             if shared.refs > 0:
                 return
-            if self.shared_leases.get(shared.key) is shared:
+            linger = self.shared_leases.get(shared.key) is shared and shared.link.alive and not self.stopping
+            if linger:
+                shared.idle_since = time.monotonic()
+                self.lingering += 1
+            elif self.shared_leases.get(shared.key) is shared:
                 del self.shared_leases[shared.key]
-        if shared.link.alive:
+        if linger:
+            self._wake_progress()  # it gives the lease back once it has lingered
+        elif shared.link.alive:
             with contextlib.suppress(LLMException):
                 shared.link.request({"op": "release", "lease": shared.lease})
+
+    def _expire_leases(self, everything: bool = False) -> float | None:
+        """Gives back the leases that have lingered LEASE_LINGER_S unused (``everything``:
+        all unused ones); returns the seconds until the next one is due, None if none."""
+        if not self.lingering:
+            return None
+        now, due, expired = time.monotonic(), None, []
+        with self.lock:
+            for key, shared in list(self.shared_leases.items()):
+                if shared.refs or shared.idle_since is None:
+                    continue
+                left = shared.idle_since + LEASE_LINGER_S - now
+                if everything or left <= 0 or not shared.link.alive:
+                    del self.shared_leases[key]
+                    self.lingering -= 1
+                    expired.append(shared)
+                else:
+                    due = left if due is None else min(due, left)
+        for shared in expired:
+            if shared.link.alive:
+                with contextlib.suppress(LLMException):
+                    shared.link.request({"op": "release", "lease": shared.lease})
+        return due
+
+    def _wake_progress(self) -> None:
+        with self.progress:
+            if self.progress_thread is None:
+                self.progress_thread = threading.Thread(target=self._progress, name="kvreg-progress", daemon=True)
+                self.progress_thread.start()
+            self.progress.notify()
 
     def _settle(self, link: Link, lease: _SharedLease | None, local_id: int, handle: NixlHandle) -> bool:
         """Releases what a transfer held; False (holding on) while NIXL still owns the handle."""
@@ -940,10 +984,7 @@ class Engine:
         with self.progress:
             hand_over = state is None and self.progress_idle
             self.flights.append(flight)
-            if self.progress_thread is None:
-                self.progress_thread = threading.Thread(target=self._progress, name="kvreg-progress", daemon=True)
-                self.progress_thread.start()
-            self.progress.notify()
+        self._wake_progress()
         posting_since = self.posting_since
         if (
             state is None
@@ -1002,13 +1043,15 @@ class Engine:
         GIL on between polls; waits when there is none."""
         idle = 0  # polls since a transfer last landed
         while True:
+            due = self._expire_leases()
             with self.progress:
-                while not self.flights and not self.stopping:
-                    self.progress_idle = True
-                    self.progress.wait()
-                self.progress_idle = False
                 if not self.flights:
-                    return
+                    if self.stopping:
+                        return
+                    self.progress_idle = True
+                    self.progress.wait(due)  # a new flight, a lingering lease due, or stop
+                    self.progress_idle = False
+                    continue
                 flights = list(self.flights)
             waiting = [flight for flight in flights if not flight.posted]
             if waiting:
@@ -1076,6 +1119,7 @@ class Engine:
             for member in flight.members():
                 member.transfer.fail(_error(LLMStatusCode.LLM_FAILED, "finalized with the transfer in flight"))
                 self.unhold_local(member.local_id)
+        self._expire_leases(everything=True)
 
     def notifications(self) -> list[tuple[int | None, bytes]]:
         """Completion notices peers sent since the last call, oldest first, with the
@@ -1260,3 +1304,4 @@ class _SharedLease:
         self.key, self.link, self.lease = key, link, lease
         self.remote, self.md, self.index = remote, md, index
         self.refs = 1
+        self.idle_since: float | None = None  # when its last transfer let go of it
