@@ -6,7 +6,7 @@ import enum
 import functools
 import re
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 
 class LLMStatusCode(enum.IntEnum):
@@ -89,11 +89,11 @@ def make_error(status: LLMStatusCode, message: str, kind: type | None = None) ->
 
 
 def param_invalid(message: str) -> LLMParamInvalidError:
-    return make_error(LLMStatusCode.LLM_PARAM_INVALID, message)  # type: ignore[return-value]
+    return LLMParamInvalidError(LLMStatusCode.LLM_PARAM_INVALID, message)
 
 
 def wrong_type(message: str) -> LLMTypeError:
-    return make_error(LLMStatusCode.LLM_PARAM_INVALID, message, TypeError)  # type: ignore[return-value]
+    return LLMTypeError(LLMStatusCode.LLM_PARAM_INVALID, message)
 
 
 _STATUS_PREFIX = re.compile(r"^\s*(LLM_[A-Z_]+): ?(.*)", re.S)
@@ -128,4 +128,4 @@ def raises_llm(fn: F) -> F:
                 raise
             raise translated from None
 
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)

@@ -352,7 +352,7 @@ def registered_caches() -> list[Cache]:
     return caches
 
 
-def _cfg_args(cfg: RegisterCfg | None) -> tuple[bool, int]:
+def _cfg_args(cfg: object) -> tuple[bool, int]:
     if cfg is None:
         cfg = RegisterCfg()
     if not isinstance(cfg, RegisterCfg):
@@ -425,7 +425,7 @@ def register_kv_cache(
         if cfg is not None and addrs_or_cfg is not None:
             raise wrong_type("the tensor form takes (tensors, cfg); addrs are only for the CacheDesc form")
         tensors = tensor_list(tensors_or_desc)
-        pin, remote = _cfg_args(cfg if cfg is not None else addrs_or_cfg)  # type: ignore[arg-type]
+        pin, remote = _cfg_args(cfg if cfg is not None else addrs_or_cfg)
         if keys:
             cache_id = _C.register_tensors(tensors, pin, remote, _keys(keys))
         else:

@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -283,7 +283,7 @@ class _ControlHandler(socketserver.BaseRequestHandler):
     """Serves one connection a peer opened to us, in this thread, until it closes."""
 
     def handle(self) -> None:
-        engine: Engine = self.server.engine  # type: ignore[attr-defined]
+        engine = cast(_Server, self.server).engine
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         link = Link(engine, sock, None, engine.wait_s)
@@ -297,6 +297,7 @@ class _ControlHandler(socketserver.BaseRequestHandler):
 class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    engine: Engine  # set right after construction; its handlers reach the engine through it
 
 
 class Engine:
@@ -371,7 +372,7 @@ class Engine:
             self.server = _Server((host, port), _ControlHandler)
         except OSError as exc:
             raise _error(LLMStatusCode.LLM_FAILED, f"cannot listen on {host}:{port}: {exc}") from None
-        self.server.engine = self  # type: ignore[attr-defined]
+        self.server.engine = self
         bound_host, bound_port = self.server.server_address[:2]  # (str, int): an AF_INET server
         self.listen_address = f"{bound_host!s}:{bound_port}"
         threading.Thread(target=self.server.serve_forever, name="kvreg-control", daemon=True).start()
