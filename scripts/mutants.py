@@ -65,8 +65,12 @@ MUTANTS = [
     (
         "unregister forgets the address count",
         "csrc/registry.cpp",
-        "usage_.num_addrs -= desc.num_tensors;",
-        "usage_.num_addrs -= 1;",
+        "  usage_.num_addrs -= desc.num_tensors;\n"
+        "  (desc.placement == Placement::HOST ? usage_.host_bytes : usage_.device_bytes) -= desc.nbytes;\n"
+        "  drop_memory_locked",
+        "  usage_.num_addrs -= 1;\n"
+        "  (desc.placement == Placement::HOST ? usage_.host_bytes : usage_.device_bytes) -= desc.nbytes;\n"
+        "  drop_memory_locked",
         ["tests/test_model_based.py"],
     ),
     (
@@ -93,15 +97,15 @@ MUTANTS = [
     (
         "end of a transfer not counted (skipped wake-up)",
         "csrc/registry.cpp",
-        "    it->second.in_flight -= 1;\n  }\n  transfers_done_.notify_all();",
-        "  }\n  transfers_done_.notify_all();",
+        "      it->second.in_flight -= 1;\n    }\n  }\n  transfers_done_.notify_all();",
+        "    }\n  }\n  transfers_done_.notify_all();",
         ["tests/test_model_based.py"],
     ),
     (
         "finalize does not wait for transfers",
         "csrc/registry.cpp",
-        "    transfers_done_.wait(lock, [this] {",
-        "    if (false) transfers_done_.wait(lock, [this] {",
+        "    transfers_done_.wait_for(lock, std::chrono::milliseconds(std::max",
+        "    if (false) transfers_done_.wait_for(lock, std::chrono::milliseconds(std::max",
         ["tests/test_stress.py"],
     ),
     # --- block plans (C++) ----------------------------------------------------------------
@@ -265,8 +269,8 @@ MUTANTS = [
     (
         "failed pull keeps the peer's lease",
         "torch_kvreg/remote/engine.py",
-        'shared.link.request({"op": "release", "lease": shared.lease})',
-        "pass",
+        '                    shared.link.request({"op": "release", "lease": shared.lease})\n        return due',
+        "                    pass\n        return due",
         ["tests/test_remote.py"],
     ),
     (
@@ -279,14 +283,14 @@ MUTANTS = [
     (
         "a notice does not end its group (it may arrive before later riders' data)",
         "torch_kvreg/remote/engine.py",
-        "            while (not group[-1].notify and i < len(waiting)",
-        "            while (i < len(waiting)",
+        "                not group[-1].notify\n                and i < len(waiting)",
+        "                i < len(waiting)",
         ["tests/test_async.py"],
     ),
     (
         "grouped rows joined when adjacent on one side only",
         "torch_kvreg/remote/engine.py",
-        "             & (remote_rows[1:, 0] == remote_rows[:-1, 0] + lengths[:-1])\n",
+        "        & (remote_rows[1:, 0] == remote_rows[:-1, 0] + lengths[:-1])\n",
         "\n",
         ["tests/test_async.py"],
     ),
@@ -300,8 +304,8 @@ MUTANTS = [
     (
         "local layers copy every tensor",
         "torch_kvreg/transfer.py",
-        "        _C.copy_blocks_of_tensors(src_id, dst_id, src_list, dst_list,\n",
-        "        _C.copy_blocks(src_id, dst_id, src_list, dst_list) or (lambda *a: None)(\n",
+        "            _C.copy_blocks_of_tensors(src_id, dst_id, src_list, dst_list, *selected)",
+        "            _C.copy_blocks(src_id, dst_id, src_list, dst_list)",
         ["tests/test_copy_blocks.py"],
     ),
     (
@@ -310,6 +314,41 @@ MUTANTS = [
         "        physical = tensor.permute(*_HND)\n",
         "        physical = tensor.contiguous()\n",
         ["tests/test_layouts.py"],
+    ),
+    (
+        "finalize frees a cache a transfer still uses",
+        "csrc/registry.cpp",
+        "      if (entries_.at(cache_id).in_flight == 0) {",
+        "      if (true) {",
+        ["tests/test_registry.py"],
+    ),
+    (
+        "finalize waits without bound again",
+        "csrc/registry.cpp",
+        "std::chrono::milliseconds(std::max<int64_t>(config_.wait_ms, 0))",
+        "std::chrono::hours(1)",
+        ["tests/test_registry.py"],
+    ),
+    (
+        "a lingering lease is not reused",
+        "torch_kvreg/remote/engine.py",
+        "if shared is not None and shared.link is link and link.alive:",
+        "if shared is not None and shared.link is link and link.alive and shared.refs:",
+        ["tests/test_remote.py"],
+    ),
+    (
+        "a lingering lease never expires",
+        "torch_kvreg/remote/engine.py",
+        "                if everything or left <= 0 or not shared.link.alive:",
+        "                if everything or not shared.link.alive:",
+        ["tests/test_remote.py"],
+    ),
+    (
+        "descriptor rows give every tensor the first tensor's address",
+        "torch_kvreg/remote/plan.py",
+        "    rows[:, :, 0] = bases[:, None] + offsets[None, :]",
+        "    rows[:, :, 0] = bases[:1, None] + offsets[None, :]",
+        ["tests/test_plan.py"],
     ),
 ]
 
