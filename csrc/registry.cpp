@@ -76,16 +76,7 @@ int64_t Registry::orphans() const {
 
 void Registry::orphan_locked(int64_t cache_id) {
   auto node = entries_.extract(cache_id);
-  Entry& entry = node.mapped();
-  const CacheDesc& desc = entry.record.desc;
-  for (const std::string& key : entry.record.keys) {
-    if (!key.empty()) {
-      keys_.erase(key);
-    }
-  }
-  usage_.num_caches -= 1;
-  usage_.num_addrs -= desc.num_tensors;
-  (desc.placement == Placement::HOST ? usage_.host_bytes : usage_.device_bytes) -= desc.nbytes;
+  unlist_locked(node.mapped());
   // Its address ranges stay in intervals_: the memory is still being written or read, so
   // registering it again must wait until the transfer has ended.
   orphans_.insert(std::move(node));
@@ -292,7 +283,12 @@ int64_t Registry::register_cache(
 
 void Registry::erase_locked(int64_t cache_id, Released& released) {
   auto it = entries_.find(cache_id);
-  Entry& entry = it->second;
+  unlist_locked(it->second);
+  drop_memory_locked(it->second, released);
+  entries_.erase(it);
+}
+
+void Registry::unlist_locked(const Entry& entry) {
   const CacheDesc& desc = entry.record.desc;
   for (const std::string& key : entry.record.keys) {
     if (!key.empty()) {
@@ -302,8 +298,6 @@ void Registry::erase_locked(int64_t cache_id, Released& released) {
   usage_.num_caches -= 1;
   usage_.num_addrs -= desc.num_tensors;
   (desc.placement == Placement::HOST ? usage_.host_bytes : usage_.device_bytes) -= desc.nbytes;
-  drop_memory_locked(entry, released);
-  entries_.erase(it);
 }
 
 void Registry::drop_memory_locked(Entry& entry, Released& released) {

@@ -168,6 +168,8 @@ class Registry {
   // Removes the entry from every index and undoes its pins; what it owned goes to
   // `released`, for the caller to drop after releasing the lock.
   void erase_locked(int64_t cache_id, Released& released);
+  // Takes the entry out of the key index and the usage counts (unregistered for users).
+  void unlist_locked(const Entry& entry);
   // finalize's end for a cache still in use: out of the id, key and usage indexes, into
   // orphans_, its memory (and its address range, pins and owners) kept until its last
   // transfer ends.
