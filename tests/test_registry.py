@@ -149,6 +149,8 @@ def test_finalize_waits_bounded_and_keeps_memory_a_transfer_still_uses(kv, caplo
     assert kv.usage() == kv.Usage(0, 0, 0, 0) and kv.registered_caches() == []
     with pytest.raises(kv.LLMParamInvalidError, match="finalize unregistered while a transfer still uses it"):
         kv.register_kv_cache(busy_ref())
+    assert kv.usage() == kv.Usage(0, 0, 0, 0) and kv.registered_caches() == []  # the refusal changed nothing
+    assert _C.orphans() == 1
     _C.unhold(busy_cache.cache_id)  # the transfer ends: the memory goes
     assert _C.orphans() == 0
     gc.collect()

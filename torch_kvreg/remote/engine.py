@@ -594,7 +594,7 @@ class Engine:
                 cache_id, index = _C.find_key(key)
             except RuntimeError:
                 raise _error(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"no cache is registered with key {key!r}") from None
-        if cache_id is None:
+        if cache_id is None:  # protocol.parse_request gives one or the other; a direct caller may not
             raise _error(LLMStatusCode.LLM_PARAM_INVALID, "a lease request names a cache id or a key")
         try:
             values = _C.get_cache(cache_id)
