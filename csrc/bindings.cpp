@@ -2,8 +2,10 @@
 #include "copy_plan.h"
 #include "host_pin.h"
 #include "kernels.h"
+#include "peer_copy.h"
 #include "registry.h"
 #include "remote_hooks.h"
+#include "status.h"
 
 #include <torch/extension.h>
 
@@ -162,6 +164,29 @@ PYBIND11_MODULE(_C, m) {
             src_cache_id, dst_cache_id, src_blocks, dst_blocks, src_tensors, dst_tensors);
       },
       py::call_guard<py::gil_scoped_release>());
+  // Same-host copies between processes (remote transfers to a peer on this host).
+  m.def("peer_copy_submit", [](int64_t pid, bool read, const at::Tensor& rows) {
+    KVREG_CHECK_TYPE(rows.scalar_type() == at::kLong, "peer copy rows must be int64, got ", rows.scalar_type());
+    KVREG_CHECK_ARG(
+        rows.dim() == 2 && rows.size(1) == 3 && rows.device().is_cpu(),
+        "peer copy rows must be a CPU (local, remote, nbytes) x N table");
+    const at::Tensor table = rows.contiguous();
+    const auto* cells = reinterpret_cast<const uint64_t*>(table.data_ptr<int64_t>());
+    std::vector<kvreg::peer_copy::Piece> pieces(static_cast<size_t>(table.size(0)));
+    for (size_t i = 0; i < pieces.size(); ++i) {
+      pieces[i] = {cells[3 * i], cells[3 * i + 1], cells[3 * i + 2]};
+    }
+    return kvreg::peer_copy::submit(pid, read, std::move(pieces));
+  });
+  m.def("peer_copy_state", &kvreg::peer_copy::state);
+  m.def("peer_copy_wait", &kvreg::peer_copy::wait, py::call_guard<py::gil_scoped_release>());
+  m.def("peer_copy_wait_any", &kvreg::peer_copy::wait_any, py::call_guard<py::gil_scoped_release>());
+  m.def("peer_copy_cancel", &kvreg::peer_copy::cancel);
+  m.def("peer_copy_release", &kvreg::peer_copy::release);
+  m.def("peer_copy_live_jobs", &kvreg::peer_copy::live_jobs);
+  m.def("peer_copy_threads", &kvreg::peer_copy::threads);
+  m.def("peer_copy_probe_address", &kvreg::peer_copy::probe_address);
+  m.def("peer_copy_probe", &kvreg::peer_copy::probe, py::call_guard<py::gil_scoped_release>());
   m.def("copy_strategy", [] { return kvreg::copy_strategy(); });
   m.def("set_copy_strategy", [](const std::string& name) { kvreg::set_copy_strategy(name); });
   m.def(

@@ -41,6 +41,12 @@ def block_tensor(blocks: Blocks, name: str) -> torch.Tensor:
         blocks = [blocks]
     if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence):
         raise wrong_type(f"{name} must be a sequence of ints or an int tensor, got {type(blocks).__name__}")
+    if isinstance(blocks, (list, tuple)) and set(map(type, blocks)) == {int}:
+        # The common case, without a Python step per block (a layer's push names hundreds):
+        # plain ints only (bool is not int here); one out of int64's range falls through to
+        # the loop below, which names it.
+        with contextlib.suppress(RuntimeError, OverflowError, ValueError):
+            return torch.tensor(blocks, dtype=torch.int64)
     values = []
     for j, block in enumerate(blocks):
         if isinstance(block, bool) or not hasattr(block, "__index__"):

@@ -1,0 +1,344 @@
+// Same-host copies between processes with process_vm_readv/writev on native worker threads.
+#include "peer_copy.h"
+
+#include "status.h"
+
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+
+namespace kvreg::peer_copy {
+namespace {
+
+// The kernel takes at most this many iovecs per call (IOV_MAX on Linux).
+constexpr size_t kMaxIovecs = 1024;
+// A job is split into at most one task per thread, none smaller than this.
+constexpr uint64_t kMinTaskBytes = 1 << 20;
+
+struct Job {
+  int64_t pid = 0;
+  bool read = true;
+  std::atomic<bool> cancelled{false};
+  std::atomic<int64_t> error{0};  // -errno of the first failure
+  int64_t tasks_left = 0;         // under Pool::mutex
+  bool ended = false;             // under Pool::mutex
+  bool released = false;          // under Pool::mutex
+};
+
+struct Task {
+  std::shared_ptr<Job> job;
+  std::vector<Piece> pieces;
+};
+
+// Moves `pieces` for `job`; returns 0 or -errno.
+int64_t move_pieces(const Job& job, std::vector<Piece>& pieces) {
+  iovec local[kMaxIovecs];
+  iovec remote[kMaxIovecs];
+  size_t next = 0;
+  while (next < pieces.size()) {
+    if (job.cancelled.load(std::memory_order_relaxed)) {
+      return kCancelled;
+    }
+    const size_t count = std::min(kMaxIovecs, pieces.size() - next);
+    uint64_t wanted = 0;
+    for (size_t i = 0; i < count; ++i) {
+      const Piece& piece = pieces[next + i];
+      local[i] = {reinterpret_cast<void*>(piece.local), static_cast<size_t>(piece.nbytes)};
+      remote[i] = {reinterpret_cast<void*>(piece.remote), static_cast<size_t>(piece.nbytes)};
+      wanted += piece.nbytes;
+    }
+    const ssize_t moved = job.read ? process_vm_readv(static_cast<pid_t>(job.pid), local, count, remote, count, 0)
+                                   : process_vm_writev(static_cast<pid_t>(job.pid), local, count, remote, count, 0);
+    if (moved < 0) {
+      if (errno == EINTR) {
+        continue;
+      }
+      return -static_cast<int64_t>(errno);
+    }
+    if (moved == 0 && wanted > 0) {
+      return -static_cast<int64_t>(EFAULT);  // nothing moved: an address the kernel refused
+    }
+    // A partial move stops at a page the kernel could not reach or at its own limit:
+    // go on from where it stopped (a second refusal is then reported as an error).
+    uint64_t left = static_cast<uint64_t>(moved);
+    while (left > 0) {
+      Piece& piece = pieces[next];
+      const uint64_t step = std::min(left, piece.nbytes);
+      piece.local += step;
+      piece.remote += step;
+      piece.nbytes -= step;
+      left -= step;
+      if (piece.nbytes == 0) {
+        ++next;
+      }
+    }
+    while (next < pieces.size() && pieces[next].nbytes == 0) {
+      ++next;
+    }
+  }
+  return 0;
+}
+
+class Pool {
+ public:
+  static Pool& instance() {
+    // A forked child has none of its parent's threads: it starts a pool of its own (the
+    // parent's object is left as it is, its mutex possibly held by a thread that is gone).
+    static std::mutex guard;
+    static Pool* pool = nullptr;
+    static pid_t owner = 0;
+    std::lock_guard<std::mutex> lock(guard);
+    if (pool == nullptr || owner != getpid()) {
+      pool = new Pool();  // never freed: worker threads may outlive static destruction
+      owner = getpid();
+    }
+    return *pool;
+  }
+
+  int64_t submit(int64_t pid, bool read, std::vector<Piece> pieces) {
+    auto job = std::make_shared<Job>();
+    job->pid = pid;
+    job->read = read;
+    uint64_t total = 0;
+    for (const Piece& piece : pieces) {
+      total += piece.nbytes;
+    }
+    std::vector<Task> tasks;
+    const uint64_t per_task = std::max<uint64_t>(kMinTaskBytes, (total + workers_ - 1) / std::max<int64_t>(workers_, 1));
+    Task current{job, {}};
+    uint64_t in_current = 0;
+    for (Piece piece : pieces) {
+      while (piece.nbytes > 0) {
+        const uint64_t step = std::min(piece.nbytes, per_task - in_current);
+        current.pieces.push_back({piece.local, piece.remote, step});
+        piece.local += step;
+        piece.remote += step;
+        piece.nbytes -= step;
+        in_current += step;
+        if (in_current == per_task) {
+          tasks.push_back(std::move(current));
+          current = Task{job, {}};
+          in_current = 0;
+        }
+      }
+    }
+    if (!current.pieces.empty()) {
+      tasks.push_back(std::move(current));
+    }
+    std::unique_lock<std::mutex> lock(mutex_);
+    start_workers_locked();
+    const int64_t id = next_id_++;
+    jobs_[id] = job;
+    job->tasks_left = static_cast<int64_t>(tasks.size());
+    if (tasks.empty()) {
+      job->ended = true;
+      ended_.notify_all();
+    }
+    for (Task& task : tasks) {
+      queue_.push_back(std::move(task));
+    }
+    lock.unlock();
+    work_.notify_all();
+    return id;
+  }
+
+  int64_t state(int64_t id) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return state_locked(find_locked(id));
+  }
+
+  int64_t wait(int64_t id, int64_t timeout_ms) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    auto job = find_locked(id);
+    auto ended = [&] { return job->ended; };
+    if (timeout_ms < 0) {
+      ended_.wait(lock, ended);
+    } else {
+      ended_.wait_for(lock, std::chrono::milliseconds(timeout_ms), ended);
+    }
+    return state_locked(job);
+  }
+
+  int64_t wait_any(const std::vector<int64_t>& ids, int64_t timeout_ms) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    std::vector<std::shared_ptr<Job>> jobs;
+    for (int64_t id : ids) {
+      jobs.push_back(find_locked(id));
+    }
+    int64_t found = -1;
+    auto any_ended = [&] {
+      for (size_t i = 0; i < jobs.size(); ++i) {
+        if (jobs[i]->ended) {
+          found = ids[i];
+          return true;
+        }
+      }
+      return false;
+    };
+    if (timeout_ms < 0) {
+      ended_.wait(lock, any_ended);
+    } else {
+      ended_.wait_for(lock, std::chrono::milliseconds(timeout_ms), any_ended);
+    }
+    return found;
+  }
+
+  void cancel(int64_t id) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    find_locked(id)->cancelled.store(true);
+  }
+
+  void release(int64_t id) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto job = find_locked(id);
+    if (!job->ended) {
+      job->cancelled.store(true);
+      job->released = true;  // forgotten by the worker that ends it
+      return;
+    }
+    jobs_.erase(id);
+  }
+
+  int64_t live_jobs() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return static_cast<int64_t>(jobs_.size());
+  }
+
+  int64_t workers() const { return workers_; }
+
+ private:
+  Pool() : workers_(configured_workers()) {}
+
+  static int64_t configured_workers() {
+    const char* text = std::getenv("TORCH_KVREG_PEER_COPY_THREADS");
+    if (text != nullptr && *text != '\0') {
+      char* end = nullptr;
+      const long value = std::strtol(text, &end, 10);
+      if (*end == '\0' && value >= 1 && value <= 64) {
+        return value;
+      }
+    }
+    const int64_t cores = static_cast<int64_t>(std::thread::hardware_concurrency());
+    return std::clamp<int64_t>(cores, 2, 4);
+  }
+
+  void start_workers_locked() {
+    if (!threads_.empty()) {
+      return;
+    }
+    for (int64_t i = 0; i < workers_; ++i) {
+      threads_.emplace_back([this] { work(); });
+      threads_.back().detach();
+    }
+  }
+
+  std::shared_ptr<Job> find_locked(int64_t id) {
+    auto it = jobs_.find(id);
+    KVREG_CHECK_ARG(it != jobs_.end(), "no same-host copy job ", id);
+    return it->second;
+  }
+
+  static int64_t state_locked(const std::shared_ptr<Job>& job) {
+    if (!job->ended) {
+      return kRunning;
+    }
+    const int64_t error = job->error.load();
+    return error != 0 ? error : kDone;
+  }
+
+  void work() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (true) {
+      work_.wait(lock, [&] { return !queue_.empty(); });
+      Task task = std::move(queue_.front());
+      queue_.pop_front();
+      lock.unlock();
+      Job& job = *task.job;
+      if (job.error.load() == 0) {
+        const int64_t result = move_pieces(job, task.pieces);
+        if (result != 0) {
+          int64_t none = 0;
+          job.error.compare_exchange_strong(none, result);
+        }
+      }
+      lock.lock();
+      if (--job.tasks_left == 0) {
+        job.ended = true;
+        if (job.released) {
+          for (auto it = jobs_.begin(); it != jobs_.end(); ++it) {
+            if (it->second.get() == &job) {
+              jobs_.erase(it);
+              break;
+            }
+          }
+        }
+        ended_.notify_all();
+      }
+    }
+  }
+
+  const int64_t workers_;
+  std::mutex mutex_;
+  std::condition_variable work_;
+  std::condition_variable ended_;
+  std::deque<Task> queue_;
+  std::unordered_map<int64_t, std::shared_ptr<Job>> jobs_;
+  std::vector<std::thread> threads_;
+  int64_t next_id_ = 1;
+};
+
+constexpr uint64_t kProbeMagic = 0x6b767265672d7063ULL;  // "kvreg-pc"
+volatile uint64_t probe_word = kProbeMagic;
+
+}  // namespace
+
+int64_t submit(int64_t pid, bool read, std::vector<Piece> pieces) {
+  KVREG_CHECK_ARG(pid > 0, "a same-host copy needs the peer's pid, got ", pid);
+  for (const Piece& piece : pieces) {
+    KVREG_CHECK_ARG(
+        piece.local + piece.nbytes >= piece.local && piece.remote + piece.nbytes >= piece.remote,
+        "a same-host copy piece wraps the address space");
+  }
+  return Pool::instance().submit(pid, read, std::move(pieces));
+}
+
+int64_t state(int64_t job) { return Pool::instance().state(job); }
+int64_t wait(int64_t job, int64_t timeout_ms) { return Pool::instance().wait(job, timeout_ms); }
+int64_t wait_any(const std::vector<int64_t>& jobs, int64_t timeout_ms) {
+  return Pool::instance().wait_any(jobs, timeout_ms);
+}
+void cancel(int64_t job) { Pool::instance().cancel(job); }
+void release(int64_t job) { Pool::instance().release(job); }
+int64_t live_jobs() { return Pool::instance().live_jobs(); }
+int64_t threads() { return Pool::instance().workers(); }
+
+uint64_t probe_address() { return reinterpret_cast<uint64_t>(&probe_word); }
+uint64_t probe_magic() { return kProbeMagic; }
+
+int64_t probe(int64_t pid, uint64_t address) {
+  if (pid <= 0) {
+    return -static_cast<int64_t>(ESRCH);
+  }
+  uint64_t value = 0;
+  iovec local{&value, sizeof(value)};
+  iovec remote{reinterpret_cast<void*>(address), sizeof(value)};
+  const ssize_t moved = process_vm_readv(static_cast<pid_t>(pid), &local, 1, &remote, 1, 0);
+  if (moved < 0) {
+    return -static_cast<int64_t>(errno);
+  }
+  return moved == sizeof(value) && value == kProbeMagic ? 0 : -static_cast<int64_t>(EINVAL);
+}
+
+}  // namespace kvreg::peer_copy
