@@ -180,13 +180,23 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("peer_copy_state", &kvreg::peer_copy::state);
   m.def("peer_copy_wait", &kvreg::peer_copy::wait, py::call_guard<py::gil_scoped_release>());
-  m.def("peer_copy_wait_any", &kvreg::peer_copy::wait_any, py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "peer_copy_wait_any", &kvreg::peer_copy::wait_any, py::arg("jobs"), py::arg("timeout_ms"),
+      py::arg("since") = -1, py::call_guard<py::gil_scoped_release>());
+  m.def("peer_copy_wakes", &kvreg::peer_copy::wakes);
+  m.def("peer_copy_ends", &kvreg::peer_copy::ends);
+  m.def("peer_copy_wait_ends", &kvreg::peer_copy::wait_ends, py::call_guard<py::gil_scoped_release>());
+  m.def("peer_copy_help", &kvreg::peer_copy::help, py::call_guard<py::gil_scoped_release>());
   m.def("peer_copy_cancel", &kvreg::peer_copy::cancel);
   m.def("peer_copy_release", &kvreg::peer_copy::release);
   m.def("peer_copy_live_jobs", &kvreg::peer_copy::live_jobs);
   m.def("peer_copy_threads", &kvreg::peer_copy::threads);
-  m.def("peer_copy_probe_address", &kvreg::peer_copy::probe_address);
-  m.def("peer_copy_probe", &kvreg::peer_copy::probe, py::call_guard<py::gil_scoped_release>());
+  m.def("peer_copy_wake", &kvreg::peer_copy::wake);
+  m.def("peer_copy_peek", [](int64_t pid, uint64_t address, size_t nbytes) {
+    std::string out;
+    const int64_t status = kvreg::peer_copy::peek(pid, address, nbytes, out);
+    return py::make_tuple(status, py::bytes(out));
+  });
   m.def("copy_strategy", [] { return kvreg::copy_strategy(); });
   m.def("set_copy_strategy", [](const std::string& name) { kvreg::set_copy_strategy(name); });
   m.def(

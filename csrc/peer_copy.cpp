@@ -24,8 +24,10 @@ namespace {
 
 // The kernel takes at most this many iovecs per call (IOV_MAX on Linux).
 constexpr size_t kMaxIovecs = 1024;
-// A job is split into at most one task per thread, none smaller than this.
-constexpr uint64_t kMinTaskBytes = 1 << 20;
+// A job is split into tasks of these sizes, about four per worker: enough for a waiting
+// caller to take some (help()), small enough that a deadline passes between two.
+constexpr uint64_t kMinTaskBytes = 256 << 10;
+constexpr uint64_t kMaxTaskBytes = 4 << 20;
 
 struct Job {
   int64_t pid = 0;
@@ -116,7 +118,7 @@ class Pool {
       total += piece.nbytes;
     }
     std::vector<Task> tasks;
-    const uint64_t per_task = std::max<uint64_t>(kMinTaskBytes, (total + workers_ - 1) / std::max<int64_t>(workers_, 1));
+    const uint64_t per_task = std::clamp<uint64_t>(total / (4 * static_cast<uint64_t>(workers_)), kMinTaskBytes, kMaxTaskBytes);
     Task current{job, {}};
     uint64_t in_current = 0;
     for (Piece piece : pieces) {
@@ -144,6 +146,7 @@ class Pool {
     job->tasks_left = static_cast<int64_t>(tasks.size());
     if (tasks.empty()) {
       job->ended = true;
+      ++ends_;
       ended_.notify_all();
     }
     for (Task& task : tasks) {
@@ -171,14 +174,18 @@ class Pool {
     return state_locked(job);
   }
 
-  int64_t wait_any(const std::vector<int64_t>& ids, int64_t timeout_ms) {
+  int64_t wait_any(const std::vector<int64_t>& ids, int64_t timeout_ms, int64_t since) {
     std::unique_lock<std::mutex> lock(mutex_);
     std::vector<std::shared_ptr<Job>> jobs;
     for (int64_t id : ids) {
       jobs.push_back(find_locked(id));
     }
     int64_t found = -1;
+    const int64_t generation = since < 0 ? wakes_ : since;
     auto any_ended = [&] {
+      if (wakes_ != generation) {
+        return true;
+      }
       for (size_t i = 0; i < jobs.size(); ++i) {
         if (jobs[i]->ended) {
           found = ids[i];
@@ -193,6 +200,48 @@ class Pool {
       ended_.wait_for(lock, std::chrono::milliseconds(timeout_ms), any_ended);
     }
     return found;
+  }
+
+  int64_t wakes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return wakes_;
+  }
+
+  int64_t ends() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return ends_;
+  }
+
+  bool wait_ends(int64_t ends_seen, int64_t wakes_seen, int64_t timeout_ms) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    auto changed = [&] { return ends_ != ends_seen || wakes_ != wakes_seen; };
+    if (timeout_ms < 0) {
+      ended_.wait(lock, changed);
+      return true;
+    }
+    return ended_.wait_for(lock, std::chrono::milliseconds(timeout_ms), changed);
+  }
+
+  int64_t help(int64_t id, int64_t timeout_ms) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(std::max<int64_t>(timeout_ms, 0));
+    std::unique_lock<std::mutex> lock(mutex_);
+    auto it = jobs_.find(id);
+    if (it == jobs_.end()) {
+      return kDone;  // released: its waiter raced its landing, nothing is left to do
+    }
+    auto job = it->second;
+    while (!job->ended && !queue_.empty() && (timeout_ms < 0 || std::chrono::steady_clock::now() < deadline)) {
+      run_one_locked(lock);
+    }
+    return state_locked(job);
+  }
+
+  void wake() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      ++wakes_;
+    }
+    ended_.notify_all();
   }
 
   void cancel(int64_t id) {
@@ -230,8 +279,10 @@ class Pool {
         return value;
       }
     }
+    // One core is left to the threads that compute beside the copies (a prefill pushing
+    // layer by layer); a caller that waits for a copy works on it too (help()).
     const int64_t cores = static_cast<int64_t>(std::thread::hardware_concurrency());
-    return std::clamp<int64_t>(cores, 2, 4);
+    return std::clamp<int64_t>(cores - 1, 1, 4);
   }
 
   void start_workers_locked() {
@@ -262,31 +313,38 @@ class Pool {
     std::unique_lock<std::mutex> lock(mutex_);
     while (true) {
       work_.wait(lock, [&] { return !queue_.empty(); });
-      Task task = std::move(queue_.front());
-      queue_.pop_front();
-      lock.unlock();
-      Job& job = *task.job;
-      if (job.error.load() == 0) {
-        const int64_t result = move_pieces(job, task.pieces);
-        if (result != 0) {
-          int64_t none = 0;
-          job.error.compare_exchange_strong(none, result);
-        }
-      }
-      lock.lock();
-      if (--job.tasks_left == 0) {
-        job.ended = true;
-        if (job.released) {
-          for (auto it = jobs_.begin(); it != jobs_.end(); ++it) {
-            if (it->second.get() == &job) {
-              jobs_.erase(it);
-              break;
-            }
-          }
-        }
-        ended_.notify_all();
+      run_one_locked(lock);
+    }
+  }
+
+  // Runs the task at the head of the queue (not empty) without the lock.
+  void run_one_locked(std::unique_lock<std::mutex>& lock) {
+    Task task = std::move(queue_.front());
+    queue_.pop_front();
+    lock.unlock();
+    Job& job = *task.job;
+    if (job.error.load() == 0) {
+      const int64_t result = move_pieces(job, task.pieces);
+      if (result != 0) {
+        int64_t none = 0;
+        job.error.compare_exchange_strong(none, result);
       }
     }
+    lock.lock();
+    if (--job.tasks_left > 0) {
+      return;
+    }
+    job.ended = true;
+    ++ends_;
+    if (job.released) {  // released while running: forgotten now
+      for (auto it = jobs_.begin(); it != jobs_.end(); ++it) {
+        if (it->second.get() == &job) {
+          jobs_.erase(it);
+          break;
+        }
+      }
+    }
+    ended_.notify_all();
   }
 
   const int64_t workers_;
@@ -297,10 +355,9 @@ class Pool {
   std::unordered_map<int64_t, std::shared_ptr<Job>> jobs_;
   std::vector<std::thread> threads_;
   int64_t next_id_ = 1;
+  int64_t wakes_ = 0;  // wake() calls so far
+  int64_t ends_ = 0;   // jobs ended so far
 };
-
-constexpr uint64_t kProbeMagic = 0x6b767265672d7063ULL;  // "kvreg-pc"
-volatile uint64_t probe_word = kProbeMagic;
 
 }  // namespace
 
@@ -316,29 +373,34 @@ int64_t submit(int64_t pid, bool read, std::vector<Piece> pieces) {
 
 int64_t state(int64_t job) { return Pool::instance().state(job); }
 int64_t wait(int64_t job, int64_t timeout_ms) { return Pool::instance().wait(job, timeout_ms); }
-int64_t wait_any(const std::vector<int64_t>& jobs, int64_t timeout_ms) {
-  return Pool::instance().wait_any(jobs, timeout_ms);
+int64_t wait_any(const std::vector<int64_t>& jobs, int64_t timeout_ms, int64_t since) {
+  return Pool::instance().wait_any(jobs, timeout_ms, since);
 }
+int64_t wakes() { return Pool::instance().wakes(); }
+int64_t ends() { return Pool::instance().ends(); }
+bool wait_ends(int64_t ends_seen, int64_t wakes_seen, int64_t timeout_ms) {
+  return Pool::instance().wait_ends(ends_seen, wakes_seen, timeout_ms);
+}
+int64_t help(int64_t job, int64_t timeout_ms) { return Pool::instance().help(job, timeout_ms); }
+void wake() { Pool::instance().wake(); }
 void cancel(int64_t job) { Pool::instance().cancel(job); }
 void release(int64_t job) { Pool::instance().release(job); }
 int64_t live_jobs() { return Pool::instance().live_jobs(); }
 int64_t threads() { return Pool::instance().workers(); }
 
-uint64_t probe_address() { return reinterpret_cast<uint64_t>(&probe_word); }
-uint64_t probe_magic() { return kProbeMagic; }
-
-int64_t probe(int64_t pid, uint64_t address) {
+int64_t peek(int64_t pid, uint64_t address, size_t nbytes, std::string& out) {
+  KVREG_CHECK_ARG(nbytes <= 4096, "peek reads at most 4096 bytes, asked for ", nbytes);
   if (pid <= 0) {
     return -static_cast<int64_t>(ESRCH);
   }
-  uint64_t value = 0;
-  iovec local{&value, sizeof(value)};
-  iovec remote{reinterpret_cast<void*>(address), sizeof(value)};
+  out.assign(nbytes, '\0');
+  iovec local{out.data(), nbytes};
+  iovec remote{reinterpret_cast<void*>(address), nbytes};
   const ssize_t moved = process_vm_readv(static_cast<pid_t>(pid), &local, 1, &remote, 1, 0);
   if (moved < 0) {
     return -static_cast<int64_t>(errno);
   }
-  return moved == sizeof(value) && value == kProbeMagic ? 0 : -static_cast<int64_t>(EINVAL);
+  return static_cast<size_t>(moved) == nbytes ? 0 : -static_cast<int64_t>(EFAULT);
 }
 
 }  // namespace kvreg::peer_copy

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace kvreg::peer_copy {
@@ -28,8 +29,25 @@ int64_t submit(int64_t pid, bool read, std::vector<Piece> pieces);
 int64_t state(int64_t job);
 // Waits up to timeout_ms (< 0: without bound) for the job to end; its state then.
 int64_t wait(int64_t job, int64_t timeout_ms);
-// Waits up to timeout_ms for any of `jobs` to end; the first ended one found, or -1.
-int64_t wait_any(const std::vector<int64_t>& jobs, int64_t timeout_ms);
+// Waits up to timeout_ms for any of `jobs` to end; the first ended one found, or -1 (also
+// at once when wake() was called since wakes() returned `since`; since < 0: from now on).
+int64_t wait_any(const std::vector<int64_t>& jobs, int64_t timeout_ms, int64_t since = -1);
+// Lends the calling thread to the pool: runs queued tasks (the job's and those before it)
+// until the job has ended, the queue is empty or timeout_ms (< 0: no bound) has passed;
+// the job's state then (kDone for a job already released). A caller that would wait for
+// the job anyway moves bytes meanwhile.
+int64_t help(int64_t job, int64_t timeout_ms);
+// Ends wait_any() calls early (with -1): their caller has other work.
+void wake();
+// How many times wake() was called: a caller reads it before it looks at its work, so that
+// a wake() between that look and its wait_any() is not lost.
+int64_t wakes();
+// How many jobs have ended so far.
+int64_t ends();
+// Waits up to timeout_ms (< 0: no bound) until a job ends or wake() is called after ends()
+// and wakes() returned these counts; false on timeout. Whoever watches every job (the
+// engine's progress thread) needs no wake for a job submitted after it looked.
+bool wait_ends(int64_t ends_seen, int64_t wakes_seen, int64_t timeout_ms);
 // Asks a job to stop before its next system call; it ends cancelled unless already done.
 void cancel(int64_t job);
 // Forgets an ended job (a running one is cancelled and forgotten when it ends).
@@ -37,15 +55,11 @@ void release(int64_t job);
 // Jobs submitted and not released yet.
 int64_t live_jobs();
 
-// The address of a word in this process that holds probe_magic(), for a peer to read once
-// to learn whether it may copy from this process at all.
-uint64_t probe_address();
-uint64_t probe_magic();
-// Reads the probe word of process `pid` at `address`: 0 if it holds the magic, else -errno
-// (-EPERM, -ESRCH, ...) or -EINVAL for a readable word without the magic.
-int64_t probe(int64_t pid, uint64_t address);
+// Reads `nbytes` (at most 4096) at `address` of process `pid` into `out`: 0, or -errno
+// (-EPERM: not allowed to copy from it; -ESRCH: no such process; -EFAULT: not mapped).
+int64_t peek(int64_t pid, uint64_t address, size_t nbytes, std::string& out);
 
-// Worker threads (TORCH_KVREG_PEER_COPY_THREADS, 1 to 64; default: the cores, 2 to 4).
+// Worker threads (TORCH_KVREG_PEER_COPY_THREADS, 1 to 64; default: the cores but one, 1 to 4).
 int64_t threads();
 
 }  // namespace kvreg::peer_copy

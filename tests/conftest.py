@@ -37,6 +37,14 @@ def kv():
     return torch_kvreg
 
 
+@pytest.fixture
+def through_nixl(monkeypatch):
+    """Transfers to peers on this host go through NIXL, as to another host, instead of the
+    direct same-host copies (for tests of the NIXL path itself). List it before fixtures
+    that link."""
+    monkeypatch.setenv("TORCH_KVREG_SAME_HOST_COPY", "0")
+
+
 def devices():
     """Devices present on this machine."""
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -185,7 +185,7 @@ def test_notices_reach_the_peer_after_the_data(peer, decoder):
 
 
 @pytest.mark.parametrize("failure", ["never_done", "error"])
-def test_transfers_in_flight_fail_with_their_blocks(peer, decoder, monkeypatch, failure):
+def test_transfers_in_flight_fail_with_their_blocks(through_nixl, peer, decoder, monkeypatch, failure):
     remote_id = peer.call("register", (2, 8, BLOCK, 43, True))
     local = kv.register_kv_cache([torch.zeros(8, *BLOCK, dtype=torch.float16) for _ in range(2)])
     agent = kv.remote._engine.agent
@@ -230,7 +230,7 @@ def gated_posts(monkeypatch):
     return posts, gate, entered
 
 
-def test_async_starts_return_before_the_post_and_a_burst_goes_as_few_requests(peer, decoder, monkeypatch):
+def test_async_starts_return_before_the_post_and_a_burst_goes_as_few_requests(through_nixl, peer, decoder, monkeypatch):
     remote_id = peer.call("register", (2, 64, BLOCK, 45, True))
     theirs = paged(2, 64, BLOCK, 45)
     mine = [torch.zeros(64, *BLOCK, dtype=torch.float16) for _ in range(2)]
@@ -264,7 +264,7 @@ def test_async_starts_return_before_the_post_and_a_burst_goes_as_few_requests(pe
     peer.call("unregister", remote_id)
 
 
-def test_a_failed_group_fails_every_transfer_in_it(peer, decoder, monkeypatch):
+def test_a_failed_group_fails_every_transfer_in_it(through_nixl, peer, decoder, monkeypatch):
     remote_id = peer.call("register", (2, 8, BLOCK, 46, True))
     local = kv.register_kv_cache([torch.zeros(8, *BLOCK, dtype=torch.float16) for _ in range(2)])
     posts, gate, entered = gated_posts(monkeypatch)

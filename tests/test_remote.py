@@ -30,7 +30,7 @@ def decoder():
     kv.finalize()
 
 
-def test_pull_verify_push_unlink(peer, decoder):
+def test_pull_verify_push_unlink(through_nixl, peer, decoder):
     remote_id = peer.call("register", (8, 64, BLOCK_SHAPE, 1, True))
     expected = paged(8, 64, BLOCK_SHAPE, 1)
     assert kv.link_clusters([peer.info]) == (LLMStatusCode.LLM_SUCCESS, [LLMStatusCode.LLM_SUCCESS])
@@ -118,7 +118,7 @@ def test_private_peer_caches_cannot_be_pulled_or_pushed(peer, decoder, remote):
 
 
 @pytest.mark.parametrize("failure", ["error", "never_done"])
-def test_nixl_failure_releases_everything(peer, failure, monkeypatch):
+def test_nixl_failure_releases_everything(through_nixl, peer, failure, monkeypatch):
     """NIXL reporting an error, or a transfer that never completes: the right status within
     llm.SyncKvCacheWaitTime, the peer's lease released, the local cache still unregistrable."""
     kv.initialize(cluster_id=2, options={"llm.SyncKvCacheWaitTime": "300"})

@@ -67,7 +67,7 @@ def test_the_latency_window_is_bounded_and_its_quantiles_are_right():
 
 
 @pytest.mark.skipif(not kv.remote.nixl_available(), reason="needs the nixl extra")
-def test_remote_pulls_and_pushes_are_counted(monkeypatch):
+def test_remote_pulls_and_pushes_are_counted(through_nixl, monkeypatch):
     peer = Peer(cluster_id=31)
     try:
         remote_id = peer.call("register", (2, 8, (4, 8), 5, True))

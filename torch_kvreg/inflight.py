@@ -7,7 +7,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import counters, display
 from .errors import LLMException, LLMStatusCode, make_error, param_invalid, wrong_type
@@ -43,6 +43,9 @@ class Transfer:
         self._done = threading.Event()
         self._error: LLMException | None = None
         self.status: LLMStatusCode | None = None
+        # Work a waiter can do itself before it blocks, given its timeout in ms (-1: none):
+        # a same-host copy's pieces no thread has taken yet.
+        self.assist: Callable[[int], object] | None = None
 
     def done(self) -> bool:
         return self._done.is_set()
@@ -66,6 +69,8 @@ class Transfer:
                 raise wrong_type(f"timeout_ms must be an int or None, got {type(timeout_ms).__name__}")
             if timeout_ms < 0:
                 raise param_invalid(f"timeout_ms must be >= 0, got {timeout_ms}")
+        if self.assist is not None and not self._done.is_set():
+            self.assist(-1 if timeout_ms is None else timeout_ms)
         if not self._done.wait(None if timeout_ms is None else timeout_ms / 1000):
             raise make_error(LLMStatusCode.LLM_TIMEOUT, f"{self.description} not done within {timeout_ms} ms")
         if self._error is not None:

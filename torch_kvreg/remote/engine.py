@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import logging
 import os
 import socket
+import secrets
 import socketserver
 import threading
 import time
@@ -15,11 +17,12 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import numpy as np
+import torch
 
 from .. import _C
 from ..errors import LLMException, LLMStatusCode, make_error
 from ..inflight import Transfer
-from ..types import Cache, CacheDesc, ClusterInfo
+from ..types import Cache, CacheDesc, ClusterInfo, Placement
 from . import plan, protocol
 from .auth import LinkSecret, new_nonce
 from .protocol import RemoteCache
@@ -45,6 +48,13 @@ HAND_OVER_S = 20e-6
 # loop) finds it instead of paying a round trip to acquire it (and one to release the old).
 # The peer's unregister of that cache waits at most this much longer.
 LEASE_LINGER_S = 0.05
+# Peers on this host (one kernel, pid and network namespace) are copied to and from
+# directly (process_vm_readv/writev on native threads, see csrc/peer_copy.h): NIXL over UCX
+# copies there too, but on one thread inside its post, which holds this engine's progress
+# thread, and each post's end waits for the GIL. "0" sends them through NIXL instead.
+SAME_HOST_ENV = "TORCH_KVREG_SAME_HOST_COPY"
+# A same-host copy job's states (peer_copy.h); failures are -errno.
+_JOB_RUNNING, _JOB_DONE = 0, 1
 
 
 # NIXL's agent runs a progress thread that, as nixl-cu12 configures it (pthrDelay 0), polls
@@ -55,6 +65,24 @@ LEASE_LINGER_S = 0.05
 # transfers. TORCH_KVREG_NIXL_PROGRESS_DELAY_US sets it (0: nixl-cu12's busy polling).
 DEFAULT_PROGRESS_DELAY_US = 10
 _agent_lock = threading.Lock()
+
+
+def host_identity() -> str | None:
+    """What two processes share when they may copy each other's memory directly: one
+    kernel boot, one pid namespace (a pid means the same process to both) and one network
+    namespace (what containers and the cross-host tests treat as another host). None when
+    same-host copies are off (TORCH_KVREG_SAME_HOST_COPY=0) or /proc does not say."""
+    text = os.environ.get(SAME_HOST_ENV, "1")
+    if text not in ("0", "1"):
+        raise _error(LLMStatusCode.LLM_PARAM_INVALID, f"{SAME_HOST_ENV} must be 0 or 1, got {text!r}")
+    if text == "0":
+        return None
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot:
+            boot_id = boot.read().strip()
+        return f"{boot_id}|{os.readlink('/proc/self/ns/pid')}|{os.readlink('/proc/self/ns/net')}"
+    except OSError:
+        return None
 
 
 def make_agent(name: str) -> NixlAgent:
@@ -136,6 +164,9 @@ class Link:
         self.authenticated = engine.secret is None
         self.challenge: tuple[int, bytes, bytes] | None = None  # (cluster id, its nonce, ours)
         self.last_heard = time.monotonic()
+        # A peer on this host whose memory this process may copy directly: its pid.
+        self.peer_pid: int | None = None
+        self.same_host_nonce: np.ndarray | None = None  # what we showed a linker, kept alive
 
     @property
     def cluster_id(self) -> int | None:
@@ -316,7 +347,9 @@ class Engine:
         self.heartbeat_thread: threading.Thread | None = None
         self.closed = threading.Event()
         self.name = f"kvreg-{cluster_id}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.host = host_identity()
         self.agent = make_agent(self.name)
+        self.routes: collections.Counter[str] = collections.Counter()  # transfers by path
         self.lock = threading.Condition()
         self.nixl_regs: dict[int, object] = {}  # cache id -> NIXL registration descriptors
         self.local_preps: dict[int, object] = {}  # cache id -> prepared per-block dlist
@@ -504,12 +537,44 @@ class Engine:
             return {"ok": True}
         if op == "acquire":
             return self.acquire_for_peer(fields.get("cache_id"), fields.get("key"), link.leases)
+        if op == "same_host":
+            return self.show_nonce(fields, link)
         if op == "release":
             if fields["lease"] in link.leases:
                 link.leases.discard(fields["lease"])
                 self.release_lease(fields["lease"])
             return {"ok": True}
         raise _error(LLMStatusCode.LLM_PARAM_INVALID, f"unknown op {op}")
+
+    def show_nonce(self, fields: dict, link: Link) -> dict:
+        """A linker on this host asks to copy our memory directly: we put its nonce at an
+        address of ours and say where. Reading it there proves that the pid we name is ours,
+        and that the kernel lets the linker copy from it."""
+        if self.host is None:
+            raise _error(LLMStatusCode.LLM_FEATURE_NOT_ENABLED, "same-host copies are off here")
+        link.same_host_nonce = np.frombuffer(fields["nonce"], dtype=np.uint8).copy()
+        return {"ok": True, "pid": os.getpid(), "address": int(link.same_host_nonce.ctypes.data)}
+
+    def _same_host_pid(self, link: Link, response: dict, timeout_s: float) -> int | None:
+        """The peer's pid when it is on this host and lets us copy its memory, else None
+        (its transfers then go through NIXL)."""
+        if self.host is None or protocol.parse_host(response) != self.host:
+            return None
+        nonce = secrets.token_bytes(protocol.NONCE_BYTES)
+        try:
+            pid, address = protocol.parse_same_host_response(
+                link.request({"op": "same_host", "nonce": protocol.b64(nonce)}, timeout_s)
+            )
+        except (LLMException, protocol.ProtocolError) as exc:
+            log.info("cluster %s is on this host, direct copies refused (%s): NIXL moves its bytes", link.cluster_id, exc)
+            return None
+        status, shown = _C.peer_copy_peek(pid, address, len(nonce))
+        if status != 0 or shown != nonce:
+            reason = os.strerror(-status) if status < 0 else "the nonce was not where it said"
+            log.info("cluster %s is on this host, no direct copies (%s): NIXL moves its bytes", link.cluster_id, reason)
+            return None
+        log.info("cluster %s is on this host (pid %d): transfers copy directly", link.cluster_id, pid)
+        return pid
 
     def answer_challenge(self, fields: dict, link: Link) -> dict:
         """A linker's nonce: our nonce and our proof of the secret (none without a secret:
@@ -554,12 +619,15 @@ class Engine:
                 if current is None or not current.alive:
                     self.links[fields["cluster_id"]] = link
             log.info("cluster %d linked to us from %s:%d", fields["cluster_id"], peer_host, peer_port)
-        return {
+        greeting = {
             "ok": True,
             "cluster_id": self.cluster_id,
             "agent": self.name,
             "md": protocol.b64(self.agent.get_agent_metadata()),
         }
+        if self.host is not None:
+            greeting["host"] = self.host
+        return greeting
 
     def connection_closed(self, link: Link) -> None:
         """A link's reader loop ended. A peer that said bye is unlinked here; one that
@@ -679,6 +747,7 @@ class Engine:
             # Connect now, so that the first transfer does not pay for it.
             with contextlib.suppress(Exception):
                 self.agent.make_connection(link.agent_name)
+            link.peer_pid = self._same_host_pid(link, response, timeout_s)
         except LLMException as exc:
             link.close()
             return exc.status_code
@@ -796,39 +865,49 @@ class Engine:
                 self._settle(link, lease, local.cache_id, None)
                 transfer.succeed()
                 return transfer
-            if link.loaded_md.get(remote.cache_id) != md:
-                self.agent.add_remote_agent(md)
-                link.loaded_md[remote.cache_id] = md
-            block_nbytes = local.cache_desc.block_nbytes
-            local_sel = np.asarray(local_tensors, dtype=np.int64)
-            remote_sel = np.asarray(remote_tensors, dtype=np.int64)
-            if (
-                not background
-                and lengths.size >= PREPPED_MIN_SEGMENTS
-                and bool(np.all(lengths == block_nbytes))
-                and _preppable(local.cache_desc)
-                and _preppable(remote.desc)
-            ):
-                # Scattered single blocks: index into per-block lists prepared once per
-                # cache, as NIXL recommends, instead of preparing every descriptor again.
-                # (Background requests keep their rows: the progress thread posts a burst of
-                # them as one request, joining the blocks that turn out adjacent.)
-                request = self._prepped_request(
-                    operation, local, remote, link, local_offsets, remote_offsets, block_nbytes, local_sel, remote_sel
-                )
+            if link.peer_pid is not None and local.cache_desc.placement == remote.desc.placement == Placement.HOST:
+                rows = _peer_rows(local, remote, local_offsets, remote_offsets, lengths, local_tensors, remote_tensors)
+                flight = _Flight(transfer, link, lease, local.cache_id, None, time.monotonic() + self.wait_s, notify)
+                job = flight.job = _C.peer_copy_submit(link.peer_pid, operation == "READ", rows)
+                transfer.assist = lambda timeout_ms: _C.peer_copy_help(job, timeout_ms)
+                flight.posted = True
+                state: str | None = "PROC"
+                self.routes["same_host"] += 1
             else:
-                request = self._request(
-                    operation, local, remote, link, local_offsets, remote_offsets, lengths, local_sel, remote_sel
-                )
-            flight = _Flight(transfer, link, lease, local.cache_id, request, time.monotonic() + self.wait_s, notify)
-            if background:
-                state = None
-            else:
-                try:
-                    flight.handle = _Request.handle_of([request])
-                except Exception as exc:
-                    raise _error(LLMStatusCode.LLM_LINK_FAILED, f"NIXL could not prepare the transfer: {exc}") from None
-                state = self._post(flight)
+                self.routes["nixl"] += 1
+                if link.loaded_md.get(remote.cache_id) != md:
+                    self.agent.add_remote_agent(md)
+                    link.loaded_md[remote.cache_id] = md
+                block_nbytes = local.cache_desc.block_nbytes
+                local_sel = np.asarray(local_tensors, dtype=np.int64)
+                remote_sel = np.asarray(remote_tensors, dtype=np.int64)
+                if (
+                    not background
+                    and lengths.size >= PREPPED_MIN_SEGMENTS
+                    and bool(np.all(lengths == block_nbytes))
+                    and _preppable(local.cache_desc)
+                    and _preppable(remote.desc)
+                ):
+                    # Scattered single blocks: index into per-block lists prepared once per
+                    # cache, as NIXL recommends, instead of preparing every descriptor again.
+                    # (Background requests keep their rows: the progress thread posts a burst of
+                    # them as one request, joining the blocks that turn out adjacent.)
+                    request = self._prepped_request(
+                        operation, local, remote, link, local_offsets, remote_offsets, block_nbytes, local_sel, remote_sel
+                    )
+                else:
+                    request = self._request(
+                        operation, local, remote, link, local_offsets, remote_offsets, lengths, local_sel, remote_sel
+                    )
+                flight = _Flight(transfer, link, lease, local.cache_id, request, time.monotonic() + self.wait_s, notify)
+                if background:
+                    state = None
+                else:
+                    try:
+                        flight.handle = _Request.handle_of([request])
+                    except Exception as exc:
+                        raise _error(LLMStatusCode.LLM_LINK_FAILED, f"NIXL could not prepare the transfer: {exc}") from None
+                    state = self._post(flight)
         except BaseException:
             self._settle(link, lease, local.cache_id, None)
             raise
@@ -915,6 +994,7 @@ class Engine:
                 self.progress_thread = threading.Thread(target=self._progress, name="kvreg-progress", daemon=True)
                 self.progress_thread.start()
             self.progress.notify()
+        _C.peer_copy_wake()  # it may be waiting on same-host copies: it has a new flight to see
 
     def _settle(self, link: Link, lease: _SharedLease | None, local_id: int, handle: NixlHandle) -> bool:
         """Releases what a transfer held; False (holding on) while NIXL still owns the handle."""
@@ -983,9 +1063,11 @@ class Engine:
         if state not in (None, "PROC") and self._land(flight, state):
             return
         with self.progress:
-            hand_over = state is None and self.progress_idle
+            idle = self.progress_idle
+            hand_over = state is None and idle
             self.flights.append(flight)
-        self._wake_progress()
+        if flight.job is None or idle or self.progress_thread is None:
+            self._wake_progress()  # a busy progress thread sees a same-host copy when any copy ends
         posting_since = self.posting_since
         if (
             state is None
@@ -1011,6 +1093,12 @@ class Engine:
             except Exception:
                 return False
             flight.handle = None
+        if flight.job is not None:
+            if _C.peer_copy_state(flight.job) == _JOB_RUNNING:
+                return False  # cancelled, or timed out: its threads stop at their next call
+            _C.peer_copy_release(flight.job)
+            flight.job = None
+            flight.transfer.assist = None
         for member in flight.members():
             self._settle(member.link, member.lease, member.local_id, None)
         return True
@@ -1034,7 +1122,8 @@ class Engine:
                     )
                 )
             else:
-                member.transfer.fail(_error(LLMStatusCode.LLM_LINK_FAILED, f"NIXL transfer with cluster {peer} failed"))
+                reason = flight.failure or "NIXL transfer"
+                member.transfer.fail(_error(LLMStatusCode.LLM_LINK_FAILED, f"{reason} with cluster {peer} failed"))
         return settled
 
     def _progress(self) -> None:
@@ -1044,6 +1133,9 @@ class Engine:
         GIL on between polls; waits when there is none."""
         idle = 0  # polls since a transfer last landed
         while True:
+            # Read before looking at the flights: a copy that ends, or a wake, after the look
+            # is not missed.
+            ends, wakes = _C.peer_copy_ends(), _C.peer_copy_wakes()
             due = self._expire_leases()
             with self.progress:
                 if not self.flights:
@@ -1069,7 +1161,9 @@ class Engine:
                         self.flights.remove(flight)
             else:
                 idle += 1
-            if all(flight.settled_late for flight in flights):
+            if not landed and all(flight.job is not None and not flight.settled_late for flight in flights):
+                self._wait_for_jobs(flights, due, ends, wakes)  # nothing to drive: copies need no polling
+            elif all(flight.settled_late for flight in flights):
                 time.sleep(0.01)  # only handles NIXL has not let go of: no hurry
             elif idle > 2048:
                 # A long transfer: back off so that the threads computing beside it (which
@@ -1085,6 +1179,8 @@ class Engine:
         """One look at a posted flight; True once it has landed and released what it held."""
         if flight.settled_late:  # completed earlier; retry releasing what it held
             return self._release(flight)
+        if flight.job is not None:
+            return self._poll_job(flight)
         if flight.state is not None:  # known when it was posted
             state, flight.state = flight.state, None
         else:
@@ -1100,6 +1196,37 @@ class Engine:
             return True
         flight.settled_late = True
         return False
+
+    def _poll_job(self, flight: _Flight) -> bool:
+        """_poll for a same-host copy. Its notice goes out once every byte has landed."""
+        assert flight.job is not None
+        code = _C.peer_copy_state(flight.job)
+        if code == _JOB_RUNNING:
+            if flight.link.alive and time.monotonic() <= flight.deadline:
+                return False
+            _C.peer_copy_cancel(flight.job)  # its memory stays held until its threads stop
+            state = "PROC" if flight.link.alive else "ERR"
+        elif code == _JOB_DONE:
+            state = "DONE"
+        else:
+            state, flight.failure = "ERR", f"same-host copy ({os.strerror(-code)})"
+        if state == "DONE" and flight.notify:
+            try:
+                self.agent.send_notif(flight.link.agent_name, flight.notify)
+            except Exception as exc:
+                state, flight.failure = "ERR", f"the notice after a same-host copy ({exc})"
+        if self._land(flight, state):
+            return True
+        flight.settled_late = True
+        return False
+
+    def _wait_for_jobs(self, flights: list[_Flight], due: float | None, ends: int, wakes: int) -> None:
+        """Blocks without the GIL until a same-host copy ends (one started since too: a
+        start need not wake this thread), a NIXL flight arrives, or the first deadline (or
+        lease expiry, or a short look at the links) is due."""
+        now = time.monotonic()
+        until = min([flight.deadline for flight in flights] + [now + 0.02] + ([] if due is None else [now + due]))
+        _C.peer_copy_wait_ends(ends, wakes, max(1, int((until - now) * 1000)))
 
     def stop_progress(self) -> None:
         """Stops the progress thread (finalize). Transfers NIXL still holds then fail and
@@ -1117,6 +1244,10 @@ class Engine:
             if flight.handle is not None:
                 with contextlib.suppress(Exception):
                     self.agent.release_xfer_handle(flight.handle)
+            if flight.job is not None:  # stops at its threads' next call; memory stays until then
+                _C.peer_copy_cancel(flight.job)
+                _C.peer_copy_wait(flight.job, int(1000 * self.wait_s) + 1000)
+                _C.peer_copy_release(flight.job)
             for member in flight.members():
                 member.transfer.fail(_error(LLMStatusCode.LLM_FAILED, "finalized with the transfer in flight"))
                 self.unhold_local(member.local_id)
@@ -1219,6 +1350,26 @@ class Engine:
         )
 
 
+def _peer_rows(
+    local: Cache,
+    remote: RemoteCache,
+    local_offsets: np.ndarray,
+    remote_offsets: np.ndarray,
+    lengths: np.ndarray,
+    local_tensors: Sequence[int],
+    remote_tensors: Sequence[int],
+) -> torch.Tensor:
+    """A same-host copy's (local address, remote address, bytes) rows: every segment of
+    every tensor taking part, tensor by tensor."""
+    local_bases = np.asarray(local.tensor_addrs, dtype=np.uint64)[np.asarray(local_tensors, dtype=np.int64)]
+    remote_bases = np.asarray(remote.addrs, dtype=np.uint64)[np.asarray(remote_tensors, dtype=np.int64)]
+    rows = np.empty((local_bases.size, lengths.size, 3), dtype=np.uint64)
+    rows[:, :, 0] = local_bases[:, None] + local_offsets[None, :]
+    rows[:, :, 1] = remote_bases[:, None] + remote_offsets[None, :]
+    rows[:, :, 2] = lengths
+    return torch.from_numpy(rows.reshape(-1, 3).view(np.int64))
+
+
 class _Request:
     """A NIXL request not made yet: each side's descriptor rows (or indices into prepared
     lists) and how to make a handle of them. Requests with equal keys (one peer, operation
@@ -1282,7 +1433,7 @@ class _Flight:
         link: Link,
         lease: _SharedLease | None,
         local_id: int,
-        request: _Request,
+        request: _Request | None,
         deadline: float,
         notify: bytes = b"",
     ):
@@ -1293,6 +1444,8 @@ class _Flight:
         self.posted = False  # a background request waits for the progress thread to post it
         self.state: str | None = None  # the state its post returned, until polled
         self.settled_late = False
+        self.job: int | None = None  # a same-host copy job instead of a NIXL request
+        self.failure = ""  # why it failed, when NIXL does not say
 
     def members(self) -> list[_Flight]:
         return [self, *self.riders]

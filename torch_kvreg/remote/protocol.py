@@ -24,7 +24,7 @@ MAX_TENSORS = 240
 MAX_RANK = 32
 MAX_KEY = 256
 _HEADER = struct.Struct(">I")
-REQUESTS = ("challenge", "hello", "acquire", "release", "ping", "bye")
+REQUESTS = ("challenge", "hello", "acquire", "release", "ping", "bye", "same_host")
 NONCE_BYTES = 32  # fresh per handshake, from secrets.token_bytes
 PROOF_BYTES = 32  # HMAC-SHA256
 
@@ -130,6 +130,8 @@ def parse_request(message: dict) -> tuple[str, dict]:
         return op, {"cache_id": _int(message, "cache_id")}
     if op == "release":
         return op, {"lease": _int(message, "lease")}
+    if op == "same_host":  # the linker's nonce, for us to show at an address of ours
+        return op, {"nonce": _sized(message, "nonce", NONCE_BYTES)}
     return op, {}
 
 
@@ -152,6 +154,20 @@ def parse_error(message: dict) -> tuple[LLMStatusCode, str] | None:
 def parse_hello_response(message: dict) -> tuple[int, str, bytes]:
     """(cluster_id, agent name, agent metadata) from a hello response."""
     return _int(message, "cluster_id"), _str(message, "agent"), _bytes(message, "md")
+
+
+def parse_host(message: dict) -> str | None:
+    """The host identity a hello response carries, None without one (or a malformed one:
+    the peer is then treated as on another host)."""
+    try:
+        return _str(message, "host")
+    except ProtocolError:
+        return None
+
+
+def parse_same_host_response(message: dict) -> tuple[int, int]:
+    """(the peer's pid, the address in it that holds our nonce)."""
+    return _int(message, "pid", 1, 2**31 - 1), _int(message, "address", 1, 2**64 - 1)
 
 
 def cache_entry(cache_id: int, desc: CacheDesc, addrs: Sequence[int]) -> dict:
