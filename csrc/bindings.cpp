@@ -166,7 +166,8 @@ PYBIND11_MODULE(_C, m) {
       py::call_guard<py::gil_scoped_release>());
   // Same-host copies between processes (remote transfers to a peer on this host).
   m.def("peer_copy_submit", [](int64_t pid, bool read, const at::Tensor& rows) {
-    KVREG_CHECK_TYPE(rows.scalar_type() == at::kLong, "peer copy rows must be int64, got ", rows.scalar_type());
+    KVREG_CHECK_TYPE(
+        rows.scalar_type() == at::kLong, "peer copy rows must be int64, got ", rows.scalar_type());
     KVREG_CHECK_ARG(
         rows.dim() == 2 && rows.size(1) == 3 && rows.device().is_cpu(),
         "peer copy rows must be a CPU (local, remote, nbytes) x N table");
@@ -180,9 +181,6 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("peer_copy_state", &kvreg::peer_copy::state);
   m.def("peer_copy_wait", &kvreg::peer_copy::wait, py::call_guard<py::gil_scoped_release>());
-  m.def(
-      "peer_copy_wait_any", &kvreg::peer_copy::wait_any, py::arg("jobs"), py::arg("timeout_ms"),
-      py::arg("since") = -1, py::call_guard<py::gil_scoped_release>());
   m.def("peer_copy_wakes", &kvreg::peer_copy::wakes);
   m.def("peer_copy_ends", &kvreg::peer_copy::ends);
   m.def("peer_copy_wait_ends", &kvreg::peer_copy::wait_ends, py::call_guard<py::gil_scoped_release>());

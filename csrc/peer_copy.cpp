@@ -32,6 +32,7 @@ constexpr uint64_t kMaxTaskBytes = 4 << 20;
 struct Job {
   int64_t pid = 0;
   bool read = true;
+  int64_t pause_us = 0;  // before each system call: tests make copies slow enough to cut
   std::atomic<bool> cancelled{false};
   std::atomic<int64_t> error{0};  // -errno of the first failure
   int64_t tasks_left = 0;         // under Pool::mutex
@@ -50,6 +51,9 @@ int64_t move_pieces(const Job& job, std::vector<Piece>& pieces) {
   iovec remote[kMaxIovecs];
   size_t next = 0;
   while (next < pieces.size()) {
+    if (job.pause_us > 0) {
+      std::this_thread::sleep_for(std::chrono::microseconds(job.pause_us));
+    }
     if (job.cancelled.load(std::memory_order_relaxed)) {
       return kCancelled;
     }
@@ -61,8 +65,9 @@ int64_t move_pieces(const Job& job, std::vector<Piece>& pieces) {
       remote[i] = {reinterpret_cast<void*>(piece.remote), static_cast<size_t>(piece.nbytes)};
       wanted += piece.nbytes;
     }
-    const ssize_t moved = job.read ? process_vm_readv(static_cast<pid_t>(job.pid), local, count, remote, count, 0)
-                                   : process_vm_writev(static_cast<pid_t>(job.pid), local, count, remote, count, 0);
+    const ssize_t moved =
+        job.read ? process_vm_readv(static_cast<pid_t>(job.pid), local, count, remote, count, 0)
+                 : process_vm_writev(static_cast<pid_t>(job.pid), local, count, remote, count, 0);
     if (moved < 0) {
       if (errno == EINTR) {
         continue;
@@ -113,12 +118,14 @@ class Pool {
     auto job = std::make_shared<Job>();
     job->pid = pid;
     job->read = read;
+    job->pause_us = test_pause_us();
     uint64_t total = 0;
     for (const Piece& piece : pieces) {
       total += piece.nbytes;
     }
     std::vector<Task> tasks;
-    const uint64_t per_task = std::clamp<uint64_t>(total / (4 * static_cast<uint64_t>(workers_)), kMinTaskBytes, kMaxTaskBytes);
+    const uint64_t per_task =
+        std::clamp<uint64_t>(total / (4 * static_cast<uint64_t>(workers_)), kMinTaskBytes, kMaxTaskBytes);
     Task current{job, {}};
     uint64_t in_current = 0;
     for (Piece piece : pieces) {
@@ -174,34 +181,6 @@ class Pool {
     return state_locked(job);
   }
 
-  int64_t wait_any(const std::vector<int64_t>& ids, int64_t timeout_ms, int64_t since) {
-    std::unique_lock<std::mutex> lock(mutex_);
-    std::vector<std::shared_ptr<Job>> jobs;
-    for (int64_t id : ids) {
-      jobs.push_back(find_locked(id));
-    }
-    int64_t found = -1;
-    const int64_t generation = since < 0 ? wakes_ : since;
-    auto any_ended = [&] {
-      if (wakes_ != generation) {
-        return true;
-      }
-      for (size_t i = 0; i < jobs.size(); ++i) {
-        if (jobs[i]->ended) {
-          found = ids[i];
-          return true;
-        }
-      }
-      return false;
-    };
-    if (timeout_ms < 0) {
-      ended_.wait(lock, any_ended);
-    } else {
-      ended_.wait_for(lock, std::chrono::milliseconds(timeout_ms), any_ended);
-    }
-    return found;
-  }
-
   int64_t wakes() {
     std::lock_guard<std::mutex> lock(mutex_);
     return wakes_;
@@ -223,14 +202,16 @@ class Pool {
   }
 
   int64_t help(int64_t id, int64_t timeout_ms) {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(std::max<int64_t>(timeout_ms, 0));
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::milliseconds(std::max<int64_t>(timeout_ms, 0));
     std::unique_lock<std::mutex> lock(mutex_);
     auto it = jobs_.find(id);
     if (it == jobs_.end()) {
       return kDone;  // released: its waiter raced its landing, nothing is left to do
     }
     auto job = it->second;
-    while (!job->ended && !queue_.empty() && (timeout_ms < 0 || std::chrono::steady_clock::now() < deadline)) {
+    while (!job->ended && !queue_.empty() &&
+           (timeout_ms < 0 || std::chrono::steady_clock::now() < deadline)) {
       run_one_locked(lock);
     }
     return state_locked(job);
@@ -269,6 +250,18 @@ class Pool {
 
  private:
   Pool() : workers_(configured_workers()) {}
+
+  // TORCH_KVREG_PEER_COPY_TEST_PAUSE_US (0 to 10 s): a pause before every system call of a
+  // job, read when it is submitted. For tests that cut a peer or a deadline mid-copy.
+  static int64_t test_pause_us() {
+    const char* text = std::getenv("TORCH_KVREG_PEER_COPY_TEST_PAUSE_US");
+    if (text == nullptr || *text == '\0') {
+      return 0;
+    }
+    char* end = nullptr;
+    const long long value = std::strtoll(text, &end, 10);
+    return *end == '\0' && value > 0 && value <= 10000000 ? value : 0;
+  }
 
   static int64_t configured_workers() {
     const char* text = std::getenv("TORCH_KVREG_PEER_COPY_THREADS");
@@ -371,22 +364,39 @@ int64_t submit(int64_t pid, bool read, std::vector<Piece> pieces) {
   return Pool::instance().submit(pid, read, std::move(pieces));
 }
 
-int64_t state(int64_t job) { return Pool::instance().state(job); }
-int64_t wait(int64_t job, int64_t timeout_ms) { return Pool::instance().wait(job, timeout_ms); }
-int64_t wait_any(const std::vector<int64_t>& jobs, int64_t timeout_ms, int64_t since) {
-  return Pool::instance().wait_any(jobs, timeout_ms, since);
+int64_t state(int64_t job) {
+  return Pool::instance().state(job);
 }
-int64_t wakes() { return Pool::instance().wakes(); }
-int64_t ends() { return Pool::instance().ends(); }
+int64_t wait(int64_t job, int64_t timeout_ms) {
+  return Pool::instance().wait(job, timeout_ms);
+}
+int64_t wakes() {
+  return Pool::instance().wakes();
+}
+int64_t ends() {
+  return Pool::instance().ends();
+}
 bool wait_ends(int64_t ends_seen, int64_t wakes_seen, int64_t timeout_ms) {
   return Pool::instance().wait_ends(ends_seen, wakes_seen, timeout_ms);
 }
-int64_t help(int64_t job, int64_t timeout_ms) { return Pool::instance().help(job, timeout_ms); }
-void wake() { Pool::instance().wake(); }
-void cancel(int64_t job) { Pool::instance().cancel(job); }
-void release(int64_t job) { Pool::instance().release(job); }
-int64_t live_jobs() { return Pool::instance().live_jobs(); }
-int64_t threads() { return Pool::instance().workers(); }
+int64_t help(int64_t job, int64_t timeout_ms) {
+  return Pool::instance().help(job, timeout_ms);
+}
+void wake() {
+  Pool::instance().wake();
+}
+void cancel(int64_t job) {
+  Pool::instance().cancel(job);
+}
+void release(int64_t job) {
+  Pool::instance().release(job);
+}
+int64_t live_jobs() {
+  return Pool::instance().live_jobs();
+}
+int64_t threads() {
+  return Pool::instance().workers();
+}
 
 int64_t peek(int64_t pid, uint64_t address, size_t nbytes, std::string& out) {
   KVREG_CHECK_ARG(nbytes <= 4096, "peek reads at most 4096 bytes, asked for ", nbytes);

@@ -29,18 +29,15 @@ int64_t submit(int64_t pid, bool read, std::vector<Piece> pieces);
 int64_t state(int64_t job);
 // Waits up to timeout_ms (< 0: without bound) for the job to end; its state then.
 int64_t wait(int64_t job, int64_t timeout_ms);
-// Waits up to timeout_ms for any of `jobs` to end; the first ended one found, or -1 (also
-// at once when wake() was called since wakes() returned `since`; since < 0: from now on).
-int64_t wait_any(const std::vector<int64_t>& jobs, int64_t timeout_ms, int64_t since = -1);
 // Lends the calling thread to the pool: runs queued tasks (the job's and those before it)
 // until the job has ended, the queue is empty or timeout_ms (< 0: no bound) has passed;
 // the job's state then (kDone for a job already released). A caller that would wait for
 // the job anyway moves bytes meanwhile.
 int64_t help(int64_t job, int64_t timeout_ms);
-// Ends wait_any() calls early (with -1): their caller has other work.
+// Ends wait_ends() calls early: their caller has other work.
 void wake();
 // How many times wake() was called: a caller reads it before it looks at its work, so that
-// a wake() between that look and its wait_any() is not lost.
+// a wake() between that look and its wait_ends() is not lost.
 int64_t wakes();
 // How many jobs have ended so far.
 int64_t ends();

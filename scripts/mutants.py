@@ -226,6 +226,56 @@ MUTANTS = [
         "        ours = bytes(32)\n        link.challenge",
         ["tests/test_auth.py"],
     ),
+    # --- same-host copies ------------------------------------------------------------------
+    (
+        "same-host copy: a partial move does not advance the remote side",
+        "csrc/peer_copy.cpp",
+        "      piece.remote += step;\n      piece.nbytes -= step;\n      left -= step;",
+        "      piece.nbytes -= step;\n      left -= step;",
+        ["tests/test_same_host.py"],
+    ),
+    (
+        "same-host copy: a job's last task does not end it",
+        "csrc/peer_copy.cpp",
+        "if (--job.tasks_left > 0) {",
+        "if (--job.tasks_left > 1) {",
+        ["tests/test_same_host.py"],
+    ),
+    (
+        "same-host copy: a job's last, partly filled task is dropped",
+        "csrc/peer_copy.cpp",
+        "    if (!current.pieces.empty()) {\n      tasks.push_back(std::move(current));",
+        "    if (false) {\n      tasks.push_back(std::move(current));",
+        ["tests/test_same_host.py"],
+    ),
+    (
+        "same-host copy: the peer's nonce is not compared",
+        "torch_kvreg/remote/engine.py",
+        "if status != 0 or shown != nonce:",
+        "if status != 0:",
+        ["tests/test_same_host.py"],
+    ),
+    (
+        "same-host copy: pushes read instead of write",
+        "torch_kvreg/remote/engine.py",
+        '_C.peer_copy_submit(link.peer_pid, operation == "READ", rows)',
+        "_C.peer_copy_submit(link.peer_pid, True, rows)",
+        ["tests/test_same_host.py"],
+    ),
+    (
+        "same-host copy: a timed-out copy lets go of its memory at once",
+        "torch_kvreg/remote/engine.py",
+        "            if _C.peer_copy_state(flight.job) == _JOB_RUNNING:\n                return False",
+        "            if False:\n                return False",
+        ["tests/test_same_host.py"],
+    ),
+    (
+        "same-host copy: a notice is not sent",
+        "torch_kvreg/remote/engine.py",
+        '        if state == "DONE" and flight.notify:\n            try:\n                self.agent.send_notif',
+        "        if False:\n            try:\n                self.agent.send_notif",
+        ["tests/test_async.py", "tests/test_same_host.py"],
+    ),
     # --- the LLM-DataDist facade ----------------------------------------------------------
     (
         "blocks keys ignore the model id",

@@ -142,7 +142,24 @@ def decoder(peer):
     kv.finalize()
 
 
-def test_64_pulls_in_flight_from_one_thread(peer, decoder):
+@pytest.fixture(params=["same_host", "nixl"])
+def routed_decoder(request, peer, monkeypatch):
+    """A linked decoder whose transfers to the peer (on this host) take the given route:
+    direct same-host copies, or NIXL as to another host."""
+    monkeypatch.setenv("TORCH_KVREG_SAME_HOST_COPY", "1" if request.param == "same_host" else "0")
+    kv.initialize(cluster_id=2, options={"llm.SyncKvCacheWaitTime": "1000"})
+    assert kv.link_clusters([peer.info])[0] == LLMStatusCode.LLM_SUCCESS
+    yield request.param
+    kv.finalize()
+
+
+def took_route(route, transfers):
+    """Every one of ``transfers`` went the route asked for, and none another."""
+    routes = kv.remote._existing_engine().routes
+    return routes[route] == transfers and sum(routes.values()) == transfers
+
+
+def test_64_pulls_in_flight_from_one_thread(peer, routed_decoder):
     remote_id = peer.call("register", (2, 64, BLOCK, 41, True))
     theirs = paged(2, 64, BLOCK, 41)
     mine = [torch.zeros(64, *BLOCK, dtype=torch.float16) for _ in range(2)]
@@ -155,11 +172,12 @@ def test_64_pulls_in_flight_from_one_thread(peer, decoder):
     assert all(t.status == LLMStatusCode.LLM_SUCCESS and t.failed_blocks == [] for t in transfers)
     assert all(torch.equal(m.flip(0), t) for m, t in zip(mine, theirs))
     assert started < 10
+    assert took_route(routed_decoder, 64)
     assert peer.settled_leases() == {}
     peer.call("unregister", remote_id)
 
 
-def test_notices_reach_the_peer_after_the_data(peer, decoder):
+def test_notices_reach_the_peer_after_the_data(peer, routed_decoder):
     remote_id = peer.call("register", (2, 8, BLOCK, 42, True))
     peer.call("notifications")  # drain
     mine = [torch.full((8, *BLOCK), 5.0, dtype=torch.float16) for _ in range(2)]
@@ -175,6 +193,7 @@ def test_notices_reach_the_peer_after_the_data(peer, decoder):
     assert received == [(2, b"req-17 pushed"), (2, b"req-18 pulled"), (2, b"x" * 1024)]
     assert torch.all(peer.call("read", remote_id)[1][7] == 5.0)  # the data was there by then
     assert kv.get_notifications() == []  # nothing was sent to us
+    assert took_route(routed_decoder, 3)
     before = (kv.usage(), kv.registered_caches())
     with pytest.raises(kv.LLMParamInvalidError):
         kv.pull_kv_blocks_async(CacheIndex(9, remote_id), local, [0], [0], notify="x" * 1025)

@@ -128,11 +128,12 @@ def test_raw_requests_before_the_handshake_get_nothing(guarded):
         {"op": "hello", "cluster_id": 4, "agent": "x", "proof": protocol.b64(bytes(32)), "id": 1},
         {"op": "ping", "id": 1},
         {"op": "release", "lease": 1, "id": 1},
+        {"op": "same_host", "nonce": protocol.b64(bytes(32)), "id": 1},
     ):
         raw = Recorder(guarded.host, guarded.port)
         reply = raw.request(request)
         assert reply["ok"] is False and reply["status"] == "LLM_LINK_FAILED", reply
-        assert "md" not in reply and "cache" not in reply and "lease" not in reply
+        assert not {"md", "cache", "lease", "pid", "address"} & set(reply), reply
         assert raw.closed_by_peer()  # and the connection is dropped
         raw.close()
     assert guarded.call("leases") == {}

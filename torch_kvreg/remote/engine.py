@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import os
-import socket
 import secrets
+import socket
 import socketserver
 import threading
 import time
@@ -566,7 +567,9 @@ class Engine:
                 link.request({"op": "same_host", "nonce": protocol.b64(nonce)}, timeout_s)
             )
         except (LLMException, protocol.ProtocolError) as exc:
-            log.info("cluster %s is on this host, direct copies refused (%s): NIXL moves its bytes", link.cluster_id, exc)
+            log.info(
+                "cluster %s is on this host, direct copies refused (%s): NIXL moves its bytes", link.cluster_id, exc
+            )
             return None
         status, shown = _C.peer_copy_peek(pid, address, len(nonce))
         if status != 0 or shown != nonce:
@@ -868,8 +871,8 @@ class Engine:
             if link.peer_pid is not None and local.cache_desc.placement == remote.desc.placement == Placement.HOST:
                 rows = _peer_rows(local, remote, local_offsets, remote_offsets, lengths, local_tensors, remote_tensors)
                 flight = _Flight(transfer, link, lease, local.cache_id, None, time.monotonic() + self.wait_s, notify)
-                job = flight.job = _C.peer_copy_submit(link.peer_pid, operation == "READ", rows)
-                transfer.assist = lambda timeout_ms: _C.peer_copy_help(job, timeout_ms)
+                flight.job = _C.peer_copy_submit(link.peer_pid, operation == "READ", rows)
+                transfer.assist = functools.partial(self._assist, flight)
                 flight.posted = True
                 state: str | None = "PROC"
                 self.routes["same_host"] += 1
@@ -893,7 +896,15 @@ class Engine:
                     # (Background requests keep their rows: the progress thread posts a burst of
                     # them as one request, joining the blocks that turn out adjacent.)
                     request = self._prepped_request(
-                        operation, local, remote, link, local_offsets, remote_offsets, block_nbytes, local_sel, remote_sel
+                        operation,
+                        local,
+                        remote,
+                        link,
+                        local_offsets,
+                        remote_offsets,
+                        block_nbytes,
+                        local_sel,
+                        remote_sel,
                     )
                 else:
                     request = self._request(
@@ -906,7 +917,9 @@ class Engine:
                     try:
                         flight.handle = _Request.handle_of([request])
                     except Exception as exc:
-                        raise _error(LLMStatusCode.LLM_LINK_FAILED, f"NIXL could not prepare the transfer: {exc}") from None
+                        raise _error(
+                            LLMStatusCode.LLM_LINK_FAILED, f"NIXL could not prepare the transfer: {exc}"
+                        ) from None
                     state = self._post(flight)
         except BaseException:
             self._settle(link, lease, local.cache_id, None)
@@ -1024,19 +1037,20 @@ class Engine:
         not one each. A flight with a notice ends its group, so the notice still follows
         all of its data. Returns the ids of the flights that ride along."""
         riders: set[int] = set()
+        requests = [flight.nixl_request for flight in waiting]
         i = 0
         while i < len(waiting):
             group = [waiting[i]]
-            descriptors = len(waiting[i].request)
+            descriptors = len(requests[i])
             i += 1
             while (
                 not group[-1].notify
                 and i < len(waiting)
-                and waiting[i].request.key == group[0].request.key
-                and descriptors + len(waiting[i].request) <= MAX_GROUP_DESCRIPTORS
+                and requests[i].key == requests[i - len(group)].key
+                and descriptors + len(requests[i]) <= MAX_GROUP_DESCRIPTORS
             ):
                 group.append(waiting[i])
-                descriptors += len(waiting[i].request)
+                descriptors += len(requests[i])
                 i += 1
             leader = group[0]
             leader.riders = group[1:]
@@ -1044,7 +1058,7 @@ class Engine:
             leader.notify = group[-1].notify
             leader.deadline = min(flight.deadline for flight in group)
             try:
-                leader.handle = _Request.handle_of([flight.request for flight in group])
+                leader.handle = _Request.handle_of([flight.nixl_request for flight in group])
             except Exception as exc:
                 log.warning("NIXL could not prepare a transfer: %s", exc)
                 leader.posted, leader.state = True, "ERR"
@@ -1158,7 +1172,8 @@ class Engine:
                 idle = 0
                 with self.progress:
                     for flight in landed:
-                        self.flights.remove(flight)
+                        if flight in self.flights:  # (a waiter may have taken a same-host copy)
+                            self.flights.remove(flight)
             else:
                 idle += 1
             if not landed and all(flight.job is not None and not flight.settled_late for flight in flights):
@@ -1198,14 +1213,48 @@ class Engine:
         return False
 
     def _poll_job(self, flight: _Flight) -> bool:
-        """_poll for a same-host copy. Its notice goes out once every byte has landed."""
+        """_poll for a same-host copy (True also when its waiter completed it)."""
         assert flight.job is not None
         code = _C.peer_copy_state(flight.job)
+        if code == _JOB_RUNNING and flight.link.alive and time.monotonic() <= flight.deadline:
+            return False
+        if not self._claim(flight):
+            return True  # its waiter completes it
         if code == _JOB_RUNNING:
-            if flight.link.alive and time.monotonic() <= flight.deadline:
-                return False
             _C.peer_copy_cancel(flight.job)  # its memory stays held until its threads stop
-            state = "PROC" if flight.link.alive else "ERR"
+        return self._finish_job(flight, code)
+
+    def _claim(self, flight: _Flight) -> bool:
+        """True for the one thread (progress thread or waiter) that completes a flight."""
+        with self.progress:
+            if flight.claimed:
+                return False
+            flight.claimed = True
+            return True
+
+    def _assist(self, flight: _Flight, timeout_ms: int) -> None:
+        """Transfer.wait's help with a same-host copy: the waiting thread moves queued bytes
+        itself, and completes the transfer once they have landed (no hand-over to the
+        progress thread and back per transfer)."""
+        job = flight.job
+        if job is None:
+            return
+        code = _C.peer_copy_help(job, timeout_ms)
+        if code == _JOB_RUNNING or not self._claim(flight):
+            return
+        with self.progress:
+            if flight in self.flights:
+                self.flights.remove(flight)
+        if not self._finish_job(flight, code):
+            with self.progress:
+                self.flights.append(flight)  # the progress thread lets go of it later
+            self._wake_progress()
+
+    def _finish_job(self, flight: _Flight, code: int) -> bool:
+        """Completes a claimed same-host copy whose state is ``code``; its notice goes out
+        once every byte has landed. True once everything is released."""
+        if code == _JOB_RUNNING:
+            state = "PROC" if flight.link.alive else "ERR"  # past its deadline, or the peer is gone
         elif code == _JOB_DONE:
             state = "DONE"
         else:
@@ -1445,7 +1494,14 @@ class _Flight:
         self.state: str | None = None  # the state its post returned, until polled
         self.settled_late = False
         self.job: int | None = None  # a same-host copy job instead of a NIXL request
+        self.claimed = False  # a thread completes it (same-host copies: progress or waiter)
         self.failure = ""  # why it failed, when NIXL does not say
+
+    @property
+    def nixl_request(self) -> _Request:
+        """The NIXL request of a flight that has one (every flight but a same-host copy)."""
+        assert self.request is not None, "a same-host copy has no NIXL request"
+        return self.request
 
     def members(self) -> list[_Flight]:
         return [self, *self.riders]

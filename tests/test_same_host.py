@@ -1,0 +1,355 @@
+"""Same-host copies: the native pool that moves bytes between processes with
+process_vm_readv/writev, the pid proof a peer gives when it links, and remote transfers to a
+peer on this host, whole, refused, cut by the peer's death, past their deadline, at finalize."""
+
+import errno
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import torch_kvreg as kv
+from torch_kvreg import _C, CacheIndex, LLMStatusCode
+from torch_kvreg.remote import protocol
+
+from remote_peer import Peer, paged
+
+PAUSE = "TORCH_KVREG_PEER_COPY_TEST_PAUSE_US"
+BLOCK = (16, 2, 32)  # 2 KiB fp16 blocks
+ME = os.getpid()
+
+
+def rows(pieces):
+    """(local address, remote address, bytes) rows as the pool takes them."""
+    return torch.tensor(pieces, dtype=torch.int64).reshape(-1, 3)
+
+
+def finished(job, timeout_ms=10_000):
+    state = _C.peer_copy_wait(job, timeout_ms)
+    _C.peer_copy_release(job)
+    return state
+
+
+# --- the native pool, within this process (a process may copy from itself) -----------------
+@pytest.mark.parametrize("read", [True, False])
+def test_pieces_of_every_size_land_wherever_the_job_is_split(read):
+    rng = np.random.default_rng(7)
+    source = torch.from_numpy(rng.integers(0, 256, 48 << 20, dtype=np.uint8))
+    target = torch.zeros(96 << 20, dtype=torch.uint8)
+    expected = torch.zeros_like(target)
+    # Pieces from 1 byte to 3 MiB (tasks are cut at 256 KiB to 4 MiB: many pieces are split
+    # between tasks), at scattered offsets, none overlapping on the target side.
+    sizes = [int(s) for s in rng.choice([1, 7, 4096, 32 << 10, 300_001, 3 << 20], 120)]
+    target_offsets = np.cumsum([0, *sizes[:-1]])
+    assert target_offsets[-1] + sizes[-1] <= target.numel()
+    pieces = []
+    for size, to in zip(sizes, target_offsets):
+        at = int(rng.integers(0, source.numel() - size))
+        expected[to : to + size] = source[at : at + size]
+        here, there = target.data_ptr() + int(to), source.data_ptr() + at
+        # read: the peer (this process) is the source; write: we are the source
+        pieces += [here, there, size] if read else [there, here, size]
+    job = _C.peer_copy_submit(ME, read, rows(pieces))
+    assert finished(job) == 1
+    assert torch.equal(target, expected)
+    assert sum(sizes) > 8 * (4 << 20)  # more bytes than one task takes: the job was split
+    assert _C.peer_copy_live_jobs() == 0
+
+
+def test_a_failed_job_says_why():
+    buffer = torch.zeros(1 << 16, dtype=torch.uint8)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)  # exited and reaped
+    cases = {
+        -errno.ESRCH: (dead_pid, [[buffer.data_ptr(), buffer.data_ptr(), 64]]),
+        -errno.EFAULT: (ME, [[buffer.data_ptr(), 4096, 64]]),  # nothing is mapped at page 1
+    }
+    for expected, (pid, pieces) in cases.items():
+        assert finished(_C.peer_copy_submit(pid, True, rows(pieces))) == expected
+    # Good pieces before a bad one still land; the job fails.
+    good = torch.arange(64, dtype=torch.uint8)
+    job = _C.peer_copy_submit(ME, True, rows([[buffer.data_ptr(), good.data_ptr(), 64], [buffer.data_ptr(), 8, 64]]))
+    assert finished(job) == -errno.EFAULT
+    assert _C.peer_copy_live_jobs() == 0
+    assert _C.peer_copy_peek(dead_pid, buffer.data_ptr(), 8)[0] == -errno.ESRCH
+    assert _C.peer_copy_peek(ME, 8, 8)[0] == -errno.EFAULT
+    assert _C.peer_copy_peek(ME, good.data_ptr(), 4) == (0, bytes([0, 1, 2, 3]))
+
+
+def test_a_piece_running_into_unmapped_memory_stops_there():
+    """The kernel moves the mapped part and stops: the copy goes on from there (where it
+    fails) rather than from the start of the piece again."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    page = mmap.PAGESIZE
+    base = libc.mmap(None, 2 * page, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    assert base not in (None, ctypes.c_void_p(-1).value)
+    try:
+        ctypes.memset(base, 0x5A, 2 * page)
+        assert libc.munmap(base + page, page) == 0  # the second page is gone
+        target = torch.zeros(2 * page, dtype=torch.uint8)
+        job = _C.peer_copy_submit(ME, True, rows([target.data_ptr(), base, 2 * page]))
+        assert finished(job) == -errno.EFAULT
+        assert torch.all(target[:page] == 0x5A) and torch.all(target[page:] == 0)
+    finally:
+        libc.munmap(base, page)
+
+
+def test_bad_jobs_are_refused_and_start_nothing():
+    buffer = torch.zeros(64, dtype=torch.uint8)
+    live = _C.peer_copy_live_jobs()
+    with pytest.raises(ValueError, match="LLM_PARAM_INVALID"):
+        _C.peer_copy_state(10**12)
+    with pytest.raises(ValueError, match="LLM_PARAM_INVALID"):
+        _C.peer_copy_submit(0, True, rows([buffer.data_ptr(), buffer.data_ptr(), 8]))
+    with pytest.raises(ValueError, match="LLM_PARAM_INVALID"):
+        _C.peer_copy_submit(ME, True, rows([buffer.data_ptr(), -64, 128]))  # wraps the address space
+    with pytest.raises(TypeError, match="LLM_PARAM_INVALID"):
+        _C.peer_copy_submit(ME, True, torch.zeros(1, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="LLM_PARAM_INVALID"):
+        _C.peer_copy_submit(ME, True, torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="LLM_PARAM_INVALID"):
+        _C.peer_copy_peek(ME, buffer.data_ptr(), 4097)
+    assert _C.peer_copy_live_jobs() == live
+    assert _C.peer_copy_help(10**12, 0) == 1  # a job already released: nothing left to do
+
+
+def test_a_slow_job_is_cancelled_waited_for_and_woken_from(monkeypatch):
+    monkeypatch.setenv(PAUSE, "20000")  # 20 ms before each system call
+    source = torch.ones(32 << 20, dtype=torch.uint8)
+    target = torch.zeros_like(source)
+    job = _C.peer_copy_submit(ME, True, rows([target.data_ptr(), source.data_ptr(), source.numel()]))
+    assert _C.peer_copy_state(job) == 0 and _C.peer_copy_wait(job, 5) == 0  # still running
+    ends, wakes = _C.peer_copy_ends(), _C.peer_copy_wakes()
+    assert not _C.peer_copy_wait_ends(ends, wakes, 10)  # nothing ended within 10 ms
+    waker = threading.Timer(0.05, _C.peer_copy_wake)
+    start = time.monotonic()
+    waker.start()
+    assert _C.peer_copy_wait_ends(ends, wakes, 5000)  # woken, though nothing ended
+    assert time.monotonic() - start < 2 and _C.peer_copy_ends() == ends
+    _C.peer_copy_cancel(job)
+    assert _C.peer_copy_wait(job, 5000) == -errno.ECANCELED
+    assert _C.peer_copy_ends() == ends + 1 and _C.peer_copy_wait_ends(ends, wakes + 1, 0)
+    assert not torch.equal(target, source)  # it stopped before the end
+    _C.peer_copy_release(job)
+    assert _C.peer_copy_live_jobs() == 0
+
+
+def test_the_pool_size_follows_its_setting():
+    code = "from torch_kvreg import _C; print(_C.peer_copy_threads())"
+    default = max(1, min(4, os.cpu_count() - 1))
+    for setting, expected in (("3", 3), ("64", 64), ("0", default), ("many", default), ("", default)):
+        env = {**os.environ, "TORCH_KVREG_PEER_COPY_THREADS": setting}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        assert int(out.stdout) == expected, (setting, out.stdout)
+
+
+# --- the pid proof ---------------------------------------------------------------------------
+class FakeLink:
+    """Answers the same_host request as ``answer(nonce)`` says; records what was asked."""
+
+    cluster_id = 5
+
+    def __init__(self, answer):
+        self.answer, self.asked, self.keep = answer, [], []
+
+    def request(self, message, timeout_s=None):
+        self.asked.append(message["op"])
+        return self.answer(self, protocol._bytes(message, "nonce"))
+
+
+def show(link, nonce, pid=ME, shown=None):
+    buffer = np.frombuffer(nonce if shown is None else shown, dtype=np.uint8).copy()
+    link.keep.append(buffer)
+    return {"ok": True, "pid": pid, "address": int(buffer.ctypes.data)}
+
+
+def test_a_peer_proves_the_pid_it_names(kv):
+    engine = kv.remote._get_engine()
+    host = {"host": engine.host}
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        cases = {
+            "honest": (lambda link, nonce: show(link, nonce), ME),
+            "wrong bytes": (lambda link, nonce: show(link, nonce, shown=bytes(32)), None),
+            "another process": (lambda link, nonce: show(link, nonce, pid=sleeper.pid), None),
+            "no such process": (lambda link, nonce: show(link, nonce, pid=2**31 - 1), None),
+            "malformed": (lambda link, nonce: {"ok": True, "pid": "me", "address": 1}, None),
+            "refused": (
+                lambda link, nonce: (_ for _ in ()).throw(kv.LLMException(LLMStatusCode.LLM_FAILED, "no")),
+                None,
+            ),
+        }
+        for name, (answer, expected) in cases.items():
+            link = FakeLink(answer)
+            assert engine._same_host_pid(link, host, 1.0) == expected, name
+            assert link.asked == ["same_host"], name
+        elsewhere = FakeLink(lambda link, nonce: show(link, nonce))
+        for response in ({"host": "another|host|entirely"}, {}, {"host": 7}):
+            assert engine._same_host_pid(elsewhere, response, 1.0) is None
+        assert elsewhere.asked == []  # a peer on another host is not even asked
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_the_nonce_is_shown_only_when_same_host_copies_are_on(monkeypatch):
+    monkeypatch.setenv("TORCH_KVREG_SAME_HOST_COPY", "0")
+    kv.initialize()
+    engine = kv.remote._get_engine()
+    assert engine.host is None
+    with pytest.raises(kv.LLMException) as refused:
+        engine.show_nonce({"nonce": bytes(32)}, FakeLink(None))
+    assert refused.value.status_code == LLMStatusCode.LLM_FEATURE_NOT_ENABLED
+
+
+def test_a_bad_setting_is_refused_and_changes_nothing(monkeypatch):
+    monkeypatch.setenv("TORCH_KVREG_SAME_HOST_COPY", "yes")
+    kv.initialize()
+    with pytest.raises(kv.LLMException) as refused:
+        kv.remote._get_engine()
+    assert refused.value.status_code == LLMStatusCode.LLM_PARAM_INVALID
+    assert "TORCH_KVREG_SAME_HOST_COPY" in str(refused.value)
+    assert kv.remote._existing_engine() is None
+
+
+# --- remote transfers to a peer on this host ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def peer():
+    if not kv.remote.nixl_available():
+        pytest.skip("needs the nixl extra")
+    p = Peer(cluster_id=13)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def decoder(peer):
+    kv.initialize(cluster_id=2, options={"llm.SyncKvCacheWaitTime": "1000"})
+    assert kv.link_clusters([peer.info])[0] == LLMStatusCode.LLM_SUCCESS
+    yield kv.remote._existing_engine()
+    kv.finalize()
+
+
+def test_a_peer_on_this_host_is_copied_directly(peer, decoder):
+    assert decoder.links[13].peer_pid == peer.process.pid
+    remote_id = peer.call("register", (4, 16, BLOCK, 21, True))
+    theirs = paged(4, 16, BLOCK, 21)
+    mine = [torch.zeros(16, *BLOCK, dtype=torch.float16) for _ in range(4)]
+    local = kv.register_kv_cache(mine)
+    remote = CacheIndex(13, remote_id)
+    block = local.cache_desc.block_nbytes
+    assert kv.pull_kv_blocks(remote, local, [3, 4, 5, 9], [0, 1, 2, 15]) == 4 * 4 * block
+    for t in range(4):
+        assert torch.equal(mine[t][[0, 1, 2, 15]], theirs[t][[3, 4, 5, 9]])
+    assert kv.pull_kv_blocks(remote, local, [7], [7], layers=range(1, 2)) == 2 * block  # tensors 2 and 3
+    assert torch.equal(mine[2][7], theirs[2][7]) and not torch.equal(mine[0][7], theirs[0][7])
+    assert kv.pull_kv_cache(CacheIndex(13, remote_id, 11), local, 12, size=block) == 4 * block
+    assert all(torch.equal(mine[t][12], theirs[t][11]) for t in range(4))
+    for t in range(4):
+        mine[t][6] = 40.0 + t
+    kv.push_kv_blocks_async(local, remote, [6], [1], notify="pushed").wait(5000)
+    written = peer.call("read", remote_id)
+    assert all(torch.all(written[t][1] == 40.0 + t) for t in range(4))
+    assert torch.equal(written[0][2], theirs[0][2])  # only that block
+    assert decoder.routes == {"same_host": 4}
+    assert peer.settled_leases() == {} and _C.in_flight(local.cache_id) == 0
+    assert _C.peer_copy_live_jobs() == 0
+    peer.call("unregister", remote_id)
+
+
+def test_a_peer_with_same_host_copies_off_is_reached_over_nixl():
+    other = Peer(cluster_id=14, env={"TORCH_KVREG_SAME_HOST_COPY": "0"})
+    try:
+        kv.initialize(cluster_id=2, options={"llm.SyncKvCacheWaitTime": "1000"})
+        assert kv.link_clusters([other.info])[0] == LLMStatusCode.LLM_SUCCESS
+        engine = kv.remote._existing_engine()
+        assert engine.host is not None and engine.links[14].peer_pid is None
+        remote_id = other.call("register", (2, 8, BLOCK, 22, True))
+        mine = [torch.zeros(8, *BLOCK, dtype=torch.float16) for _ in range(2)]
+        kv.pull_kv_blocks(CacheIndex(14, remote_id), kv.register_kv_cache(mine), [1, 2], [1, 2])
+        assert torch.equal(mine[1][2], paged(2, 8, BLOCK, 22)[1][2])
+        assert engine.routes == {"nixl": 1}
+    finally:
+        kv.finalize()
+        other.close()
+
+
+def big_remote(peer, seed):
+    """A peer cache of 64 MiB (16 tensors x 64 blocks x 64 KiB) and a local one like it."""
+    remote_id = peer.call("register", (16, 64, (32, 8, 128), seed, True))
+    mine = [torch.zeros(64, 32, 8, 128, dtype=torch.float16) for _ in range(16)]
+    return remote_id, mine, kv.register_kv_cache(mine)
+
+
+def test_a_peer_killed_mid_copy_fails_the_transfer_at_once(monkeypatch):
+    doomed = Peer(cluster_id=15)
+    kv.initialize(cluster_id=2, options={"llm.SyncKvCacheWaitTime": "5000"})
+    try:
+        assert kv.link_clusters([doomed.info])[0] == LLMStatusCode.LLM_SUCCESS
+        remote_id, mine, local = big_remote(doomed, 23)
+        monkeypatch.setenv(PAUSE, "30000")  # 30 ms before each of its system calls
+        transfer = kv.pull_kv_blocks_async(CacheIndex(15, remote_id), local, list(range(64)), list(range(64)))
+        time.sleep(0.05)
+        doomed.kill()
+        start = time.monotonic()
+        with pytest.raises(kv.LLMException) as failed:
+            transfer.wait(10_000)
+        assert failed.value.status_code == LLMStatusCode.LLM_LINK_FAILED
+        assert time.monotonic() - start < 2  # not the 5 s deadline
+        assert transfer.failed_blocks == list(range(64))
+        assert _C.in_flight(local.cache_id) == 0
+        kv.unregister_kv_cache(local)  # nothing holds it
+        assert _C.peer_copy_live_jobs() == 0
+    finally:
+        kv.finalize()
+
+
+def test_a_copy_past_its_deadline_times_out_and_holds_its_memory_until_it_stops(peer, monkeypatch):
+    kv.initialize(cluster_id=2, options={"llm.SyncKvCacheWaitTime": "300"})
+    assert kv.link_clusters([peer.info])[0] == LLMStatusCode.LLM_SUCCESS
+    remote_id, mine, local = big_remote(peer, 24)
+    monkeypatch.setenv(PAUSE, "250000")  # 250 ms before each system call: far past 300 ms
+    transfer = kv.pull_kv_blocks_async(CacheIndex(13, remote_id), local, list(range(64)), list(range(64)))
+    monkeypatch.delenv(PAUSE)
+    deadline = time.monotonic() + 5
+    while not transfer.done() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert transfer.status == LLMStatusCode.LLM_TIMEOUT
+    assert transfer.elapsed_s < 1.5
+    held = _C.in_flight(local.cache_id)
+    deadline = time.monotonic() + 5
+    while _C.in_flight(local.cache_id) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert held == 1 and _C.in_flight(local.cache_id) == 0  # held until its threads stopped
+    assert _C.peer_copy_live_jobs() == 0 and peer.settled_leases() == {}
+    kv.finalize()
+    peer.call("unregister", remote_id)
+
+
+def test_finalize_with_a_same_host_copy_in_flight_is_bounded(peer, monkeypatch):
+    """finalize waits for a copy in flight up to its deadline, then fails it and returns once
+    the copy's threads have stopped (no memory is freed under them)."""
+    kv.initialize(cluster_id=2, options={"llm.SyncKvCacheWaitTime": "1000"})
+    assert kv.link_clusters([peer.info])[0] == LLMStatusCode.LLM_SUCCESS
+    remote_id, mine, local = big_remote(peer, 25)
+    monkeypatch.setenv(PAUSE, "400000")  # 0.4 s before each of its system calls: seconds in all
+    transfer = kv.pull_kv_blocks_async(CacheIndex(13, remote_id), local, list(range(64)), list(range(64)))
+    start = time.monotonic()
+    kv.finalize()
+    assert time.monotonic() - start < 4
+    assert transfer.status in (LLMStatusCode.LLM_TIMEOUT, LLMStatusCode.LLM_FAILED)
+    assert _C.peer_copy_live_jobs() == 0
+    peer.call("unregister", remote_id)
