@@ -1239,7 +1239,11 @@ class Engine:
         job = flight.job
         if job is None:
             return
+        start = time.monotonic()
         code = _C.peer_copy_help(job, timeout_ms)
+        if code == _JOB_RUNNING:  # the last pieces are on the pool's threads: wait for them here
+            left_ms = -1 if timeout_ms < 0 else max(0, timeout_ms - int(1000 * (time.monotonic() - start)))
+            code = _C.peer_copy_wait(job, left_ms)
         if code == _JOB_RUNNING or not self._claim(flight):
             return
         with self.progress:
