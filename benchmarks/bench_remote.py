@@ -1,8 +1,10 @@
-"""pull_kv_blocks between two processes over NIXL, against a raw NIXL agent pair, one run.
+"""pull_kv_blocks and push_kv_blocks between two processes, against a raw NIXL agent pair, one run.
 
 Caches: 32 layers x K and V, 1024 blocks of 16 tokens x 8 heads x 128 dims fp16 (32 KiB
-per block per tensor, 2 GiB per process); 512 blocks pulled (1 GiB), random and
-consecutive indices. Baselines in the same run and the same processes:
+per block per tensor, 2 GiB per process); 512 blocks pulled (1 GiB) and pushed back, random
+and consecutive indices. On one host ours copies directly between the processes (same-host
+copies; TORCH_KVREG_SAME_HOST_COPY=0 sends it through NIXL like the baseline); the output
+says which route it took. Baselines in the same run and the same processes:
 (a) a plain NIXL agent pair registering the same tensors (configured as ours: UCX, a
 progress thread that pauses between polls; nixl-cu12's default busy-polling thread would
 take a core from every measurement), with hand-made per-block
@@ -145,9 +147,12 @@ def main():
         "consecutive": (list(range(MOVED)), list(range(NUM_BLOCKS - MOVED, NUM_BLOCKS))),
     }
     for pattern, (src_blocks, dst_blocks) in patterns.items():
+        # Pushes write back what the pulls read (local dst_blocks -> remote src_blocks), so
+        # both sides keep the bytes the check below expects.
         variants = {
             "copy_kv_blocks_local_limit": lambda: flat_dst.copy_(flat_src),
             "pull_kv_blocks": lambda: kv.pull_kv_blocks(kv.CacheIndex(1, remote_id), local, src_blocks, dst_blocks),
+            "push_kv_blocks": lambda: kv.push_kv_blocks(local, kv.CacheIndex(1, remote_id), dst_blocks, src_blocks),
         }
         src_idx = (
             (np.arange(num_tensors)[:, None] * NUM_BLOCKS + np.asarray(src_blocks)[None, :])
@@ -160,12 +165,13 @@ def main():
             .astype(np.int32)
         )
 
-        def raw_prepped():
-            handle = raw.make_prepped_xfer("READ", local_prep, dst_idx, remote_prep, src_idx)
+        def raw_prepped(operation):
+            handle = raw.make_prepped_xfer(operation, local_prep, dst_idx, remote_prep, src_idx)
             wait(raw, handle)
             raw.release_xfer_handle(handle)
 
-        variants["raw_nixl_per_block"] = raw_prepped
+        variants["raw_nixl_per_block"] = lambda: raw_prepped("READ")
+        variants["raw_nixl_per_block_write"] = lambda: raw_prepped("WRITE")
         if pattern == "consecutive":
             local_rows = np.array(
                 [(t.data_ptr() + dst_blocks[0] * block_nbytes, MOVED * block_nbytes, 0) for t in tensors],
@@ -175,14 +181,18 @@ def main():
                 [(a + src_blocks[0] * block_nbytes, MOVED * block_nbytes, 0) for a in remote_addrs], dtype=np.uint64
             )
 
-            def raw_coalesced():
+            def raw_coalesced(operation):
                 handle = raw.initialize_xfer(
-                    "READ", raw.get_xfer_descs(local_rows, "DRAM"), raw.get_xfer_descs(remote_rows, "DRAM"), remote_name
+                    operation,
+                    raw.get_xfer_descs(local_rows, "DRAM"),
+                    raw.get_xfer_descs(remote_rows, "DRAM"),
+                    remote_name,
                 )
                 wait(raw, handle)
                 raw.release_xfer_handle(handle)
 
-            variants["raw_nixl_coalesced"] = raw_coalesced
+            variants["raw_nixl_coalesced"] = lambda: raw_coalesced("READ")
+            variants["raw_nixl_coalesced_write"] = lambda: raw_coalesced("WRITE")
         measured = interleaved(variants)
         expected = torch.stack(
             [torch.full(BLOCK_SHAPE, float(1 + i % 7), dtype=torch.float16) for i in range(num_tensors)]
@@ -197,18 +207,21 @@ def main():
                 bytes=total,
                 gbps=gbps,
                 ratio_vs_raw_nixl=gbps["pull_kv_blocks"] / gbps[baseline],
+                push_ratio_vs_raw_nixl=gbps["push_kv_blocks"] / gbps[baseline + "_write"],
                 raw_baseline=baseline,
                 ratio_vs_local_limit=gbps["pull_kv_blocks"] / gbps["copy_kv_blocks_local_limit"],
             )
         )
+    routes = dict(kv.remote._existing_engine().routes)
     kv.finalize()
     from_main.put("done")
     peer.join(timeout=60)
 
     where = f"over TCP across network namespaces ({os.environ.get('UCX_TLS')})" if args.inside else "on one host"
-    print(f"CPU: {cpu_model()}; {where}")
+    route = "same-host copies" if routes.get("same_host") else "NIXL"
+    print(f"CPU: {cpu_model()}; {where}; ours went by {route} ({routes}); the baseline is raw NIXL over UCX")
     print(
-        f"pull_kv_blocks over NIXL/UCX between two processes, {num_tensors} tensors x {MOVED} of "
+        f"pull_kv_blocks and push_kv_blocks between two processes, {num_tensors} tensors x {MOVED} of "
         f"{NUM_BLOCKS} blocks of {block_nbytes // 1024} KiB ({total / 2**30:.2f} GiB), torch {torch.__version__}"
     )
     print(
@@ -217,16 +230,29 @@ def main():
     for r in rows:
         g = r["gbps"]
         extra = f", raw coalesced {g['raw_nixl_coalesced']:.2f}" if "raw_nixl_coalesced" in g else ""
+        extra_write = f", raw coalesced {g['raw_nixl_coalesced_write']:.2f}" if "raw_nixl_coalesced" in g else ""
         print(
-            f"{r['pattern']:<12} ours {g['pull_kv_blocks']:.2f} GB/s | "
+            f"{r['pattern']:<12} pull: ours {g['pull_kv_blocks']:.2f} GB/s | "
             f"raw per-block {g['raw_nixl_per_block']:.2f}{extra}"
             f" | local copy {g['copy_kv_blocks_local_limit']:.2f} GB/s || ours / {r['raw_baseline']} = "
             f"{r['ratio_vs_raw_nixl']:.2f}x, ours / local limit = {r['ratio_vs_local_limit']:.2f}x"
         )
+        print(
+            f"{'':<12} push: ours {g['push_kv_blocks']:.2f} GB/s | "
+            f"raw per-block {g['raw_nixl_per_block_write']:.2f}{extra_write} || ours / {r['raw_baseline']}_write = "
+            f"{r['push_ratio_vs_raw_nixl']:.2f}x"
+        )
     if args.json:
         with open(args.json, "w") as out:
             json.dump(
-                {"cpu": cpu_model(), "path": where, "link_ms": link_ms, "register_ms": register_ms, "rows": rows},
+                {
+                    "cpu": cpu_model(),
+                    "path": where,
+                    "routes": routes,
+                    "link_ms": link_ms,
+                    "register_ms": register_ms,
+                    "rows": rows,
+                },
                 out,
                 indent=2,
             )

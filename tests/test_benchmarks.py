@@ -78,3 +78,19 @@ def test_bench_pipeline_small(tmp_path):
     assert result["overlapped_over_sequential"] > 0 and result["pulls"]["async_over_blocking"] > 0
     assert result["cpu"] and "first token" in stdout
     assert result["compute_slowdown_beside_a_copy"] > 0 and "at best" in stdout
+
+
+def test_bench_remote_small(tmp_path):
+    import pytest
+
+    import torch_kvreg
+
+    if not torch_kvreg.remote.nixl_available():
+        pytest.skip("needs the nixl extra")
+    result, stdout = run_bench("bench_remote.py", "--layers", "1", "--repeats", "1", tmp_path=tmp_path)
+    assert result["routes"] == {"same_host": 8}  # 2 patterns x (warm-up + 1 repeat) x (pull, push)
+    for row in result["rows"]:
+        assert row["ratio_vs_raw_nixl"] > 0 and row["push_ratio_vs_raw_nixl"] > 0
+        assert all(v > 0 and math.isfinite(v) for v in row["gbps"].values())
+    assert [row["pattern"] for row in result["rows"]] == ["random", "consecutive"]
+    assert result["cpu"] and "went by same-host copies" in stdout and "push:" in stdout
