@@ -214,6 +214,14 @@ class Pool {
            (timeout_ms < 0 || std::chrono::steady_clock::now() < deadline)) {
       run_one_locked(lock);
     }
+    // The rest is on the workers: wait for it (the job is kept alive here even if another
+    // thread releases it meanwhile).
+    auto ended = [&] { return job->ended; };
+    if (timeout_ms < 0) {
+      ended_.wait(lock, ended);
+    } else {
+      ended_.wait_until(lock, deadline, ended);
+    }
     return state_locked(job);
   }
 

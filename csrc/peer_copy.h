@@ -29,10 +29,10 @@ int64_t submit(int64_t pid, bool read, std::vector<Piece> pieces);
 int64_t state(int64_t job);
 // Waits up to timeout_ms (< 0: without bound) for the job to end; its state then.
 int64_t wait(int64_t job, int64_t timeout_ms);
-// Lends the calling thread to the pool: runs queued tasks (the job's and those before it)
-// until the job has ended, the queue is empty or timeout_ms (< 0: no bound) has passed;
-// the job's state then (kDone for a job already released). A caller that would wait for
-// the job anyway moves bytes meanwhile.
+// wait() for a caller that would rather work: runs queued tasks (the job's and those
+// before it) while there are any, then waits for the workers to finish the job, until it
+// has ended or timeout_ms (< 0: no bound) has passed; the job's state then (kDone for a job
+// already released, which a caller racing the job's completion may meet).
 int64_t help(int64_t job, int64_t timeout_ms);
 // Ends wait_ends() calls early: their caller has other work.
 void wake();

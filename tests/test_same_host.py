@@ -270,6 +270,36 @@ def test_a_peer_on_this_host_is_copied_directly(peer, decoder):
     peer.call("unregister", remote_id)
 
 
+def test_waiters_and_the_progress_thread_race_to_complete_copies(peer, decoder):
+    """Some transfers are waited for (the waiter completes them), others only polled (the
+    progress thread does): whoever gets there first completes each exactly once."""
+    import random
+
+    remote_id = peer.call("register", (4, 64, BLOCK, 26, True))
+    theirs = paged(4, 64, BLOCK, 26)
+    mine = [torch.zeros(64, *BLOCK, dtype=torch.float16) for _ in range(4)]
+    local = kv.register_kv_cache(mine)
+    rng = random.Random(3)
+    for _ in range(30):
+        blocks = rng.sample(range(64), 32)
+        transfers = [kv.pull_kv_blocks_async(CacheIndex(13, remote_id), local, [b], [b]) for b in blocks]
+        order = list(range(32))
+        rng.shuffle(order)
+        for i in order:
+            if i % 2:
+                transfers[i].wait(5000)
+            else:
+                while not transfers[i].done():
+                    time.sleep(0)
+        assert all(t.status == LLMStatusCode.LLM_SUCCESS for t in transfers)
+        for mine_t, theirs_t in zip(mine, theirs):
+            assert torch.equal(mine_t[blocks], theirs_t[blocks])
+    assert decoder.job_completions["waiter"] >= 30 and decoder.job_completions["progress"] >= 30
+    assert sum(decoder.job_completions.values()) == decoder.routes["same_host"] == 30 * 32
+    assert _C.peer_copy_live_jobs() == 0 and _C.in_flight(local.cache_id) == 0
+    peer.call("unregister", remote_id)
+
+
 def test_a_peer_with_same_host_copies_off_is_reached_over_nixl():
     other = Peer(cluster_id=14, env={"TORCH_KVREG_SAME_HOST_COPY": "0"})
     try:

@@ -351,6 +351,8 @@ class Engine:
         self.host = host_identity()
         self.agent = make_agent(self.name)
         self.routes: collections.Counter[str] = collections.Counter()  # transfers by path
+        # Who completed same-host copies: the thread waiting for one, or the progress thread.
+        self.job_completions: collections.Counter[str] = collections.Counter()
         self.lock = threading.Condition()
         self.nixl_regs: dict[int, object] = {}  # cache id -> NIXL registration descriptors
         self.local_preps: dict[int, object] = {}  # cache id -> prepared per-block dlist
@@ -1214,14 +1216,20 @@ class Engine:
 
     def _poll_job(self, flight: _Flight) -> bool:
         """_poll for a same-host copy (True also when its waiter completed it)."""
-        assert flight.job is not None
-        code = _C.peer_copy_state(flight.job)
+        job = flight.job
+        if job is None or flight.claimed:
+            return True  # its waiter completed it (or is completing it)
+        try:
+            code = _C.peer_copy_state(job)
+        except ValueError:
+            return True  # its waiter completed and released it just now
         if code == _JOB_RUNNING and flight.link.alive and time.monotonic() <= flight.deadline:
             return False
         if not self._claim(flight):
             return True  # its waiter completes it
         if code == _JOB_RUNNING:
-            _C.peer_copy_cancel(flight.job)  # its memory stays held until its threads stop
+            _C.peer_copy_cancel(job)  # its memory stays held until its threads stop
+        self.job_completions["progress"] += 1
         return self._finish_job(flight, code)
 
     def _claim(self, flight: _Flight) -> bool:
@@ -1239,16 +1247,13 @@ class Engine:
         job = flight.job
         if job is None:
             return
-        start = time.monotonic()
-        code = _C.peer_copy_help(job, timeout_ms)
-        if code == _JOB_RUNNING:  # the last pieces are on the pool's threads: wait for them here
-            left_ms = -1 if timeout_ms < 0 else max(0, timeout_ms - int(1000 * (time.monotonic() - start)))
-            code = _C.peer_copy_wait(job, left_ms)
+        code = _C.peer_copy_help(job, timeout_ms)  # moves bytes, then waits for the rest
         if code == _JOB_RUNNING or not self._claim(flight):
             return
         with self.progress:
             if flight in self.flights:
                 self.flights.remove(flight)
+        self.job_completions["waiter"] += 1
         if not self._finish_job(flight, code):
             with self.progress:
                 self.flights.append(flight)  # the progress thread lets go of it later
@@ -1297,10 +1302,12 @@ class Engine:
             if flight.handle is not None:
                 with contextlib.suppress(Exception):
                     self.agent.release_xfer_handle(flight.handle)
-            if flight.job is not None:  # stops at its threads' next call; memory stays until then
-                _C.peer_copy_cancel(flight.job)
-                _C.peer_copy_wait(flight.job, int(1000 * self.wait_s) + 1000)
-                _C.peer_copy_release(flight.job)
+            job = flight.job
+            if job is not None:  # stops at its threads' next call; memory stays until then
+                with contextlib.suppress(ValueError):  # unless a waiter released it just now
+                    _C.peer_copy_cancel(job)
+                    _C.peer_copy_wait(job, int(1000 * self.wait_s) + 1000)
+                    _C.peer_copy_release(job)
             for member in flight.members():
                 member.transfer.fail(_error(LLMStatusCode.LLM_FAILED, "finalized with the transfer in flight"))
                 self.unhold_local(member.local_id)
