@@ -7,6 +7,7 @@
 #include "remote_hooks.h"
 #include "status.h"
 
+#include <pybind11/numpy.h>
 #include <torch/extension.h>
 
 #include <cstring>
@@ -179,6 +180,33 @@ PYBIND11_MODULE(_C, m) {
     }
     return kvreg::peer_copy::submit(pid, read, std::move(pieces));
   });
+  // The same from a transfer's plan: segment j of tensor t is lengths[j] bytes at
+  // local_bases[t] + local_offsets[j] here and remote_bases[t] + remote_offsets[j] there.
+  m.def(
+      "peer_copy_submit_segments",
+      [](int64_t pid, bool read, const std::vector<uint64_t>& local_bases,
+         const std::vector<uint64_t>& remote_bases,
+         const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& local_offsets,
+         const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& remote_offsets,
+         const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& lengths) {
+        const auto count = static_cast<size_t>(lengths.size());
+        KVREG_CHECK_ARG(
+            local_bases.size() == remote_bases.size() && static_cast<size_t>(local_offsets.size()) == count &&
+                static_cast<size_t>(remote_offsets.size()) == count,
+            "peer copy segments: ", local_bases.size(), " and ", remote_bases.size(), " tensors, ",
+            local_offsets.size(), ", ", remote_offsets.size(), " and ", count, " offsets and lengths");
+        const uint64_t* here = local_offsets.data();
+        const uint64_t* there = remote_offsets.data();
+        const uint64_t* size = lengths.data();
+        std::vector<kvreg::peer_copy::Piece> pieces;
+        pieces.reserve(local_bases.size() * count);
+        for (size_t t = 0; t < local_bases.size(); ++t) {
+          for (size_t j = 0; j < count; ++j) {
+            pieces.push_back({local_bases[t] + here[j], remote_bases[t] + there[j], size[j]});
+          }
+        }
+        return kvreg::peer_copy::submit(pid, read, std::move(pieces));
+      });
   m.def("peer_copy_state", &kvreg::peer_copy::state);
   m.def("peer_copy_wait", &kvreg::peer_copy::wait, py::call_guard<py::gil_scoped_release>());
   m.def("peer_copy_wakes", &kvreg::peer_copy::wakes);

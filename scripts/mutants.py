@@ -258,8 +258,8 @@ MUTANTS = [
     (
         "same-host copy: pushes read instead of write",
         "torch_kvreg/remote/engine.py",
-        '_C.peer_copy_submit(link.peer_pid, operation == "READ", rows)',
-        "_C.peer_copy_submit(link.peer_pid, True, rows)",
+        'link.peer_pid,\n                    operation == "READ",',
+        "link.peer_pid,\n                    True,",
         ["tests/test_same_host.py"],
     ),
     (

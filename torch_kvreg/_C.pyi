@@ -2,6 +2,7 @@
 # torch.ops.llm. Keep this in step with bindings.cpp: tests/test_types.py compares the two.
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 # (num_tensors, data_type, shape, placement, device_index), as CacheDesc holds it.
@@ -54,6 +55,16 @@ def copy_blocks_of_tensors(
 
 # Same-host copies between processes (csrc/peer_copy.h): states 0 running, 1 done, -errno.
 def peer_copy_submit(pid: int, read: bool, rows: torch.Tensor, /) -> int: ...
+def peer_copy_submit_segments(
+    pid: int,
+    read: bool,
+    local_bases: Sequence[int],
+    remote_bases: Sequence[int],
+    local_offsets: np.ndarray,
+    remote_offsets: np.ndarray,
+    lengths: np.ndarray,
+    /,
+) -> int: ...
 def peer_copy_state(job: int, /) -> int: ...
 def peer_copy_wait(job: int, timeout_ms: int, /) -> int: ...
 def peer_copy_help(job: int, timeout_ms: int, /) -> int: ...

@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import numpy as np
-import torch
 
 from .. import _C
 from ..errors import LLMException, LLMStatusCode, make_error
@@ -871,9 +870,16 @@ class Engine:
                 transfer.succeed()
                 return transfer
             if link.peer_pid is not None and local.cache_desc.placement == remote.desc.placement == Placement.HOST:
-                rows = _peer_rows(local, remote, local_offsets, remote_offsets, lengths, local_tensors, remote_tensors)
                 flight = _Flight(transfer, link, lease, local.cache_id, None, time.monotonic() + self.wait_s, notify)
-                flight.job = _C.peer_copy_submit(link.peer_pid, operation == "READ", rows)
+                flight.job = _C.peer_copy_submit_segments(
+                    link.peer_pid,
+                    operation == "READ",
+                    [local.tensor_addrs[i] for i in local_tensors],
+                    [remote.addrs[i] for i in remote_tensors],
+                    local_offsets,
+                    remote_offsets,
+                    lengths,
+                )
                 transfer.assist = functools.partial(self._assist, flight)
                 flight.posted = True
                 state: str | None = "PROC"
@@ -1158,6 +1164,11 @@ class Engine:
                     if self.stopping:
                         return
                     self.progress_idle = True
+                    if due is None and self.lingering:
+                        # A lease began to linger after _expire_leases looked (a waiter that
+                        # completed its own transfer let go of it): its wake may have come
+                        # before this wait, so do not wait past its linger.
+                        due = LEASE_LINGER_S
                     self.progress.wait(due)  # a new flight, a lingering lease due, or stop
                     self.progress_idle = False
                     continue
@@ -1408,26 +1419,6 @@ class Engine:
         return _Request(
             ("prepped", operation, id(link), id(local_prep), id(remote_prep)), local_idx, remote_idx, make_handle
         )
-
-
-def _peer_rows(
-    local: Cache,
-    remote: RemoteCache,
-    local_offsets: np.ndarray,
-    remote_offsets: np.ndarray,
-    lengths: np.ndarray,
-    local_tensors: Sequence[int],
-    remote_tensors: Sequence[int],
-) -> torch.Tensor:
-    """A same-host copy's (local address, remote address, bytes) rows: every segment of
-    every tensor taking part, tensor by tensor."""
-    local_bases = np.asarray(local.tensor_addrs, dtype=np.uint64)[np.asarray(local_tensors, dtype=np.int64)]
-    remote_bases = np.asarray(remote.addrs, dtype=np.uint64)[np.asarray(remote_tensors, dtype=np.int64)]
-    rows = np.empty((local_bases.size, lengths.size, 3), dtype=np.uint64)
-    rows[:, :, 0] = local_bases[:, None] + local_offsets[None, :]
-    rows[:, :, 1] = remote_bases[:, None] + remote_offsets[None, :]
-    rows[:, :, 2] = lengths
-    return torch.from_numpy(rows.reshape(-1, 3).view(np.int64))
 
 
 class _Request:

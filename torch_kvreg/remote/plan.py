@@ -33,7 +33,7 @@ def fields(desc: CacheDesc | _C.DescFields, num_tensors: int | None = None) -> _
 
 
 def _columns(rows: torch.Tensor) -> Segments:
-    table = rows.numpy().astype(np.uint64)
+    table = rows.numpy().view(np.uint64)  # offsets and lengths are never negative
     return table[:, 0], table[:, 1], table[:, 2]
 
 
