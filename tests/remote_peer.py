@@ -1,6 +1,7 @@
 """A torch_kvreg process driven by a test through queues (a prompt or decode peer),
 optionally inside a network namespace (tests/netns.py) with its own environment."""
 
+import contextlib
 import multiprocessing as mp
 import time
 
@@ -169,3 +170,32 @@ class Peer:
         """Ends the process at once (SIGKILL): no bye, no finalize."""
         self.process.kill()
         self.process.join(timeout=30)
+
+
+@contextlib.contextmanager
+def running_peer(cluster_id, **kwargs):
+    """A Peer for a module's tests, closed at the end; the tests skip without the nixl extra."""
+    import pytest
+
+    import torch_kvreg as kv
+
+    if not kv.remote.nixl_available():
+        pytest.skip("needs the nixl extra")
+    peer = Peer(cluster_id, **kwargs)
+    try:
+        yield peer
+    finally:
+        peer.close()
+
+
+@contextlib.contextmanager
+def linked_to(peer, cluster_id=2, wait_ms=1000):
+    """This process initialized as ``cluster_id`` and linked to ``peer``; finalized after."""
+    import torch_kvreg as kv
+
+    kv.initialize(cluster_id=cluster_id, options={"llm.SyncKvCacheWaitTime": str(wait_ms)})
+    try:
+        assert kv.link_clusters([peer.info])[0] == kv.LLMStatusCode.LLM_SUCCESS
+        yield
+    finally:
+        kv.finalize()

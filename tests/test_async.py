@@ -14,7 +14,7 @@ import torch_kvreg as kv
 from torch_kvreg import CacheIndex, LLMStatusCode
 from torch_kvreg.transfer import _copy_worker
 
-from remote_peer import Peer, paged
+from remote_peer import linked_to, paged, running_peer
 
 
 @pytest.fixture
@@ -127,19 +127,14 @@ BLOCK = (16, 2, 32)  # 2 KiB fp16 blocks
 
 @pytest.fixture(scope="module")
 def peer():
-    if not kv.remote.nixl_available():
-        pytest.skip("needs the nixl extra")
-    p = Peer(cluster_id=9)
-    yield p
-    p.close()
+    with running_peer(9) as p:
+        yield p
 
 
 @pytest.fixture
 def decoder(peer):
-    kv.initialize(cluster_id=2, options={"llm.SyncKvCacheWaitTime": "1000"})
-    assert kv.link_clusters([peer.info])[0] == LLMStatusCode.LLM_SUCCESS
-    yield kv
-    kv.finalize()
+    with linked_to(peer):
+        yield kv
 
 
 @pytest.fixture(params=["same_host", "nixl"])
@@ -147,10 +142,8 @@ def routed_decoder(request, peer, monkeypatch):
     """A linked decoder whose transfers to the peer (on this host) take the given route:
     direct same-host copies, or NIXL as to another host."""
     monkeypatch.setenv("TORCH_KVREG_SAME_HOST_COPY", "1" if request.param == "same_host" else "0")
-    kv.initialize(cluster_id=2, options={"llm.SyncKvCacheWaitTime": "1000"})
-    assert kv.link_clusters([peer.info])[0] == LLMStatusCode.LLM_SUCCESS
-    yield request.param
-    kv.finalize()
+    with linked_to(peer):
+        yield request.param
 
 
 def took_route(route, transfers):

@@ -17,7 +17,7 @@ import torch_kvreg as kv
 from torch_kvreg import _C, CacheIndex, LLMStatusCode
 from torch_kvreg.remote import protocol
 
-from remote_peer import Peer, paged
+from remote_peer import Peer, linked_to, paged, running_peer
 
 PAUSE = "TORCH_KVREG_PEER_COPY_TEST_PAUSE_US"
 BLOCK = (16, 2, 32)  # 2 KiB fp16 blocks
@@ -228,19 +228,14 @@ def test_a_bad_setting_is_refused_and_changes_nothing(monkeypatch):
 
 @pytest.fixture(scope="module")
 def peer():
-    if not kv.remote.nixl_available():
-        pytest.skip("needs the nixl extra")
-    p = Peer(cluster_id=13)
-    yield p
-    p.close()
+    with running_peer(13) as p:
+        yield p
 
 
 @pytest.fixture
 def decoder(peer):
-    kv.initialize(cluster_id=2, options={"llm.SyncKvCacheWaitTime": "1000"})
-    assert kv.link_clusters([peer.info])[0] == LLMStatusCode.LLM_SUCCESS
-    yield kv.remote._existing_engine()
-    kv.finalize()
+    with linked_to(peer):
+        yield kv.remote._existing_engine()
 
 
 def test_a_peer_on_this_host_is_copied_directly(peer, decoder):
