@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from . import _C, counters
@@ -45,8 +46,8 @@ def block_tensor(blocks: Blocks, name: str) -> torch.Tensor:
         # The common case, without a Python step per block (a layer's push names hundreds):
         # plain ints only (bool is not int here); one out of int64's range falls through to
         # the loop below, which names it.
-        with contextlib.suppress(RuntimeError, OverflowError, ValueError):
-            return torch.tensor(blocks, dtype=torch.int64)
+        with contextlib.suppress(OverflowError):
+            return torch.from_numpy(np.array(blocks, dtype=np.int64))
     values = []
     for j, block in enumerate(blocks):
         if isinstance(block, bool) or not hasattr(block, "__index__"):

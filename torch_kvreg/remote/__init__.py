@@ -18,7 +18,8 @@ import torch
 from .. import lifecycle
 from ..errors import LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
 from ..inflight import Transfer
-from ..registry import OPTION_LISTEN_IP_INFO
+from ..registry import OPTION_LISTEN_IP_INFO, get_cache
+from ..transfer import block_tensor
 from ..types import Blocks, Cache, CacheDesc, CacheIndex, ClusterInfo, LlmRole, as_int, layer_tensors
 from . import plan
 from .auth import LinkSecret
@@ -228,8 +229,6 @@ MAX_CLUSTERS = 16
 
 
 def _blocks(blocks: Blocks, name: str) -> torch.Tensor:
-    from ..transfer import block_tensor
-
     return block_tensor(blocks, name)
 
 
@@ -243,8 +242,6 @@ def _cache_index(index: object) -> CacheIndex:
 
 
 def _local(cache: Cache | int) -> Cache:
-    from ..registry import get_cache
-
     return get_cache(cache.cache_id if isinstance(cache, Cache) else cache)
 
 
