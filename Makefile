@@ -84,7 +84,12 @@ lint: $(DEPS_STAMP)
 ASAN_PKG := build-asan/pkg
 ASAN_TESTS := tests/test_registry.py tests/test_copy_blocks.py tests/test_bad_inputs.py \
 	tests/test_stress.py tests/test_model_based.py tests/test_threads.py \
-	tests/test_fuzz.py::test_raw_address_register_path
+	tests/test_fuzz.py::test_raw_address_register_path \
+	tests/test_same_host.py::test_pieces_of_every_size_land_wherever_the_job_is_split \
+	tests/test_same_host.py::test_a_failed_job_says_why \
+	tests/test_same_host.py::test_a_piece_running_into_unmapped_memory_stops_there \
+	tests/test_same_host.py::test_bad_jobs_are_refused_and_start_nothing \
+	tests/test_same_host.py::test_a_slow_job_is_cancelled_waited_for_and_woken_from
 test-asan: $(DEPS_STAMP)
 	rm -rf $(ASAN_PKG) && mkdir -p $(ASAN_PKG) && cp -r torch_kvreg $(ASAN_PKG)/ && rm -rf $(ASAN_PKG)/torch_kvreg/*.so $(ASAN_PKG)/torch_kvreg/lib
 	KVREG_SANITIZE=1 $(PY) setup.py -q build_ext --build-temp build-asan/temp --build-lib $(ASAN_PKG)
