@@ -166,20 +166,23 @@ PYBIND11_MODULE(_C, m) {
       },
       py::call_guard<py::gil_scoped_release>());
   // Same-host copies between processes (remote transfers to a peer on this host).
-  m.def("peer_copy_submit", [](int64_t pid, bool read, const at::Tensor& rows) {
-    KVREG_CHECK_TYPE(
-        rows.scalar_type() == at::kLong, "peer copy rows must be int64, got ", rows.scalar_type());
-    KVREG_CHECK_ARG(
-        rows.dim() == 2 && rows.size(1) == 3 && rows.device().is_cpu(),
-        "peer copy rows must be a CPU (local, remote, nbytes) x N table");
-    const at::Tensor table = rows.contiguous();
-    const auto* cells = reinterpret_cast<const uint64_t*>(table.data_ptr<int64_t>());
-    std::vector<kvreg::peer_copy::Piece> pieces(static_cast<size_t>(table.size(0)));
-    for (size_t i = 0; i < pieces.size(); ++i) {
-      pieces[i] = {cells[3 * i], cells[3 * i + 1], cells[3 * i + 2]};
-    }
-    return kvreg::peer_copy::submit(pid, read, std::move(pieces));
-  });
+  m.def(
+      "peer_copy_submit",
+      [](int64_t pid, bool read, const at::Tensor& rows, bool watched) {
+        KVREG_CHECK_TYPE(
+            rows.scalar_type() == at::kLong, "peer copy rows must be int64, got ", rows.scalar_type());
+        KVREG_CHECK_ARG(
+            rows.dim() == 2 && rows.size(1) == 3 && rows.device().is_cpu(),
+            "peer copy rows must be a CPU (local, remote, nbytes) x N table");
+        const at::Tensor table = rows.contiguous();
+        const auto* cells = reinterpret_cast<const uint64_t*>(table.data_ptr<int64_t>());
+        std::vector<kvreg::peer_copy::Piece> pieces(static_cast<size_t>(table.size(0)));
+        for (size_t i = 0; i < pieces.size(); ++i) {
+          pieces[i] = {cells[3 * i], cells[3 * i + 1], cells[3 * i + 2]};
+        }
+        return kvreg::peer_copy::submit(pid, read, std::move(pieces), watched);
+      },
+      py::arg("pid"), py::arg("read"), py::arg("rows"), py::arg("watched") = true);
   // The same from a transfer's plan: segment j of tensor t is lengths[j] bytes at
   // local_bases[t] + local_offsets[j] here and remote_bases[t] + remote_offsets[j] there.
   m.def(
@@ -188,7 +191,7 @@ PYBIND11_MODULE(_C, m) {
          const std::vector<uint64_t>& remote_bases,
          const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& local_offsets,
          const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& remote_offsets,
-         const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& lengths) {
+         const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& lengths, bool watched) {
         const auto count = static_cast<size_t>(lengths.size());
         KVREG_CHECK_ARG(
             local_bases.size() == remote_bases.size() && static_cast<size_t>(local_offsets.size()) == count &&
@@ -205,7 +208,7 @@ PYBIND11_MODULE(_C, m) {
             pieces.push_back({local_bases[t] + here[j], remote_bases[t] + there[j], size[j]});
           }
         }
-        return kvreg::peer_copy::submit(pid, read, std::move(pieces));
+        return kvreg::peer_copy::submit(pid, read, std::move(pieces), watched);
       });
   m.def("peer_copy_state", &kvreg::peer_copy::state);
   m.def("peer_copy_wait", &kvreg::peer_copy::wait, py::call_guard<py::gil_scoped_release>());

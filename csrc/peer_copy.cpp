@@ -33,6 +33,7 @@ struct Job {
   int64_t pid = 0;
   bool read = true;
   int64_t pause_us = 0;  // before each system call: tests make copies slow enough to cut
+  bool watched = true;   // its end counts in ends() and ends wait_ends()
   std::atomic<bool> cancelled{false};
   std::atomic<int64_t> error{0};  // -errno of the first failure
   int64_t tasks_left = 0;         // under Pool::mutex
@@ -114,8 +115,9 @@ class Pool {
     return *pool;
   }
 
-  int64_t submit(int64_t pid, bool read, std::vector<Piece> pieces) {
+  int64_t submit(int64_t pid, bool read, std::vector<Piece> pieces, bool watched) {
     auto job = std::make_shared<Job>();
+    job->watched = watched;
     job->pid = pid;
     job->read = read;
     job->pause_us = test_pause_us();
@@ -153,7 +155,7 @@ class Pool {
     job->tasks_left = static_cast<int64_t>(tasks.size());
     if (tasks.empty()) {
       job->ended = true;
-      ++ends_;
+      ends_ += job->watched ? 1 : 0;
       ended_.notify_all();
     }
     for (Task& task : tasks) {
@@ -336,7 +338,7 @@ class Pool {
       return;
     }
     job.ended = true;
-    ++ends_;
+    ends_ += job.watched ? 1 : 0;
     if (job.released) {  // released while running: forgotten now
       for (auto it = jobs_.begin(); it != jobs_.end(); ++it) {
         if (it->second.get() == &job) {
@@ -357,19 +359,19 @@ class Pool {
   std::vector<std::thread> threads_;
   int64_t next_id_ = 1;
   int64_t wakes_ = 0;  // wake() calls so far
-  int64_t ends_ = 0;   // jobs ended so far
+  int64_t ends_ = 0;   // watched jobs ended so far
 };
 
 }  // namespace
 
-int64_t submit(int64_t pid, bool read, std::vector<Piece> pieces) {
+int64_t submit(int64_t pid, bool read, std::vector<Piece> pieces, bool watched) {
   KVREG_CHECK_ARG(pid > 0, "a same-host copy needs the peer's pid, got ", pid);
   for (const Piece& piece : pieces) {
     KVREG_CHECK_ARG(
         piece.local + piece.nbytes >= piece.local && piece.remote + piece.nbytes >= piece.remote,
         "a same-host copy piece wraps the address space");
   }
-  return Pool::instance().submit(pid, read, std::move(pieces));
+  return Pool::instance().submit(pid, read, std::move(pieces), watched);
 }
 
 int64_t state(int64_t job) {

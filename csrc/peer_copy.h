@@ -22,9 +22,10 @@ constexpr int64_t kDone = 1;
 constexpr int64_t kCancelled = -125;  // -ECANCELED
 
 // Starts moving `pieces` (read: peer -> here, else here -> peer) and returns the job's id at
-// once; the pool's threads split the bytes between them. Raises LLM_PARAM_INVALID for a
-// pid below 1 or a piece that wraps the address space.
-int64_t submit(int64_t pid, bool read, std::vector<Piece> pieces);
+// once; the pool's threads split the bytes between them. A `watched` job's end counts in
+// ends() and ends wait_ends(). Raises LLM_PARAM_INVALID for a pid below 1 or a piece that
+// wraps the address space.
+int64_t submit(int64_t pid, bool read, std::vector<Piece> pieces, bool watched = true);
 // The job's state now. Raises LLM_PARAM_INVALID for an unknown job.
 int64_t state(int64_t job);
 // Waits up to timeout_ms (< 0: without bound) for the job to end; its state then.
@@ -39,10 +40,10 @@ void wake();
 // How many times wake() was called: a caller reads it before it looks at its work, so that
 // a wake() between that look and its wait_ends() is not lost.
 int64_t wakes();
-// How many jobs have ended so far.
+// How many watched jobs have ended so far.
 int64_t ends();
-// Waits up to timeout_ms (< 0: no bound) until a job ends or wake() is called after ends()
-// and wakes() returned these counts; false on timeout. Whoever watches every job (the
+// Waits up to timeout_ms (< 0: no bound) until a watched job ends or wake() is called after
+// ends() and wakes() returned these counts; false on timeout. Whoever watches jobs (the
 // engine's progress thread) needs no wake for a job submitted after it looked.
 bool wait_ends(int64_t ends_seen, int64_t wakes_seen, int64_t timeout_ms);
 // Asks a job to stop before its next system call; it ends cancelled unless already done.

@@ -54,7 +54,7 @@ def copy_blocks_of_tensors(
 ) -> None: ...
 
 # Same-host copies between processes (csrc/peer_copy.h): states 0 running, 1 done, -errno.
-def peer_copy_submit(pid: int, read: bool, rows: torch.Tensor, /) -> int: ...
+def peer_copy_submit(pid: int, read: bool, rows: torch.Tensor, watched: bool = True) -> int: ...
 def peer_copy_submit_segments(
     pid: int,
     read: bool,
@@ -63,6 +63,7 @@ def peer_copy_submit_segments(
     local_offsets: np.ndarray,
     remote_offsets: np.ndarray,
     lengths: np.ndarray,
+    watched: bool,
     /,
 ) -> int: ...
 def peer_copy_state(job: int, /) -> int: ...

@@ -55,6 +55,10 @@ LEASE_LINGER_S = 0.05
 SAME_HOST_ENV = "TORCH_KVREG_SAME_HOST_COPY"
 # A same-host copy job's states (peer_copy.h); failures are -errno.
 _JOB_RUNNING, _JOB_DONE = 0, 1
+# A same-host copy is completed by the thread that waits for it or polls done(); one with a
+# notice wakes the progress thread when it ends (the notice goes out at once); the others
+# the progress thread completes at its next look, at most this long after they end.
+JOB_SWEEP_S = 0.005
 
 
 # NIXL's agent runs a progress thread that, as nixl-cu12 configures it (pthrDelay 0), polls
@@ -879,6 +883,7 @@ class Engine:
                     local_offsets,
                     remote_offsets,
                     lengths,
+                    bool(notify),  # a notice must go out when the copy ends, waited for or not
                 )
                 transfer.assist = functools.partial(self._assist, flight)
                 flight.posted = True
@@ -1290,11 +1295,14 @@ class Engine:
         return False
 
     def _wait_for_jobs(self, flights: list[_Flight], due: float | None, ends: int, wakes: int) -> None:
-        """Blocks without the GIL until a same-host copy ends (one started since too: a
-        start need not wake this thread), a NIXL flight arrives, or the first deadline (or
-        lease expiry, or a short look at the links) is due."""
+        """Blocks without the GIL until a same-host copy with a notice ends (one started
+        since too: a start need not wake this thread), a NIXL flight arrives, JOB_SWEEP_S
+        has passed (copies nobody waits for), or the first deadline or lease expiry is due.
+        Waking on every copy's end would take the GIL from the thread starting them."""
         now = time.monotonic()
-        until = min([flight.deadline for flight in flights] + [now + 0.02] + ([] if due is None else [now + due]))
+        until = min(
+            [flight.deadline for flight in flights] + [now + JOB_SWEEP_S] + ([] if due is None else [now + due])
+        )
         _C.peer_copy_wait_ends(ends, wakes, max(1, int((until - now) * 1000)))
 
     def stop_progress(self) -> None:
