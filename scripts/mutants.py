@@ -276,6 +276,20 @@ MUTANTS = [
         "        if False:\n            try:\n                self.agent.send_notif",
         ["tests/test_async.py", "tests/test_same_host.py"],
     ),
+    (
+        "same-host copy: done() does not complete an ended copy",
+        "torch_kvreg/inflight.py",
+        "            self.assist(0)  # a same-host copy that has ended is completed here, at once",
+        "            pass",
+        ["tests/test_same_host.py"],
+    ),
+    (
+        "same-host copy: a notice's copy does not wake the progress thread",
+        "torch_kvreg/remote/engine.py",
+        "bool(notify),  # a notice must go out when the copy ends, waited for or not",
+        "False,",
+        ["tests/test_same_host.py", "tests/test_async.py"],
+    ),
     # --- the LLM-DataDist facade ----------------------------------------------------------
     (
         "blocks keys ignore the model id",

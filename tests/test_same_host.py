@@ -301,6 +301,53 @@ def test_waiters_pollers_and_the_progress_thread_each_complete_copies(peer, deco
     peer.call("unregister", remote_id)
 
 
+def test_polling_done_completes_an_ended_copy_at_once(peer, monkeypatch):
+    """With the progress thread's sweep pushed far out, only done() itself can complete
+    the copy this soon."""
+    from torch_kvreg.remote import engine
+
+    monkeypatch.setattr(engine, "JOB_SWEEP_S", 30.0)
+    with linked_to(peer, wait_ms=30_000):
+        remote_id = peer.call("register", (2, 8, BLOCK, 27, True))
+        mine = [torch.zeros(8, *BLOCK, dtype=torch.float16) for _ in range(2)]
+        local = kv.register_kv_cache(mine)
+        # 50 ms before its one system call: the progress thread's first look finds it running
+        monkeypatch.setenv(PAUSE, "50000")
+        transfer = kv.pull_kv_blocks_async(CacheIndex(13, remote_id), local, [1], [2])
+        monkeypatch.delenv(PAUSE)
+        start = time.monotonic()
+        while not transfer.done() and time.monotonic() - start < 5:
+            time.sleep(0.001)
+        assert transfer.status == LLMStatusCode.LLM_SUCCESS and time.monotonic() - start < 1
+        assert kv.remote._existing_engine().job_completions == {"waiter": 1}
+        assert torch.equal(mine[1][2], paged(2, 8, BLOCK, 27)[1][1])
+    peer.call("unregister", remote_id)
+
+
+def test_a_notice_goes_out_when_its_copy_lands_though_nobody_waits(peer, monkeypatch):
+    """A push with a notice that nobody waits for or polls: the progress thread is woken by
+    its end (the sweep pushed far out cannot be what sends it)."""
+    from torch_kvreg.remote import engine
+
+    monkeypatch.setattr(engine, "JOB_SWEEP_S", 30.0)
+    with linked_to(peer, wait_ms=30_000):
+        remote_id = peer.call("register_zeros", (2, 8, BLOCK))
+        peer.call("notifications")  # drain
+        mine = [torch.full((8, *BLOCK), 3.0, dtype=torch.float16) for _ in range(2)]
+        local = kv.register_kv_cache(mine)
+        monkeypatch.setenv(PAUSE, "50000")  # the progress thread's first look finds it running
+        transfer = kv.push_kv_blocks_async(local, CacheIndex(13, remote_id), [0], [5], notify="landed")
+        monkeypatch.delenv(PAUSE)
+        start, received = time.monotonic(), []
+        while not received and time.monotonic() - start < 5:
+            received = peer.call("notifications")
+            time.sleep(0.005)
+        assert received == [(2, b"landed")] and time.monotonic() - start < 2
+        assert torch.all(peer.call("read", remote_id)[1][5] == 3.0)
+        assert transfer.wait(1000) == 2 * mine[0][0].numel() * 2
+    peer.call("unregister", remote_id)
+
+
 def test_a_peer_with_same_host_copies_off_is_reached_over_nixl():
     other = Peer(cluster_id=14, env={"TORCH_KVREG_SAME_HOST_COPY": "0"})
     try:
