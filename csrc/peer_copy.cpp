@@ -278,9 +278,10 @@ class Pool {
     if (text != nullptr && *text != '\0') {
       char* end = nullptr;
       const long value = std::strtol(text, &end, 10);
-      if (*end == '\0' && value >= 1 && value <= 64) {
-        return value;
-      }
+      KVREG_CHECK_ARG(
+          *end == '\0' && value >= 1 && value <= 64, "TORCH_KVREG_PEER_COPY_THREADS must be 1 to 64, got '",
+          text, "'");
+      return value;
     }
     // One core is left to the threads that compute beside the copies (a prefill pushing
     // layer by layer); a caller that waits for a copy works on it too (help()).

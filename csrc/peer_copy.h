@@ -58,6 +58,8 @@ int64_t live_jobs();
 int64_t peek(int64_t pid, uint64_t address, size_t nbytes, std::string& out);
 
 // Worker threads (TORCH_KVREG_PEER_COPY_THREADS, 1 to 64; default: the cores but one, 1 to 4).
+// The pool starts on the first call of this file's functions; a malformed setting makes
+// that call raise LLM_PARAM_INVALID (and the next one try again).
 int64_t threads();
 
 }  // namespace kvreg::peer_copy

@@ -145,13 +145,27 @@ def test_a_slow_job_is_cancelled_waited_for_and_woken_from(monkeypatch):
     assert _C.peer_copy_live_jobs() == 0
 
 
-def test_the_pool_size_follows_its_setting():
+def test_the_pool_size_follows_its_setting_and_a_bad_one_is_refused():
     code = "from torch_kvreg import _C; print(_C.peer_copy_threads())"
     default = max(1, min(4, os.cpu_count() - 1))
-    for setting, expected in (("3", 3), ("64", 64), ("0", default), ("many", default), ("", default)):
+    for setting, expected in (("3", 3), ("64", 64), ("", default)):
         env = {**os.environ, "TORCH_KVREG_PEER_COPY_THREADS": setting}
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
         assert int(out.stdout) == expected, (setting, out.stdout)
+    # A malformed count: the engine (made when a process first links or listens) refuses
+    # to start, with the status and the setting named, and leaves none behind.
+    refused = (
+        "import torch_kvreg as kv\n"
+        "kv.initialize()\n"
+        "try:\n"
+        "    kv.remote._get_engine()\n"
+        "except kv.LLMException as exc:\n"
+        "    print(exc.status_code.name, 'TORCH_KVREG_PEER_COPY_THREADS' in str(exc), kv.remote._existing_engine())\n"
+    )
+    for setting in ("0", "65", "many", "2x"):
+        env = {**os.environ, "TORCH_KVREG_PEER_COPY_THREADS": setting}
+        out = subprocess.run([sys.executable, "-c", refused], capture_output=True, text=True, env=env, timeout=120)
+        assert out.stdout.split() == ["LLM_PARAM_INVALID", "True", "None"], (setting, out.stdout, out.stderr[-500:])
 
 
 # --- the pid proof ---------------------------------------------------------------------------

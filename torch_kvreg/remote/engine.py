@@ -20,7 +20,7 @@ from typing import Any, cast
 import numpy as np
 
 from .. import _C
-from ..errors import LLMException, LLMStatusCode, make_error
+from ..errors import LLMException, LLMStatusCode, make_error, translate
 from ..inflight import Transfer
 from ..types import Cache, CacheDesc, ClusterInfo, Placement
 from . import plan, protocol
@@ -75,12 +75,17 @@ def host_identity() -> str | None:
     """What two processes share when they may copy each other's memory directly: one
     kernel boot, one pid namespace (a pid means the same process to both) and one network
     namespace (what containers and the cross-host tests treat as another host). None when
-    same-host copies are off (TORCH_KVREG_SAME_HOST_COPY=0) or /proc does not say."""
+    same-host copies are off (TORCH_KVREG_SAME_HOST_COPY=0) or /proc does not say. Either
+    setting (this one, TORCH_KVREG_PEER_COPY_THREADS) malformed: LLM_PARAM_INVALID."""
     text = os.environ.get(SAME_HOST_ENV, "1")
     if text not in ("0", "1"):
         raise _error(LLMStatusCode.LLM_PARAM_INVALID, f"{SAME_HOST_ENV} must be 0 or 1, got {text!r}")
     if text == "0":
         return None
+    try:
+        _C.peer_copy_threads()  # starts the copy pool: a malformed thread count is refused here
+    except ValueError as exc:
+        raise translate(exc) or exc from None
     try:
         with open("/proc/sys/kernel/random/boot_id") as boot:
             boot_id = boot.read().strip()
