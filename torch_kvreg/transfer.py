@@ -6,16 +6,15 @@ import concurrent.futures
 import contextlib
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 
-import numpy as np
 import torch
 
 from . import _C, counters
-from .errors import LLMException, LLMStatusCode, make_error, param_invalid, raises_llm, translate, wrong_type
+from .errors import LLMException, LLMStatusCode, make_error, raises_llm, translate, wrong_type
 from .inflight import Transfer
 from .registry import cache_id_of, get_cache
-from .types import Blocks, Cache, as_int, layer_tensors
+from .types import Blocks, Cache, as_int, block_tensor, layer_tensors
 
 # Local asynchronous copies run here, one at a time (each copy already uses every core).
 _copier: concurrent.futures.ThreadPoolExecutor | None = None
@@ -28,35 +27,6 @@ def _copy_worker() -> concurrent.futures.ThreadPoolExecutor:
         if _copier is None:
             _copier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvreg-copy")
         return _copier
-
-
-def block_tensor(blocks: Blocks, name: str) -> torch.Tensor:
-    """A block list (sequence of ints, or an integer tensor) as a 1-D int64 tensor."""
-    if isinstance(blocks, torch.Tensor):
-        if blocks.dtype not in (torch.int64, torch.int32):
-            raise wrong_type(f"{name} must be an int64 or int32 tensor, got {blocks.dtype}")
-        if blocks.dim() > 1:
-            raise param_invalid(f"{name} must be 1-D, got shape {tuple(blocks.shape)}")
-        return blocks.reshape(-1)
-    if isinstance(blocks, int) and not isinstance(blocks, bool):
-        blocks = [blocks]
-    if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence):
-        raise wrong_type(f"{name} must be a sequence of ints or an int tensor, got {type(blocks).__name__}")
-    if isinstance(blocks, (list, tuple)) and set(map(type, blocks)) == {int}:
-        # The common case, without a Python step per block (a layer's push names hundreds):
-        # plain ints only (bool is not int here); one out of int64's range falls through to
-        # the loop below, which names it.
-        with contextlib.suppress(OverflowError):
-            return torch.from_numpy(np.array(blocks, dtype=np.int64))
-    values = []
-    for j, block in enumerate(blocks):
-        if isinstance(block, bool) or not hasattr(block, "__index__"):
-            raise wrong_type(f"{name}[{j}] must be an int, got {type(block).__name__}")
-        value = block.__index__()
-        if not -(2**63) <= value < 2**63:
-            raise make_error(LLMStatusCode.LLM_PARAM_INVALID, f"{name}[{j}] = {value} is out of range", IndexError)
-        values.append(value)
-    return torch.tensor(values, dtype=torch.int64)
 
 
 def _layer_tensors(

@@ -19,8 +19,7 @@ from .. import lifecycle
 from ..errors import LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
 from ..inflight import Transfer
 from ..registry import OPTION_LISTEN_IP_INFO, get_cache
-from ..transfer import block_tensor
-from ..types import Blocks, Cache, CacheDesc, CacheIndex, ClusterInfo, LlmRole, as_int, layer_tensors
+from ..types import Blocks, Cache, CacheDesc, CacheIndex, ClusterInfo, LlmRole, as_int, block_tensor, layer_tensors
 from . import plan
 from .auth import LinkSecret
 
