@@ -386,14 +386,29 @@ def big_remote(peer, seed):
     return remote_id, mine, kv.register_kv_cache(mine)
 
 
-def test_a_peer_killed_mid_copy_fails_the_transfer_at_once(monkeypatch):
+def warm_route(remote, local, routed):
+    """routed: one quick pull first, so that the next transfer with these caches starts on
+    the route it leaves (Engine.start_routed); returns the engine's route starts so far."""
+    if routed:
+        kv.pull_kv_blocks(remote, local, [0], [0])
+    return kv.remote._existing_engine().route_starts
+
+
+def started_on_route(before, routed):
+    return kv.remote._existing_engine().route_starts == before + (1 if routed else 0)
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_a_peer_killed_mid_copy_fails_the_transfer_at_once(monkeypatch, routed):
     doomed = Peer(cluster_id=15)
     kv.initialize(cluster_id=2, options={"llm.SyncKvCacheWaitTime": "5000"})
     try:
         assert kv.link_clusters([doomed.info])[0] == LLMStatusCode.LLM_SUCCESS
         remote_id, mine, local = big_remote(doomed, 23)
+        starts = warm_route(CacheIndex(15, remote_id), local, routed)
         monkeypatch.setenv(PAUSE, "30000")  # 30 ms before each of its system calls
         transfer = kv.pull_kv_blocks_async(CacheIndex(15, remote_id), local, list(range(64)), list(range(64)))
+        assert started_on_route(starts, routed)
         time.sleep(0.05)
         doomed.kill()
         start = time.monotonic()
@@ -409,13 +424,16 @@ def test_a_peer_killed_mid_copy_fails_the_transfer_at_once(monkeypatch):
         kv.finalize()
 
 
-def test_a_copy_past_its_deadline_times_out_and_holds_its_memory_until_it_stops(peer, monkeypatch):
+@pytest.mark.parametrize("routed", [False, True])
+def test_a_copy_past_its_deadline_times_out_and_holds_its_memory_until_it_stops(peer, monkeypatch, routed):
     kv.initialize(cluster_id=2, options={"llm.SyncKvCacheWaitTime": "300"})
     assert kv.link_clusters([peer.info])[0] == LLMStatusCode.LLM_SUCCESS
     remote_id, mine, local = big_remote(peer, 24)
+    starts = warm_route(CacheIndex(13, remote_id), local, routed)
     monkeypatch.setenv(PAUSE, "250000")  # 250 ms before each system call: far past 300 ms
     transfer = kv.pull_kv_blocks_async(CacheIndex(13, remote_id), local, list(range(64)), list(range(64)))
     monkeypatch.delenv(PAUSE)
+    assert started_on_route(starts, routed)
     deadline = time.monotonic() + 5
     while not transfer.done() and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -431,17 +449,153 @@ def test_a_copy_past_its_deadline_times_out_and_holds_its_memory_until_it_stops(
     peer.call("unregister", remote_id)
 
 
-def test_finalize_with_a_same_host_copy_in_flight_is_bounded(peer, monkeypatch):
+@pytest.mark.parametrize("routed", [False, True])
+def test_finalize_with_a_same_host_copy_in_flight_is_bounded(peer, monkeypatch, routed):
     """finalize waits for a copy in flight up to its deadline, then fails it and returns once
     the copy's threads have stopped (no memory is freed under them)."""
     kv.initialize(cluster_id=2, options={"llm.SyncKvCacheWaitTime": "1000"})
     assert kv.link_clusters([peer.info])[0] == LLMStatusCode.LLM_SUCCESS
     remote_id, mine, local = big_remote(peer, 25)
+    starts = warm_route(CacheIndex(13, remote_id), local, routed)
     monkeypatch.setenv(PAUSE, "400000")  # 0.4 s before each of its system calls: seconds in all
     transfer = kv.pull_kv_blocks_async(CacheIndex(13, remote_id), local, list(range(64)), list(range(64)))
+    assert started_on_route(starts, routed)
     start = time.monotonic()
     kv.finalize()
     assert time.monotonic() - start < 4
     assert transfer.status in (LLMStatusCode.LLM_TIMEOUT, LLMStatusCode.LLM_FAILED)
     assert _C.peer_copy_live_jobs() == 0
+    peer.call("unregister", remote_id)
+
+
+# --- routes: later transfers between the same caches start in one native call ---------------
+def test_transfers_after_the_first_start_on_its_route_and_land(peer, decoder):
+    remote_id = peer.call("register", (4, 32, BLOCK, 31, True))
+    theirs = paged(4, 32, BLOCK, 31)
+    mine = [torch.zeros(32, *BLOCK, dtype=torch.float16) for _ in range(4)]
+    local = kv.register_kv_cache(mine)
+    remote = CacheIndex(13, remote_id)
+    block = local.cache_desc.block_nbytes
+    assert kv.pull_kv_blocks(remote, local, [0], [0]) == 4 * block  # the general path: leaves the route
+    assert decoder.route_starts == 0 and len(decoder.fast_routes) == 1
+    pulls = [kv.pull_kv_blocks_async(remote, local, [b], [b + 15]) for b in range(1, 17)]
+    assert kv.pull_kv_blocks(remote, local, [20, 21, 22], [1, 2, 3]) == 3 * 4 * block
+    assert [t.wait(5000) for t in pulls] == [4 * block] * 16
+    assert decoder.route_starts == 17
+    for t in range(4):
+        assert torch.equal(mine[t][16:32], theirs[t][1:17])
+        assert torch.equal(mine[t][1:4], theirs[t][20:23])
+    # Other layers, or the other direction, are other routes: each starts on the general path once.
+    assert kv.pull_kv_blocks(remote, local, [5], [5], layers=range(1, 2)) == 2 * block
+    assert kv.pull_kv_blocks(remote, local, [6], [6], layers=range(1, 2)) == 2 * block
+    assert decoder.route_starts == 18
+    for t in range(4):
+        mine[t][10] = 7.0 + t
+    peer.call("notifications")  # drain
+    kv.push_kv_blocks(local, remote, [10], [30])
+    kv.push_kv_blocks_async(local, remote, [10], [31], notify="routed push").wait(5000)
+    assert decoder.route_starts == 19
+    written = peer.call("read", remote_id)
+    assert all(torch.all(written[t][30] == 7.0 + t) and torch.all(written[t][31] == 7.0 + t) for t in range(4))
+    assert peer.call("notifications") == [(2, b"routed push")]
+    assert decoder.routes == {"same_host": 22}
+    assert _C.in_flight(local.cache_id) == 0 and _C.peer_copy_live_jobs() == 0
+    assert not decoder.busy_routes and peer.settled_leases() == {}
+    peer.call("unregister", remote_id)
+
+
+def routed_error(call):
+    try:
+        call()
+    except kv.LLMException as exc:
+        return exc.status_code, str(exc)
+    raise AssertionError("no error raised")
+
+
+@pytest.mark.parametrize(
+    "src_blocks, dst_blocks, notify, says",
+    [
+        ([32], [1], None, "src_blocks[0] = 32 is out of range"),
+        ([1], [32], None, "dst_blocks[0] = 32 is out of range"),
+        ([-1], [1], None, "src_blocks[0] = -1 is out of range"),
+        ([1, 2], [1], None, "src_blocks has 2 entries but dst_blocks has 1"),
+        ([1, 2], [3, 3], None, "dst_blocks names block 3 more than once"),
+        ([True], [1], None, "src_blocks[0] must be an int, got bool"),
+        ([1.0], [1], None, "src_blocks[0] must be an int, got float"),
+        ([2**70], [1], None, "is out of range"),
+        ([1], [2], "x" * 1025, "notify has 1025 bytes"),
+        ([1], [2], 5, "notify must be str, bytes or None"),
+    ],
+)
+def test_bad_input_on_a_route_gets_the_general_paths_error_and_moves_nothing(
+    peer, decoder, src_blocks, dst_blocks, notify, says
+):
+    """A start the native route cannot take falls back to the general path: the same error
+    as without any route, and nothing moved, held or left pending."""
+    remote_id = peer.call("register", (2, 32, BLOCK, 32, True))
+    mine = [torch.zeros(32, *BLOCK, dtype=torch.float16) for _ in range(2)]
+    local = kv.register_kv_cache(mine)
+    remote = CacheIndex(13, remote_id)
+
+    def start():
+        return kv.pull_kv_blocks_async(remote, local, src_blocks, dst_blocks, notify=notify)
+
+    without_route = routed_error(start)
+    kv.pull_kv_blocks(remote, local, [0], [0])
+    before = [t.clone() for t in mine]
+    assert len(decoder.fast_routes) == 1 and decoder.route_starts == 0
+    assert routed_error(start) == without_route
+    assert without_route[0] == LLMStatusCode.LLM_PARAM_INVALID and says in without_route[1]
+    assert decoder.route_starts == 0 and decoder.routes == {"same_host": 1}
+    assert all(torch.equal(a, b) for a, b in zip(mine, before))
+    assert _C.in_flight(local.cache_id) == 0 and _C.peer_copy_live_jobs() == 0 and not decoder.busy_routes
+    # The route still serves good starts, and block lists it does not take (a tensor) go the
+    # general way and land too.
+    assert kv.pull_kv_blocks_async(remote, local, [3], [4]).wait(5000) > 0
+    assert kv.pull_kv_blocks_async(remote, local, torch.tensor([5]), torch.tensor([6])).wait(5000) > 0
+    assert decoder.route_starts == 1 and decoder.routes == {"same_host": 3}
+    theirs = paged(2, 32, BLOCK, 32)
+    assert torch.equal(mine[1][4], theirs[1][3]) and torch.equal(mine[1][6], theirs[1][5])
+    assert peer.settled_leases() == {}
+    peer.call("unregister", remote_id)
+
+
+def test_a_route_ends_with_its_lease_its_link_or_its_cache(peer, decoder):
+    """Routes never outlive what they copy between: once the lease on the peer's cache has
+    been given back the peer may unregister it, and the next start asks the peer again (and
+    is refused); a new link or an unregistered local cache end their routes too."""
+    remote_id = peer.call("register", (2, 16, BLOCK, 33, True))
+    mine = [torch.zeros(16, *BLOCK, dtype=torch.float16) for _ in range(2)]
+    local = kv.register_kv_cache(mine)
+    remote = CacheIndex(13, remote_id)
+    kv.pull_kv_blocks(remote, local, [0], [0])
+    kv.pull_kv_blocks(remote, local, [1], [1])
+    assert decoder.route_starts == 1
+    assert peer.settled_leases() == {}  # the lease lingered out: the route is stale now
+    kv.pull_kv_blocks(remote, local, [2], [2])  # leased again on the general path: a new route
+    kv.pull_kv_blocks(remote, local, [3], [3])
+    assert decoder.route_starts == 2
+    assert peer.settled_leases() == {}
+    peer.call("unregister", remote_id)
+    before = [t.clone() for t in mine]
+    with pytest.raises(kv.LLMException) as gone:
+        kv.pull_kv_blocks(remote, local, [4], [4])
+    assert gone.value.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
+    assert all(torch.equal(a, b) for a, b in zip(mine, before)) and decoder.route_starts == 2
+    assert not decoder.fast_routes  # the stale route was dropped on the way
+
+    remote_id = peer.call("register", (2, 16, BLOCK, 34, True))
+    remote = CacheIndex(13, remote_id)
+    kv.pull_kv_blocks(remote, local, [0], [0])
+    assert kv.unlink_clusters([peer.info], force=True)[0] == LLMStatusCode.LLM_SUCCESS
+    assert kv.link_clusters([peer.info])[0] == LLMStatusCode.LLM_SUCCESS
+    kv.pull_kv_blocks(remote, local, [1], [1])  # a new link: the general path again
+    kv.pull_kv_blocks(remote, local, [2], [2])
+    assert decoder.route_starts == 3
+    kv.unregister_kv_cache(local)
+    with pytest.raises(kv.LLMException) as unregistered:
+        kv.pull_kv_blocks(remote, local, [3], [3])
+    assert unregistered.value.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
+    assert decoder.route_starts == 3 and _C.peer_copy_live_jobs() == 0
+    assert peer.settled_leases() == {}
     peer.call("unregister", remote_id)

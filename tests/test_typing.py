@@ -13,18 +13,28 @@ from torch_kvreg import _C
 PACKAGE = pathlib.Path(torch_kvreg.__file__).parent
 
 
-def _stub() -> tuple[dict[str, int], set[str]]:
-    """(function name -> parameter count, module attributes) declared in _C.pyi."""
+def _arity(node: ast.FunctionDef) -> int:
+    args = node.args
+    return len(args.posonlyargs) + len(args.args) + len(args.kwonlyargs)
+
+
+def _stub() -> tuple[dict[str, int], set[str], dict[str, dict[str, int]]]:
+    """(function name -> parameter count, module attributes, class name -> {method or
+    property -> parameter count, self included}) declared in _C.pyi."""
     tree = ast.parse((PACKAGE / "_C.pyi").read_text())
     functions: dict[str, int] = {}
     attributes: set[str] = set()
+    classes: dict[str, dict[str, int]] = {}
     for node in tree.body:
         if isinstance(node, ast.FunctionDef):
-            args = node.args
-            functions[node.name] = len(args.posonlyargs) + len(args.args) + len(args.kwonlyargs)
+            functions[node.name] = _arity(node)
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             attributes.add(node.target.id)
-    return functions, attributes
+        elif isinstance(node, ast.ClassDef):
+            classes[node.name] = {
+                member.name: _arity(member) for member in node.body if isinstance(member, ast.FunctionDef)
+            }
+    return functions, attributes, classes
 
 
 def _pybind_arity(function: object) -> int:
@@ -44,10 +54,20 @@ def _pybind_arity(function: object) -> int:
 
 
 def test_the_stub_declares_exactly_what_the_native_module_has():
-    functions, attributes = _stub()
+    functions, attributes, classes = _stub()
     native = {name: getattr(_C, name) for name in dir(_C) if not name.startswith("_")}
-    native_functions = {name for name, value in native.items() if callable(value)}
-    native_attributes = set(native) - native_functions
+    native_classes = {name for name, value in native.items() if isinstance(value, type)}
+    assert set(classes) == native_classes
+    for name in sorted(native_classes):
+        members = {m for m in vars(native[name]) if not m.startswith("_")}
+        assert set(classes[name]) - {"__init__"} == members, (name, members)
+        for member in sorted(members):
+            value = vars(native[name])[member]
+            if not isinstance(value, property):  # a method: self and its parameters
+                assert classes[name][member] == _pybind_arity(value), (name, member, value.__doc__)
+        assert classes[name]["__init__"] == _pybind_arity(native[name].__init__)
+    native_functions = {name for name, value in native.items() if callable(value) and name not in native_classes}
+    native_attributes = set(native) - native_functions - native_classes
     assert set(functions) == native_functions, (
         f"missing from _C.pyi: {sorted(native_functions - set(functions))}; "
         f"not in _C: {sorted(set(functions) - native_functions)}"

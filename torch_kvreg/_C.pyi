@@ -66,6 +66,27 @@ def peer_copy_submit_segments(
     watched: bool,
     /,
 ) -> int: ...
+
+class PeerRoute:
+    """Block copies between one local cache and one leased cache of a same-host peer."""
+
+    def __init__(
+        self,
+        pid: int,
+        read: bool,
+        local_bases: Sequence[int],
+        remote_bases: Sequence[int],
+        src: DescFields,
+        src_id: int,
+        dst: DescFields,
+        dst_id: int,
+        max_segment_bytes: int,
+    ) -> None: ...
+    def start(self, src_blocks: object, dst_blocks: object, watched: bool, /) -> int:
+        """The job's id; 0 (nothing moved) for lists it does not take or that fail a check."""
+    @property
+    def block_bytes(self) -> int: ...
+
 def peer_copy_state(job: int, /) -> int: ...
 def peer_copy_wait(job: int, timeout_ms: int, /) -> int: ...
 def peer_copy_help(job: int, timeout_ms: int, /) -> int: ...

@@ -16,6 +16,10 @@ from .types import format_bytes
 log = logging.getLogger("torch_kvreg")
 
 
+# Guards the hand-over between a completing thread and a waiter that makes an Event.
+_events_lock = threading.Lock()
+
+
 class Transfer:
     """A transfer in flight: ``done()``, ``wait(timeout_ms=None)``, ``status`` (None until
     done), ``nbytes``, ``elapsed_s``, and ``failed_blocks``: the destination blocks not
@@ -40,7 +44,10 @@ class Transfer:
         self._dst_blocks = [int(b) for b in dst_blocks]
         self._started = time.monotonic()
         self._finished: float | None = None
-        self._done = threading.Event()
+        # Done is a flag; an Event is made only for a thread that must block on it (most
+        # waiters of same-host copies complete their transfer themselves).
+        self._done = False
+        self._event: threading.Event | None = None
         self._error: LLMException | None = None
         self.status: LLMStatusCode | None = None
         # Work a waiter can do itself before it blocks, given its timeout in ms (-1: none):
@@ -48,9 +55,9 @@ class Transfer:
         self.assist: Callable[[int], object] | None = None
 
     def done(self) -> bool:
-        if not self._done.is_set() and self.assist is not None:
+        if not self._done and self.assist is not None:
             self.assist(0)  # a same-host copy that has ended is completed here, at once
-        return self._done.is_set()
+        return self._done
 
     @property
     def elapsed_s(self) -> float:
@@ -71,10 +78,15 @@ class Transfer:
                 raise wrong_type(f"timeout_ms must be an int or None, got {type(timeout_ms).__name__}")
             if timeout_ms < 0:
                 raise param_invalid(f"timeout_ms must be >= 0, got {timeout_ms}")
-        if self.assist is not None and not self._done.is_set():
+        if self.assist is not None and not self._done:
             self.assist(-1 if timeout_ms is None else timeout_ms)
-        if not self._done.wait(None if timeout_ms is None else timeout_ms / 1000):
-            raise make_error(LLMStatusCode.LLM_TIMEOUT, f"{self.description} not done within {timeout_ms} ms")
+        if not self._done:
+            with _events_lock:
+                if not self._done and self._event is None:
+                    self._event = threading.Event()
+                event = self._event
+            if event is not None and not event.wait(None if timeout_ms is None else timeout_ms / 1000):
+                raise make_error(LLMStatusCode.LLM_TIMEOUT, f"{self.description} not done within {timeout_ms} ms")
         if self._error is not None:
             # A fresh exception each time (the stored one keeps its own traceback).
             raise make_error(self._error.status_code, self._error.detail, type(self._error))
@@ -90,20 +102,24 @@ class Transfer:
         self._complete(error.status_code, error)
 
     def _complete(self, status: LLMStatusCode, error: LLMException | None) -> None:
-        if self._done.is_set():
+        if self._done:
             return
         self._finished = time.monotonic()
         self._error = error
         self.status = status
         if self.path is not None:
             counters.record(self.path, self.nbytes, self._finished - self._started, status)
-        if error is None:
+        if error is not None:
+            log.warning("%s failed: %s", self.description, error)
+        elif log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "%s: %s in %.3f ms", self.description, format_bytes(self.nbytes), (self._finished - self._started) * 1e3
             )
-        else:
-            log.warning("%s failed: %s", self.description, error)
-        self._done.set()
+        with _events_lock:
+            self._done = True
+            event = self._event
+        if event is not None:
+            event.set()
 
     def _repr_html_(self) -> str:
         return display.card(

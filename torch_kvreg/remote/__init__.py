@@ -342,9 +342,64 @@ def start_blocks(
         read,
         lambda src, dst, _index: plan.block_segments(src[0], src[1], dst[0], dst[1], src_list, dst_list),
     )
-    return engine.start_transfer(
-        operation, local, cluster_id, remote_ref, segments, tensors, message, dst_list.tolist(), background=background
+    hashable = all(layers is None or type(layers) is range for layers in (local_layers, remote_layers))
+    route_key = (
+        (operation, cluster_id, remote_ref, local.cache_id, local_layers, remote_layers, tensors_per_layer)
+        if hashable
+        else None
     )
+    return engine.start_transfer(
+        operation,
+        local,
+        cluster_id,
+        remote_ref,
+        segments,
+        tensors,
+        message,
+        dst_list.tolist(),
+        background=background,
+        route_key=route_key,
+    )
+
+
+def _routed(
+    operation: str,
+    remote: object,
+    local: object,
+    src_blocks: object,
+    dst_blocks: object,
+    layers: object,
+    tensors_per_layer: object,
+    notify: object,
+) -> Transfer | None:
+    """The transfer started on a same-host route an earlier one left (Engine.start_routed),
+    or None: the general path then starts it, or names what is wrong with the arguments.
+    Only arguments of exactly the expected types are looked up here."""
+    engine = _engine
+    if engine is None or not engine.fast_routes or type(remote) is not CacheIndex:
+        return None
+    local_id = local.cache_id if type(local) is Cache else local  # type: ignore[attr-defined]
+    if not (
+        type(local_id) is int
+        and type(remote.cluster_id) is int
+        and type(remote.cache_id) is int
+        and type(remote.batch_index) is int
+        and type(tensors_per_layer) is int
+        and (layers is None or type(layers) is range)
+    ):
+        return None
+    if notify is None:
+        message = b""
+    elif type(notify) is str:
+        message = notify.encode("utf-8")
+    elif type(notify) is bytes:
+        message = notify
+    else:
+        return None
+    if len(message) > MAX_NOTIFY_BYTES:
+        return None
+    key = (operation, remote.cluster_id, remote.cache_id, local_id, layers, layers, tensors_per_layer)
+    return engine.start_routed(key, src_blocks, dst_blocks, message, "pull" if operation == "READ" else "push")
 
 
 def start_slice(
@@ -429,6 +484,9 @@ def _pull_blocks(
     notify: str | bytes | None,
     background: bool,
 ) -> Transfer:
+    transfer = _routed("READ", src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify)
+    if transfer is not None:
+        return transfer
     src = _cache_index(src)
     _get_engine()
     return start_blocks(
@@ -472,6 +530,9 @@ def _push_blocks(
     notify: str | bytes | None,
     background: bool,
 ) -> Transfer:
+    transfer = _routed("WRITE", dst, src, src_blocks, dst_blocks, layers, tensors_per_layer, notify)
+    if transfer is not None:
+        return transfer
     dst = _cache_index(dst)
     _get_engine()
     return start_blocks(

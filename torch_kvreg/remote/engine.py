@@ -59,6 +59,8 @@ _JOB_RUNNING, _JOB_DONE = 0, 1
 # notice wakes the progress thread when it ends (the notice goes out at once); the others
 # the progress thread completes at its next look, at most this long after they end.
 JOB_SWEEP_S = 0.005
+# Same-host block routes kept at most (start_routed); more start the table again.
+MAX_ROUTES = 256
 
 
 # NIXL's agent runs a progress thread that, as nixl-cu12 configures it (pthrDelay 0), polls
@@ -361,6 +363,11 @@ class Engine:
         self.routes: collections.Counter[str] = collections.Counter()  # transfers by path
         # Who completed same-host copies: the thread waiting for one, or the progress thread.
         self.job_completions: collections.Counter[str] = collections.Counter()
+        # Same-host block routes by (operation, cluster, remote cache id, local cache id,
+        # local layers, remote layers, tensors per layer): start_routed.
+        self.fast_routes: dict[tuple, _Route] = {}
+        self.busy_routes: set[_Route] = set()  # routes holding (with copies under way)
+        self.route_starts = 0  # transfers started on a route
         self.lock = threading.Condition()
         self.nixl_regs: dict[int, object] = {}  # cache id -> NIXL registration descriptors
         self.local_preps: dict[int, object] = {}  # cache id -> prepared per-block dlist
@@ -837,6 +844,7 @@ class Engine:
         notify: bytes = b"",
         dst_blocks: Sequence[int] = (),
         background: bool = False,
+        route_key: tuple | None = None,
     ) -> Transfer:
         """Starts moving bytes between a local cache and a remote one; returns its Transfer.
 
@@ -846,6 +854,8 @@ class Engine:
         key names, else 0); READ moves remote -> local, WRITE local -> remote.
         ``tensors(remote_desc)`` gives the (local, remote) tensor indices that take part;
         None: all, pairwise. ``notify`` reaches the peer once the data has landed.
+        ``route_key`` (block transfers by remote cache id): a same-host copy remembers its
+        route under it, for start_routed.
         Everything is checked, the peer's cache leased and the request prepared before this
         returns. The request is posted here, or with ``background`` by the engine's progress
         thread in the order started: NIXL's post may itself move the bytes (UCX does between
@@ -894,6 +904,8 @@ class Engine:
                 flight.posted = True
                 state: str | None = "PROC"
                 self.routes["same_host"] += 1
+                if route_key is not None and isinstance(remote_ref, int):
+                    self._remember_route(route_key, operation, link, lease, local, local_tensors, remote_tensors)
             else:
                 self.routes["nixl"] += 1
                 if link.loaded_md.get(remote.cache_id) != md:
@@ -944,6 +956,192 @@ class Engine:
             raise
         self._track(flight, state)
         return transfer
+
+    def _remember_route(
+        self,
+        key: tuple,
+        operation: str,
+        link: Link,
+        lease: _SharedLease,
+        local: Cache,
+        local_tensors: list[int],
+        remote_tensors: list[int],
+    ) -> None:
+        """Keeps what a same-host block transfer worked out (tensors, descs, addresses,
+        peer) as a native route, so that the next ones with the same caches and layers start
+        in one native call (start_routed). It lives as long as the shared lease it uses."""
+        remote = lease.remote
+        local_side = (plan.fields(local.cache_desc, len(local_tensors)), local.cache_id)
+        remote_side = (plan.fields(remote.desc, len(remote_tensors)), remote.cache_id)
+        read = operation == "READ"
+        src, dst = (remote_side, local_side) if read else (local_side, remote_side)
+        native = _C.PeerRoute(
+            link.peer_pid,
+            read,
+            [local.tensor_addrs[i] for i in local_tensors],
+            [remote.addrs[i] for i in remote_tensors],
+            src[0],
+            src[1],
+            dst[0],
+            dst[1],
+            plan.MAX_DESCRIPTOR_BYTES,
+        )
+        with self.lock:
+            if self.shared_leases.get(lease.key) is not lease:
+                return  # a private lease (another thread's won the race): nothing to share
+            if len(self.fast_routes) >= MAX_ROUTES:
+                self.fast_routes.clear()
+            self.fast_routes[key] = _Route(
+                native, link, lease, local.cache_id, f"{operation.lower()} with cluster {link.cluster_id}"
+            )
+
+    def start_routed(
+        self, key: tuple, src_blocks: object, dst_blocks: object, notify: bytes, path: str
+    ) -> Transfer | None:
+        """start_transfer for a block transfer on a route a same-host copy left (key: as
+        start_blocks makes it): one native call validates the block lists and submits the
+        copy. None, with nothing held or moved, when there is no such route, it is stale
+        (lease gone, link down or replaced, local cache closing) or the native start does not
+        take the lists (not lists of ints, or failing a check): the general path then starts
+        the transfer or raises the precise error."""
+        route = self.fast_routes.get(key)
+        if route is None:
+            return None
+        link, lease = route.link, route.lease
+        first = False
+        with self.lock:  # the whole start: a route lets go only under this lock, with nothing pending
+            if (
+                self.shared_leases.get(lease.key) is not lease
+                or not link.alive
+                or self.links.get(link.cluster_id) is not link
+                or route.local_id in self.closing
+            ):
+                self.fast_routes.pop(key, None)
+                return None
+            if not route.holding:
+                try:
+                    _C.hold(route.local_id)
+                except RuntimeError:
+                    return None  # no longer registered: the general path says so
+                self.in_flight[route.local_id] = self.in_flight.get(route.local_id, 0) + 1
+                if lease.refs == 0:
+                    self.lingering -= 1
+                lease.refs += 1
+                route.holding, first = True, True
+                self.busy_routes.add(route)
+            job = route.native.start(src_blocks, dst_blocks, bool(notify))
+            if job:
+                transfer = Transfer(len(dst_blocks) * route.native.block_bytes, dst_blocks, route.description, path)  # type: ignore[arg-type]
+                transfer.assist = functools.partial(self._assist_routed, route, job)
+                route.pending[job] = (transfer, time.monotonic() + self.wait_s, notify)
+                self.routes["same_host"] += 1
+                self.route_starts += 1
+        if not job:
+            self._route_idle(route)
+            return None
+        if first:
+            self._wake_progress()  # it watches the route's copies: deadlines, notices, nobody waiting
+        return transfer
+
+    def _assist_routed(self, route: _Route, job: int, timeout_ms: int) -> None:
+        """Transfer.wait's help with a routed copy: moves queued bytes, then completes the
+        transfer itself unless the progress thread got there first."""
+        code = _C.peer_copy_help(job, timeout_ms)
+        if code == _JOB_RUNNING:
+            return
+        entry = route.pending.pop(job, None)  # one thread gets it (the GIL makes pop atomic)
+        if entry is None:
+            return  # the progress thread completes it
+        self.job_completions["waiter"] += 1
+        self._complete_routed(route, job, entry, code)
+
+    def _complete_routed(self, route: _Route, job: int, entry: tuple[Transfer, float, bytes], code: int) -> None:
+        """Completes a routed copy whose entry this thread popped; ``code``: its job's state
+        (running: past its deadline or its peer gone, so cancelled here). Its notice goes
+        out once every byte has landed; what it held is let go before anyone waiting wakes."""
+        transfer, _deadline, notify = entry
+        transfer.assist = None
+        peer, state, failure = route.link.cluster_id, "DONE", ""
+        if code == _JOB_RUNNING:
+            _C.peer_copy_cancel(job)  # its memory stays held until its threads stop
+            route.draining.add(job)
+            state = "PROC" if route.link.alive else "ERR"
+        else:
+            _C.peer_copy_release(job)
+            if code != _JOB_DONE:
+                state, failure = "ERR", f"same-host copy ({os.strerror(-code)})"
+            elif notify:
+                try:
+                    self.agent.send_notif(route.link.agent_name, notify)
+                except Exception as exc:
+                    state, failure = "ERR", f"the notice after a same-host copy ({exc})"
+        if not route.pending and not route.draining:
+            self._route_idle(route)
+        if state == "DONE":
+            transfer.succeed()
+        else:
+            transfer.fail(self._failure(peer, state, failure))
+
+    def _route_idle(self, route: _Route) -> None:
+        """Lets go of what a route held, if it has nothing under way any more."""
+        with self.lock:
+            if route.pending or route.draining or not route.holding:
+                return
+            route.holding = False
+            self.busy_routes.discard(route)
+        self._settle(route.link, route.lease, route.local_id, None)
+
+    def _sweep_routes(self) -> tuple[int, float | None]:
+        """The progress thread's look at routed copies: completes those that ended (nobody
+        waited) or are past their deadline or peer, lets go of drained jobs. Returns how many
+        it completed and the first deadline still ahead (None if none)."""
+        completed, first_deadline = 0, None
+        now = time.monotonic()
+        for route in list(self.busy_routes):
+            for job in list(route.draining):
+                try:
+                    code = _C.peer_copy_state(job)
+                except ValueError:
+                    code = _JOB_DONE  # (not expected: draining jobs are released only here)
+                if code != _JOB_RUNNING:
+                    with contextlib.suppress(ValueError):
+                        _C.peer_copy_release(job)
+                    route.draining.discard(job)
+            for job, entry in list(route.pending.items()):
+                try:
+                    code = _C.peer_copy_state(job)
+                except ValueError:
+                    continue  # its waiter completed and released it just now
+                if code == _JOB_RUNNING and route.link.alive and now <= entry[1]:
+                    first_deadline = entry[1] if first_deadline is None else min(first_deadline, entry[1])
+                    continue
+                if route.pending.pop(job, None) is None:
+                    continue  # its waiter completes it
+                self.job_completions["progress"] += 1
+                completed += 1
+                self._complete_routed(route, job, entry, code)
+            if not route.pending and not route.draining:
+                self._route_idle(route)
+        return completed, first_deadline
+
+    def _fail_routes(self) -> None:
+        """finalize: routed copies still under way fail, their jobs stopped and let go."""
+        for route in list(self.busy_routes):
+            for job in list(route.pending):
+                entry = route.pending.pop(job, None)
+                if entry is None:
+                    continue
+                log.warning("finalize: a transfer with cluster %s was still in flight", route.link.cluster_id)
+                route.draining.add(job)
+                entry[0].assist = None
+                entry[0].fail(_error(LLMStatusCode.LLM_FAILED, "finalized with the transfer in flight"))
+            for job in list(route.draining):
+                with contextlib.suppress(ValueError):  # stops at its threads' next call
+                    _C.peer_copy_cancel(job)
+                    _C.peer_copy_wait(job, int(1000 * self.wait_s) + 1000)
+                    _C.peer_copy_release(job)
+                route.draining.discard(job)
+            self._route_idle(route)
 
     def _lease(self, link: Link, remote_ref: int | str, cluster_id: int) -> _SharedLease:
         """A lease on the peer's cache. Transfers in flight at the same time on the same
@@ -1146,17 +1344,18 @@ class Engine:
         for member in flight.members():
             if state == "DONE":
                 member.transfer.succeed()
-            elif state == "PROC":
-                member.transfer.fail(
-                    _error(
-                        LLMStatusCode.LLM_TIMEOUT,
-                        f"transfer with cluster {peer} not done within {self.wait_s * 1000:.0f} ms",
-                    )
-                )
             else:
-                reason = flight.failure or "NIXL transfer"
-                member.transfer.fail(_error(LLMStatusCode.LLM_LINK_FAILED, f"{reason} with cluster {peer} failed"))
+                member.transfer.fail(self._failure(peer, state, flight.failure or "NIXL transfer"))
         return settled
+
+    def _failure(self, peer: int, state: str, reason: str) -> LLMException:
+        """The error of a transfer that ended in ``state`` ("PROC": still running at its
+        deadline; "ERR": failed, for ``reason``)."""
+        if state == "PROC":
+            return _error(
+                LLMStatusCode.LLM_TIMEOUT, f"transfer with cluster {peer} not done within {self.wait_s * 1000:.0f} ms"
+            )
+        return _error(LLMStatusCode.LLM_LINK_FAILED, f"{reason} with cluster {peer} failed")
 
     def _progress(self) -> None:
         """Posts the transfers started in the background, drives NIXL and completes
@@ -1170,7 +1369,7 @@ class Engine:
             ends, wakes = _C.peer_copy_ends(), _C.peer_copy_wakes()
             due = self._expire_leases()
             with self.progress:
-                if not self.flights:
+                if not self.flights and not self.busy_routes:
                     if self.stopping:
                         return
                     self.progress_idle = True
@@ -1191,7 +1390,8 @@ class Engine:
                         self.flights = [flight for flight in self.flights if id(flight) not in riders]
                     flights = [flight for flight in flights if id(flight) not in riders]
             landed = [flight for flight in flights if self._poll(flight)]
-            if landed:
+            routed, route_deadline = self._sweep_routes() if self.busy_routes else (0, None)
+            if landed or routed:
                 idle = 0
                 with self.progress:
                     for flight in landed:
@@ -1200,7 +1400,8 @@ class Engine:
             else:
                 idle += 1
             if not landed and all(flight.job is not None and not flight.settled_late for flight in flights):
-                self._wait_for_jobs(flights, due, ends, wakes)  # nothing to drive: copies need no polling
+                # nothing to drive: copies need no polling
+                self._wait_for_jobs(flights, due, ends, wakes, route_deadline)
             elif all(flight.settled_late for flight in flights):
                 time.sleep(0.01)  # only handles NIXL has not let go of: no hurry
             elif idle > 2048:
@@ -1269,9 +1470,12 @@ class Engine:
         if job is None:
             return
         code = _C.peer_copy_help(job, timeout_ms)  # moves bytes, then waits for the rest
-        if code == _JOB_RUNNING or not self._claim(flight):
+        if code == _JOB_RUNNING:
             return
-        with self.progress:
+        with self.progress:  # claimed (see _claim) and taken from the progress thread at once
+            if flight.claimed:
+                return
+            flight.claimed = True
             if flight in self.flights:
                 self.flights.remove(flight)
         self.job_completions["waiter"] += 1
@@ -1299,14 +1503,19 @@ class Engine:
         flight.settled_late = True
         return False
 
-    def _wait_for_jobs(self, flights: list[_Flight], due: float | None, ends: int, wakes: int) -> None:
+    def _wait_for_jobs(
+        self, flights: list[_Flight], due: float | None, ends: int, wakes: int, deadline: float | None = None
+    ) -> None:
         """Blocks without the GIL until a same-host copy with a notice ends (one started
         since too: a start need not wake this thread), a NIXL flight arrives, JOB_SWEEP_S
         has passed (copies nobody waits for), or the first deadline or lease expiry is due.
         Waking on every copy's end would take the GIL from the thread starting them."""
         now = time.monotonic()
         until = min(
-            [flight.deadline for flight in flights] + [now + JOB_SWEEP_S] + ([] if due is None else [now + due])
+            [flight.deadline for flight in flights]
+            + [now + JOB_SWEEP_S]
+            + ([] if due is None else [now + due])
+            + ([] if deadline is None else [deadline])
         )
         _C.peer_copy_wait_ends(ends, wakes, max(1, int((until - now) * 1000)))
 
@@ -1335,6 +1544,7 @@ class Engine:
             for member in flight.members():
                 member.transfer.fail(_error(LLMStatusCode.LLM_FAILED, "finalized with the transfer in flight"))
                 self.unhold_local(member.local_id)
+        self._fail_routes()
         self._expire_leases(everything=True)
 
     def notifications(self) -> list[tuple[int | None, bytes]]:
@@ -1520,6 +1730,25 @@ class _Flight:
 
     def members(self) -> list[_Flight]:
         return [self, *self.riders]
+
+
+class _Route:
+    """A same-host block route (Engine.start_routed): the native route, what it uses, and
+    its copies under way. While it has any (pending or draining) it holds the local cache
+    and one reference to the shared lease, for all of them together."""
+
+    __slots__ = ("native", "link", "lease", "local_id", "description", "pending", "draining", "holding")
+
+    def __init__(self, native: _C.PeerRoute, link: Link, lease: _SharedLease, local_id: int, description: str):
+        self.native, self.link, self.lease, self.local_id = native, link, lease, local_id
+        self.description = description
+        # Copies not completed yet: job -> (transfer, deadline, notice). Whoever pops a job's
+        # entry (its waiter, or the progress thread) completes it.
+        self.pending: dict[int, tuple[Transfer, float, bytes]] = {}
+        # Jobs completed as failed while their threads may still move bytes (cancelled):
+        # their memory stays held until the threads stop.
+        self.draining: set[int] = set()
+        self.holding = False
 
 
 class _SharedLease:
