@@ -204,6 +204,23 @@ def main():
         for flight in flights:
             flight.wait(60_000)
         many.append(time.perf_counter() - start)
+    # The same 64 copies started from native code (the route the pulls above used), with no
+    # Python per pull: what the copies alone reach on this machine. The difference to the
+    # 64 async pulls is what each pull's Python costs (start, wait, completion).
+    engine = kv.remote._existing_engine()
+    route = next((r for r in engine.fast_routes.values() if r.local_id == target.cache_id), None)
+    floor = []
+    if route is not None:
+        for _ in range(args.repeats):
+            kv.pull_kv_blocks(remote, target, pull_blocks[:1], pull_blocks[:1])  # the lease lingers 50 ms
+            start = time.perf_counter()
+            jobs = [route.native.start([b], [b], False) for b in pull_blocks]
+            for job in jobs:
+                kv._C.peer_copy_help(job, -1)
+                kv._C.peer_copy_release(job)
+            took = time.perf_counter() - start
+            if engine.shared_leases.get(route.lease.key) is route.lease:  # still leased throughout
+                floor.append(took)
     # What the 64 starts cost bounds what they can reach: the blocking pull copies on T
     # threads (same-host copies: the pool's workers and the waiting caller; NIXL: one), so
     # it needs about T x its time of CPU; the 64 pulls need that plus their starts' time,
@@ -238,6 +255,9 @@ def main():
             "copy_threads": threads,
             "cores": cores,
             "best_reachable": min(1.0, pulls_bound),
+            "native_starts_gbps": pulled / statistics.median(floor) / 1e9 if floor else None,
+            "native_over_blocking": statistics.median(one) / statistics.median(floor) if floor else None,
+            "python_us_per_pull": (statistics.median(many) - statistics.median(floor)) / 64 * 1e6 if floor else None,
         },
     }
     print(
@@ -263,6 +283,13 @@ def main():
         f"{threads} thread(s): on {cores} cores the 64 pulls can reach about {min(1.0, pulls_bound):.2f}x of it "
         "on this machine at best"
     )
+    if floor:
+        pulls = result["pulls"]
+        print(
+            f"the same 64 copies started from native code: {pulls['native_starts_gbps']:.2f} GB/s, "
+            f"{pulls['native_over_blocking']:.2f}x of the blocking pull: each async pull's Python "
+            f"(start, wait, completion) costs about {pulls['python_us_per_pull']:.1f} us of wall time here"
+        )
     if args.json:
         with open(args.json, "w") as out:
             json.dump(result, out, indent=2)

@@ -290,6 +290,48 @@ MUTANTS = [
         "False,",
         ["tests/test_same_host.py", "tests/test_async.py"],
     ),
+    (
+        "same-host route: a start does not check its lease is still held",
+        "torch_kvreg/remote/engine.py",
+        "                self.shared_leases.get(lease.key) is not lease\n                or not link.alive",
+        "                False\n                or not link.alive",
+        ["tests/test_same_host.py"],
+    ),
+    (
+        "same-host route: a pull lands at the source's offsets",
+        "csrc/bindings.cpp",
+        "local[j] = read_ ? dst_offset : src_offset;",
+        "local[j] = src_offset;",
+        ["tests/test_same_host.py"],
+    ),
+    (
+        "same-host route: its block lists take bools",
+        "csrc/bindings.cpp",
+        "if (!PyLong_CheckExact(item)) {",
+        "if (!PyLong_Check(item)) {",
+        ["tests/test_same_host.py"],
+    ),
+    (
+        "same-host route: a routed copy's notice is not sent",
+        "torch_kvreg/remote/engine.py",
+        "            elif notify:\n                try:\n                    self.agent.send_notif(route.link.agent_name, notify)",
+        "            elif False:\n                try:\n                    self.agent.send_notif(route.link.agent_name, notify)",
+        ["tests/test_same_host.py"],
+    ),
+    (
+        "same-host route: its last copy does not let go of the cache",
+        "torch_kvreg/remote/engine.py",
+        "        if not route.pending and not route.draining:\n            self._route_idle(route)\n        if state",
+        "        if state",
+        ["tests/test_same_host.py"],
+    ),
+    (
+        "Transfer.wait spends its timeout twice",
+        "torch_kvreg/inflight.py",
+        "left = None if until is None else max(0.0, until - time.monotonic())",
+        "left = None if until is None else timeout_ms / 1000",
+        ["tests/test_same_host.py"],
+    ),
     # --- the LLM-DataDist facade ----------------------------------------------------------
     (
         "blocks keys ignore the model id",

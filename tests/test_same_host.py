@@ -415,6 +415,7 @@ def test_a_peer_killed_mid_copy_fails_the_transfer_at_once(monkeypatch, routed):
         with pytest.raises(kv.LLMException) as failed:
             transfer.wait(10_000)
         assert failed.value.status_code == LLMStatusCode.LLM_LINK_FAILED
+        assert "same-host copy (" in str(failed.value) and "with cluster 15 failed" in str(failed.value)
         assert time.monotonic() - start < 2  # not the 5 s deadline
         assert transfer.failed_blocks == list(range(64))
         assert _C.in_flight(local.cache_id) == 0
@@ -598,4 +599,27 @@ def test_a_route_ends_with_its_lease_its_link_or_its_cache(peer, decoder):
     assert unregistered.value.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
     assert decoder.route_starts == 3 and _C.peer_copy_live_jobs() == 0
     assert peer.settled_leases() == {}
+    peer.call("unregister", remote_id)
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_a_wait_with_a_timeout_ends_in_that_time_and_the_copy_goes_on(peer, monkeypatch, routed):
+    """wait(timeout_ms) spends its timeout once: helping with the copy counts against it."""
+    with linked_to(peer, wait_ms=30_000):
+        remote_id, mine, local = big_remote(peer, 36)
+        remote = CacheIndex(13, remote_id)
+        starts = warm_route(remote, local, routed)
+        monkeypatch.setenv(PAUSE, "50000")  # 50 ms before each system call: 16 tasks, 2 threads
+        transfer = kv.pull_kv_blocks_async(remote, local, list(range(64)), list(range(64)))
+        monkeypatch.delenv(PAUSE)
+        assert started_on_route(starts, routed)
+        start = time.monotonic()
+        with pytest.raises(kv.LLMException) as late:
+            transfer.wait(300)
+        took = time.monotonic() - start
+        assert late.value.status_code == LLMStatusCode.LLM_TIMEOUT
+        assert 0.3 <= took < 0.45  # at most one task past it (its waiting twice took 0.6 s)
+        assert transfer.wait(30_000) == 64 * 16 * local.cache_desc.block_nbytes
+        theirs = paged(16, 64, (32, 8, 128), 36)
+        assert all(torch.equal(m, t) for m, t in zip(mine, theirs))
     peer.call("unregister", remote_id)

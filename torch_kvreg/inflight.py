@@ -78,6 +78,7 @@ class Transfer:
                 raise wrong_type(f"timeout_ms must be an int or None, got {type(timeout_ms).__name__}")
             if timeout_ms < 0:
                 raise param_invalid(f"timeout_ms must be >= 0, got {timeout_ms}")
+        until = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
         if self.assist is not None and not self._done:
             self.assist(-1 if timeout_ms is None else timeout_ms)
         if not self._done:
@@ -85,7 +86,9 @@ class Transfer:
                 if not self._done and self._event is None:
                     self._event = threading.Event()
                 event = self._event
-            if event is not None and not event.wait(None if timeout_ms is None else timeout_ms / 1000):
+            # What the assist left of the timeout (it may have used it all).
+            left = None if until is None else max(0.0, until - time.monotonic())
+            if event is not None and not event.wait(left):
                 raise make_error(LLMStatusCode.LLM_TIMEOUT, f"{self.description} not done within {timeout_ms} ms")
         if self._error is not None:
             # A fresh exception each time (the stored one keeps its own traceback).

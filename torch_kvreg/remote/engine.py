@@ -1080,7 +1080,7 @@ class Engine:
         if state == "DONE":
             transfer.succeed()
         else:
-            transfer.fail(self._failure(peer, state, failure))
+            transfer.fail(self._failure(peer, state, failure or "same-host copy (the peer is gone)"))
 
     def _route_idle(self, route: _Route) -> None:
         """Lets go of what a route held, if it has nothing under way any more."""
@@ -1487,8 +1487,9 @@ class Engine:
     def _finish_job(self, flight: _Flight, code: int) -> bool:
         """Completes a claimed same-host copy whose state is ``code``; its notice goes out
         once every byte has landed. True once everything is released."""
-        if code == _JOB_RUNNING:
-            state = "PROC" if flight.link.alive else "ERR"  # past its deadline, or the peer is gone
+        if code == _JOB_RUNNING:  # past its deadline, or the peer is gone
+            state = "PROC" if flight.link.alive else "ERR"
+            flight.failure = "" if flight.link.alive else "same-host copy (the peer is gone)"
         elif code == _JOB_DONE:
             state = "DONE"
         else:
