@@ -105,8 +105,8 @@ class PeerRoute {
         local_bases_.size() == remote_bases_.size() &&
             static_cast<int64_t>(local_bases_.size()) == src_.num_tensors &&
             src_.num_tensors == dst_.num_tensors,
-        "peer route: ", local_bases_.size(), " local and ", remote_bases_.size(), " remote tensors for descs of ",
-        src_.num_tensors, " and ", dst_.num_tensors);
+        "peer route: ", local_bases_.size(), " local and ", remote_bases_.size(),
+        " remote tensors for descs of ", src_.num_tensors, " and ", dst_.num_tensors);
     // The descs must suit each other: plan an empty transfer once (it raises otherwise).
     kvreg::plan_blocks(src_, src_id_, dst_, dst_id_, false, {}, {}, max_segment_bytes_);
   }
@@ -139,7 +139,8 @@ class PeerRoute {
       lengths[j] = static_cast<uint64_t>(segments[j].nbytes);
     }
     return kvreg::peer_copy::submit(
-        pid_, read_, pieces_of(local_bases_, remote_bases_, segments.size(), local.data(), remote.data(), lengths.data()),
+        pid_, read_,
+        pieces_of(local_bases_, remote_bases_, segments.size(), local.data(), remote.data(), lengths.data()),
         watched);
   }
 

@@ -314,8 +314,8 @@ MUTANTS = [
     (
         "same-host route: a routed copy's notice is not sent",
         "torch_kvreg/remote/engine.py",
-        "            elif notify:\n                try:\n                    self.agent.send_notif(route.link.agent_name, notify)",
-        "            elif False:\n                try:\n                    self.agent.send_notif(route.link.agent_name, notify)",
+        "            elif notify:\n                try:\n                    self.agent.send_notif(route.link",
+        "            elif False:\n                try:\n                    self.agent.send_notif(route.link",
         ["tests/test_same_host.py"],
     ),
     (

@@ -378,7 +378,7 @@ def _routed(
     engine = _engine
     if engine is None or not engine.fast_routes or type(remote) is not CacheIndex:
         return None
-    local_id = local.cache_id if type(local) is Cache else local  # type: ignore[attr-defined]
+    local_id = local.cache_id if type(local) is Cache else local
     if not (
         type(local_id) is int
         and type(remote.cluster_id) is int

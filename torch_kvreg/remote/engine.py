@@ -970,13 +970,15 @@ class Engine:
         """Keeps what a same-host block transfer worked out (tensors, descs, addresses,
         peer) as a native route, so that the next ones with the same caches and layers start
         in one native call (start_routed). It lives as long as the shared lease it uses."""
-        remote = lease.remote
+        remote, pid = lease.remote, link.peer_pid
+        if pid is None:
+            return
         local_side = (plan.fields(local.cache_desc, len(local_tensors)), local.cache_id)
         remote_side = (plan.fields(remote.desc, len(remote_tensors)), remote.cache_id)
         read = operation == "READ"
         src, dst = (remote_side, local_side) if read else (local_side, remote_side)
         native = _C.PeerRoute(
-            link.peer_pid,
+            pid,
             read,
             [local.tensor_addrs[i] for i in local_tensors],
             [remote.addrs[i] for i in remote_tensors],
@@ -1013,7 +1015,7 @@ class Engine:
             if (
                 self.shared_leases.get(lease.key) is not lease
                 or not link.alive
-                or self.links.get(link.cluster_id) is not link
+                or self.links.get(key[1]) is not link  # key: (operation, cluster id, ...)
                 or route.local_id in self.closing
             ):
                 self.fast_routes.pop(key, None)
@@ -1348,7 +1350,7 @@ class Engine:
                 member.transfer.fail(self._failure(peer, state, flight.failure or "NIXL transfer"))
         return settled
 
-    def _failure(self, peer: int, state: str, reason: str) -> LLMException:
+    def _failure(self, peer: int | None, state: str, reason: str) -> LLMException:
         """The error of a transfer that ended in ``state`` ("PROC": still running at its
         deadline; "ERR": failed, for ``reason``)."""
         if state == "PROC":
