@@ -145,6 +145,45 @@ def test_a_slow_job_is_cancelled_waited_for_and_woken_from(monkeypatch):
     assert _C.peer_copy_live_jobs() == 0
 
 
+def test_a_native_route_checks_its_block_lists_and_copies(kv):
+    """_C.PeerRoute within this process (its own peer): a start it takes copies the blocks;
+    one it does not (not lists of plain ints, or failing a check) returns 0 and starts no
+    job; descs or tensor lists that do not fit are refused when the route is made."""
+    source = [torch.arange(i * 8 * 64, (i + 1) * 8 * 64, dtype=torch.float32).reshape(8, 64) for i in range(3)]
+    target = [torch.zeros(8, 64) for _ in range(3)]
+    src = (3, int(kv.DataType.DT_FLOAT), [8, 64], int(kv.Placement.HOST), -1)
+    route = _C.PeerRoute(
+        ME, True, [t.data_ptr() for t in target], [t.data_ptr() for t in source], src, 1, src, 2, 64 << 20
+    )
+    assert route.block_bytes == 3 * 64 * 4
+    job = route.start([5, 6, 7, 0], [0, 1, 2, 7], False)
+    assert job > 0 and finished(job) == 1
+    for s, t in zip(source, target):
+        assert torch.equal(t[[0, 1, 2, 7]], s[[5, 6, 7, 0]])
+    jobs = _C.peer_copy_live_jobs()
+    refused = [
+        ([8], [1]),  # out of range
+        ([1], [-1]),
+        ([1, 2], [3]),  # lengths differ
+        ([1, 2], [3, 3]),  # a block written twice
+        ([True], [1]),
+        ([1.5], [1]),
+        ([2**64], [1]),
+        ((1,), [1]),  # a tuple: the general path takes it
+        (torch.tensor([1]), [1]),
+        ([], []),  # nothing to move: the general path completes it at once
+        (None, [1]),
+    ]
+    for src_blocks, dst_blocks in refused:
+        assert route.start(src_blocks, dst_blocks, False) == 0, (src_blocks, dst_blocks)
+    assert _C.peer_copy_live_jobs() == jobs
+    with pytest.raises(ValueError, match="peer route"):
+        _C.PeerRoute(ME, True, [target[0].data_ptr()], [source[0].data_ptr()], src, 1, src, 2, 64 << 20)
+    other = (3, int(kv.DataType.DT_FLOAT), [8, 32], int(kv.Placement.HOST), -1)
+    with pytest.raises((ValueError, RuntimeError)):
+        _C.PeerRoute(ME, True, [0, 0, 0], [0, 0, 0], src, 1, other, 2, 64 << 20)
+
+
 def test_the_pool_size_follows_its_setting_and_a_bad_one_is_refused():
     code = "from torch_kvreg import _C; print(_C.peer_copy_threads())"
     default = max(1, min(4, os.cpu_count() - 1))
