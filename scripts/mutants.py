@@ -293,8 +293,8 @@ MUTANTS = [
     (
         "same-host route: a start does not check its lease is still held",
         "torch_kvreg/remote/engine.py",
-        "                self.shared_leases.get(lease.key) is not lease\n                or not link.alive",
-        "                False\n                or not link.alive",
+        "            self.shared_leases.get(lease.key) is not lease\n            or not link.alive",
+        "            False\n            or not link.alive",
         ["tests/test_same_host.py"],
     ),
     (

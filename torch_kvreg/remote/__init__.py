@@ -391,7 +391,10 @@ def _routed(
     if notify is None:
         message = b""
     elif type(notify) is str:
-        message = notify.encode("utf-8")
+        try:
+            message = notify.encode("utf-8")
+        except UnicodeEncodeError:
+            return None  # the general path says what is wrong
     elif type(notify) is bytes:
         message = notify
     else:
@@ -454,7 +457,6 @@ def transfer_slice(*args: Any, **kwargs: Any) -> int:
     return start_slice(*args, **kwargs).wait()
 
 
-@raises_llm
 def pull_kv_blocks_async(
     src: CacheIndex,
     dst: Cache | int,
@@ -471,9 +473,13 @@ def pull_kv_blocks_async(
     ``i*tensors_per_layer .. (i+1)*tensors_per_layer-1``), the same layers on both sides.
     ``notify`` (str or bytes, at most 1 KiB) reaches the peer's ``get_notifications()``
     once the data has been read."""
+    transfer = _routed("READ", src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify)
+    if transfer is not None:
+        return transfer
     return _pull_blocks(src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background=True)
 
 
+@raises_llm
 def _pull_blocks(
     src: CacheIndex,
     dst: Cache | int,
@@ -484,9 +490,6 @@ def _pull_blocks(
     notify: str | bytes | None,
     background: bool,
 ) -> Transfer:
-    transfer = _routed("READ", src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify)
-    if transfer is not None:
-        return transfer
     src = _cache_index(src)
     _get_engine()
     return start_blocks(
@@ -504,7 +507,6 @@ def _pull_blocks(
     )
 
 
-@raises_llm
 def push_kv_blocks_async(
     src: Cache | int,
     dst: CacheIndex,
@@ -517,9 +519,13 @@ def push_kv_blocks_async(
 ) -> Transfer:
     """Starts writing blocks ``src_blocks`` of a local cache into blocks ``dst_blocks`` of a
     remote one; ``notify`` reaches the peer once the data has landed there."""
+    transfer = _routed("WRITE", dst, src, src_blocks, dst_blocks, layers, tensors_per_layer, notify)
+    if transfer is not None:
+        return transfer
     return _push_blocks(src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background=True)
 
 
+@raises_llm
 def _push_blocks(
     src: Cache | int,
     dst: CacheIndex,
@@ -530,9 +536,6 @@ def _push_blocks(
     notify: str | bytes | None,
     background: bool,
 ) -> Transfer:
-    transfer = _routed("WRITE", dst, src, src_blocks, dst_blocks, layers, tensors_per_layer, notify)
-    if transfer is not None:
-        return transfer
     dst = _cache_index(dst)
     _get_engine()
     return start_blocks(
@@ -606,7 +609,10 @@ def pull_kv_blocks(
     notify: str | bytes | None = None,
 ) -> int:
     """``pull_kv_blocks_async(...).wait()``, posted from this thread: returns the bytes moved."""
-    return _pull_blocks(src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background=False).wait()
+    transfer = _routed("READ", src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify)
+    if transfer is None:
+        transfer = _pull_blocks(src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background=False)
+    return transfer.wait()
 
 
 @raises_llm
@@ -621,7 +627,10 @@ def push_kv_blocks(
     notify: str | bytes | None = None,
 ) -> int:
     """``push_kv_blocks_async(...).wait()``, posted from this thread: returns the bytes moved."""
-    return _push_blocks(src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background=False).wait()
+    transfer = _routed("WRITE", dst, src, src_blocks, dst_blocks, layers, tensors_per_layer, notify)
+    if transfer is None:
+        transfer = _push_blocks(src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background=False)
+    return transfer.wait()
 
 
 @raises_llm

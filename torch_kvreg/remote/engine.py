@@ -368,7 +368,8 @@ class Engine:
         self.fast_routes: dict[tuple, _Route] = {}
         self.busy_routes: set[_Route] = set()  # routes holding (with copies under way)
         self.route_starts = 0  # transfers started on a route
-        self.lock = threading.Condition()
+        self.lock_raw = threading.RLock()  # self.lock's own lock, entered directly on hot paths
+        self.lock = threading.Condition(self.lock_raw)
         self.nixl_regs: dict[int, object] = {}  # cache id -> NIXL registration descriptors
         self.local_preps: dict[int, object] = {}  # cache id -> prepared per-block dlist
         self.in_flight: dict[int, int] = {}  # cache id -> transfers or remote leases using it
@@ -1009,31 +1010,15 @@ class Engine:
         route = self.fast_routes.get(key)
         if route is None:
             return None
-        link, lease = route.link, route.lease
         first = False
-        with self.lock:  # the whole start: a route lets go only under this lock, with nothing pending
-            if (
-                self.shared_leases.get(lease.key) is not lease
-                or not link.alive
-                or self.links.get(key[1]) is not link  # key: (operation, cluster id, ...)
-                or route.local_id in self.closing
-            ):
-                self.fast_routes.pop(key, None)
-                return None
-            if not route.holding:
-                try:
-                    _C.hold(route.local_id)
-                except RuntimeError:
-                    return None  # no longer registered: the general path says so
-                self.in_flight[route.local_id] = self.in_flight.get(route.local_id, 0) + 1
-                if lease.refs == 0:
-                    self.lingering -= 1
-                lease.refs += 1
-                route.holding, first = True, True
-                self.busy_routes.add(route)
+        with self.lock_raw:  # (self.lock's) a route lets go only under it, with nothing pending
+            if not (route.holding and route.link.alive and route.local_id not in self.closing):
+                if not self._hold_route(route, key):
+                    return None
+                first = True
             job = route.native.start(src_blocks, dst_blocks, bool(notify))
             if job:
-                transfer = Transfer(len(dst_blocks) * route.native.block_bytes, dst_blocks, route.description, path)  # type: ignore[arg-type]
+                transfer = Transfer(len(dst_blocks) * route.block_bytes, dst_blocks, route.description, path)  # type: ignore[arg-type]
                 transfer.assist = functools.partial(self._assist_routed, route, job)
                 route.pending[job] = (transfer, time.monotonic() + self.wait_s, notify)
                 self.routes["same_host"] += 1
@@ -1045,6 +1030,33 @@ class Engine:
             self._wake_progress()  # it watches the route's copies: deadlines, notices, nobody waiting
         return transfer
 
+    def _hold_route(self, route: _Route, key: tuple) -> bool:
+        """Under the lock: whether the route may start copies (its lease still the shared
+        one, its link up and current, its local cache not closing; else it is dropped), and
+        its hold on the cache and the lease, taken once for all of its copies."""
+        link, lease = route.link, route.lease
+        if (
+            self.shared_leases.get(lease.key) is not lease
+            or not link.alive
+            or self.links.get(key[1]) is not link  # key: (operation, cluster id, ...)
+            or route.local_id in self.closing
+        ):
+            self.fast_routes.pop(key, None)
+            return False
+        if route.holding:
+            return True
+        try:
+            _C.hold(route.local_id)
+        except RuntimeError:
+            return False  # no longer registered: the general path says so
+        self.in_flight[route.local_id] = self.in_flight.get(route.local_id, 0) + 1
+        if lease.refs == 0:
+            self.lingering -= 1
+        lease.refs += 1
+        route.holding = True
+        self.busy_routes.add(route)
+        return True
+
     def _assist_routed(self, route: _Route, job: int, timeout_ms: int) -> None:
         """Transfer.wait's help with a routed copy: moves queued bytes, then completes the
         transfer itself unless the progress thread got there first."""
@@ -1055,6 +1067,14 @@ class Engine:
         if entry is None:
             return  # the progress thread completes it
         self.job_completions["waiter"] += 1
+        if code == _JOB_DONE and not entry[2]:  # the common end, in short: landed, no notice
+            _C.peer_copy_release(job)
+            transfer = entry[0]
+            transfer.assist = None
+            if not route.pending and not route.draining:
+                self._route_idle(route)
+            transfer.succeed()
+            return
         self._complete_routed(route, job, entry, code)
 
     def _complete_routed(self, route: _Route, job: int, entry: tuple[Transfer, float, bytes], code: int) -> None:
@@ -1740,11 +1760,12 @@ class _Route:
     its copies under way. While it has any (pending or draining) it holds the local cache
     and one reference to the shared lease, for all of them together."""
 
-    __slots__ = ("native", "link", "lease", "local_id", "description", "pending", "draining", "holding")
+    __slots__ = ("native", "link", "lease", "local_id", "description", "pending", "draining", "holding", "block_bytes")
 
     def __init__(self, native: _C.PeerRoute, link: Link, lease: _SharedLease, local_id: int, description: str):
         self.native, self.link, self.lease, self.local_id = native, link, lease, local_id
         self.description = description
+        self.block_bytes = native.block_bytes
         # Copies not completed yet: job -> (transfer, deadline, notice). Whoever pops a job's
         # entry (its waiter, or the progress thread) completes it.
         self.pending: dict[int, tuple[Transfer, float, bytes]] = {}
