@@ -88,6 +88,7 @@ ASAN_TESTS := tests/test_registry.py tests/test_copy_blocks.py tests/test_bad_in
 	tests/test_same_host.py::test_pieces_of_every_size_land_wherever_the_job_is_split \
 	tests/test_same_host.py::test_a_failed_job_says_why \
 	tests/test_same_host.py::test_a_native_route_checks_its_block_lists_and_copies \
+	tests/test_same_host.py::test_a_watch_ends_a_wait_for_ends_at_its_time_not_before \
 	tests/test_same_host.py::test_a_piece_running_into_unmapped_memory_stops_there \
 	tests/test_same_host.py::test_bad_jobs_are_refused_and_start_nothing \
 	tests/test_same_host.py::test_a_slow_job_is_cancelled_waited_for_and_woken_from

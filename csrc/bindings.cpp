@@ -338,6 +338,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("peer_copy_live_jobs", &kvreg::peer_copy::live_jobs);
   m.def("peer_copy_threads", &kvreg::peer_copy::threads);
   m.def("peer_copy_wake", &kvreg::peer_copy::wake);
+  m.def("peer_copy_watch", &kvreg::peer_copy::watch);
   m.def("peer_copy_peek", [](int64_t pid, uint64_t address, size_t nbytes) {
     std::string out;
     const int64_t status = kvreg::peer_copy::peek(pid, address, nbytes, out);

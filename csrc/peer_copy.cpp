@@ -155,8 +155,11 @@ class Pool {
     job->tasks_left = static_cast<int64_t>(tasks.size());
     if (tasks.empty()) {
       job->ended = true;
-      ends_ += job->watched ? 1 : 0;
       ended_.notify_all();
+      if (job->watched) {
+        ++ends_;
+        watchers_.notify_all();
+      }
     }
     for (Task& task : tasks) {
       queue_.push_back(std::move(task));
@@ -194,13 +197,32 @@ class Pool {
   }
 
   bool wait_ends(int64_t ends_seen, int64_t wakes_seen, int64_t timeout_ms) {
+    using Clock = std::chrono::steady_clock;
     std::unique_lock<std::mutex> lock(mutex_);
-    auto changed = [&] { return ends_ != ends_seen || wakes_ != wakes_seen; };
-    if (timeout_ms < 0) {
-      ended_.wait(lock, changed);
-      return true;
+    const auto until =
+        timeout_ms < 0 ? Clock::time_point::max() : Clock::now() + std::chrono::milliseconds(timeout_ms);
+    while (true) {
+      if (ends_ != ends_seen || wakes_ != wakes_seen) {
+        return true;
+      }
+      const auto now = Clock::now();
+      if (now >= watch_at_) {
+        watch_at_ = Clock::time_point::max();  // one watch, one return
+        return true;
+      }
+      if (now >= until) {
+        return false;
+      }
+      watchers_.wait_until(lock, std::min(until, watch_at_));
     }
-    return ended_.wait_for(lock, std::chrono::milliseconds(timeout_ms), changed);
+  }
+
+  void watch(int64_t delay_ms) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      watch_at_ = std::min(watch_at_, std::chrono::steady_clock::now() + std::chrono::milliseconds(delay_ms));
+    }
+    watchers_.notify_all();  // a wait_ends() under way takes the earlier time, without returning now
   }
 
   int64_t help(int64_t id, int64_t timeout_ms) {
@@ -232,7 +254,7 @@ class Pool {
       std::lock_guard<std::mutex> lock(mutex_);
       ++wakes_;
     }
-    ended_.notify_all();
+    watchers_.notify_all();
   }
 
   void cancel(int64_t id) {
@@ -339,7 +361,10 @@ class Pool {
       return;
     }
     job.ended = true;
-    ends_ += job.watched ? 1 : 0;
+    if (job.watched) {
+      ++ends_;
+      watchers_.notify_all();
+    }
     if (job.released) {  // released while running: forgotten now
       for (auto it = jobs_.begin(); it != jobs_.end(); ++it) {
         if (it->second.get() == &job) {
@@ -354,13 +379,16 @@ class Pool {
   const int64_t workers_;
   std::mutex mutex_;
   std::condition_variable work_;
-  std::condition_variable ended_;
+  std::condition_variable ended_;    // a job ended: its waiters (wait(), help())
+  std::condition_variable watchers_;  // a watched job ended, wake() or watch(): wait_ends()
   std::deque<Task> queue_;
   std::unordered_map<int64_t, std::shared_ptr<Job>> jobs_;
   std::vector<std::thread> threads_;
   int64_t next_id_ = 1;
   int64_t wakes_ = 0;  // wake() calls so far
   int64_t ends_ = 0;   // watched jobs ended so far
+  // When a wait_ends() returns though nothing ended and nobody woke it (watch()).
+  std::chrono::steady_clock::time_point watch_at_ = std::chrono::steady_clock::time_point::max();
 };
 
 }  // namespace
@@ -389,6 +417,10 @@ int64_t ends() {
 }
 bool wait_ends(int64_t ends_seen, int64_t wakes_seen, int64_t timeout_ms) {
   return Pool::instance().wait_ends(ends_seen, wakes_seen, timeout_ms);
+}
+void watch(int64_t delay_ms) {
+  KVREG_CHECK_ARG(delay_ms >= 0, "a watch takes a delay of 0 ms or more, got ", delay_ms);
+  Pool::instance().watch(delay_ms);
 }
 int64_t help(int64_t job, int64_t timeout_ms) {
   return Pool::instance().help(job, timeout_ms);

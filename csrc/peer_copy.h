@@ -46,6 +46,11 @@ int64_t ends();
 // ends() and wakes() returned these counts; false on timeout. Whoever watches jobs (the
 // engine's progress thread) needs no wake for a job submitted after it looked.
 bool wait_ends(int64_t ends_seen, int64_t wakes_seen, int64_t timeout_ms);
+// Makes wait_ends() return (true) delay_ms from now, or sooner if asked sooner, without
+// waking its caller before then: the engine's progress thread looks at a burst's copies
+// then rather than at once, when it would take the GIL from the thread starting them. One
+// watch ends one wait_ends(). Raises LLM_PARAM_INVALID for a negative delay.
+void watch(int64_t delay_ms);
 // Asks a job to stop before its next system call; it ends cancelled unless already done.
 void cancel(int64_t job);
 // Forgets an ended job (a running one is cancelled and forgotten when it ends).

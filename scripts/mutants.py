@@ -326,6 +326,13 @@ MUTANTS = [
         ["tests/test_same_host.py"],
     ),
     (
+        "same-host copy: a watch never ends a wait for ends",
+        "csrc/peer_copy.cpp",
+        "      if (now >= watch_at_) {",
+        "      if (false) {",
+        ["tests/test_same_host.py"],
+    ),
+    (
         "Transfer.wait spends its timeout twice",
         "torch_kvreg/inflight.py",
         "left = None if until is None else max(0.0, until - time.monotonic())",

@@ -145,6 +145,25 @@ def test_a_slow_job_is_cancelled_waited_for_and_woken_from(monkeypatch):
     assert _C.peer_copy_live_jobs() == 0
 
 
+def test_a_watch_ends_a_wait_for_ends_at_its_time_not_before():
+    """peer_copy_watch(delay): the wait for ends returns then (not at once, and not on an
+    unwatched job's end); the earliest of two watches counts; one watch ends one wait."""
+    ends, wakes = _C.peer_copy_ends(), _C.peer_copy_wakes()
+    start = time.monotonic()
+    _C.peer_copy_watch(300)
+    _C.peer_copy_watch(150)  # the earlier one counts
+    source = torch.ones(1 << 20, dtype=torch.uint8)
+    target = torch.zeros_like(source)
+    job = _C.peer_copy_submit(ME, True, rows([target.data_ptr(), source.data_ptr(), source.numel()]), False)
+    assert _C.peer_copy_wait_ends(ends, wakes, 5000)  # the unwatched job's end did not end it
+    took = time.monotonic() - start
+    assert 0.14 <= took < 0.29 and _C.peer_copy_ends() == ends
+    assert finished(job) == 1 and torch.equal(target, source)
+    assert not _C.peer_copy_wait_ends(ends, wakes, 400)  # the watch was spent: only the timeout
+    with pytest.raises(ValueError, match="LLM_PARAM_INVALID"):
+        _C.peer_copy_watch(-1)
+
+
 def test_a_native_route_checks_its_block_lists_and_copies(kv):
     """_C.PeerRoute within this process (its own peer): a start it takes copies the blocks;
     one it does not (not lists of plain ints, or failing a check) returns 0 and starts no

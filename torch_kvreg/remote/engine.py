@@ -1027,7 +1027,13 @@ class Engine:
             self._route_idle(route)
             return None
         if first:
-            self._wake_progress()  # it watches the route's copies: deadlines, notices, nobody waiting
+            # The progress thread watches the route's copies (deadlines, notices, copies
+            # nobody waits for). It looks at them JOB_SWEEP_S from now: woken at once, it
+            # would take the GIL from this thread, which is likely starting more.
+            if self.progress_thread is None:
+                self._wake_progress()
+            else:
+                _C.peer_copy_watch(max(1, int(JOB_SWEEP_S * 1000)))
         return transfer
 
     def _hold_route(self, route: _Route, key: tuple) -> bool:
@@ -1391,19 +1397,21 @@ class Engine:
             ends, wakes = _C.peer_copy_ends(), _C.peer_copy_wakes()
             due = self._expire_leases()
             with self.progress:
-                if not self.flights and not self.busy_routes:
+                resting = not self.flights and not self.busy_routes
+                if resting:
                     if self.stopping:
                         return
                     self.progress_idle = True
                     if due is None and self.lingering:
-                        # A lease began to linger after _expire_leases looked (a waiter that
-                        # completed its own transfer let go of it): its wake may have come
-                        # before this wait, so do not wait past its linger.
-                        due = LEASE_LINGER_S
-                    self.progress.wait(due)  # a new flight, a lingering lease due, or stop
-                    self.progress_idle = False
-                    continue
+                        due = LEASE_LINGER_S  # (a lease that began to linger since it looked)
                 flights = list(self.flights)
+            if resting:
+                # Natively, without the GIL, until a new flight or stop (_wake_progress), a
+                # lingering lease is due, or a route's copies want a look (peer_copy_watch).
+                _C.peer_copy_wait_ends(ends, wakes, -1 if due is None else max(1, int(due * 1000)))
+                with self.progress:
+                    self.progress_idle = False
+                continue
             waiting = [flight for flight in flights if not flight.posted]
             if waiting:
                 riders = self._post_waiting(waiting)
@@ -1549,6 +1557,7 @@ class Engine:
             self.stopping = True
             self.progress.notify()
             thread = self.progress_thread
+        _C.peer_copy_wake()  # it waits natively when idle
         if thread is not None:
             thread.join(timeout=self.wait_s + 1)
         with self.progress:
