@@ -310,13 +310,18 @@ def decoder(peer):
         yield kv.remote._existing_engine()
 
 
+def mirrored(peer, num_tensors, num_blocks, seed):
+    """A peer cache (``seed``'s contents) and a zeroed local one like it: (the peer cache's
+    CacheIndex, its contents, the local tensors, the local Cache)."""
+    remote_id = peer.call("register", (num_tensors, num_blocks, BLOCK, seed, True))
+    mine = [torch.zeros(num_blocks, *BLOCK, dtype=torch.float16) for _ in range(num_tensors)]
+    return CacheIndex(13, remote_id), paged(num_tensors, num_blocks, BLOCK, seed), mine, kv.register_kv_cache(mine)
+
+
 def test_a_peer_on_this_host_is_copied_directly(peer, decoder):
     assert decoder.links[13].peer_pid == peer.process.pid
-    remote_id = peer.call("register", (4, 16, BLOCK, 21, True))
-    theirs = paged(4, 16, BLOCK, 21)
-    mine = [torch.zeros(16, *BLOCK, dtype=torch.float16) for _ in range(4)]
-    local = kv.register_kv_cache(mine)
-    remote = CacheIndex(13, remote_id)
+    remote, theirs, mine, local = mirrored(peer, 4, 16, 21)
+    remote_id = remote.cache_id
     block = local.cache_desc.block_nbytes
     assert kv.pull_kv_blocks(remote, local, [3, 4, 5, 9], [0, 1, 2, 15]) == 4 * 4 * block
     for t in range(4):
@@ -529,11 +534,8 @@ def test_finalize_with_a_same_host_copy_in_flight_is_bounded(peer, monkeypatch, 
 
 # --- routes: later transfers between the same caches start in one native call ---------------
 def test_transfers_after_the_first_start_on_its_route_and_land(peer, decoder):
-    remote_id = peer.call("register", (4, 32, BLOCK, 31, True))
-    theirs = paged(4, 32, BLOCK, 31)
-    mine = [torch.zeros(32, *BLOCK, dtype=torch.float16) for _ in range(4)]
-    local = kv.register_kv_cache(mine)
-    remote = CacheIndex(13, remote_id)
+    remote, theirs, mine, local = mirrored(peer, 4, 32, 31)
+    remote_id = remote.cache_id
     block = local.cache_desc.block_nbytes
     assert kv.pull_kv_blocks(remote, local, [0], [0]) == 4 * block  # the general path: leaves the route
     assert decoder.route_starts == 0 and len(decoder.fast_routes) == 1
