@@ -41,7 +41,7 @@ class Transfer:
         self.path = path  # "local_copy", "pull" or "push": counted in torch_kvreg.stats()
         self.nbytes = int(nbytes)
         self.description = description
-        self._dst_blocks = [int(b) for b in dst_blocks]
+        self._dst_blocks = list(map(int, dst_blocks))
         self._started = time.monotonic()
         self._finished: float | None = None
         # Done is a flag; an Event is made only for a thread that must block on it (most
