@@ -379,7 +379,7 @@ class Pool {
   const int64_t workers_;
   std::mutex mutex_;
   std::condition_variable work_;
-  std::condition_variable ended_;    // a job ended: its waiters (wait(), help())
+  std::condition_variable ended_;     // a job ended: its waiters (wait(), help())
   std::condition_variable watchers_;  // a watched job ended, wake() or watch(): wait_ends()
   std::deque<Task> queue_;
   std::unordered_map<int64_t, std::shared_ptr<Job>> jobs_;
