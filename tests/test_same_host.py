@@ -683,3 +683,65 @@ def test_a_wait_with_a_timeout_ends_in_that_time_and_the_copy_goes_on(peer, monk
         theirs = paged(16, 64, (32, 8, 128), 36)
         assert all(torch.equal(m, t) for m, t in zip(mine, theirs))
     peer.call("unregister", remote_id)
+
+
+def test_threads_starting_on_one_route_each_complete_exactly_once(peer, decoder):
+    """Four threads start pulls on one route at once (and one pushes on another), each
+    waiting for, polling or leaving alone what it started; the route's hold is taken and
+    given back many times over. Every transfer lands once, and nothing stays held."""
+    import random
+
+    remote, theirs, mine, local = mirrored(peer, 2, 64, 37)
+    pushed_id = peer.call("register_zeros", (2, 64, BLOCK))
+    # Everything first (the pull route): the threads' pulls then rewrite what is there, so
+    # the pushes read settled blocks.
+    kv.pull_kv_blocks(remote, local, list(range(64)), list(range(64)))
+    kv.push_kv_blocks(local, CacheIndex(13, pushed_id), [0], [0])  # leaves the push route
+    errors, transfers, pushed = [], [], set()
+
+    def run(seed, push):
+        rng = random.Random(seed)
+        try:
+            for round_ in range(40):
+                block = 1 + (seed * 40 + round_) % 63
+                if push:
+                    t = kv.push_kv_blocks_async(local, CacheIndex(13, pushed_id), [block], [block])
+                    pushed.add(block)
+                else:
+                    t = kv.pull_kv_blocks_async(remote, local, [block], [block])
+                transfers.append(t)
+                way = rng.randrange(3)
+                if way == 0:
+                    t.wait(5000)
+                elif way == 1:
+                    while not t.done():
+                        time.sleep(0)
+                if rng.random() < 0.2:
+                    time.sleep(0.002)  # the route idles now and then: its hold goes and comes back
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    starts = decoder.route_starts
+    threads = [threading.Thread(target=run, args=(seed, seed == 4)) for seed in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    # (nearly) all on the routes: one whose lease lingered out meanwhile starts over once
+    assert len(transfers) == 200 and decoder.route_starts - starts >= 150
+    for t in transfers:
+        t.wait(5000)
+    assert all(t.status == LLMStatusCode.LLM_SUCCESS for t in transfers)
+    assert sum(decoder.job_completions.values()) == decoder.routes["same_host"]
+    for t in range(2):
+        assert torch.equal(mine[t], theirs[t])
+    landed, blocks = peer.call("read", pushed_id), sorted(pushed)
+    assert len(blocks) == 40 and all(torch.equal(landed[t][blocks], theirs[t][blocks]) for t in range(2))
+    deadline = time.monotonic() + 5
+    while (decoder.busy_routes or _C.in_flight(local.cache_id)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not decoder.busy_routes and _C.in_flight(local.cache_id) == 0 and _C.peer_copy_live_jobs() == 0
+    assert peer.settled_leases() == {}
+    peer.call("unregister", remote.cache_id)
+    peer.call("unregister", pushed_id)
