@@ -745,3 +745,27 @@ def test_threads_starting_on_one_route_each_complete_exactly_once(peer, decoder)
     assert peer.settled_leases() == {}
     peer.call("unregister", remote.cache_id)
     peer.call("unregister", pushed_id)
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_unregister_waits_for_a_same_host_copy_in_flight(peer, monkeypatch, routed):
+    """Unregistering the local cache of a copy under way waits for the copy to land (nobody
+    else waits for it: the progress thread completes it), then the cache is gone for good."""
+    with linked_to(peer, wait_ms=5000):
+        remote_id, mine, local = big_remote(peer, 38)
+        remote = CacheIndex(13, remote_id)
+        starts = warm_route(remote, local, routed)
+        monkeypatch.setenv(PAUSE, "100000")  # 0.1 s before each system call: about 0.8 s in all
+        transfer = kv.pull_kv_blocks_async(remote, local, list(range(64)), list(range(64)))
+        monkeypatch.delenv(PAUSE)
+        assert started_on_route(starts, routed)
+        start = time.monotonic()
+        kv.unregister_kv_cache(local)
+        took = time.monotonic() - start
+        assert transfer.status == LLMStatusCode.LLM_SUCCESS and 0.3 < took < 4
+        assert all(torch.equal(m, t) for m, t in zip(mine, paged(16, 64, (32, 8, 128), 38)))
+        with pytest.raises(kv.LLMException) as gone:
+            kv.pull_kv_blocks(remote, local, [1], [1])
+        assert gone.value.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
+        assert _C.peer_copy_live_jobs() == 0
+    peer.call("unregister", remote_id)
