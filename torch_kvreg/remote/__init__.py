@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from .. import lifecycle
-from ..errors import LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
+from ..errors import LLMException, LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
 from ..inflight import Transfer
 from ..registry import OPTION_LISTEN_IP_INFO, get_cache
 from ..types import Blocks, Cache, CacheDesc, CacheIndex, ClusterInfo, LlmRole, as_int, block_tensor, layer_tensors
@@ -388,19 +388,10 @@ def _routed(
         and (layers is None or type(layers) is range)
     ):
         return None
-    if notify is None:
-        message = b""
-    elif type(notify) is str:
-        try:
-            message = notify.encode("utf-8")
-        except UnicodeEncodeError:
-            return None  # the general path says what is wrong
-    elif type(notify) is bytes:
-        message = notify
-    else:
-        return None
-    if len(message) > MAX_NOTIFY_BYTES:
-        return None
+    try:
+        message = _notify(notify)
+    except (LLMException, UnicodeError):
+        return None  # the general path raises it again, for the caller
     key = (operation, remote.cluster_id, remote.cache_id, local_id, layers, layers, tensors_per_layer)
     return engine.start_routed(key, src_blocks, dst_blocks, message, "pull" if operation == "READ" else "push")
 

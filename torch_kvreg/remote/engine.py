@@ -1073,14 +1073,6 @@ class Engine:
         if entry is None:
             return  # the progress thread completes it
         self.job_completions["waiter"] += 1
-        if code == _JOB_DONE and not entry[2]:  # the common end, in short: landed, no notice
-            _C.peer_copy_release(job)
-            transfer = entry[0]
-            transfer.assist = None
-            if not route.pending and not route.draining:
-                self._route_idle(route)
-            transfer.succeed()
-            return
         self._complete_routed(route, job, entry, code)
 
     def _complete_routed(self, route: _Route, job: int, entry: tuple[Transfer, float, bytes], code: int) -> None:
