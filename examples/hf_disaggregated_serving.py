@@ -123,7 +123,9 @@ def decode_main(ready, results, batch: int, length: int, new_tokens: int) -> Non
         dynamic.update(received[2 * layer].clone(), received[2 * layer + 1].clone(), layer)
     with torch.no_grad():
         tokens = generate_from(model, prompts(batch, length), dynamic, new_tokens)
-    results.put(("decode", tokens, [landed[f"layer {i}"] for i in range(layers)]))
+    # Plain lists: a tensor in a queue is shared by file descriptor, which this process,
+    # finishing now, could take away before the parent has received it.
+    results.put(("decode", tokens.tolist(), [landed[f"layer {i}"] for i in range(layers)]))
     kv.finalize()
 
 
@@ -183,7 +185,7 @@ def run(batch: int = 4, length: int = 48, new_tokens: int = 16) -> tuple[torch.T
     prefill.join(timeout=60)
     decoder.join(timeout=60)
     reference = single_process(batch, length, new_tokens)
-    return got["decode"][0], reference, got
+    return torch.tensor(got["decode"][0], dtype=reference.dtype), reference, got
 
 
 def main() -> None:
