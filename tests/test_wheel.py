@@ -64,3 +64,4 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
     # Typed: the marker and the native module's stub are installed beside the package.
     installed = pathlib.Path(where).parent
     assert (installed / "py.typed").is_file() and (installed / "_C.pyi").is_file()
+    assert (installed / "vllm" / "connector.py").is_file()  # the vLLM connector ships too

@@ -9,6 +9,9 @@ head dim = D):
 - ``flashinfer``: ``(N, 2, B, H, D)`` (or its HND view of ``(N, 2, H, B, D)``): K and V of a
   block are adjacent, so the layer is one tensor whose blocks hold both.
 - ``mla``: ``(N, B, D)``, a latent cache: one tensor per layer.
+- ``vllm_cpu``: vLLM's CPU attention layout ``(N, H, B, 2 * D)``: within each block and
+  head, the K tile then the V tile; one tensor per layer. vLLM hands every layer as a view
+  of one storage; each view is contiguous, so each layer registers as its own tensor.
 
 Tensors are registered in layer order (K, V per layer for flash_attn); layers given twice
 (the same tensor under several names: shared KV) are registered once. Block i of every
@@ -26,7 +29,7 @@ from .errors import param_invalid, raises_llm, wrong_type
 from .registry import _cfg_args, get_cache
 from .types import Cache, RegisterCfg
 
-LAYOUTS = ("flash_attn", "flashinfer", "mla")
+LAYOUTS = ("flash_attn", "flashinfer", "mla", "vllm_cpu")
 _HND = (0, 1, 3, 2, 4)  # swaps block_size and heads
 
 
@@ -49,8 +52,8 @@ def detect_layout(tensor: torch.Tensor) -> str:
 
     >>> detect_layout(torch.zeros(2, 16, 4, 2, 8)), detect_layout(torch.zeros(16, 2, 4, 2, 8))
     ('flash_attn', 'flashinfer')
-    >>> detect_layout(torch.zeros(16, 4, 64))
-    'mla'
+    >>> detect_layout(torch.zeros(16, 4, 64)), detect_layout(torch.zeros(16, 2, 32, 128))
+    ('mla', 'vllm_cpu')
     """
     if tensor.dim() == 5 and tensor.shape[0] == 2 and tensor.shape[1] != 2:
         return "flash_attn"
@@ -58,13 +61,15 @@ def detect_layout(tensor: torch.Tensor) -> str:
         return "flashinfer"
     if tensor.dim() == 3:
         return "mla"
+    if tensor.dim() == 4:
+        return "vllm_cpu"
     if tensor.dim() == 5 and tensor.shape[0] == 2 and tensor.shape[1] == 2:
         raise param_invalid(
             f"shape {tuple(tensor.shape)} fits both flash_attn (2, N, ...) and flashinfer (N, 2, ...); pass layout="
         )
     raise param_invalid(
         f"a layer tensor of shape {tuple(tensor.shape)} is no recognised KV-cache layout: "
-        "flash_attn (2, N, B, H, D), flashinfer (N, 2, B, H, D) or mla (N, B, D)"
+        "flash_attn (2, N, B, H, D), flashinfer (N, 2, B, H, D), mla (N, B, D) or vllm_cpu (N, H, B, 2*D)"
     )
 
 
@@ -78,6 +83,10 @@ def _split(tensor: torch.Tensor, layout: str) -> list[torch.Tensor]:
     if layout == "flashinfer":
         if tensor.dim() != 5 or tensor.shape[1] != 2:
             raise param_invalid(f"flashinfer layers are (N, 2, B, H, D), got {tuple(tensor.shape)}")
+        return [_physical(tensor)]
+    if layout == "vllm_cpu":
+        if tensor.dim() != 4 or tensor.shape[3] % 2:
+            raise param_invalid(f"vllm_cpu layers are (N, H, B, 2*D), got {tuple(tensor.shape)}")
         return [_physical(tensor)]
     if tensor.dim() != 3:
         raise param_invalid(f"mla layers are (N, B, D), got {tuple(tensor.shape)}")
