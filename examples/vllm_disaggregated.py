@@ -137,6 +137,7 @@ class Node:
         num_blocks: int = 64,
         env: dict | None = None,
         log_path: str | None = None,
+        cpus: str | None = None,
     ) -> None:
         environ = dict(os.environ)
         environ.update(
@@ -144,6 +145,10 @@ class Node:
             VLLM_CPU_KVCACHE_SPACE="1",
             TOKENIZERS_PARALLELISM="false",
         )
+        if cpus is not None:
+            # vLLM's CPU worker spins while it waits for the next step: two instances bound to
+            # one core starve each other (and the connector's threads), so each gets its own.
+            environ["VLLM_CPU_OMP_THREADS_BIND"] = cpus
         environ.update(env or {})
         command = [sys.executable, os.path.abspath(__file__), "node", "--model", model, "--num-blocks", str(num_blocks)]
         if kv_transfer_config is not None:
@@ -271,8 +276,9 @@ def main() -> int:
         batch = prompts()
         with Node(model, multiprocess=args.multiprocess) as reference:
             expected = reference.generate(batch, args.max_tokens)["tokens"]
-        prefill = Node(model, connector_config("kv_producer"), multiprocess=args.multiprocess)
-        decode = Node(model, connector_config("kv_consumer"), multiprocess=args.multiprocess)  # starts meanwhile
+        cores = ("0", "1") if (os.cpu_count() or 1) > 1 else (None, None)
+        prefill = Node(model, connector_config("kv_producer"), multiprocess=args.multiprocess, cpus=cores[0])
+        decode = Node(model, connector_config("kv_consumer"), multiprocess=args.multiprocess, cpus=cores[1])
         with prefill, decode:
             first = prefill.generate(batch, 1, [prefill_params() for _ in batch])
             start = time.perf_counter()

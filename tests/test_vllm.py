@@ -180,10 +180,10 @@ def test_prefill_killed_before_and_during_the_load(models, engines, batch, refer
 
 def test_multiprocess_engines_decode_what_one_instance_does(models, batch, reference, tmp_path):
     prefill_node = demo.Node(
-        models["a"], demo.connector_config("kv_producer"), multiprocess=True, log_path=str(tmp_path / "p.log")
+        models["a"], demo.connector_config("kv_producer"), multiprocess=True, log_path=str(tmp_path / "p.log"), cpus="0"
     )
     decode_node = demo.Node(
-        models["a"], demo.connector_config("kv_consumer"), multiprocess=True, log_path=str(tmp_path / "d.log")
+        models["a"], demo.connector_config("kv_consumer"), multiprocess=True, log_path=str(tmp_path / "d.log"), cpus="1"
     )
     with prefill_node, decode_node:
         params = prefill(prefill_node, batch)
