@@ -459,6 +459,13 @@ MUTANTS = [
         "    rows[:, :, 0] = bases[:1, None] + offsets[None, :]",
         ["tests/test_plan.py"],
     ),
+    (
+        "unlink removes the peer's NIXL agent (its UCX connection stays open)",
+        "torch_kvreg/remote/engine.py",
+        "        self._forget(link, keep_agent=said_bye)",
+        "        self._forget(link, keep_agent=False)",
+        ["tests/test_churn.py"],
+    ),
     # --- the vLLM connector ------------------------------------------------------------------
     (
         "vllm: loads ignore the locally cached prefix",

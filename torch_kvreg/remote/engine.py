@@ -662,16 +662,21 @@ class Engine:
                 del self.links[cluster_id]
                 drop = True
         if drop:
-            self._forget(link)
+            self._forget(link, keep_agent=True)
         elif cluster_id is not None and self.links.get(cluster_id) is link:
             log.warning("the link to cluster %d closed", cluster_id)
 
-    def _forget(self, link: Link) -> None:
+    def _forget(self, link: Link, keep_agent: bool = False) -> None:
+        """Releases what ``link`` opened. ``keep_agent`` (a peer that unlinked in good order,
+        and may link again): its NIXL agent stays loaded, and a relink loads it again over
+        the same connection. NIXL's remove_remote_agent leaves the UCX connection between
+        the two processes open, so removing it on every unlink left one more open socket in
+        each process per link/unlink cycle; a vanished peer's agent is removed."""
         for prep in link.remote_preps.values():
             with contextlib.suppress(Exception):
                 self.agent.release_dlist_handle(prep)
         link.remote_preps.clear()
-        if link.agent_name:
+        if link.agent_name and not keep_agent:
             with contextlib.suppress(Exception):
                 self.agent.remove_remote_agent(link.agent_name)
         link.close()
@@ -818,10 +823,12 @@ class Engine:
             link = self.links.pop(cluster_id, None)
         if link is None:
             return LLMStatusCode.LLM_NOT_YET_LINK
+        said_bye = False
         if not force and link.alive:
             with contextlib.suppress(LLMException):
                 link.request({"op": "bye"})
-        self._forget(link)
+                said_bye = True
+        self._forget(link, keep_agent=said_bye)
         return LLMStatusCode.LLM_SUCCESS
 
     def link_for(self, cluster_id: int) -> Link:

@@ -1,0 +1,69 @@
+"""Links that come and go leave nothing behind: open file descriptors, sockets and threads of
+BOTH processes stay flat across link / pull / unlink cycles."""
+
+import os
+import time
+
+import pytest
+import torch
+
+import torch_kvreg as kv
+
+from remote_peer import Peer
+
+pytestmark = pytest.mark.skipif(not kv.remote.nixl_available(), reason="needs the nixl extra")
+
+
+def open_files(pid):
+    """(file descriptors, of which sockets, threads) of process ``pid``, from /proc."""
+    fds = sockets = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        fds += 1
+        sockets += target.startswith("socket:")
+    return fds, sockets, len(os.listdir(f"/proc/{pid}/task"))
+
+
+@pytest.mark.parametrize("path", ["same_host", "nixl"])
+def test_link_unlink_cycles_leave_no_socket_fd_or_thread(path, monkeypatch):
+    if path == "nixl":
+        monkeypatch.setenv("TORCH_KVREG_SAME_HOST_COPY", "0")
+    peer = Peer(1, env={"TORCH_KVREG_SAME_HOST_COPY": "0"} if path == "nixl" else None)
+    try:
+        source = peer.call("register", (2, 8, (4, 16), 0, True))
+        want = peer.call("read", source)
+        kv.initialize(2, options={"llm.SyncKvCacheWaitTime": "3000"})
+
+        def cycle(mine):
+            assert kv.link_clusters([peer.info])[0] == kv.LLMStatusCode.LLM_SUCCESS
+            kv.pull_kv_blocks(kv.CacheIndex(1, source), mine, [0, 5], [1, 2], notify="pulled")
+            kv.pull_kv_blocks_async(kv.CacheIndex(1, source), mine, [3], [4]).wait()
+            assert kv.unlink_clusters([peer.info])[0] == kv.LLMStatusCode.LLM_SUCCESS
+            assert torch.equal(mine_tensors[0][1], want[0][0]) and torch.equal(mine_tensors[1][4], want[1][3])
+
+        mine_tensors = [torch.zeros(8, 4, 16, dtype=torch.float16) for _ in range(2)]
+        mine = kv.register_kv_cache(mine_tensors)
+        for _ in range(3):  # warm-up: connections, threads and pools that live once per process
+            cycle(mine)
+        before = open_files(os.getpid()), open_files(peer.process.pid)
+        cycles = 15
+        for _ in range(cycles):
+            cycle(mine)
+        deadline = time.monotonic() + 3  # the last unlink's control connection closes meanwhile
+        while True:
+            after = open_files(os.getpid()), open_files(peer.process.pid)
+            if all(a[1] <= b[1] for a, b in zip(after, before)) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        for who, (fds0, sockets0, threads0), (fds1, sockets1, threads1) in zip(("decoder", "peer"), before, after):
+            # every cycle used to leave one more UCX connection open in each process
+            assert sockets1 <= sockets0, f"{who}: {sockets1 - sockets0} more sockets after {cycles} cycles"
+            assert fds1 <= fds0 + 1, f"{who}: {fds1 - fds0} more fds after {cycles} cycles"
+            assert threads1 <= threads0 + 1, f"{who}: {threads1 - threads0} more threads after {cycles} cycles"
+        assert len(peer.call("notifications")) == 3 + cycles  # every notice arrived, once
+    finally:
+        kv.finalize()
+        peer.close()
