@@ -34,7 +34,6 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 sys.path.insert(0, str(HERE))
 import vllm_disaggregated as demo  # noqa: E402
-
 from machine import cpu_model  # noqa: E402
 
 MODEL = dict(
