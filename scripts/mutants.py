@@ -466,6 +466,13 @@ MUTANTS = [
         "        self._forget(link, keep_agent=False)",
         ["tests/test_churn.py"],
     ),
+    (
+        "notices name only senders still linked when they are read",
+        "torch_kvreg/remote/engine.py",
+        "            clusters = dict(self.senders)",
+        "            clusters = {link.agent_name: link.cluster_id for link in self.links.values()}",
+        ["tests/test_churn.py"],
+    ),
     # --- the vLLM connector ------------------------------------------------------------------
     (
         "vllm: loads ignore the locally cached prefix",

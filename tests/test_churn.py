@@ -67,3 +67,29 @@ def test_link_unlink_cycles_leave_no_socket_fd_or_thread(path, monkeypatch):
     finally:
         kv.finalize()
         peer.close()
+
+
+def test_a_notice_read_after_its_sender_unlinked_or_died_still_names_it():
+    """Found by the chaos test: a decoder's notice read by the prefill after the decoder
+    unlinked (or was killed) came with sender None: the sender was looked up among the
+    links alive when notices were read."""
+    peer = Peer(1)
+    decoder = Peer(3, wait=True)
+    try:
+        source = peer.call("register", (2, 8, (4, 16), 0, True))
+        kv.initialize(2, options={"llm.SyncKvCacheWaitTime": "3000"})
+        mine = kv.register_kv_cache([torch.zeros(8, 4, 16, dtype=torch.float16) for _ in range(2)])
+        assert kv.link_clusters([peer.info])[0] == kv.LLMStatusCode.LLM_SUCCESS
+        kv.pull_kv_blocks(kv.CacheIndex(1, source), mine, [0], [1], notify="before unlink")
+        assert kv.unlink_clusters([peer.info])[0] == kv.LLMStatusCode.LLM_SUCCESS
+        # a second decoder process, killed right after its pull
+        decoder.call("kv", ("link_clusters", ([peer.info],), {}))
+        dst = decoder.call("register_zeros", (2, 8, (4, 16)))
+        decoder.call("kv", ("pull_kv_blocks", (kv.CacheIndex(1, source), dst, [0], [1]), {"notify": "before kill"}))
+        decoder.kill()
+        time.sleep(0.5)  # the prefill notices the closed connections
+        assert sorted(peer.call("notifications")) == [(2, b"before unlink"), (3, b"before kill")]
+    finally:
+        kv.finalize()
+        decoder.kill()
+        peer.close()

@@ -61,6 +61,8 @@ _JOB_RUNNING, _JOB_DONE = 0, 1
 JOB_SWEEP_S = 0.005
 # Same-host block routes kept at most (start_routed); more start the table again.
 MAX_ROUTES = 256
+# Senders of notices remembered after their links end (Engine.senders).
+MAX_REMEMBERED_SENDERS = 4096
 
 
 # NIXL's agent runs a progress thread that, as nixl-cu12 configures it (pthrDelay 0), polls
@@ -377,6 +379,10 @@ class Engine:
         self.leases: dict[int, int] = {}  # lease id -> cache id
         self.lease_ids = itertools.count(1)
         self.links: dict[int, Link] = {}  # linked clusters, whichever side opened the link
+        # Agent name -> cluster id of every peer linked lately, kept after its link ends: a
+        # notice sent just before an unlink (or a crash) is read after it, and still names
+        # its sender. Bounded, oldest forgotten first.
+        self.senders: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.connections: set[Link] = set()  # connections peers opened to us
         self.server: _Server | None = None
         self.listen_address: str | None = None
@@ -636,6 +642,7 @@ class Engine:
             link.agent_name = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
             link.info = ClusterInfo(fields["cluster_id"], peer_host, peer_port)
             with self.lock:
+                self._remember_sender(link.agent_name, fields["cluster_id"])
                 current = self.links.get(fields["cluster_id"])
                 if current is None or not current.alive:
                     self.links[fields["cluster_id"]] = link
@@ -665,6 +672,13 @@ class Engine:
             self._forget(link, keep_agent=True)
         elif cluster_id is not None and self.links.get(cluster_id) is link:
             log.warning("the link to cluster %d closed", cluster_id)
+
+    def _remember_sender(self, agent_name: str, cluster_id: int) -> None:
+        """Caller holds self.lock."""
+        self.senders[agent_name] = cluster_id
+        self.senders.move_to_end(agent_name)
+        while len(self.senders) > MAX_REMEMBERED_SENDERS:
+            self.senders.popitem(last=False)
 
     def _forget(self, link: Link, keep_agent: bool = False) -> None:
         """Releases what ``link`` opened. ``keep_agent`` (a peer that unlinked in good order,
@@ -783,6 +797,7 @@ class Engine:
             return LLMStatusCode.LLM_LINK_FAILED
         with self.lock:
             self.links[info.remote_cluster_id] = link
+            self._remember_sender(link.agent_name, info.remote_cluster_id)
         self._start_heartbeat()
         log.info("linked to cluster %d at %s:%d", info.remote_cluster_id, info.remote_ip, info.remote_port)
         return LLMStatusCode.LLM_SUCCESS
@@ -1587,8 +1602,7 @@ class Engine:
             log.warning("NIXL notifications unavailable: %s", exc)
             return []
         with self.lock:
-            clusters = {link.agent_name: link.cluster_id for link in self.links.values() if link.agent_name}
-            clusters.update({link.agent_name: link.cluster_id for link in self.connections if link.agent_name})
+            clusters = dict(self.senders)
         out: list[tuple[int | None, bytes]] = []
         for agent_name, messages in received.items():
             name = agent_name.decode() if isinstance(agent_name, bytes) else str(agent_name)
