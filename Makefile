@@ -15,7 +15,7 @@ EXT_STAMP := $(VENV)/.kvreg-built
 DEPS_STAMP := $(VENV)/.kvreg-deps
 PYTEST_ARGS ?=
 
-.PHONY: all demo demo-pd demo-datadist demo-cpp demo-hf demo-vllm test lint test-asan test-mutants test-cuda-build bench build clean
+.PHONY: all demo demo-pd demo-datadist demo-cpp demo-hf demo-vllm test lint test-asan test-mutants soak test-cuda-build bench build clean
 
 all: build
 
@@ -120,6 +120,13 @@ test-asan: $(DEPS_STAMP)
 # Slow (a rebuild per C++ mutant), so not part of `make test`; run it before submitting.
 test-mutants: build
 	$(PY) scripts/mutants.py $(MUTANTS_ARGS)
+
+# The xPyD chaos of tests/test_chaos.py for SOAK_MINUTES (2 prefill and 4 decoder processes,
+# random SIGKILLs and restarts): prints its counts. Outside CI. SOAK_ARGS=--netns runs it
+# between two network namespaces (root).
+SOAK_MINUTES ?= 10
+soak: build
+	$(PY) tests/chaos.py soak --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
 # Compile-and-link check of the CUDA variant against a CUDA build of torch (no GPU needed).
 test-cuda-build:

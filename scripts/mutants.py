@@ -467,6 +467,27 @@ MUTANTS = [
         ["tests/test_churn.py"],
     ),
     (
+        "unlink leaves the link's same-host routes behind",
+        "torch_kvreg/remote/engine.py",
+        "            self._drop_routes(lambda route: route.link is link)",
+        "            pass",
+        ["tests/test_churn.py"],
+    ),
+    (
+        "unlink leaves the link's unused leases behind",
+        "torch_kvreg/remote/engine.py",
+        "                if shared.link is link and shared.refs == 0:",
+        "                if shared.link is link and shared.refs < 0:",
+        ["tests/test_churn.py"],
+    ),
+    (
+        "the in-flight table keeps an entry for every cache ever used",
+        "torch_kvreg/remote/engine.py",
+        "            del self.in_flight[cache_id]",
+        "            self.in_flight[cache_id] = 0",
+        ["tests/test_soak.py"],
+    ),
+    (
         "notices name only senders still linked when they are read",
         "torch_kvreg/remote/engine.py",
         "            clusters = dict(self.senders)",

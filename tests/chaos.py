@@ -646,7 +646,7 @@ def soak(argv: list[str]) -> int:
         pair = netns.NetnsPair().up()
     started = time.monotonic()
     try:
-        chaos = Chaos(args.prefills, args.decoders, args.seed, pair, log=print)
+        chaos = Chaos(args.prefills, args.decoders, args.seed, pair, log=lambda line: print(line, flush=True))
         counts = chaos.run(args.minutes * 60)
     finally:
         if pair is not None:

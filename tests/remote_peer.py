@@ -86,6 +86,11 @@ def peer_main(commands, replies, cluster_id, wait_ms=2000, options=None, netns=N
                 replies.put(("ok", dict(kv.remote._engine.leases)))
             elif op == "read":
                 replies.put(("ok", [t.clone() for t in caches[args]]))
+            elif op == "read_blocks":  # (cache id, blocks) -> each tensor's blocks as bytes
+                # plain bytes: a tensor in the reply would travel through shared memory that
+                # torch's multiprocessing keeps mapped here (a soak test measures this process)
+                cache_id, blocks = args
+                replies.put(("ok", [t[blocks].numpy().tobytes() for t in caches[cache_id]]))
             elif op == "register_zeros":  # (num_tensors, num_blocks, block_shape): a destination
                 num_tensors, num_blocks, block_shape = args
                 tensors = [torch.zeros(num_blocks, *block_shape, dtype=torch.float16) for _ in range(num_tensors)]

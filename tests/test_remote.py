@@ -150,7 +150,7 @@ def test_nixl_failure_releases_everything(through_nixl, peer, failure, monkeypat
     assert time.monotonic() - start < 2 * 0.3 + 2
     assert (polls["count"] > 0) == (failure == "never_done")
     assert peer.settled_leases() == {}
-    assert kv.remote._engine.in_flight[local.cache_id] == 0
+    assert kv.remote._engine.in_flight.get(local.cache_id, 0) == 0
     kv.unregister_kv_cache(local)
     assert kv.registered_caches() == []
     monkeypatch.undo()

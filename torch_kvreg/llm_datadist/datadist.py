@@ -182,8 +182,8 @@ class LLMDataDist:
 
     @raises_llm
     def switch_role(self, role: LlmRole, switch_options: dict[str, str] | None = None) -> None:
-        """PROMPT (and MIX with ``llm.listenIpInfo``) listens; DECODER stops listening.
-        Links and registrations stay."""
+        """PROMPT (and MIX given ``llm.ListenIpInfo``, or upstream's spelling ``llm.listenIpInfo``)
+        listens; DECODER stops listening. Links and registrations stay."""
         self._check()
         if isinstance(role, bool) or not isinstance(role, int) or role not in tuple(LlmRole):
             raise wrong_type(f"role must be an LLMRole, got {role!r}")

@@ -681,4 +681,4 @@ def serve_as(role: LlmRole | int, address: str | None) -> None:
         stop_listening()
         start_listening(address)
     elif int(role) == LlmRole.PROMPT and listen_address() is None:
-        raise param_invalid("switching to PROMPT needs a listen address (llm.listenIpInfo)")
+        raise param_invalid("switching to PROMPT needs a listen address (llm.ListenIpInfo)")

@@ -467,7 +467,7 @@ class Engine:
         with self.lock:
             for lease in list(self.leases):
                 cache_id = self.leases.pop(lease)
-                self.in_flight[cache_id] -= 1
+                self._count_out(cache_id)
                 _C.unhold(cache_id)
             regs, self.nixl_regs = self.nixl_regs, {}
             preps, self.local_preps = self.local_preps, {}
@@ -529,6 +529,19 @@ class Engine:
             with contextlib.suppress(Exception):
                 self.agent.deregister_memory(reg)
 
+    def _count_in(self, cache_id: int) -> None:
+        """One more transfer or lease using a local cache (caller holds self.lock)."""
+        self.in_flight[cache_id] = self.in_flight.get(cache_id, 0) + 1
+
+    def _count_out(self, cache_id: int) -> None:
+        """One fewer (caller holds self.lock); a cache nothing uses leaves the table, which
+        would otherwise keep one entry per cache ever transferred."""
+        left = self.in_flight[cache_id] - 1
+        if left:
+            self.in_flight[cache_id] = left
+        else:
+            del self.in_flight[cache_id]
+
     def hold_local(self, cache_id: int) -> None:
         """Counts a transfer in flight on a local cache, here and in the native registry, so
         that unregister (from Python or from the raw op) waits for it."""
@@ -536,11 +549,11 @@ class Engine:
             if cache_id in self.closing:
                 raise _error(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"cache id {cache_id} is being unregistered")
             _C.hold(cache_id)
-            self.in_flight[cache_id] = self.in_flight.get(cache_id, 0) + 1
+            self._count_in(cache_id)
 
     def unhold_local(self, cache_id: int) -> None:
         with self.lock:
-            self.in_flight[cache_id] -= 1
+            self._count_out(cache_id)
             _C.unhold(cache_id)
             self.lock.notify_all()
 
@@ -686,6 +699,14 @@ class Engine:
         the same connection. NIXL's remove_remote_agent leaves the UCX connection between
         the two processes open, so removing it on every unlink left one more open socket in
         each process per link/unlink cycle; a vanished peer's agent is removed."""
+        with self.lock:
+            # Routes and unused shared leases over the link (the peer gives back what we
+            # leased when the connection ends); busy ones let go when their copies end.
+            self._drop_routes(lambda route: route.link is link)
+            for key, shared in list(self.shared_leases.items()):
+                if shared.link is link and shared.refs == 0:
+                    del self.shared_leases[key]
+                    self.lingering -= 1
         for prep in link.remote_preps.values():
             with contextlib.suppress(Exception):
                 self.agent.release_dlist_handle(prep)
@@ -725,7 +746,7 @@ class Engine:
                 raise _error(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"cache id {cache_id} is not registered") from None
             lease = next(self.lease_ids)
             self.leases[lease] = cache_id
-            self.in_flight[cache_id] = self.in_flight.get(cache_id, 0) + 1
+            self._count_in(cache_id)
             reg = self.nixl_regs[cache_id]
         leases.add(lease)
         md = self.agent.get_partial_agent_metadata(reg, False)
@@ -743,7 +764,7 @@ class Engine:
         with self.lock:
             cache_id = self.leases.pop(lease, None)
             if cache_id is not None:
-                self.in_flight[cache_id] -= 1
+                self._count_out(cache_id)
                 _C.unhold(cache_id)
                 self.lock.notify_all()
 
@@ -1058,6 +1079,13 @@ class Engine:
                 _C.peer_copy_watch(max(1, int(JOB_SWEEP_S * 1000)))
         return transfer
 
+    def _drop_routes(self, stale: Callable[[_Route], bool]) -> None:
+        """Forgets the idle routes ``stale`` picks (caller holds self.lock); a busy one is
+        dropped by its next start, which finds it stale."""
+        for key, route in list(self.fast_routes.items()):
+            if not route.holding and stale(route):
+                del self.fast_routes[key]
+
     def _hold_route(self, route: _Route, key: tuple) -> bool:
         """Under the lock: whether the route may start copies (its lease still the shared
         one, its link up and current, its local cache not closing; else it is dropped), and
@@ -1077,7 +1105,7 @@ class Engine:
             _C.hold(route.local_id)
         except RuntimeError:
             return False  # no longer registered: the general path says so
-        self.in_flight[route.local_id] = self.in_flight.get(route.local_id, 0) + 1
+        self._count_in(route.local_id)
         if lease.refs == 0:
             self.lingering -= 1
         lease.refs += 1
@@ -1253,6 +1281,9 @@ class Engine:
                     expired.append(shared)
                 else:
                     due = left if due is None else min(due, left)
+            if expired:
+                gone = {id(shared) for shared in expired}
+                self._drop_routes(lambda route: id(route.lease) in gone)
         for shared in expired:
             if shared.link.alive:
                 with contextlib.suppress(LLMException):
