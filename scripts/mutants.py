@@ -488,6 +488,13 @@ MUTANTS = [
         ["tests/test_soak.py"],
     ),
     (
+        "vanished peers stay listed without bound",
+        "torch_kvreg/remote/engine.py",
+        "            if len(dead) <= MAX_DEAD_LINKS:",
+        "            if True:",
+        ["tests/test_churn.py"],
+    ),
+    (
         "notices name only senders still linked when they are read",
         "torch_kvreg/remote/engine.py",
         "            clusters = dict(self.senders)",

@@ -95,3 +95,46 @@ def test_a_notice_read_after_its_sender_unlinked_or_died_still_names_it():
         kv.finalize()
         decoder.kill()
         peer.close()
+
+
+def test_vanished_peers_stay_listed_dead_but_bounded(monkeypatch):
+    """Decoders that restart with a new cluster id each time (vLLM's connector does) leave a
+    dead link each in the prefill; beyond MAX_DEAD_LINKS the oldest are forgotten, their NIXL
+    agents removed, while the newest still fail at once with LLM_LINK_FAILED."""
+    from torch_kvreg.remote import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MAX_DEAD_LINKS", 2)
+    kv.initialize(1, options={"llm.ListenIpInfo": "127.0.0.1:0", "llm.SyncKvCacheWaitTime": "2000"})
+    decoders = [Peer(10 + i, wait=False) for i in range(4)]
+    try:
+        host, port = kv.listen_address().split(":")
+        me = kv.ClusterInfo(1, host, int(port))
+        shared = kv.RegisterCfg(remote_accessible=True)
+        source = kv.register_kv_cache([torch.ones(8, 4, 16, dtype=torch.float16)], shared)
+        engine = kv.remote._engine
+        agents = []
+        for decoder in decoders:
+            decoder.ready()
+            assert decoder.call("kv", ("link_clusters", ([me],), {}))[0] == kv.LLMStatusCode.LLM_SUCCESS
+            dst = decoder.call("register_zeros", (1, 8, (4, 16)))
+            decoder.call("kv", ("pull_kv_blocks", (kv.CacheIndex(1, source.cache_id), dst, [0], [0]), {}))
+            agents.append(engine.links[decoder.cluster_id].agent_name)
+        for decoder in decoders:  # oldest first
+            decoder.kill()
+            time.sleep(0.2)
+        deadline = time.monotonic() + 5
+        while len(engine.links) > 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(engine.links) == [12, 13] and not any(link.alive for link in engine.links.values())
+        assert [engine.agent.check_remote_metadata(name) for name in agents] == [False, False, True, True]
+        mine = kv.register_kv_cache([torch.ones(8, 4, 16, dtype=torch.float16)], shared)
+        with pytest.raises(kv.LLMException) as dead:
+            kv.push_kv_blocks(mine, kv.CacheIndex(13, 1), [0], [0])
+        assert dead.value.status_code == kv.LLMStatusCode.LLM_LINK_FAILED
+        with pytest.raises(kv.LLMException) as forgotten:
+            kv.push_kv_blocks(mine, kv.CacheIndex(10, 1), [0], [0])
+        assert forgotten.value.status_code == kv.LLMStatusCode.LLM_NOT_YET_LINK
+    finally:
+        kv.finalize()
+        for decoder in decoders:
+            decoder.kill()

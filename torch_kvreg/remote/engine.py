@@ -61,6 +61,9 @@ _JOB_RUNNING, _JOB_DONE = 0, 1
 JOB_SWEEP_S = 0.005
 # Same-host block routes kept at most (start_routed); more start the table again.
 MAX_ROUTES = 256
+# Links to vanished peers kept listed (their transfers fail with LLM_LINK_FAILED until the
+# cluster is unlinked or linked again); the oldest beyond this are forgotten.
+MAX_DEAD_LINKS = 64
 # Senders of notices remembered after their links end (Engine.senders).
 MAX_REMEMBERED_SENDERS = 4096
 
@@ -165,6 +168,7 @@ class Link:
         self.wait_s = wait_s
         self.alive = True
         self.said_bye = False  # the peer unlinked (as opposed to vanishing)
+        self.closed_at = 0.0  # when it was found closed (the oldest dead links are pruned first)
         self.send_lock = threading.Lock()
         self.pending_lock = threading.Lock()
         self.pending: dict[int, list] = {}  # request id -> [Event, response or None]
@@ -302,6 +306,8 @@ class Link:
                 if op in ("challenge", "hello") and not reply["ok"]:
                     return  # a failed handshake ends the connection
         finally:
+            if self.alive:
+                self.closed_at = time.monotonic()
             self.alive = False
             with self.pending_lock:
                 waiting, self.pending = list(self.pending.values()), {}
@@ -316,6 +322,8 @@ class Link:
         threading.Thread(target=self.serve, name="kvreg-link", daemon=True).start()
 
     def close(self) -> None:
+        if self.alive:
+            self.closed_at = time.monotonic()
         self.alive = False
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -685,6 +693,23 @@ class Engine:
             self._forget(link, keep_agent=True)
         elif cluster_id is not None and self.links.get(cluster_id) is link:
             log.warning("the link to cluster %d closed", cluster_id)
+            self._prune_dead_links()
+
+    def _prune_dead_links(self) -> None:
+        """Peers that vanish stay listed, dead; bounded: beyond MAX_DEAD_LINKS the oldest
+        are forgotten outright (NIXL agent and all), as if unlinked. Decoders that restart
+        with a new cluster id each time (vLLM's connector does) would otherwise leave one
+        entry each in the prefill, for as long as it runs."""
+        with self.lock:
+            dead = [(cid, link) for cid, link in self.links.items() if not link.alive]
+            if len(dead) <= MAX_DEAD_LINKS:
+                return
+            dead.sort(key=lambda entry: entry[1].closed_at)
+            pruned = dead[: len(dead) - MAX_DEAD_LINKS]
+            for cluster_id, _ in pruned:
+                del self.links[cluster_id]
+        for _, link in pruned:
+            self._forget(link)
 
     def _remember_sender(self, agent_name: str, cluster_id: int) -> None:
         """Caller holds self.lock."""
