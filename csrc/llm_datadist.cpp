@@ -72,6 +72,10 @@ constexpr StatusName kStatusNames[] = {
     {"LLM_FEATURE_NOT_ENABLED", LLM_FEATURE_NOT_ENABLED},
     {"LLM_TIMEOUT", LLM_TIMEOUT},
     {"LLM_OUT_OF_MEMORY", LLM_OUT_OF_MEMORY},
+    {"LLM_NOTIFY_PROMPT_UNLINK_FAILED", LLM_NOTIFY_PROMPT_UNLINK_FAILED},
+    {"LLM_PROCESSING_LINK", LLM_PROCESSING_LINK},
+    {"LLM_EXIST_LINK", LLM_EXIST_LINK},
+    {"LLM_LINK_BUSY", LLM_LINK_BUSY},
 };
 
 // The registry's errors start with their status name (see status.h).

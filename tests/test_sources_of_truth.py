@@ -172,6 +172,9 @@ def test_status_names_the_native_code_raises_are_known_both_ways():
     assert raised <= statuses.keys(), f"csrc raises {sorted(raised - statuses.keys())}, not LLMStatusCode names"
     missing = raised - names
     assert not missing, f"csrc raises {sorted(missing)}, which {LLM_DATADIST_CPP}'s kStatusNames lacks (-> LLM_FAILED)"
+    # every failure status, raised today or not, reads back as itself in the C++ API
+    unnamed = set(statuses) - {"LLM_SUCCESS"} - names
+    assert not unnamed, f"{LLM_DATADIST_CPP}'s kStatusNames lacks {sorted(unnamed)} (they would read as LLM_FAILED)"
 
 
 def test_raw_status_literals_in_csrc_are_the_status_they_name():
