@@ -538,6 +538,9 @@ class Chaos:
             and (p.ready is None) == starting
             and not (p.role == "prefill" and p.cluster_id <= self.steady)
         ]
+        if not starting and not self.counts["killed:prefill"]:
+            # the first kill at work is a prefill's: every run has one to restart and serve
+            candidates = [p for p in candidates if p.role == "prefill"] or candidates
         if not candidates:
             return
         victim = self.rng.choice(candidates)
@@ -558,7 +561,7 @@ class Chaos:
     def _finish(self) -> dict:
         # Give every restarted peer a moment to be linked and served, then stop decoders
         # first (they unlink), then prefills (no lease may be left).
-        settle_until = time.monotonic() + 3
+        settle_until = time.monotonic() + SERVED_WITHIN_S + 1  # the last incarnations are all checked
         while time.monotonic() < settle_until:
             self._pump(list(self.prefills.values()) + list(self.decoders.values()))
             self._check_alive()
