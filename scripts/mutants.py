@@ -495,6 +495,13 @@ MUTANTS = [
         ["tests/test_churn.py"],
     ),
     (
+        "UCX memory events left on (0.4 s of every first link)",
+        "torch_kvreg/remote/engine.py",
+        '    os.environ.setdefault("UCX_MEM_EVENTS", "no")',
+        "    pass",
+        ["tests/test_remote.py"],
+    ),
+    (
         "notices name only senders still linked when they are read",
         "torch_kvreg/remote/engine.py",
         "            clusters = dict(self.senders)",

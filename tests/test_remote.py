@@ -1,5 +1,6 @@
 """Two processes on 127.0.0.1: link, pull and push KV blocks over NIXL, and every failure."""
 
+import os
 import random
 import socket
 import time
@@ -432,3 +433,18 @@ def test_a_lease_outlives_its_transfer_briefly_and_is_shared_by_the_next(peer, d
     assert peer.settled_leases(within_s=0.5) == {}
     kv.initialize(cluster_id=2, role=kv.LlmRole.DECODER, options={"llm.SyncKvCacheWaitTime": "2000"})
     peer.call("unregister", other_id)
+
+
+def test_agents_start_without_ucx_memory_events_unless_the_user_says(monkeypatch):
+    """UCX's memory events cost ~0.4 s of every process's first link (bench_remote's
+    link_clusters: 530-556 ms with them, 131-139 ms without); a user's own setting wins."""
+    if not kv.remote.nixl_available():
+        pytest.skip("needs the nixl extra")
+    from torch_kvreg.remote.engine import make_agent
+
+    monkeypatch.delenv("UCX_MEM_EVENTS", raising=False)
+    make_agent("events-default")
+    assert os.environ["UCX_MEM_EVENTS"] == "no"
+    monkeypatch.setenv("UCX_MEM_EVENTS", "yes")
+    make_agent("events-user")
+    assert os.environ["UCX_MEM_EVENTS"] == "yes"

@@ -113,6 +113,11 @@ def make_agent(name: str) -> NixlAgent:
             f"TORCH_KVREG_NIXL_PROGRESS_DELAY_US must be 0 to 1000000 (us), got {text!r}",
         )
     delay = int(text)
+    # UCX's memory events (hooks it patches into mmap and munmap when the UCX backend first
+    # loads) took ~0.4 s of every process's first link, spinning in sched_yield; they serve
+    # UCX's own registration cache only, and NIXL registers every cache explicitly. A
+    # user's own setting wins.
+    os.environ.setdefault("UCX_MEM_EVENTS", "no")
     config_class: Any = _api.nixlBind.nixlAgentConfig
 
     class PausingConfig(config_class):  # nixl_agent sets pthrDelay itself; this keeps ours
