@@ -549,8 +549,13 @@ class Engine:
     def _count_out(self, cache_id: int) -> None:
         """One fewer (caller holds self.lock); a cache nothing uses leaves the table, which
         would otherwise keep one entry per cache ever transferred."""
-        left = self.in_flight[cache_id] - 1
+        left = self.in_flight.get(cache_id, 0) - 1
         if left:
+            # Below zero: one release too many, as a NIXL transfer failing when its peer is
+            # killed mid-load has caused (seen in vLLM's test); counted as the table always
+            # did, and said, until the double release is found.
+            if left < 0:
+                log.warning("cache %d released more often than it was held", cache_id)
             self.in_flight[cache_id] = left
         else:
             del self.in_flight[cache_id]
