@@ -551,9 +551,9 @@ class Engine:
         would otherwise keep one entry per cache ever transferred."""
         left = self.in_flight.get(cache_id, 0) - 1
         if left:
-            # Below zero: one release too many, as a NIXL transfer failing when its peer is
-            # killed mid-load has caused (seen in vLLM's test); counted as the table always
-            # did, and said, until the double release is found.
+            # Below zero: one release too many, which a failed NIXL transfer has caused once
+            # (in vLLM's test, cause not found yet); counted as the table always did, and
+            # said, until the double release is found.
             if left < 0:
                 log.warning("cache %d released more often than it was held", cache_id)
             self.in_flight[cache_id] = left
