@@ -15,6 +15,23 @@ def paged(num_tensors, num_blocks, block_shape, seed, dtype=torch.float16):
     return [torch.randn(num_blocks, *block_shape, generator=gen).to(dtype) for _ in range(num_tensors)]
 
 
+def usage(pid):
+    """(resident MiB, open fds, of which sockets, threads) of process ``pid``, from /proc."""
+    import os
+
+    with open(f"/proc/{pid}/status") as f:
+        status = dict(line.split(":", 1) for line in f if ":" in line)
+    fds = sockets = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        fds += 1
+        sockets += target.startswith("socket:")
+    return int(status["VmRSS"].split()[0]) / 1024, fds, sockets, int(status["Threads"])
+
+
 CLONE_NEWNET = 0x40000000
 
 

@@ -9,22 +9,14 @@ import torch
 
 import torch_kvreg as kv
 
-from remote_peer import Peer
+from remote_peer import Peer, usage
 
 pytestmark = pytest.mark.skipif(not kv.remote.nixl_available(), reason="needs the nixl extra")
 
 
 def open_files(pid):
     """(file descriptors, of which sockets, threads) of process ``pid``, from /proc."""
-    fds = sockets = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:  # closed meanwhile
-            continue
-        fds += 1
-        sockets += target.startswith("socket:")
-    return fds, sockets, len(os.listdir(f"/proc/{pid}/task"))
+    return usage(pid)[1:]
 
 
 @pytest.mark.parametrize("path", ["same_host", "nixl"])

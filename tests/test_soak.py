@@ -23,27 +23,12 @@ import torch
 
 import torch_kvreg as kv
 
-from remote_peer import Peer
+from remote_peer import Peer, usage
 
 pytestmark = pytest.mark.skipif(not kv.remote.nixl_available(), reason="needs the nixl extra")
 
 RSS_SLACK_MIB = 4
 SUCCESS = kv.LLMStatusCode.LLM_SUCCESS
-
-
-def usage(pid):
-    """(resident MiB, fds, sockets, threads) of process ``pid``, from /proc."""
-    with open(f"/proc/{pid}/status") as f:
-        status = dict(line.split(":", 1) for line in f if ":" in line)
-    fds = sockets = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:  # closed meanwhile
-            continue
-        fds += 1
-        sockets += target.startswith("socket:")
-    return int(status["VmRSS"].split()[0]) / 1024, fds, sockets, int(status["Threads"])
 
 
 def settled(pids, before, within_s=3.0):
@@ -64,6 +49,19 @@ def check_growth(names, before, after, cycles):
         assert fds1 <= fds0, f"{who}: {fds1 - fds0} more fds after {cycles} cycles"
         assert threads1 <= threads0, f"{who}: {threads1 - threads0} more threads after {cycles} cycles"
         assert rss1 - rss0 < RSS_SLACK_MIB, f"{who}: resident memory grew {rss1 - rss0:.1f} MiB in {cycles} cycles"
+
+
+def soak(cycle, warm_up, cycles, pids, names):
+    """Runs ``cycle(n)`` ``warm_up`` times, then ``cycles`` times more, measured: neither the
+    processes ``pids`` nor the engine's tables may grow over the measured ones."""
+    for n in range(warm_up):
+        cycle(n)
+    before = [usage(pid) for pid in pids]
+    tables = engine_tables()
+    for n in range(warm_up, warm_up + cycles):
+        cycle(n)
+    check_growth(names, before, settled(pids, before), cycles)
+    assert engine_tables() == tables
 
 
 def engine_tables():
@@ -124,17 +122,8 @@ def test_soak_link_transfer_unlink_reregister(path, monkeypatch):
             assert kv.unlink_clusters([peer.info])[0] == SUCCESS
             kv.unregister_kv_cache(cache)
 
-        pids = (os.getpid(), peer.process.pid)
         warm_up, cycles = 8, 60
-        for n in range(warm_up):
-            cycle(n)
-        before = [usage(pid) for pid in pids]
-        tables = engine_tables()
-        for n in range(warm_up, warm_up + cycles):
-            cycle(n)
-        after = settled(pids, before)
-        check_growth(("decoder", "prefill"), before, after, cycles)
-        assert engine_tables() == tables
+        soak(cycle, warm_up, cycles, (os.getpid(), peer.process.pid), ("decoder", "prefill"))
         assert counts == {"pulled": 6 * (warm_up + cycles), "pushed": 6 * (warm_up + cycles), "reregistered": 68}
         notices = peer.call("notifications")
         assert len(notices) == 4 * (warm_up + cycles) and {c for c, _ in notices} == {2}
@@ -173,16 +162,7 @@ def test_soak_register_unregister_240_tensors_with_nixl():
             assert cache.cache_id not in engine.nixl_regs
 
         warm_up, cycles = 20, 200
-        for n in range(warm_up):
-            cycle(n)
-        pids = (os.getpid(), peer.process.pid)
-        before = [usage(pid) for pid in pids]
-        tables = engine_tables()
-        for n in range(warm_up, warm_up + cycles):
-            cycle(n)
-        after = settled(pids, before)
-        check_growth(("owner", "reader"), before, after, cycles)
-        assert engine_tables() == tables
+        soak(cycle, warm_up, cycles, (os.getpid(), peer.process.pid), ("owner", "reader"))
         assert pulls == (warm_up + cycles) // 25 + 1
         assert peer.call("kv", ("unlink_clusters", ([me],), {}))[0] == SUCCESS
     finally:
