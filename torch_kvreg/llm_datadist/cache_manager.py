@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import torch
 
@@ -14,6 +14,7 @@ from .. import registry, remote, transfer
 from ..errors import LLMException, LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
 from ..types import Placement, RegisterCfg
 from .config import UINT32_MAX, check_int
+from .session import Session
 from .types import (
     BlocksCacheKey,
     Cache,
@@ -26,9 +27,6 @@ from .types import (
     TransferWithCacheKeyConfig,
     check_layer_range,
 )
-
-if TYPE_CHECKING:
-    from .datadist import LLMDataDist
 
 log = logging.getLogger("torch_kvreg.llm_datadist")
 TENSORS_PER_LAYER = 2
@@ -71,14 +69,11 @@ def _tensors_per_layer(value: int) -> int:
 class CacheManager:
     """Registration, allocation and transfers of caches, as ``LLMDataDist.cache_manager``."""
 
-    def __init__(self, datadist: LLMDataDist) -> None:
-        self._datadist = datadist
+    def __init__(self, session: Session) -> None:
+        self._session = session
 
     def _check(self) -> None:
-        if not self._datadist.is_initialized:
-            raise make_error(
-                LLMStatusCode.LLM_FAILED, "this CacheManager belongs to a finalized LLMDataDist; call init() again"
-            )
+        self._session.check("this CacheManager belongs to a finalized LLMDataDist; call init() again")
 
     # --- registration -----------------------------------------------------------------
     def _register(

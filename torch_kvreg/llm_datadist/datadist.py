@@ -11,6 +11,7 @@ from ..errors import LLMStatusCode, make_error, param_invalid, raises_llm, wrong
 from ..types import ClusterInfo, LlmRole
 from .cache_manager import CacheManager
 from .config import INT32_MAX, UINT64_MAX, LLMClusterInfo, check_int, int_to_ip
+from .session import Session
 
 log = logging.getLogger("torch_kvreg.llm_datadist")
 
@@ -113,7 +114,7 @@ class LLMDataDist:
             raise wrong_type(f"role must be an LLMRole, got {role!r}")
         self._role = LlmRole(role)
         self._cluster_id = check_int("cluster_id", cluster_id, 0, UINT64_MAX)
-        self._initialized = False
+        self._session = Session()
         self._cache_manager: CacheManager | None = None
 
     @property
@@ -126,33 +127,32 @@ class LLMDataDist:
 
     @property
     def is_initialized(self) -> bool:
-        return self._initialized and registry.is_initialized()
+        return self._session.live
 
     @raises_llm
     def init(self, options: dict[str, str]) -> None:
         """Initializes torch_kvreg with upstream's options (see the README for the keys)."""
-        if self._initialized:
+        if self._session.opened:
             return
         if LLMDataDist._instance is not None:
             raise make_error(LLMStatusCode.LLM_FAILED, "Cannot init multiple LLMDataDists in one process")
         native, device_id = _native_options(options)
         registry.initialize(self._cluster_id, self._role, device_id=device_id, options=native)
-        self._initialized = True
-        self._cache_manager = CacheManager(self)
+        self._session.open()
+        self._cache_manager = CacheManager(self._session)
         LLMDataDist._instance = self
         log.info("LLMDataDist %d initialized as %s", self._cluster_id, self._role.name)
 
     def finalize(self) -> None:
         """Unlinks, unregisters everything, releases the process's resources; idempotent."""
-        if not self._initialized:
+        if not self._session.opened:
             return
         registry.finalize()
-        self._initialized = False
+        self._session.close()
         LLMDataDist._instance = None
 
     def _check(self) -> None:
-        if not self.is_initialized:
-            raise make_error(LLMStatusCode.LLM_FAILED, "LLMDataDist is not initialized; call init() first")
+        self._session.check("LLMDataDist is not initialized; call init() first")
 
     @property
     def cache_manager(self) -> CacheManager:
