@@ -211,8 +211,8 @@ def main():
     # The same 64 copies started from native code (the route the pulls above used), with no
     # Python per pull: what the copies alone reach on this machine. The difference to the
     # 64 async pulls is what each pull's Python costs (start, wait, completion).
-    engine = kv.remote._existing_engine()
-    route = next((r for r in engine.fast_routes.values() if r.local_id == target.cache_id), None)
+    engine = kv.remote.existing_engine()
+    route = next((r for r in engine.routes.table.values() if r.local_id == target.cache_id), None)
     floor = []
     if route is not None:
         for _ in range(args.repeats):
@@ -223,13 +223,13 @@ def main():
                 kv._C.peer_copy_help(job, -1)
                 kv._C.peer_copy_release(job)
             took = time.perf_counter() - start
-            if engine.shared_leases.get(route.lease.key) is route.lease:  # still leased throughout
+            if engine.peer_leases.shared.get(route.lease.key) is route.lease:  # still leased throughout
                 floor.append(took)
     # What the 64 starts cost bounds what they can reach: the blocking pull copies on T
     # threads (same-host copies: the pool's workers and the waiting caller; NIXL: one), so
     # it needs about T x its time of CPU; the 64 pulls need that plus their starts' time,
     # spread over at most P cores.
-    routes = kv.remote._existing_engine().routes
+    routes = kv.remote.existing_engine().paths
     threads = kv._C.peer_copy_threads() + 1 if routes.get("same_host") else 1
     cores = len(os.sched_getaffinity(0))
     blocking_s, starts_s = statistics.median(one), statistics.median(starts)

@@ -56,7 +56,7 @@ def prompt_process(layers, to_main, from_main, listen="127.0.0.1:0", netns=None)
         enter_netns(netns)
     os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
     import torch_kvreg as kv
-    from torch_kvreg.remote.engine import make_agent
+    from torch_kvreg.remote.agent import make_agent
 
     kv.initialize(1, kv.LlmRole.PROMPT, options={"llm.ListenIpInfo": listen, "llm.SyncKvCacheWaitTime": "30000"})
     tensors = make_tensors(layers, 1)
@@ -87,7 +87,7 @@ def main():
         return run_across_namespaces()
     os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
     import torch_kvreg as kv
-    from torch_kvreg.remote.engine import make_agent
+    from torch_kvreg.remote.agent import make_agent
 
     ctx = mp.get_context("spawn")
     to_main, from_main = ctx.Queue(), ctx.Queue()
@@ -212,7 +212,7 @@ def main():
                 ratio_vs_local_limit=gbps["pull_kv_blocks"] / gbps["copy_kv_blocks_local_limit"],
             )
         )
-    routes = dict(kv.remote._existing_engine().routes)
+    routes = dict(kv.remote.existing_engine().paths)
     kv.finalize()
     from_main.put("done")
     peer.join(timeout=60)

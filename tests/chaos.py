@@ -127,14 +127,14 @@ def prefill_main(args: argparse.Namespace) -> int:
             emit("stats", notices=sum(notices.values()), bad_notices=bad_notices, **resources(os.getpid()))
         elif command["op"] == "stop":
             # Decoders have unlinked: every lease they held is back within their linger time.
-            engine = kv.remote._engine
+            engine = kv.remote.current_engine()
             deadline = time.monotonic() + 5
-            while engine is not None and (engine.leases or any(engine.in_flight.values())):
+            while engine is not None and (engine.holds.leases or any(engine.holds.in_flight.values())):
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
-            leases = len(engine.leases) if engine is not None else 0
-            in_flight = sum(engine.in_flight.values()) if engine is not None else 0
+            leases = len(engine.holds.leases) if engine is not None else 0
+            in_flight = sum(engine.holds.in_flight.values()) if engine is not None else 0
             started = time.monotonic()
             kv.unregister_kv_cache(cache)
             kv.finalize()

@@ -100,7 +100,7 @@ def peer_main(commands, replies, cluster_id, wait_ms=2000, options=None, netns=N
             elif op == "notifications":  # (cluster id, message) pairs received so far
                 replies.put(("ok", [tuple(n) for n in kv.get_notifications()]))
             elif op == "leases":  # leases peers hold on this process's caches
-                replies.put(("ok", dict(kv.remote._engine.leases)))
+                replies.put(("ok", dict(kv.remote.current_engine().holds.leases)))
             elif op == "read":
                 replies.put(("ok", [t.clone() for t in caches[args]]))
             elif op == "read_blocks":  # (cache id, blocks) -> each tensor's blocks as bytes

@@ -148,7 +148,7 @@ def routed_decoder(request, peer, monkeypatch):
 
 def took_route(route, transfers):
     """Every one of ``transfers`` went the route asked for, and none another."""
-    routes = kv.remote._existing_engine().routes
+    routes = kv.remote.existing_engine().paths
     return routes[route] == transfers and sum(routes.values()) == transfers
 
 
@@ -200,7 +200,7 @@ def test_notices_reach_the_peer_after_the_data(peer, routed_decoder):
 def test_transfers_in_flight_fail_with_their_blocks(through_nixl, peer, decoder, monkeypatch, failure):
     remote_id = peer.call("register", (2, 8, BLOCK, 43, True))
     local = kv.register_kv_cache([torch.zeros(8, *BLOCK, dtype=torch.float16) for _ in range(2)])
-    agent = kv.remote._engine.agent
+    agent = kv.remote.current_engine().agent
     state = "PROC" if failure == "never_done" else "ERR"
     monkeypatch.setattr(agent, "check_xfer_state", lambda handle: state)
     monkeypatch.setattr(agent, "transfer", lambda handle, notif_msg=b"": "PROC")
@@ -222,7 +222,7 @@ def test_transfers_in_flight_fail_with_their_blocks(through_nixl, peer, decoder,
 def gated_posts(monkeypatch):
     """Makes NIXL's post wait for the returned event the first time (as a post that moves
     the bytes itself does) and records, per post, the thread and the descriptors posted."""
-    engine = kv.remote._engine
+    engine = kv.remote.current_engine()
     posts, gate, entered = [], threading.Event(), threading.Event()
     post, make = engine.agent.transfer, engine.agent.initialize_xfer
 
@@ -280,7 +280,7 @@ def test_a_failed_group_fails_every_transfer_in_it(through_nixl, peer, decoder, 
     remote_id = peer.call("register", (2, 8, BLOCK, 46, True))
     local = kv.register_kv_cache([torch.zeros(8, *BLOCK, dtype=torch.float16) for _ in range(2)])
     posts, gate, entered = gated_posts(monkeypatch)
-    agent = kv.remote._engine.agent
+    agent = kv.remote.current_engine().agent
     first = kv.pull_kv_blocks_async(CacheIndex(9, remote_id), local, [0], [0])
     assert entered.wait(5)  # the progress thread is posting the first
     riders = [kv.pull_kv_blocks_async(CacheIndex(9, remote_id), local, [i], [8 - i]) for i in range(1, 5)]
@@ -300,7 +300,7 @@ def test_a_failed_group_fails_every_transfer_in_it(through_nixl, peer, decoder, 
 
 
 def test_joined_rows_join_only_what_is_adjacent_on_both_sides():
-    from torch_kvreg.remote.engine import _joined_rows
+    from torch_kvreg.remote.agent import joined_rows as _joined_rows
 
     rows = lambda *r: np.array(r, dtype=np.uint64)  # noqa: E731
     local = rows((300, 100, 0), (100, 100, 0), (200, 100, 0), (500, 100, 0), (600, 100, 1))

@@ -17,7 +17,7 @@ import torch
 import torch_kvreg as kv
 from torch_kvreg import LLMStatusCode
 from torch_kvreg.remote import protocol
-from torch_kvreg.remote.engine import read_message
+from torch_kvreg.remote.control import read_message
 
 from remote_peer import Peer
 
@@ -148,7 +148,8 @@ def test_a_recorded_handshake_does_not_replay(guarded):
     good = Recorder(guarded.host, guarded.port)
     nonce = new_nonce()
     answer = good.request({"op": "challenge", "cluster_id": 4, "nonce": protocol.b64(nonce), "id": 1})
-    theirs, proof = protocol.parse_challenge_response(answer)
+    challenged = protocol.ChallengeReply.parse(answer)
+    theirs, proof = challenged.nonce, challenged.proof
     assert secret.check(proof, b"accept", nonce, theirs, 4, 21)  # the acceptor proved it
     mine = secret.proof(b"connect", nonce, theirs, 4, 21)
     hello = good.request({"op": "hello", "cluster_id": 4, "agent": "recorder", "proof": protocol.b64(mine), "id": 2})
@@ -207,7 +208,7 @@ def test_the_secret_never_shows(monkeypatch, caplog):
     with caplog.at_level(logging.DEBUG, logger="torch_kvreg"):
         kv.initialize(cluster_id=3, options={"llm.ListenIpInfo": "127.0.0.1:0"})
         try:
-            engine = kv.remote._get_engine()
+            engine = kv.remote.get_engine()
             assert isinstance(engine.secret, LinkSecret)  # read from the environment
             assert kv.registry.option("llm.LinkSecret").startswith("digest:")
             shown = repr(engine.secret) + repr(vars(kv.remote)) + repr(kv.registry._C.config())
@@ -255,4 +256,4 @@ print("ok")
     # And the remote layer is a subscriber like any other.
     from torch_kvreg import lifecycle
 
-    assert any(type(s).__module__ == "torch_kvreg.remote" for s in lifecycle.subscribers())
+    assert any(type(s).__module__ == "torch_kvreg.remote.api" for s in lifecycle.subscribers())

@@ -34,8 +34,8 @@ def test_link_unlink_cycles_leave_no_socket_fd_or_thread(path, monkeypatch):
             kv.pull_kv_blocks(kv.CacheIndex(1, source), mine, [0, 5], [1, 2], notify="pulled")
             kv.pull_kv_blocks_async(kv.CacheIndex(1, source), mine, [3], [4]).wait()
             assert kv.unlink_clusters([peer.info])[0] == kv.LLMStatusCode.LLM_SUCCESS
-            engine = kv.remote._engine  # nothing of the link is left: routes, leases, links
-            assert not engine.fast_routes and not engine.shared_leases and not engine.links
+            engine = kv.remote.current_engine()  # nothing of the link is left: routes, leases, links
+            assert not engine.routes.table and not engine.peer_leases.shared and not engine.links
             assert torch.equal(mine_tensors[0][1], want[0][0]) and torch.equal(mine_tensors[1][4], want[1][3])
 
         mine_tensors = [torch.zeros(8, 4, 16, dtype=torch.float16) for _ in range(2)]
@@ -103,7 +103,7 @@ def test_vanished_peers_stay_listed_dead_but_bounded(monkeypatch):
         me = kv.ClusterInfo(1, host, int(port))
         shared = kv.RegisterCfg(remote_accessible=True)
         source = kv.register_kv_cache([torch.ones(8, 4, 16, dtype=torch.float16)], shared)
-        engine = kv.remote._engine
+        engine = kv.remote.current_engine()
         agents = []
         for decoder in decoders:
             decoder.ready()

@@ -75,6 +75,11 @@ def prompt():
     kv.finalize()
 
 
+def acquired(message: dict) -> tuple:
+    reply = protocol.AcquireReply.parse(message)
+    return reply.lease, reply.cache, reply.md
+
+
 def body(message: dict) -> bytes:
     """A frame around JSON the encoder would not make (no version added)."""
     data = json.dumps(message).encode()
@@ -143,8 +148,8 @@ MALFORMED = [
 
 
 def state(prompt):
-    engine = kv.remote._engine
-    return (kv.usage(), kv.registered_caches(), dict(engine.leases), [t.clone() for t in prompt["tensors"]])
+    engine = kv.remote.current_engine()
+    return (kv.usage(), kv.registered_caches(), dict(engine.holds.leases), [t.clone() for t in prompt["tensors"]])
 
 
 def same_state(a, b):
@@ -193,13 +198,13 @@ def test_lease_belongs_to_its_connection(prompt):
     owner, stranger = Client(), Client()
     granted = owner.request({"op": "acquire", "cache_id": public.cache_id})
     assert granted["ok"] is True
-    lease, entry, _ = protocol.parse_acquire_response(granted)
+    lease, entry, _ = acquired(granted)
     assert entry.cache_id == public.cache_id and entry.addrs == public.tensor_addrs
-    engine = kv.remote._engine
-    assert engine.leases == {lease: public.cache_id}
+    engine = kv.remote.current_engine()
+    assert engine.holds.leases == {lease: public.cache_id}
     # Another connection releasing it: answered, ignored.
     assert stranger.request({"op": "release", "lease": lease}) == {"v": 1, "ok": True}
-    assert engine.leases == {lease: public.cache_id}
+    assert engine.holds.leases == {lease: public.cache_id}
     with pytest.raises(kv.LLMException) as info:
         kv.unregister_kv_cache(public)  # the owner's lease still holds it
     assert info.value.status_code == LLMStatusCode.LLM_TIMEOUT
@@ -207,7 +212,7 @@ def test_lease_belongs_to_its_connection(prompt):
     # The owner releasing it: gone; releasing it twice is harmless.
     assert owner.request({"op": "release", "lease": lease})["ok"] is True
     assert owner.request({"op": "release", "lease": lease})["ok"] is True
-    assert engine.leases == {}
+    assert engine.holds.leases == {}
     kv.unregister_kv_cache(public)
     owner.close()
     stranger.close()
@@ -236,13 +241,13 @@ def test_decoder_killed_while_holding_a_lease(prompt):
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().startswith("held")
-        assert list(kv.remote._engine.leases.values()) == [public.cache_id]
+        assert list(kv.remote.current_engine().holds.leases.values()) == [public.cache_id]
         holder.kill()
         holder.wait(timeout=30)
         start = time.monotonic()
         kv.unregister_kv_cache(public)  # the dead peer's lease goes with its connection
         assert time.monotonic() - start < WAIT_MS / 1000
-        assert kv.remote._engine.leases == {}
+        assert kv.remote.current_engine().holds.leases == {}
         assert public not in kv.registered_caches()
     finally:
         holder.kill()
@@ -254,7 +259,7 @@ def test_finalize_while_peers_hold_leases(prompt):
     clients = [Client() for _ in range(3)]
     for client in clients:
         assert client.request({"op": "acquire", "cache_id": public.cache_id})["ok"] is True
-    assert len(kv.remote._engine.leases) == 3
+    assert len(kv.remote.current_engine().holds.leases) == 3
     start = time.monotonic()
     kv.finalize()
     assert time.monotonic() - start < WAIT_MS / 1000 + 2  # waits (bounded) for the leases, then drops them
@@ -290,12 +295,12 @@ EDGES = [
 def test_peer_cache_entry_edges(name, cache, accepted):
     message = {"v": 1, "ok": True, "lease": 4, "md": protocol.b64(b"md"), "cache": cache}
     if accepted:
-        lease, parsed, md = protocol.parse_acquire_response(message)
+        lease, parsed, md = acquired(message)
         assert (lease, md, parsed.addrs) == (4, b"md", tuple(cache["addrs"]))
         assert all(a + parsed.desc.tensor_nbytes <= 2**64 for a in parsed.addrs)
     else:
         with pytest.raises(protocol.ProtocolError):
-            protocol.parse_acquire_response(message)
+            protocol.AcquireReply.parse(message)
 
 
 @pytest.mark.parametrize(
@@ -312,7 +317,7 @@ def test_peer_cache_entry_edges(name, cache, accepted):
 )
 def test_acquire_response_fields(field, value):
     message = {"v": 1, "ok": True, "lease": 4, "md": protocol.b64(b"md"), "cache": entry([4096])}
-    protocol.parse_acquire_response(message)  # the uncorrupted one parses
+    protocol.AcquireReply.parse(message)  # the uncorrupted one parses
     message[field] = value
     with pytest.raises(protocol.ProtocolError):
-        protocol.parse_acquire_response(message)
+        protocol.AcquireReply.parse(message)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import torch_kvreg as kv
 from torch_kvreg import CacheDesc, DataType, Placement
 from torch_kvreg.remote import protocol
-from torch_kvreg.remote.engine import read_message
+from torch_kvreg.remote.control import read_message
 
 LONG = os.environ.get("KVREG_LONG") == "1"
 EXAMPLES = 20_000 if LONG else 1_500
@@ -62,9 +62,9 @@ entry_mutations = st.tuples(
 
 PARSERS = [
     protocol.parse_request,
-    protocol.parse_error,
-    protocol.parse_hello_response,
-    protocol.parse_acquire_response,
+    protocol.Failure.of,
+    protocol.HelloReply.parse,
+    protocol.AcquireReply.parse,
     lambda m: protocol.parse_cache_entry(m.get("cache", m)),
 ]
 
@@ -209,14 +209,14 @@ def test_live_control_server_survives_random_frames():
     # (Floors well under what runs reach: hypothesis' mix shifts with the tests run before.)
     for outcome in ("ok", "LLM_PARAM_INVALID", "LLM_KV_CACHE_NOT_EXIST", "no reply"):
         assert outcomes[outcome] >= 3, dict(outcomes)
-    assert kv.remote._engine.leases == {}  # every lease taken went with its connection
+    assert kv.remote.current_engine().holds.leases == {}  # every lease taken went with its connection
     assert kv.registered_caches() == [cache]
     assert torch.equal(tensors[0], torch.arange(64.0).reshape(8, 8))
     # still answers a well-formed hello
     with socket.create_connection((host, int(port)), timeout=5) as s:
         s.sendall(protocol.encode({"op": "hello", "cluster_id": 9, "agent": "fuzz"}))
         reply = read_message(s)
-        assert protocol.parse_hello_response(reply)[0] == 5
+        assert protocol.HelloReply.parse(reply).cluster_id == 5
     kv.finalize()
 
 
@@ -270,6 +270,6 @@ def test_a_secret_server_gives_strangers_nothing_whatever_they_send():
         # other requests refused with LLM_LINK_FAILED, garbage refused or unanswered.
         for outcome in ("answered challenge", "LLM_LINK_FAILED", "LLM_PARAM_INVALID", "no reply"):
             assert outcomes[outcome] >= 3, dict(outcomes)
-        assert kv.remote._engine.leases == {} and kv.registered_caches() == [cache]
+        assert kv.remote.current_engine().holds.leases == {} and kv.registered_caches() == [cache]
     finally:
         kv.finalize()

@@ -42,7 +42,7 @@ def test_pull_verify_push_unlink(through_nixl, peer, decoder):
     dst_blocks = rng.sample(range(32), 20)
     moved = kv.pull_kv_blocks(CacheIndex(peer.cluster_id, remote_id), local, src_blocks, dst_blocks)
     assert moved == 20 * 8 * local.cache_desc.block_nbytes
-    assert local.cache_id in kv.remote._engine.local_preps  # scattered blocks: prepared lists
+    assert local.cache_id in kv.remote.current_engine().registrations.preps  # scattered blocks: prepared lists
     for t in range(8):
         assert torch.equal(mine[t][dst_blocks], expected[t][src_blocks])
     # consecutive runs, as a tensor
@@ -68,7 +68,7 @@ def test_pull_verify_push_unlink(through_nixl, peer, decoder):
 def test_caches_over_the_prepared_list_cap_use_request_descriptors(peer, decoder, monkeypatch):
     """Past MAX_PREPPED_DESCRIPTORS (tensors x blocks) no per-block list is prepared: the
     request's own descriptors carry scattered blocks, with the same bytes landing."""
-    monkeypatch.setattr(kv.remote.engine, "MAX_PREPPED_DESCRIPTORS", 8 * 32 - 1)
+    monkeypatch.setattr(kv.remote.agent, "MAX_PREPPED_DESCRIPTORS", 8 * 32 - 1)
     remote_id = peer.call("register", (8, 64, BLOCK_SHAPE, 4, True))
     expected = paged(8, 64, BLOCK_SHAPE, 4)
     kv.link_clusters([peer.info])
@@ -76,7 +76,7 @@ def test_caches_over_the_prepared_list_cap_use_request_descriptors(peer, decoder
     local = kv.register_kv_cache(mine)
     src_blocks, dst_blocks = list(range(1, 61, 3)), random.Random(3).sample(range(32), 20)
     kv.pull_kv_blocks(CacheIndex(peer.cluster_id, remote_id), local, src_blocks, dst_blocks)
-    assert local.cache_id not in kv.remote._engine.local_preps
+    assert local.cache_id not in kv.remote.current_engine().registrations.preps
     assert all(torch.equal(mine[t][dst_blocks], expected[t][src_blocks]) for t in range(8))
     peer.call("unregister", remote_id)
 
@@ -126,7 +126,7 @@ def test_nixl_failure_releases_everything(through_nixl, peer, failure, monkeypat
     kv.link_clusters([peer.info])
     remote_id = peer.call("register", (2, 8, BLOCK_SHAPE, 14, True))
     local = kv.register_kv_cache([torch.zeros(8, *BLOCK_SHAPE, dtype=torch.float16) for _ in range(2)])
-    agent = kv.remote._engine.agent
+    agent = kv.remote.current_engine().agent
     polls = {"count": 0}
     if failure == "error":
         monkeypatch.setattr(agent, "transfer", lambda handle, *args, **kwargs: "ERR")
@@ -151,7 +151,7 @@ def test_nixl_failure_releases_everything(through_nixl, peer, failure, monkeypat
     assert time.monotonic() - start < 2 * 0.3 + 2
     assert (polls["count"] > 0) == (failure == "never_done")
     assert peer.settled_leases() == {}
-    assert kv.remote._engine.in_flight.get(local.cache_id, 0) == 0
+    assert kv.remote.current_engine().holds.in_flight.get(local.cache_id, 0) == 0
     kv.unregister_kv_cache(local)
     assert kv.registered_caches() == []
     monkeypatch.undo()
@@ -250,7 +250,7 @@ def test_remote_ops_in_compiled_graph(peer, decoder, backend):
 
 
 def test_without_nixl_remote_calls_name_the_extra(monkeypatch, decoder):
-    monkeypatch.setattr(kv.remote, "nixl_available", lambda: False)
+    monkeypatch.setattr(kv.remote.api, "nixl_available", lambda: False)
     with pytest.raises(kv.LLMException) as info:
         kv.link_clusters([ClusterInfo(1, "127.0.0.1", 1)])
     assert info.value.status_code == LLMStatusCode.LLM_FEATURE_NOT_ENABLED
@@ -276,13 +276,13 @@ def test_unregister_waits_for_transfers_in_flight():
     import threading
 
     kv.initialize(cluster_id=4, options={"llm.ListenIpInfo": "127.0.0.1:0", "llm.SyncKvCacheWaitTime": "2000"})
-    engine = kv.remote._engine
+    engine = kv.remote.current_engine()
     cache = kv.register_kv_cache(torch.zeros(8, 8), kv.RegisterCfg(remote_accessible=True))
-    assert cache.cache_id in engine.nixl_regs
+    assert cache.cache_id in engine.registrations.regs
     released = threading.Event()
 
     def transfer_in_flight():
-        with engine.using(cache.cache_id):
+        with engine.holds.using(cache.cache_id):
             time.sleep(0.3)
             released.set()
 
@@ -291,7 +291,7 @@ def test_unregister_waits_for_transfers_in_flight():
     time.sleep(0.05)
     kv.unregister_kv_cache(cache)  # waits for the transfer, then deregisters from NIXL
     assert released.is_set()
-    assert cache.cache_id not in engine.nixl_regs
+    assert cache.cache_id not in engine.registrations.regs
     thread.join()
     kv.finalize()
 
@@ -300,12 +300,12 @@ def test_unregister_times_out_and_changes_nothing():
     import threading
 
     kv.initialize(cluster_id=4, options={"llm.ListenIpInfo": "127.0.0.1:0", "llm.SyncKvCacheWaitTime": "200"})
-    engine = kv.remote._engine
+    engine = kv.remote.current_engine()
     cache = kv.register_kv_cache(torch.zeros(8, 8), kv.RegisterCfg(remote_accessible=True))
     holding, done = threading.Event(), threading.Event()
 
     def stuck_transfer():
-        with engine.using(cache.cache_id):
+        with engine.holds.using(cache.cache_id):
             holding.set()
             done.wait(5)
 
@@ -315,7 +315,7 @@ def test_unregister_times_out_and_changes_nothing():
     with pytest.raises(kv.LLMException) as info:
         kv.unregister_kv_cache(cache)
     assert info.value.status_code == LLMStatusCode.LLM_TIMEOUT
-    assert kv.registered_caches() == [cache] and cache.cache_id in engine.nixl_regs
+    assert kv.registered_caches() == [cache] and cache.cache_id in engine.registrations.regs
     done.set()
     thread.join()
     kv.unregister_kv_cache(cache)
@@ -353,18 +353,18 @@ def test_opcheck_remote_ops(peer, decoder):
 
 def test_raw_op_unregister_drops_the_nixl_registration():
     kv.initialize(cluster_id=4, options={"llm.ListenIpInfo": "127.0.0.1:0"})
-    engine = kv.remote._engine
+    engine = kv.remote.current_engine()
     first = kv.register_kv_cache(torch.zeros(8, 8), kv.RegisterCfg(remote_accessible=True))
-    assert first.cache_id in engine.nixl_regs
+    assert first.cache_id in engine.registrations.regs
     torch.ops.llm.unregister_kv_cache(first.cache_id)  # bypasses the Python layer
     second = kv.register_kv_cache(torch.zeros(8, 8), kv.RegisterCfg(remote_accessible=True))
-    assert first.cache_id not in engine.nixl_regs and second.cache_id in engine.nixl_regs
+    assert first.cache_id not in engine.registrations.regs and second.cache_id in engine.registrations.regs
     kv.finalize()
 
 
 @pytest.mark.parametrize("value", ["ten", "-1", "1.5", "2000000"])
 def test_a_bad_progress_delay_is_a_clear_error(monkeypatch, value):
-    from torch_kvreg.remote.engine import make_agent
+    from torch_kvreg.remote.agent import make_agent
 
     monkeypatch.setenv("TORCH_KVREG_NIXL_PROGRESS_DELAY_US", value)
     with pytest.raises(kv.LLMParamInvalidError) as info:
@@ -374,7 +374,7 @@ def test_a_bad_progress_delay_is_a_clear_error(monkeypatch, value):
 
 def test_agents_pause_between_progress_polls():
     """nixl-cu12's own default polls without pause (a core per process); ours must not."""
-    from torch_kvreg.remote.engine import make_agent
+    from torch_kvreg.remote.agent import make_agent
 
     agent = make_agent("pausing-probe")
     start_cpu, start_wall = time.process_time(), time.monotonic()
@@ -389,19 +389,19 @@ def test_a_lease_outlives_its_transfer_briefly_and_is_shared_by_the_next(peer, d
     round trip each); the lease goes back LEASE_LINGER_S after the last transfer; the peer
     can unregister the cache right after a transfer (its unregister waits that long at most);
     finalize leaves no lease behind."""
-    from torch_kvreg.remote import engine as remote_engine
+    from torch_kvreg.remote import leases
 
     remote_id = peer.call("register", (2, 16, BLOCK_SHAPE, 5, True))
     kv.link_clusters([peer.info])
     mine = [torch.zeros(16, *BLOCK_SHAPE, dtype=torch.float16) for _ in range(2)]
     local = kv.register_kv_cache(mine)
-    engine = kv.remote._engine
+    engine = kv.remote.current_engine()
     acquires = []
     request = engine.link_for(peer.cluster_id).request
 
     def counting(message, *args, **kwargs):
-        if message.get("op") in ("acquire", "release"):
-            acquires.append(message["op"])
+        if message.op in ("acquire", "release"):
+            acquires.append(message.op)
         return request(message, *args, **kwargs)
 
     engine.link_for(peer.cluster_id).request = counting
@@ -422,7 +422,7 @@ def test_a_lease_outlives_its_transfer_briefly_and_is_shared_by_the_next(peer, d
     assert len(peer.call("leases")) == 1
     start = time.monotonic()
     peer.call("unregister", remote_id)
-    assert time.monotonic() - start < remote_engine.LEASE_LINGER_S + 1.0
+    assert time.monotonic() - start < leases.LEASE_LINGER_S + 1.0
     with pytest.raises(kv.LLMKVCacheNotExistError):
         kv.pull_kv_blocks(CacheIndex(peer.cluster_id, remote_id), local, [0], [0])
     # finalize with a lease still lingering
@@ -440,7 +440,7 @@ def test_agents_start_without_ucx_memory_events_unless_the_user_says(monkeypatch
     link_clusters: 530-556 ms with them, 131-139 ms without); a user's own setting wins."""
     if not kv.remote.nixl_available():
         pytest.skip("needs the nixl extra")
-    from torch_kvreg.remote.engine import make_agent
+    from torch_kvreg.remote.agent import make_agent
 
     monkeypatch.delenv("UCX_MEM_EVENTS", raising=False)
     make_agent("events-default")

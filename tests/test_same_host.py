@@ -15,7 +15,7 @@ import torch
 
 import torch_kvreg as kv
 from torch_kvreg import _C, CacheIndex, LLMStatusCode
-from torch_kvreg.remote import protocol
+from torch_kvreg.remote import protocol, same_host
 
 from remote_peer import Peer, linked_to, paged, running_peer
 
@@ -216,14 +216,183 @@ def test_the_pool_size_follows_its_setting_and_a_bad_one_is_refused():
         "import torch_kvreg as kv\n"
         "kv.initialize()\n"
         "try:\n"
-        "    kv.remote._get_engine()\n"
+        "    kv.remote.get_engine()\n"
         "except kv.LLMException as exc:\n"
-        "    print(exc.status_code.name, 'TORCH_KVREG_PEER_COPY_THREADS' in str(exc), kv.remote._existing_engine())\n"
+        "    print(exc.status_code.name, 'TORCH_KVREG_PEER_COPY_THREADS' in str(exc), kv.remote.existing_engine())\n"
     )
     for setting in ("0", "65", "many", "2x"):
         env = {**os.environ, "TORCH_KVREG_PEER_COPY_THREADS": setting}
         out = subprocess.run([sys.executable, "-c", refused], capture_output=True, text=True, env=env, timeout=120)
         assert out.stdout.split() == ["LLM_PARAM_INVALID", "True", "None"], (setting, out.stdout, out.stderr[-500:])
+
+
+# --- the job class (_C.PeerCopyJob): a handle whose end releases the job ------------------
+def wait_for_live_jobs(count, timeout_s=30.0):
+    """Whether peer_copy_live_jobs() comes to `count` within the timeout."""
+    until = time.monotonic() + timeout_s
+    while _C.peer_copy_live_jobs() != count:
+        if time.monotonic() > until:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+@pytest.mark.parametrize("read", [True, False])
+def test_a_job_handle_copies_its_pieces_and_reports_its_end(read):
+    rng = np.random.default_rng(11)
+    source = torch.from_numpy(rng.integers(0, 256, 6 << 20, dtype=np.uint8))
+    target = torch.zeros_like(source)
+    here, there = (target, source) if read else (source, target)
+    half = source.numel() // 2
+    pieces = [[here.data_ptr() + half, there.data_ptr(), half], [here.data_ptr(), there.data_ptr() + half, half]]
+    live, ends = _C.peer_copy_live_jobs(), _C.peer_copy_ends()
+    job = _C.peer_copy_start(ME, read, rows(pieces))
+    assert isinstance(job, _C.PeerCopyJob) and job.nbytes == source.numel()
+    assert _C.peer_copy_live_jobs() == live + 1
+    assert job.wait(10_000) == 1 and job.state() == 1
+    assert job.wait(0) == 1 and job.help(0) == 1 and job.help(-1) == 1  # an ended job stays ended
+    job.cancel()  # too late to change anything
+    assert job.state() == 1 and _C.peer_copy_ends() == ends + 1
+    assert torch.equal(target[:half], source[half:]) and torch.equal(target[half:], source[:half])
+    del job
+    assert _C.peer_copy_live_jobs() == live  # no thread held it once it had ended
+    # An unwatched job's end is not counted; an empty job has ended when it is made.
+    assert _C.peer_copy_start(ME, read, rows(pieces), watched=False).wait(10_000) == 1
+    empty = _C.peer_copy_start(ME, read, torch.zeros(0, 3, dtype=torch.int64))
+    assert empty.state() == 1 and empty.nbytes == 0 and _C.peer_copy_ends() == ends + 2
+
+
+def test_a_job_from_a_plan_copies_each_segment_of_each_tensor():
+    """peer_copy_start_segments: segment j of tensor t is lengths[j] bytes at
+    local_addrs[t] + local_offsets[j] and remote_addrs[t] + remote_offsets[j]."""
+    source = [torch.arange(i * 4096, (i + 1) * 4096, dtype=torch.int32) for i in range(3)]
+    target = [torch.zeros(4096, dtype=torch.int32) for _ in range(3)]
+    local_offsets = np.array([0, 4 * 1000], dtype=np.uint64)
+    remote_offsets = np.array([4 * 3000, 4 * 10], dtype=np.uint64)
+    lengths = np.array([4 * 96, 4 * 7], dtype=np.uint64)
+    job = _C.peer_copy_start_segments(
+        ME,
+        True,
+        [t.data_ptr() for t in target],
+        [s.data_ptr() for s in source],
+        local_offsets,
+        remote_offsets,
+        lengths,
+        False,
+    )
+    assert job.nbytes == 3 * 4 * (96 + 7) and job.help(10_000) == 1
+    for s, t in zip(source, target):
+        expected = torch.zeros_like(t)
+        expected[:96] = s[3000:3096]
+        expected[1000:1007] = s[10:17]
+        assert torch.equal(t, expected)
+
+
+def test_a_slow_job_is_helped_waited_for_and_cancelled_through_its_handle(monkeypatch):
+    monkeypatch.setenv(PAUSE, "50000")  # 50 ms before each system call
+    source = torch.ones(32 << 20, dtype=torch.uint8)
+    target = torch.zeros_like(source)
+    ends = _C.peer_copy_ends()
+    job = _C.peer_copy_start(ME, True, rows([target.data_ptr(), source.data_ptr(), source.numel()]))
+    assert job.state() == 0 and job.wait(5) == 0  # still running
+    start = time.monotonic()
+    assert job.help(30) == 0  # its deadline passed with tasks left
+    assert time.monotonic() - start < 1.0
+    job.cancel()
+    assert job.wait(5000) == -errno.ECANCELED and job.state() == -errno.ECANCELED
+    assert job.help(0) == -errno.ECANCELED and _C.peer_copy_ends() == ends + 1
+    assert not torch.equal(target, source)  # it stopped before the end
+
+
+def test_help_copies_on_the_calling_thread_while_the_workers_are_busy():
+    """With one worker held up by another job, help() moves the job's bytes itself, at once;
+    wait() would have waited for the worker."""
+    code = f"""
+import os, time, torch
+from torch_kvreg import _C
+def rows(t, s):
+    return torch.tensor([[t.data_ptr(), s.data_ptr(), s.numel()]], dtype=torch.int64)
+source, target = torch.ones(4096, dtype=torch.uint8), torch.zeros(4096, dtype=torch.uint8)
+os.environ["{PAUSE}"] = "2000000"  # 2 s before its only system call
+slow = _C.peer_copy_start(os.getpid(), True, rows(torch.zeros_like(source), source))
+time.sleep(0.2)  # the worker has taken its only task
+del os.environ["{PAUSE}"]
+quick = _C.peer_copy_start(os.getpid(), True, rows(target, source))
+start = time.monotonic()
+state = quick.help(10_000)
+print(state, time.monotonic() - start < 1.0, slow.state(), bool(torch.equal(target, source)))
+"""
+    env = {**os.environ, "TORCH_KVREG_PEER_COPY_THREADS": "1"}
+    env.pop(PAUSE, None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == ["1", "True", "0", "True"], out.stderr[-2000:]
+
+
+def test_dropping_a_running_jobs_handle_cancels_it_and_its_state_goes_with_its_threads(monkeypatch):
+    """The handle's end cancels the job; the threads still copying for it keep its state
+    until they stop (no crash, nothing left behind), then it is counted out."""
+    source = torch.randint(0, 256, (256 << 20,), dtype=torch.uint8)  # every page written
+    target = torch.zeros_like(source)
+    live = _C.peer_copy_live_jobs()
+    job = _C.peer_copy_start(ME, True, rows([target.data_ptr(), source.data_ptr(), source.numel()]))
+    assert job.state() == 0
+    del job
+    assert wait_for_live_jobs(live)
+    # Slowed down, so that the cancellation shows: the copy stops short, its end is counted.
+    monkeypatch.setenv(PAUSE, "20000")
+    target.zero_()
+    ends = _C.peer_copy_ends()
+    job = _C.peer_copy_start(ME, True, rows([target.data_ptr(), source.data_ptr(), 32 << 20]))
+    assert job.state() == 0 and _C.peer_copy_live_jobs() == live + 1
+    del job
+    assert wait_for_live_jobs(live) and _C.peer_copy_ends() == ends + 1
+    assert not torch.equal(target[: 32 << 20], source[: 32 << 20])
+
+
+def test_bad_job_handles_are_refused_and_start_nothing():
+    buffer = torch.zeros(64, dtype=torch.uint8)
+    live = _C.peer_copy_live_jobs()
+    with pytest.raises(ValueError, match="LLM_PARAM_INVALID"):
+        _C.peer_copy_start(0, True, rows([buffer.data_ptr(), buffer.data_ptr(), 8]))
+    with pytest.raises(ValueError, match="LLM_PARAM_INVALID"):
+        _C.peer_copy_start(ME, True, rows([buffer.data_ptr(), -64, 128]))  # wraps the address space
+    with pytest.raises(TypeError, match="LLM_PARAM_INVALID"):
+        _C.peer_copy_start(ME, True, torch.zeros(1, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="LLM_PARAM_INVALID"):
+        _C.peer_copy_start(ME, True, torch.zeros(3, dtype=torch.int64))
+    offsets = np.zeros(2, dtype=np.uint64)
+    with pytest.raises(ValueError, match="LLM_PARAM_INVALID: peer copy segments"):
+        _C.peer_copy_start_segments(ME, True, [buffer.data_ptr()], [], offsets, offsets, offsets, True)
+    with pytest.raises(ValueError, match="LLM_PARAM_INVALID: peer copy segments"):
+        _C.peer_copy_start_segments(ME, True, [1], [1], offsets, offsets[:1], offsets, True)
+    with pytest.raises(ValueError, match="LLM_PARAM_INVALID"):
+        _C.peer_copy_start_segments(0, True, [1], [1], offsets, offsets, offsets, True)
+    with pytest.raises(TypeError):
+        _C.PeerCopyJob()  # made only by the functions that start one
+    assert _C.peer_copy_live_jobs() == live
+
+
+@pytest.mark.parametrize("read", [True, False])
+def test_a_native_routes_start_job_copies_its_blocks_or_takes_nothing(kv, read):
+    source = [torch.arange(i * 8 * 64, (i + 1) * 8 * 64, dtype=torch.float32).reshape(8, 64) for i in range(3)]
+    target = [torch.zeros(8, 64) for _ in range(3)]
+    src = (3, int(kv.DataType.DT_FLOAT), [8, 64], int(kv.Placement.HOST), -1)
+    here, there = (target, source) if read else (source, target)
+    route = _C.PeerRoute(
+        ME, read, [t.data_ptr() for t in here], [t.data_ptr() for t in there], src, 1, src, 2, 64 << 20
+    )
+    live = _C.peer_copy_live_jobs()
+    job = route.start_job([5, 6, 7, 0], [0, 1, 2, 7], False)
+    assert isinstance(job, _C.PeerCopyJob) and job.nbytes == 4 * route.block_bytes
+    assert job.wait(10_000) == 1
+    for s, t in zip(source, target):
+        assert torch.equal(t[[0, 1, 2, 7]], s[[5, 6, 7, 0]])
+        assert torch.all(t[3:7] == 0)
+    del job
+    assert _C.peer_copy_live_jobs() == live
+    for src_blocks, dst_blocks in ([8], [1]), ([1, 2], [3]), ([True], [1]), ((1,), [1]), ([], []), (None, [1]):
+        assert route.start_job(src_blocks, dst_blocks, False) is None, (src_blocks, dst_blocks)
+    assert _C.peer_copy_live_jobs() == live
 
 
 # --- the pid proof ---------------------------------------------------------------------------
@@ -236,8 +405,12 @@ class FakeLink:
         self.answer, self.asked, self.keep = answer, [], []
 
     def request(self, message, timeout_s=None):
-        self.asked.append(message["op"])
-        return self.answer(self, protocol._bytes(message, "nonce"))
+        self.asked.append(message.op)
+        return self.answer(self, message.nonce)
+
+
+def hello(host):
+    return protocol.HelloReply(5, "peer", b"", host)
 
 
 def show(link, nonce, pid=ME, shown=None):
@@ -247,8 +420,8 @@ def show(link, nonce, pid=ME, shown=None):
 
 
 def test_a_peer_proves_the_pid_it_names(kv):
-    engine = kv.remote._get_engine()
-    host = {"host": engine.host}
+    engine = kv.remote.get_engine()
+    host = hello(engine.host)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         cases = {
@@ -264,11 +437,12 @@ def test_a_peer_proves_the_pid_it_names(kv):
         }
         for name, (answer, expected) in cases.items():
             link = FakeLink(answer)
-            assert engine._same_host_pid(link, host, 1.0) == expected, name
+            assert same_host.peer_pid(engine.host, link, host, 1.0) == expected, name
             assert link.asked == ["same_host"], name
         elsewhere = FakeLink(lambda link, nonce: show(link, nonce))
         for response in ({"host": "another|host|entirely"}, {}, {"host": 7}):
-            assert engine._same_host_pid(elsewhere, response, 1.0) is None
+            reply = protocol.HelloReply.parse({"ok": True, "cluster_id": 5, "agent": "peer", "md": "", **response})
+            assert same_host.peer_pid(engine.host, elsewhere, reply, 1.0) is None
         assert elsewhere.asked == []  # a peer on another host is not even asked
     finally:
         sleeper.kill()
@@ -278,10 +452,10 @@ def test_a_peer_proves_the_pid_it_names(kv):
 def test_the_nonce_is_shown_only_when_same_host_copies_are_on(monkeypatch):
     monkeypatch.setenv("TORCH_KVREG_SAME_HOST_COPY", "0")
     kv.initialize()
-    engine = kv.remote._get_engine()
+    engine = kv.remote.get_engine()
     assert engine.host is None
     with pytest.raises(kv.LLMException) as refused:
-        engine.show_nonce({"nonce": bytes(32)}, FakeLink(None))
+        same_host.show_nonce(engine.host, protocol.SameHost(bytes(32)), FakeLink(None))
     assert refused.value.status_code == LLMStatusCode.LLM_FEATURE_NOT_ENABLED
 
 
@@ -289,10 +463,10 @@ def test_a_bad_setting_is_refused_and_changes_nothing(monkeypatch):
     monkeypatch.setenv("TORCH_KVREG_SAME_HOST_COPY", "yes")
     kv.initialize()
     with pytest.raises(kv.LLMException) as refused:
-        kv.remote._get_engine()
+        kv.remote.get_engine()
     assert refused.value.status_code == LLMStatusCode.LLM_PARAM_INVALID
     assert "TORCH_KVREG_SAME_HOST_COPY" in str(refused.value)
-    assert kv.remote._existing_engine() is None
+    assert kv.remote.existing_engine() is None
 
 
 # --- remote transfers to a peer on this host ----------------------------------------------
@@ -307,7 +481,7 @@ def peer():
 @pytest.fixture
 def decoder(peer):
     with linked_to(peer):
-        yield kv.remote._existing_engine()
+        yield kv.remote.existing_engine()
 
 
 def mirrored(peer, num_tensors, num_blocks, seed):
@@ -336,7 +510,7 @@ def test_a_peer_on_this_host_is_copied_directly(peer, decoder):
     written = peer.call("read", remote_id)
     assert all(torch.all(written[t][1] == 40.0 + t) for t in range(4))
     assert torch.equal(written[0][2], theirs[0][2])  # only that block
-    assert decoder.routes == {"same_host": 4}
+    assert decoder.paths == {"same_host": 4}
     assert peer.settled_leases() == {} and _C.in_flight(local.cache_id) == 0
     assert _C.peer_copy_live_jobs() == 0
     peer.call("unregister", remote_id)
@@ -371,9 +545,9 @@ def test_waiters_pollers_and_the_progress_thread_each_complete_copies(peer, deco
         for mine_t, theirs_t in zip(mine, theirs):
             assert torch.equal(mine_t[blocks], theirs_t[blocks])
     # All three ways completed some (how many each depends on timing).
-    assert decoder.job_completions["waiter"] >= 10, decoder.job_completions
-    assert decoder.job_completions["progress"] >= 100, decoder.job_completions
-    assert sum(decoder.job_completions.values()) == decoder.routes["same_host"] == 30 * 30
+    assert decoder.progress.completed_by["waiter"] >= 10, decoder.progress.completed_by
+    assert decoder.progress.completed_by["progress"] >= 100, decoder.progress.completed_by
+    assert sum(decoder.progress.completed_by.values()) == decoder.paths["same_host"] == 30 * 30
     assert _C.peer_copy_live_jobs() == 0 and _C.in_flight(local.cache_id) == 0
     peer.call("unregister", remote_id)
 
@@ -381,9 +555,9 @@ def test_waiters_pollers_and_the_progress_thread_each_complete_copies(peer, deco
 def test_polling_done_completes_an_ended_copy_at_once(peer, monkeypatch):
     """With the progress thread's sweep pushed far out, only done() itself can complete
     the copy this soon."""
-    from torch_kvreg.remote import engine
+    from torch_kvreg.remote import progress
 
-    monkeypatch.setattr(engine, "JOB_SWEEP_S", 30.0)
+    monkeypatch.setattr(progress, "JOB_SWEEP_S", 30.0)
     with linked_to(peer, wait_ms=30_000):
         remote_id = peer.call("register", (2, 8, BLOCK, 27, True))
         mine = [torch.zeros(8, *BLOCK, dtype=torch.float16) for _ in range(2)]
@@ -396,7 +570,7 @@ def test_polling_done_completes_an_ended_copy_at_once(peer, monkeypatch):
         while not transfer.done() and time.monotonic() - start < 5:
             time.sleep(0.001)
         assert transfer.status == LLMStatusCode.LLM_SUCCESS and time.monotonic() - start < 1
-        assert kv.remote._existing_engine().job_completions == {"waiter": 1}
+        assert kv.remote.existing_engine().progress.completed_by == {"waiter": 1}
         assert torch.equal(mine[1][2], paged(2, 8, BLOCK, 27)[1][1])
     peer.call("unregister", remote_id)
 
@@ -404,9 +578,9 @@ def test_polling_done_completes_an_ended_copy_at_once(peer, monkeypatch):
 def test_a_notice_goes_out_when_its_copy_lands_though_nobody_waits(peer, monkeypatch):
     """A push with a notice that nobody waits for or polls: the progress thread is woken by
     its end (the sweep pushed far out cannot be what sends it)."""
-    from torch_kvreg.remote import engine
+    from torch_kvreg.remote import progress
 
-    monkeypatch.setattr(engine, "JOB_SWEEP_S", 30.0)
+    monkeypatch.setattr(progress, "JOB_SWEEP_S", 30.0)
     with linked_to(peer, wait_ms=30_000):
         remote_id = peer.call("register_zeros", (2, 8, BLOCK))
         peer.call("notifications")  # drain
@@ -430,13 +604,13 @@ def test_a_peer_with_same_host_copies_off_is_reached_over_nixl():
     try:
         kv.initialize(cluster_id=2, options={"llm.SyncKvCacheWaitTime": "1000"})
         assert kv.link_clusters([other.info])[0] == LLMStatusCode.LLM_SUCCESS
-        engine = kv.remote._existing_engine()
+        engine = kv.remote.existing_engine()
         assert engine.host is not None and engine.links[14].peer_pid is None
         remote_id = other.call("register", (2, 8, BLOCK, 22, True))
         mine = [torch.zeros(8, *BLOCK, dtype=torch.float16) for _ in range(2)]
         kv.pull_kv_blocks(CacheIndex(14, remote_id), kv.register_kv_cache(mine), [1, 2], [1, 2])
         assert torch.equal(mine[1][2], paged(2, 8, BLOCK, 22)[1][2])
-        assert engine.routes == {"nixl": 1}
+        assert engine.paths == {"nixl": 1}
     finally:
         kv.finalize()
         other.close()
@@ -454,11 +628,11 @@ def warm_route(remote, local, routed):
     the route it leaves (Engine.start_routed); returns the engine's route starts so far."""
     if routed:
         kv.pull_kv_blocks(remote, local, [0], [0])
-    return kv.remote._existing_engine().route_starts
+    return kv.remote.existing_engine().routes.starts
 
 
 def started_on_route(before, routed):
-    return kv.remote._existing_engine().route_starts == before + (1 if routed else 0)
+    return kv.remote.existing_engine().routes.starts == before + (1 if routed else 0)
 
 
 @pytest.mark.parametrize("routed", [False, True])
@@ -538,30 +712,30 @@ def test_transfers_after_the_first_start_on_its_route_and_land(peer, decoder):
     remote_id = remote.cache_id
     block = local.cache_desc.block_nbytes
     assert kv.pull_kv_blocks(remote, local, [0], [0]) == 4 * block  # the general path: leaves the route
-    assert decoder.route_starts == 0 and len(decoder.fast_routes) == 1
+    assert decoder.routes.starts == 0 and len(decoder.routes.table) == 1
     pulls = [kv.pull_kv_blocks_async(remote, local, [b], [b + 15]) for b in range(1, 17)]
     assert kv.pull_kv_blocks(remote, local, [20, 21, 22], [1, 2, 3]) == 3 * 4 * block
     assert [t.wait(5000) for t in pulls] == [4 * block] * 16
-    assert decoder.route_starts == 17
+    assert decoder.routes.starts == 17
     for t in range(4):
         assert torch.equal(mine[t][16:32], theirs[t][1:17])
         assert torch.equal(mine[t][1:4], theirs[t][20:23])
     # Other layers, or the other direction, are other routes: each starts on the general path once.
     assert kv.pull_kv_blocks(remote, local, [5], [5], layers=range(1, 2)) == 2 * block
     assert kv.pull_kv_blocks(remote, local, [6], [6], layers=range(1, 2)) == 2 * block
-    assert decoder.route_starts == 18
+    assert decoder.routes.starts == 18
     for t in range(4):
         mine[t][10] = 7.0 + t
     peer.call("notifications")  # drain
     kv.push_kv_blocks(local, remote, [10], [30])
     kv.push_kv_blocks_async(local, remote, [10], [31], notify="routed push").wait(5000)
-    assert decoder.route_starts == 19
+    assert decoder.routes.starts == 19
     written = peer.call("read", remote_id)
     assert all(torch.all(written[t][30] == 7.0 + t) and torch.all(written[t][31] == 7.0 + t) for t in range(4))
     assert peer.call("notifications") == [(2, b"routed push")]
-    assert decoder.routes == {"same_host": 22}
+    assert decoder.paths == {"same_host": 22}
     assert _C.in_flight(local.cache_id) == 0 and _C.peer_copy_live_jobs() == 0
-    assert not decoder.busy_routes and peer.settled_leases() == {}
+    assert not decoder.routes.busy and peer.settled_leases() == {}
     peer.call("unregister", remote_id)
 
 
@@ -604,17 +778,17 @@ def test_bad_input_on_a_route_gets_the_general_paths_error_and_moves_nothing(
     without_route = routed_error(start)
     kv.pull_kv_blocks(remote, local, [0], [0])
     before = [t.clone() for t in mine]
-    assert len(decoder.fast_routes) == 1 and decoder.route_starts == 0
+    assert len(decoder.routes.table) == 1 and decoder.routes.starts == 0
     assert routed_error(start) == without_route
     assert without_route[0] == LLMStatusCode.LLM_PARAM_INVALID and says in without_route[1]
-    assert decoder.route_starts == 0 and decoder.routes == {"same_host": 1}
+    assert decoder.routes.starts == 0 and decoder.paths == {"same_host": 1}
     assert all(torch.equal(a, b) for a, b in zip(mine, before))
-    assert _C.in_flight(local.cache_id) == 0 and _C.peer_copy_live_jobs() == 0 and not decoder.busy_routes
+    assert _C.in_flight(local.cache_id) == 0 and _C.peer_copy_live_jobs() == 0 and not decoder.routes.busy
     # The route still serves good starts, and block lists it does not take (a tensor) go the
     # general way and land too.
     assert kv.pull_kv_blocks_async(remote, local, [3], [4]).wait(5000) > 0
     assert kv.pull_kv_blocks_async(remote, local, torch.tensor([5]), torch.tensor([6])).wait(5000) > 0
-    assert decoder.route_starts == 1 and decoder.routes == {"same_host": 3}
+    assert decoder.routes.starts == 1 and decoder.paths == {"same_host": 3}
     theirs = paged(2, 32, BLOCK, 32)
     assert torch.equal(mine[1][4], theirs[1][3]) and torch.equal(mine[1][6], theirs[1][5])
     assert peer.settled_leases() == {}
@@ -631,19 +805,19 @@ def test_a_route_ends_with_its_lease_its_link_or_its_cache(peer, decoder):
     remote = CacheIndex(13, remote_id)
     kv.pull_kv_blocks(remote, local, [0], [0])
     kv.pull_kv_blocks(remote, local, [1], [1])
-    assert decoder.route_starts == 1
+    assert decoder.routes.starts == 1
     assert peer.settled_leases() == {}  # the lease lingered out: the route is stale now
     kv.pull_kv_blocks(remote, local, [2], [2])  # leased again on the general path: a new route
     kv.pull_kv_blocks(remote, local, [3], [3])
-    assert decoder.route_starts == 2
+    assert decoder.routes.starts == 2
     assert peer.settled_leases() == {}
     peer.call("unregister", remote_id)
     before = [t.clone() for t in mine]
     with pytest.raises(kv.LLMException) as gone:
         kv.pull_kv_blocks(remote, local, [4], [4])
     assert gone.value.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
-    assert all(torch.equal(a, b) for a, b in zip(mine, before)) and decoder.route_starts == 2
-    assert not decoder.fast_routes  # the stale route was dropped on the way
+    assert all(torch.equal(a, b) for a, b in zip(mine, before)) and decoder.routes.starts == 2
+    assert not decoder.routes.table  # the stale route was dropped on the way
 
     remote_id = peer.call("register", (2, 16, BLOCK, 34, True))
     remote = CacheIndex(13, remote_id)
@@ -652,12 +826,12 @@ def test_a_route_ends_with_its_lease_its_link_or_its_cache(peer, decoder):
     assert kv.link_clusters([peer.info])[0] == LLMStatusCode.LLM_SUCCESS
     kv.pull_kv_blocks(remote, local, [1], [1])  # a new link: the general path again
     kv.pull_kv_blocks(remote, local, [2], [2])
-    assert decoder.route_starts == 3
+    assert decoder.routes.starts == 3
     kv.unregister_kv_cache(local)
     with pytest.raises(kv.LLMException) as unregistered:
         kv.pull_kv_blocks(remote, local, [3], [3])
     assert unregistered.value.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
-    assert decoder.route_starts == 3 and _C.peer_copy_live_jobs() == 0
+    assert decoder.routes.starts == 3 and _C.peer_copy_live_jobs() == 0
     assert peer.settled_leases() == {}
     peer.call("unregister", remote_id)
 
@@ -721,7 +895,7 @@ def test_threads_starting_on_one_route_each_complete_exactly_once(peer, decoder)
         except Exception as exc:  # reported below
             errors.append(exc)
 
-    starts = decoder.route_starts
+    starts = decoder.routes.starts
     threads = [threading.Thread(target=run, args=(seed, seed == 4)) for seed in range(5)]
     for thread in threads:
         thread.start()
@@ -729,19 +903,19 @@ def test_threads_starting_on_one_route_each_complete_exactly_once(peer, decoder)
         thread.join(60)
     assert not errors, errors
     # (nearly) all on the routes: one whose lease lingered out meanwhile starts over once
-    assert len(transfers) == 200 and decoder.route_starts - starts >= 150
+    assert len(transfers) == 200 and decoder.routes.starts - starts >= 150
     for t in transfers:
         t.wait(5000)
     assert all(t.status == LLMStatusCode.LLM_SUCCESS for t in transfers)
-    assert sum(decoder.job_completions.values()) == decoder.routes["same_host"]
+    assert sum(decoder.progress.completed_by.values()) == decoder.paths["same_host"]
     for t in range(2):
         assert torch.equal(mine[t], theirs[t])
     landed, blocks = peer.call("read", pushed_id), sorted(pushed)
     assert len(blocks) == 40 and all(torch.equal(landed[t][blocks], theirs[t][blocks]) for t in range(2))
     deadline = time.monotonic() + 5
-    while (decoder.busy_routes or _C.in_flight(local.cache_id)) and time.monotonic() < deadline:
+    while (decoder.routes.busy or _C.in_flight(local.cache_id)) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not decoder.busy_routes and _C.in_flight(local.cache_id) == 0 and _C.peer_copy_live_jobs() == 0
+    assert not decoder.routes.busy and _C.in_flight(local.cache_id) == 0 and _C.peer_copy_live_jobs() == 0
     assert peer.settled_leases() == {}
     peer.call("unregister", remote.cache_id)
     peer.call("unregister", pushed_id)

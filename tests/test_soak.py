@@ -67,19 +67,19 @@ def soak(cycle, warm_up, cycles, pids, names):
 def engine_tables():
     """Sizes of the engine's per-cache and per-peer tables (none may grow with cycles), once
     the last transfers' leases have lingered and been given back."""
-    engine = kv.remote._engine
+    engine = kv.remote.current_engine()
     deadline = time.monotonic() + 2
-    while engine.shared_leases and time.monotonic() < deadline:
+    while engine.peer_leases.shared and time.monotonic() < deadline:
         time.sleep(0.01)
     return {
-        "in_flight": len(engine.in_flight),
-        "nixl_regs": len(engine.nixl_regs),
-        "local_preps": len(engine.local_preps),
-        "leases": len(engine.leases),
-        "shared_leases": len(engine.shared_leases),
+        "in_flight": len(engine.holds.in_flight),
+        "nixl_regs": len(engine.registrations.regs),
+        "local_preps": len(engine.registrations.preps),
+        "leases": len(engine.holds.leases),
+        "shared_leases": len(engine.peer_leases.shared),
         "links": len(engine.links),
         "connections": len(engine.connections),
-        "routes": len(engine.fast_routes),
+        "routes": len(engine.routes.table),
         "senders": len(engine.senders),
     }
 
@@ -142,7 +142,7 @@ def test_soak_register_unregister_240_tensors_with_nixl():
         me = kv.ClusterInfo(2, host, int(port))
         assert peer.call("kv", ("link_clusters", ([me],), {}))[0] == SUCCESS
         inbox = peer.call("register_zeros", (tensors_per_cache, blocks, block_shape))
-        engine = kv.remote._engine
+        engine = kv.remote.current_engine()
         pulls = 0
 
         def cycle(n):
@@ -151,7 +151,7 @@ def test_soak_register_unregister_240_tensors_with_nixl():
             rows = torch.arange(blocks, dtype=torch.float16).view(blocks, 1, 1) * 8
             tensors = [torch.full((blocks, *block_shape), (n + i) % 7, dtype=torch.float16) + rows for i in range(240)]
             cache = kv.register_kv_cache(tensors, kv.RegisterCfg(remote_accessible=True))
-            assert cache.cache_id in engine.nixl_regs  # registered with NIXL, not only here
+            assert cache.cache_id in engine.registrations.regs  # registered with NIXL, not only here
             if n % 25 == 0:  # the peer reads it: the registration works end to end
                 index = kv.CacheIndex(2, cache.cache_id)
                 peer.call("kv", ("pull_kv_blocks", (index, inbox, [n % blocks], [0]), {}))
@@ -159,7 +159,7 @@ def test_soak_register_unregister_240_tensors_with_nixl():
                 assert all(g == t[n % blocks].numpy().tobytes() for g, t in zip(got, tensors))
                 pulls += 1
             kv.unregister_kv_cache(cache)
-            assert cache.cache_id not in engine.nixl_regs
+            assert cache.cache_id not in engine.registrations.regs
 
         warm_up, cycles = 20, 200
         soak(cycle, warm_up, cycles, (os.getpid(), peer.process.pid), ("owner", "reader"))

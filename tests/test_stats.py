@@ -79,7 +79,7 @@ def test_remote_pulls_and_pushes_are_counted(through_nixl, monkeypatch):
         kv.pull_kv_blocks(CacheIndex(31, remote_id), mine, [1, 2], [3, 4])
         kv.pull_kv_blocks_async(CacheIndex(31, remote_id), mine, [5], [5]).wait()
         kv.push_kv_blocks(mine, CacheIndex(31, remote_id), [3], [0])
-        agent = kv.remote._engine.agent
+        agent = kv.remote.current_engine().agent
         monkeypatch.setattr(agent, "check_xfer_state", lambda handle: "ERR")
         monkeypatch.setattr(agent, "transfer", lambda handle, notif_msg=b"": "PROC")
         with pytest.raises(kv.LLMException):

@@ -14,6 +14,8 @@ import torch
 from torch import SymInt, Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
+from .errors import LLMStatusCode, raw_error
+
 # A cache or transfer id as compiled code carries it: an int, or a SymInt while tracing.
 Id = int | SymInt
 
@@ -38,65 +40,7 @@ _EFFECTFUL_OPS = (
     "llm::wait_transfer",
 )
 
-# Kernels of the remote ops: their schemas are in csrc/ops.cpp, their data path is NIXL.
-_remote_impls = torch.library.Library("llm", "IMPL")
-
-
-def _pull_kv_blocks_kernel(
-    cluster_id: int, src_cache_id: int, dst_cache_id: int, src_blocks: Tensor, dst_blocks: Tensor
-) -> None:
-    from .remote import pull_kv_blocks
-    from .types import CacheIndex
-
-    pull_kv_blocks(CacheIndex(cluster_id, int(src_cache_id)), int(dst_cache_id), src_blocks, dst_blocks)
-
-
-def _push_kv_blocks_kernel(
-    src_cache_id: int, cluster_id: int, dst_cache_id: int, src_blocks: Tensor, dst_blocks: Tensor
-) -> None:
-    from .remote import push_kv_blocks
-    from .types import CacheIndex
-
-    push_kv_blocks(int(src_cache_id), CacheIndex(cluster_id, int(dst_cache_id)), src_blocks, dst_blocks)
-
-
-def _pull_kv_cache_kernel(
-    cluster_id: int, src_cache_id: int, src_batch_index: int, dst_cache_id: int, batch_index: int = 0, size: int = -1
-) -> None:
-    from .remote import pull_kv_cache
-    from .types import CacheIndex
-
-    pull_kv_cache(CacheIndex(cluster_id, int(src_cache_id), src_batch_index), int(dst_cache_id), batch_index, size)
-
-
-def _start_pull_kv_blocks_kernel(
-    cluster_id: int, src_cache_id: int, dst_cache_id: int, src_blocks: Tensor, dst_blocks: Tensor
-) -> int:
-    from .inflight import remember
-    from .remote import pull_kv_blocks_async
-    from .types import CacheIndex
-
-    transfer = pull_kv_blocks_async(
-        CacheIndex(cluster_id, int(src_cache_id)), int(dst_cache_id), src_blocks, dst_blocks
-    )
-    return remember(transfer)
-
-
-def _wait_transfer_kernel(transfer_id: int) -> None:
-    from .errors import raises_llm
-    from .inflight import take
-
-    raises_llm(take)(int(transfer_id)).wait()
-
-
-for _name, _kernel in (
-    ("pull_kv_blocks", _pull_kv_blocks_kernel),
-    ("push_kv_blocks", _push_kv_blocks_kernel),
-    ("pull_kv_cache", _pull_kv_cache_kernel),
-    ("start_pull_kv_blocks", _start_pull_kv_blocks_kernel),
-    ("wait_transfer", _wait_transfer_kernel),
-):
-    _remote_impls.impl(_name, _kernel, "CompositeExplicitAutograd", allow_override=True)
+# The remote ops' kernels are the remote layer's (remote/kernels.py).
 
 
 def _new_cache_id() -> SymInt:
@@ -108,7 +52,9 @@ def _reject_meta(tensor: Tensor, name: str) -> None:
     # Fake kernels also serve the Meta key, so real meta tensors arrive here instead of in
     # C++; without this check an eager call with meta tensors would silently do nothing.
     if not isinstance(tensor, FakeTensor):
-        raise ValueError(f"LLM_PARAM_INVALID: {name} is a {tensor.device} tensor and holds no data")
+        raise raw_error(
+            ValueError, LLMStatusCode.LLM_PARAM_INVALID, f"{name} is a {tensor.device} tensor and holds no data"
+        )
 
 
 def _register_fakes() -> None:

@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 from collections.abc import Mapping
 from typing import NoReturn
 
-from ..errors import param_invalid
+from ..errors import LLMException, LLMStatusCode, make_error, param_invalid
 from ..registry import OPTION_LINK_SECRET
+from ..types import ClusterInfo
+from . import protocol
+from .control import Link
+
+log = logging.getLogger("torch_kvreg.remote")
 
 _CONTEXT = b"torch_kvreg link v1"
 
@@ -79,6 +85,57 @@ class LinkSecret:
 
 
 def new_nonce() -> bytes:
-    from .protocol import NONCE_BYTES
+    return secrets.token_bytes(protocol.NONCE_BYTES)
 
-    return secrets.token_bytes(NONCE_BYTES)
+
+# --- the accepting side -------------------------------------------------------------------
+def answer_challenge(
+    secret: LinkSecret | None, cluster_id: int, request: protocol.Challenge, link: Link
+) -> protocol.ChallengeReply:
+    """A linker's nonce: our nonce and our proof of the secret (none without a secret: the
+    linker, which has one, must not link to a cluster that cannot prove it)."""
+    if secret is None:
+        raise make_error(LLMStatusCode.LLM_LINK_FAILED, "this cluster has no link secret")
+    if link.challenge is not None:
+        raise make_error(LLMStatusCode.LLM_LINK_FAILED, "one challenge per connection")
+    ours = new_nonce()
+    link.challenge = (request.cluster_id, request.nonce, ours)
+    proof = secret.proof(b"accept", request.nonce, ours, request.cluster_id, cluster_id)
+    return protocol.ChallengeReply(ours, proof)
+
+
+def check_hello(secret: LinkSecret | None, cluster_id: int, hello: protocol.Hello, link: Link) -> None:
+    """The linker's proof, sent with its hello, against the challenge it answered."""
+    if secret is None:
+        return
+    challenge, link.challenge = link.challenge, None  # one try per challenge
+    if challenge is None or hello.proof is None or challenge[0] != hello.cluster_id:
+        raise make_error(LLMStatusCode.LLM_LINK_FAILED, "this cluster requires a link secret")
+    linker, theirs, ours = challenge
+    if not secret.check(hello.proof, b"connect", theirs, ours, linker, cluster_id):
+        log.warning("a peer claiming cluster %d failed the link secret check", linker)
+        raise make_error(LLMStatusCode.LLM_LINK_FAILED, "the link secret check failed")
+    link.authenticated = True
+
+
+# --- the linking side ---------------------------------------------------------------------
+def prove(secret: LinkSecret, cluster_id: int, link: Link, info: ClusterInfo, timeout_s: float) -> bytes:
+    """Checks the peer's proof of the secret, then returns ours (sent with the hello). The
+    peer learns nothing about the secret."""
+    ours = new_nonce()
+    peer = info.remote_cluster_id
+    try:
+        reply = protocol.ChallengeReply.parse(link.request(protocol.Challenge(cluster_id, ours), timeout_s))
+    except LLMException as exc:
+        if exc.status_code == LLMStatusCode.LLM_TIMEOUT:
+            raise
+        raise make_error(
+            LLMStatusCode.LLM_LINK_FAILED, f"cluster {peer} did not take part in the link secret check"
+        ) from None
+    except protocol.ProtocolError:
+        raise make_error(LLMStatusCode.LLM_LINK_FAILED, "malformed challenge response") from None
+    if not secret.check(reply.proof, b"accept", ours, reply.nonce, cluster_id, peer):
+        log.warning("cluster %d at %s:%d failed the link secret check", peer, info.remote_ip, info.remote_port)
+        raise make_error(LLMStatusCode.LLM_LINK_FAILED, f"cluster {peer} failed the link secret check")
+    link.authenticated = True
+    return secret.proof(b"connect", ours, reply.nonce, cluster_id, peer)

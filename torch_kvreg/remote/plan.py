@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from .. import _C
-from ..types import CacheDesc, Placement
+from ..errors import param_invalid
+from ..types import Cache, CacheDesc, Placement, layer_tensors
 
 # Runs of consecutive blocks become one descriptor, up to this many bytes.
 MAX_DESCRIPTOR_BYTES = 64 << 20
@@ -22,6 +23,8 @@ TensorSelection = Callable[[CacheDesc], tuple[list[int], list[int]]]
 MakeSegments = Callable[[CacheDesc, int], Segments]
 # The remote cache of a transfer: its id, or a key the peer registered it under.
 RemoteRef = int | str
+# One side of a planned transfer: (the desc fields of its tensors taking part, its cache id).
+PlanSide = tuple["_C.DescFields", int]
 
 
 def fields(desc: CacheDesc | _C.DescFields, num_tensors: int | None = None) -> _C.DescFields:
@@ -82,3 +85,56 @@ def mem_type(desc: CacheDesc) -> str:
 
 def device_id(desc: CacheDesc) -> int:
     return 0 if desc.placement == Placement.HOST else max(desc.device_index, 0)
+
+
+def selection(
+    local_desc: CacheDesc,
+    local_layers: range | None,
+    remote_layers: range | None,
+    tensors_per_layer: int,
+    remote_is_src: bool,
+) -> TensorSelection:
+    """tensors(remote_desc) for Engine.transfer: equal-length local and remote tensor lists."""
+
+    def tensors(remote_desc: CacheDesc) -> tuple[list[int], list[int]]:
+        local_tensors = layer_tensors(
+            local_layers,
+            tensors_per_layer,
+            local_desc.num_tensors,
+            "dst_layer_range" if remote_is_src else "src_layer_range",
+        )
+        remote_tensors = layer_tensors(
+            remote_layers,
+            tensors_per_layer,
+            remote_desc.num_tensors,
+            "src_layer_range" if remote_is_src else "dst_layer_range",
+        )
+        if len(local_tensors) != len(remote_tensors):
+            raise param_invalid(
+                f"the layers select {len(remote_tensors) if remote_is_src else len(local_tensors)} "
+                f"source and {len(local_tensors) if remote_is_src else len(remote_tensors)} "
+                "destination tensors; they must be equal"
+            )
+        return local_tensors, remote_tensors
+
+    return tensors
+
+
+def planned(
+    local: Cache,
+    remote_ref: RemoteRef,
+    tensors: TensorSelection,
+    read: bool,
+    plan_one: Callable[[PlanSide, PlanSide, int], Segments],
+) -> MakeSegments:
+    """make_segments for Engine.transfer: the planner sees the descs of the tensors taking
+    part, source first (the remote side is the source of a READ)."""
+
+    def segments(remote_desc: CacheDesc, key_index: int) -> Segments:
+        local_tensors, remote_tensors = tensors(remote_desc)
+        local_side = (fields(local.cache_desc, len(local_tensors)), local.cache_id)
+        remote_side = (fields(remote_desc, len(remote_tensors)), remote_ref if isinstance(remote_ref, int) else -1)
+        src, dst = (remote_side, local_side) if read else (local_side, remote_side)
+        return plan_one(src, dst, key_index)
+
+    return segments

@@ -14,17 +14,23 @@ import dataclasses
 import json
 import struct
 from collections.abc import Sequence
+from typing import ClassVar
 
 from ..errors import LLMStatusCode
 from ..types import CacheDesc, DataType, Placement
 
+# The protocol's version, and what each version changed: a peer speaking another version
+# is refused at its first frame.
 VERSION = 1
+HISTORY = {
+    1: "frames of JSON objects; requests challenge, hello, acquire (by cache id or key), release,"
+    " ping, bye and same_host; replies carry ok, errors a status name and a message",
+}
 MAX_FRAME = 4 << 20  # agent metadata is a few KiB; anything near this is hostile
 MAX_TENSORS = 240
 MAX_RANK = 32
 MAX_KEY = 256
 _HEADER = struct.Struct(">I")
-REQUESTS = ("challenge", "hello", "acquire", "release", "ping", "bye", "same_host")
 NONCE_BYTES = 32  # fresh per handshake, from secrets.token_bytes
 PROOF_BYTES = 32  # HMAC-SHA256
 
@@ -101,73 +107,271 @@ def _sized(message: dict, key: str, size: int) -> bytes:
     return value
 
 
-def parse_challenge_response(message: dict) -> tuple[bytes, bytes]:
-    """(the accepting side's nonce, its proof) from a challenge response."""
-    return _sized(message, "nonce", NONCE_BYTES), _sized(message, "proof", PROOF_BYTES)
-
-
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def parse_request(message: dict) -> tuple[str, dict]:
-    """(op, checked fields) of a request from a peer."""
+# --- requests: one record per op; to_wire() gives the frame's object, parse() checks one ---
+@dataclasses.dataclass(frozen=True)
+class Challenge:
+    """A linker with a link secret opens with its nonce."""
+
+    op: ClassVar[str] = "challenge"
+    cluster_id: int
+    nonce: bytes
+
+    def to_wire(self) -> dict:
+        return {"op": self.op, "cluster_id": self.cluster_id, "nonce": b64(self.nonce)}
+
+    @classmethod
+    def parse(cls, message: dict) -> Challenge:
+        return cls(_int(message, "cluster_id"), _sized(message, "nonce", NONCE_BYTES))
+
+
+@dataclasses.dataclass(frozen=True)
+class Hello:
+    """The linker names itself; with its agent metadata (``md``) the peer may transfer to
+    it too; ``proof``: its answer to the peer's challenge."""
+
+    op: ClassVar[str] = "hello"
+    cluster_id: int
+    agent: str
+    md: bytes | None = None
+    proof: bytes | None = None
+
+    def to_wire(self) -> dict:
+        wire: dict = {"op": self.op, "cluster_id": self.cluster_id, "agent": self.agent}
+        if self.md is not None:
+            wire["md"] = b64(self.md)
+        if self.proof is not None:
+            wire["proof"] = b64(self.proof)
+        return wire
+
+    @classmethod
+    def parse(cls, message: dict) -> Hello:
+        return cls(
+            _int(message, "cluster_id"),
+            _str(message, "agent"),
+            _bytes(message, "md") if "md" in message else None,
+            _sized(message, "proof", PROOF_BYTES) if "proof" in message else None,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Acquire:
+    """A lease on a cache, named by id or by a key its owner registered it under."""
+
+    op: ClassVar[str] = "acquire"
+    cache_id: int | None = None
+    key: str | None = None
+
+    @classmethod
+    def of(cls, ref: int | str) -> Acquire:
+        return cls(key=ref) if isinstance(ref, str) else cls(cache_id=ref)
+
+    def to_wire(self) -> dict:
+        return {"op": self.op, "key": self.key} if self.key is not None else {"op": self.op, "cache_id": self.cache_id}
+
+    @classmethod
+    def parse(cls, message: dict) -> Acquire:
+        if "key" in message:
+            return cls(key=_str(message, "key", MAX_KEY))
+        return cls(cache_id=_int(message, "cache_id"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    op: ClassVar[str] = "release"
+    lease: int
+
+    def to_wire(self) -> dict:
+        return {"op": self.op, "lease": self.lease}
+
+    @classmethod
+    def parse(cls, message: dict) -> Release:
+        return cls(_int(message, "lease"))
+
+
+@dataclasses.dataclass(frozen=True)
+class SameHost:
+    """The linker's nonce, for the peer to show at an address of its own."""
+
+    op: ClassVar[str] = "same_host"
+    nonce: bytes
+
+    def to_wire(self) -> dict:
+        return {"op": self.op, "nonce": b64(self.nonce)}
+
+    @classmethod
+    def parse(cls, message: dict) -> SameHost:
+        return cls(_sized(message, "nonce", NONCE_BYTES))
+
+
+@dataclasses.dataclass(frozen=True)
+class Ping:
+    op: ClassVar[str] = "ping"
+
+    def to_wire(self) -> dict:
+        return {"op": self.op}
+
+    @classmethod
+    def parse(cls, message: dict) -> Ping:
+        return cls()
+
+
+@dataclasses.dataclass(frozen=True)
+class Bye:
+    """The peer unlinks in good order."""
+
+    op: ClassVar[str] = "bye"
+
+    def to_wire(self) -> dict:
+        return {"op": self.op}
+
+    @classmethod
+    def parse(cls, message: dict) -> Bye:
+        return cls()
+
+
+Request = Challenge | Hello | Acquire | Release | SameHost | Ping | Bye
+REQUESTS: dict[str, type[Request]] = {
+    kind.op: kind for kind in (Challenge, Hello, Acquire, Release, SameHost, Ping, Bye)
+}
+
+
+def parse_request(message: dict) -> Request:
+    """The checked request record of a frame from a peer."""
     op = message.get("op")
-    if op not in REQUESTS:
-        raise ProtocolError(f"unknown op {op!r}")
-    if op == "challenge":  # a linker with a link secret opens with its nonce
-        return op, {"cluster_id": _int(message, "cluster_id"), "nonce": _sized(message, "nonce", NONCE_BYTES)}
-    if op == "hello":
-        fields = {"cluster_id": _int(message, "cluster_id"), "agent": _str(message, "agent")}
-        if "md" in message:  # the peer's agent metadata: then we may transfer to it too
-            fields["md"] = _bytes(message, "md")
-        if "proof" in message:  # the linker's answer to our challenge
-            fields["proof"] = _sized(message, "proof", PROOF_BYTES)
-        return op, fields
-    if op == "acquire":
-        if "key" in message:  # a cache key the peer registered (LLM-DataDist's cache keys)
-            return op, {"key": _str(message, "key", MAX_KEY)}
-        return op, {"cache_id": _int(message, "cache_id")}
-    if op == "release":
-        return op, {"lease": _int(message, "lease")}
-    if op == "same_host":  # the linker's nonce, for us to show at an address of ours
-        return op, {"nonce": _sized(message, "nonce", NONCE_BYTES)}
-    return op, {}
+    kind = REQUESTS.get(op) if isinstance(op, str) else None
+    if kind is None:
+        raise ProtocolError(f"unknown op {message.get('op')!r}")
+    return kind.parse(message)
 
 
-def parse_error(message: dict) -> tuple[LLMStatusCode, str] | None:
-    """None for an ok response, else the (status, text) the peer reported."""
-    ok = message.get("ok")
-    if ok is True:
-        return None
-    if ok is not False:
-        raise ProtocolError("response has no boolean 'ok'")
-    name = message.get("status")
-    if not isinstance(name, str) or name not in LLMStatusCode.__members__ or name == "LLM_SUCCESS":
-        raise ProtocolError(f"error response with unknown status {name!r}")
-    text = message.get("message", "")
-    if not isinstance(text, str):
-        raise ProtocolError("error text is not a str")
-    return LLMStatusCode[name], text[:1000]
+# --- replies ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Ok:
+    def to_wire(self) -> dict:
+        return {"ok": True}
 
 
-def parse_hello_response(message: dict) -> tuple[int, str, bytes]:
-    """(cluster_id, agent name, agent metadata) from a hello response."""
-    return _int(message, "cluster_id"), _str(message, "agent"), _bytes(message, "md")
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """A request that failed, with its status (never LLM_SUCCESS)."""
+
+    status: LLMStatusCode
+    message: str
+
+    def to_wire(self) -> dict:
+        return {"ok": False, "status": self.status.name, "message": self.message}
+
+    @staticmethod
+    def of(message: dict) -> Failure | None:
+        """None for an ok reply, else the failure the peer reported."""
+        ok = message.get("ok")
+        if ok is True:
+            return None
+        if ok is not False:
+            raise ProtocolError("response has no boolean 'ok'")
+        name = message.get("status")
+        if not isinstance(name, str) or name not in LLMStatusCode.__members__ or name == "LLM_SUCCESS":
+            raise ProtocolError(f"error response with unknown status {name!r}")
+        text = message.get("message", "")
+        if not isinstance(text, str):
+            raise ProtocolError("error text is not a str")
+        return Failure(LLMStatusCode[name], text[:1000])
 
 
-def parse_host(message: dict) -> str | None:
-    """The host identity a hello response carries, None without one (or a malformed one:
-    the peer is then treated as on another host)."""
-    try:
-        return _str(message, "host")
-    except ProtocolError:
-        return None
+@dataclasses.dataclass(frozen=True)
+class ChallengeReply:
+    """The accepting side's nonce and its proof of the secret."""
+
+    nonce: bytes
+    proof: bytes
+
+    def to_wire(self) -> dict:
+        return {"ok": True, "nonce": b64(self.nonce), "proof": b64(self.proof)}
+
+    @classmethod
+    def parse(cls, message: dict) -> ChallengeReply:
+        return cls(_sized(message, "nonce", NONCE_BYTES), _sized(message, "proof", PROOF_BYTES))
 
 
-def parse_same_host_response(message: dict) -> tuple[int, int]:
-    """(the peer's pid, the address in it that holds our nonce)."""
-    return _int(message, "pid", 1, 2**31 - 1), _int(message, "address", 1, 2**64 - 1)
+@dataclasses.dataclass(frozen=True)
+class HelloReply:
+    """The peer's cluster id, agent name and metadata, and its host identity (None: none
+    sent, or a malformed one: the peer is then treated as on another host)."""
+
+    cluster_id: int
+    agent: str
+    md: bytes
+    host: str | None = None
+
+    def to_wire(self) -> dict:
+        wire = {"ok": True, "cluster_id": self.cluster_id, "agent": self.agent, "md": b64(self.md)}
+        if self.host is not None:
+            wire["host"] = self.host
+        return wire
+
+    @classmethod
+    def parse(cls, message: dict) -> HelloReply:
+        try:
+            host: str | None = _str(message, "host")
+        except ProtocolError:
+            host = None
+        return cls(_int(message, "cluster_id"), _str(message, "agent"), _bytes(message, "md"), host)
+
+
+@dataclasses.dataclass(frozen=True)
+class AcquireReply:
+    """A lease, the cache's table entry, the NIXL metadata of its memory, and the slice a
+    cache key names (0 when acquired by id)."""
+
+    lease: int
+    cache: RemoteCache
+    md: bytes
+    index: int = 0
+    by_key: bool = False
+
+    def to_wire(self) -> dict:
+        wire = {
+            "ok": True,
+            "lease": self.lease,
+            "md": b64(self.md),
+            "cache": cache_entry(self.cache.cache_id, self.cache.desc, self.cache.addrs),
+        }
+        if self.by_key:
+            wire["index"] = self.index
+        return wire
+
+    @classmethod
+    def parse(cls, message: dict) -> AcquireReply:
+        index = _int(message, "index", 0, 2**62) if "index" in message else 0
+        return cls(
+            _int(message, "lease"),
+            parse_cache_entry(message.get("cache")),
+            _bytes(message, "md"),
+            index,
+            "index" in message,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SameHostReply:
+    """The peer's pid and the address in it that holds our nonce."""
+
+    pid: int
+    address: int
+
+    def to_wire(self) -> dict:
+        return {"ok": True, "pid": self.pid, "address": self.address}
+
+    @classmethod
+    def parse(cls, message: dict) -> SameHostReply:
+        return cls(_int(message, "pid", 1, 2**31 - 1), _int(message, "address", 1, 2**64 - 1))
+
+
+Reply = Ok | Failure | ChallengeReply | HelloReply | AcquireReply | SameHostReply
 
 
 def cache_entry(cache_id: int, desc: CacheDesc, addrs: Sequence[int]) -> dict:
@@ -212,15 +416,3 @@ def parse_cache_entry(entry: object) -> RemoteCache:
         if addr + desc.tensor_nbytes > 2**64:
             raise ProtocolError("a tensor wraps around the address space")
     return RemoteCache(cache_id, desc, tuple(addrs))
-
-
-def parse_acquire_index(message: dict) -> int:
-    """The slice a cache key names (0 when the cache was acquired by id)."""
-    if "index" not in message:
-        return 0
-    return _int(message, "index", 0, 2**62)
-
-
-def parse_acquire_response(message: dict) -> tuple[int, RemoteCache, bytes]:
-    """(lease id, cache entry, NIXL metadata of the cache's memory)."""
-    return _int(message, "lease"), parse_cache_entry(message.get("cache")), _bytes(message, "md")

@@ -1,0 +1,256 @@
+"""Transfers in flight, as jobs.
+
+Every transfer in flight is one Job: a NixlJob (a NIXL request, posted by its starter or by
+the progress thread) or a SameHostJob (a native copy between two processes of one host).
+A job is looked at with ``look()``, stopped with ``cancel()``, and completed once, by
+``complete()``, by whichever thread claims it first (progress.py): the state it ended in,
+the notice that follows its bytes, what it held let go, and its Transfer succeeded or
+failed with the blocks it did not land. A job whose native side still owns memory (NIXL
+has not let go of the handle, a cancelled copy's threads have not stopped) keeps what it
+held until ``free()`` succeeds; the progress thread retries that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .. import _C
+from ..errors import LLMException, LLMStatusCode, make_error
+from ..inflight import Transfer
+
+if TYPE_CHECKING:
+    from .agent import NixlAgent, NixlHandle, Request
+    from .control import Link
+
+log = logging.getLogger("torch_kvreg.remote")
+# A job's states, as NIXL names them: "PROC" (under way), "DONE", "ERR".
+PROC, DONE, ERR = "PROC", "DONE", "ERR"
+# A native same-host copy's states (peer_copy.h); failures are -errno.
+COPY_RUNNING, COPY_DONE = 0, 1
+
+
+def _nothing() -> None:
+    pass
+
+
+class Job:
+    """One transfer in flight and what it holds until it lands (see the module's text)."""
+
+    __slots__ = ("transfer", "link", "deadline", "notify", "let_go", "claimed", "failure", "freeing")
+    sends_notice = False  # whether completing it sends its notice (NIXL sends its own)
+
+    def __init__(
+        self, transfer: Transfer, link: Link, deadline: float, notify: bytes, let_go: Callable[[], None]
+    ) -> None:
+        self.transfer, self.link, self.deadline, self.notify = transfer, link, deadline, notify
+        self.let_go = let_go  # gives back what it held (its local cache, the peer's lease); once
+        self.claimed = False  # a thread completes it
+        self.failure = ""  # why it failed, where the native side does not say
+        self.freeing = False  # completed, but its native side still owns memory
+
+    def look(self) -> str:
+        """Its state now (one look; a NIXL look also drives the transfer)."""
+        raise NotImplementedError
+
+    def cancel(self) -> None:
+        """Stops it (past its deadline, or its peer gone); it then completes as failed."""
+
+    def free(self) -> bool:
+        """Lets go of its native side; False while that still owns memory (retry later)."""
+        return True
+
+    def members(self) -> list[Job]:
+        """The jobs that complete with this one (itself, and those posted with it)."""
+        return [self]
+
+
+class NixlJob(Job):
+    """A transfer NIXL moves. Posted with others in one NIXL request, it leads them: they
+    ride along and complete with it."""
+
+    __slots__ = ("agent", "request", "handle", "riders", "posted", "posted_state")
+
+    def __init__(
+        self,
+        agent: NixlAgent,
+        transfer: Transfer,
+        link: Link,
+        deadline: float,
+        notify: bytes,
+        let_go: Callable[[], None],
+        request: Request,
+    ) -> None:
+        super().__init__(transfer, link, deadline, notify, let_go)
+        self.agent, self.request = agent, request
+        self.handle: NixlHandle = None
+        self.riders: list[NixlJob] = []
+        self.posted = False  # a background job waits for the progress thread to post it
+        self.posted_state: str | None = None  # what its post returned, until looked at
+
+    def post(self) -> str:
+        """Hands the request to NIXL; its state."""
+        self.posted = True
+        try:
+            return self.agent.transfer(self.handle, self.notify)
+        except Exception as exc:
+            log.warning("NIXL refused to post a transfer: %s", exc)
+            return ERR
+
+    def look(self) -> str:
+        if self.posted_state is not None:
+            state, self.posted_state = self.posted_state, None
+            return state
+        try:
+            return self.agent.check_xfer_state(self.handle)
+        except Exception:
+            return ERR
+
+    def free(self) -> bool:
+        if self.handle is not None:
+            try:
+                self.agent.release_xfer_handle(self.handle)
+            except Exception:
+                return False
+            self.handle = None
+        return True
+
+    def members(self) -> list[Job]:
+        return [self, *self.riders]
+
+
+class SameHostJob(Job):
+    """A native copy between this process and a peer on this host (peer_copy.h). Its bytes
+    move on native threads; the thread waiting for it helps (``assist``)."""
+
+    __slots__ = ("native", "code")
+    sends_notice = True
+
+    def __init__(
+        self,
+        transfer: Transfer,
+        link: Link,
+        deadline: float,
+        notify: bytes,
+        let_go: Callable[[], None],
+        native: int,
+    ) -> None:
+        super().__init__(transfer, link, deadline, notify, let_go)
+        self.native: int | None = native
+        self.code = COPY_RUNNING
+
+    def _state_of(self, code: int) -> str:
+        self.code = code
+        if code == COPY_RUNNING:
+            return PROC
+        if code == COPY_DONE:
+            return DONE
+        self.failure = f"same-host copy ({os.strerror(-code)})"
+        return ERR
+
+    def look(self) -> str:
+        if self.native is None:
+            return self._state_of(self.code)
+        return self._state_of(_C.peer_copy_state(self.native))
+
+    def help(self, timeout_ms: int) -> str:
+        """Moves queued bytes on this thread, then waits for the rest, up to ``timeout_ms``."""
+        return self._state_of(_C.peer_copy_help(self.native, timeout_ms) if self.native is not None else self.code)
+
+    def cancel(self) -> None:
+        if self.native is not None:
+            _C.peer_copy_cancel(self.native)  # its threads stop at their next call
+
+    def stop(self, timeout_ms: int) -> None:
+        """Cancels it and waits (bounded) for its threads to stop."""
+        if self.native is not None:
+            _C.peer_copy_cancel(self.native)
+            _C.peer_copy_wait(self.native, timeout_ms)
+
+    def free(self) -> bool:
+        if self.native is None:
+            return True
+        if _C.peer_copy_state(self.native) == COPY_RUNNING:
+            return False  # cancelled, or timed out: its threads stop at their next call
+        _C.peer_copy_release(self.native)
+        self.native = None
+        return True
+
+
+class Completion:
+    """How jobs end, the same for every kind (see the module's text)."""
+
+    def __init__(self, agent: NixlAgent, wait_s: float) -> None:
+        self.agent, self.wait_s = agent, wait_s
+        self.lock = threading.Lock()
+
+    def complete(self, job: Job, state: str) -> bool:
+        """Completes a claimed job that ended in ``state`` (PROC: past its deadline, or its
+        peer gone; it is stopped). Its notice goes out once every byte has landed; what it
+        held is let go before anyone waiting for it wakes, so that what they do next
+        (unregister, ask the peer) finds nothing held. True once everything is let go."""
+        if state == PROC:
+            job.cancel()
+            if not job.link.alive:
+                state = ERR
+        if state == DONE and job.sends_notice and job.notify:
+            try:
+                self.agent.send_notif(job.link.agent_name, job.notify)
+            except Exception as exc:
+                state, job.failure = ERR, f"the notice after a same-host copy ({exc})"
+        freed = self.free(job)
+        error = None if state == DONE else self.error(job, state)
+        for member in job.members():
+            member.transfer.assist = None
+            if error is None:
+                member.transfer.succeed()
+            else:
+                member.transfer.fail(error)
+        return freed
+
+    def free(self, job: Job) -> bool:
+        """Frees a completed job's native side and lets go of what it and its riders held;
+        False (still holding) while the native side owns memory."""
+        if not job.free():
+            job.freeing = True
+            return False
+        job.freeing = False
+        with self.lock:  # each hold is let go exactly once, whoever frees the job
+            let_go = [member.let_go for member in job.members()]
+            for member in job.members():
+                member.let_go = _nothing
+        for release in let_go:
+            release()
+        return True
+
+    def error(self, job: Job, state: str) -> LLMException:
+        peer = job.link.cluster_id
+        if state == PROC:
+            return make_error(
+                LLMStatusCode.LLM_TIMEOUT, f"transfer with cluster {peer} not done within {self.wait_s * 1000:.0f} ms"
+            )
+        reason = job.failure or ("NIXL transfer" if isinstance(job, NixlJob) else "same-host copy (the peer is gone)")
+        return make_error(LLMStatusCode.LLM_LINK_FAILED, f"{reason} with cluster {peer} failed")
+
+    def abandon(self, job: Job) -> None:
+        """finalize: a job still in flight fails, and its native side is stopped."""
+        if isinstance(job, SameHostJob):
+            job.stop(int(1000 * self.wait_s) + 1000)
+        if not job.claimed:
+            job.claimed = True
+            error = make_error(LLMStatusCode.LLM_FAILED, "finalized with the transfer in flight")
+            for member in job.members():
+                member.transfer.assist = None
+                member.transfer.fail(error)
+        if not self.free(job):  # nothing more can be done at finalize: let go regardless
+            if isinstance(job, NixlJob):
+                job.handle = None
+            elif isinstance(job, SameHostJob) and job.native is not None:
+                with contextlib.suppress(ValueError):
+                    _C.peer_copy_release(job.native)
+                job.native = None
+            self.free(job)
