@@ -282,9 +282,10 @@ def test_unregister_waits_for_transfers_in_flight():
     released = threading.Event()
 
     def transfer_in_flight():
-        with engine.holds.using(cache.cache_id):
-            time.sleep(0.3)
-            released.set()
+        engine.holds.hold(cache.cache_id)
+        time.sleep(0.3)
+        released.set()
+        engine.holds.unhold(cache.cache_id)
 
     thread = threading.Thread(target=transfer_in_flight)
     thread.start()
@@ -305,9 +306,10 @@ def test_unregister_times_out_and_changes_nothing():
     holding, done = threading.Event(), threading.Event()
 
     def stuck_transfer():
-        with engine.holds.using(cache.cache_id):
-            holding.set()
-            done.wait(5)
+        engine.holds.hold(cache.cache_id)
+        holding.set()
+        done.wait(5)
+        engine.holds.unhold(cache.cache_id)
 
     thread = threading.Thread(target=stuck_transfer)
     thread.start()

@@ -9,7 +9,6 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator
 
 from .. import _C
 from ..errors import LLMException, LLMStatusCode, make_error
@@ -76,14 +75,6 @@ class LocalHolds:
             self._count_out(cache_id)
             _C.unhold(cache_id)
             self.lock.notify_all()
-
-    @contextlib.contextmanager
-    def using(self, cache_id: int) -> Iterator[None]:
-        self.hold(cache_id)
-        try:
-            yield
-        finally:
-            self.unhold(cache_id)
 
     def close(self, cache_id: int) -> None:
         """Marks a cache as being unregistered and waits (bounded) until nothing holds it;
