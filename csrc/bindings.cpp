@@ -11,6 +11,7 @@
 #include <torch/extension.h>
 
 #include <cstring>
+#include <exception>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -159,6 +160,37 @@ class PeerRoute {
   int64_t max_segment_bytes_;
 };
 
+// A failed check as the Python error that torch gives its c10 type (ValueError, IndexError,
+// TypeError, RuntimeError), carrying the status as a value: `status_code` (int) and `detail`
+// (the message after the status name) beside the usual message (errors.translate reads them).
+void set_python_error(const kvreg::StatusError& error) {
+  PyObject* type = PyExc_RuntimeError;
+  if (dynamic_cast<const c10::IndexError*>(&error) != nullptr) {
+    type = PyExc_IndexError;
+  } else if (dynamic_cast<const c10::TypeError*>(&error) != nullptr) {
+    type = PyExc_TypeError;
+  } else if (dynamic_cast<const c10::ValueError*>(&error) != nullptr) {
+    type = PyExc_ValueError;
+  }
+  const auto* c10_error = dynamic_cast<const c10::Error*>(&error);
+  const std::string message = c10_error != nullptr ? c10_error->what_without_backtrace() : error.detail();
+  py::object exception = py::handle(type)(message);
+  exception.attr("status_code") = static_cast<uint32_t>(error.status());
+  exception.attr("detail") = error.detail();
+  PyErr_SetObject(type, exception.ptr());
+}
+
+// A kernel's failed check, called from torch.ops.llm (GIL released by torch): thrown on as
+// that Python error, which torch passes to the caller unchanged.
+void report_to_python(const kvreg::StatusError& error) {
+  if (!Py_IsInitialized()) {
+    return;  // the c10 error goes on
+  }
+  py::gil_scoped_acquire gil;
+  set_python_error(error);
+  throw py::error_already_set();
+}
+
 // The C++ API's links and transfers run in the Python layer (torch_kvreg._cpp_bridge):
 // these hooks take the GIL, call it, and return its status. Any Python error is LLM_FAILED.
 template <typename... Args>
@@ -206,7 +238,7 @@ kvreg::RemoteHooks python_hooks() {
 
 PYBIND11_MODULE(_C, m) {
   try {
-    kvreg::register_ops();
+    kvreg::register_ops(&report_to_python);
   } catch (const c10::Error& error) {
     throw py::import_error(
         std::string(
@@ -216,6 +248,20 @@ PYBIND11_MODULE(_C, m) {
         error.what_without_backtrace());
   }
   m.doc() = "torch_kvreg native registry; use the torch_kvreg package instead.";
+  // The functions below raise a failed check as report_to_python does.
+  py::register_local_exception_translator([](std::exception_ptr thrown) {
+    try {
+      if (thrown) {
+        std::rethrow_exception(thrown);
+      }
+    } catch (const kvreg::StatusError& error) {
+      try {
+        set_python_error(error);
+      } catch (py::error_already_set& failure) {
+        failure.restore();
+      }
+    }
+  });
 #ifdef KVREG_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

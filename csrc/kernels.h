@@ -44,6 +44,11 @@ void copy_kv_cache(
     int64_t offset, int64_t size);
 
 // ops.cpp: defines the `llm` library. Throws if another library already owns the namespace.
-void register_ops();
+// A kernel's failed check (a StatusError) goes to `report`, which throws the error its caller
+// reads (torch_kvreg._C: the Python error with the status as a value); if it returns, or is
+// null, the c10 error goes on as it is.
+class StatusError;
+using StatusReporter = void (*)(const StatusError& error);
+void register_ops(StatusReporter report);
 
 }  // namespace kvreg

@@ -12,7 +12,6 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
-#include <cstring>
 #include <limits>
 #include <mutex>
 
@@ -53,49 +52,15 @@ using kvreg::Registry;
 
 constexpr size_t kMaxClusters = 16;
 
-struct StatusName {
-  const char* name;
-  Status status;
-};
-
-constexpr StatusName kStatusNames[] = {
-    {"LLM_FAILED", LLM_FAILED},
-    {"LLM_WAIT_PROC_TIMEOUT", LLM_WAIT_PROC_TIMEOUT},
-    {"LLM_KV_CACHE_NOT_EXIST", LLM_KV_CACHE_NOT_EXIST},
-    {"LLM_PARAM_INVALID", LLM_PARAM_INVALID},
-    {"LLM_NOT_YET_LINK", LLM_NOT_YET_LINK},
-    {"LLM_ALREADY_LINK", LLM_ALREADY_LINK},
-    {"LLM_LINK_FAILED", LLM_LINK_FAILED},
-    {"LLM_UNLINK_FAILED", LLM_UNLINK_FAILED},
-    {"LLM_CLUSTER_NUM_EXCEED_LIMIT", LLM_CLUSTER_NUM_EXCEED_LIMIT},
-    {"LLM_DEVICE_OUT_OF_MEMORY", LLM_DEVICE_OUT_OF_MEMORY},
-    {"LLM_FEATURE_NOT_ENABLED", LLM_FEATURE_NOT_ENABLED},
-    {"LLM_TIMEOUT", LLM_TIMEOUT},
-    {"LLM_OUT_OF_MEMORY", LLM_OUT_OF_MEMORY},
-    {"LLM_NOTIFY_PROMPT_UNLINK_FAILED", LLM_NOTIFY_PROMPT_UNLINK_FAILED},
-    {"LLM_PROCESSING_LINK", LLM_PROCESSING_LINK},
-    {"LLM_EXIST_LINK", LLM_EXIST_LINK},
-    {"LLM_LINK_BUSY", LLM_LINK_BUSY},
-};
-
-// The registry's errors start with their status name (see status.h).
-Status status_of(const char* message) {
-  for (const auto& entry : kStatusNames) {
-    const size_t length = std::strlen(entry.name);
-    if (std::strncmp(message, entry.name, length) == 0 && message[length] == ':') {
-      return entry.status;
-    }
-  }
-  return LLM_FAILED;
-}
-
 // Runs `body`, turning every exception into a status: the API never throws.
 template <typename Body>
 Status guarded(Body&& body) noexcept {
   try {
     return body();
-  } catch (const c10::Error& error) {
-    return status_of(error.what_without_backtrace());
+  } catch (const kvreg::StatusError& error) {
+    return static_cast<Status>(error.status());
+  } catch (const c10::Error&) {
+    return LLM_FAILED;  // torch's own errors carry no status
   } catch (const std::bad_alloc&) {
     return LLM_OUT_OF_MEMORY;
   } catch (...) {

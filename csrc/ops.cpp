@@ -1,20 +1,47 @@
 // Every torch.ops.llm schema and its registration, nothing else.
 #include "kernels.h"
+#include "status.h"
 
 #include <torch/library.h>
 
 #include <memory>
+#include <utility>
 
 namespace kvreg {
+
+namespace {
+
+StatusReporter status_reporter = nullptr;  // set once, before any op can run
+
+// A kernel whose failed checks go to status_reporter first.
+template <auto Kernel>
+struct Reported;
+
+template <typename Result, typename... Args, Result (*Kernel)(Args...)>
+struct Reported<Kernel> {
+  static Result call(Args... args) {
+    try {
+      return Kernel(std::forward<Args>(args)...);
+    } catch (const StatusError& error) {
+      if (status_reporter != nullptr) {
+        status_reporter(error);
+      }
+      throw;
+    }
+  }
+};
+
+}  // namespace
 
 // The library is defined when Python imports torch_kvreg._C, not by a static initializer:
 // a second copy of this library (a JIT build, a stale build folder) loaded into the same
 // process then fails that import with a Python ImportError instead of aborting the process.
-void register_ops() {
+void register_ops(StatusReporter report) {
   static bool done = false;
   if (done) {
     return;
   }
+  status_reporter = report;
   // Leaked on purpose: the registrations must outlive every static destructor.
   auto* m = new torch::Library(torch::Library::DEF, "llm", std::nullopt, __FILE__, __LINE__);
   m->set_python_module("torch_kvreg._ops");
@@ -58,11 +85,12 @@ void register_ops() {
   // One kernel for every device: the registry, not the argument tensors, says where the
   // cache memory lives.
   constexpr auto key = c10::DispatchKey::CompositeExplicitAutograd;
-  m->impl("register_kv_cache", torch::dispatch(key, TORCH_FN(register_kv_cache)));
-  m->impl("register_kv_cache.addrs", torch::dispatch(key, TORCH_FN(register_kv_cache_addrs)));
-  m->impl("unregister_kv_cache", torch::dispatch(key, TORCH_FN(unregister_kv_cache)));
-  m->impl("copy_kv_blocks", torch::dispatch(key, TORCH_FN(copy_kv_blocks)));
-  m->impl("copy_kv_cache", torch::dispatch(key, TORCH_FN(copy_kv_cache)));
+  m->impl("register_kv_cache", torch::dispatch(key, TORCH_FN(Reported<&register_kv_cache>::call)));
+  m->impl(
+      "register_kv_cache.addrs", torch::dispatch(key, TORCH_FN(Reported<&register_kv_cache_addrs>::call)));
+  m->impl("unregister_kv_cache", torch::dispatch(key, TORCH_FN(Reported<&unregister_kv_cache>::call)));
+  m->impl("copy_kv_blocks", torch::dispatch(key, TORCH_FN(Reported<&copy_kv_blocks>::call)));
+  m->impl("copy_kv_cache", torch::dispatch(key, TORCH_FN(Reported<&copy_kv_cache>::call)));
   done = true;
 }
 

@@ -4,6 +4,8 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <string>
+#include <utility>
 
 namespace kvreg {
 
@@ -29,15 +31,48 @@ enum class Status : uint32_t {
   LLM_OUT_OF_MEMORY = 0x5010B01C,
 };
 
+// A failed check: its status as a value, and the c10 error type (`Base`) that torch turns
+// into the Python type (c10::ValueError -> ValueError, and so on). Code that needs the status
+// catches StatusError and reads status(); nothing reads it back out of the message. The
+// message still starts with the status name: raw torch.ops.llm errors show only the message.
+class C10_EXPORT StatusError {
+ public:
+  StatusError(Status status, std::string detail) : status_(status), detail_(std::move(detail)) {}
+  virtual ~StatusError() = default;
+  Status status() const noexcept { return status_; }
+  // The message after "<status name>: ".
+  const std::string& detail() const noexcept { return detail_; }
+
+ private:
+  Status status_;
+  std::string detail_;
+};
+
+template <typename Base>
+class C10_EXPORT TypedStatusError : public Base, public StatusError {
+ public:
+  TypedStatusError(Status status, const char* name, c10::SourceLocation where, std::string detail)
+      : Base(where, std::string(name) + ": " + detail), StatusError(status, std::move(detail)) {}
+};
+
 }  // namespace kvreg
 
-// Every message starts with the status name; the Python layer maps the name back to
-// LLMStatusCode. The Python type comes from the c10 error class:
+// The Python type comes from the c10 error class:
 //   KVREG_CHECK_ARG   -> ValueError  (LLM_PARAM_INVALID)
 //   KVREG_CHECK_INDEX -> IndexError  (LLM_PARAM_INVALID, block or batch index out of range)
 //   KVREG_CHECK_TYPE  -> TypeError   (LLM_PARAM_INVALID, wrong type)
 //   KVREG_CHECK       -> RuntimeError(any other status, named explicitly)
-#define KVREG_CHECK_ARG(cond, ...) TORCH_CHECK_VALUE(cond, "LLM_PARAM_INVALID: ", __VA_ARGS__)
-#define KVREG_CHECK_INDEX(cond, ...) TORCH_CHECK_INDEX(cond, "LLM_PARAM_INVALID: ", __VA_ARGS__)
-#define KVREG_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, "LLM_PARAM_INVALID: ", __VA_ARGS__)
-#define KVREG_CHECK(cond, status, ...) TORCH_CHECK(cond, #status ": ", __VA_ARGS__)
+#define KVREG_FAIL_(ErrorType, status, ...)                                                    \
+  throw ::kvreg::TypedStatusError<::c10::ErrorType>(                                           \
+      ::kvreg::Status::status, #status, {__func__, __FILE__, static_cast<uint32_t>(__LINE__)}, \
+      ::c10::str(__VA_ARGS__))
+#define KVREG_CHECK_AS_(ErrorType, cond, status, ...) \
+  do {                                                \
+    if (C10_UNLIKELY(!(cond))) {                      \
+      KVREG_FAIL_(ErrorType, status, __VA_ARGS__);    \
+    }                                                 \
+  } while (false)
+#define KVREG_CHECK_ARG(cond, ...) KVREG_CHECK_AS_(ValueError, cond, LLM_PARAM_INVALID, __VA_ARGS__)
+#define KVREG_CHECK_INDEX(cond, ...) KVREG_CHECK_AS_(IndexError, cond, LLM_PARAM_INVALID, __VA_ARGS__)
+#define KVREG_CHECK_TYPE(cond, ...) KVREG_CHECK_AS_(TypeError, cond, LLM_PARAM_INVALID, __VA_ARGS__)
+#define KVREG_CHECK(cond, status, ...) KVREG_CHECK_AS_(Error, cond, status, __VA_ARGS__)

@@ -1,10 +1,9 @@
-"""The LLMException family, and the translation of raw-op errors into it."""
+"""The LLMException family, and the translation of native errors into it."""
 
 from __future__ import annotations
 
 import enum
 import functools
-import re
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -96,20 +95,49 @@ def wrong_type(message: str) -> LLMTypeError:
     return LLMTypeError(LLMStatusCode.LLM_PARAM_INVALID, message)
 
 
-_STATUS_PREFIX = re.compile(r"^\s*(LLM_[A-Z_]+): ?(.*)", re.S)
+# The exact types the native module raises a failed check as; it sets `status_code` and
+# `detail` on them (csrc/bindings.cpp set_python_error).
+_NATIVE_TYPES = (RuntimeError, ValueError, IndexError, TypeError)
+
+
+def raw_error(kind: type[Exception], status: LLMStatusCode, detail: str) -> Exception:
+    """The error a raw op raises from Python (a fake kernel): the built-in ``kind``, carrying
+    its status as the native module's errors do.
+
+    >>> error = raw_error(ValueError, LLMStatusCode.LLM_PARAM_INVALID, "bad")
+    >>> type(error).__name__, str(error), translate(error).status_code.name
+    ('ValueError', 'LLM_PARAM_INVALID: bad', 'LLM_PARAM_INVALID')
+    """
+    if kind not in _NATIVE_TYPES:
+        raise TypeError(f"raw ops raise {', '.join(t.__name__ for t in _NATIVE_TYPES)}, not {kind.__name__}")
+    status = LLMStatusCode(status)
+    error = kind(f"{status.name}: {detail}")
+    error.status_code, error.detail = int(status), detail  # type: ignore[attr-defined]
+    return error
 
 
 def translate(exc: BaseException) -> LLMException | None:
-    """The LLMException for an error raised by a raw op, or None if it carries no status."""
+    """The LLMException for an error of the native module or a raw op (the status it carries
+    as a value), or None if it carries none; the message is never parsed.
+
+    >>> error = ValueError("LLM_PARAM_INVALID: bad")
+    >>> translate(error) is None  # the text alone is no status
+    True
+    >>> error.status_code, error.detail = 0x5010B005, "bad"
+    >>> translate(error)
+    LLMParamInvalidError('LLM_PARAM_INVALID: bad')
+    """
     if isinstance(exc, LLMException):
         return exc
-    text = str(exc.args[0]) if exc.args else str(exc)
-    match = _STATUS_PREFIX.match(text)
-    if match is None or match.group(1) not in LLMStatusCode.__members__:
+    status = getattr(exc, "status_code", None)
+    detail = getattr(exc, "detail", None)
+    if type(exc) not in _NATIVE_TYPES or not isinstance(status, int) or not isinstance(detail, str):
         return None
-    # Drop the C++ context lines torch may append ("Exception raised from ...").
-    message = match.group(2).split("\nException raised from")[0].rstrip()
-    return make_error(LLMStatusCode[match.group(1)], message, type(exc))
+    try:
+        status = LLMStatusCode(status)
+    except ValueError:
+        return None
+    return make_error(status, detail, type(exc))
 
 
 F = TypeVar("F", bound=Callable)
