@@ -60,7 +60,7 @@ class Progress:
     def add(self, job: Job, state: str | None = None) -> None:
         """Hands a started job to the loop. ``state``: what a NIXL job's post returned
         (None: the loop posts it)."""
-        if state not in (None, PROC) and self.claim(job) and self.completion.complete(job, state):
+        if state not in (None, PROC) and self.claim(job, "starter") and self.completion.complete(job, state):
             return
         with self.cond:
             idle = self.idle
@@ -98,12 +98,16 @@ class Progress:
             self.cond.notify()
         _C.peer_copy_wake()  # it may be waiting on same-host copies natively
 
-    def claim(self, job: Job) -> bool:
-        """True for the one thread (the loop or a waiter) that completes ``job``."""
+    def claim(self, job: Job, by: str) -> bool:
+        """True for the one thread (``by``: "progress" or "waiter") that completes ``job``;
+        that thread takes it out of the table."""
         with self.cond:
             if job.claimed:
                 return False
             job.claimed = True
+            self.jobs.pop(id(job), None)
+            if isinstance(job, SameHostJob):
+                self.completed_by[by] += 1
             return True
 
     # --- waiters ----------------------------------------------------------------------
@@ -114,14 +118,8 @@ class Progress:
         if job.claimed:
             return
         state = job.help(timeout_ms)
-        if state == PROC:
+        if state == PROC or not self.claim(job, "waiter"):
             return
-        with self.cond:
-            if job.claimed:
-                return
-            job.claimed = True
-            self.jobs.pop(id(job), None)
-        self.completed_by["waiter"] += 1
         if not self.completion.complete(job, state):
             with self.cond:
                 self.jobs[id(job)] = job  # the loop lets go of it later
@@ -186,11 +184,13 @@ class Progress:
         state = job.look()
         if state == PROC and job.link.alive and time.monotonic() <= job.deadline:
             return False
-        if not self.claim(job):
+        if not self.claim(job, "progress"):
             return True
-        if isinstance(job, SameHostJob):
-            self.completed_by["progress"] += 1
-        return self.completion.complete(job, state)
+        if self.completion.complete(job, state):
+            return True
+        with self.cond:
+            self.jobs[id(job)] = job  # (claim took it out) it lets go later
+        return False
 
     def _post(self, waiting: list[NixlJob]) -> list[NixlJob]:
         """Posts the jobs started in the background, in the order started. Consecutive
