@@ -38,8 +38,11 @@ def extensions():
     """The core library (no Python in it, so C++ programs can link it) and the Python
     module _C, which links the core: one registry per process, whoever registers."""
     here = os.path.dirname(os.path.abspath(__file__))
+    # *bindings.cpp: the Python module's (bindings.cpp and the parts it calls); the rest: the core's.
     core_sources = sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "*.cpp"))
                           if not p.endswith("bindings.cpp"))
+    bindings_sources = sorted(os.path.relpath(p, here)
+                              for p in glob.glob(os.path.join(here, "csrc", "*bindings.cpp")))
     include = [os.path.join(here, "torch_kvreg", "include")]
     cxx = ["-O3", "-Wall", "-Wno-unused-function"]
     nvcc = ["-O3", "--expt-relaxed-constexpr"]
@@ -63,13 +66,13 @@ def extensions():
         macros = [("KVREG_WITH_CUDA", "1")]
         core = CUDAExtension(CORE, core_sources, include_dirs=include, define_macros=macros,
                              extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=core_link)
-        bindings = CUDAExtension("torch_kvreg._C", ["csrc/bindings.cpp"], include_dirs=include, define_macros=macros,
+        bindings = CUDAExtension("torch_kvreg._C", bindings_sources, include_dirs=include, define_macros=macros,
                                  extra_compile_args={"cxx": bindings_cxx, "nvcc": nvcc},
                                  extra_link_args=bindings_link)
     else:
         core = CppExtension(CORE, core_sources, include_dirs=include, extra_compile_args={"cxx": cxx},
                             extra_link_args=core_link)
-        bindings = CppExtension("torch_kvreg._C", ["csrc/bindings.cpp"], include_dirs=include,
+        bindings = CppExtension("torch_kvreg._C", bindings_sources, include_dirs=include,
                                 extra_compile_args={"cxx": bindings_cxx}, extra_link_args=bindings_link)
     # torch_python needs a Python interpreter; the core must load without one.
     core.libraries = [name for name in core.libraries if name != "torch_python"]

@@ -2,7 +2,7 @@
 #include "copy_plan.h"
 #include "host_pin.h"
 #include "kernels.h"
-#include "peer_copy.h"
+#include "peer_copy_bindings.h"
 #include "registry.h"
 #include "remote_hooks.h"
 #include "status.h"
@@ -43,122 +43,6 @@ at::Tensor segments_tensor(const std::vector<kvreg::Segment>& segments) {
   std::memcpy(out.data_ptr<int64_t>(), segments.data(), segments.size() * sizeof(kvreg::Segment));
   return out;
 }
-
-// A block list given as a Python list of plain ints, as int64 values; false (list left
-// unusable) for anything else: the general path then names what is wrong.
-bool plain_block_list(const py::handle& object, std::vector<int64_t>& out) {
-  if (!PyList_CheckExact(object.ptr())) {
-    return false;
-  }
-  const Py_ssize_t count = PyList_GET_SIZE(object.ptr());
-  out.resize(static_cast<size_t>(count));
-  for (Py_ssize_t i = 0; i < count; ++i) {
-    PyObject* item = PyList_GET_ITEM(object.ptr(), i);
-    if (!PyLong_CheckExact(item)) {
-      return false;
-    }
-    int overflow = 0;
-    const long long value = PyLong_AsLongLongAndOverflow(item, &overflow);
-    if (overflow != 0 || (value == -1 && PyErr_Occurred() != nullptr)) {
-      PyErr_Clear();
-      return false;
-    }
-    out[static_cast<size_t>(i)] = value;
-  }
-  return true;
-}
-
-// Segment j of tensor t: lengths[j] bytes at local_bases[t] + local_offsets[j] here and
-// remote_bases[t] + remote_offsets[j] there.
-std::vector<kvreg::peer_copy::Piece> pieces_of(
-    const std::vector<uint64_t>& local_bases, const std::vector<uint64_t>& remote_bases, size_t count,
-    const uint64_t* local_offsets, const uint64_t* remote_offsets, const uint64_t* lengths) {
-  std::vector<kvreg::peer_copy::Piece> pieces;
-  pieces.reserve(local_bases.size() * count);
-  for (size_t t = 0; t < local_bases.size(); ++t) {
-    for (size_t j = 0; j < count; ++j) {
-      pieces.push_back({local_bases[t] + local_offsets[j], remote_bases[t] + remote_offsets[j], lengths[j]});
-    }
-  }
-  return pieces;
-}
-
-// Block transfers between one local cache and one leased cache of a same-host peer, the
-// tensors and descs fixed: a start validates its block lists with plan_blocks (the checks
-// of every other path) and submits the copy in one call. A start it cannot take (block
-// lists that are not lists of ints, or that fail a check) returns 0 and moves nothing: the
-// general path then raises the precise error.
-class PeerRoute {
- public:
-  PeerRoute(
-      int64_t pid, bool read, std::vector<uint64_t> local_bases, std::vector<uint64_t> remote_bases,
-      const DescFields& src, int64_t src_id, const DescFields& dst, int64_t dst_id, int64_t max_segment_bytes)
-      : pid_(pid),
-        read_(read),
-        local_bases_(std::move(local_bases)),
-        remote_bases_(std::move(remote_bases)),
-        src_(desc_from(src)),
-        dst_(desc_from(dst)),
-        src_id_(src_id),
-        dst_id_(dst_id),
-        max_segment_bytes_(max_segment_bytes) {
-    KVREG_CHECK_ARG(
-        local_bases_.size() == remote_bases_.size() &&
-            static_cast<int64_t>(local_bases_.size()) == src_.num_tensors &&
-            src_.num_tensors == dst_.num_tensors,
-        "peer route: ", local_bases_.size(), " local and ", remote_bases_.size(),
-        " remote tensors for descs of ", src_.num_tensors, " and ", dst_.num_tensors);
-    // The descs must suit each other: plan an empty transfer once (it raises otherwise).
-    kvreg::plan_blocks(src_, src_id_, dst_, dst_id_, false, {}, {}, max_segment_bytes_);
-  }
-
-  // The job's id, or 0: not taken (nothing moved, nothing held).
-  int64_t start(const py::handle& src_blocks, const py::handle& dst_blocks, bool watched) const {
-    std::vector<int64_t> src_list;
-    std::vector<int64_t> dst_list;
-    if (!plain_block_list(src_blocks, src_list) || !plain_block_list(dst_blocks, dst_list)) {
-      return 0;
-    }
-    std::vector<kvreg::Segment> segments;
-    try {
-      segments = kvreg::plan_blocks(
-          src_, src_id_, dst_, dst_id_, false, std::move(src_list), std::move(dst_list), max_segment_bytes_);
-    } catch (const std::exception&) {
-      return 0;
-    }
-    if (segments.empty()) {
-      return 0;  // nothing to move: the general path completes it at once
-    }
-    std::vector<uint64_t> local(segments.size());
-    std::vector<uint64_t> remote(segments.size());
-    std::vector<uint64_t> lengths(segments.size());
-    for (size_t j = 0; j < segments.size(); ++j) {
-      const auto src_offset = static_cast<uint64_t>(segments[j].src_offset);
-      const auto dst_offset = static_cast<uint64_t>(segments[j].dst_offset);
-      local[j] = read_ ? dst_offset : src_offset;
-      remote[j] = read_ ? src_offset : dst_offset;
-      lengths[j] = static_cast<uint64_t>(segments[j].nbytes);
-    }
-    return kvreg::peer_copy::submit(
-        pid_, read_,
-        pieces_of(local_bases_, remote_bases_, segments.size(), local.data(), remote.data(), lengths.data()),
-        watched);
-  }
-
-  // Bytes one block moves over all tensors.
-  int64_t block_bytes() const { return src_.block_nbytes * src_.num_tensors; }
-
- private:
-  int64_t pid_;
-  bool read_;
-  std::vector<uint64_t> local_bases_;
-  std::vector<uint64_t> remote_bases_;
-  kvreg::CacheDesc src_;
-  kvreg::CacheDesc dst_;
-  int64_t src_id_;
-  int64_t dst_id_;
-  int64_t max_segment_bytes_;
-};
 
 // A failed check as the Python error that torch gives its c10 type (ValueError, IndexError,
 // TypeError, RuntimeError), carrying the status as a value: `status_code` (int) and `detail`
@@ -328,68 +212,7 @@ PYBIND11_MODULE(_C, m) {
       },
       py::call_guard<py::gil_scoped_release>());
   // Same-host copies between processes (remote transfers to a peer on this host).
-  m.def(
-      "peer_copy_submit",
-      [](int64_t pid, bool read, const at::Tensor& rows, bool watched) {
-        KVREG_CHECK_TYPE(
-            rows.scalar_type() == at::kLong, "peer copy rows must be int64, got ", rows.scalar_type());
-        KVREG_CHECK_ARG(
-            rows.dim() == 2 && rows.size(1) == 3 && rows.device().is_cpu(),
-            "peer copy rows must be a CPU (local, remote, nbytes) x N table");
-        const at::Tensor table = rows.contiguous();
-        const auto* cells = reinterpret_cast<const uint64_t*>(table.data_ptr<int64_t>());
-        std::vector<kvreg::peer_copy::Piece> pieces(static_cast<size_t>(table.size(0)));
-        for (size_t i = 0; i < pieces.size(); ++i) {
-          pieces[i] = {cells[3 * i], cells[3 * i + 1], cells[3 * i + 2]};
-        }
-        return kvreg::peer_copy::submit(pid, read, std::move(pieces), watched);
-      },
-      py::arg("pid"), py::arg("read"), py::arg("rows"), py::arg("watched") = true);
-  // The same from a transfer's plan: segment j of tensor t is lengths[j] bytes at
-  // local_bases[t] + local_offsets[j] here and remote_bases[t] + remote_offsets[j] there.
-  m.def(
-      "peer_copy_submit_segments",
-      [](int64_t pid, bool read, const std::vector<uint64_t>& local_bases,
-         const std::vector<uint64_t>& remote_bases,
-         const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& local_offsets,
-         const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& remote_offsets,
-         const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& lengths, bool watched) {
-        const auto count = static_cast<size_t>(lengths.size());
-        KVREG_CHECK_ARG(
-            local_bases.size() == remote_bases.size() && static_cast<size_t>(local_offsets.size()) == count &&
-                static_cast<size_t>(remote_offsets.size()) == count,
-            "peer copy segments: ", local_bases.size(), " and ", remote_bases.size(), " tensors, ",
-            local_offsets.size(), ", ", remote_offsets.size(), " and ", count, " offsets and lengths");
-        auto pieces = pieces_of(
-            local_bases, remote_bases, count, local_offsets.data(), remote_offsets.data(), lengths.data());
-        return kvreg::peer_copy::submit(pid, read, std::move(pieces), watched);
-      });
-  py::class_<PeerRoute>(m, "PeerRoute")
-      .def(
-          py::init<
-              int64_t, bool, std::vector<uint64_t>, std::vector<uint64_t>, const DescFields&, int64_t,
-              const DescFields&, int64_t, int64_t>(),
-          py::arg("pid"), py::arg("read"), py::arg("local_bases"), py::arg("remote_bases"), py::arg("src"),
-          py::arg("src_id"), py::arg("dst"), py::arg("dst_id"), py::arg("max_segment_bytes"))
-      .def("start", &PeerRoute::start)
-      .def_property_readonly("block_bytes", &PeerRoute::block_bytes);
-  m.def("peer_copy_state", &kvreg::peer_copy::state);
-  m.def("peer_copy_wait", &kvreg::peer_copy::wait, py::call_guard<py::gil_scoped_release>());
-  m.def("peer_copy_wakes", &kvreg::peer_copy::wakes);
-  m.def("peer_copy_ends", &kvreg::peer_copy::ends);
-  m.def("peer_copy_wait_ends", &kvreg::peer_copy::wait_ends, py::call_guard<py::gil_scoped_release>());
-  m.def("peer_copy_help", &kvreg::peer_copy::help, py::call_guard<py::gil_scoped_release>());
-  m.def("peer_copy_cancel", &kvreg::peer_copy::cancel);
-  m.def("peer_copy_release", &kvreg::peer_copy::release);
-  m.def("peer_copy_live_jobs", &kvreg::peer_copy::live_jobs);
-  m.def("peer_copy_threads", &kvreg::peer_copy::threads);
-  m.def("peer_copy_wake", &kvreg::peer_copy::wake);
-  m.def("peer_copy_watch", &kvreg::peer_copy::watch);
-  m.def("peer_copy_peek", [](int64_t pid, uint64_t address, size_t nbytes) {
-    std::string out;
-    const int64_t status = kvreg::peer_copy::peek(pid, address, nbytes, out);
-    return py::make_tuple(status, py::bytes(out));
-  });
+  kvreg::bind_peer_copy(m);
   m.def("copy_strategy", [] { return kvreg::copy_strategy(); });
   m.def("set_copy_strategy", [](const std::string& name) { kvreg::set_copy_strategy(name); });
   m.def(

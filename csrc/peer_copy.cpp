@@ -21,6 +21,28 @@
 
 namespace kvreg::peer_copy {
 namespace {
+class Pool;
+}  // namespace
+
+struct Job::Shared {
+  Shared(Pool& pool, int64_t pid, bool read, int64_t pause_us, bool watched, uint64_t nbytes);
+  ~Shared();
+  Shared(const Shared&) = delete;
+  Shared& operator=(const Shared&) = delete;
+
+  Pool& pool;  // the pool of the process that made it: the one whose threads copy for it
+  const int64_t pid;
+  const bool read;
+  const int64_t pause_us;  // before each system call: tests make copies slow enough to cut
+  const bool watched;      // its end counts in ends() and ends wait_ends()
+  const uint64_t nbytes;
+  std::atomic<bool> cancelled{false};
+  std::atomic<int64_t> error{0};  // -errno of the first failure
+  int64_t tasks_left = 0;         // under Pool::mutex_
+  bool ended = false;             // under Pool::mutex_
+};
+
+namespace {
 
 // The kernel takes at most this many iovecs per call (IOV_MAX on Linux).
 constexpr size_t kMaxIovecs = 1024;
@@ -29,25 +51,13 @@ constexpr size_t kMaxIovecs = 1024;
 constexpr uint64_t kMinTaskBytes = 256 << 10;
 constexpr uint64_t kMaxTaskBytes = 4 << 20;
 
-struct Job {
-  int64_t pid = 0;
-  bool read = true;
-  int64_t pause_us = 0;  // before each system call: tests make copies slow enough to cut
-  bool watched = true;   // its end counts in ends() and ends wait_ends()
-  std::atomic<bool> cancelled{false};
-  std::atomic<int64_t> error{0};  // -errno of the first failure
-  int64_t tasks_left = 0;         // under Pool::mutex
-  bool ended = false;             // under Pool::mutex
-  bool released = false;          // under Pool::mutex
-};
-
 struct Task {
-  std::shared_ptr<Job> job;
+  std::shared_ptr<Job::Shared> job;  // the job's state outlives its handle while a task holds it
   std::vector<Piece> pieces;
 };
 
 // Moves `pieces` for `job`; returns 0 or -errno.
-int64_t move_pieces(const Job& job, std::vector<Piece>& pieces) {
+int64_t move_pieces(const Job::Shared& job, std::vector<Piece>& pieces) {
   iovec local[kMaxIovecs];
   iovec remote[kMaxIovecs];
   size_t next = 0;
@@ -115,16 +125,12 @@ class Pool {
     return *pool;
   }
 
-  int64_t submit(int64_t pid, bool read, std::vector<Piece> pieces, bool watched) {
-    auto job = std::make_shared<Job>();
-    job->watched = watched;
-    job->pid = pid;
-    job->read = read;
-    job->pause_us = test_pause_us();
+  std::shared_ptr<Job::Shared> start(int64_t pid, bool read, std::vector<Piece> pieces, bool watched) {
     uint64_t total = 0;
     for (const Piece& piece : pieces) {
       total += piece.nbytes;
     }
+    auto job = std::make_shared<Job::Shared>(*this, pid, read, test_pause_us(), watched, total);
     std::vector<Task> tasks;
     const uint64_t per_task =
         std::clamp<uint64_t>(total / (4 * static_cast<uint64_t>(workers_)), kMinTaskBytes, kMaxTaskBytes);
@@ -150,8 +156,6 @@ class Pool {
     }
     std::unique_lock<std::mutex> lock(mutex_);
     start_workers_locked();
-    const int64_t id = next_id_++;
-    jobs_[id] = job;
     job->tasks_left = static_cast<int64_t>(tasks.size());
     if (tasks.empty()) {
       job->ended = true;
@@ -166,22 +170,38 @@ class Pool {
     }
     lock.unlock();
     work_.notify_all();
-    return id;
+    return job;
   }
 
-  int64_t state(int64_t id) {
+  int64_t state(const Job::Shared& job) {
     std::lock_guard<std::mutex> lock(mutex_);
-    return state_locked(find_locked(id));
+    return state_locked(job);
   }
 
-  int64_t wait(int64_t id, int64_t timeout_ms) {
+  int64_t wait(const Job::Shared& job, int64_t timeout_ms) {
     std::unique_lock<std::mutex> lock(mutex_);
-    auto job = find_locked(id);
-    auto ended = [&] { return job->ended; };
+    auto ended = [&] { return job.ended; };
     if (timeout_ms < 0) {
       ended_.wait(lock, ended);
     } else {
       ended_.wait_for(lock, std::chrono::milliseconds(timeout_ms), ended);
+    }
+    return state_locked(job);
+  }
+
+  int64_t help(const Job::Shared& job, int64_t timeout_ms) {
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::milliseconds(std::max<int64_t>(timeout_ms, 0));
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (!job.ended && !queue_.empty() && (timeout_ms < 0 || std::chrono::steady_clock::now() < deadline)) {
+      run_one_locked(lock);
+    }
+    // The rest is on the workers: wait for it.
+    auto ended = [&] { return job.ended; };
+    if (timeout_ms < 0) {
+      ended_.wait(lock, ended);
+    } else {
+      ended_.wait_until(lock, deadline, ended);
     }
     return state_locked(job);
   }
@@ -225,30 +245,6 @@ class Pool {
     watchers_.notify_all();  // a wait_ends() under way takes the earlier time, without returning now
   }
 
-  int64_t help(int64_t id, int64_t timeout_ms) {
-    const auto deadline =
-        std::chrono::steady_clock::now() + std::chrono::milliseconds(std::max<int64_t>(timeout_ms, 0));
-    std::unique_lock<std::mutex> lock(mutex_);
-    auto it = jobs_.find(id);
-    if (it == jobs_.end()) {
-      return kDone;  // released: its waiter raced its landing, nothing is left to do
-    }
-    auto job = it->second;
-    while (!job->ended && !queue_.empty() &&
-           (timeout_ms < 0 || std::chrono::steady_clock::now() < deadline)) {
-      run_one_locked(lock);
-    }
-    // The rest is on the workers: wait for it (the job is kept alive here even if another
-    // thread releases it meanwhile).
-    auto ended = [&] { return job->ended; };
-    if (timeout_ms < 0) {
-      ended_.wait(lock, ended);
-    } else {
-      ended_.wait_until(lock, deadline, ended);
-    }
-    return state_locked(job);
-  }
-
   void wake() {
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -257,26 +253,8 @@ class Pool {
     watchers_.notify_all();
   }
 
-  void cancel(int64_t id) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    find_locked(id)->cancelled.store(true);
-  }
-
-  void release(int64_t id) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto job = find_locked(id);
-    if (!job->ended) {
-      job->cancelled.store(true);
-      job->released = true;  // forgotten by the worker that ends it
-      return;
-    }
-    jobs_.erase(id);
-  }
-
-  int64_t live_jobs() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return static_cast<int64_t>(jobs_.size());
-  }
+  int64_t live_jobs() const { return live_.load(); }
+  void count_job(int64_t change) { live_.fetch_add(change); }
 
   int64_t workers() const { return workers_; }
 
@@ -321,17 +299,11 @@ class Pool {
     }
   }
 
-  std::shared_ptr<Job> find_locked(int64_t id) {
-    auto it = jobs_.find(id);
-    KVREG_CHECK_ARG(it != jobs_.end(), "no same-host copy job ", id);
-    return it->second;
-  }
-
-  static int64_t state_locked(const std::shared_ptr<Job>& job) {
-    if (!job->ended) {
+  static int64_t state_locked(const Job::Shared& job) {
+    if (!job.ended) {
       return kRunning;
     }
-    const int64_t error = job->error.load();
+    const int64_t error = job.error.load();
     return error != 0 ? error : kDone;
   }
 
@@ -343,12 +315,14 @@ class Pool {
     }
   }
 
-  // Runs the task at the head of the queue (not empty) without the lock.
+  // Runs the task at the head of the queue (not empty) without the lock. The task, and with
+  // it perhaps the job's last reference, goes before the lock is let go: whoever sees the
+  // job ended sees no task of it holding its state.
   void run_one_locked(std::unique_lock<std::mutex>& lock) {
     Task task = std::move(queue_.front());
     queue_.pop_front();
     lock.unlock();
-    Job& job = *task.job;
+    Job::Shared& job = *task.job;
     if (job.error.load() == 0) {
       const int64_t result = move_pieces(job, task.pieces);
       if (result != 0) {
@@ -365,14 +339,6 @@ class Pool {
       ++ends_;
       watchers_.notify_all();
     }
-    if (job.released) {  // released while running: forgotten now
-      for (auto it = jobs_.begin(); it != jobs_.end(); ++it) {
-        if (it->second.get() == &job) {
-          jobs_.erase(it);
-          break;
-        }
-      }
-    }
     ended_.notify_all();
   }
 
@@ -382,33 +348,129 @@ class Pool {
   std::condition_variable ended_;     // a job ended: its waiters (wait(), help())
   std::condition_variable watchers_;  // a watched job ended, wake() or watch(): wait_ends()
   std::deque<Task> queue_;
-  std::unordered_map<int64_t, std::shared_ptr<Job>> jobs_;
   std::vector<std::thread> threads_;
-  int64_t next_id_ = 1;
-  int64_t wakes_ = 0;  // wake() calls so far
-  int64_t ends_ = 0;   // watched jobs ended so far
+  std::atomic<int64_t> live_{0};  // Job::Shared objects alive
+  int64_t wakes_ = 0;             // wake() calls so far
+  int64_t ends_ = 0;              // watched jobs ended so far
   // When a wait_ends() returns though nothing ended and nobody woke it (watch()).
   std::chrono::steady_clock::time_point watch_at_ = std::chrono::steady_clock::time_point::max();
 };
 
+// The pool that runs `job`; raises for a job of the process this one was forked from.
+Pool& pool_of(const Job::Shared& job) {
+  Pool& pool = Pool::instance();
+  KVREG_CHECK_ARG(
+      &job.pool == &pool, "a same-host copy job of the process this one was forked from has no threads here");
+  return pool;
+}
+
+// Transition (removed once the engine uses PeerCopyJob): the jobs that by_id names.
+class Ids {
+ public:
+  static Ids& instance() {
+    // As the pool: a forked child starts with no ids, its parent's jobs having no threads there.
+    static std::mutex guard;
+    static Ids* ids = nullptr;
+    static pid_t owner = 0;
+    std::lock_guard<std::mutex> lock(guard);
+    if (ids == nullptr || owner != getpid()) {
+      ids = new Ids();  // a parent's is left as it is, as the pool is
+      owner = getpid();
+    }
+    return *ids;
+  }
+
+  int64_t keep(std::unique_ptr<Job> job) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const int64_t id = next_id_++;
+    jobs_.emplace(id, std::shared_ptr<Job>(std::move(job)));
+    return id;
+  }
+
+  // The job or null; a caller holding it may use it after its release by another thread.
+  std::shared_ptr<Job> find(int64_t id) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = jobs_.find(id);
+    return it == jobs_.end() ? nullptr : it->second;
+  }
+
+  std::shared_ptr<Job> get(int64_t id) {
+    auto job = find(id);
+    KVREG_CHECK_ARG(job != nullptr, "no same-host copy job ", id);
+    return job;
+  }
+
+  // The job let go of; its handle is destroyed by whoever holds it last.
+  std::shared_ptr<Job> take(int64_t id) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = jobs_.find(id);
+    KVREG_CHECK_ARG(it != jobs_.end(), "no same-host copy job ", id);
+    auto job = std::move(it->second);
+    jobs_.erase(it);
+    return job;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::unordered_map<int64_t, std::shared_ptr<Job>> jobs_;
+  int64_t next_id_ = 1;
+};
+
 }  // namespace
 
-int64_t submit(int64_t pid, bool read, std::vector<Piece> pieces, bool watched) {
+Job::Shared::Shared(Pool& pool, int64_t pid, bool read, int64_t pause_us, bool watched, uint64_t nbytes)
+    : pool(pool), pid(pid), read(read), pause_us(pause_us), watched(watched), nbytes(nbytes) {
+  pool.count_job(1);
+}
+
+Job::Shared::~Shared() {
+  pool.count_job(-1);
+}
+
+Job::Job(int64_t pid, bool read, std::vector<Piece> pieces, bool watched) {
   KVREG_CHECK_ARG(pid > 0, "a same-host copy needs the peer's pid, got ", pid);
   for (const Piece& piece : pieces) {
     KVREG_CHECK_ARG(
         piece.local + piece.nbytes >= piece.local && piece.remote + piece.nbytes >= piece.remote,
         "a same-host copy piece wraps the address space");
   }
-  return Pool::instance().submit(pid, read, std::move(pieces), watched);
+  shared_ = Pool::instance().start(pid, read, std::move(pieces), watched);
 }
 
-int64_t state(int64_t job) {
-  return Pool::instance().state(job);
+Job::~Job() {
+  // A thread copying for the job keeps its state; the job stops at its next system call.
+  shared_->cancelled.store(true);
 }
-int64_t wait(int64_t job, int64_t timeout_ms) {
-  return Pool::instance().wait(job, timeout_ms);
+
+int64_t Job::state() const {
+  return pool_of(*shared_).state(*shared_);
 }
+int64_t Job::wait(int64_t timeout_ms) const {
+  return pool_of(*shared_).wait(*shared_, timeout_ms);
+}
+int64_t Job::help(int64_t timeout_ms) const {
+  return pool_of(*shared_).help(*shared_, timeout_ms);
+}
+void Job::cancel() const {
+  shared_->cancelled.store(true);
+}
+uint64_t Job::nbytes() const {
+  return shared_->nbytes;
+}
+
+std::vector<Piece> segment_pieces(
+    const std::vector<uint64_t>& local_bases, const std::vector<uint64_t>& remote_bases, size_t count,
+    const uint64_t* local_offsets, const uint64_t* remote_offsets, const uint64_t* lengths) {
+  std::vector<Piece> pieces;
+  pieces.reserve(local_bases.size() * count);
+  for (size_t t = 0; t < local_bases.size(); ++t) {
+    for (size_t j = 0; j < count; ++j) {
+      pieces.push_back({local_bases[t] + local_offsets[j], remote_bases[t] + remote_offsets[j], lengths[j]});
+    }
+  }
+  return pieces;
+}
+
 int64_t wakes() {
   return Pool::instance().wakes();
 }
@@ -422,17 +484,8 @@ void watch(int64_t delay_ms) {
   KVREG_CHECK_ARG(delay_ms >= 0, "a watch takes a delay of 0 ms or more, got ", delay_ms);
   Pool::instance().watch(delay_ms);
 }
-int64_t help(int64_t job, int64_t timeout_ms) {
-  return Pool::instance().help(job, timeout_ms);
-}
 void wake() {
   Pool::instance().wake();
-}
-void cancel(int64_t job) {
-  Pool::instance().cancel(job);
-}
-void release(int64_t job) {
-  Pool::instance().release(job);
 }
 int64_t live_jobs() {
   return Pool::instance().live_jobs();
@@ -455,5 +508,28 @@ int64_t peek(int64_t pid, uint64_t address, size_t nbytes, std::string& out) {
   }
   return static_cast<size_t>(moved) == nbytes ? 0 : -static_cast<int64_t>(EFAULT);
 }
+
+namespace by_id {
+int64_t keep(std::unique_ptr<Job> job) {
+  return Ids::instance().keep(std::move(job));
+}
+int64_t state(int64_t id) {
+  return Ids::instance().get(id)->state();
+}
+int64_t wait(int64_t id, int64_t timeout_ms) {
+  return Ids::instance().get(id)->wait(timeout_ms);
+}
+int64_t help(int64_t id, int64_t timeout_ms) {
+  auto job = Ids::instance().find(id);
+  return job == nullptr ? kDone : job->help(timeout_ms);
+}
+void cancel(int64_t id) {
+  Ids::instance().get(id)->cancel();
+}
+void release(int64_t id) {
+  // Cancelled now, not when the last caller still waiting on it lets go of the handle.
+  Ids::instance().take(id)->cancel();
+}
+}  // namespace by_id
 
 }  // namespace kvreg::peer_copy

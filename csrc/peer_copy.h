@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -15,26 +16,52 @@ struct Piece {
   uint64_t nbytes = 0;
 };
 
-// Job states as state()/wait() report them; a failed job reports -errno of its first
+// Job states as Job::state()/wait() report them; a failed job reports -errno of its first
 // failure (ESRCH: the peer is gone; EFAULT: memory not mapped there; EPERM: not allowed).
 constexpr int64_t kRunning = 0;
 constexpr int64_t kDone = 1;
 constexpr int64_t kCancelled = -125;  // -ECANCELED
 
-// Starts moving `pieces` (read: peer -> here, else here -> peer) and returns the job's id at
-// once; the pool's threads split the bytes between them. A `watched` job's end counts in
-// ends() and ends wait_ends(). Raises LLM_PARAM_INVALID for a pid below 1 or a piece that
-// wraps the address space.
-int64_t submit(int64_t pid, bool read, std::vector<Piece> pieces, bool watched = true);
-// The job's state now. Raises LLM_PARAM_INVALID for an unknown job.
-int64_t state(int64_t job);
-// Waits up to timeout_ms (< 0: without bound) for the job to end; its state then.
-int64_t wait(int64_t job, int64_t timeout_ms);
-// wait() for a caller that would rather work: runs queued tasks (the job's and those
-// before it) while there are any, then waits for the workers to finish the job, until it
-// has ended or timeout_ms (< 0: no bound) has passed; the job's state then (kDone for a job
-// already released, which a caller racing the job's completion may meet).
-int64_t help(int64_t job, int64_t timeout_ms);
+// One copy of `pieces` (read: peer -> here, else here -> peer), started when it is made; the
+// pool's threads split the bytes between them. The handle shares the job's state with the
+// threads copying for it: destroying the handle cancels a job still running and never frees
+// what a thread still uses (the state goes with the last of them). The memory the pieces
+// name must stay mapped until state() is no longer kRunning, cancelled or not.
+class Job {
+ public:
+  // A `watched` job's end counts in ends() and ends wait_ends(). Raises LLM_PARAM_INVALID
+  // for a pid below 1 or a piece that wraps the address space.
+  Job(int64_t pid, bool read, std::vector<Piece> pieces, bool watched = true);
+  ~Job();
+  Job(const Job&) = delete;
+  Job& operator=(const Job&) = delete;
+
+  // kRunning, kDone or -errno. Raises LLM_PARAM_INVALID for a job made by the process this
+  // one was forked from (its threads are not here).
+  int64_t state() const;
+  // Waits up to timeout_ms (< 0: without bound) for the job to end; its state then.
+  int64_t wait(int64_t timeout_ms) const;
+  // wait() for a caller that would rather work: runs queued tasks (the job's and those
+  // before it) while there are any, then waits for the workers to finish the job, until it
+  // has ended or timeout_ms (< 0: no bound) has passed; the job's state then.
+  int64_t help(int64_t timeout_ms) const;
+  // Asks the job to stop before its next system call; it ends cancelled unless already done.
+  void cancel() const;
+  // Bytes its pieces name in all.
+  uint64_t nbytes() const;
+
+  struct Shared;  // what the handle and the threads copying for it hold
+
+ private:
+  std::shared_ptr<Shared> shared_;
+};
+
+// Piece j of tensor t (tensor-major): lengths[j] bytes at local_bases[t] + local_offsets[j]
+// here and remote_bases[t] + remote_offsets[j] there.
+std::vector<Piece> segment_pieces(
+    const std::vector<uint64_t>& local_bases, const std::vector<uint64_t>& remote_bases, size_t count,
+    const uint64_t* local_offsets, const uint64_t* remote_offsets, const uint64_t* lengths);
+
 // Ends wait_ends() calls early: their caller has other work.
 void wake();
 // How many times wake() was called: a caller reads it before it looks at its work, so that
@@ -51,11 +78,8 @@ bool wait_ends(int64_t ends_seen, int64_t wakes_seen, int64_t timeout_ms);
 // then rather than at once, when it would take the GIL from the thread starting them. One
 // watch ends one wait_ends(). Raises LLM_PARAM_INVALID for a negative delay.
 void watch(int64_t delay_ms);
-// Asks a job to stop before its next system call; it ends cancelled unless already done.
-void cancel(int64_t job);
-// Forgets an ended job (a running one is cancelled and forgotten when it ends).
-void release(int64_t job);
-// Jobs submitted and not released yet.
+// Jobs whose state is still held: by a handle, or by a thread still copying for a job
+// whose handle is gone.
 int64_t live_jobs();
 
 // Reads `nbytes` (at most 4096) at `address` of process `pid` into `out`: 0, or -errno
@@ -63,8 +87,22 @@ int64_t live_jobs();
 int64_t peek(int64_t pid, uint64_t address, size_t nbytes, std::string& out);
 
 // Worker threads (TORCH_KVREG_PEER_COPY_THREADS, 1 to 64; default: the cores but one, 1 to 4).
-// The pool starts on the first call of this file's functions; a malformed setting makes
+// The pool starts on the first job or call of these functions; a malformed setting makes
 // that call raise LLM_PARAM_INVALID (and the next one try again).
 int64_t threads();
+
+// Transition: jobs named by ids for callers not yet on Job (the engine); removed once the
+// engine uses PeerCopyJob. A released id's job is destroyed (so cancelled if running).
+namespace by_id {
+// Holds `job` under a new id (> 0) until release().
+int64_t keep(std::unique_ptr<Job> job);
+// Job's methods by id; each raises LLM_PARAM_INVALID for an unknown id, except help(),
+// which reports kDone for it (a caller racing the job's release may meet one).
+int64_t state(int64_t id);
+int64_t wait(int64_t id, int64_t timeout_ms);
+int64_t help(int64_t id, int64_t timeout_ms);
+void cancel(int64_t id);
+void release(int64_t id);
+}  // namespace by_id
 
 }  // namespace kvreg::peer_copy

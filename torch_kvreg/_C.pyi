@@ -54,6 +54,32 @@ def copy_blocks_of_tensors(
 ) -> None: ...
 
 # Same-host copies between processes (csrc/peer_copy.h): states 0 running, 1 done, -errno.
+class PeerCopyJob:
+    """A same-host copy under way or ended. Dropping the last reference to a running job
+    cancels it; the memory it names must stay valid until state() is no longer 0."""
+
+    def state(self) -> int: ...
+    def wait(self, timeout_ms: int) -> int:
+        """Waits up to timeout_ms (< 0: without bound) for the job to end; its state then."""
+    def help(self, timeout_ms: int) -> int:
+        """wait(), copying queued pieces on the calling thread while there are any."""
+    def cancel(self) -> None: ...
+    @property
+    def nbytes(self) -> int: ...
+
+def peer_copy_start(pid: int, read: bool, rows: torch.Tensor, watched: bool = True) -> PeerCopyJob: ...
+def peer_copy_start_segments(
+    pid: int,
+    read: bool,
+    local_addrs: Sequence[int],
+    remote_addrs: Sequence[int],
+    local_offsets: np.ndarray,
+    remote_offsets: np.ndarray,
+    lengths: np.ndarray,
+    watched: bool = True,
+) -> PeerCopyJob: ...
+
+# Transition (removed once the engine uses PeerCopyJob): jobs by id.
 def peer_copy_submit(pid: int, read: bool, rows: torch.Tensor, watched: bool = True) -> int: ...
 def peer_copy_submit_segments(
     pid: int,
@@ -82,8 +108,10 @@ class PeerRoute:
         dst_id: int,
         max_segment_bytes: int,
     ) -> None: ...
+    def start_job(self, src_blocks: object, dst_blocks: object, watched: bool) -> PeerCopyJob | None:
+        """The started job; None (nothing moved) for lists it does not take or that fail a check."""
     def start(self, src_blocks: object, dst_blocks: object, watched: bool, /) -> int:
-        """The job's id; 0 (nothing moved) for lists it does not take or that fail a check."""
+        """Transition: start_job's job by id; 0 where it returns None."""
     @property
     def block_bytes(self) -> int: ...
 
