@@ -218,10 +218,9 @@ def main():
         for _ in range(args.repeats):
             kv.pull_kv_blocks(remote, target, pull_blocks[:1], pull_blocks[:1])  # the lease lingers 50 ms
             start = time.perf_counter()
-            jobs = [route.native.start([b], [b], False) for b in pull_blocks]
+            jobs = [route.native.start_job([b], [b], False) for b in pull_blocks]
             for job in jobs:
-                kv._C.peer_copy_help(job, -1)
-                kv._C.peer_copy_release(job)
+                job.help(-1)
             took = time.perf_counter() - start
             if engine.peer_leases.shared.get(route.lease.key) is route.lease:  # still leased throughout
                 floor.append(took)

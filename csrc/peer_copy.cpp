@@ -364,58 +364,6 @@ Pool& pool_of(const Job::Shared& job) {
   return pool;
 }
 
-// Transition (removed once the engine uses PeerCopyJob): the jobs that by_id names.
-class Ids {
- public:
-  static Ids& instance() {
-    // As the pool: a forked child starts with no ids, its parent's jobs having no threads there.
-    static std::mutex guard;
-    static Ids* ids = nullptr;
-    static pid_t owner = 0;
-    std::lock_guard<std::mutex> lock(guard);
-    if (ids == nullptr || owner != getpid()) {
-      ids = new Ids();  // a parent's is left as it is, as the pool is
-      owner = getpid();
-    }
-    return *ids;
-  }
-
-  int64_t keep(std::unique_ptr<Job> job) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const int64_t id = next_id_++;
-    jobs_.emplace(id, std::shared_ptr<Job>(std::move(job)));
-    return id;
-  }
-
-  // The job or null; a caller holding it may use it after its release by another thread.
-  std::shared_ptr<Job> find(int64_t id) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto it = jobs_.find(id);
-    return it == jobs_.end() ? nullptr : it->second;
-  }
-
-  std::shared_ptr<Job> get(int64_t id) {
-    auto job = find(id);
-    KVREG_CHECK_ARG(job != nullptr, "no same-host copy job ", id);
-    return job;
-  }
-
-  // The job let go of; its handle is destroyed by whoever holds it last.
-  std::shared_ptr<Job> take(int64_t id) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto it = jobs_.find(id);
-    KVREG_CHECK_ARG(it != jobs_.end(), "no same-host copy job ", id);
-    auto job = std::move(it->second);
-    jobs_.erase(it);
-    return job;
-  }
-
- private:
-  std::mutex mutex_;
-  std::unordered_map<int64_t, std::shared_ptr<Job>> jobs_;
-  int64_t next_id_ = 1;
-};
-
 }  // namespace
 
 Job::Shared::Shared(Pool& pool, int64_t pid, bool read, int64_t pause_us, bool watched, uint64_t nbytes)
@@ -508,28 +456,5 @@ int64_t peek(int64_t pid, uint64_t address, size_t nbytes, std::string& out) {
   }
   return static_cast<size_t>(moved) == nbytes ? 0 : -static_cast<int64_t>(EFAULT);
 }
-
-namespace by_id {
-int64_t keep(std::unique_ptr<Job> job) {
-  return Ids::instance().keep(std::move(job));
-}
-int64_t state(int64_t id) {
-  return Ids::instance().get(id)->state();
-}
-int64_t wait(int64_t id, int64_t timeout_ms) {
-  return Ids::instance().get(id)->wait(timeout_ms);
-}
-int64_t help(int64_t id, int64_t timeout_ms) {
-  auto job = Ids::instance().find(id);
-  return job == nullptr ? kDone : job->help(timeout_ms);
-}
-void cancel(int64_t id) {
-  Ids::instance().get(id)->cancel();
-}
-void release(int64_t id) {
-  // Cancelled now, not when the last caller still waiting on it lets go of the handle.
-  Ids::instance().take(id)->cancel();
-}
-}  // namespace by_id
 
 }  // namespace kvreg::peer_copy

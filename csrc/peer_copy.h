@@ -91,18 +91,4 @@ int64_t peek(int64_t pid, uint64_t address, size_t nbytes, std::string& out);
 // that call raise LLM_PARAM_INVALID (and the next one try again).
 int64_t threads();
 
-// Transition: jobs named by ids for callers not yet on Job (the engine); removed once the
-// engine uses PeerCopyJob. A released id's job is destroyed (so cancelled if running).
-namespace by_id {
-// Holds `job` under a new id (> 0) until release().
-int64_t keep(std::unique_ptr<Job> job);
-// Job's methods by id; each raises LLM_PARAM_INVALID for an unknown id, except help(),
-// which reports kDone for it (a caller racing the job's release may meet one).
-int64_t state(int64_t id);
-int64_t wait(int64_t id, int64_t timeout_ms);
-int64_t help(int64_t id, int64_t timeout_ms);
-void cancel(int64_t id);
-void release(int64_t id);
-}  // namespace by_id
-
 }  // namespace kvreg::peer_copy

@@ -145,13 +145,6 @@ void bind_peer_copy(py::module_& m) {
           py::arg("pid"), py::arg("read"), py::arg("local_bases"), py::arg("remote_bases"), py::arg("src"),
           py::arg("src_id"), py::arg("dst"), py::arg("dst_id"), py::arg("max_segment_bytes"))
       .def("start_job", &start_on_route, py::arg("src_blocks"), py::arg("dst_blocks"), py::arg("watched"))
-      // Transition: removed once the engine uses PeerCopyJob.
-      .def(
-          "start",
-          [](const Route& route, const py::handle& src_blocks, const py::handle& dst_blocks, bool watched) {
-            auto job = start_on_route(route, src_blocks, dst_blocks, watched);
-            return job == nullptr ? 0 : peer_copy::by_id::keep(std::move(job));
-          })
       .def_property_readonly("block_bytes", &Route::block_bytes);
 
   m.def("peer_copy_wakes", &peer_copy::wakes);
@@ -166,28 +159,6 @@ void bind_peer_copy(py::module_& m) {
     const int64_t status = peer_copy::peek(pid, address, nbytes, out);
     return py::make_tuple(status, py::bytes(out));
   });
-
-  // Transition: jobs by id, removed once the engine uses PeerCopyJob.
-  m.def(
-      "peer_copy_submit",
-      [](int64_t pid, bool read, const at::Tensor& rows, bool watched) {
-        return peer_copy::by_id::keep(std::make_unique<Job>(pid, read, row_pieces(rows), watched));
-      },
-      py::arg("pid"), py::arg("read"), py::arg("rows"), py::arg("watched") = true);
-  m.def(
-      "peer_copy_submit_segments", [](int64_t pid, bool read, const std::vector<uint64_t>& local_addrs,
-                                      const std::vector<uint64_t>& remote_addrs, const Offsets& local_offsets,
-                                      const Offsets& remote_offsets, const Offsets& lengths, bool watched) {
-        return peer_copy::by_id::keep(
-            std::make_unique<Job>(
-                pid, read, plan_pieces(local_addrs, remote_addrs, local_offsets, remote_offsets, lengths),
-                watched));
-      });
-  m.def("peer_copy_state", &peer_copy::by_id::state);
-  m.def("peer_copy_wait", &peer_copy::by_id::wait, py::call_guard<py::gil_scoped_release>());
-  m.def("peer_copy_help", &peer_copy::by_id::help, py::call_guard<py::gil_scoped_release>());
-  m.def("peer_copy_cancel", &peer_copy::by_id::cancel);
-  m.def("peer_copy_release", &peer_copy::by_id::release);
 }
 
 }  // namespace kvreg

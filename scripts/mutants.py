@@ -150,10 +150,10 @@ MUTANTS = [
     ),
     (
         "default wait time of 10 s instead of 1 s",
-        "torch_kvreg/registry.py",
+        "torch_kvreg/options.py",
         "DEFAULT_SYNC_KV_CACHE_WAIT_TIME_MS = 1000",
         "DEFAULT_SYNC_KV_CACHE_WAIT_TIME_MS = 10000",
-        ["tests/test_registry.py"],
+        ["tests/test_sources_of_truth.py", "tests/test_registry.py"],
     ),
     (
         "host caches remotely reachable by default",
@@ -265,7 +265,7 @@ MUTANTS = [
     (
         "same-host copy: a timed-out copy lets go of its memory at once",
         "torch_kvreg/remote/jobs.py",
-        "        if _C.peer_copy_state(self.native) == COPY_RUNNING:\n            return False",
+        "        if native.state() == COPY_RUNNING:\n            return False",
         "        if False:\n            return False",
         ["tests/test_same_host.py"],
     ),
@@ -388,6 +388,35 @@ MUTANTS = [
         "transfer.copy_kv_cache(src.cache_id, dst.cache_id,",
         "transfer.copy_kv_cache(dst.cache_id, src.cache_id,",
         ["tests/test_llm_datadist.py"],
+    ),
+    # --- the option table -------------------------------------------------------------------
+    (
+        "options: initialize takes an upstream-only key",
+        "torch_kvreg/options.py",
+        "        if option is None or option.check is None:",
+        "        if option is None:",
+        ["tests/test_options.py"],
+    ),
+    (
+        "options: the facade reads a device list's last id",
+        "torch_kvreg/options.py",
+        '            value = value.split(";")[0]',
+        '            value = value.split(";")[-1]',
+        ["tests/test_options.py", "tests/test_sources_of_truth.py"],
+    ),
+    (
+        "options: the C++ API reads a device list's last id",
+        "csrc/options.cpp",
+        "value.substr(0, value.find(';'))",
+        "value.substr(value.find(';') + 1)",
+        ["tests/test_sources_of_truth.py", "tests/test_cpp_api.py"],
+    ),
+    (
+        "options: the C++ API takes a wait time of 0",
+        "csrc/options.cpp",
+        "digits_in(value, 1, kMaxSyncKvCacheWaitTimeMs)",
+        "digits_in(value, 0, kMaxSyncKvCacheWaitTimeMs)",
+        ["tests/test_sources_of_truth.py", "tests/test_cpp_api.py"],
     ),
     # --- statuses as values -----------------------------------------------------------------
     (

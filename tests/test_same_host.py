@@ -30,9 +30,7 @@ def rows(pieces):
 
 
 def finished(job, timeout_ms=10_000):
-    state = _C.peer_copy_wait(job, timeout_ms)
-    _C.peer_copy_release(job)
-    return state
+    return job.wait(timeout_ms)
 
 
 # --- the native pool, within this process (a process may copy from itself) -----------------
@@ -54,10 +52,11 @@ def test_pieces_of_every_size_land_wherever_the_job_is_split(read):
         here, there = target.data_ptr() + int(to), source.data_ptr() + at
         # read: the peer (this process) is the source; write: we are the source
         pieces += [here, there, size] if read else [there, here, size]
-    job = _C.peer_copy_submit(ME, read, rows(pieces))
+    job = _C.peer_copy_start(ME, read, rows(pieces))
     assert finished(job) == 1
     assert torch.equal(target, expected)
     assert sum(sizes) > 8 * (4 << 20)  # more bytes than one task takes: the job was split
+    del job
     assert _C.peer_copy_live_jobs() == 0
 
 
@@ -70,11 +69,12 @@ def test_a_failed_job_says_why():
         -errno.EFAULT: (ME, [[buffer.data_ptr(), 4096, 64]]),  # nothing is mapped at page 1
     }
     for expected, (pid, pieces) in cases.items():
-        assert finished(_C.peer_copy_submit(pid, True, rows(pieces))) == expected
+        assert finished(_C.peer_copy_start(pid, True, rows(pieces))) == expected
     # Good pieces before a bad one still land; the job fails.
     good = torch.arange(64, dtype=torch.uint8)
-    job = _C.peer_copy_submit(ME, True, rows([[buffer.data_ptr(), good.data_ptr(), 64], [buffer.data_ptr(), 8, 64]]))
+    job = _C.peer_copy_start(ME, True, rows([[buffer.data_ptr(), good.data_ptr(), 64], [buffer.data_ptr(), 8, 64]]))
     assert finished(job) == -errno.EFAULT
+    del job
     assert _C.peer_copy_live_jobs() == 0
     assert _C.peer_copy_peek(dead_pid, buffer.data_ptr(), 8)[0] == -errno.ESRCH
     assert _C.peer_copy_peek(ME, 8, 8)[0] == -errno.EFAULT
@@ -98,7 +98,7 @@ def test_a_piece_running_into_unmapped_memory_stops_there():
         ctypes.memset(base, 0x5A, 2 * page)
         assert libc.munmap(base + page, page) == 0  # the second page is gone
         target = torch.zeros(2 * page, dtype=torch.uint8)
-        job = _C.peer_copy_submit(ME, True, rows([target.data_ptr(), base, 2 * page]))
+        job = _C.peer_copy_start(ME, True, rows([target.data_ptr(), base, 2 * page]))
         assert finished(job) == -errno.EFAULT
         assert torch.all(target[:page] == 0x5A) and torch.all(target[page:] == 0)
     finally:
@@ -109,27 +109,24 @@ def test_bad_jobs_are_refused_and_start_nothing():
     buffer = torch.zeros(64, dtype=torch.uint8)
     live = _C.peer_copy_live_jobs()
     with pytest.raises(ValueError, match="LLM_PARAM_INVALID"):
-        _C.peer_copy_state(10**12)
+        _C.peer_copy_start(0, True, rows([buffer.data_ptr(), buffer.data_ptr(), 8]))
     with pytest.raises(ValueError, match="LLM_PARAM_INVALID"):
-        _C.peer_copy_submit(0, True, rows([buffer.data_ptr(), buffer.data_ptr(), 8]))
-    with pytest.raises(ValueError, match="LLM_PARAM_INVALID"):
-        _C.peer_copy_submit(ME, True, rows([buffer.data_ptr(), -64, 128]))  # wraps the address space
+        _C.peer_copy_start(ME, True, rows([buffer.data_ptr(), -64, 128]))  # wraps the address space
     with pytest.raises(TypeError, match="LLM_PARAM_INVALID"):
-        _C.peer_copy_submit(ME, True, torch.zeros(1, 3, dtype=torch.int32))
+        _C.peer_copy_start(ME, True, torch.zeros(1, 3, dtype=torch.int32))
     with pytest.raises(ValueError, match="LLM_PARAM_INVALID"):
-        _C.peer_copy_submit(ME, True, torch.zeros(3, dtype=torch.int64))
+        _C.peer_copy_start(ME, True, torch.zeros(3, dtype=torch.int64))
     with pytest.raises(ValueError, match="LLM_PARAM_INVALID"):
         _C.peer_copy_peek(ME, buffer.data_ptr(), 4097)
     assert _C.peer_copy_live_jobs() == live
-    assert _C.peer_copy_help(10**12, 0) == 1  # a job already released: nothing left to do
 
 
 def test_a_slow_job_is_cancelled_waited_for_and_woken_from(monkeypatch):
     monkeypatch.setenv(PAUSE, "20000")  # 20 ms before each system call
     source = torch.ones(32 << 20, dtype=torch.uint8)
     target = torch.zeros_like(source)
-    job = _C.peer_copy_submit(ME, True, rows([target.data_ptr(), source.data_ptr(), source.numel()]))
-    assert _C.peer_copy_state(job) == 0 and _C.peer_copy_wait(job, 5) == 0  # still running
+    job = _C.peer_copy_start(ME, True, rows([target.data_ptr(), source.data_ptr(), source.numel()]))
+    assert job.state() == 0 and job.wait(5) == 0  # still running
     ends, wakes = _C.peer_copy_ends(), _C.peer_copy_wakes()
     assert not _C.peer_copy_wait_ends(ends, wakes, 10)  # nothing ended within 10 ms
     waker = threading.Timer(0.05, _C.peer_copy_wake)
@@ -137,11 +134,11 @@ def test_a_slow_job_is_cancelled_waited_for_and_woken_from(monkeypatch):
     waker.start()
     assert _C.peer_copy_wait_ends(ends, wakes, 5000)  # woken, though nothing ended
     assert time.monotonic() - start < 2 and _C.peer_copy_ends() == ends
-    _C.peer_copy_cancel(job)
-    assert _C.peer_copy_wait(job, 5000) == -errno.ECANCELED
+    job.cancel()
+    assert job.wait(5000) == -errno.ECANCELED
     assert _C.peer_copy_ends() == ends + 1 and _C.peer_copy_wait_ends(ends, wakes + 1, 0)
     assert not torch.equal(target, source)  # it stopped before the end
-    _C.peer_copy_release(job)
+    del job
     assert _C.peer_copy_live_jobs() == 0
 
 
@@ -154,7 +151,7 @@ def test_a_watch_ends_a_wait_for_ends_at_its_time_not_before():
     _C.peer_copy_watch(150)  # the earlier one counts
     source = torch.ones(1 << 20, dtype=torch.uint8)
     target = torch.zeros_like(source)
-    job = _C.peer_copy_submit(ME, True, rows([target.data_ptr(), source.data_ptr(), source.numel()]), False)
+    job = _C.peer_copy_start(ME, True, rows([target.data_ptr(), source.data_ptr(), source.numel()]), False)
     assert _C.peer_copy_wait_ends(ends, wakes, 5000)  # the unwatched job's end did not end it
     took = time.monotonic() - start
     assert 0.14 <= took < 0.29 and _C.peer_copy_ends() == ends
@@ -166,7 +163,7 @@ def test_a_watch_ends_a_wait_for_ends_at_its_time_not_before():
 
 def test_a_native_route_checks_its_block_lists_and_copies(kv):
     """_C.PeerRoute within this process (its own peer): a start it takes copies the blocks;
-    one it does not (not lists of plain ints, or failing a check) returns 0 and starts no
+    one it does not (not lists of plain ints, or failing a check) returns None and starts no
     job; descs or tensor lists that do not fit are refused when the route is made."""
     source = [torch.arange(i * 8 * 64, (i + 1) * 8 * 64, dtype=torch.float32).reshape(8, 64) for i in range(3)]
     target = [torch.zeros(8, 64) for _ in range(3)]
@@ -175,8 +172,8 @@ def test_a_native_route_checks_its_block_lists_and_copies(kv):
         ME, True, [t.data_ptr() for t in target], [t.data_ptr() for t in source], src, 1, src, 2, 64 << 20
     )
     assert route.block_bytes == 3 * 64 * 4
-    job = route.start([5, 6, 7, 0], [0, 1, 2, 7], False)
-    assert job > 0 and finished(job) == 1
+    job = route.start_job([5, 6, 7, 0], [0, 1, 2, 7], False)
+    assert job is not None and finished(job) == 1
     for s, t in zip(source, target):
         assert torch.equal(t[[0, 1, 2, 7]], s[[5, 6, 7, 0]])
     jobs = _C.peer_copy_live_jobs()
@@ -194,7 +191,7 @@ def test_a_native_route_checks_its_block_lists_and_copies(kv):
         (None, [1]),
     ]
     for src_blocks, dst_blocks in refused:
-        assert route.start(src_blocks, dst_blocks, False) == 0, (src_blocks, dst_blocks)
+        assert route.start_job(src_blocks, dst_blocks, False) is None, (src_blocks, dst_blocks)
     assert _C.peer_copy_live_jobs() == jobs
     with pytest.raises(ValueError, match="peer route"):
         _C.PeerRoute(ME, True, [target[0].data_ptr()], [source[0].data_ptr()], src, 1, src, 2, 64 << 20)

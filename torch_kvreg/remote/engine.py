@@ -386,7 +386,7 @@ class Engine:
                 return transfer
             deadline = time.monotonic() + self.wait_s
             if link.peer_pid is not None and local.cache_desc.placement == remote.desc.placement == Placement.HOST:
-                native = _C.peer_copy_submit_segments(
+                native = _C.peer_copy_start_segments(
                     link.peer_pid,
                     operation == "READ",
                     [local.tensor_addrs[i] for i in local_tensors],
@@ -528,12 +528,12 @@ class Engine:
         with self.lock:
             if not self._hold_route(route, key):
                 return None
-            native = route.native.start(src_blocks, dst_blocks, bool(notify))
-            if native:
+            native = route.native.start_job(src_blocks, dst_blocks, bool(notify))
+            if native is not None:
                 route.active += 1
                 self.routes.starts += 1
                 self.paths["same_host"] += 1
-        if not native:
+        if native is None:
             self._route_ended(route, started=False)
             return None
         transfer = Transfer(len(dst_blocks) * route.block_bytes, dst_blocks, route.description, path)  # type: ignore[arg-type]

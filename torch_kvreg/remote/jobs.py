@@ -12,7 +12,6 @@ held until ``free()`` succeeds; the progress thread retries that.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -124,8 +123,8 @@ class NixlJob(Job):
 
 
 class SameHostJob(Job):
-    """A native copy between this process and a peer on this host (peer_copy.h). Its bytes
-    move on native threads; the thread waiting for it helps (``assist``)."""
+    """A native copy between this process and a peer on this host (_C.PeerCopyJob). Its
+    bytes move on native threads; the thread waiting for it helps (``help``)."""
 
     __slots__ = ("native", "code")
     sends_notice = True
@@ -137,10 +136,10 @@ class SameHostJob(Job):
         deadline: float,
         notify: bytes,
         let_go: Callable[[], None],
-        native: int,
+        native: _C.PeerCopyJob,
     ) -> None:
         super().__init__(transfer, link, deadline, notify, let_go)
-        self.native: int | None = native
+        self.native: _C.PeerCopyJob | None = native  # None once freed
         self.code = COPY_RUNNING
 
     def _state_of(self, code: int) -> str:
@@ -153,30 +152,32 @@ class SameHostJob(Job):
         return ERR
 
     def look(self) -> str:
-        if self.native is None:
-            return self._state_of(self.code)
-        return self._state_of(_C.peer_copy_state(self.native))
+        native = self.native
+        return self._state_of(self.code if native is None else native.state())
 
     def help(self, timeout_ms: int) -> str:
         """Moves queued bytes on this thread, then waits for the rest, up to ``timeout_ms``."""
-        return self._state_of(_C.peer_copy_help(self.native, timeout_ms) if self.native is not None else self.code)
+        native = self.native
+        return self._state_of(self.code if native is None else native.help(timeout_ms))
 
     def cancel(self) -> None:
-        if self.native is not None:
-            _C.peer_copy_cancel(self.native)  # its threads stop at their next call
+        native = self.native
+        if native is not None:
+            native.cancel()  # its threads stop at their next call
 
     def stop(self, timeout_ms: int) -> None:
         """Cancels it and waits (bounded) for its threads to stop."""
-        if self.native is not None:
-            _C.peer_copy_cancel(self.native)
-            _C.peer_copy_wait(self.native, timeout_ms)
+        native = self.native
+        if native is not None:
+            native.cancel()
+            native.wait(timeout_ms)
 
     def free(self) -> bool:
-        if self.native is None:
+        native = self.native
+        if native is None:
             return True
-        if _C.peer_copy_state(self.native) == COPY_RUNNING:
+        if native.state() == COPY_RUNNING:
             return False  # cancelled, or timed out: its threads stop at their next call
-        _C.peer_copy_release(self.native)
         self.native = None
         return True
 
@@ -249,8 +250,6 @@ class Completion:
         if not self.free(job):  # nothing more can be done at finalize: let go regardless
             if isinstance(job, NixlJob):
                 job.handle = None
-            elif isinstance(job, SameHostJob) and job.native is not None:
-                with contextlib.suppress(ValueError):
-                    _C.peer_copy_release(job.native)
+            elif isinstance(job, SameHostJob):
                 job.native = None
             self.free(job)
