@@ -293,7 +293,7 @@ MUTANTS = [
     (
         "same-host route: a start does not check its lease is still held",
         "torch_kvreg/remote/engine.py",
-        "            self.peer_leases.shared.get(lease.key) is not lease\n            or not link.alive",
+        "            self._stale(route)\n            or not link.alive",
         "            False\n            or not link.alive",
         ["tests/test_same_host.py"],
     ),

@@ -481,14 +481,10 @@ class Engine:
         self.holds.unhold(local_id)
 
     def _housekeeping(self) -> float | None:
-        """The progress thread's turn at the leases: gives back those that lingered (and
-        forgets their routes); the seconds until the next is due."""
+        """The progress thread's turn at the leases: gives back those that lingered (their
+        routes are stale from then on, see _hold_route); the seconds until the next is due."""
         due, expired = self.peer_leases.expire()
-        if expired:
-            gone = {id(shared) for shared in expired}
-            with self.lock:
-                self.routes.drop(lambda route: id(route.lease) in gone)
-            self.peer_leases.give_back(expired)
+        self.peer_leases.give_back(expired)
         if due is None and self.peer_leases.lingering:
             due = LEASE_LINGER_S  # a lease that began to linger since it looked
         return due
@@ -511,7 +507,13 @@ class Engine:
             return
         with self.lock:
             if self.peer_leases.shared.get(lease.key) is lease:  # a private lease is not kept
+                self.routes.drop(self._stale)  # (what keeps the table small; starts check too)
                 self.routes.keep(key, route)
+
+    def _stale(self, route: Route) -> bool:
+        """Whether a route's lease is gone (caller holds the lock): the peer may have freed
+        the cache since, and the route must not start another copy."""
+        return self.peer_leases.shared.get(route.lease.key) is not route.lease
 
     def start_routed(
         self, key: tuple, src_blocks: object, dst_blocks: object, notify: bytes, path: str
@@ -549,7 +551,7 @@ class Engine:
         hold on the cache and the lease, taken once for all of its jobs."""
         link, lease = route.link, route.lease
         if (
-            self.peer_leases.shared.get(lease.key) is not lease
+            self._stale(route)
             or not link.alive
             or self.links.get(key[1]) is not link  # key: (operation, cluster id, ...)
             or route.local_id in self.holds.closing
