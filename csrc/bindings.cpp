@@ -2,6 +2,7 @@
 #include "copy_plan.h"
 #include "host_pin.h"
 #include "kernels.h"
+#include "options.h"
 #include "peer_copy_bindings.h"
 #include "registry.h"
 #include "remote_hooks.h"
@@ -158,7 +159,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_available", &kvreg::cuda_available);
   m.def(
       "initialize",
-      [](int64_t cluster_id, int64_t role, int64_t device_id, std::string options, int64_t max_addrs,
+      [](int64_t cluster_id, int64_t role, int64_t device_id, kvreg::Options options, int64_t max_addrs,
          int64_t max_device_bytes, int64_t max_host_bytes, int64_t wait_ms) {
         kvreg::InitConfig config;
         config.cluster_id = cluster_id;
@@ -169,7 +170,11 @@ PYBIND11_MODULE(_C, m) {
         config.wait_ms = wait_ms;
         Registry::instance().initialize(config);
       },
+      py::arg("cluster_id"), py::arg("role"), py::arg("device_id"), py::arg("options"), py::arg("max_addrs"),
+      py::arg("max_device_bytes"), py::arg("max_host_bytes"), py::arg("wait_ms"),
       py::call_guard<py::gil_scoped_release>());
+  // The C++ API's reading of LLM-DataDist options (LlmDataDist::Initialize and SetRole).
+  m.def("upstream_options", &kvreg::native_options_from_upstream, py::arg("options"));
   m.def("finalize", [] { return Registry::instance().finalize(); }, py::call_guard<py::gil_scoped_release>());
   m.def("orphans", [] { return Registry::instance().orphans(); });
   m.def("is_initialized", [] { return Registry::instance().is_initialized(); });

@@ -5,6 +5,7 @@
 #include "copy_plan.h"
 #include "host_pin.h"
 #include "kernels.h"
+#include "options.h"
 #include "registry.h"
 #include "remote_hooks.h"
 #include "status.h"
@@ -71,28 +72,9 @@ Status guarded(Body&& body) noexcept {
 kvreg::Options options_of(const std::map<AscendString, AscendString>& options) {
   kvreg::Options out;
   for (const auto& [key, value] : options) {
-    out.emplace_back(key.GetString(), value.GetString());
+    out.emplace(key.GetString(), value.GetString());
   }
   return out;
-}
-
-bool known_option(const std::string& key) {
-  for (const char* known :
-       {OPTION_LISTEN_IP_INFO, OPTION_DEVICE_ID, OPTION_SYNC_CACHE_WAIT_TIME, OPTION_BUF_POOL_CFG,
-        OPTION_ENABLE_SET_ROLE, OPTION_LOCAL_COMM_RES, OPTION_TRANSFER_BACKEND}) {
-    if (key == known) {
-      return true;
-    }
-  }
-  return key.rfind("ge.", 0) == 0;
-}
-
-bool positive_int(const std::string& text, int64_t& value) {
-  if (text.empty() || text.size() > 12 || !std::all_of(text.begin(), text.end(), ::isdigit)) {
-    return false;
-  }
-  value = std::stoll(text);
-  return value > 0 || text == "0";
 }
 
 // int64 copies of uint64 block indices; false when one does not fit (out of any range).
@@ -145,44 +127,23 @@ Status LlmDataDist::Initialize(const std::map<AscendString, AscendString>& optio
         impl_->cluster_id > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
       return LLM_PARAM_INVALID;
     }
-    const kvreg::Options pairs = options_of(options);
-    kvreg::InitConfig config;
-    config.cluster_id = static_cast<int64_t>(impl_->cluster_id);
-    config.role = role;
-    bool listen = false;
-    std::string canonical;
-    for (const auto& [key, value] : pairs) {  // std::map order: sorted, as the Python layer writes it
-      if (!known_option(key)) {
-        return LLM_PARAM_INVALID;
-      }
-      int64_t number = 0;
-      if (key == OPTION_DEVICE_ID) {
-        if (!positive_int(value, number)) {
-          return LLM_PARAM_INVALID;
-        }
-        config.device_id = number;
-      } else if (key == OPTION_SYNC_CACHE_WAIT_TIME) {
-        if (!positive_int(value, number) || number == 0) {
-          return LLM_PARAM_INVALID;
-        }
-        config.wait_ms = number;
-      } else if (key == OPTION_LISTEN_IP_INFO) {
-        listen = true;
-      } else {
-        continue;  // accepted, no meaning here (see the README)
-      }
-      canonical += (canonical.empty() ? "" : "\n") + key + "=" + value;
-    }
+    const kvreg::Options native = kvreg::native_options_from_upstream(options_of(options));
     const kvreg::RemoteHooks hooks = kvreg::remote_hooks();
     if (hooks.initialize != nullptr) {  // the Python layer also starts listening
-      const Status status = hooks.initialize(impl_->cluster_id, role, pairs);
+      const Status status = hooks.initialize(impl_->cluster_id, role, native);
       impl_->initialized = status == LLM_SUCCESS;
       return status;
     }
-    if (listen) {
+    if (native.count(kvreg::kOptionListenIpInfo) != 0) {
       return LLM_FEATURE_NOT_ENABLED;  // serving peers needs the Python package in this process
     }
-    config.options = canonical;
+    kvreg::InitConfig config;
+    config.cluster_id = static_cast<int64_t>(impl_->cluster_id);
+    config.role = role;
+    config.device_id = kvreg::option_int(native, kvreg::kOptionDeviceId, -1);
+    config.wait_ms =
+        kvreg::option_int(native, kvreg::kOptionSyncKvCacheWaitTime, kvreg::kDefaultSyncKvCacheWaitTimeMs);
+    config.options = native;
     Registry::instance().initialize(config);
     impl_->initialized = true;
     return LLM_SUCCESS;
@@ -212,15 +173,16 @@ Status LlmDataDist::SetRole(LlmRole role, const std::map<AscendString, AscendStr
       return LLM_PARAM_INVALID;
     }
     Registry::instance().require_initialized();
+    const kvreg::Options native = kvreg::native_options_from_upstream(options_of(options));
     const kvreg::RemoteHooks hooks = kvreg::remote_hooks();
     if (hooks.set_role != nullptr) {
-      const Status status = hooks.set_role(value, options_of(options));
+      const Status status = hooks.set_role(value, native);
       if (status == LLM_SUCCESS) {
         impl_->role = role;
       }
       return status;
     }
-    if (options.count(AscendString(OPTION_LISTEN_IP_INFO)) != 0 || role == LlmRole::kPrompt) {
+    if (native.count(kvreg::kOptionListenIpInfo) != 0 || role == LlmRole::kPrompt) {
       return LLM_FEATURE_NOT_ENABLED;  // listening needs the Python package in this process
     }
     impl_->role = role;

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "cache_desc.h"
+#include "options.h"
 
 #include <ATen/core/Tensor.h>
 
@@ -36,13 +37,13 @@ struct InitConfig {
   int64_t cluster_id = 0;
   int64_t role = 3;  // LlmRole.MIX
   int64_t device_id = -1;
-  // Canonical options text made by the Python layer ("key=value" lines, sorted); kept only
-  // so that a repeated initialize() can be recognised as identical.
-  std::string options;
+  // The checked native options (the link secret as a digest); kept only so that a repeated
+  // initialize() can be recognised as identical.
+  Options options;
   Limits limits;
   // How long unregister waits for transfers in flight before LLM_TIMEOUT (from the
   // llm.SyncKvCacheWaitTime option).
-  int64_t wait_ms = 1000;
+  int64_t wait_ms = kDefaultSyncKvCacheWaitTimeMs;
   bool operator==(const InitConfig& other) const {
     return cluster_id == other.cluster_id && role == other.role && device_id == other.device_id &&
            options == other.options && limits == other.limits && wait_ms == other.wait_ms;

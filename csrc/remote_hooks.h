@@ -1,14 +1,13 @@
 // Calls from the C++ API (llm_datadist.cpp) into the Python layer, installed by torch_kvreg._C.
 #pragma once
 
+#include "options.h"
+
 #include <cstdint>
 #include <string>
-#include <utility>
 #include <vector>
 
 namespace kvreg {
-
-using Options = std::vector<std::pair<std::string, std::string>>;
 
 // One remote transfer, as the Python layer's transfer_blocks / transfer_slice take it.
 // Layer ranges are half-open [first, stop); stop 0 means every layer.
@@ -29,6 +28,7 @@ struct RemoteTransfer {
 };
 
 // Each returns an LLM status (0: success). A null member: no Python in this process.
+// Options are native ones (native_options_from_upstream).
 struct RemoteHooks {
   uint32_t (*initialize)(uint64_t cluster_id, int64_t role, const Options& options) = nullptr;
   void (*finalize)() = nullptr;

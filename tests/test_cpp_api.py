@@ -16,6 +16,7 @@ import torch
 
 import torch_kvreg as kv
 from torch_kvreg import LLMStatusCode as S
+from torch_kvreg.options import UPSTREAM, Form
 
 from remote_peer import Peer, paged
 
@@ -23,6 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler")
 u64, i64, u32, i32 = ctypes.c_uint64, ctypes.c_int64, ctypes.c_uint32, ctypes.c_int32
 DT_FLOAT, DT_FLOAT16, HOST = 0, 1, 0
+DECODER = 2
 
 
 def config_flags(*which: str) -> list[str]:
@@ -79,6 +81,7 @@ def shim(tmp_path_factory):
         "shim_initialize": (u32, [p_str, p_str, ctypes.c_int]),
         "shim_finalize": (None, []),
         "shim_set_role": (u32, [i32, ctypes.c_char_p]),
+        "shim_set_role_options": (u32, [i32, p_str, p_str, ctypes.c_int]),
         "shim_register": (u32, [u32, u32, i32, p_i64, ctypes.c_int, p_u64, ctypes.c_int, p_i64]),
         "shim_unregister": (u32, [i64]),
         "shim_allocate": (u32, [u32, u32, i32, p_i64, ctypes.c_int, p_i64, p_u64]),
@@ -114,6 +117,11 @@ class Cpp:
         keys = arr(ctypes.c_char_p, [k.encode() for k in options])
         values = arr(ctypes.c_char_p, [v.encode() for v in options.values()])
         return S(self.lib.shim_initialize(keys, values, len(options)))
+
+    def set_role_options(self, role, **options):
+        keys = arr(ctypes.c_char_p, [k.encode() for k in options])
+        values = arr(ctypes.c_char_p, [v.encode() for v in options.values()])
+        return S(self.lib.shim_set_role_options(role, keys, values, len(options)))
 
     def register(self, addrs, shape, num_tensors=None, data_type=DT_FLOAT, placement=HOST):
         cache_id = i64(-1)
@@ -273,6 +281,45 @@ def test_bad_calls_get_upstream_statuses_and_change_nothing(shim):
         after = (kv.usage(), kv.registered_caches(), a_tensors + b_tensors)
         assert after[:2] == before[:2], name
         assert all(torch.equal(x, y) for x, y in zip(after[2], before[2])), name
+    cpp.finalize()
+    cpp.destroy()
+
+
+def test_options_are_read_with_the_option_table(shim):
+    """Initialize and SetRole take the option table's upstream keys (torch_kvreg/options.py,
+    read by its C++ copy) as LLMDataDist.init does; a key it does not take or a bad value is
+    LLM_PARAM_INVALID and changes nothing."""
+    for key, option in UPSTREAM.items():
+        cpp = Cpp(shim, cluster_id=5)
+        value, native = {
+            Form.IGNORED: ("anything", None),
+            Form.ADDRESS: ("", None),  # upstream's "not listening"
+            Form.DEVICE_LIST: ("1;2", "1"),
+            Form.SAME: ("1500", "1500"),
+        }[option.form]
+        assert cpp.initialize(**{key: value}) == S.LLM_SUCCESS, key
+        assert kv.registry.cluster_id() == 5 and kv.registry.option(option.sets or key) == native, key
+        cpp.finalize()
+        cpp.destroy()
+    cpp = Cpp(shim)
+    bad = [
+        {"llm.Bogus": "1"},
+        {"llm.LinkSecret": "s3cret"},  # torch_kvreg.initialize's key, not upstream's
+        {"llm.SyncKvCacheWaitTime": "0"},
+        {"llm.SyncKvCacheWaitTime": "2147483648"},
+        {"ge.exec.deviceId": "x;1"},
+        {"ge.exec.deviceId": "1", "llm.DeviceId": "2"},
+        {"llm.ListenIpInfo": "localhost:1"},  # checked by the Python layer
+    ]
+    for options in bad:
+        assert cpp.initialize(**options) == S.LLM_PARAM_INVALID, options
+        assert not kv.is_initialized(), options
+    assert cpp.initialize(**{"llm.SyncKvCacheWaitTime": "1500"}) == S.LLM_SUCCESS
+    assert kv.registry.option("llm.DeviceId") is None
+    for options in bad[:-1] + [{"llm.ListenIpInfo": "nowhere"}]:
+        assert cpp.set_role_options(DECODER, **options) == S.LLM_PARAM_INVALID, options
+        assert kv.is_initialized() and kv.registry.option("llm.SyncKvCacheWaitTime") == "1500", options
+    assert cpp.set_role_options(DECODER, **{"llm.MemoryUtilization": "0.9", "llm.listenIpInfo": ""}) == S.LLM_SUCCESS
     cpp.finalize()
     cpp.destroy()
 

@@ -13,10 +13,12 @@ MODULES = [
     "torch_kvreg.inflight",
     "torch_kvreg.remote",
     "torch_kvreg.config",
+    "torch_kvreg.options",
     "torch_kvreg.llm_datadist",
     "torch_kvreg.llm_datadist.config",
     "torch_kvreg.llm_datadist.types",
     "torch_kvreg.llm_datadist.datadist",
+    "torch_kvreg.llm_datadist.session",
     "torch_kvreg.layouts",
     "torch_kvreg.vllm.settings",  # imports vllm (its package does)
 ]

@@ -3,8 +3,7 @@ option translation, registration with keys, local copies, the bad-input table (e
 gets upstream's status and changes nothing), and transfers with a peer process: keys,
 layer ranges, pull_cache by CacheKey, transfer_cache_async with a LayerSynchronizer."""
 
-import ast
-import pathlib
+import importlib
 
 import pytest
 import torch
@@ -52,54 +51,16 @@ def addrs(tensors):
 
 
 # --- structure ------------------------------------------------------------------------------
-def imported_modules(path: pathlib.Path, package: str) -> set[str]:
-    """Every module that ``path`` (a module of ``package``) imports, wherever the import
-    stands: module level, a function body or an ``if TYPE_CHECKING:`` block."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = package.split(".")
-            base = base[: len(base) - node.level + 1] if node.level else []
-            module = ".".join(base + ([node.module] if node.module else []))
-            names.add(module)
-            names |= {f"{module}.{alias.name}" for alias in node.names}  # `from . import x`
-    return names
-
-
-def import_cycle(graph: dict[str, set[str]]) -> list[str]:
-    """One cycle of ``graph`` (module -> modules it imports), or [] if it has none."""
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-
-    def visit(module: str, path: list[str]) -> list[str]:
-        state[module] = 1
-        for target in sorted(graph[module]):
-            if state.get(target) == 1:
-                return path[path.index(target) :] + [target]
-            if target not in state and (found := visit(target, path + [target])):
-                return found
-        state[module] = 2
-        return []
-
-    for module in sorted(graph):
-        if module not in state and (found := visit(module, [module])):
-            return found
-    return []
-
-
 def test_the_facade_modules_import_each_other_one_way():
-    folder = pathlib.Path(kv.__file__).parent / "llm_datadist"
+    """LLMDataDist makes the CacheManager; the state both read is session.py's, so the cache
+    manager never imports the datadist (tests/test_structure.py: no circle anywhere)."""
+    structure = importlib.import_module("test_structure")
+    found = structure.modules()
     package = "torch_kvreg.llm_datadist"
-    modules = {f"{package}.{p.stem}": p for p in folder.glob("*.py") if p.stem != "__init__"}
-    graph = {name: imported_modules(path, package) & modules.keys() for name, path in modules.items()}
-    assert graph[f"{package}.datadist"] >= {f"{package}.cache_manager", f"{package}.session"}
-    assert import_cycle(graph) == [], " -> ".join(import_cycle(graph))
-
-
-def test_the_cycle_finder_finds_cycles():
-    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) in (["a", "b", "c", "a"], ["b", "c", "a", "b"])
-    assert import_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+    imported = {n: structure.imports(n, found[n], set(found)) for n in found if n.startswith(f"{package}.")}
+    assert {f"{package}.cache_manager", f"{package}.session"} <= imported[f"{package}.datadist"]
+    assert f"{package}.session" in imported[f"{package}.cache_manager"]
+    assert not any(f"{package}.datadist" in modules for modules in imported.values())
 
 
 # --- configuration --------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The LLM status table and the data-type table are written out in several places (Python
 enums, the internal C++ headers, the public C++ header, the C++ dtype table, the expected
 values in test_types.py): every copy agrees with every other on every name and value, in
-both directions, and so does what the native module does with them at run time.
+both directions, and so does what the native module does with them at run time. The option
+table (torch_kvreg/options.py) and its C++ copy (csrc/options.cpp) agree row for row, and
+read every option dict alike.
 
 The reference is the Python enum (torch_kvreg/errors.py LLMStatusCode, torch_kvreg/types.py
 DataType); the C++ copies are parsed as text, and, where a compiler is present, also
@@ -18,8 +20,9 @@ import pytest
 import torch
 
 import torch_kvreg as kv
-from torch_kvreg import _C, DataType, LLMException, LLMStatusCode
+from torch_kvreg import _C, DataType, LLMException, LLMStatusCode, options
 from torch_kvreg.errors import translate
+from torch_kvreg.options import Form
 from torch_kvreg.types import _TO_TORCH
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -364,6 +367,102 @@ def test_native_scalar_types_map_to_the_python_data_types():
         torch.ops.llm.unregister_kv_cache(cache_id)
     expected = {str(dtype): int(data_type) for data_type, dtype in _TO_TORCH.items()}
     assert_same_table("the native module (register_kv_cache data_type)", found, "torch_kvreg/types.py", expected)
+
+
+# --- the option table -------------------------------------------------------------------
+
+OPTIONS_H = "csrc/options.h"
+OPTIONS_CPP = "csrc/options.cpp"
+CPP_FORMS = {"kSame": Form.SAME, "kDeviceList": Form.DEVICE_LIST, "kAddress": Form.ADDRESS, "kIgnored": Form.IGNORED}
+
+
+def cpp_option_constants() -> dict[str, str]:
+    """options.h's constexpr values by name, as text (string contents unquoted)."""
+    text = without_comments(source(OPTIONS_H))
+    found = dict(re.findall(r"constexpr\s+char\s+(\w+)\[\]\s*=\s*\"([^\"]*)\";", text))
+    found |= {name: value for name, value in re.findall(r"constexpr\s+int64_t\s+(\w+)\s*=\s*(\w+);", text)}
+    return found
+
+
+def cpp_upstream_table() -> dict[str, tuple[Form, str | None]]:
+    """options.cpp's kUpstreamOptions: key -> (form, native key set)."""
+    constants = cpp_option_constants()
+    text = without_comments(source(OPTIONS_CPP))
+    body = re.search(r"kUpstreamOptions\[\]\s*=\s*\{(.*?)\n\};", text, re.S)
+    assert body is not None, f"{OPTIONS_CPP}: no kUpstreamOptions table"
+    rows = re.findall(r"\{\s*\"([^\"]+)\"\s*,\s*Form::(\w+)\s*,\s*(\w+)\s*\}", body.group(1))
+    assert len(rows) == body.group(1).count("{"), f"{OPTIONS_CPP}: a kUpstreamOptions row does not parse"
+    table = {}
+    for key, form, sets in rows:
+        assert key not in table, f"{OPTIONS_CPP}: {key} twice"
+        assert form in CPP_FORMS, f"{OPTIONS_CPP}: {key} has Form::{form}, not one of options.py's forms"
+        assert sets == "nullptr" or sets in constants, f"{OPTIONS_CPP}: {key} sets {sets}, not an options.h key"
+        table[key] = (CPP_FORMS[form], None if sets == "nullptr" else constants[sets])
+    prefix = re.search(r"kIgnoredPrefix\[\]\s*=\s*\"([^\"]*)\"", text)
+    assert prefix is not None and prefix.group(1) == options.IGNORED_PREFIX, f"{OPTIONS_CPP}: kIgnoredPrefix"
+    return table
+
+
+def test_cpp_option_table_agrees():
+    python = {key: (option.form, option.sets) for key, option in options.UPSTREAM.items()}
+    assert_same_table(f"{OPTIONS_CPP} (kUpstreamOptions)", cpp_upstream_table(), "torch_kvreg/options.py", python)
+    constants = cpp_option_constants()
+    expected = {
+        "kOptionDeviceId": options.OPTION_DEVICE_ID,
+        "kOptionListenIpInfo": options.OPTION_LISTEN_IP_INFO,
+        "kOptionSyncKvCacheWaitTime": options.OPTION_SYNC_KV_CACHE_WAIT_TIME,
+        "kDefaultSyncKvCacheWaitTimeMs": str(options.DEFAULT_SYNC_KV_CACHE_WAIT_TIME_MS),
+        "kMaxDeviceId": str(options.MAX_DEVICE_ID),
+        "kMaxSyncKvCacheWaitTimeMs": str(options.MAX_SYNC_KV_CACHE_WAIT_TIME_MS),
+    }
+    assert_same_table(OPTIONS_H, constants, "torch_kvreg/options.py", expected)
+    # The public header's option names are the table's.
+    public = dict(re.findall(r"constexpr\s+const\s+char\s+(OPTION_\w+)\[\]\s*=\s*\"([^\"]*)\";", source(PUBLIC_H)))
+    assert public and set(public.values()) <= options.UPSTREAM.keys(), f"{PUBLIC_H}: {public}"
+
+
+def upstream_corpus() -> list[dict[str, str]]:
+    """Option dicts for both readers: each upstream key with good and bad values (listen
+    addresses only good or empty: the C++ API leaves checking them to the Python layer),
+    unknown keys, other ge.* keys, and keys that set one native key."""
+    values = ["0", "7", "1;2", "3;x", ";1", "", "x", "-1", "+1", " 1", "1 ", "0x1", "1.5", "²", "٣", "007"]
+    values += ["2147483647", "2147483648", "99999999999999999999"]
+    corpus: list[dict[str, str]] = [{}]
+    for key, option in options.UPSTREAM.items():
+        if option.form is Form.ADDRESS:
+            corpus += [{key: ""}, {key: "127.0.0.1:26000"}, {key: "[::1]:0"}]
+        else:
+            corpus += [{key: value} for value in values]
+    for key in ("llm.Bogus", "ge.whatever", "ge.", "GE.exec.deviceId", "llm.listenipinfo", "llm.LinkSecret", ""):
+        corpus.append({key: "1"})
+    corpus += [
+        {"ge.exec.deviceId": "1;2", "ge.session_device_id": "1", "llm.SyncKvCacheWaitTime": "10"},
+        {"ge.exec.deviceId": "1", "llm.DeviceId": "2"},
+        {"llm.listenIpInfo": "127.0.0.1:1", "llm.ListenIpInfo": "127.0.0.1:2"},
+        {"llm.listenIpInfo": "127.0.0.1:1", "llm.ListenIpInfo": ""},
+        {"llm.BufPoolCfg": "{}", "llm.MemoryUtilization": "0.9", "llm.DeviceId": "3"},
+    ]
+    return corpus
+
+
+def read_upstream(reader, given: dict[str, str]):
+    """What ``reader`` makes of ``given``: the native options, or the status it raised."""
+    try:
+        return reader(given)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        error = translate(exc)
+        assert error is not None, f"{given}: {exc!r} carries no status"
+        return error.status_code
+
+
+def test_cpp_reads_upstream_options_as_python_does():
+    """The C++ API's reading of LLM-DataDist options (csrc/options.cpp) and the Python
+    facade's (torch_kvreg.options.from_upstream), value for value."""
+    corpus = upstream_corpus()
+    assert len(corpus) > 300
+    for given in corpus:
+        expected = read_upstream(options.from_upstream, given)
+        assert read_upstream(_C.upstream_options, given) == expected, given
 
 
 # --- names and compiled values ----------------------------------------------------------

@@ -10,9 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import LLMException, LLMStatusCode
+from .options import OPTION_LISTEN_IP_INFO, native_options
 
 log = logging.getLogger("torch_kvreg.cpp")
-NATIVE_OPTIONS = ("llm.ListenIpInfo", "llm.DeviceId", "llm.SyncKvCacheWaitTime")
 
 
 def _status(fn: Callable[..., LLMStatusCode | int | None]) -> Callable[..., int]:
@@ -30,11 +30,16 @@ def _status(fn: Callable[..., LLMStatusCode | int | None]) -> Callable[..., int]
     return wrapper
 
 
+# Options arrive as torch_kvreg.initialize's: the C++ API read LLM-DataDist's with its copy
+# of the option table (csrc/options.cpp, options.from_upstream's twin), which leaves the
+# listen address to be checked here.
+
+
 @_status
-def initialize(cluster_id: int, role: int, options: list[tuple[str, str]]) -> None:
+def initialize(cluster_id: int, role: int, options: dict[str, str]) -> None:
     from . import registry
 
-    registry.initialize(cluster_id, role, options={k: v for k, v in options if k in NATIVE_OPTIONS})
+    registry.initialize(cluster_id, role, options=options)
 
 
 @_status
@@ -45,11 +50,10 @@ def finalize() -> None:
 
 
 @_status
-def set_role(role: int, options: list[tuple[str, str]]) -> None:
+def set_role(role: int, options: dict[str, str]) -> None:
     from . import remote
 
-    address = dict(options).get("llm.ListenIpInfo")
-    remote.serve_as(role, address)
+    remote.serve_as(role, native_options(options, None).get(OPTION_LISTEN_IP_INFO))
 
 
 @_status

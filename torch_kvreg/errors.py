@@ -111,8 +111,8 @@ def raw_error(kind: type[Exception], status: LLMStatusCode, detail: str) -> Exce
     if kind not in _NATIVE_TYPES:
         raise TypeError(f"raw ops raise {', '.join(t.__name__ for t in _NATIVE_TYPES)}, not {kind.__name__}")
     status = LLMStatusCode(status)
-    error = kind(f"{status.name}: {detail}")
-    error.status_code, error.detail = int(status), detail  # type: ignore[attr-defined]
+    error: Exception = kind(f"{status.name}: {detail}")
+    vars(error).update(status_code=int(status), detail=detail)
     return error
 
 

@@ -9,12 +9,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
-import hashlib
-import hmac
-import ipaddress
 import logging
-import os
-import secrets
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -26,6 +21,18 @@ from . import (
     lifecycle,
 )
 from .errors import LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
+from .options import (
+    DEFAULT_SYNC_KV_CACHE_WAIT_TIME_MS,
+    OPTION_DEVICE_ID,
+    OPTION_SYNC_KV_CACHE_WAIT_TIME,
+    kept,
+    native_options,
+)
+
+# Also imported from here by the remote layer and the vLLM connector.
+from .options import OPTION_LINK_SECRET as OPTION_LINK_SECRET
+from .options import OPTION_LISTEN_IP_INFO as OPTION_LISTEN_IP_INFO
+from .options import parse_listen_address as parse_listen_address
 from .types import (
     Cache,
     CacheDesc,
@@ -41,20 +48,6 @@ from .types import (
 )
 
 log = logging.getLogger("torch_kvreg")
-OPTION_DEVICE_ID = "llm.DeviceId"
-OPTION_LISTEN_IP_INFO = "llm.ListenIpInfo"
-OPTION_SYNC_KV_CACHE_WAIT_TIME = "llm.SyncKvCacheWaitTime"
-# Peers must prove they know it before they link (torch_kvreg.remote.auth); also read from
-# the environment variable below when the option is not given.
-OPTION_LINK_SECRET = "llm.LinkSecret"
-ENV_LINK_SECRET = "TORCH_KVREG_LINK_SECRET"
-MAX_LINK_SECRET_BYTES = 4096
-KNOWN_OPTIONS = (OPTION_DEVICE_ID, OPTION_LISTEN_IP_INFO, OPTION_SYNC_KV_CACHE_WAIT_TIME, OPTION_LINK_SECRET)
-# Keys the secret's stand-in in the options the native registry keeps (to tell a second
-# initialize with other options): equal secrets compare equal within this process, and
-# nothing kept or shown can be turned back into the secret.
-_SECRET_DIGEST_KEY = secrets.token_bytes(32)
-DEFAULT_SYNC_KV_CACHE_WAIT_TIME_MS = 1000
 _MAX_ADDRESS = 2**63 - 1
 
 
@@ -65,69 +58,6 @@ def default_limits() -> Limits:
     240
     """
     return Limits(*_C.default_limits())
-
-
-def parse_listen_address(text: str) -> tuple[str, int]:
-    """``"ip:port"`` as (ip, port); port 0 asks for a free port.
-
-    >>> parse_listen_address("127.0.0.1:26000")
-    ('127.0.0.1', 26000)
-    """
-    if not isinstance(text, str):
-        raise wrong_type(f"{OPTION_LISTEN_IP_INFO} must be a str, got {type(text).__name__}")
-    host, sep, port_text = text.rpartition(":")
-    host = host.strip("[]")
-    try:
-        ipaddress.ip_address(host)
-        port = int(port_text)
-    except ValueError:
-        raise param_invalid(f"{OPTION_LISTEN_IP_INFO} {text!r} is not 'ip:port'") from None
-    if not sep or not 0 <= port <= 65535:
-        raise param_invalid(f"{OPTION_LISTEN_IP_INFO} {text!r} is not 'ip:port' with a port 0-65535")
-    return host, port
-
-
-def _kept(key: str, value: str) -> str:
-    """An option's value as the native registry keeps it: the secret only as a keyed digest."""
-    if key != OPTION_LINK_SECRET:
-        return value
-    return "digest:" + hmac.new(_SECRET_DIGEST_KEY, value.encode(), hashlib.sha256).hexdigest()
-
-
-def _checked_options(options: Mapping[str, str] | None, device_id: int | None) -> dict[str, str]:
-    if options is None:
-        options = {}
-    if not isinstance(options, Mapping):
-        raise wrong_type(f"options must be a mapping of str to str, got {type(options).__name__}")
-    checked: dict[str, str] = {}
-    for key, value in options.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise wrong_type(f"option {key!r}: keys and values must be str")  # never the value
-        if key not in KNOWN_OPTIONS:
-            raise param_invalid(f"unknown option {key!r}; known options are {', '.join(KNOWN_OPTIONS)}")
-        checked[key] = value
-    if OPTION_DEVICE_ID in checked:
-        try:
-            option_device = int(checked[OPTION_DEVICE_ID])
-        except ValueError:
-            raise param_invalid(f"{OPTION_DEVICE_ID} {checked[OPTION_DEVICE_ID]!r} is not an int") from None
-        if option_device < 0:
-            raise param_invalid(f"{OPTION_DEVICE_ID} must be >= 0, got {option_device}")
-        if device_id is not None and device_id != option_device:
-            raise param_invalid(f"device_id={device_id} disagrees with {OPTION_DEVICE_ID}={option_device}")
-    if OPTION_LISTEN_IP_INFO in checked:
-        parse_listen_address(checked[OPTION_LISTEN_IP_INFO])
-    if OPTION_LINK_SECRET not in checked and os.environ.get(ENV_LINK_SECRET):
-        checked[OPTION_LINK_SECRET] = os.environ[ENV_LINK_SECRET]
-    if OPTION_LINK_SECRET in checked:
-        size = len(checked[OPTION_LINK_SECRET].encode())
-        if not 0 < size <= MAX_LINK_SECRET_BYTES:  # (the message never shows the secret)
-            raise param_invalid(f"{OPTION_LINK_SECRET} must have 1 to {MAX_LINK_SECRET_BYTES} bytes, got {size}")
-    if OPTION_SYNC_KV_CACHE_WAIT_TIME in checked:
-        text = checked[OPTION_SYNC_KV_CACHE_WAIT_TIME]
-        if not text.isdigit() or int(text) <= 0:
-            raise param_invalid(f"{OPTION_SYNC_KV_CACHE_WAIT_TIME} must be a positive int of ms, got {text!r}")
-    return checked
 
 
 @raises_llm
@@ -160,7 +90,7 @@ def initialize(
         device_id = as_int(device_id, "device_id")
         if device_id < 0:
             raise param_invalid(f"device_id must be >= 0, got {device_id}")
-    checked = _checked_options(options, device_id)
+    checked = native_options(options, device_id)
     if device_id is None and OPTION_DEVICE_ID in checked:
         device_id = int(checked[OPTION_DEVICE_ID])
     if limits is None:
@@ -170,11 +100,17 @@ def initialize(
     caps = tuple(as_int(v, "limits field") for v in (limits.max_addrs, limits.max_device_bytes, limits.max_host_bytes))
     if any(v < 0 for v in caps) or any(v > _MAX_ADDRESS for v in caps):
         raise param_invalid(f"limits must be between 0 and 2**63-1, got {limits!r}")
-    canonical = "\n".join(f"{k}={_kept(k, v)}" for k, v in sorted(checked.items()))
     first_time = not _C.is_initialized()
-    wait_ms = int(checked.get(OPTION_SYNC_KV_CACHE_WAIT_TIME, DEFAULT_SYNC_KV_CACHE_WAIT_TIME_MS))
-    device = -1 if device_id is None else device_id
-    _C.initialize(cluster_id, int(role), device, canonical, caps[0], caps[1], caps[2], wait_ms)
+    _C.initialize(
+        cluster_id=cluster_id,
+        role=int(role),
+        device_id=-1 if device_id is None else device_id,
+        options=kept(checked),
+        max_addrs=caps[0],
+        max_device_bytes=caps[1],
+        max_host_bytes=caps[2],
+        wait_ms=int(checked.get(OPTION_SYNC_KV_CACHE_WAIT_TIME, DEFAULT_SYNC_KV_CACHE_WAIT_TIME_MS)),
+    )
     if first_time:
         try:
             lifecycle.initialized(checked)
@@ -226,12 +162,8 @@ def is_initialized() -> bool:
 
 
 def option(key: str, default: str | None = None) -> str | None:
-    """The value of an ``initialize`` option now in force."""
-    for line in _C.config()[3].split("\n"):
-        name, _, value = line.partition("=")
-        if name == key:
-            return value
-    return default
+    """The value of an ``initialize`` option now in force (the link secret only as a digest)."""
+    return _C.config()[3].get(key, default)
 
 
 def cluster_id() -> int:

@@ -69,6 +69,15 @@ uint32_t shim_set_role(int32_t role, const char* listen) {
   return datadist->SetRole(static_cast<LlmRole>(role), options);
 }
 
+// options: n key/value pairs
+uint32_t shim_set_role_options(int32_t role, const char** keys, const char** values, int n) {
+  std::map<AscendString, AscendString> options;
+  for (int i = 0; i < n; ++i) {
+    options[AscendString(keys[i])] = AscendString(values[i]);
+  }
+  return datadist->SetRole(static_cast<LlmRole>(role), options);
+}
+
 uint32_t shim_register(
     uint32_t placement, uint32_t num_tensors, int32_t data_type, const int64_t* shape, int rank,
     const uint64_t* addrs, int n, int64_t* cache_id) {

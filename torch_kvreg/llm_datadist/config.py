@@ -7,6 +7,15 @@ import socket
 from typing import Any
 
 from ..errors import param_invalid, wrong_type
+from ..options import (
+    GE_DEVICE_ID,
+    GE_SESSION_DEVICE_ID,
+    MAX_DEVICE_ID,
+    MAX_SYNC_KV_CACHE_WAIT_TIME_MS,
+    OPTIONS,
+    Check,
+    check_value,
+)
 
 UINT16_MAX = 2**16 - 1
 UINT32_MAX = 2**32 - 1
@@ -123,36 +132,16 @@ class LLMConfig:
         self._options: dict[str, str] = {}
         self._values: dict[str, Any] = {"mem_utilization": 0.95}
 
-    # Each property: (option key, check). Properties not set produce no option.
-    _KEYS = {
-        "listen_ip_info": "llm.listenIpInfo",
-        "sync_kv_timeout": "llm.SyncKvCacheWaitTime",
-        "enable_cache_manager": "llm.EnableCacheManager",
-        "enable_remote_cache_accessible": "llm.EnableRemoteCacheAccessible",
-        "local_comm_res": "llm.LocalCommRes",
-        "mem_pool_cfg": "llm.MemPoolConfig",
-        "host_mem_pool_cfg": "llm.HostMemPoolConfig",
-        "buf_pool_cfg": "llm.BufPoolCfg",
-        "transfer_backend": "llm.TransferBackend",
-        "link_total_time": "llm.LinkTotalTime",
-        "link_retry_count": "llm.LinkRetryCount",
-        "enable_switch_role": "llm.EnableSwitchRole",
-        "rdma_traffic_class": "llm.RdmaTrafficClass",
-        "rdma_service_level": "llm.RdmaServiceLevel",
-        "mem_utilization": "llm.MemoryUtilization",
-        "deploy_res_path": "llm.deployResPath",
-        "output_max_size": "llm.OutputMaxSize",
-        "cluster_info": "llm.ClusterInfo",
-        "global_resource_config": "llm.GlobalResourceConfig",
-    }
+    # Property -> the option key it generates (torch_kvreg.options is the table of keys).
+    _KEYS = {option.config: option.key for option in OPTIONS if option.config is not None}
 
     def generate_options(self) -> dict[str, str]:
         options = dict(self._values.get("ge_options", {}))
         device_id = self._values.get("device_id")
         if device_id is not None:
             ids = list(device_id) if isinstance(device_id, (list, tuple)) else [device_id]
-            options["ge.exec.deviceId"] = ";".join(str(i) for i in ids)
-            options["ge.session_device_id"] = str(ids[0])
+            options[GE_DEVICE_ID] = ";".join(str(i) for i in ids)
+            options[GE_SESSION_DEVICE_ID] = str(ids[0])
         for name, key in self._KEYS.items():
             value = self._values.get(name)
             if (
@@ -195,7 +184,7 @@ class LLMConfig:
     def device_id(self, value: int | list[int] | tuple[int, ...]) -> None:
         ids = value if isinstance(value, (list, tuple)) else [value]
         for device in ids:
-            check_int("device_id", device, 0, INT32_MAX)
+            check_int("device_id", device, 0, MAX_DEVICE_ID)
         self._set("device_id", value)
 
     @property
@@ -248,9 +237,10 @@ class LLMConfig:
     @sync_kv_timeout.setter
     def sync_kv_timeout(self, value: int | str) -> None:
         check_type("sync_kv_timeout", value, (int, str))
-        if isinstance(value, str) and not value.isdigit():
-            raise param_invalid(f"sync_kv_timeout must be digits, got {value!r}")
-        check_int("sync_kv_timeout", int(value), 1, INT32_MAX)
+        if isinstance(value, str):
+            check_value("sync_kv_timeout", value, Check.WAIT_MS)
+        else:
+            check_int("sync_kv_timeout", value, 1, MAX_SYNC_KV_CACHE_WAIT_TIME_MS)
         self._set("sync_kv_timeout", value)
 
     @property

@@ -3,71 +3,18 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import registry, remote
 from ..errors import LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
+from ..options import OPTION_LISTEN_IP_INFO, from_upstream
 from ..types import ClusterInfo, LlmRole
 from .cache_manager import CacheManager
 from .config import INT32_MAX, UINT64_MAX, LLMClusterInfo, check_int, int_to_ip
 from .session import Session
 
 log = logging.getLogger("torch_kvreg.llm_datadist")
-
-# Upstream option keys and what they become here.
-LISTEN_KEYS = ("llm.listenIpInfo", "llm.ListenIpInfo")
-DEVICE_KEYS = ("ge.exec.deviceId", "ge.session_device_id", "llm.DeviceId")
-WAIT_KEY = "llm.SyncKvCacheWaitTime"
-# Accepted and ignored: they tune Ascend resources (memory pools, RDMA, HCCL communication
-# resources, the transfer backend's name, link retries) and cannot change what a call
-# returns or which bytes land where here.
-IGNORED_KEYS = frozenset(
-    {
-        "llm.MemoryUtilization",
-        "llm.EnableCacheManager",
-        "llm.EnableRemoteCacheAccessible",
-        "llm.LocalCommRes",
-        "llm.TransferBackend",
-        "llm.LinkTotalTime",
-        "llm.LinkRetryCount",
-        "llm.RdmaTrafficClass",
-        "llm.RdmaServiceLevel",
-        "llm.EnableSwitchRole",
-        "llm.MemPoolConfig",
-        "llm.HostMemPoolConfig",
-        "llm.BufPoolCfg",
-        "llm.deployResPath",
-        "llm.OutputMaxSize",
-        "llm.ClusterInfo",
-        "llm.GlobalResourceConfig",
-        "ge.flowGraphMemMaxSize",
-    }
-)
-
-
-def _native_options(options: Mapping[str, str]) -> tuple[dict[str, str], int | None]:
-    """torch_kvreg's initialize() options and device id from upstream's option dict."""
-    if not isinstance(options, dict):
-        raise wrong_type(f"options must be a dict of str to str, got {type(options).__name__}")
-    native: dict[str, str] = {}
-    device_id = None
-    for key, value in options.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise wrong_type(f"option {key!r}: keys and values must be str")
-        if key in LISTEN_KEYS:
-            if value:
-                native["llm.ListenIpInfo"] = value
-        elif key in DEVICE_KEYS:
-            first = value.split(";")[0]
-            if not first.isdigit():
-                raise param_invalid(f"option {key}={value!r} is not a device id")
-            device_id = int(first)
-        elif key == WAIT_KEY:
-            native[WAIT_KEY] = value
-        elif key not in IGNORED_KEYS and not key.startswith("ge."):
-            raise param_invalid(f"unknown option {key!r}")
-    return native, device_id
 
 
 def _cluster_infos(clusters: object, need_address: bool) -> list[ClusterInfo]:
@@ -131,13 +78,13 @@ class LLMDataDist:
 
     @raises_llm
     def init(self, options: dict[str, str]) -> None:
-        """Initializes torch_kvreg with upstream's options (see the README for the keys)."""
+        """Initializes torch_kvreg with upstream's options (torch_kvreg.options: the keys
+        that take effect, those accepted and ignored; the README lists them)."""
         if self._session.opened:
             return
         if LLMDataDist._instance is not None:
             raise make_error(LLMStatusCode.LLM_FAILED, "Cannot init multiple LLMDataDists in one process")
-        native, device_id = _native_options(options)
-        registry.initialize(self._cluster_id, self._role, device_id=device_id, options=native)
+        registry.initialize(self._cluster_id, self._role, options=from_upstream(options))
         self._session.open()
         self._cache_manager = CacheManager(self._session)
         LLMDataDist._instance = self
@@ -189,8 +136,7 @@ class LLMDataDist:
             raise wrong_type(f"role must be an LLMRole, got {role!r}")
         role = LlmRole(role)
         options = {} if switch_options is None else switch_options
-        native, _ = _native_options(options)
-        remote.serve_as(role, native.get("llm.ListenIpInfo"))
+        remote.serve_as(role, from_upstream(options).get(OPTION_LISTEN_IP_INFO))
         log.info("LLMDataDist %d: %s -> %s", self._cluster_id, self._role.name, role.name)
         self._role = role
 
