@@ -106,7 +106,10 @@ ASAN_TESTS := tests/test_registry.py tests/test_copy_blocks.py tests/test_bad_in
 	tests/test_same_host.py::test_a_watch_ends_a_wait_for_ends_at_its_time_not_before \
 	tests/test_same_host.py::test_a_piece_running_into_unmapped_memory_stops_there \
 	tests/test_same_host.py::test_bad_jobs_are_refused_and_start_nothing \
-	tests/test_same_host.py::test_a_slow_job_is_cancelled_waited_for_and_woken_from
+	tests/test_same_host.py::test_a_slow_job_is_cancelled_waited_for_and_woken_from \
+	tests/test_same_host.py::test_a_job_handle_copies_its_pieces_and_reports_its_end \
+	tests/test_same_host.py::test_dropping_a_running_jobs_handle_cancels_it_and_its_state_goes_with_its_threads \
+	tests/test_same_host.py::test_a_native_routes_start_job_copies_its_blocks_or_takes_nothing
 test-asan: $(DEPS_STAMP)
 	rm -rf $(ASAN_PKG) && mkdir -p $(ASAN_PKG) && cp -r torch_kvreg $(ASAN_PKG)/ && rm -rf $(ASAN_PKG)/torch_kvreg/*.so $(ASAN_PKG)/torch_kvreg/lib
 	KVREG_SANITIZE=1 $(PY) setup.py -q build_ext --build-temp build-asan/temp --build-lib $(ASAN_PKG)
