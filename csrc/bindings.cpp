@@ -9,6 +9,7 @@
 #include "status.h"
 
 #include <pybind11/numpy.h>
+#include <pybind11/operators.h>
 #include <torch/extension.h>
 
 #include <cstring>
@@ -21,12 +22,60 @@ namespace {
 
 using kvreg::Registry;
 
-py::tuple cache_tuple(const kvreg::CacheRecord& record) {
-  const auto& desc = record.desc;
-  return py::make_tuple(
-      record.cache_id, desc.num_tensors, static_cast<int64_t>(desc.data_type), desc.shape,
-      static_cast<int64_t>(desc.placement), desc.device_index, record.addrs, record.remote_accessible,
-      record.layer_names, record.name_layers);
+// "Name(field=value, ...)" of a record: its read-only fields, in the order they were bound.
+std::string record_repr(const py::object& record) {
+  const py::handle type = py::type::handle_of(record);
+  std::string out = type.attr("__name__").cast<std::string>() + "(";
+  const char* separator = "";
+  for (const auto& [name, value] : type.attr("__dict__").cast<py::dict>()) {
+    const auto field = name.cast<std::string>();
+    if (field[0] != '_' && py::isinstance(value, py::module_::import("builtins").attr("property"))) {
+      out += separator + field + "=" + py::repr(record.attr(name)).cast<std::string>();
+      separator = ", ";
+    }
+  }
+  return out + ")";
+}
+
+// The registry's records as Python sees them: named, read-only fields, compared by value.
+void bind_records(py::module_& m) {
+  py::class_<kvreg::Limits>(m, "Limits", "The caps of the registry (kvreg::Limits).")
+      .def_readonly("max_addrs", &kvreg::Limits::max_addrs)
+      .def_readonly("max_device_bytes", &kvreg::Limits::max_device_bytes)
+      .def_readonly("max_host_bytes", &kvreg::Limits::max_host_bytes)
+      .def("__repr__", &record_repr)
+      .def(py::self == py::self);
+  py::class_<kvreg::Usage>(m, "Usage", "What is registered (kvreg::Usage).")
+      .def_readonly("num_caches", &kvreg::Usage::num_caches)
+      .def_readonly("num_addrs", &kvreg::Usage::num_addrs)
+      .def_readonly("device_bytes", &kvreg::Usage::device_bytes)
+      .def_readonly("host_bytes", &kvreg::Usage::host_bytes)
+      .def("__repr__", &record_repr);
+  py::class_<kvreg::InitConfig>(m, "InitConfig", "What initialize() was given (kvreg::InitConfig).")
+      .def_readonly("cluster_id", &kvreg::InitConfig::cluster_id)
+      .def_readonly("role", &kvreg::InitConfig::role)
+      .def_readonly("device_id", &kvreg::InitConfig::device_id)
+      .def_readonly("options", &kvreg::InitConfig::options)
+      .def_readonly("limits", &kvreg::InitConfig::limits)
+      .def_readonly("wait_ms", &kvreg::InitConfig::wait_ms)
+      .def("__repr__", &record_repr)
+      .def(py::self == py::self);
+  using kvreg::CacheRecord;
+  py::class_<CacheRecord>(m, "CacheRecord", "One registration (kvreg::CacheRecord).")
+      .def_readonly("cache_id", &CacheRecord::cache_id)
+      .def_property_readonly("num_tensors", [](const CacheRecord& r) { return r.desc.num_tensors; })
+      .def_property_readonly(
+          "data_type", [](const CacheRecord& r) { return static_cast<int64_t>(r.desc.data_type); })
+      .def_property_readonly("shape", [](const CacheRecord& r) { return r.desc.shape; })
+      .def_property_readonly(
+          "placement", [](const CacheRecord& r) { return static_cast<int64_t>(r.desc.placement); })
+      .def_property_readonly("device_index", [](const CacheRecord& r) { return r.desc.device_index; })
+      .def_readonly("addrs", &CacheRecord::addrs)
+      .def_readonly("remote_accessible", &CacheRecord::remote_accessible)
+      .def_readonly("keys", &CacheRecord::keys)
+      .def_readonly("layer_names", &CacheRecord::layer_names)
+      .def_readonly("name_layers", &CacheRecord::name_layers)
+      .def("__repr__", &record_repr);
 }
 
 // (num_tensors, data_type, shape, placement, device_index), as Python's CacheDesc holds it.
@@ -178,27 +227,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("finalize", [] { return Registry::instance().finalize(); }, py::call_guard<py::gil_scoped_release>());
   m.def("orphans", [] { return Registry::instance().orphans(); });
   m.def("is_initialized", [] { return Registry::instance().is_initialized(); });
-  m.def("config", [] {
-    const auto config = Registry::instance().config();
-    return py::make_tuple(config.cluster_id, config.role, config.device_id, config.options);
-  });
-  m.def("limits", [] {
-    const auto limits = Registry::instance().limits();
-    return py::make_tuple(limits.max_addrs, limits.max_device_bytes, limits.max_host_bytes);
-  });
-  m.def("default_limits", [] {
-    const kvreg::Limits limits;
-    return py::make_tuple(limits.max_addrs, limits.max_device_bytes, limits.max_host_bytes);
-  });
-  m.def("usage", [] {
-    const auto usage = Registry::instance().usage();
-    return py::make_tuple(usage.num_caches, usage.num_addrs, usage.device_bytes, usage.host_bytes);
-  });
+  bind_records(m);
+  m.def("config", [] { return Registry::instance().config(); });
+  m.def("limits", [] { return Registry::instance().limits(); });
+  m.def("default_limits", [] { return kvreg::Limits(); });
+  m.def("usage", [] { return Registry::instance().usage(); });
   m.def("hold", [](int64_t cache_id) { Registry::instance().hold(cache_id); });
   m.def("unhold", [](int64_t cache_id) { Registry::instance().unhold(cache_id); });
   m.def("in_flight", [](int64_t cache_id) { return Registry::instance().in_flight(cache_id); });
   m.def("cache_ids", [] { return Registry::instance().cache_ids(); });
-  m.def("get_cache", [](int64_t cache_id) { return cache_tuple(Registry::instance().get(cache_id)); });
+  m.def("get_cache", [](int64_t cache_id) { return Registry::instance().get(cache_id); });
   // copy_kv_blocks without the GIL, for copies that run beside Python (asynchronous ones).
   m.def(
       "copy_blocks",

@@ -418,6 +418,14 @@ MUTANTS = [
         "digits_in(value, 0, kMaxSyncKvCacheWaitTimeMs)",
         ["tests/test_sources_of_truth.py", "tests/test_cpp_api.py"],
     ),
+    # --- records across pybind -------------------------------------------------------------
+    (
+        "a cache record's device_index reads another field",
+        "csrc/bindings.cpp",
+        '.def_property_readonly("device_index", [](const CacheRecord& r) { return r.desc.device_index; })',
+        '.def_property_readonly("device_index", [](const CacheRecord& r) { return r.desc.num_tensors; })',
+        ["tests/test_registry.py"],
+    ),
     # --- statuses as values -----------------------------------------------------------------
     (
         "the C++ API reads every failed check as LLM_FAILED",

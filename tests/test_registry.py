@@ -369,3 +369,31 @@ def test_default_wait_time_is_one_second():
     assert info.value.status_code == LLMStatusCode.LLM_TIMEOUT
     assert 0.9 <= waited < 3.0, waited
     kv.unregister_kv_cache(cache)
+
+
+def test_the_native_records_have_named_read_only_fields():
+    """What the native module returns about the registry is records with named fields (no
+    positional tuples), and the Python types are built from those names."""
+    from torch_kvreg import _C
+
+    kv.initialize(7, kv.LlmRole.DECODER, options={"llm.SyncKvCacheWaitTime": "300"})
+    tensors = [torch.zeros(4, 8, dtype=torch.float16) for _ in range(2)]
+    cache = kv.register_kv_cache(tensors, RegisterCfg(remote_accessible=True), keys=["", "req-1"])
+    record = _C.get_cache(cache.cache_id)
+    assert type(record).__name__ == "CacheRecord" and not isinstance(record, tuple)
+    assert (record.cache_id, record.num_tensors, record.data_type, record.shape) == (cache.cache_id, 2, 1, [4, 8])
+    assert (record.placement, record.device_index, record.remote_accessible) == (Placement.HOST, -1, True)
+    assert record.addrs == [t.data_ptr() for t in tensors] and record.keys == ["", "req-1"]
+    assert (record.layer_names, record.name_layers) == ([], [])
+    assert repr(record).startswith(f"CacheRecord(cache_id={cache.cache_id}, num_tensors=2, data_type=1, shape=[4, 8],")
+    with pytest.raises(AttributeError):
+        record.remote_accessible = False  # a copy of the registry's facts, read-only
+    config = _C.config()
+    assert (config.cluster_id, config.role, config.device_id, config.wait_ms) == (7, 2, -1, 300)
+    assert config.options == {"llm.SyncKvCacheWaitTime": "300"} and config.limits == _C.limits() == _C.default_limits()
+    assert kv.limits() == kv.Limits(
+        config.limits.max_addrs, config.limits.max_device_bytes, config.limits.max_host_bytes
+    )
+    usage = _C.usage()
+    assert (usage.num_caches, usage.num_addrs, usage.device_bytes, usage.host_bytes) == (1, 2, 0, 128)
+    assert kv.usage() == kv.Usage(1, 2, 0, 128) and kv.registry.remote_accessible(cache)

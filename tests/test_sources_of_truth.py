@@ -363,7 +363,7 @@ def test_native_scalar_types_map_to_the_python_data_types():
         except ValueError as exc:
             assert "no LLM DataType" in str(exc)
             continue
-        found[str(dtype)] = _C.get_cache(cache_id)[2]
+        found[str(dtype)] = _C.get_cache(cache_id).data_type
         torch.ops.llm.unregister_kv_cache(cache_id)
     expected = {str(dtype): int(data_type) for data_type, dtype in _TO_TORCH.items()}
     assert_same_table("the native module (register_kv_cache data_type)", found, "torch_kvreg/types.py", expected)

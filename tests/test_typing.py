@@ -81,6 +81,20 @@ def test_the_stub_declares_exactly_what_the_native_module_has():
     assert len(native_functions) >= 25  # the comparison saw the whole module
 
 
+# Pairs that every caller unpacks at once, never indexes.
+UNPACKED_PAIRS = {"find_key", "peer_copy_peek"}
+
+
+def test_native_functions_return_records_not_tuples():
+    """Records cross the pybind boundary with named fields: no function of _C returns a
+    positional tuple (bar the pairs above), so no caller reads a field by its index."""
+    tree = ast.parse((PACKAGE / "_C.pyi").read_text())
+    returns = {node.name: ast.unparse(node.returns) for node in tree.body if isinstance(node, ast.FunctionDef)}
+    tuples = {name for name, annotation in returns.items() if "tuple[" in annotation}
+    assert tuples <= UNPACKED_PAIRS, sorted(tuples - UNPACKED_PAIRS)
+    assert {"get_cache", "config", "limits", "default_limits", "usage"} <= returns.keys()
+
+
 def test_the_arity_parser_reads_nested_types():
     class Fake:
         __doc__ = "f(arg0: tuple[int, list[int]], arg1: str) -> None"

@@ -51,13 +51,17 @@ log = logging.getLogger("torch_kvreg")
 _MAX_ADDRESS = 2**63 - 1
 
 
+def _limits(native: _C.Limits) -> Limits:
+    return Limits(native.max_addrs, native.max_device_bytes, native.max_host_bytes)
+
+
 def default_limits() -> Limits:
     """The caps in force when ``initialize`` is given no ``limits`` (defined in C++).
 
     >>> default_limits().max_addrs
     240
     """
-    return Limits(*_C.default_limits())
+    return _limits(_C.default_limits())
 
 
 @raises_llm
@@ -163,12 +167,12 @@ def is_initialized() -> bool:
 
 def option(key: str, default: str | None = None) -> str | None:
     """The value of an ``initialize`` option now in force (the link secret only as a digest)."""
-    return _C.config()[3].get(key, default)
+    return _C.config().options.get(key, default)
 
 
 def cluster_id() -> int:
     """The cluster id given to ``initialize``."""
-    return int(_C.config()[0])
+    return _C.config().cluster_id
 
 
 def limits() -> Limits:
@@ -178,7 +182,7 @@ def limits() -> Limits:
     >>> torch_kvreg.limits().max_host_bytes == 20 * 2**30
     True
     """
-    return Limits(*_C.limits())
+    return _limits(_C.limits())
 
 
 def usage() -> Usage:
@@ -191,14 +195,14 @@ def usage() -> Usage:
     Usage(num_caches=1, num_addrs=2, device_bytes=0 B, host_bytes=256 B)
     >>> torch_kvreg.finalize()
     """
-    return Usage(*_C.usage())
+    native = _C.usage()
+    return Usage(native.num_caches, native.num_addrs, native.device_bytes, native.host_bytes)
 
 
-def cache_from_native(values: _C.CacheTuple) -> Cache:
-    """A Cache from the tuple that ``_C.get_cache`` returns."""
-    cache_id, num_tensors, data_type, shape, placement, device_index, addrs, _remote, names, layers = values
-    desc = _desc(num_tensors, data_type, tuple(shape), placement, device_index)
-    return Cache(cache_id, desc, tuple(addrs), tuple(names), tuple(layers))
+def cache_from_native(record: _C.CacheRecord) -> Cache:
+    """A Cache from the record that ``_C.get_cache`` returns."""
+    desc = _desc(record.num_tensors, record.data_type, tuple(record.shape), record.placement, record.device_index)
+    return Cache(record.cache_id, desc, tuple(record.addrs), tuple(record.layer_names), tuple(record.name_layers))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -230,7 +234,7 @@ def get_cache(cache_id: int) -> Cache:
 
 def remote_accessible(cache: Cache | int) -> bool:
     """Whether remote peers may pull from or push to this cache."""
-    return bool(raises_llm(_C.get_cache)(cache_id_of(cache))[7])
+    return raises_llm(_C.get_cache)(cache_id_of(cache)).remote_accessible
 
 
 @raises_llm
@@ -407,10 +411,10 @@ def registered_caches_table() -> display.Table:
     if _C.is_initialized():
         for cache_id in _C.cache_ids():
             try:
-                values = _C.get_cache(cache_id)
+                record = _C.get_cache(cache_id)
             except RuntimeError:  # unregistered since cache_ids()
                 continue
-            desc = cache_from_native(values).cache_desc
+            desc = cache_from_native(record).cache_desc
             rows.append(
                 [
                     cache_id,
@@ -419,7 +423,7 @@ def registered_caches_table() -> display.Table:
                     tuple(desc.shape),
                     desc.num_tensors,
                     format_bytes(desc.nbytes),
-                    "yes" if values[7] else "no",
+                    "yes" if record.remote_accessible else "no",
                     _C.in_flight(cache_id),
                 ]
             )

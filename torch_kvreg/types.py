@@ -329,7 +329,7 @@ class Cache:
             from . import _C
 
             try:
-                registered = "yes" if _C.get_cache(self.cache_id)[6] == list(self.tensor_addrs) else "no (id reused)"
+                registered = "yes" if _C.get_cache(self.cache_id).addrs == list(self.tensor_addrs) else "no (id reused)"
             except Exception:  # noqa: BLE001  (unregistered, or the registry finalized)
                 registered = "no (unregistered)"
             desc = self.cache_desc

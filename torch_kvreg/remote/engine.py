@@ -188,7 +188,7 @@ class Engine:
             values = _C.get_cache(cache_id)
         except RuntimeError:
             raise make_error(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"cache id {cache_id} is not registered") from None
-        cache, remote_accessible = cache_from_native(values), bool(values[7])
+        cache, remote_accessible = cache_from_native(values), values.remote_accessible
         if not remote_accessible:
             raise make_error(
                 LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"cache id {cache_id} is registered with remote_accessible=False"
