@@ -393,8 +393,8 @@ MUTANTS = [
     (
         "options: initialize takes an upstream-only key",
         "torch_kvreg/options.py",
-        "        if option is None or option.check is None:",
-        "        if option is None:",
+        "{option.key: option.check for option in OPTIONS if option.check is not None}",
+        "{option.key: option.check for option in OPTIONS}",
         ["tests/test_options.py"],
     ),
     (

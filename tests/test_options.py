@@ -29,7 +29,7 @@ BAD = {
 
 def native_value(option):
     """A good value of an upstream key, as the facades read it, and the native value it sets."""
-    check = NATIVE[option.sets].check
+    check = NATIVE[option.sets]
     value = GOOD[check]
     if option.form is Form.DEVICE_LIST:
         return value + ";3", value
@@ -57,7 +57,7 @@ def test_the_table_is_well_formed():
         else:
             assert option.sets is None, option
         assert option.key.startswith(("llm.", "ge.")), option
-    assert {check for option in NATIVE.values() for check in [option.check]} == set(Check)
+    assert set(NATIVE.values()) == set(Check)
     assert set(GOOD) == set(BAD) == set(Check)
 
 
@@ -72,7 +72,7 @@ def test_each_check_takes_its_good_value_and_refuses_bad_ones(check):
 # --- torch_kvreg.initialize --------------------------------------------------------------------
 @pytest.mark.parametrize("key", sorted(NATIVE))
 def test_initialize_takes_each_native_key(key):
-    value = GOOD[NATIVE[key].check]
+    value = GOOD[NATIVE[key]]
     if key == options.OPTION_LISTEN_IP_INFO and not kv.remote.nixl_available():
         pytest.skip("listening needs the nixl extra")
     kv.initialize(options={key: value})
@@ -89,7 +89,7 @@ def test_initialize_refuses_every_other_key(key):
 
 @pytest.mark.parametrize("key", sorted(NATIVE))
 def test_bad_native_values_are_refused_and_change_nothing(key):
-    for value in BAD[NATIVE[key].check]:
+    for value in BAD[NATIVE[key]]:
         with pytest.raises(kv.LLMParamInvalidError) as info:
             kv.initialize(cluster_id=4, options={key: value})
         assert info.value.status_code == P and not kv.is_initialized(), value
@@ -134,7 +134,7 @@ def test_the_facade_refuses_keys_not_in_the_table(key):
 @pytest.mark.parametrize("key", sorted(k for k, o in UPSTREAM.items() if o.form is not Form.IGNORED))
 def test_bad_upstream_values_are_refused_and_change_nothing(key):
     option = UPSTREAM[key]
-    bad = [v for v in BAD[NATIVE[option.sets].check] if not (option.form is Form.ADDRESS and v == "")]
+    bad = [v for v in BAD[NATIVE[option.sets]] if not (option.form is Form.ADDRESS and v == "")]
     for value in bad:
         datadist = LLMDataDist(LLMRole.DECODER, 1)
         with pytest.raises(kv.LLMParamInvalidError) as info:

@@ -107,7 +107,8 @@ OPTIONS: tuple[Option, ...] = (
     _ignored("llm.GlobalResourceConfig", "global_resource_config"),
     _ignored("ge.flowGraphMemMaxSize"),
 )
-NATIVE: dict[str, Option] = {option.key: option for option in OPTIONS if option.check is not None}
+# Native key -> the check of its value.
+NATIVE: dict[str, Check] = {option.key: option.check for option in OPTIONS if option.check is not None}
 UPSTREAM: dict[str, Option] = {option.key: option for option in OPTIONS if option.form is not None}
 # Keys the native registry keeps the secret's stand-in under (to tell a second initialize
 # with other options): equal secrets compare equal within this process, and nothing kept or
@@ -184,10 +185,10 @@ def native_options(options: Mapping[str, str] | None, device_id: int | None) -> 
     if OPTION_LINK_SECRET not in checked and os.environ.get(ENV_LINK_SECRET):
         checked[OPTION_LINK_SECRET] = os.environ[ENV_LINK_SECRET]
     for key, value in checked.items():
-        option = NATIVE.get(key)
-        if option is None or option.check is None:
+        check = NATIVE.get(key)
+        if check is None:
             raise param_invalid(f"unknown option {key!r}; known options are {', '.join(NATIVE)}")
-        check_value(key, value, option.check)
+        check_value(key, value, check)
     if device_id is not None and OPTION_DEVICE_ID in checked and int(checked[OPTION_DEVICE_ID]) != device_id:
         raise param_invalid(f"device_id={device_id} disagrees with {OPTION_DEVICE_ID}={checked[OPTION_DEVICE_ID]}")
     return checked
@@ -225,9 +226,7 @@ def from_upstream(options: object) -> dict[str, str]:
         assert option.sets is not None
         if option.form is Form.DEVICE_LIST:
             value = value.split(";")[0]
-        check = NATIVE[option.sets].check
-        assert check is not None
-        check_value(key, value, check)
+        check_value(key, value, NATIVE[option.sets])
         if native.get(option.sets, value) != value:
             raise param_invalid(f"option {key}={value!r} disagrees with {option.sets}={native[option.sets]!r}")
         native[option.sets] = value
