@@ -38,20 +38,22 @@ std::string record_repr(const py::object& record) {
 }
 
 // The registry's records as Python sees them: named, read-only fields, compared by value.
+// Module-local: a second copy of this module in the process binds its own.
 void bind_records(py::module_& m) {
-  py::class_<kvreg::Limits>(m, "Limits", "The caps of the registry (kvreg::Limits).")
+  py::class_<kvreg::Limits>(m, "Limits", "The caps of the registry (kvreg::Limits).", py::module_local())
       .def_readonly("max_addrs", &kvreg::Limits::max_addrs)
       .def_readonly("max_device_bytes", &kvreg::Limits::max_device_bytes)
       .def_readonly("max_host_bytes", &kvreg::Limits::max_host_bytes)
       .def("__repr__", &record_repr)
       .def(py::self == py::self);
-  py::class_<kvreg::Usage>(m, "Usage", "What is registered (kvreg::Usage).")
+  py::class_<kvreg::Usage>(m, "Usage", "What is registered (kvreg::Usage).", py::module_local())
       .def_readonly("num_caches", &kvreg::Usage::num_caches)
       .def_readonly("num_addrs", &kvreg::Usage::num_addrs)
       .def_readonly("device_bytes", &kvreg::Usage::device_bytes)
       .def_readonly("host_bytes", &kvreg::Usage::host_bytes)
       .def("__repr__", &record_repr);
-  py::class_<kvreg::InitConfig>(m, "InitConfig", "What initialize() was given (kvreg::InitConfig).")
+  py::class_<kvreg::InitConfig>(
+      m, "InitConfig", "What initialize() was given (kvreg::InitConfig).", py::module_local())
       .def_readonly("cluster_id", &kvreg::InitConfig::cluster_id)
       .def_readonly("role", &kvreg::InitConfig::role)
       .def_readonly("device_id", &kvreg::InitConfig::device_id)
@@ -61,7 +63,7 @@ void bind_records(py::module_& m) {
       .def("__repr__", &record_repr)
       .def(py::self == py::self);
   using kvreg::CacheRecord;
-  py::class_<CacheRecord>(m, "CacheRecord", "One registration (kvreg::CacheRecord).")
+  py::class_<CacheRecord>(m, "CacheRecord", "One registration (kvreg::CacheRecord).", py::module_local())
       .def_readonly("cache_id", &CacheRecord::cache_id)
       .def_property_readonly("num_tensors", [](const CacheRecord& r) { return r.desc.num_tensors; })
       .def_property_readonly(

@@ -190,7 +190,7 @@ def test_second_copy_of_the_library_shares_the_first(tmp_path):
         "torch_kvreg.initialize()\n"
         "copy.register_tensors([torch.zeros(4)], False, -1, [])\n"
         "torch_kvreg.register_kv_cache(torch.zeros(2))\n"
-        "print('shared', torch_kvreg.usage().num_caches, copy.usage()[0])\n"
+        "print('shared', torch_kvreg.usage().num_caches, copy.usage().num_caches)\n"
     )
     for code in (
         "import torch, torch_kvreg\n" + load_copy + use_both,
