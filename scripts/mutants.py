@@ -265,7 +265,7 @@ MUTANTS = [
     (
         "same-host copy: a timed-out copy lets go of its memory at once",
         "torch_kvreg/remote/jobs.py",
-        "        if native.state() == COPY_RUNNING:\n            return False",
+        "        if self.code == COPY_RUNNING and native.state() == COPY_RUNNING:\n            return False",
         "        if False:\n            return False",
         ["tests/test_same_host.py"],
     ),

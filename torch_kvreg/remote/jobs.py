@@ -176,7 +176,7 @@ class SameHostJob(Job):
         native = self.native
         if native is None:
             return True
-        if native.state() == COPY_RUNNING:
+        if self.code == COPY_RUNNING and native.state() == COPY_RUNNING:
             return False  # cancelled, or timed out: its threads stop at their next call
         self.native = None
         return True

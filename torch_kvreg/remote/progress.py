@@ -72,8 +72,8 @@ class Progress:
             # this thread, which is likely starting more.
             if idle:
                 _C.peer_copy_watch(max(1, int(JOB_SWEEP_S * 1000)))
-        else:
-            self.wake()
+            return  # (the hand-over below is for posts, which same-host jobs do not have)
+        self.wake()
         posting_since = self.posting_since
         if (
             state is None
