@@ -1,5 +1,5 @@
 # Types of the native module torch_kvreg._C (csrc/bindings.cpp). Importing it also defines
-# torch.ops.llm. Keep this in step with bindings.cpp: tests/test_types.py compares the two.
+# torch.ops.llm. Keep this in step with bindings.cpp: tests/test_typing.py compares the two.
 from collections.abc import Sequence
 
 import numpy as np
