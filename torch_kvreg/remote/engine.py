@@ -52,11 +52,12 @@ class Engine:
         self.agent = agent.make_agent(self.name)
         # One lock for the tables below, which change together (a route is usable only while
         # its lease is the shared one, its link current and its cache not closing).
-        self.lock = threading.Condition(threading.RLock())
+        self.lock_raw = threading.RLock()  # self.lock's own lock, entered directly on hot paths
+        self.lock = threading.Condition(self.lock_raw)
         self.registrations = agent.Registrations(self.agent)
         self.holds = LocalHolds(self.lock, self.wait_s)
         self.peer_leases = PeerLeases(self.lock)
-        self.routes = Routes(self.lock)
+        self.routes = Routes(self.lock_raw)
         self.progress = Progress(Completion(self.agent, self.wait_s), self._housekeeping)
         self.heartbeat = Heartbeat(self.wait_s, self._all_links)
         self.links: dict[int, Link] = {}  # linked clusters, whichever side opened the link
@@ -527,7 +528,7 @@ class Engine:
         route = self.routes.table.get(key)
         if route is None:
             return None
-        with self.lock:
+        with self.lock_raw:
             if not self._hold_route(route, key):
                 return None
             native = route.native.start_job(src_blocks, dst_blocks, bool(notify))

@@ -220,9 +220,10 @@ class Completion:
             job.freeing = True
             return False
         job.freeing = False
+        members = job.members()
         with self.lock:  # each hold is let go exactly once, whoever frees the job
-            let_go = [member.let_go for member in job.members()]
-            for member in job.members():
+            let_go = [member.let_go for member in members]
+            for member in members:
                 member.let_go = _nothing
         for release in let_go:
             release()

@@ -42,7 +42,7 @@ class Progress:
         self.completion = completion
         # Runs on every turn; returns the seconds until it is due again (None: nothing due).
         self.housekeeping = housekeeping
-        self.cond = threading.Condition()  # guards jobs, claims, idle and stopping
+        self.cond = threading.Lock()  # guards jobs, claims, idle and stopping (the loop waits natively)
         self.jobs: dict[int, Job] = {}  # id(job) -> job, in the order started
         self.idle = False  # the thread waits for jobs
         self.stopping = False
@@ -95,7 +95,6 @@ class Progress:
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="kvreg-progress", daemon=True)
                 self.thread.start()
-            self.cond.notify()
         _C.peer_copy_wake()  # it may be waiting on same-host copies natively
 
     def claim(self, job: Job, by: str) -> bool:
@@ -247,7 +246,6 @@ class Progress:
         they held, so that finalize cannot hang on a peer that never answers."""
         with self.cond:
             self.stopping = True
-            self.cond.notify()
             thread = self.thread
         _C.peer_copy_wake()  # it waits natively when idle
         if thread is not None:

@@ -130,7 +130,7 @@ class Routes:
     """The routes kept, by (operation, cluster id, remote cache id, local cache id, local
     layers, remote layers, tensors per layer). ``lock`` is the engine's."""
 
-    def __init__(self, lock: threading.Condition) -> None:
+    def __init__(self, lock: threading.RLock) -> None:
         self.lock = lock
         self.table: dict[tuple, Route] = {}
         self.busy: set[Route] = set()  # routes holding (with jobs under way)
