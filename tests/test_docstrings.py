@@ -11,7 +11,7 @@ MODULES = [
     "torch_kvreg.registry",
     "torch_kvreg.transfer",
     "torch_kvreg.inflight",
-    "torch_kvreg.remote",
+    "torch_kvreg.remote.api",
     "torch_kvreg.config",
     "torch_kvreg.options",
     "torch_kvreg.llm_datadist",
