@@ -29,6 +29,12 @@ def rows(pieces):
     return torch.tensor(pieces, dtype=torch.int64).reshape(-1, 3)
 
 
+def spend_pending_watch():
+    """A watch an engine's progress thread set and never waited out (it stopped first) ends
+    the next wait for ends at once: spent here, so that the timing tests start clean."""
+    _C.peer_copy_wait_ends(_C.peer_copy_ends(), _C.peer_copy_wakes(), 20)
+
+
 def finished(job, timeout_ms=10_000):
     return job.wait(timeout_ms)
 
@@ -125,6 +131,7 @@ def test_a_slow_job_is_cancelled_waited_for_and_woken_from(monkeypatch):
     monkeypatch.setenv(PAUSE, "20000")  # 20 ms before each system call
     source = torch.ones(32 << 20, dtype=torch.uint8)
     target = torch.zeros_like(source)
+    spend_pending_watch()
     job = _C.peer_copy_start(ME, True, rows([target.data_ptr(), source.data_ptr(), source.numel()]))
     assert job.state() == 0 and job.wait(5) == 0  # still running
     ends, wakes = _C.peer_copy_ends(), _C.peer_copy_wakes()
@@ -145,6 +152,7 @@ def test_a_slow_job_is_cancelled_waited_for_and_woken_from(monkeypatch):
 def test_a_watch_ends_a_wait_for_ends_at_its_time_not_before():
     """peer_copy_watch(delay): the wait for ends returns then (not at once, and not on an
     unwatched job's end); the earliest of two watches counts; one watch ends one wait."""
+    spend_pending_watch()
     ends, wakes = _C.peer_copy_ends(), _C.peer_copy_wakes()
     start = time.monotonic()
     _C.peer_copy_watch(300)
@@ -290,6 +298,7 @@ def test_a_slow_job_is_helped_waited_for_and_cancelled_through_its_handle(monkey
     source = torch.ones(32 << 20, dtype=torch.uint8)
     target = torch.zeros_like(source)
     ends = _C.peer_copy_ends()
+    spend_pending_watch()
     job = _C.peer_copy_start(ME, True, rows([target.data_ptr(), source.data_ptr(), source.numel()]))
     assert job.state() == 0 and job.wait(5) == 0  # still running
     start = time.monotonic()
