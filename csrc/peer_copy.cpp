@@ -240,7 +240,11 @@ class Pool {
   void watch(int64_t delay_ms) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      watch_at_ = std::min(watch_at_, std::chrono::steady_clock::now() + std::chrono::milliseconds(delay_ms));
+      const auto at = std::chrono::steady_clock::now() + std::chrono::milliseconds(delay_ms);
+      if (at >= watch_at_) {
+        return;  // an earlier look is set already (every start of a burst asks for one)
+      }
+      watch_at_ = at;
     }
     watchers_.notify_all();  // a wait_ends() under way takes the earlier time, without returning now
   }

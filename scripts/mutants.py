@@ -312,10 +312,24 @@ MUTANTS = [
         ["tests/test_same_host.py"],
     ),
     (
+        "same-host route: it lets go of its holds while a job is still out",
+        "torch_kvreg/remote/same_host.py",
+        "                if route.ended != route.started or not route.holding:",
+        "                if not route.holding:",
+        ["tests/test_same_host.py", "tests/test_churn.py"],
+    ),
+    (
+        "a job is completed by both the waiter and the progress thread",
+        "torch_kvreg/remote/progress.py",
+        "        if not job.claim_lock.acquire(False):\n            return False",
+        "        if not (job.claim_lock.acquire(False) or True):\n            return False",
+        ["tests/test_same_host.py", "tests/test_async.py"],
+    ),
+    (
         "same-host route: a routed copy's notice is not sent",
         "torch_kvreg/remote/engine.py",
-        "job = SameHostJob(transfer, route.link, time.monotonic() + self.wait_s, notify, let_go, native)",
-        'job = SameHostJob(transfer, route.link, time.monotonic() + self.wait_s, b"", let_go, native)',
+        "job = SameHostJob(transfer, route.link, time.monotonic() + self.wait_s, notify, route.job_ended, native)",
+        'job = SameHostJob(transfer, route.link, time.monotonic() + self.wait_s, b"", route.job_ended, native)',
         ["tests/test_same_host.py"],
     ),
     (
@@ -465,7 +479,7 @@ MUTANTS = [
     (
         "a finished transfer's waiter wakes before its lease is released",
         "torch_kvreg/remote/jobs.py",
-        "        freed = self.free(job)\n",
+        "        freed = self._free(job, members)\n",
         "        freed = True\n",
         ["tests/test_async.py"],
     ),
@@ -486,7 +500,7 @@ MUTANTS = [
     (
         "riders of a failed group succeed",
         "torch_kvreg/remote/jobs.py",
-        "        for member in job.members():\n            member.transfer.assist = None",
+        "        for member in members:\n            member.transfer.assist = None",
         "        for member in [job]:\n            member.transfer.assist = None",
         ["tests/test_async.py"],
     ),

@@ -506,6 +506,7 @@ class Engine:
         route = same_host.make_route(operation, link, lease, local, tensors)
         if route is None:
             return
+        route.settle = self._route_settle
         with self.lock:
             if self.peer_leases.shared.get(lease.key) is lease:  # a private lease is not kept
                 self.routes.drop(self._stale)  # (what keeps the table small; starts check too)
@@ -531,17 +532,18 @@ class Engine:
         with self.lock_raw:
             if not self._hold_route(route, key):
                 return None
-            native = route.native.start_job(src_blocks, dst_blocks, bool(notify))
-            if native is not None:
-                route.active += 1
-                self.routes.starts += 1
-                self.paths["same_host"] += 1
+            route.started += 1  # (before the native start, which runs outside the lock)
+            self.routes.starts += 1
+            self.paths["same_host"] += 1
+        native = route.native.start_job(src_blocks, dst_blocks, bool(notify))
         if native is None:
-            self._route_ended(route, started=False)
+            with self.lock_raw:
+                self.routes.starts -= 1
+                self.paths["same_host"] -= 1
+            route.job_ended()  # (its start was counted)
             return None
         transfer = Transfer(len(dst_blocks) * route.block_bytes, dst_blocks, route.description, path)  # type: ignore[arg-type]
-        let_go = functools.partial(self._route_ended, route)
-        job = SameHostJob(transfer, route.link, time.monotonic() + self.wait_s, notify, let_go, native)
+        job = SameHostJob(transfer, route.link, time.monotonic() + self.wait_s, notify, route.job_ended, native)
         transfer.assist = functools.partial(self.progress.assist, job)
         self.progress.add(job, PROC)
         return transfer
@@ -568,10 +570,10 @@ class Engine:
         self.routes.busy.add(route)
         return True
 
-    def _route_ended(self, route: Route, started: bool = True) -> None:
-        """One of a route's jobs let go (``started``; else a start the native route
-        refused); once none is left, the route gives back its hold on the cache and lease."""
-        if self.routes.ended(route, started):
+    def _route_settle(self, route: Route) -> None:
+        """A route's last job let go: the route gives back its hold on the cache and lease
+        (unless a start came in between)."""
+        if self.routes.settle(route):
             self._let_go(route.lease, route.local_id)
 
     # --- notices -----------------------------------------------------------------------

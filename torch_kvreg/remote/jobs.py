@@ -40,7 +40,7 @@ def _nothing() -> None:
 class Job:
     """One transfer in flight and what it holds until it lands (see the module's text)."""
 
-    __slots__ = ("transfer", "link", "deadline", "notify", "let_go", "claimed", "failure", "freeing")
+    __slots__ = ("transfer", "link", "deadline", "notify", "let_go", "claim_lock", "failure", "freeing")
     sends_notice = False  # whether completing it sends its notice (NIXL sends its own)
 
     def __init__(
@@ -48,9 +48,14 @@ class Job:
     ) -> None:
         self.transfer, self.link, self.deadline, self.notify = transfer, link, deadline, notify
         self.let_go = let_go  # gives back what it held (its local cache, the peer's lease); once
-        self.claimed = False  # a thread completes it
+        self.claim_lock = threading.Lock()  # taken, never given back, by the thread completing it
         self.failure = ""  # why it failed, where the native side does not say
         self.freeing = False  # completed, but its native side still owns memory
+
+    @property
+    def claimed(self) -> bool:
+        """Whether a thread has taken it to complete (Progress.claim)."""
+        return self.claim_lock.locked()
 
     def look(self) -> str:
         """Its state now (one look; a NIXL look also drives the transfer)."""
@@ -138,7 +143,9 @@ class SameHostJob(Job):
         let_go: Callable[[], None],
         native: _C.PeerCopyJob,
     ) -> None:
-        super().__init__(transfer, link, deadline, notify, let_go)
+        # (Job.__init__'s fields, set here: a routed pull makes one of these per block list)
+        self.transfer, self.link, self.deadline, self.notify, self.let_go = transfer, link, deadline, notify, let_go
+        self.claim_lock, self.failure, self.freeing = threading.Lock(), "", False
         self.native: _C.PeerCopyJob | None = native  # None once freed
         self.code = COPY_RUNNING
 
@@ -158,7 +165,11 @@ class SameHostJob(Job):
     def help(self, timeout_ms: int) -> str:
         """Moves queued bytes on this thread, then waits for the rest, up to ``timeout_ms``."""
         native = self.native
-        return self._state_of(self.code if native is None else native.help(timeout_ms))
+        code = self.code if native is None else native.help(timeout_ms)
+        if code == COPY_DONE:  # (the usual answer, without a second call)
+            self.code = code
+            return DONE
+        return self._state_of(code)
 
     def cancel(self) -> None:
         native = self.native
@@ -203,9 +214,10 @@ class Completion:
                 self.agent.send_notif(job.link.agent_name, job.notify)
             except Exception as exc:
                 state, job.failure = ERR, f"the notice after a same-host copy ({exc})"
-        freed = self.free(job)
+        members = job.members()
+        freed = self._free(job, members)
         error = None if state == DONE else self.error(job, state)
-        for member in job.members():
+        for member in members:
             member.transfer.assist = None
             if error is None:
                 member.transfer.succeed()
@@ -216,11 +228,13 @@ class Completion:
     def free(self, job: Job) -> bool:
         """Frees a completed job's native side and lets go of what it and its riders held;
         False (still holding) while the native side owns memory."""
+        return self._free(job, job.members())
+
+    def _free(self, job: Job, members: list[Job]) -> bool:
         if not job.free():
             job.freeing = True
             return False
         job.freeing = False
-        members = job.members()
         with self.lock:  # each hold is let go exactly once, whoever frees the job
             let_go = [member.let_go for member in members]
             for member in members:
@@ -242,8 +256,7 @@ class Completion:
         """finalize: a job still in flight fails, and its native side is stopped."""
         if isinstance(job, SameHostJob):
             job.stop(int(1000 * self.wait_s) + 1000)
-        if not job.claimed:
-            job.claimed = True
+        if job.claim_lock.acquire(False):  # (the progress thread has stopped: nothing is counted)
             error = make_error(LLMStatusCode.LLM_FAILED, "finalized with the transfer in flight")
             for member in job.members():
                 member.transfer.assist = None

@@ -30,6 +30,7 @@ HAND_OVER_S = 20e-6
 # Same-host copies nobody waits for, and without a notice (whose end wakes the loop), are
 # looked at this often.
 JOB_SWEEP_S = 0.005
+WATCH_MS = max(1, int(JOB_SWEEP_S * 1000))
 # After this many looks with nothing landed, a look pauses (threads computing beside a long
 # transfer need the GIL between their torch ops).
 PATIENT_LOOKS = 2048
@@ -42,13 +43,19 @@ class Progress:
         self.completion = completion
         # Runs on every turn; returns the seconds until it is due again (None: nothing due).
         self.housekeeping = housekeeping
-        self.cond = threading.Lock()  # guards jobs, claims, idle and stopping (the loop waits natively)
-        self.jobs: dict[int, Job] = {}  # id(job) -> job, in the order started
+        # Jobs handed over by other threads: a deque's appends and pops are thread-safe
+        # (documented), so a thread starting transfers takes no lock the loop holds.
+        self.incoming: collections.deque[Job] = collections.deque()
+        self.jobs: dict[int, Job] = {}  # id(job) -> job, in the order started: the loop's own
+        self.cond = threading.Lock()  # guards idle, stopping and thread
         self.idle = False  # the thread waits for jobs
         self.stopping = False
         self.thread: threading.Thread | None = None
-        # Who completed same-host jobs ("waiter" or "progress"): read by tests and benchmarks.
-        self.completed_by: collections.Counter[str] = collections.Counter()
+        # How many same-host jobs each side completed: the loop counts its own, waiters
+        # count theirs under a lock of their own. Read by tests and benchmarks.
+        self.by_progress = 0
+        self.by_waiters = 0
+        self.count_lock = threading.Lock()
         # While the thread posts: since when, and how long the post should take at the rate
         # posts have moved bytes so far (UCX may copy everything inside the post).
         self.posting_since: float | None = None
@@ -62,17 +69,16 @@ class Progress:
         (None: the loop posts it)."""
         if state not in (None, PROC) and self.claim(job, "starter") and self.completion.complete(job, state):
             return
-        with self.cond:
-            idle = self.idle
-            hand_over = state is None and idle
-            self.jobs[id(job)] = job
-        if isinstance(job, SameHostJob) and self.thread is not None:
-            # Its end wakes the loop if it has a notice; a waiter completes it otherwise. An
-            # idle loop looks JOB_SWEEP_S from now: woken at once, it would take the GIL from
-            # this thread, which is likely starting more.
-            if idle:
-                _C.peer_copy_watch(max(1, int(JOB_SWEEP_S * 1000)))
+        self.incoming.append(job)
+        if type(job) is SameHostJob and self.thread is not None:
+            # Its end wakes the loop if it has a notice; a waiter completes it otherwise. The
+            # loop looks JOB_SWEEP_S from now at the latest (a burst's starts set one look):
+            # woken at once, it would take the GIL from this thread, which is likely starting
+            # more. No lock the loop takes is taken here.
+            _C.peer_copy_watch(WATCH_MS)
             return  # (the hand-over below is for posts, which same-host jobs do not have)
+        with self.cond:  # (after the append: a loop that went idle before it is woken below)
+            hand_over = state is None and self.idle
         self.wake()
         posting_since = self.posting_since
         if (
@@ -98,30 +104,47 @@ class Progress:
         _C.peer_copy_wake()  # it may be waiting on same-host copies natively
 
     def claim(self, job: Job, by: str) -> bool:
-        """True for the one thread (``by``: "progress" or "waiter") that completes ``job``;
-        that thread takes it out of the table."""
-        with self.cond:
-            if job.claimed:
-                return False
-            job.claimed = True
-            self.jobs.pop(id(job), None)
-            if isinstance(job, SameHostJob):
-                self.completed_by[by] += 1
-            return True
+        """True for the one thread (``by``: "progress", "waiter" or "starter") that
+        completes ``job`` (the job's own lock decides, never given back); the loop drops a
+        job claimed elsewhere from its table at its next look."""
+        if not job.claim_lock.acquire(False):
+            return False
+        if type(job) is SameHostJob:  # (only NIXL jobs are claimed by their starter)
+            if by == "progress":
+                self.by_progress += 1  # (only the loop claims as "progress")
+            else:
+                with self.count_lock:
+                    self.by_waiters += 1
+        return True
+
+    @property
+    def completed_by(self) -> collections.Counter[str]:
+        """Same-host jobs completed, by who completed them ("progress", "waiter")."""
+        counts: collections.Counter[str] = collections.Counter()
+        for by, count in (("waiter", self.by_waiters), ("progress", self.by_progress)):
+            if count:
+                counts[by] = count
+        return counts
+
+    def _take_incoming(self) -> None:
+        """Moves the jobs handed over into the loop's table (the loop's thread only)."""
+        incoming = self.incoming
+        while incoming:
+            job = incoming.popleft()
+            self.jobs[id(job)] = job
 
     # --- waiters ----------------------------------------------------------------------
     def assist(self, job: SameHostJob, timeout_ms: int) -> None:
         """Transfer.wait's help with a same-host copy: the waiting thread moves queued bytes
         itself and completes the job once they have landed (no hand-over to the loop and
         back per transfer)."""
-        if job.claimed:
+        if job.claim_lock.locked():  # (claimed)
             return
         state = job.help(timeout_ms)
         if state == PROC or not self.claim(job, "waiter"):
             return
         if not self.completion.complete(job, state):
-            with self.cond:
-                self.jobs[id(job)] = job  # the loop lets go of it later
+            self.incoming.append(job)  # the loop lets go of it later
             self.wake()
 
     # --- the loop ---------------------------------------------------------------------
@@ -132,12 +155,15 @@ class Progress:
             # is not missed.
             ends, wakes = _C.peer_copy_ends(), _C.peer_copy_wakes()
             due = self.housekeeping()
-            with self.cond:
-                if not self.jobs:
+            self._take_incoming()
+            if not self.jobs:
+                with self.cond:
+                    if self.incoming:
+                        continue  # handed over just now
                     if self.stopping:
                         return
                     self.idle = True
-                jobs = list(self.jobs.values())
+            jobs = list(self.jobs.values())
             if not jobs:
                 # Natively, without the GIL, until a new job or stop (wake), housekeeping is
                 # due, or a same-host job wants a look (peer_copy_watch).
@@ -149,21 +175,24 @@ class Progress:
             if waiting:
                 riders = self._post(waiting)
                 if riders:
-                    with self.cond:
-                        for rider in riders:
-                            self.jobs.pop(id(rider), None)
+                    for rider in riders:
+                        self.jobs.pop(id(rider), None)
                     gone = {id(rider) for rider in riders}
                     jobs = [job for job in jobs if id(job) not in gone]
-            landed = [job for job in jobs if self._look(job)]
+            landed = {id(job) for job in jobs if self._look(job)}
             if landed:
                 looks = 0
-                with self.cond:
-                    for job in landed:
-                        self.jobs.pop(id(job), None)
+                for key in landed:
+                    self.jobs.pop(key, None)
+                jobs = [job for job in jobs if id(job) not in landed]
             else:
                 looks += 1
-            if not landed and all(isinstance(job, SameHostJob) and not job.freeing for job in jobs):
-                self._wait_for_copies(jobs, due, ends, wakes)  # copies need no polling
+            if not jobs:
+                continue
+            if all(type(job) is SameHostJob and not job.freeing for job in jobs):
+                # Copies need no polling, even while some land: spinning here would take the
+                # GIL from the threads starting and waiting for them.
+                self._wait_for_copies(jobs, due, ends, wakes)
             elif all(job.freeing for job in jobs):
                 time.sleep(0.01)  # only handles NIXL has not let go of: no hurry
             elif looks > PATIENT_LOOKS:
@@ -185,11 +214,7 @@ class Progress:
             return False
         if not self.claim(job, "progress"):
             return True
-        if self.completion.complete(job, state):
-            return True
-        with self.cond:
-            self.jobs[id(job)] = job  # (claim took it out) it lets go later
-        return False
+        return self.completion.complete(job, state)  # (if not: it stays, and lets go later)
 
     def _post(self, waiting: list[NixlJob]) -> list[NixlJob]:
         """Posts the jobs started in the background, in the order started. Consecutive
@@ -250,9 +275,11 @@ class Progress:
         _C.peer_copy_wake()  # it waits natively when idle
         if thread is not None:
             thread.join(timeout=timeout_s)
-        with self.cond:
-            leftovers = list(self.jobs.values())
-            self.jobs.clear()
+        if thread is not None and thread.is_alive():
+            log.warning("finalize: the progress thread did not stop within %.1f s", timeout_s)
+        self._take_incoming()
+        leftovers = list(self.jobs.values())
+        self.jobs.clear()
         for job in leftovers:
             if not job.claimed:
                 log.warning("finalize: a transfer with cluster %s was still in flight", job.link.cluster_id)

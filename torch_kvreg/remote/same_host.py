@@ -89,14 +89,41 @@ class Route:
     native call, as ordinary same-host jobs. While any of its jobs is in flight it holds the
     local cache and one reference to the shared lease, for all of them together."""
 
-    __slots__ = ("native", "link", "lease", "local_id", "description", "block_bytes", "active", "holding")
+    __slots__ = (
+        "native",
+        "link",
+        "lease",
+        "local_id",
+        "description",
+        "block_bytes",
+        "started",
+        "ended",
+        "end_lock",
+        "holding",
+        "settle",
+    )
 
     def __init__(self, native: _C.PeerRoute, link: Link, lease: SharedLease, local_id: int, description: str):
         self.native, self.link, self.lease, self.local_id = native, link, lease, local_id
         self.description = description
         self.block_bytes = native.block_bytes
-        self.active = 0  # its jobs not yet let go
+        # Its jobs started (counted under the engine's lock) and let go (under end_lock, so
+        # that a job ending takes the engine's lock only when it may be the last).
+        self.started = 0
+        self.ended = 0
+        self.end_lock = threading.Lock()
         self.holding = False
+        # Called when its last job may have let go (the engine's: Routes.settle, then it
+        # gives back the route's holds).
+        self.settle: Callable[[Route], None] = lambda route: None
+
+    def job_ended(self) -> None:
+        """Each of its jobs' let_go (and a start the native route refused)."""
+        with self.end_lock:
+            self.ended += 1
+            if self.ended < self.started:
+                return  # others are out (``started`` only grows: a read of it is never ahead)
+        self.settle(self)
 
 
 def make_route(
@@ -149,15 +176,13 @@ class Routes:
             if not route.holding and stale(route):
                 del self.table[key]
 
-    def ended(self, route: Route, started: bool = True) -> bool:
-        """One of the route's jobs let go (``started``; else a start the native route
-        refused); True when the route no longer holds anything (the caller then gives back
-        its hold on the local cache and the lease)."""
-        with self.lock:
-            if started:
-                route.active -= 1
-            if route.active or not route.holding:
-                return False
+    def settle(self, route: Route) -> bool:
+        """Whether the route, its last job let go, no longer holds anything (the caller
+        then gives back its hold on the local cache and the lease)."""
+        with self.lock:  # what starts take: decided under it
+            with route.end_lock:
+                if route.ended != route.started or not route.holding:
+                    return False
             route.holding = False
             self.busy.discard(route)
             return True
