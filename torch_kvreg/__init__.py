@@ -12,6 +12,7 @@ from .errors import (
     LLMStatusCode,
     LLMTypeError,
 )
+from .geometry import KVGeometry, TokenPlan, copy_kv_tokens, plan_kv_tokens
 from .inflight import Transfer
 from .layouts import register_layer_caches
 from .registry import (
@@ -91,6 +92,8 @@ __all__ = [
     "Notification",
     "Placement",
     "RegisterCfg",
+    "KVGeometry",
+    "TokenPlan",
     "Transfer",
     "Usage",
     "cache_keys",
@@ -98,6 +101,7 @@ __all__ = [
     "copy_kv_blocks_async",
     "copy_strategy",
     "copy_kv_cache",
+    "copy_kv_tokens",
     "finalize",
     "find_cache_key",
     "get_cache",
@@ -107,6 +111,7 @@ __all__ = [
     "limits",
     "link_clusters",
     "listen_address",
+    "plan_kv_tokens",
     "pull_kv_blocks",
     "pull_kv_blocks_async",
     "pull_kv_cache",
