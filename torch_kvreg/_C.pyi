@@ -253,7 +253,6 @@ def plan_geometry(
     selection: SelectionFields,
     max_segment_bytes: int,
 ) -> GeometryPlan: ...
-
 def copy_geometry(
     src_id: int,
     src_geometry: GeometryFields,
