@@ -116,7 +116,8 @@ class TokenPlan:
         return int(self.segments[:, 2].sum()) * len(self.lanes)
 
 
-def _geometry(value: object, name: str) -> KVGeometry:
+def checked_geometry(value: object, name: str) -> KVGeometry:
+    """``value`` if it is a KVGeometry, else the TypeError-type LLMException."""
     if not isinstance(value, KVGeometry):
         raise wrong_type(f"{name} must be a KVGeometry, got {type(value).__name__}")
     return value
@@ -227,9 +228,9 @@ def plan_kv_tokens(
     src_desc, dst_desc = _desc(src, "src"), _desc(dst, "dst")
     return native_plan(
         src_desc,
-        _geometry(src_geometry, "src_geometry"),
+        checked_geometry(src_geometry, "src_geometry"),
         dst_desc,
-        _geometry(dst_geometry, "dst_geometry"),
+        checked_geometry(dst_geometry, "dst_geometry"),
         block_tensor(src_blocks, "src_blocks"),
         block_tensor(dst_blocks, "dst_blocks"),
         selection(num_tokens, src_offset, dst_offset, layers, dst_layers, heads),
@@ -275,8 +276,8 @@ def copy_kv_tokens(
     >>> kv.finalize()
     """
     chosen = selection(num_tokens, src_offset, dst_offset, layers, dst_layers, heads)
-    src_geometry = _geometry(src_geometry, "src_geometry")
-    dst_geometry = _geometry(dst_geometry, "dst_geometry")
+    src_geometry = checked_geometry(src_geometry, "src_geometry")
+    dst_geometry = checked_geometry(dst_geometry, "dst_geometry")
     src_list, dst_list = block_tensor(src_blocks, "src_blocks"), block_tensor(dst_blocks, "dst_blocks")
     with _counted_local_copy() as counted:
         counted.nbytes = _C.copy_geometry(
