@@ -165,6 +165,10 @@ def test_plan_merges_runs(kv):
     )
     block = 16 * H * D * 4
     assert plan.segments.tolist() == [[0, 3 * block, 3 * block], [5 * block, 0, block]]
+    plan = torch_kvreg.plan_kv_tokens(
+        desc(same, 8), desc(same, 8), [0, 1], [2, 0], src_geometry=same, dst_geometry=same
+    )  # adjacent in the source only: two runs
+    assert plan.segments.tolist() == [[0, 2 * block, block], [block, 0, block]]
     assert plan.lanes.tolist() == [[0, 0, 0, 0], [1, 0, 1, 0]]
     hnd, half = geometry("flash_attn_hnd", 16), geometry("flash_attn_hnd", 16, 2, 1)
     plan = torch_kvreg.plan_kv_tokens(desc(hnd, 4), desc(half, 4), [1, 3], [0, 2], src_geometry=hnd, dst_geometry=half)
@@ -303,3 +307,16 @@ def test_vllm_registered_layers(kv):
         for kv_index, expected in enumerate((k_cpu[3], v_cpu[3])):
             got = torch.cat([fa_layers[name][kv_index, 6], fa_layers[name][kv_index, 1]])  # (32, heads, dim)
             assert torch.equal(got, expected.transpose(0, 1))
+
+
+def test_tp_that_does_not_divide_the_heads_is_refused_even_when_the_desc_fits(kv):
+    """4 heads over TP 3 would hold 1 head per rank by floor division: a desc sized for that
+    must still be refused, by the geometry itself."""
+    one_head = KVGeometry("flash_attn", 16, 1, D)
+    desc = torch_kvreg.CacheDesc(
+        2, torch_kvreg.DataType.DT_FLOAT, (4, *one_head.block_shape), torch_kvreg.Placement.HOST
+    )
+    src_g = KVGeometry("flash_attn", 16, H, D, tp_size=3, tp_rank=0)
+    dst_g = KVGeometry("flash_attn", 16, H, D, tp_size=3, tp_rank=0)
+    with pytest.raises(LLMParamInvalidError, match="does not divide"):
+        torch_kvreg.plan_kv_tokens(desc, desc, [0], [1], src_geometry=src_g, dst_geometry=dst_g)
