@@ -33,6 +33,7 @@ CASES = {
     "TP 1 -> TP 2 rank 1 (HND)": (HND, KVGeometry("flash_attn_hnd", 16, HEADS, DIM, 2, 1)),
     "TP 1 -> TP 2 rank 1, block 32 (HND)": (HND, KVGeometry("flash_attn_hnd", 32, HEADS, DIM, 2, 1)),
     "HND split -> vLLM CPU, block 32": (HND, KVGeometry("vllm_cpu", 32, HEADS, DIM)),
+    "HND split -> vLLM FlashAttention, block 32": (HND, KVGeometry("vllm_flash_attn", 32, HEADS, DIM)),
     "TP 1 -> TP 2 rank 1 (NHD)": (NHD, KVGeometry("flash_attn", 16, HEADS, DIM, 2, 1)),
     "NHD -> HND": (NHD, HND),
     "NHD split -> vLLM CPU, block 32": (NHD, KVGeometry("vllm_cpu", 32, HEADS, DIM)),
@@ -54,8 +55,8 @@ def tensors_of(geometry, layers, num_blocks, fill):
 
 def logical_k(tensor, geometry):
     """The K part of a layer's tensor as (blocks, tokens, heads, dim)."""
-    view = tensor.view(len(tensor), *geometry.block_shape)
-    order = geometry.order
+    view = tensor.view(len(tensor), *geometry.part_shape(0))
+    order = geometry.orders[0]
     if "k" in order:
         view = view.select(1 + order.index("k"), 0)
         order = order.replace("k", "")
@@ -128,7 +129,7 @@ def main():
         row = {
             "case": name,
             "nbytes": nbytes,
-            "segments": len(plan.segments),
+            "segments": len(plan.segments) + len(plan.v_segments),
             "lanes": len(plan.lanes),
             "gbps": nbytes / geo_s / 1e9,
             "baseline_gbps": nbytes / base_s / 1e9,

@@ -15,17 +15,27 @@ namespace kvreg {
 
 namespace {
 
-void check_geometry(const Geometry& g, const char* side) {
-  const std::string& order = g.order;
+bool valid_order(const std::string& order) {
   const auto has = [&](char axis) { return std::count(order.begin(), order.end(), axis) == 1; };
-  bool known = std::all_of(order.begin(), order.end(), [](char axis) {
+  const bool known = std::all_of(order.begin(), order.end(), [](char axis) {
     return axis == 'k' || axis == 't' || axis == 'h' || axis == 'd';
   });
+  return known && has('t') && has('h') && has('d') && (order.size() == 3 || (order.size() == 4 && has('k')));
+}
+
+void check_geometry(const Geometry& g, const char* side) {
+  const std::string k_order = g.part(0);
+  const std::string v_order = g.part(1);
+  const auto k_at = k_order.find('k');
+  // With K and V in one block, their regions must not overlap: the axes up to 'k' agree.
+  const bool parts_agree = k_order.size() == v_order.size() && k_at == v_order.find('k') &&
+                           (k_at == std::string::npos || k_order.compare(0, k_at, v_order, 0, k_at) == 0);
   KVREG_CHECK_ARG(
-      known && has('t') && has('h') && has('d') && (order.size() == 3 || (order.size() == 4 && has('k'))),
-      side, " layout order '", order,
+      valid_order(k_order) && valid_order(v_order) && parts_agree &&
+          std::count(g.order.begin(), g.order.end(), '/') <= 1,
+      side, " layout order '", g.order,
       "' must name 't' (token), 'h' (head) and 'd' (head dim) once each, and 'k' (K or V) once when "
-      "K and V share a block");
+      "K and V share a block; 'K-order/V-order' orders that name 'k' must agree up to it");
   KVREG_CHECK_ARG(g.block_size > 0, side, " block_size must be positive, got ", g.block_size);
   KVREG_CHECK_ARG(g.num_kv_heads > 0, side, " num_kv_heads must be positive, got ", g.num_kv_heads);
   KVREG_CHECK_ARG(g.head_dim > 0, side, " head_dim must be positive, got ", g.head_dim);
@@ -47,10 +57,11 @@ struct BlockLayout {
   int64_t block_nbytes = 0;
 };
 
-BlockLayout block_layout(const Geometry& g, int64_t element_size) {
+BlockLayout block_layout(const Geometry& g, int64_t element_size, int64_t kv) {
   BlockLayout out;
   int64_t stride = element_size;
-  for (auto axis = g.order.rbegin(); axis != g.order.rend(); ++axis) {
+  const std::string order = g.part(kv);
+  for (auto axis = order.rbegin(); axis != order.rend(); ++axis) {
     int64_t size = 0;
     int64_t* slot = nullptr;
     switch (*axis) {
@@ -111,14 +122,99 @@ void emit(
   segments.push_back({src, dst, nbytes});
 }
 
+// The merged runs of one of K (kv 0) or V (kv 1), relative to the lanes' bases.
+std::vector<Segment> token_runs(
+    const CacheDesc& src, const Geometry& sg, const CacheDesc& dst, const Geometry& dg,
+    const TokenSelection& selection, const GeometryPlan& plan, int64_t kv, int64_t max_segment_bytes) {
+  const BlockLayout sl = block_layout(sg, src.element_size, kv);
+  const BlockLayout dl = block_layout(dg, dst.element_size, kv);
+  const int64_t n = plan.num_tokens;
+  const auto& src_blocks = selection.src_blocks;
+  const auto& dst_blocks = selection.dst_blocks;
+  std::vector<Segment> segments;
+  // Byte offset of each token's slot, at the selection's first head.
+  std::vector<int64_t> src_token(static_cast<size_t>(n));
+  std::vector<int64_t> dst_token(static_cast<size_t>(n));
+  const int64_t src_head = (plan.first_head - sg.first_head()) * sl.stride_h;
+  const int64_t dst_head = (plan.first_head - dg.first_head()) * dl.stride_h;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t s = selection.src_offset + i;
+    const int64_t d = selection.dst_offset + i;
+    src_token[i] =
+        src_blocks[s / sg.block_size] * sl.block_nbytes + (s % sg.block_size) * sl.stride_t + src_head;
+    dst_token[i] =
+        dst_blocks[d / dg.block_size] * dl.block_nbytes + (d % dg.block_size) * dl.stride_t + dst_head;
+  }
+  // A unit is one head's whole vector when head_dim is innermost on both sides, else one element.
+  const int64_t element_size = src.element_size;
+  const bool whole_vectors = sl.stride_d == element_size && dl.stride_d == element_size;
+  const int64_t unit = whole_vectors ? sg.head_dim * element_size : element_size;
+  // Units are walked in the source's memory order within each source block, so that runs
+  // contiguous in the source come one after the other and join where the destination agrees.
+  std::vector<char> axes;
+  for (char axis : sg.part(kv)) {
+    if (axis != 'k' && !(axis == 'd' && whole_vectors)) {
+      axes.push_back(axis);
+    }
+  }
+  const int64_t src_stride_d = whole_vectors ? 0 : sl.stride_d;
+  const int64_t dst_stride_d = whole_vectors ? 0 : dl.stride_d;
+  int64_t i0 = 0;
+  while (i0 < n) {
+    const int64_t block_end = ((selection.src_offset + i0) / sg.block_size + 1) * sg.block_size;
+    const int64_t i1 = std::min(n, block_end - selection.src_offset);
+    std::array<int64_t, 3> size{};
+    std::array<int64_t, 3> index{};
+    for (size_t a = 0; a < axes.size(); ++a) {
+      size[a] = axes[a] == 't' ? i1 - i0 : axes[a] == 'h' ? plan.num_heads : sg.head_dim;
+    }
+    const int depth = static_cast<int>(axes.size());
+    while (true) {
+      int64_t t = i0;
+      int64_t h = 0;
+      int64_t e = 0;
+      for (int a = 0; a < depth; ++a) {
+        if (axes[a] == 't') {
+          t += index[a];
+        } else if (axes[a] == 'h') {
+          h = index[a];
+        } else {
+          e = index[a];
+        }
+      }
+      emit(
+          segments, src_token[t] + h * sl.stride_h + e * src_stride_d,
+          dst_token[t] + h * dl.stride_h + e * dst_stride_d, unit, max_segment_bytes);
+      int a = depth - 1;
+      while (a >= 0 && ++index[a] == size[a]) {
+        index[a] = 0;
+        --a;
+      }
+      if (a < 0) {
+        break;
+      }
+    }
+    i0 = i1;
+  }
+  return segments;
+}
+
 }  // namespace
 
 int64_t GeometryPlan::nbytes() const {
-  int64_t bytes = 0;
-  for (const Segment& segment : segments) {
-    bytes = checked_add(bytes, segment.nbytes, "the bytes of a plan");
-  }
-  return checked_mul(bytes, static_cast<int64_t>(lanes.size()), "the bytes of a plan");
+  const auto sum = [](const std::vector<Segment>& runs) {
+    int64_t bytes = 0;
+    for (const Segment& segment : runs) {
+      bytes = checked_add(bytes, segment.nbytes, "the bytes of a plan");
+    }
+    return bytes;
+  };
+  const int64_t k_bytes = sum(segments);
+  const int64_t v_bytes = v_segments.empty() ? k_bytes : sum(v_segments);
+  const auto pairs = static_cast<int64_t>(lanes.size() / 2);
+  return checked_add(
+      checked_mul(k_bytes, pairs, "the bytes of a plan"), checked_mul(v_bytes, pairs, "the bytes of a plan"),
+      "the bytes of a plan");
 }
 
 GeometryPlan plan_geometry(
@@ -136,8 +232,8 @@ GeometryPlan plan_geometry(
       sg.num_kv_heads == dg.num_kv_heads, "src has ", sg.num_kv_heads, " KV heads in all, dst ",
       dg.num_kv_heads, ": not the same model");
   KVREG_CHECK_ARG(max_segment_bytes > 0, "max_segment_bytes must be positive, got ", max_segment_bytes);
-  const BlockLayout sl = block_layout(sg, src.element_size);
-  const BlockLayout dl = block_layout(dg, dst.element_size);
+  const BlockLayout sl = block_layout(sg, src.element_size, 0);
+  const BlockLayout dl = block_layout(dg, dst.element_size, 0);
   check_fits(src, sg, sl, "src");
   check_fits(dst, dg, dl, "dst");
 
@@ -219,69 +315,10 @@ GeometryPlan plan_geometry(
     return plan;
   }
 
-  // Byte offset of each token's slot, at the selection's first head.
-  std::vector<int64_t> src_token(static_cast<size_t>(n));
-  std::vector<int64_t> dst_token(static_cast<size_t>(n));
-  const int64_t src_head = (plan.first_head - sg.first_head()) * sl.stride_h;
-  const int64_t dst_head = (plan.first_head - dg.first_head()) * dl.stride_h;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t s = selection.src_offset + i;
-    const int64_t d = selection.dst_offset + i;
-    src_token[i] =
-        src_blocks[s / sg.block_size] * sl.block_nbytes + (s % sg.block_size) * sl.stride_t + src_head;
-    dst_token[i] =
-        dst_blocks[d / dg.block_size] * dl.block_nbytes + (d % dg.block_size) * dl.stride_t + dst_head;
-  }
-  // A unit is one head's whole vector when head_dim is innermost on both sides, else one element.
-  const int64_t element_size = src.element_size;
-  const bool whole_vectors = sl.stride_d == element_size && dl.stride_d == element_size;
-  const int64_t unit = whole_vectors ? sg.head_dim * element_size : element_size;
-  // Units are walked in the source's memory order within each source block, so that runs
-  // contiguous in the source come one after the other and join where the destination agrees.
-  std::vector<char> axes;
-  for (char axis : sg.order) {
-    if (axis != 'k' && !(axis == 'd' && whole_vectors)) {
-      axes.push_back(axis);
-    }
-  }
-  const int64_t src_stride_d = whole_vectors ? 0 : sl.stride_d;
-  const int64_t dst_stride_d = whole_vectors ? 0 : dl.stride_d;
-  int64_t i0 = 0;
-  while (i0 < n) {
-    const int64_t block_end = ((selection.src_offset + i0) / sg.block_size + 1) * sg.block_size;
-    const int64_t i1 = std::min(n, block_end - selection.src_offset);
-    std::array<int64_t, 3> size{};
-    std::array<int64_t, 3> index{};
-    for (size_t a = 0; a < axes.size(); ++a) {
-      size[a] = axes[a] == 't' ? i1 - i0 : axes[a] == 'h' ? plan.num_heads : sg.head_dim;
-    }
-    const int depth = static_cast<int>(axes.size());
-    while (true) {
-      int64_t t = i0;
-      int64_t h = 0;
-      int64_t e = 0;
-      for (int a = 0; a < depth; ++a) {
-        if (axes[a] == 't') {
-          t += index[a];
-        } else if (axes[a] == 'h') {
-          h = index[a];
-        } else {
-          e = index[a];
-        }
-      }
-      emit(
-          plan.segments, src_token[t] + h * sl.stride_h + e * src_stride_d,
-          dst_token[t] + h * dl.stride_h + e * dst_stride_d, unit, max_segment_bytes);
-      int a = depth - 1;
-      while (a >= 0 && ++index[a] == size[a]) {
-        index[a] = 0;
-        --a;
-      }
-      if (a < 0) {
-        break;
-      }
-    }
-    i0 = i1;
+  // The runs of K (kv 0), and of V (kv 1) when either side lays V out differently.
+  plan.segments = token_runs(src, sg, dst, dg, selection, plan, 0, max_segment_bytes);
+  if (sg.kv_differ() || dg.kv_differ()) {
+    plan.v_segments = token_runs(src, sg, dst, dg, selection, plan, 1, max_segment_bytes);
   }
   return plan;
 }
@@ -300,18 +337,26 @@ int64_t copy_geometry(
   GeometryPlan plan =
       plan_geometry(src.desc, src_geometry, dst.desc, dst_geometry, selection, kMaxSegmentBytes);
   // One record per side whose "tensors" are the lanes' bases, so that the block-copy machinery
-  // (threads, streaming stores, CUDA kernel) moves every segment of every lane.
-  CacheRecord src_lanes = src;
-  CacheRecord dst_lanes = dst;
-  src_lanes.addrs.clear();
-  dst_lanes.addrs.clear();
-  for (const Lane& lane : plan.lanes) {
-    src_lanes.addrs.push_back(src.addrs[lane.src_tensor] + static_cast<uint64_t>(lane.src_shift));
-    dst_lanes.addrs.push_back(dst.addrs[lane.dst_tensor] + static_cast<uint64_t>(lane.dst_shift));
-  }
-  src_lanes.desc.num_tensors = dst_lanes.desc.num_tensors = static_cast<int64_t>(plan.lanes.size());
+  // (threads, streaming stores, CUDA kernel) moves every segment of every lane; K and V lanes
+  // apart when their segments differ.
   const int64_t nbytes = plan.nbytes();
-  run_copy({&src_lanes, &dst_lanes, std::move(plan.segments)});
+  const bool apart = !plan.v_segments.empty();
+  for (int64_t kv = 0; kv < (apart ? 2 : 1); ++kv) {
+    CacheRecord src_lanes = src;
+    CacheRecord dst_lanes = dst;
+    src_lanes.addrs.clear();
+    dst_lanes.addrs.clear();
+    for (size_t i = 0; i < plan.lanes.size(); ++i) {
+      if (apart && static_cast<int64_t>(i % 2) != kv) {
+        continue;
+      }
+      const Lane& lane = plan.lanes[i];
+      src_lanes.addrs.push_back(src.addrs[lane.src_tensor] + static_cast<uint64_t>(lane.src_shift));
+      dst_lanes.addrs.push_back(dst.addrs[lane.dst_tensor] + static_cast<uint64_t>(lane.dst_shift));
+    }
+    src_lanes.desc.num_tensors = dst_lanes.desc.num_tensors = static_cast<int64_t>(src_lanes.addrs.size());
+    run_copy({&src_lanes, &dst_lanes, kv == 0 ? plan.segments : plan.v_segments});
+  }
   return nbytes;
 }
 

@@ -14,6 +14,8 @@ namespace kvreg {
 // How a registered cache holds its KV. Per layer either two tensors (K, then V) whose blocks
 // are laid out by `order` over 't' (token slot), 'h' (KV head) and 'd' (head dim), outer to
 // inner; or, when `order` also names 'k' (K or V), one tensor whose blocks hold both.
+// "K-order/V-order" lays K out differently from V (vLLM's CPU attention keeps each head's K
+// tile transposed); with 'k', both must agree up to and including it.
 // The cache holds heads [tp_rank * H / tp_size, (tp_rank + 1) * H / tp_size) of the model's
 // H = num_kv_heads.
 struct Geometry {
@@ -24,7 +26,16 @@ struct Geometry {
   int64_t tp_size = 1;
   int64_t tp_rank = 0;
 
-  bool kv_in_block() const { return order.find('k') != std::string::npos; }
+  // The order of K (kv 0) or V (kv 1).
+  std::string part(int64_t kv) const {
+    const auto slash = order.find('/');
+    if (slash == std::string::npos) {
+      return order;
+    }
+    return kv == 0 ? order.substr(0, slash) : order.substr(slash + 1);
+  }
+  bool kv_differ() const { return part(0) != part(1); }
+  bool kv_in_block() const { return part(0).find('k') != std::string::npos; }
   int64_t tensors_per_layer() const { return kv_in_block() ? 1 : 2; }
   int64_t heads_held() const { return num_kv_heads / tp_size; }
   int64_t first_head() const { return tp_rank * heads_held(); }
@@ -56,8 +67,11 @@ struct Lane {
 };
 
 struct GeometryPlan {
-  std::vector<Lane> lanes;
+  std::vector<Lane> lanes;        // per layer, K then V: even lanes K, odd lanes V
   std::vector<Segment> segments;  // relative to each lane's bases; the same for every lane
+  // When K and V are laid out differently on either side: the segments of the V lanes
+  // (`segments` then serve the K lanes only); else empty.
+  std::vector<Segment> v_segments;
   int64_t num_tokens = 0;
   int64_t first_head = 0;
   int64_t num_heads = 0;

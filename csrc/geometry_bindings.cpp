@@ -49,6 +49,7 @@ TokenSelection selection_from(
 struct PlanRecord {
   at::Tensor lanes;
   at::Tensor segments;
+  at::Tensor v_segments;  // (0, 3) unless K and V are laid out differently on either side
   int64_t num_tokens;
   int64_t first_head;
   int64_t num_heads;
@@ -69,6 +70,7 @@ void bind_geometry(py::module_& m) {
       py::module_local())
       .def_readonly("lanes", &PlanRecord::lanes)
       .def_readonly("segments", &PlanRecord::segments)
+      .def_readonly("v_segments", &PlanRecord::v_segments)
       .def_readonly("num_tokens", &PlanRecord::num_tokens)
       .def_readonly("first_head", &PlanRecord::first_head)
       .def_readonly("num_heads", &PlanRecord::num_heads)
@@ -81,17 +83,20 @@ void bind_geometry(py::module_& m) {
         const GeometryPlan plan = plan_geometry(
             desc_from(src), geometry_from(src_geometry), desc_from(dst), geometry_from(dst_geometry),
             selection_from(src_blocks, dst_blocks, selection), max_segment_bytes);
+        const auto rows = [](const std::vector<Segment>& runs) {
+          at::Tensor out = at::empty({static_cast<int64_t>(runs.size()), 3}, at::kLong);
+          std::memcpy(out.data_ptr<int64_t>(), runs.data(), runs.size() * sizeof(Segment));
+          return out;
+        };
         PlanRecord record{
             at::empty({static_cast<int64_t>(plan.lanes.size()), 4}, at::kLong),
-            at::empty({static_cast<int64_t>(plan.segments.size()), 3}, at::kLong),
+            rows(plan.segments),
+            rows(plan.v_segments),
             plan.num_tokens,
             plan.first_head,
             plan.num_heads,
             plan.num_layers};
         std::memcpy(record.lanes.data_ptr<int64_t>(), plan.lanes.data(), plan.lanes.size() * sizeof(Lane));
-        std::memcpy(
-            record.segments.data_ptr<int64_t>(), plan.segments.data(),
-            plan.segments.size() * sizeof(Segment));
         return record;
       },
       py::arg("src"), py::arg("src_geometry"), py::arg("dst"), py::arg("dst_geometry"), py::arg("src_blocks"),

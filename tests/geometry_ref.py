@@ -21,24 +21,19 @@ def cache_tensors(geometry: KVGeometry, num_layers: int, num_blocks: int, dtype=
 
 def logical(tensors, geometry: KVGeometry):
     """Per layer (K, V), each a (blocks, tokens, heads held, dim) view of the tensors' memory."""
-    order = geometry.order
     layers = []
-    if "k" in order:
-        for tensor in tensors:
-            view = tensor.reshape(tensor.shape[0], *geometry.block_shape)
-            kv = []
-            for k in range(2):
-                part = view.select(1 + order.index("k"), k)
-                rest = order.replace("k", "")
-                kv.append(part.permute(0, *(1 + rest.index(axis) for axis in "thd")))
-            layers.append(tuple(kv))
-    else:
-        for i in range(0, len(tensors), 2):
-            kv = []
-            for tensor in tensors[i : i + 2]:
-                view = tensor.reshape(tensor.shape[0], *geometry.block_shape)
-                kv.append(view.permute(0, *(1 + order.index(axis) for axis in "thd")))
-            layers.append(tuple(kv))
+    per_layer = geometry.tensors_per_layer
+    for i in range(0, len(tensors), per_layer):
+        kv = []
+        for k in range(2):
+            order = geometry.orders[k]
+            tensor = tensors[i + (0 if per_layer == 1 else k)]
+            view = tensor.reshape(tensor.shape[0], *geometry.part_shape(k))
+            if "k" in order:
+                view = view.select(1 + order.index("k"), k)
+                order = order.replace("k", "")
+            kv.append(view.permute(0, *(1 + order.index(axis) for axis in "thd")))
+        layers.append(tuple(kv))
     return layers
 
 

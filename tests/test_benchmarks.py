@@ -113,7 +113,7 @@ def test_bench_vllm_quick(tmp_path):
 
 def test_bench_geometry_quick(tmp_path):
     result, stdout = run_bench("bench_geometry.py", "--quick", "--repeats", "1", tmp_path=tmp_path)
-    assert len(result["rows"]) == 8 and result["cpu"]
+    assert len(result["rows"]) == 9 and result["cpu"]
     for row in result["rows"]:
         assert row["ratio"] > 0 and math.isfinite(row["ratio"]) and row["gbps"] > 0 and row["segments"] > 0
     assert "ratio" in stdout

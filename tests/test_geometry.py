@@ -47,15 +47,27 @@ def run_case(
     return nbytes
 
 
-def test_reference_views_match_vllm_readings():
-    """The reference's reading of the vLLM presets is vLLM's own: the CPU backend views a
-    (N, H, B, 2D) block as (N, H, 2B, D) and takes K as the first half of dim 2; vLLM 0.32's
-    FlashAttention splits the last dim."""
+def test_vllm_cpu_preset_is_where_vllms_cpu_kernel_writes():
+    """vLLM's own CPU cache write (ops.cpu_attn_reshape_and_cache, the ``vec`` kernels) puts
+    token t's K and V where the vllm_cpu preset says: K tiles dim-major, V tiles token-major."""
+    ops = pytest.importorskip("vllm._custom_ops")
+    n, b, heads, dim = 3, 32, 2, 32
+    cache = torch.zeros(n, heads, b, 2 * dim)
+    key_cache, value_cache = cache.view(n, heads, 2 * b, dim).chunk(2, dim=2)  # how vLLM hands it over
+    tokens = 40
+    key, value = torch.randn(tokens, heads, dim), torch.randn(tokens, heads, dim)
+    slots = torch.tensor([2 * b + t for t in range(b)] + [b + t for t in range(tokens - b)])  # blocks 2, then 1
+    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, "vec")
+    ((k, v),) = logical([cache], KVGeometry("vllm_cpu", b, heads, dim))
+    assert torch.equal(k[2], key[:b]) and torch.equal(k[1, : tokens - b], key[b:])
+    assert torch.equal(v[2], value[:b]) and torch.equal(v[1, : tokens - b], value[b:])
+
+
+def test_vllm_flash_attn_preset_reads_as_vllms_flash_attention():
+    """vLLM 0.32's FlashAttention reads (N, H, B, 2D) as K and V halves of the last dim
+    (flash_attn.py: ``kv_cache.transpose(1, 2).split(head_size, dim=-1)``)."""
     n, b = 3, 4
     raw = torch.randn(n, H, b, 2 * D)
-    ((k, v),) = logical([raw], geometry("vllm_cpu", b))
-    cpu_k, cpu_v = raw.view(n, H, 2 * b, D).chunk(2, dim=2)
-    assert torch.equal(k, cpu_k.transpose(1, 2)) and torch.equal(v, cpu_v.transpose(1, 2))
     ((k, v),) = logical([raw], geometry("vllm_flash_attn", b))
     fa_k, fa_v = raw.transpose(1, 2).split(D, dim=-1)
     assert torch.equal(k, fa_k) and torch.equal(v, fa_v)
@@ -303,10 +315,12 @@ def test_vllm_registered_layers(kv):
     dst = torch_kvreg.register_layer_caches(fa_layers)
     torch_kvreg.copy_kv_tokens(src, dst, [3], [6, 1], src_geometry=cpu_g, dst_geometry=fa_g)
     for name, layer in cpu_layers.items():
-        k_cpu, v_cpu = layer.view(4, heads, 64, dim).chunk(2, dim=2)  # vLLM's own reading
-        for kv_index, expected in enumerate((k_cpu[3], v_cpu[3])):
+        k_cpu, v_cpu = layer.view(4, heads, 64, dim).chunk(2, dim=2)  # the K and V regions vLLM hands over
+        k_tokens = k_cpu[3].reshape(heads, dim, 32).permute(2, 0, 1)  # K tiles are dim-major
+        v_tokens = v_cpu[3].transpose(0, 1)
+        for kv_index, expected in enumerate((k_tokens, v_tokens)):
             got = torch.cat([fa_layers[name][kv_index, 6], fa_layers[name][kv_index, 1]])  # (32, heads, dim)
-            assert torch.equal(got, expected.transpose(0, 1))
+            assert torch.equal(got, expected)
 
 
 def test_tp_that_does_not_divide_the_heads_is_refused_even_when_the_desc_fits(kv):

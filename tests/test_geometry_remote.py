@@ -92,8 +92,11 @@ CASES = {
     "block 32 -> 16": (KVGeometry("flash_attn", 32, H, D), KVGeometry("flash_attn", 16, H, D)),
     "NHD -> HND": (KVGeometry("flash_attn", 16, H, D), KVGeometry("flash_attn_hnd", 16, H, D)),
     "split -> interleaved": (KVGeometry("flash_attn_hnd", 16, H, D), KVGeometry("flashinfer", 32, H, D)),
-    "vllm cpu -> flash attn": (KVGeometry("vllm_cpu", 32, H, D), KVGeometry("vllm_flash_attn", 16, H, D)),
-    "TP1 -> TP2 rank 1": (KVGeometry("flash_attn", 16, H, D), KVGeometry("vllm_cpu", 32, H, D, 2, 1)),
+    "vllm flash attn -> flashinfer HND": (
+        KVGeometry("vllm_flash_attn", 32, H, D),
+        KVGeometry("flashinfer_hnd", 16, H, D),
+    ),
+    "TP1 -> TP2 rank 1": (KVGeometry("flash_attn", 16, H, D), KVGeometry("vllm_flash_attn_nhd", 32, H, D, 2, 1)),
 }
 
 
@@ -127,7 +130,7 @@ def test_tp1_decoder_gathers_from_two_tp2_prefills(path, peers, monkeypatch):
     kv.initialize(cluster_id=3, options={"llm.SyncKvCacheWaitTime": "3000"})
     try:
         assert kv.link_clusters([p.info for p in peers])[0] == kv.LLMStatusCode.LLM_SUCCESS
-        decoder_g = KVGeometry("vllm_cpu", 32, H, D)
+        decoder_g = KVGeometry("vllm_flash_attn", 32, H, D)
         mine, local = local_cache(decoder_g, 4, seed=9)
         expected = mine
         transfers = []
@@ -182,4 +185,10 @@ def test_unmappable_remote_geometry_moves_nothing(peers, decoder):
     with pytest.raises(kv.LLMIndexError):
         kv.pull_kv_tokens(index, local, [0, 4], [1], src_geometry=src_g, dst_geometry=dst_g)
     assert same_bytes(mine, before)
+    cpu_g = KVGeometry("vllm_cpu", 32, H, D)  # K tiles dim-major, V tiles token-major: two segment lists
+    cpu_tensors, cpu_cache = local_cache(cpu_g, 4, seed=3)
+    cpu_before = [t.clone() for t in cpu_tensors]
+    with pytest.raises(kv.LLMParamInvalidError, match="laid out differently"):
+        kv.pull_kv_tokens(index, cpu_cache, [0, 1], [1], src_geometry=src_g, dst_geometry=cpu_g)
+    assert same_bytes(cpu_tensors, cpu_before)
     peers[1].call("unregister", remote_id)

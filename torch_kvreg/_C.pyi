@@ -235,6 +235,9 @@ class GeometryPlan:
     def segments(self) -> torch.Tensor:
         """(src_offset, dst_offset, nbytes) x N, int64, the same for every lane."""
     @property
+    def v_segments(self) -> torch.Tensor:
+        """The V lanes' segments when K and V are laid out differently, else 0 x 3."""
+    @property
     def num_tokens(self) -> int: ...
     @property
     def first_head(self) -> int: ...

@@ -4,7 +4,8 @@ A ``KVGeometry`` says how a registered cache holds its KV: tokens per block, the
 heads and which of them this cache holds (its tensor-parallel rank), the head dim, and the
 layout of one block. A layout is a preset name or an axis order, outer to inner, over ``t``
 (token slot), ``h`` (KV head), ``d`` (head dim) and, when K and V share a block, ``k`` (K then
-V); without ``k`` each layer is two registered tensors, K then V.
+V); without ``k`` each layer is two registered tensors, K then V. ``"K-order/V-order"`` lays
+K out differently from V (with ``k``, the two agree up to it).
 
 ===================  =======  ===================================================================
 preset               order    what registers that way
@@ -13,7 +14,8 @@ flash_attn           thd      ``register_layer_caches`` of ``(2, N, B, H, D)`` (
 flash_attn_hnd       htd      the same with blocks ``(H, B, D)`` (HND)
 flashinfer           kthd     ``(N, 2, B, H, D)``: one tensor per layer
 flashinfer_hnd       khtd     ``(N, 2, H, B, D)``
-vllm_cpu             hktd     vLLM's CPU attention ``(N, H, B, 2 * D)``: per head a K tile, a V tile
+vllm_cpu             hkdt/    vLLM's CPU attention ``(N, H, B, 2 * D)``: per head a K tile stored
+                     hktd     transposed (dim-major), then a V tile (its ``vec`` kernels)
 vllm_flash_attn      htkd     vLLM 0.32 FlashAttention ``(N, H, B, 2 * D)``: K and V halves of each row
 vllm_flash_attn_nhd  thkd     the same under ``VLLM_KV_CACHE_LAYOUT=LBNHC``: ``(N, B, H, 2 * D)``
 ===================  =======  ===================================================================
@@ -31,6 +33,7 @@ import torch
 
 from . import _C
 from .errors import param_invalid, raises_llm, wrong_type
+from .layouts import detect_layout
 from .registry import cache_id_of, get_cache
 from .transfer import _counted_local_copy
 from .types import Blocks, Cache, CacheDesc, as_int, block_tensor
@@ -40,7 +43,7 @@ LAYOUTS = {
     "flash_attn_hnd": "htd",
     "flashinfer": "kthd",
     "flashinfer_hnd": "khtd",
-    "vllm_cpu": "hktd",
+    "vllm_cpu": "hkdt/hktd",
     "vllm_flash_attn": "htkd",
     "vllm_flash_attn_nhd": "thkd",
 }
@@ -56,9 +59,11 @@ Selection = tuple[int, int, int, int, int, int, int, int]
 class KVGeometry:
     """How one cache holds its KV (see the module docstring for ``layout``).
 
-    >>> g = KVGeometry("vllm_cpu", block_size=32, num_kv_heads=8, head_dim=64, tp_size=2, tp_rank=1)
+    >>> g = KVGeometry("flashinfer_hnd", block_size=32, num_kv_heads=8, head_dim=64, tp_size=2, tp_rank=1)
     >>> g.order, g.tensors_per_layer, g.heads, g.block_shape
-    ('hktd', 1, range(4, 8), (4, 2, 32, 64))
+    ('khtd', 1, range(4, 8), (2, 4, 32, 64))
+    >>> KVGeometry("vllm_cpu", 32, 8, 64).orders
+    ('hkdt', 'hktd')
     """
 
     layout: str
@@ -80,8 +85,14 @@ class KVGeometry:
         return LAYOUTS.get(self.layout, self.layout)
 
     @property
+    def orders(self) -> tuple[str, str]:
+        """The orders of K and of V."""
+        k_order, _, v_order = self.order.partition("/")
+        return k_order, v_order or k_order
+
+    @property
     def tensors_per_layer(self) -> int:
-        return 1 if "k" in self.order else 2
+        return 1 if "k" in self.orders[0] else 2
 
     @property
     def heads(self) -> range:
@@ -91,9 +102,13 @@ class KVGeometry:
 
     @property
     def block_shape(self) -> tuple[int, ...]:
-        """One block's memory as a shape in ``order`` (``tensor.view(N, *block_shape)``)."""
+        """One block's memory as a shape in V's order (``tensor.view(N, *block_shape)``)."""
+        return self.part_shape(1)
+
+    def part_shape(self, kv: int) -> tuple[int, ...]:
+        """One block's memory as a shape in K's (``kv`` 0) or V's (1) order."""
         sizes = {"k": 2, "t": self.block_size, "h": len(self.heads), "d": self.head_dim}
-        return tuple(sizes.get(axis, 0) for axis in self.order)
+        return tuple(sizes.get(axis, 0) for axis in self.orders[kv])
 
     def fields(self) -> tuple[str, int, int, int, int, int]:
         """What the native planner takes."""
@@ -103,17 +118,43 @@ class KVGeometry:
 @dataclasses.dataclass(frozen=True)
 class TokenPlan:
     """A checked plan: for every lane (src tensor + shift, dst tensor + shift: a layer's K or
-    V) the same byte segments (src offset, dst offset, length), runs merged."""
+    V, alternately) the same byte segments (src offset, dst offset, length), runs merged; when
+    either side lays K and V out differently, ``v_segments`` serve the V lanes (else empty)."""
 
     lanes: torch.Tensor
     segments: torch.Tensor
+    v_segments: torch.Tensor
     num_tokens: int
     heads: range
     num_layers: int
 
     @property
     def nbytes(self) -> int:
-        return int(self.segments[:, 2].sum()) * len(self.lanes)
+        k_bytes = int(self.segments[:, 2].sum())
+        v_bytes = int(self.v_segments[:, 2].sum()) if len(self.v_segments) else k_bytes
+        return (k_bytes + v_bytes) * (len(self.lanes) // 2)
+
+
+def layer_geometry(tensor: torch.Tensor, layout: str | None = None) -> KVGeometry:
+    """The geometry of a serving engine's layer tensor, as ``register_layer_caches``
+    registers it, holding every KV head it has (tensor parallelism 1). A 4-D layer is
+    vLLM's ``(N, H, B, 2 * D)``: its CPU layout on the CPU, FlashAttention's elsewhere.
+
+    >>> layer_geometry(torch.zeros(4, 2, 32, 128))
+    KVGeometry(layout='vllm_cpu', block_size=32, num_kv_heads=2, head_dim=64, tp_size=1, tp_rank=0)
+    >>> layer_geometry(torch.zeros(2, 4, 2, 16, 8).transpose(2, 3)).layout  # an HND view
+    'flash_attn_hnd'
+    """
+    kind = layout or detect_layout(tensor)
+    if kind in ("flash_attn", "flashinfer"):
+        _, _, block_size, heads, head_dim = tensor.shape
+        return KVGeometry(kind if tensor.is_contiguous() else kind + "_hnd", block_size, heads, head_dim)
+    if kind == "vllm_cpu":
+        _, heads, block_size, both = tensor.shape
+        return KVGeometry(
+            "vllm_cpu" if tensor.device.type == "cpu" else "vllm_flash_attn", block_size, heads, both // 2
+        )
+    raise param_invalid(f"{kind} layers hold no KV heads to map between geometries")
 
 
 def checked_geometry(value: object, name: str) -> KVGeometry:
@@ -193,7 +234,7 @@ def native_plan(
         max_segment_bytes,
     )
     heads = range(plan.first_head, plan.first_head + plan.num_heads)
-    return TokenPlan(plan.lanes, plan.segments, plan.num_tokens, heads, plan.num_layers)
+    return TokenPlan(plan.lanes, plan.segments, plan.v_segments, plan.num_tokens, heads, plan.num_layers)
 
 
 @raises_llm

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import raises_llm
+from ..errors import param_invalid, raises_llm
 from ..geometry import KVGeometry, Selection, TokenPlan, checked_geometry, native_plan, selection
 from ..inflight import Transfer
 from ..types import Blocks, Cache, CacheDesc, block_tensor
@@ -32,9 +32,17 @@ class _Planned:
     def of(self, remote_desc: CacheDesc) -> TokenPlan:
         if self.plan is None:
             src, dst = (remote_desc, self.local.cache_desc) if self.read else (self.local.cache_desc, remote_desc)
-            self.plan = native_plan(
+            made = native_plan(
                 src, self.geometries[0], dst, self.geometries[1], *self.blocks, self.chosen, plan.MAX_DESCRIPTOR_BYTES
             )
+            if len(made.v_segments):  # one job moves one segment list over every lane
+                raise param_invalid(
+                    "K and V are laid out differently (layouts "
+                    f"{self.geometries[0].layout!r} -> {self.geometries[1].layout!r}): remote transfers between "
+                    "such geometries are not supported yet; pull as blocks into a cache of the peer's geometry "
+                    "and copy_kv_tokens locally"
+                )
+            self.plan = made
         return self.plan
 
     def _sides(self, column: int) -> tuple[list[int], list[int]]:
