@@ -5,6 +5,8 @@
 #include "registry.h"
 #include "status.h"
 
+#include <ATen/ATen.h>
+
 #include <algorithm>
 #include <array>
 #include <string>
@@ -199,6 +201,66 @@ std::vector<Segment> token_runs(
   return segments;
 }
 
+// Whether head_dim is innermost for K (kv 0) or V (kv 1) on both sides: runs are then at
+// least one head vector long; otherwise single elements (a transposed tile).
+bool whole_vectors(const Geometry& sg, const Geometry& dg, int64_t kv) {
+  return sg.part(kv).back() == 'd' && dg.part(kv).back() == 'd';
+}
+
+// One lane's tensor as (blocks, token slots, heads held, head dim), its bytes as integers of
+// the element's size (the copy is bit-exact whatever the dtype).
+at::Tensor lane_view(const CacheDesc& desc, const Geometry& g, uint64_t base, int64_t kv) {
+  const BlockLayout layout = block_layout(g, desc.element_size, kv);
+  const int64_t e = desc.element_size;
+  const at::ScalarType raw = e == 1 ? at::kByte : e == 2 ? at::kShort : e == 4 ? at::kInt : at::kLong;
+  const at::Device device =
+      desc.placement == Placement::HOST ? at::Device(at::kCPU) : at::Device(at::kCUDA, desc.device_index);
+  return at::from_blob(
+      reinterpret_cast<void*>(base), {desc.num_blocks(), g.block_size, g.heads_held(), g.head_dim},
+      {layout.block_nbytes / e, layout.stride_t / e, layout.stride_h / e, layout.stride_d / e},
+      at::TensorOptions().dtype(raw).device(device));
+}
+
+// The lanes of one of K or V whose runs are single elements: gathered and scattered by ATen's
+// indexing kernels, one call per lane, instead of one copy per element.
+void copy_elementwise(
+    const CacheRecord& src, const Geometry& sg, const CacheRecord& dst, const Geometry& dg,
+    const TokenSelection& selection, const GeometryPlan& plan, int64_t kv) {
+  const int64_t n = plan.num_tokens;
+  at::Tensor src_block = at::empty({n}, at::kLong);
+  at::Tensor src_slot = at::empty({n}, at::kLong);
+  at::Tensor dst_block = at::empty({n}, at::kLong);
+  at::Tensor dst_slot = at::empty({n}, at::kLong);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t s = selection.src_offset + i;
+    const int64_t d = selection.dst_offset + i;
+    src_block.data_ptr<int64_t>()[i] = selection.src_blocks[s / sg.block_size];
+    src_slot.data_ptr<int64_t>()[i] = s % sg.block_size;
+    dst_block.data_ptr<int64_t>()[i] = selection.dst_blocks[d / dg.block_size];
+    dst_slot.data_ptr<int64_t>()[i] = d % dg.block_size;
+  }
+  const at::Device src_device = src.desc.placement == Placement::HOST
+                                    ? at::Device(at::kCPU)
+                                    : at::Device(at::kCUDA, src.desc.device_index);
+  const at::Device dst_device = dst.desc.placement == Placement::HOST
+                                    ? at::Device(at::kCPU)
+                                    : at::Device(at::kCUDA, dst.desc.device_index);
+  src_block = src_block.to(src_device);
+  src_slot = src_slot.to(src_device);
+  dst_block = dst_block.to(dst_device);
+  dst_slot = dst_slot.to(dst_device);
+  for (size_t i = static_cast<size_t>(kv); i < plan.lanes.size(); i += 2) {
+    const Lane& lane = plan.lanes[i];
+    const at::Tensor from =
+        lane_view(src.desc, sg, src.addrs[lane.src_tensor] + static_cast<uint64_t>(lane.src_shift), kv)
+            .narrow(2, plan.first_head - sg.first_head(), plan.num_heads);
+    at::Tensor to =
+        lane_view(dst.desc, dg, dst.addrs[lane.dst_tensor] + static_cast<uint64_t>(lane.dst_shift), kv)
+            .narrow(2, plan.first_head - dg.first_head(), plan.num_heads);
+    to.index_put_({dst_block, dst_slot}, from.index({src_block, src_slot}).to(dst_device));
+  }
+}
+
 }  // namespace
 
 int64_t GeometryPlan::nbytes() const {
@@ -219,7 +281,7 @@ int64_t GeometryPlan::nbytes() const {
 
 GeometryPlan plan_geometry(
     const CacheDesc& src, const Geometry& sg, const CacheDesc& dst, const Geometry& dg,
-    const TokenSelection& selection, int64_t max_segment_bytes) {
+    const TokenSelection& selection, int64_t max_segment_bytes, bool elementwise_runs) {
   check_geometry(sg, "src");
   check_geometry(dg, "dst");
   KVREG_CHECK_ARG(
@@ -316,8 +378,10 @@ GeometryPlan plan_geometry(
   }
 
   // The runs of K (kv 0), and of V (kv 1) when either side lays V out differently.
-  plan.segments = token_runs(src, sg, dst, dg, selection, plan, 0, max_segment_bytes);
-  if (sg.kv_differ() || dg.kv_differ()) {
+  if (elementwise_runs || whole_vectors(sg, dg, 0)) {
+    plan.segments = token_runs(src, sg, dst, dg, selection, plan, 0, max_segment_bytes);
+  }
+  if ((sg.kv_differ() || dg.kv_differ()) && (elementwise_runs || whole_vectors(sg, dg, 1))) {
     plan.v_segments = token_runs(src, sg, dst, dg, selection, plan, 1, max_segment_bytes);
   }
   return plan;
@@ -335,13 +399,26 @@ int64_t copy_geometry(
   const CacheRecord& src = lease[0];
   const CacheRecord& dst = lease[1];
   GeometryPlan plan =
-      plan_geometry(src.desc, src_geometry, dst.desc, dst_geometry, selection, kMaxSegmentBytes);
+      plan_geometry(src.desc, src_geometry, dst.desc, dst_geometry, selection, kMaxSegmentBytes, false);
   // One record per side whose "tensors" are the lanes' bases, so that the block-copy machinery
   // (threads, streaming stores, CUDA kernel) moves every segment of every lane; K and V lanes
   // apart when their segments differ.
-  const int64_t nbytes = plan.nbytes();
-  const bool apart = !plan.v_segments.empty();
+  const int64_t nbytes = checked_mul(
+      checked_mul(plan.num_tokens, plan.num_heads, "the bytes of a plan"),
+      checked_mul(
+          src_geometry.head_dim * src.desc.element_size, static_cast<int64_t>(plan.lanes.size()),
+          "the bytes of a plan"),
+      "the bytes of a plan");
+  const bool apart = src_geometry.kv_differ() || dst_geometry.kv_differ();
   for (int64_t kv = 0; kv < (apart ? 2 : 1); ++kv) {
+    if (plan.num_tokens > 0 && !whole_vectors(src_geometry, dst_geometry, kv) &&
+        (apart || !whole_vectors(src_geometry, dst_geometry, 1))) {
+      copy_elementwise(src, src_geometry, dst, dst_geometry, selection, plan, kv);
+      if (!apart) {
+        copy_elementwise(src, src_geometry, dst, dst_geometry, selection, plan, 1);
+      }
+      continue;
+    }
     CacheRecord src_lanes = src;
     CacheRecord dst_lanes = dst;
     src_lanes.addrs.clear();

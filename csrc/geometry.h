@@ -83,9 +83,11 @@ struct GeometryPlan {
 // byte moves (LLM_PARAM_INVALID for geometries that cannot map, IndexError-type for blocks
 // out of range), then its lanes and segments: runs adjacent on both sides merged, up to
 // max_segment_bytes each.
+// elementwise_runs false: K's or V's runs are left out where they would be single elements
+// (the local copy moves those by indexing instead).
 GeometryPlan plan_geometry(
     const CacheDesc& src, const Geometry& src_geometry, const CacheDesc& dst, const Geometry& dst_geometry,
-    const TokenSelection& selection, int64_t max_segment_bytes);
+    const TokenSelection& selection, int64_t max_segment_bytes, bool elementwise_runs = true);
 
 // Plans and copies between two registered caches (HOST or, with CUDA, DEVICE); returns the
 // bytes moved. The two must be different caches.
