@@ -1,5 +1,6 @@
 // The Python module torch_kvreg._C: defines the ops on import and exposes registry queries.
 #include "copy_plan.h"
+#include "geometry_bindings.h"
 #include "host_pin.h"
 #include "kernels.h"
 #include "options.h"
@@ -258,6 +259,8 @@ PYBIND11_MODULE(_C, m) {
       py::call_guard<py::gil_scoped_release>());
   // Same-host copies between processes (remote transfers to a peer on this host).
   kvreg::bind_peer_copy(m);
+  // Transfers between caches of different geometry (block size, layout, tensor-parallel split).
+  kvreg::bind_geometry(m);
   m.def("copy_strategy", [] { return kvreg::copy_strategy(); });
   m.def("set_copy_strategy", [](const std::string& name) { kvreg::set_copy_strategy(name); });
   m.def(

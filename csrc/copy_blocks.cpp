@@ -317,6 +317,8 @@ Strategy current_strategy() {
   return static_cast<Strategy>(current_choice() & ~kSingleThread);
 }
 
+}  // namespace
+
 void run_copy(const CopyPlan& plan) {
   if (plan.segments.empty()) {
     return;
@@ -338,8 +340,6 @@ void run_copy(const CopyPlan& plan) {
       "copies involving DEVICE caches need torch_kvreg built with CUDA; this build is CPU-only");
 #endif
 }
-
-}  // namespace
 
 bool built_with_openmp() {
 #ifdef _OPENMP

@@ -43,6 +43,8 @@ std::vector<Segment> plan_slice(
 std::vector<int64_t> block_indices(const at::Tensor& blocks, const char* name);
 
 void run_copy_cpu(const CopyPlan& plan);
+// Runs a plan where its memory lies: on the host's threads, or (with CUDA) on the device.
+void run_copy(const CopyPlan& plan);
 
 #ifdef KVREG_WITH_CUDA
 // Enqueues the whole plan on the current stream of the device involved: one upload of the

@@ -645,6 +645,56 @@ MUTANTS = [
         "        if False:",
         ["tests/test_vllm_connector.py"],
     ),
+    # --- transfers between geometries (C++ planner, remote lanes) --------------------------
+    (
+        "geometry: destination token slot off by one",
+        "csrc/geometry.cpp",
+        "(d % dg.block_size) * dl.stride_t + dst_head;",
+        "((d + 1) % dg.block_size) * dl.stride_t + dst_head;",
+        ["tests/test_geometry.py::test_plan_merges_runs", "tests/test_geometry.py"],
+    ),
+    (
+        "geometry: tokens that exactly fill the source blocks refused",
+        "csrc/geometry.cpp",
+        "selection.src_offset <= src_slots - n, n,",
+        "selection.src_offset < src_slots - n, n,",
+        ["tests/test_geometry.py"],
+    ),
+    (
+        "geometry: head slice start ignored on the source",
+        "csrc/geometry.cpp",
+        "const int64_t src_head = (plan.first_head - sg.first_head()) * sl.stride_h;",
+        "const int64_t src_head = 0 * sl.stride_h;",
+        ["tests/test_geometry.py"],
+    ),
+    (
+        "geometry: runs adjacent only in the source merged",
+        "csrc/geometry.cpp",
+        "last.src_offset + last.nbytes == src && last.dst_offset + last.nbytes == dst &&",
+        "last.src_offset + last.nbytes == src &&",
+        ["tests/test_geometry.py::test_plan_merges_runs", "tests/test_geometry.py"],
+    ),
+    (
+        "geometry: a TP size that does not divide the heads accepted",
+        "csrc/geometry.cpp",
+        "g.num_kv_heads % g.tp_size == 0, side,",
+        "g.num_kv_heads >= g.tp_size, side,",
+        ["tests/test_geometry.py::test_tp_that_does_not_divide_the_heads_is_refused_even_when_the_desc_fits"],
+    ),
+    (
+        "geometry: NIXL rows ignore the lanes' shifts",
+        "torch_kvreg/remote/agent.py",
+        "local_addrs = local_addrs + np.asarray(shifts[0], dtype=np.uint64)",
+        "local_addrs = local_addrs + 0 * np.asarray(shifts[0], dtype=np.uint64)",
+        ["tests/test_geometry_remote.py"],
+    ),
+    (
+        "geometry: same-host lanes ignore the remote shifts",
+        "torch_kvreg/remote/engine.py",
+        "remote_bases = [base + shift for base, shift in zip(remote_bases, shifts[1], strict=True)]",
+        "remote_bases = [base for base, shift in zip(remote_bases, shifts[1], strict=True)]",
+        ["tests/test_geometry_remote.py"],
+    ),
 ]
 
 

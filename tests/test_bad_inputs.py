@@ -39,6 +39,14 @@ def f32(shape, n=1):
     return CacheDesc(n, DataType.DT_FLOAT, shape, HOST)
 
 
+def G(block_size, heads, head_dim, tp_size=1, tp_rank=0, layout="flash_attn"):
+    return kv.KVGeometry(layout, block_size, heads, head_dim, tp_size, tp_rank)
+
+
+def geo(src_geometry, dst_geometry):
+    return {"src_geometry": src_geometry, "dst_geometry": dst_geometry}
+
+
 CASES = [
     # register, tensor form
     ("empty list", lambda w: kv.register_kv_cache([]), Value, P),
@@ -148,6 +156,63 @@ CASES = [
     ("wait for an unknown transfer", lambda w: kv.inflight.take(10**9), Value, P),
     ("wait with a float timeout", lambda w: kv.inflight.completed().wait(1.5), Type, P),
     ("wait with a negative timeout", lambda w: kv.inflight.completed().wait(-1), Value, P),
+    # transfers between geometries (A and B: one layer of 16-byte fp32 blocks)
+    (
+        "tokens, head_dim differs",
+        lambda w: kv.copy_kv_tokens(w.a, w.b, [0], [1], **geo(G(1, 1, 4), G(2, 1, 2))),
+        Value,
+        P,
+    ),
+    (
+        "tokens, dtype differs",
+        lambda w: kv.copy_kv_tokens(w.a, w.half, [0], [1], **geo(G(1, 1, 4), G(1, 1, 4))),
+        Value,
+        P,
+    ),
+    (
+        "tokens, TP does not divide",
+        lambda w: kv.copy_kv_tokens(w.a, w.b, [0], [1], **geo(G(1, 2, 2), G(1, 2, 2, 3))),
+        Value,
+        P,
+    ),
+    (
+        "tokens, no head in common",
+        lambda w: kv.copy_kv_tokens(w.a, w.b, [0], [1], **geo(G(2, 2, 2, 2), G(2, 2, 2, 2, 1))),
+        Value,
+        P,
+    ),
+    ("tokens do not fit", lambda w: kv.copy_kv_tokens(w.a, w.b, [0, 1], [2], **geo(G(1, 1, 4), G(1, 1, 4))), Value, P),
+    (
+        "tokens, geometry not the desc's",
+        lambda w: kv.copy_kv_tokens(w.a, w.b, [0], [1], **geo(G(1, 1, 4), G(2, 1, 4))),
+        Value,
+        P,
+    ),
+    (
+        "tokens, unknown layout",
+        lambda w: kv.copy_kv_tokens(w.a, w.b, [0], [1], **geo(G(1, 1, 4), G(1, 1, 4, layout="NHD"))),
+        Value,
+        P,
+    ),
+    ("tokens, one cache", lambda w: kv.copy_kv_tokens(w.a, w.a, [0], [1], **geo(G(1, 1, 4), G(1, 1, 4))), Value, P),
+    (
+        "tokens, block out of range",
+        lambda w: kv.copy_kv_tokens(w.a, w.b, [8], [1], **geo(G(1, 1, 4), G(1, 1, 4))),
+        Index,
+        P,
+    ),
+    (
+        "tokens, geometry a str",
+        lambda w: kv.copy_kv_tokens(w.a, w.b, [0], [1], src_geometry="flash_attn", dst_geometry=G(1, 1, 4)),
+        Type,
+        P,
+    ),
+    (
+        "plan, heads out of range",
+        lambda w: kv.plan_kv_tokens(w.a, w.b, [0], [1], heads=range(1, 2), **geo(G(1, 1, 4), G(1, 1, 4))),
+        Value,
+        P,
+    ),
     # settings: the CPU copy strategy, the link secret
     ("unknown copy strategy", lambda w: kv.set_copy_strategy("fastest"), Value, P),
     ("auto on one thread", lambda w: kv.set_copy_strategy("auto:single"), Value, P),
@@ -189,6 +254,8 @@ def test_catalogue_covers_every_entry_point_and_error_class():
         "take",
         "wait",
         "set_copy_strategy",
+        "copy_kv_tokens",
+        "plan_kv_tokens",
     ):
         assert entry_point in called, entry_point
     assert {case[2] for case in CASES} == {Value, Index, Type, NotExist, kv.LLMException}

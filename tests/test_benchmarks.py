@@ -109,3 +109,11 @@ def test_bench_vllm_quick(tmp_path):
         assert 0 < seconds < 60
     assert result["kvreg_pull"]["ops"] == 2 and result["kvreg_pull"]["failures"] == {}
     assert "tokens ok" in stdout and "False" not in stdout and "CPU:" in stdout
+
+
+def test_bench_geometry_quick(tmp_path):
+    result, stdout = run_bench("bench_geometry.py", "--quick", "--repeats", "1", tmp_path=tmp_path)
+    assert len(result["rows"]) == 9 and result["cpu"]
+    for row in result["rows"]:
+        assert row["ratio"] > 0 and math.isfinite(row["ratio"]) and row["gbps"] > 0 and row["segments"] > 0
+    assert "ratio" in stdout

@@ -218,3 +218,50 @@ def plan_slice(
     size: int,
     /,
 ) -> torch.Tensor: ...
+
+# (order, block_size, num_kv_heads, head_dim, tp_size, tp_rank): a KVGeometry.
+GeometryFields = tuple[str, int, int, int, int, int]
+# (num_tokens, src_offset, dst_offset, src_first_layer, dst_first_layer, num_layers,
+#  first_head, num_heads); -1: the default of each that has one.
+SelectionFields = tuple[int, int, int, int, int, int, int, int]
+
+class GeometryPlan:
+    """A checked plan between caches of different geometry (kvreg::GeometryPlan)."""
+
+    @property
+    def lanes(self) -> torch.Tensor:
+        """(src_tensor, src_shift, dst_tensor, dst_shift) x M, int64."""
+    @property
+    def segments(self) -> torch.Tensor:
+        """(src_offset, dst_offset, nbytes) x N, int64, the same for every lane."""
+    @property
+    def v_segments(self) -> torch.Tensor:
+        """The V lanes' segments when K and V are laid out differently, else 0 x 3."""
+    @property
+    def num_tokens(self) -> int: ...
+    @property
+    def first_head(self) -> int: ...
+    @property
+    def num_heads(self) -> int: ...
+    @property
+    def num_layers(self) -> int: ...
+
+def plan_geometry(
+    src: DescFields,
+    src_geometry: GeometryFields,
+    dst: DescFields,
+    dst_geometry: GeometryFields,
+    src_blocks: torch.Tensor,
+    dst_blocks: torch.Tensor,
+    selection: SelectionFields,
+    max_segment_bytes: int,
+) -> GeometryPlan: ...
+def copy_geometry(
+    src_id: int,
+    src_geometry: GeometryFields,
+    dst_id: int,
+    dst_geometry: GeometryFields,
+    src_blocks: torch.Tensor,
+    dst_blocks: torch.Tensor,
+    selection: SelectionFields,
+) -> int: ...

@@ -12,6 +12,7 @@ from .errors import (
     LLMStatusCode,
     LLMTypeError,
 )
+from .geometry import KVGeometry, TokenPlan, copy_kv_tokens, plan_kv_tokens
 from .inflight import Transfer
 from .layouts import register_layer_caches
 from .registry import (
@@ -38,8 +39,12 @@ from .remote import (
     pull_kv_blocks_async,
     pull_kv_cache,
     pull_kv_cache_async,
+    pull_kv_tokens,
+    pull_kv_tokens_async,
     push_kv_blocks,
     push_kv_blocks_async,
+    push_kv_tokens,
+    push_kv_tokens_async,
     unlink_clusters,
 )
 from .transfer import (
@@ -91,6 +96,8 @@ __all__ = [
     "Notification",
     "Placement",
     "RegisterCfg",
+    "KVGeometry",
+    "TokenPlan",
     "Transfer",
     "Usage",
     "cache_keys",
@@ -98,6 +105,7 @@ __all__ = [
     "copy_kv_blocks_async",
     "copy_strategy",
     "copy_kv_cache",
+    "copy_kv_tokens",
     "finalize",
     "find_cache_key",
     "get_cache",
@@ -107,12 +115,17 @@ __all__ = [
     "limits",
     "link_clusters",
     "listen_address",
+    "plan_kv_tokens",
     "pull_kv_blocks",
     "pull_kv_blocks_async",
     "pull_kv_cache",
     "pull_kv_cache_async",
+    "pull_kv_tokens",
+    "pull_kv_tokens_async",
     "push_kv_blocks",
     "push_kv_blocks_async",
+    "push_kv_tokens",
+    "push_kv_tokens_async",
     "register_kv_cache",
     "register_layer_caches",
     "registered_caches",

@@ -9,6 +9,7 @@ between processes of one host; the control path is a small versioned protocol
 - agent.py: the NIXL agent, registrations and requests; same_host.py: the pid proof, routes
 - jobs.py: transfers in flight as jobs; progress.py: the loop that completes them
 - plan.py: segments and tensor selections; kernels.py: the torch.ops.llm remote kernels
+- geometry.py: pulls and pushes between caches of different geometry
 """
 
 from . import kernels  # noqa: F401  (registers the remote ops' kernels)
@@ -39,6 +40,7 @@ from .api import (
     transfer_slice,
     unlink_clusters,
 )
+from .geometry import pull_kv_tokens, pull_kv_tokens_async, push_kv_tokens, push_kv_tokens_async
 
 __all__ = [
     "MAX_CLUSTERS",
@@ -55,8 +57,12 @@ __all__ = [
     "pull_kv_blocks_async",
     "pull_kv_cache",
     "pull_kv_cache_async",
+    "pull_kv_tokens",
+    "pull_kv_tokens_async",
     "push_kv_blocks",
     "push_kv_blocks_async",
+    "push_kv_tokens",
+    "push_kv_tokens_async",
     "serve_as",
     "start_blocks",
     "start_listening",

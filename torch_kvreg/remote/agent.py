@@ -211,12 +211,17 @@ def row_request(
     peer: str,
     offsets: tuple[np.ndarray, np.ndarray, np.ndarray],
     selection: tuple[np.ndarray, np.ndarray],
+    shifts: tuple[Sequence[int], Sequence[int]] | None = None,
 ) -> Request:
     """A request with one descriptor row per segment and tensor; ``offsets``: (local
-    offsets, remote offsets, lengths), ``selection``: (local, remote) tensor indices."""
+    offsets, remote offsets, lengths), ``selection``: (local, remote) tensor indices,
+    ``shifts``: bytes added to each selected tensor's base (local, remote)."""
     local_offsets, remote_offsets, lengths = offsets
     local_addrs = np.asarray(local.tensor_addrs, dtype=np.uint64)[selection[0]]
     remote_addrs = np.asarray(remote.addrs, dtype=np.uint64)[selection[1]]
+    if shifts is not None:
+        local_addrs = local_addrs + np.asarray(shifts[0], dtype=np.uint64)
+        remote_addrs = remote_addrs + np.asarray(shifts[1], dtype=np.uint64)
     local_rows = plan.descriptors(local_addrs, plan.device_id(local.cache_desc), local_offsets, lengths)
     remote_rows = plan.descriptors(remote_addrs, plan.device_id(remote.desc), remote_offsets, lengths)
     local_mem, remote_mem = plan.mem_type(local.cache_desc), plan.mem_type(remote.desc)

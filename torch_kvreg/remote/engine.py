@@ -341,6 +341,7 @@ class Engine:
         dst_blocks: Sequence[int] = (),
         background: bool = False,
         route_key: tuple | None = None,
+        lane_shifts: plan.LaneShifts | None = None,
     ) -> Transfer:
         """Starts moving bytes between a local cache and a remote one, as a job; returns its
         Transfer.
@@ -352,7 +353,9 @@ class Engine:
         ``tensors(remote_desc)`` gives the (local, remote) tensor indices that take part;
         None: all, pairwise. ``notify`` reaches the peer once the data has landed.
         ``route_key`` (block transfers by remote cache id): a same-host job keeps its route
-        under it, for start_routed.
+        under it, for start_routed. ``lane_shifts()`` (transfers between geometries, called
+        after ``tensors``): bytes added to each selected tensor's base address, local and
+        remote, so that one tensor can be a lane twice (its K and its V half).
         Everything is checked, the peer's cache leased and the request prepared before this
         returns. A NIXL job is posted here, or with ``background`` by the progress thread in
         the order started: NIXL's post may itself move the bytes (UCX does between
@@ -386,12 +389,18 @@ class Engine:
                 transfer.succeed()
                 return transfer
             deadline = time.monotonic() + self.wait_s
+            shifts = None if lane_shifts is None else lane_shifts()
             if link.peer_pid is not None and local.cache_desc.placement == remote.desc.placement == Placement.HOST:
+                local_bases = [local.tensor_addrs[i] for i in local_tensors]
+                remote_bases = [remote.addrs[i] for i in remote_tensors]
+                if shifts is not None:
+                    local_bases = [base + shift for base, shift in zip(local_bases, shifts[0], strict=True)]
+                    remote_bases = [base + shift for base, shift in zip(remote_bases, shifts[1], strict=True)]
                 native = _C.peer_copy_start_segments(
                     link.peer_pid,
                     operation == "READ",
-                    [local.tensor_addrs[i] for i in local_tensors],
-                    [remote.addrs[i] for i in remote_tensors],
+                    local_bases,
+                    remote_bases,
                     local_offsets,
                     remote_offsets,
                     lengths,
@@ -414,6 +423,7 @@ class Engine:
                     (local_offsets, remote_offsets, lengths),
                     (local_tensors, remote_tensors),
                     background,
+                    shifts,
                 )
                 job = NixlJob(self.agent, transfer, link, deadline, notify, let_go, request)
                 state = None
@@ -440,6 +450,7 @@ class Engine:
         offsets: tuple[np.ndarray, np.ndarray, np.ndarray],
         tensors: tuple[list[int], list[int]],
         background: bool,
+        shifts: tuple[Sequence[int], Sequence[int]] | None = None,
     ) -> agent.Request:
         """The NIXL request of a transfer: scattered single blocks index per-block lists
         prepared once per cache, as NIXL recommends, instead of preparing every descriptor
@@ -453,6 +464,7 @@ class Engine:
         selection = (np.asarray(tensors[0], dtype=np.int64), np.asarray(tensors[1], dtype=np.int64))
         if (
             not background
+            and shifts is None
             and lengths.size >= agent.PREPPED_MIN_SEGMENTS
             and bool(np.all(lengths == local.cache_desc.block_nbytes))
             and agent.preppable(local.cache_desc)
@@ -472,7 +484,7 @@ class Engine:
                 (local_offsets, remote_offsets),
                 selection,
             )
-        return agent.row_request(self.agent, operation, local, remote, link.agent_name, offsets, selection)
+        return agent.row_request(self.agent, operation, local, remote, link.agent_name, offsets, selection, shifts)
 
     def _let_go(self, lease: SharedLease | None, local_id: int) -> None:
         """Gives back what a transfer held: its reference to the peer's lease (which then

@@ -23,6 +23,9 @@ TensorSelection = Callable[[CacheDesc], tuple[list[int], list[int]]]
 MakeSegments = Callable[[CacheDesc, int], Segments]
 # The remote cache of a transfer: its id, or a key the peer registered it under.
 RemoteRef = int | str
+# Bytes added to each selected tensor's base address, (local, remote): a transfer between
+# geometries addresses a block's V half as a shifted base of the tensor holding it.
+LaneShifts = Callable[[], tuple[Sequence[int], Sequence[int]]]
 # One side of a planned transfer: (the desc fields of its tensors taking part, its cache id).
 PlanSide = tuple["_C.DescFields", int]
 

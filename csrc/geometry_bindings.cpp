@@ -1,0 +1,118 @@
+// The Python bindings of the geometry planner: plans as tensors, local copies without the GIL.
+#include "geometry_bindings.h"
+
+#include "cache_desc.h"
+#include "geometry.h"
+
+#include <pybind11/stl.h>
+#include <torch/extension.h>
+
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace kvreg {
+namespace {
+
+// (num_tensors, data_type, shape, placement, device_index), as Python's CacheDesc holds it.
+using DescFields = std::tuple<int64_t, int64_t, std::vector<int64_t>, int64_t, int64_t>;
+// (order, block_size, num_kv_heads, head_dim, tp_size, tp_rank), as KVGeometry.fields() gives it.
+using GeometryFields = std::tuple<std::string, int64_t, int64_t, int64_t, int64_t, int64_t>;
+// (num_tokens, src_offset, dst_offset, src_first_layer, dst_first_layer, num_layers,
+//  first_head, num_heads): TokenSelection without its block lists.
+using SelectionFields = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+
+static_assert(
+    sizeof(Lane) == 4 * sizeof(int64_t) && sizeof(Segment) == 3 * sizeof(int64_t),
+    "rows are copied as int64");
+
+Geometry geometry_from(const GeometryFields& fields) {
+  Geometry g;
+  std::tie(g.order, g.block_size, g.num_kv_heads, g.head_dim, g.tp_size, g.tp_rank) = fields;
+  return g;
+}
+
+TokenSelection selection_from(
+    const at::Tensor& src_blocks, const at::Tensor& dst_blocks, const SelectionFields& fields) {
+  TokenSelection s;
+  s.src_blocks = block_indices(src_blocks, "src_blocks");
+  s.dst_blocks = block_indices(dst_blocks, "dst_blocks");
+  std::tie(
+      s.num_tokens, s.src_offset, s.dst_offset, s.src_first_layer, s.dst_first_layer, s.num_layers,
+      s.first_head, s.num_heads) = fields;
+  return s;
+}
+
+// A plan as Python sees it: lanes (src_tensor, src_shift, dst_tensor, dst_shift) x M and
+// segments (src_offset, dst_offset, nbytes) x N as int64 tensors, and what was selected.
+struct PlanRecord {
+  at::Tensor lanes;
+  at::Tensor segments;
+  at::Tensor v_segments;  // (0, 3) unless K and V are laid out differently on either side
+  int64_t num_tokens;
+  int64_t first_head;
+  int64_t num_heads;
+  int64_t num_layers;
+};
+
+CacheDesc desc_from(const DescFields& fields) {
+  return CacheDesc::validated(
+      std::get<0>(fields), std::get<1>(fields), std::get<2>(fields), std::get<3>(fields),
+      std::get<4>(fields));
+}
+
+}  // namespace
+
+void bind_geometry(py::module_& m) {
+  py::class_<PlanRecord>(
+      m, "GeometryPlan", "A checked plan between caches of different geometry (kvreg::GeometryPlan).",
+      py::module_local())
+      .def_readonly("lanes", &PlanRecord::lanes)
+      .def_readonly("segments", &PlanRecord::segments)
+      .def_readonly("v_segments", &PlanRecord::v_segments)
+      .def_readonly("num_tokens", &PlanRecord::num_tokens)
+      .def_readonly("first_head", &PlanRecord::first_head)
+      .def_readonly("num_heads", &PlanRecord::num_heads)
+      .def_readonly("num_layers", &PlanRecord::num_layers);
+  m.def(
+      "plan_geometry",
+      [](const DescFields& src, const GeometryFields& src_geometry, const DescFields& dst,
+         const GeometryFields& dst_geometry, const at::Tensor& src_blocks, const at::Tensor& dst_blocks,
+         const SelectionFields& selection, int64_t max_segment_bytes) {
+        const GeometryPlan plan = plan_geometry(
+            desc_from(src), geometry_from(src_geometry), desc_from(dst), geometry_from(dst_geometry),
+            selection_from(src_blocks, dst_blocks, selection), max_segment_bytes);
+        const auto rows = [](const std::vector<Segment>& runs) {
+          at::Tensor out = at::empty({static_cast<int64_t>(runs.size()), 3}, at::kLong);
+          std::memcpy(out.data_ptr<int64_t>(), runs.data(), runs.size() * sizeof(Segment));
+          return out;
+        };
+        PlanRecord record{
+            at::empty({static_cast<int64_t>(plan.lanes.size()), 4}, at::kLong),
+            rows(plan.segments),
+            rows(plan.v_segments),
+            plan.num_tokens,
+            plan.first_head,
+            plan.num_heads,
+            plan.num_layers};
+        std::memcpy(record.lanes.data_ptr<int64_t>(), plan.lanes.data(), plan.lanes.size() * sizeof(Lane));
+        return record;
+      },
+      py::arg("src"), py::arg("src_geometry"), py::arg("dst"), py::arg("dst_geometry"), py::arg("src_blocks"),
+      py::arg("dst_blocks"), py::arg("selection"), py::arg("max_segment_bytes"));
+  m.def(
+      "copy_geometry",
+      [](int64_t src_id, const GeometryFields& src_geometry, int64_t dst_id,
+         const GeometryFields& dst_geometry, const at::Tensor& src_blocks, const at::Tensor& dst_blocks,
+         const SelectionFields& selection) {
+        return copy_geometry(
+            src_id, geometry_from(src_geometry), dst_id, geometry_from(dst_geometry),
+            selection_from(src_blocks, dst_blocks, selection));
+      },
+      py::arg("src_id"), py::arg("src_geometry"), py::arg("dst_id"), py::arg("dst_geometry"),
+      py::arg("src_blocks"), py::arg("dst_blocks"), py::arg("selection"),
+      py::call_guard<py::gil_scoped_release>());
+}
+
+}  // namespace kvreg

@@ -1,0 +1,194 @@
+"""pull_kv_tokens / push_kv_tokens between processes whose caches differ in geometry: same-host
+copies and NIXL, byte for byte against the pure-torch reference."""
+
+import pytest
+import torch
+from geometry_ref import expected_after, same_bytes
+
+import torch_kvreg as kv
+from torch_kvreg import CacheIndex, KVGeometry
+
+from remote_peer import Peer, paged
+
+pytestmark = pytest.mark.skipif(not kv.remote.nixl_available(), reason="needs the nixl extra")
+H, D, LAYERS = 4, 16, 2
+
+
+@pytest.fixture(scope="module")
+def peers():
+    started = [Peer(cluster_id=11, wait=False), Peer(cluster_id=12, wait=False)]
+    for peer in started:
+        peer.ready()
+    yield started
+    for peer in started:
+        peer.close()
+
+
+@pytest.fixture
+def decoder():
+    kv.initialize(cluster_id=3, options={"llm.SyncKvCacheWaitTime": "3000"})
+    yield kv
+    kv.finalize()
+
+
+def peer_cache(peer, geometry, num_blocks, seed):
+    """A remote-accessible cache of ``geometry`` on ``peer`` and the same tensors here."""
+    count = LAYERS * geometry.tensors_per_layer
+    cache_id = peer.call("register", (count, num_blocks, geometry.block_shape, seed, True))
+    return cache_id, paged(count, num_blocks, geometry.block_shape, seed)
+
+
+def local_cache(geometry, num_blocks, seed):
+    tensors = paged(LAYERS * geometry.tensors_per_layer, num_blocks, geometry.block_shape, seed)
+    return tensors, kv.register_kv_cache(tensors)
+
+
+def path_counts():
+    return dict(kv.remote.current_engine().paths)
+
+
+def pull_and_check(peer, src_g, dst_g, src_blocks, dst_blocks, **selection):
+    remote_id, remote_tensors = peer_cache(peer, src_g, 8, seed=5)
+    mine, local = local_cache(dst_g, 8, seed=6)
+    expected = expected_after(remote_tensors, src_g, mine, dst_g, src_blocks, dst_blocks, **selection)
+    assert not same_bytes(expected, mine)
+    moved = kv.pull_kv_tokens(
+        CacheIndex(peer.cluster_id, remote_id),
+        local,
+        src_blocks,
+        dst_blocks,
+        src_geometry=src_g,
+        dst_geometry=dst_g,
+        **selection,
+    )
+    assert same_bytes(mine, expected)
+    peer.call("unregister", remote_id)
+    kv.unregister_kv_cache(local)
+    return moved
+
+
+def push_and_check(peer, src_g, dst_g, src_blocks, dst_blocks, **selection):
+    count = LAYERS * dst_g.tensors_per_layer
+    remote_id = peer.call("register_zeros", (count, 8, dst_g.block_shape))
+    mine, local = local_cache(src_g, 8, seed=7)
+    zeros = [torch.zeros(8, *dst_g.block_shape, dtype=torch.float16) for _ in range(count)]
+    expected = expected_after(mine, src_g, zeros, dst_g, src_blocks, dst_blocks, **selection)
+    kv.push_kv_tokens(
+        local,
+        CacheIndex(peer.cluster_id, remote_id),
+        src_blocks,
+        dst_blocks,
+        src_geometry=src_g,
+        dst_geometry=dst_g,
+        **selection,
+    )
+    assert same_bytes(peer.call("read", remote_id), expected)
+    peer.call("unregister", remote_id)
+    kv.unregister_kv_cache(local)
+
+
+CASES = {
+    "block 16 -> 32": (KVGeometry("flash_attn", 16, H, D), KVGeometry("flash_attn", 32, H, D)),
+    "block 32 -> 16": (KVGeometry("flash_attn", 32, H, D), KVGeometry("flash_attn", 16, H, D)),
+    "NHD -> HND": (KVGeometry("flash_attn", 16, H, D), KVGeometry("flash_attn_hnd", 16, H, D)),
+    "split -> interleaved": (KVGeometry("flash_attn_hnd", 16, H, D), KVGeometry("flashinfer", 32, H, D)),
+    "vllm flash attn -> flashinfer HND": (
+        KVGeometry("vllm_flash_attn", 32, H, D),
+        KVGeometry("flashinfer_hnd", 16, H, D),
+    ),
+    "TP1 -> TP2 rank 1": (KVGeometry("flash_attn", 16, H, D), KVGeometry("vllm_flash_attn_nhd", 32, H, D, 2, 1)),
+}
+
+
+def run_both_directions(peer, through):
+    before = path_counts()
+    for src_g, dst_g in CASES.values():
+        moved = pull_and_check(peer, src_g, dst_g, [6, 1, 3], [2, 7, 4, 0], num_tokens=40, src_offset=3, dst_offset=1)
+        heads = len(range(max(src_g.heads.start, dst_g.heads.start), min(src_g.heads.stop, dst_g.heads.stop)))
+        assert moved == 40 * heads * D * 2 * 2 * LAYERS
+        push_and_check(peer, src_g, dst_g, [0, 5], [3, 6, 1], num_tokens=30, dst_offset=2)
+    after = path_counts()
+    assert after.get(through, 0) - before.get(through, 0) == 2 * len(CASES), (before, after)
+
+
+def test_same_host_pull_and_push(peers, decoder):
+    assert kv.link_clusters([peers[0].info])[0] == kv.LLMStatusCode.LLM_SUCCESS
+    run_both_directions(peers[0], "same_host")
+
+
+def test_nixl_pull_and_push(through_nixl, peers, decoder):
+    assert kv.link_clusters([peers[0].info])[0] == kv.LLMStatusCode.LLM_SUCCESS
+    run_both_directions(peers[0], "nixl")
+
+
+@pytest.mark.parametrize("path", ["same_host", "nixl"])
+def test_tp1_decoder_gathers_from_two_tp2_prefills(path, peers, monkeypatch):
+    """Two prefill processes, TP ranks 0 and 1 of 2, each hold half of the heads; one TP-1
+    decoder pulls the tokens from both (asynchronously, at once) and holds every head."""
+    if path == "nixl":
+        monkeypatch.setenv("TORCH_KVREG_SAME_HOST_COPY", "0")
+    kv.initialize(cluster_id=3, options={"llm.SyncKvCacheWaitTime": "3000"})
+    try:
+        assert kv.link_clusters([p.info for p in peers])[0] == kv.LLMStatusCode.LLM_SUCCESS
+        decoder_g = KVGeometry("vllm_flash_attn", 32, H, D)
+        mine, local = local_cache(decoder_g, 4, seed=9)
+        expected = mine
+        transfers = []
+        before = path_counts()
+        for rank, peer in enumerate(peers):
+            prefill_g = KVGeometry("flash_attn_hnd", 16, H, D, tp_size=2, tp_rank=rank)
+            remote_id, remote_tensors = peer_cache(peer, prefill_g, 6, seed=20 + rank)
+            expected = expected_after(remote_tensors, prefill_g, expected, decoder_g, [4, 0, 2], [3, 1], num_tokens=45)
+            transfers.append(
+                kv.pull_kv_tokens_async(
+                    CacheIndex(peer.cluster_id, remote_id),
+                    local,
+                    [4, 0, 2],
+                    [3, 1],
+                    45,
+                    src_geometry=prefill_g,
+                    dst_geometry=decoder_g,
+                    notify=f"rank {rank}",
+                )
+            )
+        for transfer in transfers:
+            assert transfer.wait(5000) == 45 * (H // 2) * D * 2 * 2 * LAYERS
+        assert same_bytes(mine, expected)
+        assert path_counts().get(path, 0) - before.get(path, 0) == 2
+    finally:
+        kv.finalize()
+
+
+def test_unmappable_remote_geometry_moves_nothing(peers, decoder):
+    """Checked against the peer's desc before any byte moves: a geometry that does not fit
+    the remote cache, or another head dim, is LLM_PARAM_INVALID and the local cache is
+    untouched."""
+    kv.link_clusters([peers[1].info])
+    src_g = KVGeometry("flash_attn", 16, H, D)
+    remote_id, _ = peer_cache(peers[1], src_g, 4, seed=1)
+    dst_g = KVGeometry("flash_attn", 32, H, D)
+    mine, local = local_cache(dst_g, 4, seed=2)
+    for t in mine:
+        t.fill_(float("nan"))
+    before = [t.clone() for t in mine]
+    index = CacheIndex(peers[1].cluster_id, remote_id)
+    bad = [
+        dict(src_geometry=KVGeometry("flash_attn", 32, H, D)),  # not the remote cache's block bytes
+        dict(src_geometry=KVGeometry("flash_attn", 16, H, 2 * D), dst_geometry=KVGeometry("flash_attn", 32, H, 2 * D)),
+        dict(num_tokens=65),  # more than the two destination blocks hold
+        dict(dst_geometry=KVGeometry("flash_attn", 32, H, D, tp_size=3)),
+    ]
+    for case in bad:
+        args = dict(src_geometry=src_g, dst_geometry=dst_g, num_tokens=48) | case
+        with pytest.raises(kv.LLMParamInvalidError):
+            kv.pull_kv_tokens(index, local, [0, 1, 2, 3], [1, 2], **args)
+    with pytest.raises(kv.LLMIndexError):
+        kv.pull_kv_tokens(index, local, [0, 4], [1], src_geometry=src_g, dst_geometry=dst_g)
+    assert same_bytes(mine, before)
+    cpu_g = KVGeometry("vllm_cpu", 32, H, D)  # K tiles dim-major, V tiles token-major: two segment lists
+    cpu_tensors, cpu_cache = local_cache(cpu_g, 4, seed=3)
+    cpu_before = [t.clone() for t in cpu_tensors]
+    with pytest.raises(kv.LLMParamInvalidError, match="laid out differently"):
+        kv.pull_kv_tokens(index, cpu_cache, [0, 1], [1], src_geometry=src_g, dst_geometry=cpu_g)
+    assert same_bytes(cpu_tensors, cpu_before)
+    peers[1].call("unregister", remote_id)
