@@ -71,18 +71,17 @@ def copy_kv_blocks(
     checked = verification.wanted(verify)
     with _counted_local_copy() as counted:
         desc = get_cache(src_id).cache_desc
-        selected: tuple[list[int] | None, list[int] | None] = (None, None)
-        if layers is not None:
-            selected = _layer_tensors(src_id, dst_id, layers, tensors_per_layer)
-        expected = verification.source_checksums(src_id, selected[0], src_list) if checked else None
-        if selected[0] is None:
+        selected = None if layers is None else _layer_tensors(src_id, dst_id, layers, tensors_per_layer)
+        src_tensors, dst_tensors = (None, None) if selected is None else selected
+        expected = verification.source_checksums(src_id, src_tensors, src_list) if checked else None
+        if selected is None:
             torch.ops.llm.copy_kv_blocks(src_id, dst_id, src_list, dst_list)
             tensors = desc.num_tensors
         else:
-            _C.copy_blocks_of_tensors(src_id, dst_id, src_list, dst_list, selected[0], selected[1])
+            _C.copy_blocks_of_tensors(src_id, dst_id, src_list, dst_list, *selected)
             tensors = len(selected[0])
         if expected is not None:
-            landed = verification.landed_checksums(dst_id, selected[1], dst_list)
+            landed = verification.landed_checksums(dst_id, dst_tensors, dst_list)
             verification.check_landed("local copy", dst_list.tolist(), expected, landed)
         counted.nbytes = src_list.numel() * desc.block_nbytes * tensors
 
