@@ -182,6 +182,9 @@ const bool fork_handler_installed = [] {
   return pthread_atfork(nullptr, nullptr, [] { forked_child.store(true); }) == 0;
 }();
 
+// How much of the next slice is prefetched while one is read.
+constexpr int64_t kPrefetchBytes = 4096;
+
 }  // namespace
 
 uint32_t crc32c(uint32_t crc, const void* data, size_t nbytes) {
@@ -251,12 +254,23 @@ at::Tensor checksum_blocks(
     }
     return out;
   }
+  auto slice = [&](int64_t j, size_t i) {
+    return reinterpret_cast<const uint8_t*>(record.addrs[selected[i]]) + list[j] * desc.block_nbytes + offset;
+  };
   auto work = [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       uint32_t crc = 0;
-      for (int64_t t : selected) {
-        const auto* base = reinterpret_cast<const uint8_t*>(record.addrs[t]);
-        crc = crc32c(crc, base + list[j] * desc.block_nbytes + offset, static_cast<size_t>(nbytes));
+      for (size_t i = 0; i < selected.size(); ++i) {
+        // Slices are scattered (one per tensor, blocks in any order): the next one is asked
+        // for while this one is read, which the hardware prefetcher cannot guess.
+        const bool last = i + 1 == selected.size();
+        if (!last || j + 1 < end) {
+          const uint8_t* next = last ? slice(j + 1, 0) : slice(j, i + 1);
+          for (int64_t at = 0; at < std::min<int64_t>(nbytes, kPrefetchBytes); at += 64) {
+            __builtin_prefetch(next + at);
+          }
+        }
+        crc = crc32c(crc, slice(j, i), static_cast<size_t>(nbytes));
       }
       crcs[j] = crc;
     }
