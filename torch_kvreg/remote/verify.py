@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from .. import _C
 from .. import verify as verification
@@ -20,8 +20,12 @@ from ..types import Blocks, Cache, block_tensor, layer_tensors
 from . import protocol
 from .control import Link
 
-if TYPE_CHECKING:
-    from .engine import Engine
+
+class Engine(Protocol):
+    """What this module needs of the engine (engine.py imports this module)."""
+
+    def link_for(self, cluster_id: int) -> Link: ...
+
 
 # A peer's cache, by id or by a key it registered.
 RemoteRef = int | str
