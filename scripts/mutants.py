@@ -144,8 +144,8 @@ MUTANTS = [
     (
         "swap_blocks swaps its arguments",
         "torch_kvreg/transfer.py",
-        "copy_kv_blocks(src, dst, list(src_to_dst.keys()), list(src_to_dst.values()))",
-        "copy_kv_blocks(src, dst, list(src_to_dst.values()), list(src_to_dst.keys()))",
+        "copy_kv_blocks(src, dst, list(src_to_dst.keys()), list(src_to_dst.values()), verify=verify)",
+        "copy_kv_blocks(src, dst, list(src_to_dst.values()), list(src_to_dst.keys()), verify=verify)",
         ["tests/test_copy_blocks.py"],
     ),
     (
@@ -614,8 +614,8 @@ MUTANTS = [
     (
         "verify: a block's CRC stops one byte short",
         "csrc/checksum.cpp",
-        "crc = crc32c(crc, base + list[j] * desc.block_nbytes + offset, static_cast<size_t>(nbytes));",
-        "crc = crc32c(crc, base + list[j] * desc.block_nbytes + offset, static_cast<size_t>(nbytes - 1));",
+        "crc = crc32c(crc, slice(j, i), static_cast<size_t>(nbytes));",
+        "crc = crc32c(crc, slice(j, i), static_cast<size_t>(nbytes - 1));",
         ["tests/test_verify.py"],
     ),
     (
