@@ -108,6 +108,10 @@ def run_case(name, num_blocks, block_shape, moved, src_device, dst_device, repea
             lambda: kv.copy_kv_blocks(src_cache, dst_cache, src_idx, dst_idx), device, repeats
         )
         peak_after, _ = rss_peak_kib()
+        # verify=True: CRC-32C of every source block before and destination block after
+        measured["copy_kv_blocks_verified"] = timed(
+            lambda: kv.copy_kv_blocks(src_cache, dst_cache, src_idx, dst_idx, verify=True), device, repeats
+        )
         extra_mib = max(0, peak_after - rss_before) / 1024 if reset_supported else float("nan")
         # Device memory the op allocated at its peak (the uploaded copy plan).
         extra_gpu_mib = (torch.cuda.max_memory_allocated() - gpu_before) / 2**20 if on_gpu else 0.0
@@ -149,6 +153,8 @@ def run_case(name, num_blocks, block_shape, moved, src_device, dst_device, repea
                 ratio_vs_memcpy_per_block=(
                     gbps["copy_kv_blocks"] / gbps["memcpy_per_block"] if "memcpy_per_block" in gbps else None
                 ),
+                # seconds verified / seconds unverified - 1, same run (the target: at most 0.15)
+                verify_overhead=measured["copy_kv_blocks_verified"] / measured["copy_kv_blocks"] - 1,
                 copy_strategy=kv.copy_strategy(),
                 peak_extra_rss_mib=extra_mib,
                 peak_extra_gpu_mib=extra_gpu_mib,
@@ -202,7 +208,7 @@ def main():
     print(f"CPU: {cpu_model()}; copy strategy: {kv.copy_strategy()}")
     header = (
         f"{'case':<8}{'pattern':<12}{'path':<11}{'GB/s':>7}{'contig':>8}{'ours/a':>8}"
-        f"{'ours/b':>8}{'ours/c':>8}{'ours/d':>8}{'peak+MiB':>9}{'gpu+MiB':>8}"
+        f"{'ours/b':>8}{'ours/c':>8}{'ours/d':>8}{'peak+MiB':>9}{'gpu+MiB':>8}{'verify+':>8}"
     )
     print(header)
     for r in rows:
@@ -212,13 +218,14 @@ def main():
             f"{g['contiguous_copy']:>8.2f}{r['ratio_vs_contiguous']:>7.2f}x{r['ratio_vs_python_loop']:>7.1f}x"
             f"{r['ratio_vs_index_select']:>7.1f}x"
             + (f"{r['ratio_vs_memcpy_per_block']:>7.2f}x" if r["ratio_vs_memcpy_per_block"] else f"{'-':>8}")
-            + f"{r['peak_extra_rss_mib']:>9.1f}{r['peak_extra_gpu_mib']:>8.2f}"
+            + f"{r['peak_extra_rss_mib']:>9.1f}{r['peak_extra_gpu_mib']:>8.2f}{r['verify_overhead']:>8.0%}"
         )
     print(
         "a: one contiguous copy_ of the same bytes (written memory); b: Python loop of per-block copy_; "
         "c: index_select + index_copy_; d: one thread, one memcpy per run of blocks (CPU); "
         "peak+MiB: resident host memory the op added at its peak; "
-        "gpu+MiB: device memory it allocated at its peak"
+        "gpu+MiB: device memory it allocated at its peak; "
+        f"verify+: time added by verify=True (CRC-32C by {kv._C.crc32c_implementation()})"
     )
     if args.plot:
         plot(rows, args.plot, machine)

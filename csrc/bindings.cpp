@@ -1,4 +1,5 @@
 // The Python module torch_kvreg._C: defines the ops on import and exposes registry queries.
+#include "checksum.h"
 #include "copy_plan.h"
 #include "geometry_bindings.h"
 #include "host_pin.h"
@@ -261,6 +262,27 @@ PYBIND11_MODULE(_C, m) {
   kvreg::bind_peer_copy(m);
   // Transfers between caches of different geometry (block size, layout, tensor-parallel split).
   kvreg::bind_geometry(m);
+  // CRC-32C of a buffer (verified transfers; tests compare it with known values).
+  m.def(
+      "crc32c",
+      [](const py::buffer& data, uint32_t crc, bool portable) {
+        const py::buffer_info info = data.request();
+        KVREG_CHECK_ARG(
+            info.ndim <= 1 && (info.ndim == 0 || info.strides[0] == info.itemsize),
+            "crc32c takes a contiguous 1-D buffer");
+        const size_t nbytes = static_cast<size_t>(info.size * info.itemsize);
+        py::gil_scoped_release released;
+        return portable ? kvreg::crc32c_portable(crc, info.ptr, nbytes)
+                        : kvreg::crc32c(crc, info.ptr, nbytes);
+      },
+      py::arg("data"), py::arg("crc") = 0, py::arg("portable") = false);
+  m.def("crc32c_implementation", &kvreg::crc32c_implementation);
+  m.def(
+      "checksum_blocks",
+      [](int64_t cache_id, const std::vector<int64_t>& tensors, const at::Tensor& blocks, int64_t offset,
+         int64_t size) { return kvreg::checksum_blocks(cache_id, tensors, blocks, offset, size); },
+      py::arg("cache_id"), py::arg("tensors"), py::arg("blocks"), py::arg("offset") = 0, py::arg("size") = -1,
+      py::call_guard<py::gil_scoped_release>());
   m.def("copy_strategy", [] { return kvreg::copy_strategy(); });
   m.def("set_copy_strategy", [](const std::string& name) { kvreg::set_copy_strategy(name); });
   m.def(

@@ -23,6 +23,7 @@ constexpr UpstreamOption kUpstreamOptions[] = {
     {"llm.DeviceId", Form::kDeviceList, kOptionDeviceId},
     {"llm.ListenIpInfo", Form::kAddress, kOptionListenIpInfo},
     {"llm.SyncKvCacheWaitTime", Form::kSame, kOptionSyncKvCacheWaitTime},
+    {"llm.VerifyTransfers", Form::kSame, kOptionVerifyTransfers},
     {"llm.listenIpInfo", Form::kAddress, kOptionListenIpInfo},
     {"ge.exec.deviceId", Form::kDeviceList, kOptionDeviceId},
     {"ge.session_device_id", Form::kDeviceList, kOptionDeviceId},
@@ -76,6 +77,8 @@ void check_value(const std::string& key, const std::string& native_key, const st
     KVREG_CHECK_ARG(
         digits_in(value, 1, kMaxSyncKvCacheWaitTimeMs), key, " must be a positive int of ms, got '", value,
         "'");
+  } else if (native_key == kOptionVerifyTransfers) {
+    KVREG_CHECK_ARG(value == "0" || value == "1", key, " must be '0' or '1', got '", value, "'");
   }
 }
 

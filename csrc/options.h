@@ -16,6 +16,7 @@ using Options = std::map<std::string, std::string>;
 constexpr char kOptionDeviceId[] = "llm.DeviceId";
 constexpr char kOptionListenIpInfo[] = "llm.ListenIpInfo";
 constexpr char kOptionSyncKvCacheWaitTime[] = "llm.SyncKvCacheWaitTime";
+constexpr char kOptionVerifyTransfers[] = "llm.VerifyTransfers";
 
 constexpr int64_t kDefaultSyncKvCacheWaitTimeMs = 1000;
 constexpr int64_t kMaxDeviceId = 2147483647;

@@ -132,12 +132,43 @@ def peer_main(commands, replies, cluster_id, wait_ms=2000, options=None, netns=N
                     replies.put(("ok", ("ok", transfer.wait(args[1]))))
                 except kv.LLMException as exc:
                     replies.put(("ok", (exc.status_code.name, transfer.elapsed_s)))
+            elif op == "verify_hook":  # (kind, cache id, block) or None: torch_kvreg.verify's hooks
+                set_verify_hook(caches, args)
+                replies.put(("ok", None))
             elif op == "exit":
                 kv.finalize()
                 replies.put(("ok", None))
                 return
         except Exception as exc:  # reported to the test
             replies.put(("error", repr(exc)))
+
+
+def flip_byte(tensors, block):
+    """Flips one bit of block ``block`` of the first tensor, in place."""
+    tensors[0][block].view(torch.uint8).view(-1)[0] ^= 1
+
+
+def set_verify_hook(caches, args):
+    """Clears torch_kvreg.verify's test hooks, then (``args``: (kind, cache id, block))
+    flips a bit of that block where ``kind`` says: "source" once its CRC is taken for a
+    transfer (the owner overwrites it before it moves), "landed" once a transfer's bytes
+    landed there, before their CRC is taken (corrupted in flight)."""
+    from torch_kvreg import verify
+
+    verify.source_checksummed = verify.landing_checked = None
+    if args is None:
+        return
+    kind, cache_id, block = args
+
+    def hook(hooked_id, blocks):
+        if hooked_id == cache_id and block in blocks:
+            flip_byte(caches[cache_id], block)
+
+    if kind == "source":
+        verify.source_checksummed = hook
+    else:
+        assert kind == "landed", kind
+        verify.landing_checked = hook
 
 
 class Peer:

@@ -35,13 +35,14 @@ def test_bench_copy_blocks_quick(tmp_path):
     for row in rows:
         assert all(v > 0 and math.isfinite(v) for v in row["gbps"].values()), row
         assert row["ratio_vs_contiguous"] > 0 and row["ratio_vs_python_loop"] > 0
+        assert row["verify_overhead"] > -1 and "copy_kv_blocks_verified" in row["gbps"]
         assert row["peak_extra_rss_mib"] >= 0 or math.isnan(row["peak_extra_rss_mib"])
         if row["src"] == row["dst"] == "cpu":
             assert row["ratio_vs_memcpy_per_block"] > 0 and "memcpy_per_block" in row["gbps"]
     from torch_kvreg.transfer import COPY_STRATEGIES
 
     assert result["cpu"] and result["copy_strategy"] in COPY_STRATEGIES
-    assert "ours/a" in stdout and "ours/d" in stdout and "CPU:" in stdout
+    assert "ours/a" in stdout and "ours/d" in stdout and "verify+" in stdout and "CPU:" in stdout
 
 
 def test_bench_copy_blocks_sweep_draws_its_plot(tmp_path):
@@ -88,12 +89,14 @@ def test_bench_remote_small(tmp_path):
     if not torch_kvreg.remote.nixl_available():
         pytest.skip("needs the nixl extra")
     result, stdout = run_bench("bench_remote.py", "--layers", "1", "--repeats", "1", tmp_path=tmp_path)
-    assert result["routes"] == {"same_host": 8}  # 2 patterns x (warm-up + 1 repeat) x (pull, push)
+    # 2 patterns x (warm-up + 1 repeat) x (pull, push) x (unverified, verified)
+    assert result["routes"] == {"same_host": 16}
     for row in result["rows"]:
         assert row["ratio_vs_raw_nixl"] > 0 and row["push_ratio_vs_raw_nixl"] > 0
+        assert row["verify_overhead_pull"] > -1 and row["verify_overhead_push"] > -1
         assert all(v > 0 and math.isfinite(v) for v in row["gbps"].values())
     assert [row["pattern"] for row in result["rows"]] == ["random", "consecutive"]
-    assert result["cpu"] and "went by same-host copies" in stdout and "push:" in stdout
+    assert result["cpu"] and "went by same-host copies" in stdout and "push:" in stdout and "verify=True:" in stdout
 
 
 def test_bench_vllm_quick(tmp_path):

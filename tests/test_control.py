@@ -111,7 +111,8 @@ MALFORMED = [
     ("not JSON", struct.pack(">I", 4) + b"[1,2"),
     ("JSON array", body([1, 2])),
     # version
-    ("version 2", corrupt(HELLO, v=2)),
+    ("a later version", corrupt(HELLO, v=protocol.VERSION + 1)),
+    ("version 1 (a peer without checksums)", corrupt(HELLO, v=1)),
     ("version 0", corrupt(HELLO, v=0)),
     ("version as text", corrupt(HELLO, v="1")),
     ("version true", corrupt(HELLO, v=True)),
@@ -187,7 +188,12 @@ def test_refused_acquire_keeps_the_connection(prompt, which, cache_id):
     before = state(prompt)
     client = Client()
     reply = client.request({"op": "acquire", "cache_id": cache_id})
-    assert reply == {"v": 1, "ok": False, "status": "LLM_KV_CACHE_NOT_EXIST", "message": reply["message"]}
+    assert reply == {
+        "v": protocol.VERSION,
+        "ok": False,
+        "status": "LLM_KV_CACHE_NOT_EXIST",
+        "message": reply["message"],
+    }
     assert client.request(HELLO)["ok"] is True  # still served
     client.close()
     assert same_state(state(prompt), before)
@@ -203,7 +209,7 @@ def test_lease_belongs_to_its_connection(prompt):
     engine = kv.remote.current_engine()
     assert engine.holds.leases == {lease: public.cache_id}
     # Another connection releasing it: answered, ignored.
-    assert stranger.request({"op": "release", "lease": lease}) == {"v": 1, "ok": True}
+    assert stranger.request({"op": "release", "lease": lease}) == {"v": protocol.VERSION, "ok": True}
     assert engine.holds.leases == {lease: public.cache_id}
     with pytest.raises(kv.LLMException) as info:
         kv.unregister_kv_cache(public)  # the owner's lease still holds it
@@ -293,7 +299,7 @@ EDGES = [
 
 @pytest.mark.parametrize("name,cache,accepted", EDGES, ids=[e[0] for e in EDGES])
 def test_peer_cache_entry_edges(name, cache, accepted):
-    message = {"v": 1, "ok": True, "lease": 4, "md": protocol.b64(b"md"), "cache": cache}
+    message = {"v": protocol.VERSION, "ok": True, "lease": 4, "md": protocol.b64(b"md"), "cache": cache}
     if accepted:
         lease, parsed, md = acquired(message)
         assert (lease, md, parsed.addrs) == (4, b"md", tuple(cache["addrs"]))
@@ -316,7 +322,7 @@ def test_peer_cache_entry_edges(name, cache, accepted):
     ],
 )
 def test_acquire_response_fields(field, value):
-    message = {"v": 1, "ok": True, "lease": 4, "md": protocol.b64(b"md"), "cache": entry([4096])}
+    message = {"v": protocol.VERSION, "ok": True, "lease": 4, "md": protocol.b64(b"md"), "cache": entry([4096])}
     protocol.AcquireReply.parse(message)  # the uncorrupted one parses
     message[field] = value
     with pytest.raises(protocol.ProtocolError):

@@ -295,7 +295,7 @@ def test_options_are_read_with_the_option_table(shim):
             Form.IGNORED: ("anything", None),
             Form.ADDRESS: ("", None),  # upstream's "not listening"
             Form.DEVICE_LIST: ("1;2", "1"),
-            Form.SAME: ("1500", "1500"),
+            Form.SAME: ("1", "1") if option.sets == "llm.VerifyTransfers" else ("1500", "1500"),
         }[option.form]
         assert cpp.initialize(**{key: value}) == S.LLM_SUCCESS, key
         assert kv.registry.cluster_id() == 5 and kv.registry.option(option.sets or key) == native, key
@@ -307,6 +307,7 @@ def test_options_are_read_with_the_option_table(shim):
         {"llm.LinkSecret": "s3cret"},  # torch_kvreg.initialize's key, not upstream's
         {"llm.SyncKvCacheWaitTime": "0"},
         {"llm.SyncKvCacheWaitTime": "2147483648"},
+        {"llm.VerifyTransfers": "yes"},
         {"ge.exec.deviceId": "x;1"},
         {"ge.exec.deviceId": "1", "llm.DeviceId": "2"},
         {"llm.ListenIpInfo": "localhost:1"},  # checked by the Python layer

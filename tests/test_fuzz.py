@@ -46,9 +46,14 @@ keys = st.sampled_from(
         "placement",
         "device_index",
         "addrs",
+        "blocks",
+        "size",
+        "landed",
+        "layers",
+        "crcs",
     ]
 )
-messages = st.dictionaries(keys, json_values, max_size=10).map(lambda d: {**d, "v": d.get("v", 1)})
+messages = st.dictionaries(keys, json_values, max_size=10).map(lambda d: {**d, "v": d.get("v", protocol.VERSION)})
 
 
 def valid_entry():
@@ -66,6 +71,7 @@ PARSERS = [
     protocol.HelloReply.parse,
     protocol.AcquireReply.parse,
     lambda m: protocol.parse_cache_entry(m.get("cache", m)),
+    lambda m: protocol.ChecksumsReply.parse(m, 2),
 ]
 
 
@@ -92,7 +98,8 @@ def test_frame_length_random_header(header):
 @given(message=messages)
 def test_parsers_random_messages(message):
     body = json.dumps(message).encode()
-    decoded = protocol.decode(body) if message.get("v") == 1 and message.get("v") is not True else message
+    version = message.get("v")
+    decoded = protocol.decode(body) if version == protocol.VERSION and type(version) is int else message
     for parse in PARSERS:
         try:
             parse(decoded)
@@ -178,9 +185,13 @@ def test_live_control_server_survives_random_frames():
     outcomes = collections.Counter()  # what the server answered
     near_valid = st.fixed_dictionaries(
         {
-            "op": st.sampled_from(["acquire", "acquire", "hello", "release", "bye", "bogus"]),
+            "op": st.sampled_from(["acquire", "acquire", "hello", "release", "bye", "bogus", "checksums"]),
             "cache_id": st.sampled_from([cache.cache_id, cache.cache_id + 1, 10**6, 0, -1, 2**63, "1"]),
             "lease": st.integers(-1, 3),
+            "blocks": st.lists(st.integers(-1, 9), max_size=3),  # (checksums: the cache has 8)
+            "tensors_per_layer": st.integers(0, 2),
+            "size": st.integers(-2, 40),
+            "landed": st.booleans(),
             "cluster_id": st.integers(-1, 3),
             "agent": st.text(max_size=3),
         }

@@ -18,12 +18,14 @@ GOOD = {
     Check.WAIT_MS: "1500",
     Check.LISTEN_ADDRESS: "127.0.0.1:0",
     Check.LINK_SECRET: "s3cret",
+    Check.SWITCH: "1",
 }
 BAD = {
     Check.DEVICE_ID: ["", "x", "-1", "+1", " 1", "1.0", "0x1", "²", "٣", "2147483648", "1" * 40],
     Check.WAIT_MS: ["", "0", "-5", "+5", "5 ", "1e3", "²", "2147483648", "9" * 40],
     Check.LISTEN_ADDRESS: ["", "localhost:1", "127.0.0.1", "127.0.0.1:x", "127.0.0.1:65536", "127.0.0.1:-1", "1.2.3:4"],
     Check.LINK_SECRET: ["", "s" * (options.MAX_LINK_SECRET_BYTES + 1)],
+    Check.SWITCH: ["", "2", "true", "on", " 1", "01", "١"],
 }
 
 
@@ -49,6 +51,7 @@ def test_the_table_is_well_formed():
         options.OPTION_LISTEN_IP_INFO,
         options.OPTION_SYNC_KV_CACHE_WAIT_TIME,
         options.OPTION_LINK_SECRET,
+        options.OPTION_VERIFY_TRANSFERS,
     }
     for option in OPTIONS:
         assert option.check is not None or option.form is not None, option

@@ -411,6 +411,7 @@ def test_cpp_option_table_agrees():
         "kOptionDeviceId": options.OPTION_DEVICE_ID,
         "kOptionListenIpInfo": options.OPTION_LISTEN_IP_INFO,
         "kOptionSyncKvCacheWaitTime": options.OPTION_SYNC_KV_CACHE_WAIT_TIME,
+        "kOptionVerifyTransfers": options.OPTION_VERIFY_TRANSFERS,
         "kDefaultSyncKvCacheWaitTimeMs": str(options.DEFAULT_SYNC_KV_CACHE_WAIT_TIME_MS),
         "kMaxDeviceId": str(options.MAX_DEVICE_ID),
         "kMaxSyncKvCacheWaitTimeMs": str(options.MAX_SYNC_KV_CACHE_WAIT_TIME_MS),

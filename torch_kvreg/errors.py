@@ -43,6 +43,10 @@ class LLMException(RuntimeError):
     (<LLMStatusCode.LLM_FAILED: 4294967295>, 'LLM_FAILED: boom')
     """
 
+    # The destination blocks a failed transfer names as not (correctly) written, when it
+    # knows them (a verified transfer's mismatched blocks); None: unknown, assume all.
+    failed_blocks: list[int] | None = None
+
     def __init__(self, status_code: LLMStatusCode, message: str):
         self.status_code = LLMStatusCode(status_code)
         self.detail = message

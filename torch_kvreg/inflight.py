@@ -23,7 +23,8 @@ _events_lock = threading.Lock()
 class Transfer:
     """A transfer in flight: ``done()``, ``wait(timeout_ms=None)``, ``status`` (None until
     done), ``nbytes``, ``elapsed_s``, and ``failed_blocks``: the destination blocks not
-    known to be written (all of them after a failure, none after success), for recomputation.
+    known to be written (after a failure all of them, or only those a verified transfer found
+    differing from their source; none after success), for recomputation.
 
     >>> t = Transfer(nbytes=4096, dst_blocks=[3, 5])
     >>> t.done(), t.status
@@ -67,7 +68,8 @@ class Transfer:
     @property
     def failed_blocks(self) -> list[int]:
         if not self.done() or self.status != LLMStatusCode.LLM_SUCCESS:
-            return list(self._dst_blocks)
+            named = None if self._error is None else self._error.failed_blocks
+            return list(self._dst_blocks if named is None else named)
         return []
 
     def wait(self, timeout_ms: int | None = None) -> int:
@@ -92,7 +94,9 @@ class Transfer:
                 raise make_error(LLMStatusCode.LLM_TIMEOUT, f"{self.description} not done within {timeout_ms} ms")
         if self._error is not None:
             # A fresh exception each time (the stored one keeps its own traceback).
-            raise make_error(self._error.status_code, self._error.detail, type(self._error))
+            error = make_error(self._error.status_code, self._error.detail, type(self._error))
+            error.failed_blocks = self._error.failed_blocks
+            raise error
         return self.nbytes
 
     # --- completion, by whoever runs the transfer ----------------------------------------

@@ -32,6 +32,8 @@ OPTION_SYNC_KV_CACHE_WAIT_TIME = "llm.SyncKvCacheWaitTime"
 # the environment variable below when the option is not given.
 OPTION_LINK_SECRET = "llm.LinkSecret"
 ENV_LINK_SECRET = "TORCH_KVREG_LINK_SECRET"
+# "1": every transfer of this process is verified (torch_kvreg.verify), as with verify=True.
+OPTION_VERIFY_TRANSFERS = "llm.VerifyTransfers"
 # Upstream's device keys, which LLMConfig.device_id generates.
 GE_DEVICE_ID = "ge.exec.deviceId"
 GE_SESSION_DEVICE_ID = "ge.session_device_id"
@@ -51,6 +53,7 @@ class Check(enum.Enum):
     WAIT_MS = "wait ms"  # decimal digits, 1 to MAX_SYNC_KV_CACHE_WAIT_TIME_MS
     LISTEN_ADDRESS = "listen address"  # "ip:port", port 0 to 65535 (0: a free port)
     LINK_SECRET = "link secret"  # 1 to MAX_LINK_SECRET_BYTES bytes
+    SWITCH = "switch"  # "0" (off) or "1" (on)
 
 
 class Form(enum.Enum):
@@ -84,6 +87,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(OPTION_LISTEN_IP_INFO, Check.LISTEN_ADDRESS, Form.ADDRESS, OPTION_LISTEN_IP_INFO),
     Option(OPTION_SYNC_KV_CACHE_WAIT_TIME, Check.WAIT_MS, Form.SAME, OPTION_SYNC_KV_CACHE_WAIT_TIME, "sync_kv_timeout"),
     Option(OPTION_LINK_SECRET, Check.LINK_SECRET),
+    Option(OPTION_VERIFY_TRANSFERS, Check.SWITCH, Form.SAME, OPTION_VERIFY_TRANSFERS),
     # Upstream's spelling of the listen address (lower-case l), which LLMConfig generates.
     Option("llm.listenIpInfo", form=Form.ADDRESS, sets=OPTION_LISTEN_IP_INFO, config="listen_ip_info"),
     Option(GE_DEVICE_ID, form=Form.DEVICE_LIST, sets=OPTION_DEVICE_ID),
@@ -156,6 +160,9 @@ def check_value(key: str, value: str, check: Check) -> None:
             raise param_invalid(f"{key} must be a positive int of ms, got {value!r}")
     elif check is Check.LISTEN_ADDRESS:
         parse_listen_address(value, key)
+    elif check is Check.SWITCH:
+        if value not in ("0", "1"):
+            raise param_invalid(f"{key} must be '0' or '1', got {value!r}")
     else:
         size = len(value.encode())
         if not 0 < size <= MAX_LINK_SECRET_BYTES:  # (the message never shows the secret)

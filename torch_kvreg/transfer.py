@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from . import _C, counters
+from . import verify as verification
 from .errors import LLMException, LLMStatusCode, make_error, raises_llm, translate, wrong_type
 from .inflight import Transfer
 from .registry import cache_id_of, get_cache
@@ -47,13 +48,16 @@ def copy_kv_blocks(
     *,
     layers: range | None = None,
     tensors_per_layer: int = 2,
+    verify: bool = False,
 ) -> None:
     """Copies dim-0 slice ``src_blocks[j]`` of every src tensor to ``dst_blocks[j]`` of dst.
 
     Works HOST->HOST, HOST->DEVICE, DEVICE->HOST and DEVICE->DEVICE; ordered on the
     current CUDA stream. Validates everything before any byte moves. ``layers`` (a range)
     copies only those layers' tensors (layer i: tensors ``i*tensors_per_layer ..
-    (i+1)*tensors_per_layer-1``), the same layers of both caches.
+    (i+1)*tensors_per_layer-1``), the same layers of both caches. ``verify`` (or the
+    option llm.VerifyTransfers): CRC-32C of each source block before, of each destination
+    block after; a difference is LLM_FAILED naming the blocks (see torch_kvreg.verify).
 
     >>> import torch, torch_kvreg
     >>> torch_kvreg.initialize()
@@ -64,15 +68,21 @@ def copy_kv_blocks(
     """
     src_id, dst_id = cache_id_of(src, "src"), cache_id_of(dst, "dst")
     src_list, dst_list = block_tensor(src_blocks, "src_blocks"), block_tensor(dst_blocks, "dst_blocks")
+    checked = verification.wanted(verify)
     with _counted_local_copy() as counted:
         desc = get_cache(src_id).cache_desc
-        if layers is None:
+        selected = None if layers is None else _layer_tensors(src_id, dst_id, layers, tensors_per_layer)
+        src_tensors, dst_tensors = (None, None) if selected is None else selected
+        expected = verification.source_checksums(src_id, src_tensors, src_list) if checked else None
+        if selected is None:
             torch.ops.llm.copy_kv_blocks(src_id, dst_id, src_list, dst_list)
             tensors = desc.num_tensors
         else:
-            selected = _layer_tensors(src_id, dst_id, layers, tensors_per_layer)
             _C.copy_blocks_of_tensors(src_id, dst_id, src_list, dst_list, *selected)
             tensors = len(selected[0])
+        if expected is not None:
+            landed = verification.landed_checksums(dst_id, dst_tensors, dst_list)
+            verification.check_landed("local copy", dst_list.tolist(), expected, landed)
         counted.nbytes = src_list.numel() * desc.block_nbytes * tensors
 
 
@@ -95,8 +105,9 @@ def _counted_local_copy() -> Iterator[_LocalCopyCount]:
     counters.record("local_copy", counted.nbytes, time.perf_counter() - start)
 
 
-def swap_blocks(src: Cache | int, dst: Cache | int, src_to_dst: Mapping[int, int]) -> None:
-    """llm_datadist-style block copy: ``{src_block: dst_block}``.
+def swap_blocks(src: Cache | int, dst: Cache | int, src_to_dst: Mapping[int, int], *, verify: bool = False) -> None:
+    """llm_datadist-style block copy: ``{src_block: dst_block}`` (``verify``: as for
+    copy_kv_blocks).
 
     >>> import torch, torch_kvreg
     >>> torch_kvreg.initialize()
@@ -107,7 +118,7 @@ def swap_blocks(src: Cache | int, dst: Cache | int, src_to_dst: Mapping[int, int
     """
     if not isinstance(src_to_dst, Mapping):
         raise wrong_type(f"src_to_dst must be a mapping of int to int, got {type(src_to_dst).__name__}")
-    copy_kv_blocks(src, dst, list(src_to_dst.keys()), list(src_to_dst.values()))
+    copy_kv_blocks(src, dst, list(src_to_dst.keys()), list(src_to_dst.values()), verify=verify)
 
 
 @raises_llm
@@ -118,9 +129,12 @@ def copy_kv_cache(
     dst_batch_index: int = 0,
     offset: int = 0,
     size: int = -1,
+    *,
+    verify: bool = False,
 ) -> None:
     """Copies ``size`` bytes (-1: the rest) from byte ``offset`` of slice ``src_batch_index``
-    to the same place of slice ``dst_batch_index``, for every tensor.
+    to the same place of slice ``dst_batch_index``, for every tensor (``verify``: as for
+    copy_kv_blocks, over the bytes copied).
 
     >>> import torch, torch_kvreg
     >>> torch_kvreg.initialize()
@@ -129,17 +143,18 @@ def copy_kv_cache(
     >>> torch_kvreg.copy_kv_cache(a, b, 0, 1, offset=4, size=8)
     >>> torch_kvreg.finalize()
     """
-    src_id = cache_id_of(src, "src")
+    src_id, dst_id = cache_id_of(src, "src"), cache_id_of(dst, "dst")
+    checked = verification.wanted(verify)
     with _counted_local_copy() as counted:
         desc = get_cache(src_id).cache_desc
-        torch.ops.llm.copy_kv_cache(
-            src_id,
-            cache_id_of(dst, "dst"),
-            as_int(src_batch_index, "src_batch_index"),
-            as_int(dst_batch_index, "dst_batch_index"),
-            as_int(offset, "offset"),
-            as_int(size, "size"),
-        )
+        src_index, dst_index = as_int(src_batch_index, "src_batch_index"), as_int(dst_batch_index, "dst_batch_index")
+        offset, size = as_int(offset, "offset"), as_int(size, "size")
+        # (the copy checks the arguments before any byte moves; the CRCs, taken first, too)
+        expected = verification.source_checksums(src_id, None, [src_index], size, offset) if checked else None
+        torch.ops.llm.copy_kv_cache(src_id, dst_id, src_index, dst_index, offset, size)
+        if expected is not None:
+            landed = verification.landed_checksums(dst_id, None, [dst_index], size, offset)
+            verification.check_landed("local copy", [dst_index], expected, landed)
         counted.nbytes = (desc.block_nbytes - offset if size == -1 else size) * desc.num_tensors
 
 
@@ -152,10 +167,12 @@ def copy_kv_blocks_async(
     *,
     layers: range | None = None,
     tensors_per_layer: int = 2,
+    verify: bool = False,
 ) -> Transfer:
     """Starts ``copy_kv_blocks`` on a worker thread (without the GIL) and returns its
     Transfer. Checked before it returns, as the blocking form; both caches count as in use
-    (unregister waits for the copy) until it has finished.
+    (unregister waits for the copy) until it has finished. ``verify``: the CRCs are taken
+    and compared on the worker; blocks that differ are the Transfer's ``failed_blocks``.
 
     >>> import torch, torch_kvreg
     >>> torch_kvreg.initialize()
@@ -168,6 +185,7 @@ def copy_kv_blocks_async(
     """
     src_id, dst_id = cache_id_of(src, "src"), cache_id_of(dst, "dst")
     src_list, dst_list = block_tensor(src_blocks, "src_blocks"), block_tensor(dst_blocks, "dst_blocks")
+    checked = verification.wanted(verify)
     src_cache, dst_cache = get_cache(src_id), get_cache(dst_id)
     if layers is None:
         tensors = None
@@ -189,7 +207,8 @@ def copy_kv_blocks_async(
     same = src_id == dst_id and (tensors is None or bool(set(tensors[0]) & set(tensors[1])))
     _C.plan_blocks(fields[0], src_id, fields[1], dst_id, src_list, dst_list, 1 << 20, same)
     nbytes = src_list.numel() * src_cache.cache_desc.block_nbytes * counts[0]
-    transfer = Transfer(nbytes, dst_list.tolist(), "local copy", "local_copy")
+    transfer_blocks = dst_list.tolist()
+    transfer = Transfer(nbytes, transfer_blocks, "local copy", "local_copy")
     held = []
     try:
         for cache_id in {src_id, dst_id}:
@@ -202,10 +221,15 @@ def copy_kv_blocks_async(
 
     def run() -> None:
         try:
+            src_tensors, dst_tensors = (None, None) if tensors is None else tensors
+            expected = verification.source_checksums(src_id, src_tensors, src_list) if checked else None
             if tensors is None:
                 _C.copy_blocks(src_id, dst_id, src_list, dst_list)
             else:
                 _C.copy_blocks_of_tensors(src_id, dst_id, src_list, dst_list, *tensors)
+            if expected is not None:
+                landed = verification.landed_checksums(dst_id, dst_tensors, dst_list)
+                verification.check_landed("local copy", transfer_blocks, expected, landed)
             transfer.succeed()
         except Exception as exc:  # reported through the Transfer
             error = translate(exc)

@@ -14,8 +14,6 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-import torch
-
 from .. import lifecycle
 from ..errors import LLMException, LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
 from ..inflight import Transfer
@@ -33,6 +31,7 @@ from ..registry import (
 )
 from ..types import Blocks, Cache, CacheIndex, ClusterInfo, LlmRole, as_int, block_tensor
 from . import plan
+from . import verify as remote_checks
 from .auth import LinkSecret
 from .engine import Engine
 
@@ -224,10 +223,6 @@ def unlink_clusters(
 MAX_CLUSTERS = 16
 
 
-def _blocks(blocks: Blocks, name: str) -> torch.Tensor:
-    return block_tensor(blocks, name)
-
-
 def _cache_index(index: object) -> CacheIndex:
     if not isinstance(index, CacheIndex):
         raise wrong_type(f"expected a CacheIndex, got {type(index).__name__}")
@@ -276,7 +271,7 @@ def start_blocks(
     post, as UCX does between processes of one host), so the caller goes on at once."""
     engine = get_engine()
     message = _notify(notify)
-    src_list, dst_list = _blocks(src_blocks, "src_blocks"), _blocks(dst_blocks, "dst_blocks")
+    src_list, dst_list = block_tensor(src_blocks, "src_blocks"), block_tensor(dst_blocks, "dst_blocks")
     read = operation == "READ"
     tensors = plan.selection(local.cache_desc, local_layers, remote_layers, tensors_per_layer, read)
     segments = plan.planned(
@@ -383,13 +378,13 @@ def start_slice(
 
 
 def transfer_blocks(*args: Any, **kwargs: Any) -> int:
-    """``start_blocks(...).wait()``: the bytes moved."""
-    return start_blocks(*args, **kwargs).wait()
+    """``start_blocks(...).wait()``: the bytes moved (verified if the process option says)."""
+    return remote_checks.checked(start_blocks, False, get_engine)(*args, **kwargs).wait()
 
 
 def transfer_slice(*args: Any, **kwargs: Any) -> int:
-    """``start_slice(...).wait()``: the bytes moved."""
-    return start_slice(*args, **kwargs).wait()
+    """``start_slice(...).wait()``: the bytes moved (verified if the process option says)."""
+    return remote_checks.checked(start_slice, False, get_engine)(*args, **kwargs).wait()
 
 
 def pull_kv_blocks_async(
@@ -401,14 +396,15 @@ def pull_kv_blocks_async(
     layers: range | None = None,
     tensors_per_layer: int = 2,
     notify: str | bytes | None = None,
+    verify: bool = False,
 ) -> Transfer:
     """Starts reading blocks ``src_blocks`` of a remote cache into blocks ``dst_blocks`` of a
     local one; returns its Transfer. Validated against the remote cache's desc before it
     returns. ``layers`` (a range) moves only those layers' tensors (layer i: tensors
     ``i*tensors_per_layer .. (i+1)*tensors_per_layer-1``), the same layers on both sides.
     ``notify`` (str or bytes, at most 1 KiB) reaches the peer's ``get_notifications()``
-    once the data has been read."""
-    return _block_transfer("READ", src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, True)
+    once the data has been read. ``verify``: see torch_kvreg.verify (CRCs of the blocks)."""
+    return _block_transfer("READ", src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, True, verify)
 
 
 def push_kv_blocks_async(
@@ -420,10 +416,11 @@ def push_kv_blocks_async(
     layers: range | None = None,
     tensors_per_layer: int = 2,
     notify: str | bytes | None = None,
+    verify: bool = False,
 ) -> Transfer:
     """Starts writing blocks ``src_blocks`` of a local cache into blocks ``dst_blocks`` of a
-    remote one; ``notify`` reaches the peer once the data has landed there."""
-    return _block_transfer("WRITE", dst, src, src_blocks, dst_blocks, layers, tensors_per_layer, notify, True)
+    remote one; ``notify`` reaches the peer once the data has landed there; ``verify``: see pulls."""
+    return _block_transfer("WRITE", dst, src, src_blocks, dst_blocks, layers, tensors_per_layer, notify, True, verify)
 
 
 def _block_transfer(
@@ -436,14 +433,16 @@ def _block_transfer(
     tensors_per_layer: int,
     notify: str | bytes | None,
     background: bool,
+    verify: bool = False,
 ) -> Transfer:
     """A block transfer between a remote cache and a local one (READ: remote to local),
     started on a same-host route an earlier one left when there is one, else in full."""
-    transfer = _routed(operation, remote, local, src_blocks, dst_blocks, layers, tensors_per_layer, notify)
-    if transfer is not None:
-        return transfer
+    if remote_checks.routable(verify):
+        transfer = _routed(operation, remote, local, src_blocks, dst_blocks, layers, tensors_per_layer, notify)
+        if transfer is not None:
+            return transfer
     return _start_block_transfer(
-        operation, remote, local, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background
+        operation, remote, local, src_blocks, dst_blocks, layers, tensors_per_layer, notify, background, verify
     )
 
 
@@ -458,10 +457,11 @@ def _start_block_transfer(
     tensors_per_layer: int,
     notify: str | bytes | None,
     background: bool,
+    verify: bool,
 ) -> Transfer:
     remote = _cache_index(remote)
     get_engine()
-    return start_blocks(
+    return remote_checks.checked(start_blocks, verify, get_engine)(
         operation,
         _local(local),
         remote.cluster_id,
@@ -486,10 +486,11 @@ def pull_kv_cache_async(
     layers: range | None = None,
     tensors_per_layer: int = 2,
     notify: str | bytes | None = None,
+    verify: bool = False,
 ) -> Transfer:
     """Starts reading ``size`` bytes (-1: the whole slice) of slice ``src.batch_index`` of a
     remote cache into slice ``batch_index`` of a local one, for every tensor (or ``layers``)."""
-    return _pull_slice(src, dst, batch_index, size, layers, tensors_per_layer, notify, background=True)
+    return _pull_slice(src, dst, batch_index, size, layers, tensors_per_layer, notify, True, verify)
 
 
 def _pull_slice(
@@ -501,10 +502,11 @@ def _pull_slice(
     tensors_per_layer: int,
     notify: str | bytes | None,
     background: bool,
+    verify: bool,
 ) -> Transfer:
     src = _cache_index(src)
     get_engine()
-    return start_slice(
+    return remote_checks.checked(start_slice, verify, get_engine)(
         "READ",
         _local(dst),
         src.cluster_id,
@@ -530,9 +532,12 @@ def pull_kv_blocks(
     layers: range | None = None,
     tensors_per_layer: int = 2,
     notify: str | bytes | None = None,
+    verify: bool = False,
 ) -> int:
     """``pull_kv_blocks_async(...).wait()``, posted from this thread: returns the bytes moved."""
-    return _block_transfer("READ", src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, False).wait()
+    return _block_transfer(
+        "READ", src, dst, src_blocks, dst_blocks, layers, tensors_per_layer, notify, False, verify
+    ).wait()
 
 
 @raises_llm
@@ -545,9 +550,12 @@ def push_kv_blocks(
     layers: range | None = None,
     tensors_per_layer: int = 2,
     notify: str | bytes | None = None,
+    verify: bool = False,
 ) -> int:
     """``push_kv_blocks_async(...).wait()``, posted from this thread: returns the bytes moved."""
-    return _block_transfer("WRITE", dst, src, src_blocks, dst_blocks, layers, tensors_per_layer, notify, False).wait()
+    return _block_transfer(
+        "WRITE", dst, src, src_blocks, dst_blocks, layers, tensors_per_layer, notify, False, verify
+    ).wait()
 
 
 @raises_llm
@@ -560,9 +568,10 @@ def pull_kv_cache(
     layers: range | None = None,
     tensors_per_layer: int = 2,
     notify: str | bytes | None = None,
+    verify: bool = False,
 ) -> int:
     """``pull_kv_cache_async(...).wait()``, posted from this thread: returns the bytes moved."""
-    return _pull_slice(src, dst, batch_index, size, layers, tensors_per_layer, notify, background=False).wait()
+    return _pull_slice(src, dst, batch_index, size, layers, tensors_per_layer, notify, False, verify).wait()
 
 
 class Notification(NamedTuple):

@@ -22,7 +22,7 @@ from ..errors import LLMException, LLMStatusCode, make_error
 from ..inflight import Transfer
 from ..registry import cache_from_native
 from ..types import Cache, ClusterInfo, Placement
-from . import agent, auth, plan, protocol, same_host
+from . import agent, auth, plan, protocol, same_host, verify
 from .control import ControlServer, Heartbeat, Link, connect
 from .jobs import PROC, Completion, NixlJob, SameHostJob
 from .leases import LEASE_LINGER_S, LocalHolds, PeerLeases, SharedLease
@@ -146,6 +146,8 @@ class Engine:
             return self.grant(request, link.leases)
         if isinstance(request, protocol.SameHost):
             return same_host.show_nonce(self.host, request, link)
+        if isinstance(request, protocol.Checksums):
+            return verify.serve(request)
         if isinstance(request, protocol.Release):
             if request.lease in link.leases:
                 link.leases.discard(request.lease)

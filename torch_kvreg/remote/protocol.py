@@ -1,9 +1,10 @@
 """The control-path protocol between torch_kvreg processes: small, versioned, validated.
 
-Only metadata crosses it (NIXL agent metadata and the table entry of one cache); data
-moves over NIXL. A frame is a 4-byte big-endian length and a UTF-8 JSON object carrying
-``"v": VERSION``. Everything a peer sends is checked here before use: a malformed or
-hostile message raises ProtocolError and never reaches the registry.
+Only metadata crosses it (NIXL agent metadata, the table entry of one cache, and the
+CRCs of blocks a verified transfer compares); data moves over NIXL. A frame is a 4-byte
+big-endian length and a UTF-8 JSON object carrying ``"v": VERSION``. Everything a peer
+sends is checked here before use: a malformed or hostile message raises ProtocolError and
+never reaches the registry.
 """
 
 from __future__ import annotations
@@ -21,15 +22,17 @@ from ..types import CacheDesc, DataType, Placement
 
 # The protocol's version, and what each version changed: a peer speaking another version
 # is refused at its first frame.
-VERSION = 1
+VERSION = 2
 HISTORY = {
     1: "frames of JSON objects; requests challenge, hello, acquire (by cache id or key), release,"
     " ping, bye and same_host; replies carry ok, errors a status name and a message",
+    2: "adds checksums (CRC-32C of blocks of a cache, for verified transfers) and its reply",
 }
 MAX_FRAME = 4 << 20  # agent metadata is a few KiB; anything near this is hostile
 MAX_TENSORS = 240
 MAX_RANK = 32
 MAX_KEY = 256
+MAX_CHECKSUM_BLOCKS = 1 << 16  # per checksums request (a verified transfer sends several)
 _HEADER = struct.Struct(">I")
 NONCE_BYTES = 32  # fresh per handshake, from secrets.token_bytes
 PROOF_BYTES = 32  # HMAC-SHA256
@@ -233,9 +236,76 @@ class Bye:
         return cls()
 
 
-Request = Challenge | Hello | Acquire | Release | SameHost | Ping | Bye
+def _int_list(message: dict, key: str, max_len: int, low: int = 0, high: int = 2**62) -> tuple[int, ...]:
+    values = message.get(key)
+    if not isinstance(values, list) or len(values) > max_len:
+        raise ProtocolError(f"field {key!r} must be a list of at most {max_len} ints")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ProtocolError(f"field {key!r} holds {value!r}, not an int in [{low}, {high}]")
+    return tuple(values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Checksums:
+    """The CRC-32C of blocks of one of the peer's caches (by id or key; ``key_slice``: of
+    the slice the key names, ``blocks`` empty), each over ``size`` bytes (-1: all) of the
+    tensors of ``layers`` ((start, stop), None: all tensors). ``landed``: the blocks are a
+    transfer's destination, asked for once it landed; else its source, before it moves."""
+
+    op: ClassVar[str] = "checksums"
+    cache_id: int | None
+    key: str | None
+    blocks: tuple[int, ...]
+    layers: tuple[int, int] | None
+    tensors_per_layer: int
+    size: int
+    landed: bool
+    key_slice: bool = False
+
+    def to_wire(self) -> dict:
+        wire: dict = {
+            "op": self.op,
+            "blocks": list(self.blocks),
+            "tensors_per_layer": self.tensors_per_layer,
+            "size": self.size,
+            "landed": self.landed,
+        }
+        if self.key is not None:
+            wire["key"] = self.key
+            wire["key_slice"] = self.key_slice
+        else:
+            wire["cache_id"] = self.cache_id
+        if self.layers is not None:
+            wire["layers"] = list(self.layers)
+        return wire
+
+    @classmethod
+    def parse(cls, message: dict) -> Checksums:
+        key = _str(message, "key", MAX_KEY) if "key" in message else None
+        cache_id = None if key is not None else _int(message, "cache_id")
+        key_slice = message.get("key_slice", False)
+        landed = message.get("landed")
+        if not isinstance(key_slice, bool) or not isinstance(landed, bool):
+            raise ProtocolError("fields 'key_slice' and 'landed' must be booleans")
+        layers = _int_list(message, "layers", 2, 0, MAX_TENSORS) if "layers" in message else None
+        if layers is not None and len(layers) != 2:
+            raise ProtocolError("field 'layers' must be [start, stop]")
+        return cls(
+            cache_id,
+            key,
+            _int_list(message, "blocks", MAX_CHECKSUM_BLOCKS),
+            None if layers is None else (layers[0], layers[1]),
+            _int(message, "tensors_per_layer", 1, MAX_TENSORS),
+            _int(message, "size", -1, 2**62),
+            landed,
+            key_slice,
+        )
+
+
+Request = Challenge | Hello | Acquire | Release | SameHost | Ping | Bye | Checksums
 REQUESTS: dict[str, type[Request]] = {
-    kind.op: kind for kind in (Challenge, Hello, Acquire, Release, SameHost, Ping, Bye)
+    kind.op: kind for kind in (Challenge, Hello, Acquire, Release, SameHost, Ping, Bye, Checksums)
 }
 
 
@@ -371,7 +441,24 @@ class SameHostReply:
         return cls(_int(message, "pid", 1, 2**31 - 1), _int(message, "address", 1, 2**64 - 1))
 
 
-Reply = Ok | Failure | ChallengeReply | HelloReply | AcquireReply | SameHostReply
+@dataclasses.dataclass(frozen=True)
+class ChecksumsReply:
+    """One CRC-32C per block a checksums request named, in its order."""
+
+    crcs: tuple[int, ...]
+
+    def to_wire(self) -> dict:
+        return {"ok": True, "crcs": list(self.crcs)}
+
+    @classmethod
+    def parse(cls, message: dict, count: int) -> ChecksumsReply:
+        crcs = _int_list(message, "crcs", MAX_CHECKSUM_BLOCKS, 0, 2**32 - 1)
+        if len(crcs) != count:
+            raise ProtocolError(f"{len(crcs)} checksums for {count} blocks")
+        return cls(crcs)
+
+
+Reply = Ok | Failure | ChallengeReply | HelloReply | AcquireReply | SameHostReply | ChecksumsReply
 
 
 def cache_entry(cache_id: int, desc: CacheDesc, addrs: Sequence[int]) -> dict:

@@ -1,0 +1,288 @@
+// CRC-32C of memory and of cache blocks (see checksum.h).
+#include "checksum.h"
+
+#include "copy_plan.h"
+#include "registry.h"
+#include "status.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <pthread.h>
+
+#include <array>
+#include <atomic>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <nmmintrin.h>
+#define KVREG_CRC_X86 1
+#endif
+
+namespace kvreg {
+
+namespace {
+
+constexpr uint32_t kPoly = 0x82F63B78u;  // Castagnoli, bit-reflected
+
+// --- portable: slicing-by-8 -------------------------------------------------------------
+struct Tables {
+  uint32_t t[8][256];
+  Tables() {
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) {
+        c = (c & 1) ? (c >> 1) ^ kPoly : c >> 1;
+      }
+      t[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; ++i) {
+      for (int s = 1; s < 8; ++s) {
+        t[s][i] = (t[s - 1][i] >> 8) ^ t[0][t[s - 1][i] & 0xFF];
+      }
+    }
+  }
+};
+
+const Tables& tables() {
+  static const Tables instance;
+  return instance;
+}
+
+// The raw register update (no inversions) over n bytes.
+uint32_t raw_portable(uint32_t crc, const uint8_t* p, size_t n) {
+  const auto& t = tables().t;
+  while (n >= 8) {
+    uint64_t word;
+    std::memcpy(&word, p, 8);  // little-endian hosts (x86-64, AArch64) only
+    word ^= crc;
+    crc = t[7][word & 0xFF] ^ t[6][(word >> 8) & 0xFF] ^ t[5][(word >> 16) & 0xFF] ^
+          t[4][(word >> 24) & 0xFF] ^ t[3][(word >> 32) & 0xFF] ^ t[2][(word >> 40) & 0xFF] ^
+          t[1][(word >> 48) & 0xFF] ^ t[0][word >> 56];
+    p += 8;
+    n -= 8;
+  }
+  while (n-- > 0) {
+    crc = (crc >> 8) ^ t[0][(crc ^ *p++) & 0xFF];
+  }
+  return crc;
+}
+
+#ifdef KVREG_CRC_X86
+// --- SSE4.2: three streams ------------------------------------------------------------------
+// a * b modulo the polynomial, both bit-reflected (x^0 is the top bit).
+uint32_t multiply_mod(uint32_t a, uint32_t b) {
+  uint32_t product = 0;
+  for (uint32_t bit = 1u << 31; bit != 0; bit >>= 1) {
+    if (a & bit) {
+      product ^= b;
+    }
+    b = (b & 1) ? (b >> 1) ^ kPoly : b >> 1;
+  }
+  return product;
+}
+
+// x^(8 * nbytes) modulo the polynomial: appending nbytes zero bytes to a register multiplies
+// it by this.
+uint32_t zeros_operator(size_t nbytes) {
+  uint32_t power = 1u << 30;   // x^1
+  uint32_t result = 1u << 31;  // x^0
+  for (size_t bits = nbytes * 8; bits != 0; bits >>= 1) {
+    if (bits & 1) {
+      result = multiply_mod(result, power);
+    }
+    power = multiply_mod(power, power);
+  }
+  return result;
+}
+
+// The register after `kStride` zero bytes, as four byte-indexed tables (the map is linear).
+template <size_t kStride>
+struct Shift {
+  uint32_t t[4][256];
+  Shift() {
+    const uint32_t op = zeros_operator(kStride);
+    for (uint32_t b = 0; b < 4; ++b) {
+      for (uint32_t v = 0; v < 256; ++v) {
+        t[b][v] = multiply_mod(op, v << (8 * b));
+      }
+    }
+  }
+  uint32_t operator()(uint32_t crc) const {
+    return t[0][crc & 0xFF] ^ t[1][(crc >> 8) & 0xFF] ^ t[2][(crc >> 16) & 0xFF] ^ t[3][crc >> 24];
+  }
+};
+
+constexpr size_t kLong = 4096;  // bytes per stream in one round of long input
+constexpr size_t kShort = 256;  // ... of what is left
+
+template <size_t kStride>
+__attribute__((target("sse4.2"))) inline void rounds(uint32_t& crc, const uint8_t*& p, size_t& n) {
+  static const Shift<kStride> shift;
+  while (n >= 3 * kStride) {
+    // Three independent chains hide the instruction's latency (3 cycles, 1 per cycle).
+    uint64_t a = crc, b = 0, c = 0;
+    const uint8_t* q = p;
+    for (size_t i = 0; i < kStride; i += 8) {
+      uint64_t wa, wb, wc;
+      std::memcpy(&wa, q + i, 8);
+      std::memcpy(&wb, q + kStride + i, 8);
+      std::memcpy(&wc, q + 2 * kStride + i, 8);
+      a = _mm_crc32_u64(a, wa);
+      b = _mm_crc32_u64(b, wb);
+      c = _mm_crc32_u64(c, wc);
+    }
+    // The register over a||b||c: a moved past b, joined, moved past c, joined.
+    crc = shift(shift(static_cast<uint32_t>(a)) ^ static_cast<uint32_t>(b)) ^ static_cast<uint32_t>(c);
+    p += 3 * kStride;
+    n -= 3 * kStride;
+  }
+}
+
+__attribute__((target("sse4.2"))) uint32_t raw_sse42(uint32_t crc, const uint8_t* p, size_t n) {
+  while (n > 0 && (reinterpret_cast<uintptr_t>(p) & 7) != 0) {
+    crc = _mm_crc32_u8(crc, *p++);
+    --n;
+  }
+  rounds<kLong>(crc, p, n);
+  rounds<kShort>(crc, p, n);
+  uint64_t wide = crc;
+  while (n >= 8) {
+    uint64_t word;
+    std::memcpy(&word, p, 8);
+    wide = _mm_crc32_u64(wide, word);
+    p += 8;
+    n -= 8;
+  }
+  crc = static_cast<uint32_t>(wide);
+  while (n-- > 0) {
+    crc = _mm_crc32_u8(crc, *p++);
+  }
+  return crc;
+}
+
+bool have_sse42() {
+  static const bool yes = __builtin_cpu_supports("sse4.2");
+  return yes;
+}
+#endif
+
+uint32_t raw(uint32_t crc, const uint8_t* p, size_t n) {
+#ifdef KVREG_CRC_X86
+  if (have_sse42()) {
+    return raw_sse42(crc, p, n);
+  }
+#endif
+  return raw_portable(crc, p, n);
+}
+
+// As in copy_blocks.cpp: a forked child must not start an OpenMP region.
+std::atomic<bool> forked_child{false};
+const bool fork_handler_installed = [] {
+  return pthread_atfork(nullptr, nullptr, [] { forked_child.store(true); }) == 0;
+}();
+
+// How much of the next slice is prefetched while one is read.
+constexpr int64_t kPrefetchBytes = 4096;
+
+}  // namespace
+
+uint32_t crc32c(uint32_t crc, const void* data, size_t nbytes) {
+  return ~raw(~crc, static_cast<const uint8_t*>(data), nbytes);
+}
+
+uint32_t crc32c_portable(uint32_t crc, const void* data, size_t nbytes) {
+  return ~raw_portable(~crc, static_cast<const uint8_t*>(data), nbytes);
+}
+
+std::string crc32c_implementation() {
+#ifdef KVREG_CRC_X86
+  if (have_sse42()) {
+    return "sse4.2";
+  }
+#endif
+  return "portable";
+}
+
+at::Tensor checksum_blocks(
+    int64_t cache_id, const std::vector<int64_t>& tensors, const at::Tensor& blocks, int64_t offset,
+    int64_t size) {
+  Registry::instance().require_initialized();
+  const std::vector<int64_t> list = block_indices(blocks, "blocks");
+  auto lease = Registry::instance().lease({cache_id});
+  const CacheRecord& record = lease[0];
+  const CacheDesc& desc = record.desc;
+  std::vector<int64_t> selected = tensors;
+  if (selected.empty()) {
+    for (int64_t t = 0; t < desc.num_tensors; ++t) {
+      selected.push_back(t);
+    }
+  }
+  for (size_t i = 0; i < selected.size(); ++i) {
+    KVREG_CHECK_INDEX(
+        selected[i] >= 0 && selected[i] < desc.num_tensors, "tensors[", i, "] = ", selected[i],
+        " is out of range for a cache of ", desc.num_tensors, " tensors");
+  }
+  for (size_t j = 0; j < list.size(); ++j) {
+    KVREG_CHECK_INDEX(
+        list[j] >= 0 && list[j] < desc.num_blocks(), "blocks[", j, "] = ", list[j],
+        " is out of range for a cache of ", desc.num_blocks(), " blocks");
+  }
+  KVREG_CHECK_ARG(
+      offset >= 0 && offset <= desc.block_nbytes, "offset ", offset, " is outside the ", desc.block_nbytes,
+      "-byte slice");
+  const int64_t nbytes = size == -1 ? desc.block_nbytes - offset : size;
+  KVREG_CHECK_ARG(
+      nbytes >= 0 && nbytes <= desc.block_nbytes - offset, "size ", size, " at offset ", offset,
+      " does not fit the ", desc.block_nbytes, "-byte slice");
+
+  const int64_t count = static_cast<int64_t>(list.size());
+  at::Tensor out = at::empty({count}, at::TensorOptions().dtype(at::kLong));
+  int64_t* crcs = out.data_ptr<int64_t>();
+  if (desc.placement == Placement::DEVICE) {
+    // The device's bytes come to the host first, one slice at a time.
+    const auto options = at::TensorOptions().dtype(at::kByte).device(at::kCUDA, desc.device_index);
+    for (int64_t j = 0; j < count; ++j) {
+      uint32_t crc = 0;
+      for (int64_t t : selected) {
+        const uint64_t start = record.addrs[t] + static_cast<uint64_t>(list[j] * desc.block_nbytes + offset);
+        const at::Tensor host =
+            at::from_blob(reinterpret_cast<void*>(start), {nbytes}, options).to(at::kCPU).contiguous();
+        crc = crc32c(crc, host.const_data_ptr<uint8_t>(), static_cast<size_t>(nbytes));
+      }
+      crcs[j] = crc;
+    }
+    return out;
+  }
+  auto slice = [&](int64_t j, size_t i) {
+    return reinterpret_cast<const uint8_t*>(record.addrs[selected[i]]) + list[j] * desc.block_nbytes + offset;
+  };
+  auto work = [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      uint32_t crc = 0;
+      for (size_t i = 0; i < selected.size(); ++i) {
+        // Slices are scattered (one per tensor, blocks in any order): the next one is asked
+        // for while this one is read, which the hardware prefetcher cannot guess.
+        const bool last = i + 1 == selected.size();
+        if (!last || j + 1 < end) {
+          const uint8_t* next = last ? slice(j + 1, 0) : slice(j, i + 1);
+          for (int64_t at = 0; at < std::min<int64_t>(nbytes, kPrefetchBytes); at += 64) {
+            __builtin_prefetch(next + at);
+          }
+        }
+        crc = crc32c(crc, slice(j, i), static_cast<size_t>(nbytes));
+      }
+      crcs[j] = crc;
+    }
+  };
+  const int64_t per_block = std::max<int64_t>(1, nbytes * static_cast<int64_t>(selected.size()));
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / per_block);  // ~1 MiB per task
+  if (forked_child.load(std::memory_order_relaxed) || count <= grain) {
+    work(0, count);
+  } else {
+    at::parallel_for(0, count, grain, work);
+  }
+  return out;
+}
+
+}  // namespace kvreg
