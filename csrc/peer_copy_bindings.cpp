@@ -154,12 +154,13 @@ void bind_peer_copy(py::module_& m) {
       "A memfd mapped here (allocate_kv_cache's memory, or a same-host peer's, mapped to "
       "copy from and into it). Unmapped when the last reference goes: tensors over it and "
       "copies under way hold one each.")
-      .def_static("create", &Region::create, py::arg("name"), py::arg("nbytes"))
-      .def_static(
-          "map", &Region::map, py::arg("fd"), py::arg("nbytes"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("base", &Region::base)
       .def_property_readonly("size", &Region::size)
       .def_property_readonly("fd", &Region::fd);
+  m.def("shared_region_create", &Region::create, py::arg("name"), py::arg("nbytes"));
+  m.def(
+      "shared_region_map", &Region::map, py::arg("fd"), py::arg("nbytes"),
+      py::call_guard<py::gil_scoped_release>());
   m.def(
       "shared_region_bytes",
       [](const std::shared_ptr<Region>& region, uint64_t offset, uint64_t nbytes) {
@@ -193,6 +194,20 @@ void bind_peer_copy(py::module_& m) {
       "peer_copy_start_segments for a peer's cache mapped here (mapped_addrs: its tensors' addresses in "
       "region): the job copies in this process with copy_kv_blocks' kernels and holds the region.");
   m.def("shared_regions_live", &shared_memory::live_regions);
+  m.def(
+      "shared_region_find",
+      [](uint64_t address, uint64_t nbytes) -> py::object {
+        std::string name;
+        int fd = -1;
+        uint64_t base = 0;
+        uint64_t size = 0;
+        if (!shared_memory::find(address, nbytes, name, fd, base, size)) {
+          return py::none();
+        }
+        return py::make_tuple(name, fd, base, size);
+      },
+      py::arg("address"), py::arg("nbytes"),
+      "(name, fd, base, size) of the region created here that holds the bytes, else None.");
   m.def("peer_copy_wakes", &peer_copy::wakes);
   m.def("peer_copy_ends", &peer_copy::ends);
   m.def("peer_copy_wait_ends", &peer_copy::wait_ends, py::call_guard<py::gil_scoped_release>());

@@ -11,6 +11,8 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <map>
+#include <mutex>
 
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23  // Linux 5.14; older kernels refuse it (EINVAL) and fault lazily
@@ -20,6 +22,11 @@ namespace kvreg::shared_memory {
 namespace {
 
 std::atomic<int64_t> live{0};
+std::mutex created_mutex;
+std::map<uint64_t, const Region*>& created_regions() {             // by base address, under created_mutex
+  static auto* regions = new std::map<uint64_t, const Region*>();  // never freed: used at exit
+  return *regions;
+}
 
 constexpr unsigned kSeals = F_SEAL_SHRINK | F_SEAL_GROW;
 
@@ -52,7 +59,10 @@ std::shared_ptr<Region> Region::create(const std::string& name, uint64_t nbytes)
   }
   madvise(base, nbytes, MADV_HUGEPAGE);  // a hint: refused where shmem has no huge pages
   ++live;
-  return std::shared_ptr<Region>(new Region(fd, base, nbytes));
+  std::shared_ptr<Region> region(new Region(name, fd, base, nbytes, true));
+  std::lock_guard<std::mutex> lock(created_mutex);
+  created_regions()[region->base()] = region.get();
+  return region;
 }
 
 std::shared_ptr<Region> Region::map(int fd, uint64_t nbytes) {
@@ -71,10 +81,14 @@ std::shared_ptr<Region> Region::map(int fd, uint64_t nbytes) {
   }
   madvise(base, nbytes, MADV_POPULATE_WRITE);  // best effort: copies fault lazily without it
   ++live;
-  return std::shared_ptr<Region>(new Region(fd, base, nbytes));
+  return std::shared_ptr<Region>(new Region("", fd, base, nbytes, false));
 }
 
 Region::~Region() {
+  if (created_) {
+    std::lock_guard<std::mutex> lock(created_mutex);
+    created_regions().erase(base());
+  }
   munmap(base_, size_);
   close(fd_);
   --live;
@@ -83,6 +97,24 @@ Region::~Region() {
 bool Region::contains(uint64_t address, uint64_t nbytes) const {
   const uint64_t start = base();
   return address >= start && nbytes <= size_ && address - start <= size_ - nbytes;
+}
+
+bool find(uint64_t address, uint64_t nbytes, std::string& name, int& fd, uint64_t& base, uint64_t& size) {
+  std::lock_guard<std::mutex> lock(created_mutex);
+  auto& regions = created_regions();
+  auto next = regions.upper_bound(address);
+  if (next == regions.begin()) {
+    return false;
+  }
+  const Region& region = *std::prev(next)->second;
+  if (!region.contains(address, nbytes)) {
+    return false;
+  }
+  name = region.name();
+  fd = region.fd();
+  base = region.base();
+  size = region.size();
+  return true;
 }
 
 int64_t live_regions() {

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 
 namespace kvreg::shared_memory {
 
@@ -29,6 +30,7 @@ class Region {
   Region(const Region&) = delete;
   Region& operator=(const Region&) = delete;
 
+  const std::string& name() const { return name_; }
   uint64_t base() const { return reinterpret_cast<uint64_t>(base_); }
   uint64_t size() const { return size_; }
   int fd() const { return fd_; }
@@ -36,11 +38,19 @@ class Region {
   bool contains(uint64_t address, uint64_t nbytes) const;
 
  private:
-  Region(int fd, void* base, uint64_t size) : fd_(fd), base_(base), size_(size) {}
+  Region(std::string name, int fd, void* base, uint64_t size, bool created)
+      : name_(std::move(name)), fd_(fd), base_(base), size_(size), created_(created) {}
+  std::string name_;
   int fd_;
   void* base_;
   uint64_t size_;
+  bool created_;  // made here (listed for find()), not a peer's mapped here
 };
+
+// A region created here (not one mapped from a peer) that holds [address, address + nbytes),
+// as (name, fd, base, size); false if none does. What a lease reply tells a same-host peer
+// about a cache registered over such memory, whichever way it was registered.
+bool find(uint64_t address, uint64_t nbytes, std::string& name, int& fd, uint64_t& base, uint64_t& size);
 
 // Regions alive in this process (created or mapped), for tests that check nothing leaks.
 int64_t live_regions();

@@ -1,8 +1,9 @@
 """Caches torch_kvreg allocates: HOST memory in a memfd that a same-host peer can map.
 
-``allocate_kv_cache`` puts a cache's tensors in one memfd (each tensor page-aligned),
-registers them like ``register_kv_cache`` (same limits, usage and errors) and remembers
-which descriptor holds them. A peer on this host that leases the cache (remote-accessible
+``allocate_kv_cache`` puts a cache's tensors in one memfd (each tensor page-aligned) and
+registers them like ``register_kv_cache`` (same limits, usage and errors); the native side
+lists the regions it created, so that a lease on any cache registered over one of them
+says which descriptor holds it. A peer on this host that leases the cache (remote-accessible
 caches only) is told that descriptor, maps it once and then copies blocks from and into
 it with the local copy kernels (remote/shared_memory.py) instead of a system call per run.
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import threading
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -23,7 +23,7 @@ import torch
 from . import _C
 from .errors import LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
 from .registry import limits, register_kv_cache, require_initialized, usage
-from .types import Cache, DataType, RegisterCfg, as_int
+from .types import Cache, DataType, Placement, RegisterCfg, as_int
 
 # Every memfd's name starts with this; a random suffix tells a peer it opened the right one.
 MEMFD_PREFIX = "torch_kvreg-"
@@ -43,21 +43,28 @@ class SharedRegion(NamedTuple):
     size: int
 
 
-_lock = threading.Lock()
-_shared: dict[int, SharedRegion] = {}  # cache id -> its region (ids are never reused)
+def shared_region(cache: Cache) -> SharedRegion | None:
+    """The region a registered HOST cache lies in, when every tensor of it lies in one
+    region that allocate_kv_cache (or the vLLM connector's allocation context) made here;
+    else None. However the cache was registered: layer views of one backing buffer too."""
+    desc = cache.cache_desc
+    if desc.placement != Placement.HOST or not cache.tensor_addrs:
+        return None
+    found = _C.shared_region_find(cache.tensor_addrs[0], desc.tensor_nbytes)
+    if found is None:
+        return None
+    region = SharedRegion(*found)
+    end = region.base + region.size
+    if all(region.base <= addr and addr + desc.tensor_nbytes <= end for addr in cache.tensor_addrs):
+        return region
+    return None
 
 
-def shared_region(cache_id: int) -> SharedRegion | None:
-    """The region of a registered cache that allocate_kv_cache made, else None."""
-    with _lock:
-        return _shared.get(cache_id)
-
-
-def _forget_unregistered() -> None:
-    """Drops the entries of caches no longer registered (caller holds _lock)."""
-    live = set(_C.cache_ids()) if _C.is_initialized() else set()
-    for cache_id in [cache_id for cache_id in _shared if cache_id not in live]:
-        del _shared[cache_id]
+def shared_bytes(nbytes: int) -> torch.Tensor:
+    """A zero-filled uint8 CPU tensor of ``nbytes`` in a new shared region (freed with the
+    last tensor over it): what allocate_kv_cache's tensors are views of."""
+    name = f"{MEMFD_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+    return _C.shared_region_bytes(_C.shared_region_create(name, nbytes), 0, nbytes)
 
 
 def _checked(num_tensors: object, shape: object, dtype: object) -> tuple[int, tuple[int, ...], torch.dtype]:
@@ -73,8 +80,9 @@ def _checked(num_tensors: object, shape: object, dtype: object) -> tuple[int, tu
         raise param_invalid(f"shape {dims} has a dim that is not positive")
     if isinstance(dtype, DataType):
         dtype = dtype.to_torch()
-    DataType.from_torch(dtype)  # type: ignore[arg-type]  (raises for a dtype with no LLM DataType)
-    assert isinstance(dtype, torch.dtype)
+    if not isinstance(dtype, torch.dtype):
+        raise wrong_type(f"dtype must be a torch.dtype or a DataType, got {type(dtype).__name__}")
+    DataType.from_torch(dtype)  # raises for a dtype with no LLM DataType
     return count, dims, dtype
 
 
@@ -102,6 +110,8 @@ def allocate_kv_cache(
     shape: Sequence[int],
     dtype: torch.dtype | DataType,
     cfg: RegisterCfg | None = None,
+    *,
+    keys: Sequence[str] = (),
 ) -> tuple[Cache, list[torch.Tensor]]:
     """Allocates ``num_tensors`` zero-filled HOST tensors of ``shape`` and ``dtype`` in memory
     that same-host peers can map, registers them as one cache and returns it with them.
@@ -112,6 +122,7 @@ def allocate_kv_cache(
     cache is unregistered and no returned tensor is referenced. Errors as
     ``register_kv_cache`` gives them (limits: LLM_OUT_OF_MEMORY); a bad count, shape or
     dtype is LLM_PARAM_INVALID. A failed call leaves nothing allocated or registered.
+    ``keys`` name dim-0 slices for peers, as in ``register_kv_cache``.
 
     >>> import torch, torch_kvreg
     >>> torch_kvreg.initialize()
@@ -133,16 +144,15 @@ def allocate_kv_cache(
         raise make_error(LLMStatusCode.LLM_OUT_OF_MEMORY, f"{count} tensors of {tensor_nbytes} bytes are too large")
     _check_limits(count, tensor_nbytes * count)
     name = f"{MEMFD_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
-    region = _C.SharedRegion.create(name, stride * count)  # raises_llm translates its errors
-    tensors = [_C.shared_region_bytes(region, i * stride, tensor_nbytes).view(torch_dtype).view(dims) for i in range(count)]
+    region = _C.shared_region_create(name, stride * count)  # raises_llm translates its errors
+    tensors = [
+        _C.shared_region_bytes(region, i * stride, tensor_nbytes).view(torch_dtype).view(dims) for i in range(count)
+    ]
     entry = SharedRegion(name, region.fd, region.base, region.size)
     del region  # the tensors hold it now
     try:
-        cache = register_kv_cache(tensors, cfg)
+        cache = register_kv_cache(tensors, cfg, keys=keys)
     except BaseException:
         tensors.clear()  # (the registry's own frames in the traceback still hold them until collected)
         raise
-    with _lock:
-        _forget_unregistered()
-        _shared[cache.cache_id] = entry
     return cache, tensors

@@ -201,7 +201,7 @@ class Engine:
             reg = self.registrations.regs.get(cache_id)
             lease = self.holds.grant(cache_id, reg is not None)
         leases.add(lease)
-        region = allocate.shared_region(cache_id)
+        region = allocate.shared_region(cache)
         shared = None if region is None else protocol.SharedMemory(*region)
         cache_entry = protocol.RemoteCache(cache_id, cache.cache_desc, tuple(cache.tensor_addrs), shared)
         md = self.agent.get_partial_agent_metadata(reg, False)

@@ -80,7 +80,7 @@ def open_region(pid: int, shared: SharedMemory) -> _C.SharedRegion:
     except BaseException:
         os.close(fd)
         raise
-    return _C.SharedRegion.map(fd, shared.size)  # takes the descriptor over
+    return _C.shared_region_map(fd, shared.size)  # takes the descriptor over
 
 
 class Mappings:
