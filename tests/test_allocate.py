@@ -203,6 +203,7 @@ def test_a_mapping_is_replaced_when_the_lease_names_another_memfd(kv):
     """The name check: the same link and cache id with another memfd (a cache registered
     again) maps that one; the old mapping is dropped, never read."""
     mappings = shared_memory.Mappings()
+
     class FakeLink:  # hashable by identity, like a Link
         peer_pid, cluster_id = os.getpid(), 9
 

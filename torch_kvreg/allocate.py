@@ -143,13 +143,9 @@ def allocate_kv_cache(
     if stride * count > _MAX_BYTES:
         raise make_error(LLMStatusCode.LLM_OUT_OF_MEMORY, f"{count} tensors of {tensor_nbytes} bytes are too large")
     _check_limits(count, tensor_nbytes * count)
-    name = f"{MEMFD_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
-    region = _C.shared_region_create(name, stride * count)  # raises_llm translates its errors
-    tensors = [
-        _C.shared_region_bytes(region, i * stride, tensor_nbytes).view(torch_dtype).view(dims) for i in range(count)
-    ]
-    entry = SharedRegion(name, region.fd, region.base, region.size)
-    del region  # the tensors hold it now
+    backing = shared_bytes(stride * count)  # raises_llm translates its errors
+    tensors = [backing[i * stride : i * stride + tensor_nbytes].view(torch_dtype).view(dims) for i in range(count)]
+    del backing  # the tensors hold the region now
     try:
         cache = register_kv_cache(tensors, cfg, keys=keys)
     except BaseException:

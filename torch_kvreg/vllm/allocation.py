@@ -20,7 +20,9 @@ from ..allocate import shared_bytes
 
 
 def _is_cpu(device: object) -> bool:
-    return device is None or torch.device(device).type == "cpu"  # type: ignore[arg-type]
+    if device is None:
+        return True
+    return isinstance(device, (str, int, torch.device)) and torch.device(device).type == "cpu"
 
 
 class SharedKvCacheAllocation(TorchFunctionMode):
