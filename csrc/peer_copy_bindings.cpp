@@ -154,6 +154,7 @@ void bind_peer_copy(py::module_& m) {
       "A memfd mapped here (allocate_kv_cache's memory, or a same-host peer's, mapped to "
       "copy from and into it). Unmapped when the last reference goes: tensors over it and "
       "copies under way hold one each.")
+      .def_property_readonly("name", &Region::name)
       .def_property_readonly("base", &Region::base)
       .def_property_readonly("size", &Region::size)
       .def_property_readonly("fd", &Region::fd);
@@ -195,19 +196,8 @@ void bind_peer_copy(py::module_& m) {
       "region): the job copies in this process with copy_kv_blocks' kernels and holds the region.");
   m.def("shared_regions_live", &shared_memory::live_regions);
   m.def(
-      "shared_region_find",
-      [](uint64_t address, uint64_t nbytes) -> py::object {
-        std::string name;
-        int fd = -1;
-        uint64_t base = 0;
-        uint64_t size = 0;
-        if (!shared_memory::find(address, nbytes, name, fd, base, size)) {
-          return py::none();
-        }
-        return py::make_tuple(name, fd, base, size);
-      },
-      py::arg("address"), py::arg("nbytes"),
-      "(name, fd, base, size) of the region created here that holds the bytes, else None.");
+      "shared_region_find", &shared_memory::find, py::arg("address"), py::arg("nbytes"),
+      "The region created here that holds the bytes, else None.");
   m.def("peer_copy_wakes", &peer_copy::wakes);
   m.def("peer_copy_ends", &peer_copy::ends);
   m.def("peer_copy_wait_ends", &peer_copy::wait_ends, py::call_guard<py::gil_scoped_release>());

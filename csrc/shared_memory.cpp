@@ -23,8 +23,8 @@ namespace {
 
 std::atomic<int64_t> live{0};
 std::mutex created_mutex;
-std::map<uint64_t, const Region*>& created_regions() {             // by base address, under created_mutex
-  static auto* regions = new std::map<uint64_t, const Region*>();  // never freed: used at exit
+std::map<uint64_t, std::weak_ptr<Region>>& created_regions() {  // by base address, under created_mutex
+  static auto* regions = new std::map<uint64_t, std::weak_ptr<Region>>();  // never freed: used at exit
   return *regions;
 }
 
@@ -61,7 +61,7 @@ std::shared_ptr<Region> Region::create(const std::string& name, uint64_t nbytes)
   ++live;
   std::shared_ptr<Region> region(new Region(name, fd, base, nbytes, true));
   std::lock_guard<std::mutex> lock(created_mutex);
-  created_regions()[region->base()] = region.get();
+  created_regions()[region->base()] = region;
   return region;
 }
 
@@ -99,22 +99,15 @@ bool Region::contains(uint64_t address, uint64_t nbytes) const {
   return address >= start && nbytes <= size_ && address - start <= size_ - nbytes;
 }
 
-bool find(uint64_t address, uint64_t nbytes, std::string& name, int& fd, uint64_t& base, uint64_t& size) {
+std::shared_ptr<Region> find(uint64_t address, uint64_t nbytes) {
   std::lock_guard<std::mutex> lock(created_mutex);
   auto& regions = created_regions();
   auto next = regions.upper_bound(address);
   if (next == regions.begin()) {
-    return false;
+    return nullptr;
   }
-  const Region& region = *std::prev(next)->second;
-  if (!region.contains(address, nbytes)) {
-    return false;
-  }
-  name = region.name();
-  fd = region.fd();
-  base = region.base();
-  size = region.size();
-  return true;
+  std::shared_ptr<Region> region = std::prev(next)->second.lock();  // null while it is being freed
+  return region != nullptr && region->contains(address, nbytes) ? region : nullptr;
 }
 
 int64_t live_regions() {

@@ -47,10 +47,10 @@ class Region {
   bool created_;  // made here (listed for find()), not a peer's mapped here
 };
 
-// A region created here (not one mapped from a peer) that holds [address, address + nbytes),
-// as (name, fd, base, size); false if none does. What a lease reply tells a same-host peer
-// about a cache registered over such memory, whichever way it was registered.
-bool find(uint64_t address, uint64_t nbytes, std::string& name, int& fd, uint64_t& base, uint64_t& size);
+// The region created here (not one mapped from a peer) that holds [address, address +
+// nbytes), or null: what a lease reply tells a same-host peer about a cache registered over
+// such memory, whichever way it was registered.
+std::shared_ptr<Region> find(uint64_t address, uint64_t nbytes);
 
 // Regions alive in this process (created or mapped), for tests that check nothing leaks.
 int64_t live_regions();

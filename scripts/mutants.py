@@ -631,6 +631,63 @@ MUTANTS = [
         "        if False:",
         ["tests/test_vllm_connector.py"],
     ),
+    # --- caches in shared memory (allocate_kv_cache, mapped by same-host peers) ---------------
+    (
+        "shared memory: a lease naming another memfd reuses the old mapping",
+        "torch_kvreg/remote/shared_memory.py",
+        "if mapping is not None and mapping.name == shared.name:",
+        "if mapping is not None:",
+        ["tests/test_allocate.py"],
+    ),
+    (
+        "shared memory: idle mappings are kept",
+        "torch_kvreg/remote/shared_memory.py",
+        "                if left <= 0:",
+        "                if left <= -3600:",
+        ["tests/test_allocate.py"],
+    ),
+    (
+        "shared memory: a forgotten link keeps its mappings",
+        "torch_kvreg/remote/shared_memory.py",
+        "for key in [key for key in self.table if key[0] is link]:",
+        "for key in []:",
+        ["tests/test_allocate.py"],
+    ),
+    (
+        "shared memory: peers' caches are never mapped",
+        "torch_kvreg/remote/shared_memory.py",
+        "if shared is None or not self.on or link.peer_pid is None:",
+        "if True:",
+        ["tests/test_allocate.py"],
+    ),
+    (
+        "shared memory: tensors not page-aligned",
+        "torch_kvreg/allocate.py",
+        "stride = -(-tensor_nbytes // _PAGE) * _PAGE",
+        "stride = tensor_nbytes",
+        ["tests/test_allocate.py"],
+    ),
+    (
+        "shared memory: a peer's addresses are not checked against the mapping",
+        "csrc/peer_copy_bindings.cpp",
+        "region->contains(piece.remote, piece.nbytes)",
+        "region->contains(piece.remote, 0)",
+        ["tests/test_allocate.py"],
+    ),
+    (
+        "shared memory: a mapped pull copies the wrong way",
+        "csrc/peer_copy.cpp",
+        "runs[i] = job.read ? HostRun{remote, local, static_cast<int64_t>(piece.nbytes)}",
+        "runs[i] = !job.read ? HostRun{remote, local, static_cast<int64_t>(piece.nbytes)}",
+        ["tests/test_allocate.py"],
+    ),
+    (
+        "shared memory: an unsealed memfd is mapped",
+        "csrc/shared_memory.cpp",
+        "(static_cast<unsigned>(seals) & F_SEAL_SHRINK) == 0 ||",
+        "false ||",
+        ["tests/test_allocate.py"],
+    ),
 ]
 
 

@@ -42,6 +42,7 @@ def test_allocated_caches_register_like_tensors(kv):
     assert all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
     assert cache.cache_desc == kv.CacheDesc(3, kv.DataType.DT_BF16, (8, 4, 16), kv.Placement.HOST)
     assert cache.tensor_addrs == tuple(t.data_ptr() for t in tensors)
+    assert all(addr % 4096 == 0 for addr in cache.tensor_addrs)  # page-aligned: a mapping's pages are one tensor's
     assert all(int(t.abs().sum()) == 0 for t in tensors)  # zero-filled
     assert kv.usage() == kv.Usage(1, 3, 0, 3 * 8 * 4 * 16 * 2)
     assert kv.get_cache(cache.cache_id) == cache and kv.registry.remote_accessible(cache)
@@ -343,6 +344,7 @@ def test_a_restarted_peer_is_never_read_through_the_old_mapping():
                 fresh = paged(2, 16, BLOCK, 22)
                 assert all(torch.equal(t[3:5], w[3:5]) for t, w in zip(tensors, fresh))
                 assert engine().mappings.made == 2 and engine().paths["mapped"] == 2
+                assert engine().mappings.mapped() == 1  # the dead link's mapping went with it
             finally:
                 second.close()
     finally:

@@ -167,6 +167,8 @@ class SharedRegion:
     under way hold one each."""
 
     @property
+    def name(self) -> str: ...
+    @property
     def base(self) -> int: ...
     @property
     def size(self) -> int: ...
@@ -195,8 +197,8 @@ def mapped_copy_start_segments(
     """peer_copy_start_segments for a peer's cache mapped here: copies with copy_kv_blocks' kernels."""
 
 def shared_regions_live() -> int: ...
-def shared_region_find(address: int, nbytes: int) -> tuple[str, int, int, int] | None:
-    """(name, fd, base, size) of the region created here that holds the bytes, else None."""
+def shared_region_find(address: int, nbytes: int) -> SharedRegion | None:
+    """The region created here that holds the bytes, else None."""
 
 def peer_copy_live_jobs() -> int: ...
 def peer_copy_threads() -> int: ...

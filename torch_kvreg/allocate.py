@@ -53,7 +53,8 @@ def shared_region(cache: Cache) -> SharedRegion | None:
     found = _C.shared_region_find(cache.tensor_addrs[0], desc.tensor_nbytes)
     if found is None:
         return None
-    region = SharedRegion(*found)
+    region = SharedRegion(found.name, found.fd, found.base, found.size)
+    del found  # (a reference held here would keep the memory)
     end = region.base + region.size
     if all(region.base <= addr and addr + desc.tensor_nbytes <= end for addr in cache.tensor_addrs):
         return region
