@@ -264,6 +264,10 @@ def test_pulls_and_pushes_take_the_mapped_path_both_ways(peer):
         paths = dict(engine().paths)
         assert paths == {"mapped": 4}, paths
         assert engine().mappings.made == 1 and engine().mappings.starts == 4  # mapped once
+        # Unlinking drops the link's mappings at once (not only once they idled).
+        assert engine().mappings.mapped() == 1
+        assert kv.unlink_clusters([peer.info])[0] == LLMStatusCode.LLM_SUCCESS
+        assert engine().mappings.mapped() == 0
 
 
 def test_async_pulls_keep_the_async_api_over_the_mapping(peer):
