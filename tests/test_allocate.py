@@ -217,7 +217,8 @@ def test_a_mapping_is_replaced_when_the_lease_names_another_memfd(kv):
         region = allocate.shared_region(cache)
         remote = protocol.RemoteCache(77, cache.cache_desc, cache.tensor_addrs, protocol.SharedMemory(*region))
         segments = tuple(np.array([0], dtype=np.uint64) for _ in range(2)) + (np.array([4096], dtype=np.uint64),)
-        job = mappings.start(link, types.SimpleNamespace(remote=remote), True, [target.data_ptr()], [0], segments, True)
+        lease = types.SimpleNamespace(remote=remote)
+        job = mappings.start(link, lease, True, [target.data_ptr()], [remote.addrs[0]], segments, True)
         assert job is not None and job.help(10_000) == 1
         seen.append(int(target[0, 0]))
         assert mappings.mapped() == 1

@@ -393,14 +393,14 @@ class Engine:
             deadline = time.monotonic() + self.wait_s
             if link.peer_pid is not None and local.cache_desc.placement == remote.desc.placement == Placement.HOST:
                 local_addrs = [local.tensor_addrs[i] for i in local_tensors]
+                remote_addrs = [remote.addrs[i] for i in remote_tensors]
                 segments = (local_offsets, remote_offsets, lengths)
                 # A notice must go out when the copy ends, waited for or not (``watched``).
                 native = self.mappings.start(
-                    link, lease, operation == "READ", local_addrs, remote_tensors, segments, bool(notify)
+                    link, lease, operation == "READ", local_addrs, remote_addrs, segments, bool(notify)
                 )
                 path = "same_host" if native is None else "mapped"
                 if native is None:
-                    remote_addrs = [remote.addrs[i] for i in remote_tensors]
                     native = _C.peer_copy_start_segments(
                         link.peer_pid, operation == "READ", local_addrs, remote_addrs, *segments, bool(notify)
                     )

@@ -99,12 +99,14 @@ class Mappings:
         lease: SharedLease,
         read: bool,
         local_addrs: list[int],
-        remote_tensors: Sequence[int],
+        remote_addrs: Sequence[int],
         segments: tuple[np.ndarray, np.ndarray, np.ndarray],
         watched: bool,
     ) -> _C.PeerCopyJob | None:
         """The job of a same-host transfer with the leased cache when that cache is mapped
-        here (mapping it now if need be), else None (nothing started)."""
+        here (mapping it now if need be), else None (nothing started). ``remote_addrs``: the
+        peer's addresses of the tensors taking part (as the process_vm path would use them);
+        the native start refuses any piece outside the mapping."""
         remote = lease.remote
         shared = remote.shared
         if shared is None or not self.on or link.peer_pid is None:
@@ -113,7 +115,7 @@ class Mappings:
         if mapping.region is None:
             return None
         base = mapping.region.base
-        mapped = [remote.addrs[i] - mapping.remote_base + base for i in remote_tensors]
+        mapped = [addr - mapping.remote_base + base for addr in remote_addrs]
         native = _C.mapped_copy_start_segments(mapping.region, read, local_addrs, mapped, *segments, watched)
         mapping.used_at = time.monotonic()
         self.starts += 1
