@@ -9,8 +9,13 @@ says which route it took. Baselines in the same run and the same processes:
 progress thread that pauses between polls; nixl-cu12's default busy-polling thread would
 take a core from every measurement), with hand-made per-block
 descriptors in prepared descriptor lists (make_prepped_xfer), and for consecutive blocks
-also one descriptor per tensor run; (b) the local memory-bandwidth limit, one contiguous
-copy_ of the same bytes.
+also one descriptor per tensor run; (b) copy_kv_blocks moving the same blocks between two
+caches of this process (the project's own local copy).
+
+Caches that torch_kvreg allocates (allocate_kv_cache, shared memory) are measured too: a
+peer on this host maps them, so its pulls and pushes are local copies. Rows "shared":
+--shared-layers layers (8: 256 MiB of 32 KiB blocks moved), random and consecutive, pull and
+push, each against copy_kv_blocks of the same blocks between two caches of this process.
 
     python benchmarks/bench_remote.py [--layers 32] [--repeats 5] [--json out.json]
 
@@ -35,6 +40,7 @@ import torch
 from machine import cpu_model
 
 NUM_BLOCKS, MOVED, BLOCK_SHAPE = 1024, 512, (16, 8, 128)
+SHARED_LAYERS = 8  # default of --shared-layers: 16 tensors x 512 blocks x 32 KiB = 256 MiB moved
 
 
 def make_tensors(layers, fill):
@@ -48,7 +54,7 @@ def reg_rows(tensors):
 TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
 
 
-def prompt_process(layers, to_main, from_main, listen="127.0.0.1:0", netns=None):
+def prompt_process(layers, shared_layers, to_main, from_main, listen="127.0.0.1:0", netns=None):
     if netns is not None:
         sys.path.insert(0, TESTS)
         from remote_peer import enter_netns
@@ -61,9 +67,22 @@ def prompt_process(layers, to_main, from_main, listen="127.0.0.1:0", netns=None)
     kv.initialize(1, kv.LlmRole.PROMPT, options={"llm.ListenIpInfo": listen, "llm.SyncKvCacheWaitTime": "30000"})
     tensors = make_tensors(layers, 1)
     cache = kv.register_kv_cache(tensors, kv.RegisterCfg(remote_accessible=True))
+    shared, shared_tensors = kv.allocate_kv_cache(
+        2 * shared_layers, (NUM_BLOCKS, *BLOCK_SHAPE), torch.float16, kv.RegisterCfg(remote_accessible=True)
+    )
+    for tensor, values in zip(shared_tensors, make_tensors(shared_layers, 1)):
+        tensor.copy_(values)
     raw = make_agent("raw-prompt")
     raw.register_memory(reg_rows(tensors), "DRAM")
-    to_main.put((kv.listen_address(), cache.cache_id, raw.get_agent_metadata(), [t.data_ptr() for t in tensors]))
+    to_main.put(
+        (
+            kv.listen_address(),
+            cache.cache_id,
+            raw.get_agent_metadata(),
+            [t.data_ptr() for t in tensors],
+            shared.cache_id,
+        )
+    )
     from_main.get()
     kv.finalize()
 
@@ -79,6 +98,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--shared-layers", type=int, default=SHARED_LAYERS)
     parser.add_argument("--json")
     parser.add_argument("--netns", action="store_true", help="over TCP between two network namespaces (root)")
     parser.add_argument("--inside", help=argparse.SUPPRESS)  # "namespace,address" of the prompt side
@@ -92,9 +112,11 @@ def main():
     ctx = mp.get_context("spawn")
     to_main, from_main = ctx.Queue(), ctx.Queue()
     prompt_netns, listen = args.inside.split(",") if args.inside else (None, "127.0.0.1:0")
-    peer = ctx.Process(target=prompt_process, args=(args.layers, to_main, from_main, listen, prompt_netns))
+    peer = ctx.Process(
+        target=prompt_process, args=(args.layers, args.shared_layers, to_main, from_main, listen, prompt_netns)
+    )
     peer.start()
-    address, remote_id, raw_md, remote_addrs = to_main.get(timeout=600)
+    address, remote_id, raw_md, remote_addrs, shared_id = to_main.get(timeout=600)
 
     kv.initialize(2, kv.LlmRole.DECODER, options={"llm.SyncKvCacheWaitTime": "30000"})
     host, port = address.split(":")
@@ -138,8 +160,8 @@ def main():
                 times[name].append(time.perf_counter() - start)
         return {name: statistics.median(t) for name, t in times.items()}
 
-    flat_src = torch.ones(total, dtype=torch.uint8)
-    flat_dst = torch.empty(total, dtype=torch.uint8)
+    # The local baseline: copy_kv_blocks of the same blocks from another cache of this process.
+    local_src = kv.register_kv_cache(make_tensors(args.layers, 1))
     rows = []
     rng = random.Random(0)
     patterns = {
@@ -150,7 +172,7 @@ def main():
         # Pushes write back what the pulls read (local dst_blocks -> remote src_blocks), so
         # both sides keep the bytes the check below expects.
         variants = {
-            "copy_kv_blocks_local_limit": lambda: flat_dst.copy_(flat_src),
+            "copy_kv_blocks": lambda: kv.copy_kv_blocks(local_src, local, src_blocks, dst_blocks),
             "pull_kv_blocks": lambda: kv.pull_kv_blocks(kv.CacheIndex(1, remote_id), local, src_blocks, dst_blocks),
             "push_kv_blocks": lambda: kv.push_kv_blocks(local, kv.CacheIndex(1, remote_id), dst_blocks, src_blocks),
             # verify=True: CRC-32C of every block on both sides, compared (torch_kvreg.verify)
@@ -216,7 +238,8 @@ def main():
                 ratio_vs_raw_nixl=gbps["pull_kv_blocks"] / gbps[baseline],
                 push_ratio_vs_raw_nixl=gbps["push_kv_blocks"] / gbps[baseline + "_write"],
                 raw_baseline=baseline,
-                ratio_vs_local_limit=gbps["pull_kv_blocks"] / gbps["copy_kv_blocks_local_limit"],
+                ratio_vs_copy_kv_blocks=gbps["pull_kv_blocks"] / gbps["copy_kv_blocks"],
+                push_ratio_vs_copy_kv_blocks=gbps["push_kv_blocks"] / gbps["copy_kv_blocks"],
                 # seconds verified / seconds unverified - 1, same run (the target: at most 0.15)
                 verify_overhead_pull=measured["pull_kv_blocks_verified"] / measured["pull_kv_blocks"] - 1,
                 verify_overhead_push=measured["push_kv_blocks_verified"] / measured["push_kv_blocks"] - 1,
@@ -224,6 +247,8 @@ def main():
         )
     routes = dict(kv.remote.existing_engine().paths)
     kv_crc = kv._C.crc32c_implementation()
+    kv.unregister_kv_cache(local_src)
+    shared_rows, shared_routes = measure_shared(kv, shared_id, args.shared_layers, patterns, interleaved)
     kv.finalize()
     from_main.put("done")
     peer.join(timeout=60)
@@ -245,18 +270,31 @@ def main():
         print(
             f"{r['pattern']:<12} pull: ours {g['pull_kv_blocks']:.2f} GB/s | "
             f"raw per-block {g['raw_nixl_per_block']:.2f}{extra}"
-            f" | local copy {g['copy_kv_blocks_local_limit']:.2f} GB/s || ours / {r['raw_baseline']} = "
-            f"{r['ratio_vs_raw_nixl']:.2f}x, ours / local limit = {r['ratio_vs_local_limit']:.2f}x"
+            f" | copy_kv_blocks {g['copy_kv_blocks']:.2f} GB/s || ours / {r['raw_baseline']} = "
+            f"{r['ratio_vs_raw_nixl']:.2f}x, ours / copy_kv_blocks = {r['ratio_vs_copy_kv_blocks']:.2f}x"
         )
         print(
             f"{'':<12} push: ours {g['push_kv_blocks']:.2f} GB/s | "
             f"raw per-block {g['raw_nixl_per_block_write']:.2f}{extra_write} || ours / {r['raw_baseline']}_write = "
-            f"{r['push_ratio_vs_raw_nixl']:.2f}x"
+            f"{r['push_ratio_vs_raw_nixl']:.2f}x, ours / copy_kv_blocks = {r['push_ratio_vs_copy_kv_blocks']:.2f}x"
         )
         print(
             f"{'':<12} verify=True: pull {g['pull_kv_blocks_verified']:.2f} GB/s "
             f"(+{r['verify_overhead_pull']:.0%} time), push {g['push_kv_blocks_verified']:.2f} GB/s "
             f"(+{r['verify_overhead_push']:.0%} time); CRC-32C by {kv_crc}"
+        )
+    print(
+        f"allocate_kv_cache caches ({2 * args.shared_layers} tensors x {MOVED} of {NUM_BLOCKS} blocks of "
+        f"{block_nbytes // 1024} KiB, {shared_rows[0]['bytes'] / 2**20:.0f} MiB moved), mapped by the peer "
+        f"({shared_routes}); first pull (maps the cache) {shared_rows[0]['first_ms']:.1f} ms"
+    )
+    for r in shared_rows:
+        g = r["gbps"]
+        print(
+            f"{'shared ' + r['pattern']:<19} pull {g['pull_kv_blocks']:.2f} GB/s, push {g['push_kv_blocks']:.2f} "
+            f"GB/s | copy_kv_blocks {g['copy_kv_blocks']:.2f} GB/s || pull / copy_kv_blocks = "
+            f"{r['pull_ratio_vs_copy_kv_blocks']:.2f}x, "
+            f"push / copy_kv_blocks = {r['push_ratio_vs_copy_kv_blocks']:.2f}x"
         )
     if args.json:
         with open(args.json, "w") as out:
@@ -268,10 +306,57 @@ def main():
                     "link_ms": link_ms,
                     "register_ms": register_ms,
                     "rows": rows,
+                    "shared_rows": shared_rows,
+                    "shared_routes": shared_routes,
                 },
                 out,
                 indent=2,
             )
+
+
+def measure_shared(kv, shared_id, layers, patterns, interleaved):
+    """Pulls and pushes between a cache of this process and the peer's allocate_kv_cache
+    cache, and copy_kv_blocks of the same blocks between two caches of this process; the
+    local caches are allocate_kv_cache's too. Returns the rows and the paths taken."""
+    engine = kv.remote.existing_engine()
+    before = dict(engine.paths)
+    shape = (NUM_BLOCKS, *BLOCK_SHAPE)
+    local, local_tensors = kv.allocate_kv_cache(2 * layers, shape, torch.float16)
+    source, source_tensors = kv.allocate_kv_cache(2 * layers, shape, torch.float16)
+    for tensor, values in zip(source_tensors, make_tensors(layers, 1)):
+        tensor.copy_(values)
+    remote = kv.CacheIndex(1, shared_id)
+    total = MOVED * local.cache_desc.block_nbytes * local.cache_desc.num_tensors
+    start = time.perf_counter()
+    kv.pull_kv_blocks(remote, local, [0], [0])
+    first_ms = (time.perf_counter() - start) * 1e3
+    rows = []
+    for pattern, (src_blocks, dst_blocks) in patterns.items():
+        measured = interleaved(
+            {
+                "copy_kv_blocks": lambda: kv.copy_kv_blocks(source, local, src_blocks, dst_blocks),
+                "pull_kv_blocks": lambda: kv.pull_kv_blocks(remote, local, src_blocks, dst_blocks),
+                "push_kv_blocks": lambda: kv.push_kv_blocks(local, remote, dst_blocks, src_blocks),
+            }
+        )
+        got = torch.stack([t[dst_blocks[-1]] for t in local_tensors])
+        expected = torch.stack([t[src_blocks[-1]] for t in source_tensors])
+        assert torch.equal(got, expected), "pulled the wrong bytes"
+        gbps = {k: total / v / 1e9 for k, v in measured.items()}
+        rows.append(
+            dict(
+                pattern=pattern,
+                bytes=total,
+                gbps=gbps,
+                first_ms=first_ms,
+                pull_ratio_vs_copy_kv_blocks=gbps["pull_kv_blocks"] / gbps["copy_kv_blocks"],
+                push_ratio_vs_copy_kv_blocks=gbps["push_kv_blocks"] / gbps["copy_kv_blocks"],
+            )
+        )
+    routes = {path: count - before.get(path, 0) for path, count in engine.paths.items() if count != before.get(path, 0)}
+    kv.unregister_kv_cache(local)
+    kv.unregister_kv_cache(source)
+    return rows, routes
 
 
 def run_across_namespaces() -> None:

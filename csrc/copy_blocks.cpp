@@ -1,5 +1,6 @@
 // Kernels of copy_kv_blocks / copy_kv_cache: validation, run coalescing and the CPU copy.
 #include "copy_plan.h"
+#include "host_copy.h"
 #include "host_pin.h"
 #include "kernels.h"
 #include "remote_hooks.h"
@@ -341,6 +342,58 @@ void run_copy(const CopyPlan& plan) {
 #endif
 }
 
+using HostItem = HostRun;
+
+// Copies `count` items that next_item() hands out, in order, on the calling thread, with
+// `strategy` (not kAuto): the kernels of every host copy (copy_kv_blocks, and the same-host
+// copies from a peer's cache mapped here).
+template <typename NextItem>
+void copy_item_stream(NextItem& next_item, int64_t count, Strategy strategy) {
+  if (strategy == Strategy::kMemcpy || strategy == Strategy::kStreamNoPrefetch) {
+    for (int64_t i = 0; i < count; ++i) {
+      const HostItem item = next_item();
+      if (strategy == Strategy::kMemcpy) {
+        std::memcpy(item.dst, item.src, static_cast<size_t>(item.nbytes));
+      } else {
+        copy_block<false>(item.dst, item.src, static_cast<size_t>(item.nbytes));
+      }
+    }
+    finish_stores();
+    return;
+  }
+  HostItem batch[kWays];
+  int64_t remaining = count;
+  while (remaining > 0) {
+    const int taken = static_cast<int>(std::min<int64_t>(remaining, kWays));
+    bool same_size = taken == kWays;
+    for (int k = 0; k < taken; ++k) {
+      batch[k] = next_item();
+      same_size = same_size && batch[k].nbytes == batch[0].nbytes;
+    }
+    remaining -= taken;
+    if (same_size) {
+      const char* srcs[kWays];
+      char* dsts[kWays];
+      for (int k = 0; k < kWays; ++k) {
+        srcs[k] = batch[k].src;
+        dsts[k] = batch[k].dst;
+      }
+      if (copy_blocks_interleaved(dsts, srcs, static_cast<size_t>(batch[0].nbytes))) {
+        continue;
+      }
+    }
+    for (int k = 0; k < taken; ++k) {
+      if (k + 1 < taken) {
+        prefetch_start(batch[k + 1].src, batch[k + 1].nbytes);
+      }
+      copy_block(batch[k].dst, batch[k].src, static_cast<size_t>(batch[k].nbytes));
+    }
+  }
+  finish_stores();
+}
+
+}  // namespace
+
 bool built_with_openmp() {
 #ifdef _OPENMP
   return true;
@@ -427,16 +480,11 @@ void run_copy_cpu(const CopyPlan& plan) {
   auto copy_items = [&](int64_t begin, int64_t end, Strategy strategy) {
     // Items are (tensor, segment) pairs, tensor-major; walk them with a cursor rather than
     // dividing per item, which costs as much as copying a small block.
-    struct Item {
-      const char* src;
-      char* dst;
-      int64_t nbytes;
-    };
     int64_t tensor = begin / num_segments;
     int64_t segment = begin % num_segments;
     auto next_item = [&]() {
       const Segment& s = segments[segment];
-      Item item{
+      HostItem item{
           reinterpret_cast<const char*>(src_addrs[tensor]) + s.src_offset,
           reinterpret_cast<char*>(dst_addrs[tensor]) + s.dst_offset, s.nbytes};
       if (++segment == num_segments) {
@@ -445,47 +493,7 @@ void run_copy_cpu(const CopyPlan& plan) {
       }
       return item;
     };
-    if (strategy == Strategy::kMemcpy || strategy == Strategy::kStreamNoPrefetch) {
-      for (int64_t i = begin; i < end; ++i) {
-        const Item item = next_item();
-        if (strategy == Strategy::kMemcpy) {
-          std::memcpy(item.dst, item.src, static_cast<size_t>(item.nbytes));
-        } else {
-          copy_block<false>(item.dst, item.src, static_cast<size_t>(item.nbytes));
-        }
-      }
-      finish_stores();
-      return;
-    }
-    Item batch[kWays];
-    int64_t remaining = end - begin;
-    while (remaining > 0) {
-      const int count = static_cast<int>(std::min<int64_t>(remaining, kWays));
-      bool same_size = count == kWays;
-      for (int k = 0; k < count; ++k) {
-        batch[k] = next_item();
-        same_size = same_size && batch[k].nbytes == batch[0].nbytes;
-      }
-      remaining -= count;
-      if (same_size) {
-        const char* srcs[kWays];
-        char* dsts[kWays];
-        for (int k = 0; k < kWays; ++k) {
-          srcs[k] = batch[k].src;
-          dsts[k] = batch[k].dst;
-        }
-        if (copy_blocks_interleaved(dsts, srcs, static_cast<size_t>(batch[0].nbytes))) {
-          continue;
-        }
-      }
-      for (int k = 0; k < count; ++k) {
-        if (k + 1 < count) {
-          prefetch_start(batch[k + 1].src, batch[k + 1].nbytes);
-        }
-        copy_block(batch[k].dst, batch[k].src, static_cast<size_t>(batch[k].nbytes));
-      }
-    }
-    finish_stores();
+    copy_item_stream(next_item, end - begin, strategy);
   };
   Strategy strategy = current_strategy();
   int64_t done = 0;  // items already copied while measuring
@@ -546,6 +554,16 @@ std::string copy_strategy() {
 
 void set_copy_strategy(const std::string& name) {
   chosen_strategy.store(parse_strategy(name, "copy strategy"));
+}
+
+void copy_host_runs(const HostRun* runs, size_t count) {
+  Strategy strategy = current_strategy();
+  if (strategy == Strategy::kAuto) {
+    strategy = Strategy::kStream;  // as run_copy_cpu until a large copy has measured
+  }
+  size_t next = 0;
+  auto next_item = [&]() { return runs[next++]; };
+  copy_item_stream(next_item, static_cast<int64_t>(count), strategy);
 }
 
 namespace {

@@ -1,6 +1,7 @@
 // Same-host copies between processes with process_vm_readv/writev on native worker threads.
 #include "peer_copy.h"
 
+#include "host_copy.h"
 #include "status.h"
 
 #include <sys/uio.h>
@@ -25,7 +26,9 @@ class Pool;
 }  // namespace
 
 struct Job::Shared {
-  Shared(Pool& pool, int64_t pid, bool read, int64_t pause_us, bool watched, uint64_t nbytes);
+  Shared(
+      Pool& pool, int64_t pid, bool read, int64_t pause_us, bool watched, uint64_t nbytes,
+      std::shared_ptr<const void> mapping);
   ~Shared();
   Shared(const Shared&) = delete;
   Shared& operator=(const Shared&) = delete;
@@ -36,6 +39,8 @@ struct Job::Shared {
   const int64_t pause_us;  // before each system call: tests make copies slow enough to cut
   const bool watched;      // its end counts in ends() and ends wait_ends()
   const uint64_t nbytes;
+  // Set: the peer's memory is mapped here and pieces are copied in this process.
+  const std::shared_ptr<const void> mapping;
   std::atomic<bool> cancelled{false};
   std::atomic<int64_t> error{0};  // -errno of the first failure
   int64_t tasks_left = 0;         // under Pool::mutex_
@@ -56,8 +61,37 @@ struct Task {
   std::vector<Piece> pieces;
 };
 
+// Copies `pieces` of a job whose peer memory is mapped here; 0 or kCancelled.
+int64_t copy_mapped(const Job::Shared& job, const std::vector<Piece>& pieces) {
+  constexpr size_t kRunsPerStep = 256;  // between two looks at a pause or a cancel
+  HostRun runs[kRunsPerStep];
+  size_t next = 0;
+  while (next < pieces.size()) {
+    if (job.pause_us > 0) {
+      std::this_thread::sleep_for(std::chrono::microseconds(job.pause_us));
+    }
+    if (job.cancelled.load(std::memory_order_relaxed)) {
+      return kCancelled;
+    }
+    const size_t count = std::min(kRunsPerStep, pieces.size() - next);
+    for (size_t i = 0; i < count; ++i) {
+      const Piece& piece = pieces[next + i];
+      auto* local = reinterpret_cast<char*>(piece.local);
+      auto* remote = reinterpret_cast<char*>(piece.remote);
+      runs[i] = job.read ? HostRun{remote, local, static_cast<int64_t>(piece.nbytes)}
+                         : HostRun{local, remote, static_cast<int64_t>(piece.nbytes)};
+    }
+    copy_host_runs(runs, count);
+    next += count;
+  }
+  return 0;
+}
+
 // Moves `pieces` for `job`; returns 0 or -errno.
 int64_t move_pieces(const Job::Shared& job, std::vector<Piece>& pieces) {
+  if (job.mapping) {
+    return copy_mapped(job, pieces);
+  }
   iovec local[kMaxIovecs];
   iovec remote[kMaxIovecs];
   size_t next = 0;
@@ -125,12 +159,14 @@ class Pool {
     return *pool;
   }
 
-  std::shared_ptr<Job::Shared> start(int64_t pid, bool read, std::vector<Piece> pieces, bool watched) {
+  std::shared_ptr<Job::Shared> start(
+      int64_t pid, bool read, std::vector<Piece> pieces, bool watched, std::shared_ptr<const void> mapping) {
     uint64_t total = 0;
     for (const Piece& piece : pieces) {
       total += piece.nbytes;
     }
-    auto job = std::make_shared<Job::Shared>(*this, pid, read, test_pause_us(), watched, total);
+    auto job =
+        std::make_shared<Job::Shared>(*this, pid, read, test_pause_us(), watched, total, std::move(mapping));
     std::vector<Task> tasks;
     const uint64_t per_task =
         std::clamp<uint64_t>(total / (4 * static_cast<uint64_t>(workers_)), kMinTaskBytes, kMaxTaskBytes);
@@ -370,8 +406,16 @@ Pool& pool_of(const Job::Shared& job) {
 
 }  // namespace
 
-Job::Shared::Shared(Pool& pool, int64_t pid, bool read, int64_t pause_us, bool watched, uint64_t nbytes)
-    : pool(pool), pid(pid), read(read), pause_us(pause_us), watched(watched), nbytes(nbytes) {
+Job::Shared::Shared(
+    Pool& pool, int64_t pid, bool read, int64_t pause_us, bool watched, uint64_t nbytes,
+    std::shared_ptr<const void> mapping)
+    : pool(pool),
+      pid(pid),
+      read(read),
+      pause_us(pause_us),
+      watched(watched),
+      nbytes(nbytes),
+      mapping(std::move(mapping)) {
   pool.count_job(1);
 }
 
@@ -386,7 +430,17 @@ Job::Job(int64_t pid, bool read, std::vector<Piece> pieces, bool watched) {
         piece.local + piece.nbytes >= piece.local && piece.remote + piece.nbytes >= piece.remote,
         "a same-host copy piece wraps the address space");
   }
-  shared_ = Pool::instance().start(pid, read, std::move(pieces), watched);
+  shared_ = Pool::instance().start(pid, read, std::move(pieces), watched, nullptr);
+}
+
+Job::Job(std::shared_ptr<const void> mapping, bool read, std::vector<Piece> pieces, bool watched) {
+  KVREG_CHECK_ARG(mapping != nullptr, "a copy from mapped peer memory needs its mapping");
+  for (const Piece& piece : pieces) {
+    KVREG_CHECK_ARG(
+        piece.local + piece.nbytes >= piece.local && piece.remote + piece.nbytes >= piece.remote,
+        "a same-host copy piece wraps the address space");
+  }
+  shared_ = Pool::instance().start(0, read, std::move(pieces), watched, std::move(mapping));
 }
 
 Job::~Job() {

@@ -1,5 +1,6 @@
 // Copies between this process and another process of the same host (process_vm_readv /
-// process_vm_writev), run by a pool of native threads that never touch the GIL.
+// process_vm_writev, or plain copies from a peer's memory mapped here), run by a pool of
+// native threads that never touch the GIL.
 #pragma once
 
 #include <cstdint>
@@ -32,6 +33,11 @@ class Job {
   // A `watched` job's end counts in ends() and ends wait_ends(). Raises LLM_PARAM_INVALID
   // for a pid below 1 or a piece that wraps the address space.
   Job(int64_t pid, bool read, std::vector<Piece> pieces, bool watched = true);
+  // A copy between this process's memory and a peer's memory mapped into it (each piece's
+  // `remote` is an address of that mapping): the kernels of copy_kv_blocks, no system
+  // call. The job holds `mapping` until its last task has ended, so that dropping every
+  // other reference never unmaps memory under a running copy.
+  Job(std::shared_ptr<const void> mapping, bool read, std::vector<Piece> pieces, bool watched = true);
   ~Job();
   Job(const Job&) = delete;
   Job& operator=(const Job&) = delete;

@@ -4,6 +4,7 @@
 #include "cache_desc.h"
 #include "peer_copy.h"
 #include "peer_route.h"
+#include "shared_memory.h"
 #include "status.h"
 
 #include <pybind11/numpy.h>
@@ -22,6 +23,7 @@ namespace {
 using peer_copy::Job;
 using peer_copy::Piece;
 using peer_copy::Route;
+using shared_memory::Region;
 
 // (num_tensors, data_type, shape, placement, device_index), as Python's CacheDesc holds it.
 using DescFields = std::tuple<int64_t, int64_t, std::vector<int64_t>, int64_t, int64_t>;
@@ -147,6 +149,55 @@ void bind_peer_copy(py::module_& m) {
       .def("start_job", &start_on_route, py::arg("src_blocks"), py::arg("dst_blocks"), py::arg("watched"))
       .def_property_readonly("block_bytes", &Route::block_bytes);
 
+  py::class_<Region, std::shared_ptr<Region>>(
+      m, "SharedRegion", py::module_local(),
+      "A memfd mapped here (allocate_kv_cache's memory, or a same-host peer's, mapped to "
+      "copy from and into it). Unmapped when the last reference goes: tensors over it and "
+      "copies under way hold one each.")
+      .def_property_readonly("name", &Region::name)
+      .def_property_readonly("base", &Region::base)
+      .def_property_readonly("size", &Region::size)
+      .def_property_readonly("fd", &Region::fd);
+  m.def("shared_region_create", &Region::create, py::arg("name"), py::arg("nbytes"));
+  m.def(
+      "shared_region_map", &Region::map, py::arg("fd"), py::arg("nbytes"),
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "shared_region_bytes",
+      [](const std::shared_ptr<Region>& region, uint64_t offset, uint64_t nbytes) {
+        KVREG_CHECK_ARG(
+            nbytes > 0 && region->contains(region->base() + offset, nbytes), "bytes [", offset, ", ",
+            offset + nbytes, ") are outside the ", region->size(), "-byte region");
+        // The tensor's storage holds the region: it stays mapped while any view of it lives.
+        return torch::from_blob(
+            reinterpret_cast<void*>(region->base() + offset), {static_cast<int64_t>(nbytes)},
+            [region](void*) {}, at::TensorOptions().dtype(at::kByte));
+      },
+      py::arg("region"), py::arg("offset"), py::arg("nbytes"),
+      "A uint8 CPU tensor over nbytes of the region from offset, keeping the region mapped.");
+  m.def(
+      "mapped_copy_start_segments",
+      [](const std::shared_ptr<Region>& region, bool read, const std::vector<uint64_t>& local_addrs,
+         const std::vector<uint64_t>& mapped_addrs, const Offsets& local_offsets,
+         const Offsets& remote_offsets, const Offsets& lengths, bool watched) {
+        auto pieces = plan_pieces(local_addrs, mapped_addrs, local_offsets, remote_offsets, lengths);
+        for (const Piece& piece : pieces) {
+          // What a peer described must not make this process copy outside the mapping.
+          KVREG_CHECK_ARG(
+              region->contains(piece.remote, piece.nbytes), "a mapped copy piece of ", piece.nbytes,
+              " bytes at ", piece.remote, " is outside the peer's mapped region");
+        }
+        return std::make_unique<Job>(
+            std::static_pointer_cast<const void>(region), read, std::move(pieces), watched);
+      },
+      py::arg("region"), py::arg("read"), py::arg("local_addrs"), py::arg("mapped_addrs"),
+      py::arg("local_offsets"), py::arg("remote_offsets"), py::arg("lengths"), py::arg("watched") = true,
+      "peer_copy_start_segments for a peer's cache mapped here (mapped_addrs: its tensors' addresses in "
+      "region): the job copies in this process with copy_kv_blocks' kernels and holds the region.");
+  m.def("shared_regions_live", &shared_memory::live_regions);
+  m.def(
+      "shared_region_find", &shared_memory::find, py::arg("address"), py::arg("nbytes"),
+      "The region created here that holds the bytes, else None.");
   m.def("peer_copy_wakes", &peer_copy::wakes);
   m.def("peer_copy_ends", &peer_copy::ends);
   m.def("peer_copy_wait_ends", &peer_copy::wait_ends, py::call_guard<py::gil_scoped_release>());

@@ -121,6 +121,9 @@ def run_node(model: str, kv_transfer_config: dict | None, num_blocks: int, max_m
             import torch_kvreg
 
             reply["stats"] = torch_kvreg.stats() if torch_kvreg.is_initialized() else None
+            engine = torch_kvreg.remote.existing_engine() if torch_kvreg.is_initialized() else None
+            # How its transfers went: "mapped" (the peer's cache mapped here), "same_host", "nixl".
+            reply["paths"] = {} if engine is None else dict(engine.paths)
         print(json.dumps(reply), flush=True)
     del llm
 

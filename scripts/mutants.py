@@ -258,8 +258,8 @@ MUTANTS = [
     (
         "same-host copy: pushes read instead of write",
         "torch_kvreg/remote/engine.py",
-        'link.peer_pid,\n                    operation == "READ",',
-        "link.peer_pid,\n                    True,",
+        'link.peer_pid, operation == "READ", local_addrs, remote_addrs, *segments',
+        "link.peer_pid, True, local_addrs, remote_addrs, *segments",
         ["tests/test_same_host.py"],
     ),
     (
@@ -286,8 +286,8 @@ MUTANTS = [
     (
         "same-host copy: a notice's copy does not wake the progress thread",
         "torch_kvreg/remote/engine.py",
-        "bool(notify),  # a notice must go out when the copy ends, waited for or not",
-        "False,",
+        "remote_addrs, *segments, bool(notify)\n",
+        "remote_addrs, *segments, False\n",
         ["tests/test_same_host.py", "tests/test_async.py"],
     ),
     (
@@ -762,9 +762,66 @@ MUTANTS = [
     (
         "geometry: same-host lanes ignore the remote shifts",
         "torch_kvreg/remote/engine.py",
-        "remote_bases = [base + shift for base, shift in zip(remote_bases, shifts[1], strict=True)]",
-        "remote_bases = [base for base, shift in zip(remote_bases, shifts[1], strict=True)]",
+        "remote_addrs = [base + shift for base, shift in zip(remote_addrs, shifts[1], strict=True)]",
+        "remote_addrs = [base for base, shift in zip(remote_addrs, shifts[1], strict=True)]",
         ["tests/test_geometry_remote.py"],
+    ),
+    # --- caches in shared memory (allocate_kv_cache, mapped by same-host peers) ---------------
+    (
+        "shared memory: a lease naming another memfd reuses the old mapping",
+        "torch_kvreg/remote/shared_memory.py",
+        "if mapping is not None and mapping.name == shared.name:",
+        "if mapping is not None:",
+        ["tests/test_allocate.py"],
+    ),
+    (
+        "shared memory: idle mappings are kept",
+        "torch_kvreg/remote/shared_memory.py",
+        "                if left <= 0:",
+        "                if left <= -3600:",
+        ["tests/test_allocate.py"],
+    ),
+    (
+        "shared memory: a forgotten link keeps its mappings",
+        "torch_kvreg/remote/shared_memory.py",
+        "for key in [key for key in self.table if key[0] is link]:",
+        "for key in []:",
+        ["tests/test_allocate.py"],
+    ),
+    (
+        "shared memory: peers' caches are never mapped",
+        "torch_kvreg/remote/shared_memory.py",
+        "if shared is None or not self.on or link.peer_pid is None:",
+        "if True:",
+        ["tests/test_allocate.py"],
+    ),
+    (
+        "shared memory: tensors not page-aligned",
+        "torch_kvreg/allocate.py",
+        "stride = -(-tensor_nbytes // _PAGE) * _PAGE",
+        "stride = tensor_nbytes",
+        ["tests/test_allocate.py"],
+    ),
+    (
+        "shared memory: a peer's addresses are not checked against the mapping",
+        "csrc/peer_copy_bindings.cpp",
+        "region->contains(piece.remote, piece.nbytes)",
+        "region->contains(piece.remote, 0)",
+        ["tests/test_allocate.py"],
+    ),
+    (
+        "shared memory: a mapped pull copies the wrong way",
+        "csrc/peer_copy.cpp",
+        "runs[i] = job.read ? HostRun{remote, local, static_cast<int64_t>(piece.nbytes)}",
+        "runs[i] = !job.read ? HostRun{remote, local, static_cast<int64_t>(piece.nbytes)}",
+        ["tests/test_allocate.py"],
+    ),
+    (
+        "shared memory: an unsealed memfd is mapped",
+        "csrc/shared_memory.cpp",
+        "(static_cast<unsigned>(seals) & F_SEAL_SHRINK) == 0 ||",
+        "false ||",
+        ["tests/test_allocate.py"],
     ),
 ]
 

@@ -91,6 +91,18 @@ def peer_main(commands, replies, cluster_id, wait_ms=2000, options=None, netns=N
                 cache = kv.register_kv_cache(tensors, kv.RegisterCfg(remote_accessible=remote))
                 caches[cache.cache_id] = tensors
                 replies.put(("ok", cache.cache_id))
+            elif op == "allocate":  # allocate_kv_cache filled like "register"; remote: True, False or None
+                num_tensors, num_blocks, block_shape, seed, remote = args
+                cache, tensors = kv.allocate_kv_cache(
+                    num_tensors, (num_blocks, *block_shape), torch.float16, kv.RegisterCfg(remote_accessible=remote)
+                )
+                for tensor, values in zip(tensors, paged(num_tensors, num_blocks, block_shape, seed)):
+                    tensor.copy_(values)
+                caches[cache.cache_id] = tensors
+                replies.put(("ok", cache.cache_id))
+            elif op == "forget":  # drops this process's reference to a cache's tensors
+                del caches[args]
+                replies.put(("ok", None))
             elif op == "register_keyed":  # remotely reachable, with cache keys
                 num_tensors, num_blocks, block_shape, seed, keys = args
                 tensors = paged(num_tensors, num_blocks, block_shape, seed)

@@ -88,14 +88,22 @@ def test_bench_remote_small(tmp_path):
 
     if not torch_kvreg.remote.nixl_available():
         pytest.skip("needs the nixl extra")
-    result, stdout = run_bench("bench_remote.py", "--layers", "1", "--repeats", "1", tmp_path=tmp_path)
+    result, stdout = run_bench(
+        "bench_remote.py", "--layers", "1", "--shared-layers", "1", "--repeats", "1", tmp_path=tmp_path
+    )
     # 2 patterns x (warm-up + 1 repeat) x (pull, push) x (unverified, verified)
     assert result["routes"] == {"same_host": 16}
+    # The allocate_kv_cache rows: a first pull, then as above unverified, every one on the mapped path.
+    assert result["shared_routes"] == {"mapped": 9}
+    for row in result["rows"] + result["shared_rows"]:
+        assert all(v > 0 and math.isfinite(v) for v in row["gbps"].values())
     for row in result["rows"]:
         assert row["ratio_vs_raw_nixl"] > 0 and row["push_ratio_vs_raw_nixl"] > 0
         assert row["verify_overhead_pull"] > -1 and row["verify_overhead_push"] > -1
-        assert all(v > 0 and math.isfinite(v) for v in row["gbps"].values())
+    for row in result["shared_rows"]:
+        assert row["pull_ratio_vs_copy_kv_blocks"] > 0 and row["push_ratio_vs_copy_kv_blocks"] > 0
     assert [row["pattern"] for row in result["rows"]] == ["random", "consecutive"]
+    assert [row["pattern"] for row in result["shared_rows"]] == ["random", "consecutive"]
     assert result["cpu"] and "went by same-host copies" in stdout and "push:" in stdout and "verify=True:" in stdout
 
 

@@ -70,8 +70,9 @@ def prefill(node, prompts):
 
 
 def pull_figures(node):
-    """torch_kvreg's pull counters in an in-process engine."""
-    return node.generate([[1, 2, 3]], 1, stats=True)["stats"]["pull"]
+    """torch_kvreg's pull counters in an in-process engine, with the paths its transfers took."""
+    answer = node.generate([[1, 2, 3]], 1, stats=True)
+    return {**answer["stats"]["pull"], "paths": answer["paths"]}
 
 
 def test_in_process_engines_decode_what_one_instance_does(engines, batch, reference):
@@ -86,6 +87,10 @@ def test_in_process_engines_decode_what_one_instance_does(engines, batch, refere
     assert after["ops"] - before["ops"] == len(batch)  # one load per request, all landed
     assert after["bytes"] - before["bytes"] == sum(blocks_of(p) for p in batch) * BLOCK_BYTES
     assert after["failures"] == before["failures"]
+    # vLLM allocated the prefill's CPU KV cache in the connector's shared memory: the decoder
+    # mapped it, and every load was a local copy.
+    mapped = after["paths"].get("mapped", 0) - before["paths"].get("mapped", 0)
+    assert mapped >= len(batch) and after["paths"].get("same_host", 0) == before["paths"].get("same_host", 0)
     # Again: the decode's prefix cache holds every whole block but the last of each prompt
     # (vLLM recomputes at least one token), so only the blocks after the cached prefix load.
     params = prefill(engines["prefill"], batch)

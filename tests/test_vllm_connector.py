@@ -275,3 +275,31 @@ def test_stats_aggregate_reduce_and_reach_prometheus(vk):
     assert sample("vllm:torch_kvreg_failed_loads_total", {"engine": "1"}) == 1
     assert sample("vllm:torch_kvreg_load_seconds_count", {"engine": "1"}) == 3
     assert sample("vllm:torch_kvreg_loads_total", {"engine": "0"}) == 0
+
+
+def test_the_worker_has_vllm_allocate_its_cpu_kv_cache_in_shared_memory(vk):
+    """vLLM's worker allocates the KV cache inside the connector's get_mem_pool_context
+    (Worker.initialize_from_config, inherited by the CPU worker): one int8 backing buffer,
+    which lands in shared memory there, so that a same-host decoder maps it."""
+    import inspect
+
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.v1.worker import utils as worker_utils
+
+    from torch_kvreg import allocate
+
+    # The call the context recognizes is the one vLLM makes (source of the installed version).
+    assert "torch.zeros(buf_size, dtype=torch.int8, device=device)" in inspect.getsource(worker_utils.allocate_kv_cache)
+    scheduler = vk.TorchKvregConnector(fake_vllm_config(), KVConnectorRole.SCHEDULER)
+    assert scheduler.get_mem_pool_context() is None
+    context = vk.TorchKvregConnector(fake_vllm_config(), KVConnectorRole.WORKER).get_mem_pool_context()
+    kv.initialize()
+    with context:
+        buffer = torch.zeros(3 * 4096, dtype=torch.int8, device=torch.device("cpu"))
+        others = [torch.zeros(4096, dtype=torch.float16), torch.zeros(2, 4096, dtype=torch.int8), torch.empty(8)]
+    assert context.allocated == 1 and buffer.dtype == torch.int8 and int(buffer.abs().sum()) == 0
+    layers = [buffer[i * 4096 : (i + 1) * 4096].view(torch.float16) for i in range(3)]
+    cache = kv.register_kv_cache(layers)
+    region = allocate.shared_region(cache)
+    assert region is not None and region.base == buffer.data_ptr()
+    assert all(allocate.shared_region(kv.register_kv_cache([t])) is None for t in others[:2])

@@ -161,6 +161,45 @@ class PeerRoute:
     @property
     def block_bytes(self) -> int: ...
 
+class SharedRegion:
+    """A memfd mapped here (allocate_kv_cache's memory, or a same-host peer's, mapped to copy
+    from and into it). Unmapped when the last reference goes: tensors over it and copies
+    under way hold one each."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def base(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def fd(self) -> int: ...
+
+def shared_region_create(name: str, nbytes: int) -> SharedRegion:
+    """A new sealed memfd of nbytes, mapped here."""
+
+def shared_region_map(fd: int, nbytes: int) -> SharedRegion:
+    """Maps another process's memfd (fd opened here, taken over): sealed and at least nbytes, else ValueError."""
+
+def shared_region_bytes(region: SharedRegion, offset: int, nbytes: int) -> torch.Tensor:
+    """A uint8 CPU tensor over nbytes of the region from offset, keeping the region mapped."""
+
+def mapped_copy_start_segments(
+    region: SharedRegion,
+    read: bool,
+    local_addrs: Sequence[int],
+    mapped_addrs: Sequence[int],
+    local_offsets: np.ndarray,
+    remote_offsets: np.ndarray,
+    lengths: np.ndarray,
+    watched: bool = True,
+) -> PeerCopyJob:
+    """peer_copy_start_segments for a peer's cache mapped here: copies with copy_kv_blocks' kernels."""
+
+def shared_regions_live() -> int: ...
+def shared_region_find(address: int, nbytes: int) -> SharedRegion | None:
+    """The region created here that holds the bytes, else None."""
+
 def peer_copy_live_jobs() -> int: ...
 def peer_copy_threads() -> int: ...
 def peer_copy_wake() -> None: ...

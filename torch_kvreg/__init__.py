@@ -3,6 +3,7 @@
 import importlib.metadata
 
 from . import metrics
+from .allocate import allocate_kv_cache
 from .counters import reset_stats, stats
 from .errors import (
     LLMException,
@@ -100,6 +101,7 @@ __all__ = [
     "TokenPlan",
     "Transfer",
     "Usage",
+    "allocate_kv_cache",
     "cache_keys",
     "copy_kv_blocks",
     "copy_kv_blocks_async",

@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 import torch
 
 from .. import registry, remote, transfer
+from ..allocate import allocate_kv_cache
 from ..errors import LLMException, LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
 from ..types import Placement, RegisterCfg
 from .config import UINT32_MAX, check_int
@@ -142,16 +143,20 @@ class CacheManager:
         else:
             device = torch.device("cpu")
         dtype = native_desc.data_type.to_torch()
-        try:
-            tensors = [
-                torch.empty(native_desc.shape, dtype=dtype, device=device) for _ in range(native_desc.num_tensors)
-            ]
-        except (RuntimeError, MemoryError) as exc:
-            status = (
-                LLMStatusCode.LLM_DEVICE_OUT_OF_MEMORY if device.type == "cuda" else LLMStatusCode.LLM_OUT_OF_MEMORY
-            )
-            raise make_error(status, f"cannot allocate {native_desc!r}: {exc}") from None
-        native = registry.register_kv_cache(tensors, RegisterCfg(remote_accessible=True), keys=keys)
+        cfg = RegisterCfg(remote_accessible=True)
+        if device.type == "cpu":
+            # Shared memory: a same-host peer maps it and its pulls are local copies.
+            native, tensors = allocate_kv_cache(native_desc.num_tensors, native_desc.shape, dtype, cfg, keys=keys)
+        else:
+            try:
+                tensors = [
+                    torch.empty(native_desc.shape, dtype=dtype, device=device) for _ in range(native_desc.num_tensors)
+                ]
+            except (RuntimeError, MemoryError) as exc:
+                raise make_error(
+                    LLMStatusCode.LLM_DEVICE_OUT_OF_MEMORY, f"cannot allocate {native_desc!r}: {exc}"
+                ) from None
+            native = registry.register_kv_cache(tensors, cfg, keys=keys)
         return Cache(
             native.cache_id,
             cache_desc,

@@ -17,12 +17,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .. import _C
+from .. import _C, allocate
 from ..errors import LLMException, LLMStatusCode, make_error
 from ..inflight import Transfer
 from ..registry import cache_from_native
 from ..types import Cache, ClusterInfo, Placement
-from . import agent, auth, plan, protocol, same_host, verify
+from . import agent, auth, plan, protocol, same_host, shared_memory, verify
 from .control import ControlServer, Heartbeat, Link, connect
 from .jobs import PROC, Completion, NixlJob, SameHostJob
 from .leases import LEASE_LINGER_S, LocalHolds, PeerLeases, SharedLease
@@ -58,6 +58,7 @@ class Engine:
         self.holds = LocalHolds(self.lock, self.wait_s)
         self.peer_leases = PeerLeases(self.lock)
         self.routes = Routes(self.lock_raw)
+        self.mappings = shared_memory.Mappings()  # peers' shared caches mapped here
         self.progress = Progress(Completion(self.agent, self.wait_s), self._housekeeping)
         self.heartbeat = Heartbeat(self.wait_s, self._all_links)
         self.links: dict[int, Link] = {}  # linked clusters, whichever side opened the link
@@ -67,7 +68,7 @@ class Engine:
         # its sender. Bounded, oldest forgotten first.
         self.senders: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.server: ControlServer | None = None
-        # Transfers started, by path ("same_host", "nixl"): read by tests and benchmarks.
+        # Transfers started, by path ("mapped", "same_host", "nixl"): read by tests and benchmarks.
         self.paths: collections.Counter[str] = collections.Counter()
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -102,6 +103,7 @@ class Engine:
             log.warning("finalize: transfers still in flight after %.0f ms", self.wait_s * 1000)
         self.progress.stop(self.wait_s + 1)
         self.peer_leases.give_back(self.peer_leases.expire(everything=True)[1])
+        self.mappings.clear()
         self.heartbeat.stop()
         for cluster_id in list(self.links):
             self.unlink(cluster_id, force=False)
@@ -201,7 +203,9 @@ class Engine:
             reg = self.registrations.regs.get(cache_id)
             lease = self.holds.grant(cache_id, reg is not None)
         leases.add(lease)
-        cache_entry = protocol.RemoteCache(cache_id, cache.cache_desc, tuple(cache.tensor_addrs))
+        region = allocate.shared_region(cache)
+        shared = None if region is None else protocol.SharedMemory(*region)
+        cache_entry = protocol.RemoteCache(cache_id, cache.cache_desc, tuple(cache.tensor_addrs), shared)
         md = self.agent.get_partial_agent_metadata(reg, False)
         return protocol.AcquireReply(lease, cache_entry, md, index, by_key=request.key is not None)
 
@@ -257,6 +261,7 @@ class Engine:
         with self.lock:
             self.routes.drop(lambda route: route.link is link)
             self.peer_leases.forget_link(link)
+        self.mappings.drop_link(link)
         for prep in link.remote_preps.values():
             with contextlib.suppress(Exception):
                 self.agent.release_dlist_handle(prep)
@@ -393,27 +398,27 @@ class Engine:
             deadline = time.monotonic() + self.wait_s
             shifts = None if lane_shifts is None else lane_shifts()
             if link.peer_pid is not None and local.cache_desc.placement == remote.desc.placement == Placement.HOST:
-                local_bases = [local.tensor_addrs[i] for i in local_tensors]
-                remote_bases = [remote.addrs[i] for i in remote_tensors]
+                local_addrs = [local.tensor_addrs[i] for i in local_tensors]
+                remote_addrs = [remote.addrs[i] for i in remote_tensors]
                 if shifts is not None:
-                    local_bases = [base + shift for base, shift in zip(local_bases, shifts[0], strict=True)]
-                    remote_bases = [base + shift for base, shift in zip(remote_bases, shifts[1], strict=True)]
-                native = _C.peer_copy_start_segments(
-                    link.peer_pid,
-                    operation == "READ",
-                    local_bases,
-                    remote_bases,
-                    local_offsets,
-                    remote_offsets,
-                    lengths,
-                    bool(notify),  # a notice must go out when the copy ends, waited for or not
+                    local_addrs = [base + shift for base, shift in zip(local_addrs, shifts[0], strict=True)]
+                    remote_addrs = [base + shift for base, shift in zip(remote_addrs, shifts[1], strict=True)]
+                segments = (local_offsets, remote_offsets, lengths)
+                # A notice must go out when the copy ends, waited for or not (``watched``).
+                native = self.mappings.start(
+                    link, lease, operation == "READ", local_addrs, remote_addrs, segments, bool(notify)
                 )
+                path = "same_host" if native is None else "mapped"
+                if native is None:
+                    native = _C.peer_copy_start_segments(
+                        link.peer_pid, operation == "READ", local_addrs, remote_addrs, *segments, bool(notify)
+                    )
                 copy = SameHostJob(transfer, link, deadline, notify, let_go, native)
                 transfer.assist = functools.partial(self.progress.assist, copy)
                 job: NixlJob | SameHostJob = copy
-                self.paths["same_host"] += 1
+                self.paths[path] += 1
                 state: str | None = PROC
-                if route_key is not None and isinstance(remote_ref, int):
+                if path == "same_host" and route_key is not None and isinstance(remote_ref, int):
                     self._keep_route(route_key, operation, link, lease, local, (local_tensors, remote_tensors))
             else:
                 self.paths["nixl"] += 1
@@ -502,7 +507,7 @@ class Engine:
         self.peer_leases.give_back(expired)
         if due is None and self.peer_leases.lingering:
             due = LEASE_LINGER_S  # a lease that began to linger since it looked
-        return due
+        return self.mappings.expire(due)
 
     # --- same-host routes --------------------------------------------------------------
     def _keep_route(

@@ -25,7 +25,8 @@ from ..types import CacheDesc, DataType, Placement
 VERSION = 2
 HISTORY = {
     1: "frames of JSON objects; requests challenge, hello, acquire (by cache id or key), release,"
-    " ping, bye and same_host; replies carry ok, errors a status name and a message",
+    " ping, bye and same_host; replies carry ok, errors a status name and a message;"
+    " an acquire reply may carry shm (a cache in shared memory; peers that predate it ignore it)",
     2: "adds checksums (CRC-32C of blocks of a cache, for verified transfers) and its reply",
 }
 MAX_FRAME = 4 << 20  # agent metadata is a few KiB; anything near this is hostile
@@ -43,10 +44,35 @@ class ProtocolError(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
+class SharedMemory:
+    """Where a cache that allocate_kv_cache made lives in its owner: the memfd's name, the
+    owner's descriptor number for it, and the mapping's base address and size there. A
+    peer on the same host opens the descriptor through /proc and checks the name."""
+
+    name: str
+    fd: int
+    base: int
+    size: int
+
+    def to_wire(self) -> dict:
+        return {"name": self.name, "fd": self.fd, "base": self.base, "size": self.size}
+
+    @classmethod
+    def parse(cls, entry: object) -> SharedMemory:
+        if not isinstance(entry, dict):
+            raise ProtocolError("shared memory entry is not an object")
+        base, size = _int(entry, "base", 1, 2**64 - 1), _int(entry, "size", 1, 2**62)
+        if base + size > 2**64:
+            raise ProtocolError("the shared region wraps around the address space")
+        return cls(_str(entry, "name", 64), _int(entry, "fd", 0, 2**31 - 1), base, size)
+
+
+@dataclasses.dataclass(frozen=True)
 class RemoteCache:
     cache_id: int
     desc: CacheDesc
     addrs: tuple[int, ...]
+    shared: SharedMemory | None = None  # set for a cache its owner allocated in shared memory
 
 
 def encode(message: dict) -> bytes:
@@ -412,14 +438,19 @@ class AcquireReply:
         }
         if self.by_key:
             wire["index"] = self.index
+        if self.cache.shared is not None:
+            wire["shm"] = self.cache.shared.to_wire()
         return wire
 
     @classmethod
     def parse(cls, message: dict) -> AcquireReply:
         index = _int(message, "index", 0, 2**62) if "index" in message else 0
+        cache = parse_cache_entry(message.get("cache"))
+        if "shm" in message:
+            cache = dataclasses.replace(cache, shared=SharedMemory.parse(message["shm"]))
         return cls(
             _int(message, "lease"),
-            parse_cache_entry(message.get("cache")),
+            cache,
             _bytes(message, "md"),
             index,
             "index" in message,

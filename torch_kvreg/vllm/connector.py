@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -14,6 +15,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from ..errors import LLMStatusCode, make_error, param_invalid
+from .allocation import SharedKvCacheAllocation
 from .scheduler import SchedulerSide
 from .settings import ROLES, ConnectorSettings, LoadSpec, ProducerAddress
 from .stats import TorchKvregPromMetrics, TorchKvregStats
@@ -75,6 +77,13 @@ class TorchKvregConnector(KVConnectorBase_V1):
             self._worker = WorkerSide(settings, producer=producer, consumer=consumer, block_size=block_size)
 
     # --- worker side ------------------------------------------------------------------------
+    def get_mem_pool_context(self) -> AbstractContextManager | None:
+        """vLLM allocates the KV cache inside this (at worker start-up): a CPU cache lands in
+        shared memory that a same-host peer maps (allocation.py); a GPU one is left alone."""
+        if self._worker is None or torch.cuda.is_available():
+            return None
+        return SharedKvCacheAllocation()
+
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self._worker is not None
         self._address = self._worker.register(kv_caches)
