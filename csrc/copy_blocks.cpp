@@ -318,30 +318,6 @@ Strategy current_strategy() {
   return static_cast<Strategy>(current_choice() & ~kSingleThread);
 }
 
-}  // namespace
-
-void run_copy(const CopyPlan& plan) {
-  if (plan.segments.empty()) {
-    return;
-  }
-  const bool on_host =
-      plan.src->desc.placement == Placement::HOST && plan.dst->desc.placement == Placement::HOST;
-  if (on_host) {
-    run_copy_cpu(plan);
-    return;
-  }
-#ifdef KVREG_WITH_CUDA
-  KVREG_CHECK(
-      cuda_available(), LLM_FEATURE_NOT_ENABLED,
-      "a DEVICE cache is involved but no CUDA device is available");
-  run_copy_cuda(plan);
-#else
-  KVREG_CHECK(
-      false, LLM_FEATURE_NOT_ENABLED,
-      "copies involving DEVICE caches need torch_kvreg built with CUDA; this build is CPU-only");
-#endif
-}
-
 using HostItem = HostRun;
 
 // Copies `count` items that next_item() hands out, in order, on the calling thread, with
@@ -393,6 +369,28 @@ void copy_item_stream(NextItem& next_item, int64_t count, Strategy strategy) {
 }
 
 }  // namespace
+
+void run_copy(const CopyPlan& plan) {
+  if (plan.segments.empty()) {
+    return;
+  }
+  const bool on_host =
+      plan.src->desc.placement == Placement::HOST && plan.dst->desc.placement == Placement::HOST;
+  if (on_host) {
+    run_copy_cpu(plan);
+    return;
+  }
+#ifdef KVREG_WITH_CUDA
+  KVREG_CHECK(
+      cuda_available(), LLM_FEATURE_NOT_ENABLED,
+      "a DEVICE cache is involved but no CUDA device is available");
+  run_copy_cuda(plan);
+#else
+  KVREG_CHECK(
+      false, LLM_FEATURE_NOT_ENABLED,
+      "copies involving DEVICE caches need torch_kvreg built with CUDA; this build is CPU-only");
+#endif
+}
 
 bool built_with_openmp() {
 #ifdef _OPENMP
