@@ -141,7 +141,13 @@ class Progress:
         if job.claim_lock.locked():  # (claimed)
             return
         state = job.help(timeout_ms)
-        if state == PROC or not self.claim(job, "waiter"):
+        if state == PROC:
+            return
+        if not self.claim(job, "waiter"):
+            if job.freeing:
+                # Completed (failed) while its copy still ran, which has ended now: its holds
+                # go before this waiter returns, as they do when it lands.
+                self.completion.free(job)
             return
         if not self.completion.complete(job, state):
             self.incoming.append(job)  # the loop lets go of it later
