@@ -231,8 +231,10 @@ class Completion:
         return self._free(job, job.members())
 
     def _free(self, job: Job, members: list[Job]) -> bool:
+        # Set first: a waiter whose copy ended after the look below sees it and frees the
+        # job itself (Progress.assist), so its holds go before it returns.
+        job.freeing = True
         if not job.free():
-            job.freeing = True
             return False
         job.freeing = False
         with self.lock:  # each hold is let go exactly once, whoever frees the job
