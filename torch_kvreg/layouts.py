@@ -10,7 +10,9 @@ head dim = D):
   block are adjacent, so the layer is one tensor whose blocks hold both.
 - ``mla``: ``(N, B, D)``, a latent cache: one tensor per layer.
 - ``vllm_cpu``: vLLM's CPU attention layout ``(N, H, B, 2 * D)``: within each block and
-  head, the K tile then the V tile; one tensor per layer. vLLM hands every layer as a view
+  head, the K tile (dim-major: element ``d * B + t``, as vLLM's CPU kernels write it) then the
+  V tile (token-major); one tensor per layer. Whole blocks move as bytes, so this matters
+  only to token-level transfers (``KVGeometry`` preset ``vllm_cpu``). vLLM hands every layer as a view
   of one storage; each view is contiguous, so each layer registers as its own tensor.
 
 Tensors are registered in layer order (K, V per layer for flash_attn); layers given twice
