@@ -25,7 +25,7 @@ from ..types import Cache, ClusterInfo, Placement
 from . import agent, auth, plan, protocol, same_host, shared_memory, verify
 from .control import ControlServer, Heartbeat, Link, connect
 from .jobs import PROC, Completion, NixlJob, SameHostJob
-from .leases import LEASE_LINGER_S, LocalHolds, PeerLeases, SharedLease
+from .leases import LEASE_LINGER_S, LocalHolds, PeerLeases, SharedLease, served_cache
 from .progress import Progress
 from .same_host import Route, Routes
 
@@ -179,25 +179,8 @@ class Engine:
 
     def grant(self, request: protocol.Acquire, leases: set[int]) -> protocol.AcquireReply:
         """A lease for a peer on a remote-accessible local cache, named by id or key."""
-        index, cache_id = 0, request.cache_id
-        if request.key is not None:
-            try:
-                cache_id, index = _C.find_key(request.key)
-            except RuntimeError:
-                raise make_error(
-                    LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"no cache is registered with key {request.key!r}"
-                ) from None
-        if cache_id is None:
-            raise make_error(LLMStatusCode.LLM_PARAM_INVALID, "a lease request names a cache id or a key")
-        try:
-            values = _C.get_cache(cache_id)
-        except RuntimeError:
-            raise make_error(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"cache id {cache_id} is not registered") from None
-        cache, remote_accessible = cache_from_native(values), values.remote_accessible
-        if not remote_accessible:
-            raise make_error(
-                LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"cache id {cache_id} is registered with remote_accessible=False"
-            )
+        values, cache_id, index = served_cache(request.cache_id, request.key)
+        cache = cache_from_native(values)
         self.register(cache)
         with self.lock:
             reg = self.registrations.regs.get(cache_id)

@@ -25,6 +25,29 @@ log = logging.getLogger("torch_kvreg.remote")
 LEASE_LINGER_S = 0.05
 
 
+def served_cache(cache_id: int | None, key: str | None) -> tuple[_C.CacheRecord, int, int]:
+    """The local cache a peer names (by id, or by key: then the index the key gives), as
+    (_C.get_cache's record, cache id, index); LLM_KV_CACHE_NOT_EXIST unless it is
+    registered remote-accessible (a private cache's contents are not described either)."""
+    index = 0
+    if key is not None:
+        try:
+            cache_id, index = _C.find_key(key)
+        except RuntimeError:
+            raise make_error(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"no cache is registered with key {key!r}") from None
+    if cache_id is None:
+        raise make_error(LLMStatusCode.LLM_PARAM_INVALID, "a request for a cache names a cache id or a key")
+    try:
+        record = _C.get_cache(cache_id)
+    except RuntimeError:
+        raise make_error(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"cache id {cache_id} is not registered") from None
+    if not record.remote_accessible:
+        raise make_error(
+            LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"cache id {cache_id} is registered with remote_accessible=False"
+        )
+    return record, cache_id, index
+
+
 class LocalHolds:
     """Local caches in use by transfers in flight and by peers' leases, counted here and in
     the native registry, so that an unregister from any path waits for them. ``lock`` is

@@ -12,13 +12,13 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar, cast
 
-from .. import _C
 from .. import verify as verification
 from ..errors import LLMStatusCode, make_error, param_invalid, translate
 from ..inflight import Transfer
 from ..types import Blocks, Cache, block_tensor, layer_tensors
 from . import protocol
 from .control import Link
+from .leases import served_cache
 
 
 class Engine(Protocol):
@@ -65,23 +65,7 @@ def _verified(start: Callable[..., Transfer], engine: Callable[[], Engine], *arg
 
 def serve(request: protocol.Checksums) -> protocol.ChecksumsReply:
     """A peer's checksums request: CRCs of blocks of a remote-accessible cache of ours."""
-    cache_id, index = request.cache_id, 0
-    if request.key is not None:
-        try:
-            cache_id, index = _C.find_key(request.key)
-        except RuntimeError:
-            raise make_error(
-                LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"no cache is registered with key {request.key!r}"
-            ) from None
-    assert cache_id is not None  # (protocol.Checksums.parse: an id or a key)
-    try:
-        record = _C.get_cache(cache_id)
-    except RuntimeError:
-        raise make_error(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"cache id {cache_id} is not registered") from None
-    if not record.remote_accessible:  # a private cache's contents are not described either
-        raise make_error(
-            LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"cache id {cache_id} is registered with remote_accessible=False"
-        )
+    record, cache_id, index = served_cache(request.cache_id, request.key)
     blocks = [index] if request.key_slice else list(request.blocks)
     tensors = None
     if request.layers is not None:
