@@ -4,6 +4,7 @@
 #include "host_copy.h"
 #include "status.h"
 
+#include <pthread.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -16,6 +17,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -145,18 +147,11 @@ int64_t move_pieces(const Job::Shared& job, std::vector<Piece>& pieces) {
 
 class Pool {
  public:
+  // Every start, look and wait comes here: no system call and no shared lock on the way
+  // (getpid() is one, on every call, since glibc 2.25).
   static Pool& instance() {
-    // A forked child has none of its parent's threads: it starts a pool of its own (the
-    // parent's object is left as it is, its mutex possibly held by a thread that is gone).
-    static std::mutex guard;
-    static Pool* pool = nullptr;
-    static pid_t owner = 0;
-    std::lock_guard<std::mutex> lock(guard);
-    if (pool == nullptr || owner != getpid()) {
-      pool = new Pool();  // never freed: worker threads may outlive static destruction
-      owner = getpid();
-    }
-    return *pool;
+    Pool* pool = current_.load(std::memory_order_acquire);
+    return pool != nullptr ? *pool : make_instance();
   }
 
   std::shared_ptr<Job::Shared> start(
@@ -204,8 +199,17 @@ class Pool {
     for (Task& task : tasks) {
       queue_.push_back(std::move(task));
     }
+    // Only idle workers need a wake-up (a busy one takes the next task without sleeping):
+    // a burst of small starts then costs no system call per start while the workers copy.
+    const size_t wake = std::min(tasks.size(), idle_workers_);
     lock.unlock();
-    work_.notify_all();
+    if (wake >= static_cast<size_t>(workers_)) {
+      work_.notify_all();
+    } else {
+      for (size_t i = 0; i < wake; ++i) {
+        work_.notify_one();
+      }
+    }
     return job;
   }
 
@@ -350,10 +354,37 @@ class Pool {
   void work() {
     std::unique_lock<std::mutex> lock(mutex_);
     while (true) {
-      work_.wait(lock, [&] { return !queue_.empty(); });
+      while (queue_.empty()) {
+        ++idle_workers_;
+        work_.wait(lock);
+        --idle_workers_;
+      }
       run_one_locked(lock);
     }
   }
+
+  static Pool& make_instance() {
+    std::lock_guard<std::mutex> lock(guard_);
+    Pool* pool = current_.load(std::memory_order_acquire);
+    if (pool == nullptr) {
+      static std::once_flag registered;
+      // A forked child has none of its parent's threads: it starts a pool of its own (the
+      // parent's object is left as it is, its mutex possibly held by a thread that is gone).
+      // The child's guard is made anew too: a thread of the parent may have held it.
+      std::call_once(registered, [] {
+        pthread_atfork(nullptr, nullptr, [] {
+          new (&guard_) std::mutex();
+          current_.store(nullptr);
+        });
+      });
+      pool = new Pool();  // never freed: worker threads may outlive static destruction
+      current_.store(pool, std::memory_order_release);
+    }
+    return *pool;
+  }
+
+  static inline std::atomic<Pool*> current_{nullptr};  // this process's pool, once made
+  static inline std::mutex guard_;                     // making it
 
   // Runs the task at the head of the queue (not empty) without the lock. The task, and with
   // it perhaps the job's last reference, goes before the lock is let go: whoever sees the
@@ -390,6 +421,7 @@ class Pool {
   std::deque<Task> queue_;
   std::vector<std::thread> threads_;
   std::atomic<int64_t> live_{0};  // Job::Shared objects alive
+  size_t idle_workers_ = 0;       // workers waiting for a task (under mutex_)
   int64_t wakes_ = 0;             // wake() calls so far
   int64_t ends_ = 0;              // watched jobs ended so far
   // When a wait_ends() returns though nothing ended and nobody woke it (watch()).

@@ -114,8 +114,18 @@ void bind_peer_copy(py::module_& m) {
           "wait", &Job::wait, py::arg("timeout_ms"), py::call_guard<py::gil_scoped_release>(),
           "Waits up to timeout_ms (< 0: without bound) for the job to end; its state then.")
       .def(
-          "help", &Job::help, py::arg("timeout_ms"), py::call_guard<py::gil_scoped_release>(),
-          "wait(), copying queued pieces on the calling thread while there are any.")
+          "help",
+          [](const Job& job, int64_t timeout_ms) {
+            // A job that has ended answers without letting go of the GIL: a waiter that
+            // lets go of it here waits to get it back from whichever thread took it.
+            const int64_t state = job.state();
+            if (state != peer_copy::kRunning) {
+              return state;
+            }
+            py::gil_scoped_release release;
+            return job.help(timeout_ms);
+          },
+          py::arg("timeout_ms"), "wait(), copying queued pieces on the calling thread while there are any.")
       .def("cancel", &Job::cancel, "Stops the job before its next system call (ends it cancelled).")
       .def_property_readonly("nbytes", &Job::nbytes);
   m.def(

@@ -186,9 +186,9 @@ MUTANTS = [
     ),
     (
         "private caches served to peers",
-        "torch_kvreg/remote/engine.py",
-        "        if not remote_accessible:\n",
-        "        if False:\n",
+        "torch_kvreg/remote/leases.py",
+        "    if not record.remote_accessible:\n",
+        "    if False:\n",
         ["tests/test_control.py", "tests/test_remote.py"],
     ),
     (
@@ -359,6 +359,27 @@ MUTANTS = [
         "  pool.count_job(-1);",
         "",
         ["tests/test_same_host.py"],
+    ),
+    (
+        "same-host copy: a start wakes no idle worker",
+        "csrc/peer_copy.cpp",
+        "const size_t wake = std::min(tasks.size(), idle_workers_);",
+        "const size_t wake = 0;",
+        ["tests/test_same_host.py", "tests/test_async.py"],
+    ),
+    (
+        "same-host copy: a forked child keeps its parent's pool",
+        "csrc/peer_copy.cpp",
+        "          current_.store(nullptr);\n",
+        "",
+        ["tests/test_copy_blocks.py", "tests/test_same_host.py"],
+    ),
+    (
+        "same-host start: a burst's later starts ask no look though the one set has passed",
+        "torch_kvreg/remote/progress.py",
+        "            if now >= self.look_due:",
+        "            if self.look_due == 0.0:",
+        ["tests/test_async.py", "tests/test_same_host.py"],
     ),
     (
         "same-host copy: a watch never ends a wait for ends",

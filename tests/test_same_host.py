@@ -276,6 +276,34 @@ def test_a_job_handle_copies_its_pieces_and_reports_its_end(read):
     assert empty.state() == 1 and empty.nbytes == 0 and _C.peer_copy_ends() == ends + 2
 
 
+FORKED_CHILD_PEER_COPY = """
+import os, sys, numpy as np
+from torch_kvreg import _C
+source = np.arange(1 << 20, dtype=np.uint8)
+target = np.zeros_like(source)
+def copy(lo, hi):  # this process's own memory, through the pool: [lo, hi) of source into target
+    rows = np.array([[target.ctypes.data + lo, source.ctypes.data + lo, hi - lo]], dtype=np.int64)
+    return _C.peer_copy_start_segments(
+        os.getpid(), True, [target.ctypes.data], [source.ctypes.data], np.array([lo], dtype=np.uint64),
+        np.array([lo], dtype=np.uint64), np.array([hi - lo], dtype=np.uint64), False).wait(20_000)
+assert copy(0, 1 << 19) == 1  # the parent's pool and its worker threads are up
+pid = os.fork()
+if pid == 0:  # the child's pool is its own: the parent's workers are not here to run its tasks
+    os._exit(0 if copy(1 << 19, 1 << 20) == 1 and np.array_equal(target, source) else 3)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status), _C.peer_copy_threads() >= 1)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_after_same_host_copies_copies_with_a_pool_of_its_own():
+    """The pool is found without a system call (no getpid() per start): a fork handler makes
+    the child start a pool of its own, whose workers run the child's copies."""
+    done = subprocess.run([sys.executable, "-c", FORKED_CHILD_PEER_COPY], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["child", "0", "True"]
+
+
 def test_a_job_from_a_plan_copies_each_segment_of_each_tensor():
     """peer_copy_start_segments: segment j of tensor t is lengths[j] bytes at
     local_addrs[t] + local_offsets[j] and remote_addrs[t] + remote_offsets[j]."""

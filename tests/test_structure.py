@@ -3,6 +3,7 @@ functions and under TYPE_CHECKING count), the remote layer split into modules of
 lines at most, each with one job, and its package's __init__ re-exporting only."""
 
 import ast
+import importlib.util
 import pathlib
 
 import torch_kvreg as kv
@@ -107,3 +108,21 @@ def test_no_remote_class_grows_into_a_god_object():
             if isinstance(node, ast.ClassDef):
                 methods = [n for n in node.body if isinstance(n, ast.FunctionDef)]
                 assert len(methods) < 40, (path.name, node.name, len(methods))
+
+
+def test_every_mutant_still_applies():
+    """`make test-mutants` is too slow for CI, so a code change that moves a mutant's text
+    would leave its bug unplanted unseen: each original text occurs exactly once in its file
+    (what scripts/mutants.py needs to plant it), and names are unique."""
+    repo = ROOT.parent
+    spec = importlib.util.spec_from_file_location("mutants", repo / "scripts" / "mutants.py")
+    mutants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mutants)
+    stale = []
+    for name, path, original, planted, _first in mutants.MUTANTS:
+        count = (repo / path).read_text().count(original)
+        if count != 1 or planted == original:
+            stale.append(f"{name}: {path} has its text {count} times")
+    assert not stale, stale
+    names = [mutant[0] for mutant in mutants.MUTANTS]
+    assert len(names) == len(set(names)) and len(names) > 100

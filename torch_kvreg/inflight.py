@@ -34,6 +34,22 @@ class Transfer:
     """
 
     _ids = itertools.count(1)
+    # (Slots: a serving engine makes thousands a second, and they are set on its hot path.)
+    __slots__ = (
+        "transfer_id",
+        "path",
+        "nbytes",
+        "description",
+        "_dst_blocks",
+        "_started",
+        "_finished",
+        "_done",
+        "_event",
+        "_error",
+        "status",
+        "assist",
+        "__weakref__",
+    )
 
     def __init__(
         self, nbytes: int = 0, dst_blocks: Sequence[int] = (), description: str = "transfer", path: str | None = None

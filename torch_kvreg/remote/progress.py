@@ -62,6 +62,9 @@ class Progress:
         self.posting_expected_s = 0.0
         self.post_rate = 2e9  # bytes per second
         self.handed_over_at: float | None = None  # the post after which a starter last yielded
+        # When the loop's look at same-host jobs that a start last asked for is due: the
+        # starts before it need not ask (each ask is a native call and a lock).
+        self.look_due = 0.0
 
     # --- jobs coming in ---------------------------------------------------------------
     def add(self, job: Job, state: str | None = None) -> None:
@@ -75,7 +78,10 @@ class Progress:
             # loop looks JOB_SWEEP_S from now at the latest (a burst's starts set one look):
             # woken at once, it would take the GIL from this thread, which is likely starting
             # more. No lock the loop takes is taken here.
-            _C.peer_copy_watch(WATCH_MS)
+            now = time.monotonic()
+            if now >= self.look_due:  # (else the look set earlier comes sooner)
+                self.look_due = now + WATCH_MS / 1000
+                _C.peer_copy_watch(WATCH_MS)
             return  # (the hand-over below is for posts, which same-host jobs do not have)
         with self.cond:  # (after the append: a loop that went idle before it is woken below)
             hand_over = state is None and self.idle
