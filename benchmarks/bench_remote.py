@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from machine import cpu_model
+from raw_nixl import block_indices, per_block_rows, reg_rows, wait
 
 NUM_BLOCKS, MOVED, BLOCK_SHAPE = 1024, 512, (16, 8, 128)
 SHARED_LAYERS = 8  # default of --shared-layers: 16 tensors x 512 blocks x 32 KiB = 256 MiB moved
@@ -45,10 +46,6 @@ SHARED_LAYERS = 8  # default of --shared-layers: 16 tensors x 512 blocks x 32 Ki
 
 def make_tensors(layers, fill):
     return [torch.full((NUM_BLOCKS, *BLOCK_SHAPE), float(fill + i % 7), dtype=torch.float16) for i in range(2 * layers)]
-
-
-def reg_rows(tensors):
-    return [(t.data_ptr(), t.numel() * t.element_size(), 0, "") for t in tensors]
 
 
 TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
@@ -85,13 +82,6 @@ def prompt_process(layers, shared_layers, to_main, from_main, listen="127.0.0.1:
     )
     from_main.get()
     kv.finalize()
-
-
-def wait(agent, handle):
-    state = agent.transfer(handle)
-    while state == "PROC":
-        state = agent.check_xfer_state(handle)
-    assert state == "DONE", state
 
 
 def main():
@@ -137,16 +127,10 @@ def main():
     remote_name = raw.add_remote_agent(raw_md)
     raw.make_connection(remote_name.decode() if isinstance(remote_name, bytes) else remote_name)
 
-    def per_block(addrs):
-        base = (
-            np.asarray(addrs, dtype=np.uint64)[:, None] + np.arange(NUM_BLOCKS, dtype=np.uint64)[None, :] * block_nbytes
-        )
-        rows = np.zeros((base.size, 3), dtype=np.uint64)
-        rows[:, 0], rows[:, 1] = base.reshape(-1), block_nbytes
-        return rows
-
-    local_prep = raw.prep_xfer_dlist("NIXL_INIT_AGENT", per_block([t.data_ptr() for t in tensors]), "DRAM")
-    remote_prep = raw.prep_xfer_dlist(remote_name, per_block(remote_addrs), "DRAM")
+    local_prep = raw.prep_xfer_dlist(
+        "NIXL_INIT_AGENT", per_block_rows([t.data_ptr() for t in tensors], NUM_BLOCKS, block_nbytes), "DRAM"
+    )
+    remote_prep = raw.prep_xfer_dlist(remote_name, per_block_rows(remote_addrs, NUM_BLOCKS, block_nbytes), "DRAM")
 
     def interleaved(variants):
         """Median seconds of each variant, run in turn so that machine noise hits all alike."""
@@ -183,16 +167,8 @@ def main():
                 local, kv.CacheIndex(1, remote_id), dst_blocks, src_blocks, verify=True
             ),
         }
-        src_idx = (
-            (np.arange(num_tensors)[:, None] * NUM_BLOCKS + np.asarray(src_blocks)[None, :])
-            .reshape(-1)
-            .astype(np.int32)
-        )
-        dst_idx = (
-            (np.arange(num_tensors)[:, None] * NUM_BLOCKS + np.asarray(dst_blocks)[None, :])
-            .reshape(-1)
-            .astype(np.int32)
-        )
+        src_idx = block_indices(num_tensors, NUM_BLOCKS, src_blocks)
+        dst_idx = block_indices(num_tensors, NUM_BLOCKS, dst_blocks)
 
         def raw_prepped(operation):
             handle = raw.make_prepped_xfer(operation, local_prep, dst_idx, remote_prep, src_idx)
