@@ -34,7 +34,9 @@ from raw_nixl import RawReader, reg_rows
 
 BLOCK_SHAPE = (16, 8, 128)
 PREFILL_BASE, DECODER_BASE = 1, 100  # cluster ids
-KINDS = ("ours", "raw_nixl")
+# ours: caches over the processes' own tensors (register_kv_cache); ours_mapped: caches that
+# torch_kvreg allocated (allocate_kv_cache, shared memory the decoder maps); raw_nixl.
+KINDS = ("ours", "ours_mapped", "raw_nixl")
 
 
 def make_tensors(layers, num_blocks, fill):
@@ -51,10 +53,16 @@ def prefill_process(index, layers, num_blocks, to_main, from_main):
     kv.initialize(PREFILL_BASE + index, kv.LlmRole.PROMPT, options=options)
     tensors = make_tensors(layers, num_blocks, fill=10 * index)
     cache = kv.register_kv_cache(tensors, kv.RegisterCfg(remote_accessible=True))
+    shared, shared_tensors = kv.allocate_kv_cache(
+        len(tensors), tensors[0].shape, tensors[0].dtype, kv.RegisterCfg(remote_accessible=True)
+    )
+    for dst, src in zip(shared_tensors, tensors):
+        dst.copy_(src)
     raw = make_agent(f"raw-prefill-{index}")
     raw.register_memory(reg_rows(tensors), "DRAM")
     address = kv.listen_address()
-    to_main.put((index, address, cache.cache_id, raw.get_agent_metadata(), [t.data_ptr() for t in tensors]))
+    ids = {"ours": cache.cache_id, "ours_mapped": shared.cache_id}
+    to_main.put((index, address, ids, raw.get_agent_metadata(), [t.data_ptr() for t in tensors]))
     from_main.get()
     kv.finalize()
 
@@ -72,7 +80,7 @@ def pull_plan(rng, num_blocks, blocks, targets, pulls):
 
 
 def decoder_process(index, layers, num_blocks, prefills, go, to_main, from_main):
-    """Links to ``prefills`` ((index, address, cache id, raw metadata, addresses) each) and
+    """Links to ``prefills`` ((index, address, cache ids, raw metadata, addresses) each) and
     runs the phases it is sent: (kind, target indices, blocks, pulls, generation)."""
     os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
     torch.set_num_threads(1)
@@ -86,15 +94,21 @@ def decoder_process(index, layers, num_blocks, prefills, go, to_main, from_main)
     local = kv.register_kv_cache(tensors, kv.RegisterCfg(remote_accessible=True))
     block_nbytes = local.cache_desc.block_nbytes
     reader = RawReader(f"raw-decoder-{index}", tensors, num_blocks, block_nbytes)
+    mapped, mapped_tensors = kv.allocate_kv_cache(len(tensors), tensors[0].shape, tensors[0].dtype)
+    for t in mapped_tensors:
+        t.fill_(1000.0)
+    locals_ = {"ours": (local, tensors), "ours_mapped": (mapped, mapped_tensors), "raw_nixl": (None, tensors)}
     remote = {}
-    for p_index, _, cache_id, raw_md, addrs in prefills:
+    for p_index, _, cache_ids, raw_md, addrs in prefills:
         reader.connect(p_index, raw_md, addrs)
-        remote[p_index] = kv.CacheIndex(PREFILL_BASE + p_index, cache_id)
+        for kind, cache_id in cache_ids.items():
+            remote[kind, p_index] = kv.CacheIndex(PREFILL_BASE + p_index, cache_id)
     rng = random.Random(index)
     to_main.put(("ready", index, block_nbytes))
     while (command := from_main.get()) is not None:
         kind, targets, blocks, pulls, generation = command
         plan = pull_plan(rng, num_blocks, blocks, targets, pulls)
+        cache, tensors = locals_[kind]
         # The last pull's destinations are overwritten first: what is found there after
         # the phase was moved in this phase, by this kind.
         for _, dst in plan[-1]:
@@ -105,12 +119,12 @@ def decoder_process(index, layers, num_blocks, prefills, go, to_main, from_main)
             time.sleep(0.0002)
         latencies, start = [], time.perf_counter()
         for pieces in plan:
-            if kind == "ours" and len(targets) == 1:
+            if kind != "raw_nixl" and len(targets) == 1:
                 t0 = time.perf_counter()
-                kv.pull_kv_blocks(remote[targets[0]], local, *pieces[0])
+                kv.pull_kv_blocks(remote[kind, targets[0]], cache, *pieces[0])
                 latencies.append(time.perf_counter() - t0)
-            elif kind == "ours":
-                transfers = [kv.pull_kv_blocks_async(remote[p], local, *pc) for p, pc in zip(targets, pieces)]
+            elif kind != "raw_nixl":
+                transfers = [kv.pull_kv_blocks_async(remote[kind, p], cache, *pc) for p, pc in zip(targets, pieces)]
                 for transfer in transfers:
                     transfer.wait()
                 latencies += [transfer.elapsed_s for transfer in transfers]
@@ -135,6 +149,32 @@ def decoder_process(index, layers, num_blocks, prefills, go, to_main, from_main)
     routes = dict(kv.remote.existing_engine().paths)
     kv.finalize()
     to_main.put(("exit", index, routes))
+
+
+def cpu_ticks():
+    """(busy, all) jiffies of the whole machine since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle and iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def local_copy_gbps(kv, layers, num_blocks, blocks, repeats):
+    """copy_kv_blocks of one pull's blocks between two caches of this process (the same
+    bytes, no second process): what one copier moves on this machine."""
+    src = kv.register_kv_cache(make_tensors(layers, num_blocks, fill=1))
+    dst = kv.register_kv_cache(make_tensors(layers, num_blocks, fill=2))
+    rng = random.Random(7)
+    times = []
+    for i in range(repeats + 1):
+        src_blocks, dst_blocks = rng.sample(range(num_blocks), blocks), rng.sample(range(num_blocks), blocks)
+        start = time.perf_counter()
+        kv.copy_kv_blocks(src, dst, src_blocks, dst_blocks)
+        if i:
+            times.append(time.perf_counter() - start)
+    kv.unregister_kv_cache(src)
+    kv.unregister_kv_cache(dst)
+    return blocks * 2 * layers * src.cache_desc.block_nbytes / statistics.median(times) / 1e9
 
 
 def percentile(values, q):
@@ -191,28 +231,33 @@ def main():
             to_decoders[m].put((kind, targets, args.blocks, args.pulls, generation))
         for _ in members:
             assert from_peers.get(timeout=600)[0] == "armed"
+        busy0, all0 = cpu_ticks()
         go.value = generation
         results = [from_peers.get(timeout=600)[2] for _ in members]
+        busy1, all1 = cpu_ticks()
         assert all(ok for *_, ok in results), f"{kind} moved the wrong bytes"
         span = max(r[1] for r in results) - min(r[0] for r in results)
         pulls = len(members) * args.pulls * len(targets)
-        return pulls * pull_bytes / span / 1e9, [s for r in results for s in r[2]]
+        busy = (busy1 - busy0) / max(1, all1 - all0)
+        return pulls * pull_bytes / span / 1e9, [s for r in results for s in r[2]], busy
 
-    fanout = {(n, k): ([], []) for n in decoder_counts for k in KINDS}
-    fanin = {(n, k): ([], []) for n in prefill_counts for k in KINDS}
+    import torch_kvreg as kv
+
+    kv.initialize(0, kv.LlmRole.DECODER)
+    copy_gbps = local_copy_gbps(kv, args.layers, args.cache_blocks, args.blocks, args.pulls)
+    kv.finalize()
+    fanout = {(n, k): ([], [], []) for n in decoder_counts for k in KINDS}
+    fanin = {(n, k): ([], [], []) for n in prefill_counts for k in KINDS}
     for round_ in range(args.repeats + 1):  # round 0 warms up every path and is dropped
-        for n in decoder_counts:
-            for kind in KINDS:
-                gbps, lat = phase(range(n), kind, [0])
-                if round_:
-                    fanout[n, kind][0].append(gbps)
-                    fanout[n, kind][1].extend(lat)
-        for n in prefill_counts:
-            for kind in KINDS:
-                gbps, lat = phase([0], kind, list(range(n)))
-                if round_:
-                    fanin[n, kind][0].append(gbps)
-                    fanin[n, kind][1].extend(lat)
+        for table, counts in ((fanout, decoder_counts), (fanin, prefill_counts)):
+            for n in counts:
+                for kind in KINDS:
+                    members, targets = (range(n), [0]) if table is fanout else ([0], list(range(n)))
+                    gbps, lat, busy = phase(members, kind, targets)
+                    if round_:
+                        table[n, kind][0].append(gbps)
+                        table[n, kind][1].extend(lat)
+                        table[n, kind][2].append(busy)
     for q in to_decoders:
         q.put(None)
     routes = {}
@@ -230,14 +275,17 @@ def main():
         for n in sorted({n for n, _ in table}):
             row = {key: n}
             for kind in KINDS:
-                gbps, lat = table[n, kind]
+                gbps, lat, busy = table[n, kind]
                 row[kind] = dict(
                     gbps=statistics.median(gbps),
+                    cpu_busy=statistics.median(busy),
+                    vs_copy_kv_blocks=statistics.median(gbps) / copy_gbps,
                     p50_ms=percentile(lat, 0.5) * 1e3,
                     p99_ms=percentile(lat, 0.99) * 1e3,
                     pulls=len(lat),
                 )
             row["ratio_vs_raw_nixl"] = row["ours"]["gbps"] / row["raw_nixl"]["gbps"]
+            row["mapped_ratio_vs_raw_nixl"] = row["ours_mapped"]["gbps"] / row["raw_nixl"]["gbps"]
             out.append(row)
         for row in out:
             for kind in KINDS:
@@ -253,27 +301,35 @@ def main():
         f"{block_nbytes // 1024} KiB ({pull_bytes / 2**20:.1f} MiB); {args.pulls} pulls per decoder per phase, "
         f"{args.repeats} rounds; torch {torch.__version__}; {len(processes)} processes started in {setup_s:.1f} s"
     )
+    print(
+        f"copy_kv_blocks of one pull's blocks between two caches of one process: {copy_gbps:.2f} GB/s "
+        "(/copy: aggregate over it); busy: the machine's CPU time busy during the phase (all users)"
+    )
     for title, table, key in (
         ("fan-out: one prefill, N decoders pulling at once", fanout_rows, "decoders"),
         ("fan-in: one decoder pulling from N prefills at once", fanin_rows, "prefills"),
     ):
         print(title)
         print(
-            f"{'N':>3} | {'ours GB/s':>9} {'x N=1':>6} {'p50 ms':>7} {'p99 ms':>7} | "
-            f"{'raw GB/s':>9} {'x N=1':>6} {'p50 ms':>7} {'p99 ms':>7} | ours/raw"
+            f"{'N':>3}  {'':<12} {'GB/s':>6} {'x N=1':>6} {'/copy':>6} "
+            f"{'p50 ms':>7} {'p99 ms':>7} {'busy':>5} {'/ raw':>6}"
         )
         for row in table:
-            cells = " | ".join(
-                f"{r['gbps']:>9.2f} {r['gbps_vs_one']:>5.2f}x {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}"
-                for r in (row[k] for k in KINDS)
-            )
-            print(f"{row[key]:>3} | {cells} | {row['ratio_vs_raw_nixl']:.2f}x")
+            for kind in KINDS:
+                r = row[kind]
+                print(
+                    f"{row[key]:>3}  {kind:<12} {r['gbps']:>6.2f} {r['gbps_vs_one']:>5.2f}x "
+                    f"{r['vs_copy_kv_blocks']:>5.2f}x "
+                    f"{r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['cpu_busy']:>5.0%} "
+                    f"{r['gbps'] / row['raw_nixl']['gbps']:>5.2f}x"
+                )
     if args.json:
         with open(args.json, "w") as out:
             json.dump(
                 dict(
                     cpu=cpu_model(),
                     cpus=cpus,
+                    copy_kv_blocks_gbps=copy_gbps,
                     routes=routes,
                     pull_bytes=pull_bytes,
                     setup_s=setup_s,

@@ -196,16 +196,21 @@ def test_bench_fanin_small(tmp_path):
     )
     assert [r["decoders"] for r in result["fanout"]] == [1, 2] and [r["prefills"] for r in result["fanin"]] == [1, 2]
     assert result["pull_bytes"] == 2 * 8 * 32 * 1024 and result["cpu"] and result["cpus"] >= 1
-    # Decoder 0's pulls, warm-up round included: one per fan-out phase, one per prefill per fan-in phase.
-    assert result["routes"] == {"same_host": (repeats + 1) * pulls * (2 + 1 + 2)}
+    # Decoder 0's pulls, warm-up round included: one per fan-out phase, one per prefill per
+    # fan-in phase; over process memory for caches over user tensors, mapped for allocated ones.
+    ours_pulls = (repeats + 1) * pulls * (2 + 1 + 2)
+    assert result["routes"] == {"same_host": ours_pulls, "mapped": ours_pulls}
     for key, table in (("decoders", result["fanout"]), ("prefills", result["fanin"])):
         for row in table:
-            for kind in ("ours", "raw_nixl"):
+            for kind in ("ours", "ours_mapped", "raw_nixl"):
                 cell = row[kind]
                 assert cell["pulls"] == row[key] * pulls * repeats, cell
                 assert cell["gbps"] > 0 and math.isfinite(cell["gbps"]) and 0 < cell["p50_ms"] <= cell["p99_ms"]
+                assert math.isclose(cell["vs_copy_kv_blocks"], cell["gbps"] / result["copy_kv_blocks_gbps"])
+                assert 0 <= cell["cpu_busy"] <= 1
             assert math.isclose(row["ratio_vs_raw_nixl"], row["ours"]["gbps"] / row["raw_nixl"]["gbps"])
-        assert table[0]["ours"]["gbps_vs_one"] == table[0]["raw_nixl"]["gbps_vs_one"] == 1.0
+            assert math.isclose(row["mapped_ratio_vs_raw_nixl"], row["ours_mapped"]["gbps"] / row["raw_nixl"]["gbps"])
+        assert all(table[0][kind]["gbps_vs_one"] == 1.0 for kind in ("ours", "ours_mapped", "raw_nixl"))
     assert "fan-out" in stdout and "fan-in" in stdout and "CPU:" in stdout and "went by same-host copies" in stdout
 
 
