@@ -3,15 +3,20 @@ from it at once (fan-out), and one decoder pulling from 1, 2, 4 prefill processe
 (fan-in); torch_kvreg against raw NIXL, in one run.
 
 Every process has a cache of --layers layers x K and V, --cache-blocks blocks of 16 tokens
-x 8 heads x 128 dims fp16 (32 KiB per block per tensor), registered with torch_kvreg
-(remote-accessible: register_kv_cache over its own tensors) and with a raw NIXL agent
-(benchmarks/raw_nixl.py: per-block descriptors in prepared lists, UCX, the agent made as
-torch_kvreg makes its own). A pull moves --blocks random blocks of every tensor into random
+x 8 heads x 128 dims fp16 (32 KiB per block per tensor), three times over: "ours", a
+remote-accessible register_kv_cache over its own tensors (a same-host pull reads the
+peer's memory through the kernel, process_vm_readv); "ours_mapped", an allocate_kv_cache
+cache (shared memory the decoder maps once: a pull is a copy in its own address space);
+"raw_nixl", its own tensors registered with a raw NIXL agent (benchmarks/raw_nixl.py:
+per-block descriptors in prepared lists, UCX, the agent made as torch_kvreg makes its
+own). The ceiling: copy_kv_blocks of one pull's blocks between two caches of one process
+(/copy). A pull moves --blocks random blocks of every tensor into random
 blocks of the decoder's cache (written before, so no page is touched for the first time).
-In a phase every decoder taking part makes --pulls pulls, ours or raw, all decoders
-starting together; ours and raw phases alternate, --repeats rounds after a warm-up round.
-Per phase: aggregate GB/s (bytes of all pulls over first start to last end); per pull: its
-time from start to end, pooled over rounds (p50, p99). Fan-in: the decoder starts one
+In a phase every decoder taking part makes --pulls pulls of one kind, all decoders
+starting together; the kinds take turns, --repeats rounds after a warm-up round.
+Per phase: aggregate GB/s (bytes of all pulls over first start to last end) and the share
+of the machine's CPU time that was busy (/proc/stat, every user); per pull: its time from
+start to end, pooled over rounds (p50, p99). Fan-in: the decoder starts one
 pull to each prefill at once (pull_kv_blocks_async; raw: one request per peer, polled in
 turn) into disjoint blocks of its cache and waits for all.
 
