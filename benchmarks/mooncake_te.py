@@ -136,18 +136,18 @@ def reader_process(netns, target, remote_addrs, shape, patterns, repeats, to_mai
                     [run] * len(local_addrs),
                 )
             times = {v: [] for v in variants}
+            expected = _tensors(len(tensors), shape[1:], 1)
             for args in variants.values():
                 read(*args)  # warm-up
-            for t in tensors:
-                t[dst_blocks[-1]] = -1.0  # what is found here after the reads, they moved
             for _ in range(repeats):
                 for v, args in variants.items():
+                    for t in tensors:
+                        t[dst_blocks[-1]] = -1.0  # what is found here after the read, it moved
                     start = time.perf_counter()
                     read(*args)
                     times[v].append(time.perf_counter() - start)
-            expected = _tensors(len(tensors), shape[1:], 1)
-            if not all(torch.equal(t[dst_blocks[-1]], e) for t, e in zip(tensors, expected)):
-                raise RuntimeError("Mooncake read the wrong bytes")
+                    if not all(torch.equal(t[dst_blocks[-1]], e) for t, e in zip(tensors, expected)):
+                        raise RuntimeError(f"Mooncake's {v} read of {name} blocks moved the wrong bytes")
             results[name] = {v: statistics.median(ts) for v, ts in times.items()}
         to_main.put(("ok", results))
         os.unlink(log)
