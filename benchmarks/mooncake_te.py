@@ -53,6 +53,7 @@ def _failure(exc, log):
     if log is not None:
         with open(log) as f:
             tail = f.read()[-600:]
+        os.unlink(log)
     return f"{type(exc).__name__}: {exc}" + (f" (its log ends: {tail.strip()!r})" if tail.strip() else "")
 
 
