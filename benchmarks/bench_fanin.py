@@ -14,14 +14,14 @@ own). The ceiling: copy_kv_blocks of one pull's blocks between two caches of one
 blocks of the decoder's cache (written before, so no page is touched for the first time).
 In a phase every decoder taking part makes --pulls pulls of one kind, all decoders
 starting together; the kinds take turns, --repeats rounds after a warm-up round.
-Per phase: aggregate GB/s (bytes of all pulls over first start to last end) and the share
-of the machine's CPU time that was busy (/proc/stat, every user); per pull: its time from
+Per phase: aggregate GB/s (bytes of all pulls over first start to last end) and the CPU
+time all processes of this benchmark used per GB pulled (/proc, every thread); per pull: its time from
 start to end, pooled over rounds (p50, p99). Fan-in: the decoder starts one
 pull to each prefill at once (pull_kv_blocks_async; raw: one request per peer, polled in
 turn) into disjoint blocks of its cache and waits for all.
 
     python benchmarks/bench_fanin.py [--decoders 1,2,4,8] [--prefills 1,2,4] [--layers 4]
-        [--blocks 64] [--pulls 16] [--repeats 3] [--json out.json]
+        [--blocks 64] [--pulls 24] [--repeats 3] [--json out.json]
 """
 
 import argparse
@@ -156,12 +156,14 @@ def decoder_process(index, layers, num_blocks, prefills, go, to_main, from_main)
     to_main.put(("exit", index, routes))
 
 
-def cpu_ticks():
-    """(busy, all) jiffies of the whole machine since boot, from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle and iowait
-    return sum(fields) - idle, sum(fields)
+def cpu_seconds(pids):
+    """CPU seconds (user + system, every thread) the processes ``pids`` have used, from /proc."""
+    ticks = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def local_copy_gbps(kv, layers, num_blocks, blocks, repeats):
@@ -194,7 +196,7 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--cache-blocks", type=int, default=512)
     parser.add_argument("--blocks", type=int, default=64, help="blocks of every tensor per pull")
-    parser.add_argument("--pulls", type=int, default=16, help="pulls per decoder per phase")
+    parser.add_argument("--pulls", type=int, default=24, help="pulls per decoder per phase")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -226,6 +228,7 @@ def main():
     ready = [from_peers.get(timeout=600) for _ in to_decoders]
     block_nbytes = ready[0][2]
     setup_s = time.perf_counter() - started
+    pids = [p.pid for p in processes]
     pull_bytes = args.blocks * 2 * args.layers * block_nbytes
     generation = 0
 
@@ -236,15 +239,15 @@ def main():
             to_decoders[m].put((kind, targets, args.blocks, args.pulls, generation))
         for _ in members:
             assert from_peers.get(timeout=600)[0] == "armed"
-        busy0, all0 = cpu_ticks()
+        cpu0 = cpu_seconds(pids)
         go.value = generation
         results = [from_peers.get(timeout=600)[2] for _ in members]
-        busy1, all1 = cpu_ticks()
+        cpu1 = cpu_seconds(pids)
         assert all(ok for *_, ok in results), f"{kind} moved the wrong bytes"
         span = max(r[1] for r in results) - min(r[0] for r in results)
         pulls = len(members) * args.pulls * len(targets)
-        busy = (busy1 - busy0) / max(1, all1 - all0)
-        return pulls * pull_bytes / span / 1e9, [s for r in results for s in r[2]], busy
+        moved = pulls * pull_bytes / 1e9
+        return moved / span, [s for r in results for s in r[2]], (cpu1 - cpu0) / moved
 
     import torch_kvreg as kv
 
@@ -258,11 +261,11 @@ def main():
             for n in counts:
                 for kind in KINDS:
                     members, targets = (range(n), [0]) if table is fanout else ([0], list(range(n)))
-                    gbps, lat, busy = phase(members, kind, targets)
+                    gbps, lat, cpu = phase(members, kind, targets)
                     if round_:
                         table[n, kind][0].append(gbps)
                         table[n, kind][1].extend(lat)
-                        table[n, kind][2].append(busy)
+                        table[n, kind][2].append(cpu)
     for q in to_decoders:
         q.put(None)
     routes = {}
@@ -280,10 +283,10 @@ def main():
         for n in sorted({n for n, _ in table}):
             row = {key: n}
             for kind in KINDS:
-                gbps, lat, busy = table[n, kind]
+                gbps, lat, cpu = table[n, kind]
                 row[kind] = dict(
                     gbps=statistics.median(gbps),
-                    cpu_busy=statistics.median(busy),
+                    cpu_s_per_gb=statistics.median(cpu),
                     vs_copy_kv_blocks=statistics.median(gbps) / copy_gbps,
                     p50_ms=percentile(lat, 0.5) * 1e3,
                     p99_ms=percentile(lat, 0.99) * 1e3,
@@ -308,7 +311,7 @@ def main():
     )
     print(
         f"copy_kv_blocks of one pull's blocks between two caches of one process: {copy_gbps:.2f} GB/s "
-        "(/copy: aggregate over it); busy: the machine's CPU time busy during the phase (all users)"
+        "(/copy: aggregate over it); CPU s/GB: CPU time of this benchmark's processes per GB pulled"
     )
     for title, table, key in (
         ("fan-out: one prefill, N decoders pulling at once", fanout_rows, "decoders"),
@@ -317,7 +320,7 @@ def main():
         print(title)
         print(
             f"{'N':>3}  {'':<12} {'GB/s':>6} {'x N=1':>6} {'/copy':>6} "
-            f"{'p50 ms':>7} {'p99 ms':>7} {'busy':>5} {'/ raw':>6}"
+            f"{'p50 ms':>7} {'p99 ms':>7} {'CPU s/GB':>8} {'/ raw':>6}"
         )
         for row in table:
             for kind in KINDS:
@@ -325,7 +328,7 @@ def main():
                 print(
                     f"{row[key]:>3}  {kind:<12} {r['gbps']:>6.2f} {r['gbps_vs_one']:>5.2f}x "
                     f"{r['vs_copy_kv_blocks']:>5.2f}x "
-                    f"{r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['cpu_busy']:>5.0%} "
+                    f"{r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['cpu_s_per_gb']:>8.3f} "
                     f"{r['gbps'] / row['raw_nixl']['gbps']:>5.2f}x"
                 )
     if args.json:
