@@ -3,7 +3,7 @@ the same shape and values), the same blocks read, by Mooncake's Python API
 (``mooncake.engine.TransferEngine``) with its TCP transport and P2P handshake metadata (no
 metadata server): a target process registers its tensors, a reader process registers its
 own and reads the blocks with ``batch_transfer_sync_read``, one descriptor per block (and,
-for consecutive blocks, one per tensor run too).
+for consecutive blocks, one per tensor run too), at most MAX_BATCH per call.
 
 Mooncake's TCP transport listens on every address of its network namespace whatever
 address it is given, so both processes always run inside namespaces this benchmark makes:
@@ -21,6 +21,11 @@ import tempfile
 import time
 
 import torch
+
+# The most reads one batch_transfer_sync_read takes here: with 4096 or more 32 KiB reads in
+# one batch it returns -1 at once, its log saying "TCP lane queue-full rejection count: 128"
+# and on (0.3.13.post1; benchmarks/RESULTS.md); longer lists go in batches one after another.
+MAX_BATCH = 2048
 
 TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
 
@@ -113,9 +118,12 @@ def reader_process(netns, target, remote_addrs, shape, patterns, repeats, to_mai
         local_addrs = [t.data_ptr() for t in tensors]
 
         def read(buffers, peers, lengths):
-            rc = engine.batch_transfer_sync_read(target, buffers, peers, lengths)
-            if rc != 0:
-                raise RuntimeError(f"batch_transfer_sync_read returned {rc}")
+            for i in range(0, len(buffers), MAX_BATCH):
+                rc = engine.batch_transfer_sync_read(
+                    target, buffers[i : i + MAX_BATCH], peers[i : i + MAX_BATCH], lengths[i : i + MAX_BATCH]
+                )
+                if rc != 0:
+                    raise RuntimeError(f"batch_transfer_sync_read of {len(buffers[i : i + MAX_BATCH])} returned {rc}")
 
         start = time.perf_counter()
         read([local_addrs[0]], [remote_addrs[0]], [block_nbytes])  # the handshake with the target

@@ -144,8 +144,9 @@ def check_mooncake_rows(result, stdout):
 
 def test_bench_remote_mooncake_column(tmp_path):
     mooncake_or_skip()
+    # 8 tensors x 512 blocks: 4096 reads, more than one batch of Mooncake's (MAX_BATCH)
     result, stdout = run_bench(
-        "bench_remote.py", "--layers", "1", "--shared-layers", "1", "--repeats", "1", tmp_path=tmp_path
+        "bench_remote.py", "--layers", "4", "--shared-layers", "1", "--repeats", "1", tmp_path=tmp_path
     )
     assert result["mooncake"]["where"].startswith("on one host")
     check_mooncake_rows(result, stdout)
