@@ -210,7 +210,8 @@ def main():
     to_prefills = [ctx.Queue() for _ in range(max(prefill_counts))]
     started = time.perf_counter()
     processes = [
-        ctx.Process(target=prefill_process, args=(i, args.layers, args.cache_blocks, from_peers, q))
+        # Daemons: a failed check here ends the run instead of waiting on peers forever.
+        ctx.Process(target=prefill_process, args=(i, args.layers, args.cache_blocks, from_peers, q), daemon=True)
         for i, q in enumerate(to_prefills)
     ]
     for p in processes:
@@ -222,7 +223,11 @@ def main():
         # Decoder 0 links to every prefill (the fan-in table); the others to prefill 0.
         linked = infos if i == 0 else infos[:1]
         processes.append(
-            ctx.Process(target=decoder_process, args=(i, args.layers, args.cache_blocks, linked, go, from_peers, q))
+            ctx.Process(
+                target=decoder_process,
+                args=(i, args.layers, args.cache_blocks, linked, go, from_peers, q),
+                daemon=True,
+            )
         )
         processes[-1].start()
     ready = [from_peers.get(timeout=600) for _ in to_decoders]

@@ -176,7 +176,9 @@ def measure(num_tensors, shape, patterns, repeats, target_netns=None, target_hos
     ctx = mp.get_context("spawn")
     to_main, from_main = ctx.Queue(), ctx.Queue()
     target = ctx.Process(
-        target=target_process, args=(target_netns, target_host, num_tensors, shape, 1, to_main, from_main)
+        target=target_process,
+        args=(target_netns, target_host, num_tensors, shape, 1, to_main, from_main),
+        daemon=True,
     )
     target.start()
     try:
@@ -184,7 +186,9 @@ def measure(num_tensors, shape, patterns, repeats, target_netns=None, target_hos
         if status != "ok":
             return None, f"the target failed: {address}"
         reader = ctx.Process(
-            target=reader_process, args=(reader_netns, address, remote_addrs, shape, patterns, repeats, to_main)
+            target=reader_process,
+            args=(reader_netns, address, remote_addrs, shape, patterns, repeats, to_main),
+            daemon=True,
         )
         reader.start()
         status, results = to_main.get(timeout=1800)
