@@ -37,7 +37,7 @@ def block_indices(num_tensors, num_blocks, blocks):
 class RawReader:
     """This process's raw agent, connected to one or more peers' raw agents, with prepared
     per-block lists of the local tensors and of each peer's; ``start`` posts a READ (or
-    WRITE) of blocks and returns its handle, ``finish`` polls it to the end and frees it."""
+    WRITE) of blocks and returns its handle (poll it with ``agent.check_xfer_state``)."""
 
     def __init__(self, name, tensors, num_blocks, block_nbytes):
         from torch_kvreg.remote.agent import make_agent
@@ -74,13 +74,3 @@ class RawReader:
         if self.agent.transfer(handle) == "ERR":
             raise RuntimeError("raw NIXL transfer failed to post")
         return handle
-
-    def finish(self, handle):
-        state = self.agent.check_xfer_state(handle)
-        while state == "PROC":
-            state = self.agent.check_xfer_state(handle)
-        assert state == "DONE", state
-        self.agent.release_xfer_handle(handle)
-
-    def read(self, key, src_blocks, dst_blocks, operation="READ"):
-        self.finish(self.start(key, src_blocks, dst_blocks, operation))
