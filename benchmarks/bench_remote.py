@@ -10,14 +10,16 @@ progress thread that pauses between polls; nixl-cu12's default busy-polling thre
 take a core from every measurement), with hand-made per-block
 descriptors in prepared descriptor lists (make_prepped_xfer), and for consecutive blocks
 also one descriptor per tensor run; (b) copy_kv_blocks moving the same blocks between two
-caches of this process (the project's own local copy).
+caches of this process (the project's own local copy); (c) Mooncake's transfer engine (TCP,
+P2P handshake) reading the same blocks between two processes of its own, after ours
+(benchmarks/mooncake_te.py; the `bench` extra installs it; skipped, saying why, without it).
 
 Caches that torch_kvreg allocates (allocate_kv_cache, shared memory) are measured too: a
 peer on this host maps them, so its pulls and pushes are local copies. Rows "shared":
 --shared-layers layers (8: 256 MiB of 32 KiB blocks moved), random and consecutive, pull and
 push, each against copy_kv_blocks of the same blocks between two caches of this process.
 
-    python benchmarks/bench_remote.py [--layers 32] [--repeats 5] [--json out.json]
+    python benchmarks/bench_remote.py [--layers 32] [--repeats 5] [--no-mooncake] [--json out.json]
 
 With --netns (root, Linux): the same over TCP between two network namespaces joined by a
 veth pair (tests/netns.py), UCX forced onto TCP over it for ours and the raw pair alike:
@@ -37,7 +39,9 @@ import time
 import numpy as np
 import torch
 
+import mooncake_te
 from machine import cpu_model
+from raw_nixl import block_indices, per_block_rows, reg_rows, wait
 
 NUM_BLOCKS, MOVED, BLOCK_SHAPE = 1024, 512, (16, 8, 128)
 SHARED_LAYERS = 8  # default of --shared-layers: 16 tensors x 512 blocks x 32 KiB = 256 MiB moved
@@ -45,10 +49,6 @@ SHARED_LAYERS = 8  # default of --shared-layers: 16 tensors x 512 blocks x 32 Ki
 
 def make_tensors(layers, fill):
     return [torch.full((NUM_BLOCKS, *BLOCK_SHAPE), float(fill + i % 7), dtype=torch.float16) for i in range(2 * layers)]
-
-
-def reg_rows(tensors):
-    return [(t.data_ptr(), t.numel() * t.element_size(), 0, "") for t in tensors]
 
 
 TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
@@ -87,19 +87,13 @@ def prompt_process(layers, shared_layers, to_main, from_main, listen="127.0.0.1:
     kv.finalize()
 
 
-def wait(agent, handle):
-    state = agent.transfer(handle)
-    while state == "PROC":
-        state = agent.check_xfer_state(handle)
-    assert state == "DONE", state
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--shared-layers", type=int, default=SHARED_LAYERS)
     parser.add_argument("--json")
+    parser.add_argument("--no-mooncake", action="store_true", help="leave out the Mooncake column")
     parser.add_argument("--netns", action="store_true", help="over TCP between two network namespaces (root)")
     parser.add_argument("--inside", help=argparse.SUPPRESS)  # "namespace,address" of the prompt side
     args = parser.parse_args()
@@ -137,16 +131,10 @@ def main():
     remote_name = raw.add_remote_agent(raw_md)
     raw.make_connection(remote_name.decode() if isinstance(remote_name, bytes) else remote_name)
 
-    def per_block(addrs):
-        base = (
-            np.asarray(addrs, dtype=np.uint64)[:, None] + np.arange(NUM_BLOCKS, dtype=np.uint64)[None, :] * block_nbytes
-        )
-        rows = np.zeros((base.size, 3), dtype=np.uint64)
-        rows[:, 0], rows[:, 1] = base.reshape(-1), block_nbytes
-        return rows
-
-    local_prep = raw.prep_xfer_dlist("NIXL_INIT_AGENT", per_block([t.data_ptr() for t in tensors]), "DRAM")
-    remote_prep = raw.prep_xfer_dlist(remote_name, per_block(remote_addrs), "DRAM")
+    local_prep = raw.prep_xfer_dlist(
+        "NIXL_INIT_AGENT", per_block_rows([t.data_ptr() for t in tensors], NUM_BLOCKS, block_nbytes), "DRAM"
+    )
+    remote_prep = raw.prep_xfer_dlist(remote_name, per_block_rows(remote_addrs, NUM_BLOCKS, block_nbytes), "DRAM")
 
     def interleaved(variants):
         """Median seconds of each variant, run in turn so that machine noise hits all alike."""
@@ -183,16 +171,8 @@ def main():
                 local, kv.CacheIndex(1, remote_id), dst_blocks, src_blocks, verify=True
             ),
         }
-        src_idx = (
-            (np.arange(num_tensors)[:, None] * NUM_BLOCKS + np.asarray(src_blocks)[None, :])
-            .reshape(-1)
-            .astype(np.int32)
-        )
-        dst_idx = (
-            (np.arange(num_tensors)[:, None] * NUM_BLOCKS + np.asarray(dst_blocks)[None, :])
-            .reshape(-1)
-            .astype(np.int32)
-        )
+        src_idx = block_indices(num_tensors, NUM_BLOCKS, src_blocks)
+        dst_idx = block_indices(num_tensors, NUM_BLOCKS, dst_blocks)
 
         def raw_prepped(operation):
             handle = raw.make_prepped_xfer(operation, local_prep, dst_idx, remote_prep, src_idx)
@@ -252,6 +232,7 @@ def main():
     kv.finalize()
     from_main.put("done")
     peer.join(timeout=60)
+    mooncake = mooncake_column(args, prompt_netns, listen, num_tensors, patterns, total, rows)
 
     where = f"over TCP across network namespaces ({os.environ.get('UCX_TLS')})" if args.inside else "on one host"
     route = "same-host copies" if routes.get("same_host") else "NIXL"
@@ -296,6 +277,7 @@ def main():
             f"{r['pull_ratio_vs_copy_kv_blocks']:.2f}x, "
             f"push / copy_kv_blocks = {r['push_ratio_vs_copy_kv_blocks']:.2f}x"
         )
+    print_mooncake(mooncake, rows)
     if args.json:
         with open(args.json, "w") as out:
             json.dump(
@@ -308,6 +290,7 @@ def main():
                     "rows": rows,
                     "shared_rows": shared_rows,
                     "shared_routes": shared_routes,
+                    "mooncake": mooncake,
                 },
                 out,
                 indent=2,
@@ -357,6 +340,48 @@ def measure_shared(kv, shared_id, layers, patterns, interleaved):
     kv.unregister_kv_cache(local)
     kv.unregister_kv_cache(source)
     return rows, routes
+
+
+def mooncake_column(args, prompt_netns, listen, num_tensors, patterns, total, rows):
+    """Mooncake's engine reading the same blocks (benchmarks/mooncake_te.py), after ours;
+    adds its GB/s and ours / Mooncake to ``rows``. Returns what the JSON keeps of it."""
+    if args.no_mooncake:
+        return {"skipped": "--no-mooncake"}
+    shape = (NUM_BLOCKS, *BLOCK_SHAPE)
+    if args.inside:  # the prompt side's namespace and this one, over TCP between them
+        where = "between the two namespaces"
+        results, why = mooncake_te.measure(
+            num_tensors, shape, patterns, args.repeats, prompt_netns, listen.split(":")[0]
+        )
+    else:
+        where = "on one host, in a namespace of its own (loopback)"
+        results, why = mooncake_te.measure_in_own_namespace(num_tensors, shape, patterns, args.repeats)
+    if results is None:
+        return {"skipped": why}
+    for row in rows:
+        measured = results[row["pattern"]]
+        for variant, seconds in measured.items():
+            row["gbps"][f"mooncake_{variant}"] = total / seconds / 1e9
+        best = min(measured.values())
+        row["ratio_vs_mooncake"] = row["gbps"]["pull_kv_blocks"] / (total / best / 1e9)
+    return {"where": where, "first_read_ms": results["first_read_ms"]}
+
+
+def print_mooncake(mooncake, rows):
+    if "skipped" in mooncake:
+        print(f"Mooncake transfer engine column skipped: {mooncake['skipped']}")
+        return
+    print(
+        f"Mooncake transfer engine (TCP, P2P handshake; batch_transfer_sync_read of the same blocks) "
+        f"{mooncake['where']}, measured after ours; first read (with its handshake) {mooncake['first_read_ms']:.1f} ms"
+    )
+    for r in rows:
+        g = r["gbps"]
+        extra = f", coalesced {g['mooncake_coalesced']:.2f}" if "mooncake_coalesced" in g else ""
+        print(
+            f"{r['pattern']:<12} Mooncake read: per-block {g['mooncake_per_block']:.2f} GB/s{extra} || "
+            f"ours pull / Mooncake's best = {r['ratio_vs_mooncake']:.2f}x"
+        )
 
 
 def run_across_namespaces() -> None:

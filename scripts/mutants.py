@@ -844,6 +844,35 @@ MUTANTS = [
         "false ||",
         ["tests/test_allocate.py"],
     ),
+    # --- the scaling and Mooncake benchmarks (smoke-run by tests/test_benchmarks.py) --------
+    (
+        "benchmarks: bench_fanin: a fan-in pull lands in the blocks of another prefill's",
+        "benchmarks/bench_fanin.py",
+        "dst[i * blocks : (i + 1) * blocks]) for i in range(len(targets))",
+        "dst[:blocks]) for i in range(len(targets))",
+        ["tests/test_benchmarks.py::test_bench_fanin_small"],
+    ),
+    (
+        "benchmarks: bench_fanin: an async pull's time is counted once for all of them",
+        "benchmarks/bench_fanin.py",
+        "latencies += [transfer.elapsed_s for transfer in transfers]",
+        "latencies.append(transfers[-1].elapsed_s)",
+        ["tests/test_benchmarks.py::test_bench_fanin_small"],
+    ),
+    (
+        "benchmarks: Mooncake column: coalesced reads land at the start of each tensor",
+        "benchmarks/mooncake_te.py",
+        "[a + dst_blocks[0] * block_nbytes for a in local_addrs]",
+        "[a for a in local_addrs]",
+        ["tests/test_benchmarks.py::test_bench_remote_mooncake_column"],
+    ),
+    (
+        "benchmarks: Mooncake column: ours is compared with Mooncake's slowest variant",
+        "benchmarks/bench_remote.py",
+        "best = min(measured.values())",
+        "best = max(measured.values())",
+        ["tests/test_benchmarks.py::test_bench_remote_mooncake_column"],
+    ),
 ]
 
 

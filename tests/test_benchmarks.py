@@ -3,6 +3,7 @@
 
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -89,8 +90,9 @@ def test_bench_remote_small(tmp_path):
     if not torch_kvreg.remote.nixl_available():
         pytest.skip("needs the nixl extra")
     result, stdout = run_bench(
-        "bench_remote.py", "--layers", "1", "--shared-layers", "1", "--repeats", "1", tmp_path=tmp_path
+        "bench_remote.py", "--layers", "1", "--shared-layers", "1", "--repeats", "1", "--no-mooncake", tmp_path=tmp_path
     )
+    assert result["mooncake"] == {"skipped": "--no-mooncake"} and "column skipped: --no-mooncake" in stdout
     # 2 patterns x (warm-up + 1 repeat) x (pull, push) x (unverified, verified)
     assert result["routes"] == {"same_host": 16}
     # The allocate_kv_cache rows: a first pull, then as above unverified, every one on the mapped path.
@@ -105,6 +107,113 @@ def test_bench_remote_small(tmp_path):
     assert [row["pattern"] for row in result["rows"]] == ["random", "consecutive"]
     assert [row["pattern"] for row in result["shared_rows"]] == ["random", "consecutive"]
     assert result["cpu"] and "went by same-host copies" in stdout and "push:" in stdout and "verify=True:" in stdout
+
+
+def mooncake_or_skip():
+    import pytest
+
+    import torch_kvreg
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import mooncake_te
+
+    if not torch_kvreg.remote.nixl_available():
+        pytest.skip("needs the nixl extra")
+    why = mooncake_te.unavailable()
+    if why is not None:
+        pytest.skip(f"needs the bench extra (Mooncake): {why}")
+    sys.path.insert(0, str(ROOT / "tests"))
+    import netns
+
+    why = netns.available()
+    if why is not None:
+        pytest.skip(f"Mooncake runs in a namespace of its own: {why}")
+
+
+def check_mooncake_rows(result, stdout):
+    assert set(result["mooncake"]) == {"where", "first_read_ms"} and result["mooncake"]["first_read_ms"] > 0
+    for row in result["rows"]:
+        variants = {k for k in row["gbps"] if k.startswith("mooncake_")}
+        expected = {"mooncake_per_block"} | ({"mooncake_coalesced"} if row["pattern"] == "consecutive" else set())
+        assert variants == expected, row["gbps"]
+        assert all(row["gbps"][k] > 0 and math.isfinite(row["gbps"][k]) for k in variants)
+        best = max(row["gbps"][k] for k in variants)
+        assert math.isclose(row["ratio_vs_mooncake"], row["gbps"]["pull_kv_blocks"] / best, rel_tol=1e-9)
+    assert stdout.count("Mooncake read: per-block") == 2 and "P2P handshake" in stdout
+
+
+def test_bench_remote_mooncake_column(tmp_path):
+    mooncake_or_skip()
+    # 8 tensors x 512 blocks: 4096 reads, more than one batch of Mooncake's (MAX_BATCH)
+    result, stdout = run_bench(
+        "bench_remote.py", "--layers", "4", "--shared-layers", "1", "--repeats", "1", tmp_path=tmp_path
+    )
+    assert result["mooncake"]["where"].startswith("on one host")
+    check_mooncake_rows(result, stdout)
+
+
+def test_bench_remote_mooncake_column_between_namespaces(tmp_path):
+    mooncake_or_skip()
+    result, stdout = run_bench(
+        "bench_remote.py", "--netns", "--layers", "1", "--shared-layers", "1", "--repeats", "1", tmp_path=tmp_path
+    )
+    assert result["mooncake"]["where"] == "between the two namespaces" and result["routes"] == {"nixl": 16}
+    check_mooncake_rows(result, stdout)
+
+
+def test_the_mooncake_column_says_why_it_is_missing(tmp_path):
+    """With an engine that does not import, the column is skipped with the import's error."""
+    fake = tmp_path / "mooncake"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "engine.py").write_text("raise ImportError('libibverbs.so.1: cannot open shared object file')\n")
+    code = "import mooncake_te; print(mooncake_te.measure(2, (4, 16, 8, 128), {}, 1))"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT / "benchmarks"), str(ROOT)])},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == (
+        "(None, 'mooncake.engine does not import: ImportError: libibverbs.so.1: cannot open shared object file')"
+    )
+
+
+def test_bench_fanin_small(tmp_path):
+    import pytest
+
+    import torch_kvreg
+
+    if not torch_kvreg.remote.nixl_available():
+        pytest.skip("needs the nixl extra")
+    pulls, repeats = 2, 1
+    result, stdout = run_bench(
+        "bench_fanin.py",
+        *("--decoders", "1,2", "--prefills", "1,2", "--layers", "1", "--cache-blocks", "64"),
+        *("--blocks", "8", "--pulls", str(pulls), "--repeats", str(repeats)),
+        tmp_path=tmp_path,
+    )
+    assert [r["decoders"] for r in result["fanout"]] == [1, 2] and [r["prefills"] for r in result["fanin"]] == [1, 2]
+    assert result["pull_bytes"] == 2 * 8 * 32 * 1024 and result["cpu"] and result["cpus"] >= 1
+    # Decoder 0's pulls, warm-up round included: one per fan-out phase, one per prefill per
+    # fan-in phase; over process memory for caches over user tensors, mapped for allocated ones.
+    ours_pulls = (repeats + 1) * pulls * (2 + 1 + 2)
+    assert result["routes"] == {"same_host": ours_pulls, "mapped": ours_pulls}
+    for key, table in (("decoders", result["fanout"]), ("prefills", result["fanin"])):
+        for row in table:
+            for kind in ("ours", "ours_mapped", "raw_nixl"):
+                cell = row[kind]
+                assert cell["pulls"] == row[key] * pulls * repeats, cell
+                assert cell["gbps"] > 0 and math.isfinite(cell["gbps"]) and 0 < cell["p50_ms"] <= cell["p99_ms"]
+                assert math.isclose(cell["vs_copy_kv_blocks"], cell["gbps"] / result["copy_kv_blocks_gbps"])
+                assert cell["cpu_s_per_gb"] >= 0 and math.isfinite(cell["cpu_s_per_gb"])
+            assert math.isclose(row["ratio_vs_raw_nixl"], row["ours"]["gbps"] / row["raw_nixl"]["gbps"])
+            assert math.isclose(row["mapped_ratio_vs_raw_nixl"], row["ours_mapped"]["gbps"] / row["raw_nixl"]["gbps"])
+        assert all(table[0][kind]["gbps_vs_one"] == 1.0 for kind in ("ours", "ours_mapped", "raw_nixl"))
+        assert sum(row[kind]["cpu_s_per_gb"] for row in table for kind in ("ours", "raw_nixl")) > 0
+    assert "fan-out" in stdout and "fan-in" in stdout and "CPU:" in stdout and "went by same-host copies" in stdout
 
 
 def test_bench_vllm_quick(tmp_path):
