@@ -139,6 +139,7 @@ bench: build
 	$(PY) benchmarks/bench_register.py
 	$(PY) benchmarks/bench_copy_blocks.py --json bench-copy.json
 	$(PY) benchmarks/bench_remote.py --json bench-remote.json
+	$(PY) benchmarks/bench_fanin.py --json bench-fanin.json
 
 clean:
 	rm -rf build build-* torch_kvreg/*.so $(EXT_STAMP)
