@@ -910,10 +910,10 @@ def run_suite(tree: pathlib.Path, first: list[str], timeout: int) -> tuple[str, 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-k", default="", help="only mutants whose name contains this")
+    parser.add_argument("-k", default="", help="only mutants whose name contains this (a|b: either)")
     parser.add_argument("--timeout", type=int, default=150, help="seconds per test run of a mutant")
     args = parser.parse_args()
-    chosen = [m for m in MUTANTS if args.k in m[0]]
+    chosen = [m for m in MUTANTS if any(part in m[0] for part in args.k.split("|"))]
     with tempfile.TemporaryDirectory(prefix="kvreg-mutants-") as tmp:
         tree = pathlib.Path(tmp)
         copy_tree(tree)
