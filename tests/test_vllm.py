@@ -188,16 +188,20 @@ def test_multiprocess_engines_decode_what_one_instance_does(models, batch, refer
 
 
 @pytest.mark.slow
-def test_decode_with_larger_blocks_than_the_prefill_loads_tokens(models, engines, batch, reference, tmp_path):
+def test_decode_with_larger_blocks_than_the_prefill_loads_tokens(models, batch, tmp_path):
     """A decode engine whose blocks hold 64 tokens loads the prompts' KV from a prefill
     whose blocks hold 32 (both vLLM's CPU layout, K tiles dim-major): the connector pulls
     tokens, not blocks, and the decode generates what one instance does."""
+    reference_node = demo.Node(models["a"], log_path=str(tmp_path / "r.log"))
+    prefill_node = demo.Node(models["a"], demo.connector_config("kv_producer"), log_path=str(tmp_path / "p32.log"))
     decode = demo.Node(
         models["a"], demo.connector_config("kv_consumer"), log_path=str(tmp_path / "d64.log"), block_size=64
     )
-    with decode:
-        params = prefill(engines["prefill"], batch)
+    with reference_node, prefill_node, decode:
+        reference = reference_node.generate(batch, MAX_TOKENS)["tokens"]
+        params = prefill(prefill_node, batch)
         assert all(p["remote_geometry"]["block_size"] == demo.BLOCK_SIZE for p in params)
+        assert all(p["remote_geometry"]["layout"] == "vllm_cpu" for p in params)
         before = pull_figures(decode)
         tokens = decode.generate(batch, MAX_TOKENS, params)["tokens"]
         after = pull_figures(decode)
