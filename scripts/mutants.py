@@ -802,10 +802,10 @@ MUTANTS = [
         ["tests/test_geometry_remote.py"],
     ),
     (
-        "geometry: lanes with their own runs rebased on the highest local lane, not the lowest",
+        "geometry: lanes with their own runs all land on the lowest local lane",
         "torch_kvreg/remote/plan.py",
-        "low_local, low_remote = int(np.argmin(local)), int(np.argmin(remote))",
-        "low_local, low_remote = int(np.argmax(local)), int(np.argmin(remote))",
+        "pieces[0].append(local_offsets + np.uint64(local[lane] - local[low_local]))",
+        "pieces[0].append(local_offsets)",
         ["tests/test_geometry_remote.py"],
     ),
     (
