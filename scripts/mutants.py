@@ -740,7 +740,7 @@ MUTANTS = [
     (
         "vllm: the scheduler does not ask the planner whether shapes map",
         "torch_kvreg/vllm/scheduler.py",
-        "        return None if error is None else f\"its KV cannot map into ours: {error}\"",
+        '        return None if error is None else f"its KV cannot map into ours: {error}"',
         "        return None",
         ["tests/test_vllm_connector.py::test_scheduler_side_consumer_refuses_shapes_that_cannot_map"],
     ),
