@@ -396,7 +396,7 @@ def cpu_layers(num_layers, num_blocks, block_size, heads, head_dim, seed):
     return [torch.randn(num_blocks, heads, block_size, 2 * head_dim, generator=gen) for _ in range(num_layers)]
 
 
-def wait_loaded(side, request_id, timeout_s=20.0):
+def wait_loaded(side, request_id, timeout_s=60.0):
     import time
 
     deadline = time.monotonic() + timeout_s
@@ -427,9 +427,9 @@ def offer(vk, peer, address, request_id, remote_blocks, num_tokens=70):
 def decoder_worker(vk, layers, block_size, tp_size=1, tp_rank=0):
     from torch_kvreg.vllm.worker import WorkerSide
 
-    side = WorkerSide(
-        vk.ConnectorSettings(), producer=False, consumer=True, block_size=block_size, tp_size=tp_size, tp_rank=tp_rank
-    )
+    # generous timeouts: a loaded shared machine must not turn a slow link into a load error
+    settings = vk.ConnectorSettings(link_timeout_ms=20000, transfer_timeout_ms=20000)
+    side = WorkerSide(settings, producer=False, consumer=True, block_size=block_size, tp_size=tp_size, tp_rank=tp_rank)
     address = side.register({f"model.layers.{i}.self_attn.attn": t for i, t in enumerate(layers)})
     return side, address
 
@@ -461,7 +461,7 @@ def test_decoder_with_larger_blocks_pulls_the_prompt_tokens(vk, producer_peer, d
     from geometry_ref import expected_after, same_bytes
 
     heads, head_dim, layers = 4, 32, 2
-    kv.initialize(cluster_id=32, options={"llm.SyncKvCacheWaitTime": "5000"})
+    kv.initialize(cluster_id=32, options={"llm.SyncKvCacheWaitTime": "20000"})
     try:
         prefill_layers = flash_attn_layers(layers, 8, 16, heads, head_dim, seed=1)
         reference = [t.clone() for t in prefill_layers]
@@ -503,7 +503,7 @@ def test_tp2_decoder_ranks_each_pull_their_half_of_the_heads(vk, producer_peer):
     from geometry_ref import expected_after, same_bytes
 
     heads, head_dim, layers = 4, 32, 2
-    kv.initialize(cluster_id=33, options={"llm.SyncKvCacheWaitTime": "5000"})
+    kv.initialize(cluster_id=33, options={"llm.SyncKvCacheWaitTime": "20000"})
     try:
         prefill_layers = flash_attn_layers(layers, 8, 16, heads, head_dim, seed=3)
         reference = [t.clone() for t in prefill_layers]
@@ -547,7 +547,7 @@ def test_decoder_reports_a_load_that_cannot_map_as_load_errors(vk, producer_peer
     """Params whose geometry the producer's cache does not have (the scheduler could not
     know): the native planner refuses before any byte moves, and the load's blocks are
     reported as load errors, untouched."""
-    kv.initialize(cluster_id=34, options={"llm.SyncKvCacheWaitTime": "5000"})
+    kv.initialize(cluster_id=34, options={"llm.SyncKvCacheWaitTime": "20000"})
     try:
         address = producer_peer.call("vllm_producer", (flash_attn_layers(2, 8, 16, 4, 32, seed=5), 16, 1, 0))
         mine = cpu_layers(2, 4, 32, 4, 32, seed=6)
