@@ -590,3 +590,27 @@ def test_a_tp2_producer_offers_every_ranks_address(vk, caplog):
     assert params["remote_ranks"] == [["10.0.0.1", 4000, 70, 3], ["10.0.0.1", 4001, 71, 3]]
     source = vk.RemoteSource.from_params(params)
     assert source.shape == shapes[0] and source.rank_address(1) == ("10.0.0.1", 4001, 71, 3)
+
+
+def test_decoder_of_the_same_geometry_pulls_whole_blocks(vk, producer_peer):
+    """Producer and decoder caches alike: the load moves whole blocks (the last one too,
+    partial as it is), after the decoder's cached prefix."""
+    kv.initialize(cluster_id=35, options={"llm.SyncKvCacheWaitTime": "20000"})
+    try:
+        prefill_layers = flash_attn_layers(2, 8, 16, 4, 32, seed=7)
+        reference = [t.clone() for t in prefill_layers]
+        address = producer_peer.call("vllm_producer", (prefill_layers, 16, 1, 0))
+        mine = flash_attn_layers(2, 8, 16, 4, 32, seed=8)
+        side, decoder_address = decoder_worker(vk, mine, 16)
+        params, sends = offer(vk, producer_peer, address, "p-same", [7, 2, 5, 0, 3])
+        loads = plan_load(vk, decoder_address, params, "d-same", [1, 4, 6, 3, 2], cached_blocks=1)
+        side.start_loads(loads)
+        wait_loaded(side, "d-same")
+        assert side.load_errors() == set()
+        for layer, want in zip(mine, reference):
+            assert torch.equal(layer[:, [4, 6, 3, 2]], want[:, [2, 5, 0, 3]])
+        assert side.take_figures().bytes == 4 * 16 * 4 * 32 * 4 * 2 * 2  # 4 whole blocks of K and V, 2 layers
+        assert producer_peer.call("vllm_finished", (address.cache_id, sends)) == {"p-same"}
+        side.close()
+    finally:
+        kv.finalize()
