@@ -76,7 +76,13 @@ def nixl_config(role: str) -> dict:
     }
 
 
-def run_node(model: str, kv_transfer_config: dict | None, num_blocks: int, max_model_len: int = MAX_MODEL_LEN) -> None:
+def run_node(
+    model: str,
+    kv_transfer_config: dict | None,
+    num_blocks: int,
+    max_model_len: int = MAX_MODEL_LEN,
+    block_size: int = BLOCK_SIZE,
+) -> None:
     """Serves generate requests from stdin on one vLLM engine (see the module docstring)."""
     from vllm import LLM, SamplingParams
 
@@ -86,7 +92,7 @@ def run_node(model: str, kv_transfer_config: dict | None, num_blocks: int, max_m
         dtype="float32",
         enforce_eager=True,
         max_model_len=max_model_len,
-        block_size=BLOCK_SIZE,
+        block_size=block_size,
         num_gpu_blocks_override=num_blocks,
         seed=0,
     )
@@ -142,6 +148,7 @@ class Node:
         log_path: str | None = None,
         cpus: str | None = None,
         max_model_len: int = MAX_MODEL_LEN,
+        block_size: int = BLOCK_SIZE,
     ) -> None:
         environ = dict(os.environ)
         environ.update(
@@ -155,7 +162,7 @@ class Node:
             environ["VLLM_CPU_OMP_THREADS_BIND"] = cpus
         environ.update(env or {})
         command = [sys.executable, os.path.abspath(__file__), "node", "--model", model, "--num-blocks", str(num_blocks)]
-        command += ["--max-model-len", str(max_model_len)]
+        command += ["--max-model-len", str(max_model_len), "--block-size", str(block_size)]
         if kv_transfer_config is not None:
             command += ["--kv-transfer-config", json.dumps(kv_transfer_config)]
         self.log_path = log_path or tempfile.mkstemp(prefix="vllm-node-", suffix=".log")[1]
@@ -304,8 +311,9 @@ if __name__ == "__main__":
         node_parser.add_argument("--kv-transfer-config", default=None)
         node_parser.add_argument("--num-blocks", type=int, default=64)
         node_parser.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN)
+        node_parser.add_argument("--block-size", type=int, default=BLOCK_SIZE)
         node_args = node_parser.parse_args()
         config = None if node_args.kv_transfer_config is None else json.loads(node_args.kv_transfer_config)
-        run_node(node_args.model, config, node_args.num_blocks, node_args.max_model_len)
+        run_node(node_args.model, config, node_args.num_blocks, node_args.max_model_len, node_args.block_size)
         sys.exit(0)
     sys.exit(main())

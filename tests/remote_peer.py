@@ -81,6 +81,7 @@ def peer_main(commands, replies, cluster_id, wait_ms=2000, options=None, netns=N
         replies.put(("error", repr(exc)))
         return
     caches = {}
+    workers = {}  # vLLM connector producer workers by cache id
     replies.put(("ready", kv.listen_address()))
     while True:
         op, args = commands.get()
@@ -147,6 +148,27 @@ def peer_main(commands, replies, cluster_id, wait_ms=2000, options=None, netns=N
             elif op == "verify_hook":  # (kind, cache id, block) or None: torch_kvreg.verify's hooks
                 set_verify_hook(caches, args)
                 replies.put(("ok", None))
+            elif op == "vllm_producer":  # (layer tensors, block size, tp size, tp rank) -> its ProducerAddress
+                from torch_kvreg.vllm.settings import ConnectorSettings
+                from torch_kvreg.vllm.worker import WorkerSide
+
+                layers, block_size, tp_size, tp_rank = args
+                worker = WorkerSide(
+                    ConnectorSettings(),
+                    producer=True,
+                    consumer=False,
+                    block_size=block_size,
+                    tp_size=tp_size,
+                    tp_rank=tp_rank,
+                )
+                address = worker.register({f"model.layers.{i}.self_attn.attn": t for i, t in enumerate(layers)})
+                workers[address.cache_id] = worker
+                caches[address.cache_id] = layers
+                replies.put(("ok", address))
+            elif op == "vllm_finished":  # (cache id, sends to add) -> requests whose blocks were read
+                worker = workers[args[0]]
+                worker.add_sends(args[1])
+                replies.put(("ok", worker.finished()[0]))
             elif op == "exit":
                 kv.finalize()
                 replies.put(("ok", None))

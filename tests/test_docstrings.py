@@ -20,7 +20,10 @@ MODULES = [
     "torch_kvreg.llm_datadist.datadist",
     "torch_kvreg.llm_datadist.session",
     "torch_kvreg.layouts",
+    "torch_kvreg.geometry",
+    "torch_kvreg.remote.plan",
     "torch_kvreg.vllm.settings",  # imports vllm (its package does)
+    "torch_kvreg.vllm.shapes",
 ]
 
 

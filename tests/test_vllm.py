@@ -185,3 +185,28 @@ def test_multiprocess_engines_decode_what_one_instance_does(models, batch, refer
         params = prefill(prefill_node, batch)
         assert decode_node.generate(batch, MAX_TOKENS, params)["tokens"] == reference
     assert "load errors" not in (tmp_path / "d.log").read_text()
+
+
+@pytest.mark.slow
+def test_decode_with_larger_blocks_than_the_prefill_loads_tokens(models, batch, tmp_path):
+    """A decode engine whose blocks hold 64 tokens loads the prompts' KV from a prefill
+    whose blocks hold 32 (both vLLM's CPU layout, K tiles dim-major): the connector pulls
+    tokens, not blocks, and the decode generates what one instance does."""
+    reference_node = demo.Node(models["a"], log_path=str(tmp_path / "r.log"))
+    prefill_node = demo.Node(models["a"], demo.connector_config("kv_producer"), log_path=str(tmp_path / "p32.log"))
+    decode = demo.Node(
+        models["a"], demo.connector_config("kv_consumer"), log_path=str(tmp_path / "d64.log"), block_size=64
+    )
+    with reference_node, prefill_node, decode:
+        reference = reference_node.generate(batch, MAX_TOKENS)["tokens"]
+        params = prefill(prefill_node, batch)
+        assert all(p["remote_geometry"]["block_size"] == demo.BLOCK_SIZE for p in params)
+        assert all(p["remote_geometry"]["layout"] == "vllm_cpu" for p in params)
+        before = pull_figures(decode)
+        tokens = decode.generate(batch, MAX_TOKENS, params)["tokens"]
+        after = pull_figures(decode)
+    assert all(len(t) == MAX_TOKENS for t in tokens) and tokens == reference
+    assert after["ops"] - before["ops"] == len(batch) and after["failures"] == before["failures"]
+    token_bytes = BLOCK_BYTES // demo.BLOCK_SIZE
+    assert after["bytes"] - before["bytes"] == sum(len(p) for p in batch) * token_bytes  # the tokens, not blocks
+    assert "load errors" not in (tmp_path / "d64.log").read_text()

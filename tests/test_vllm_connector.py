@@ -2,6 +2,7 @@
 side's bookkeeping, the worker side's notices, stats and Prometheus metrics, and vLLM's CPU
 cache layout."""
 
+import dataclasses
 import logging
 import types
 
@@ -217,7 +218,7 @@ def test_worker_side_load_errors_are_reported_once(vk, monkeypatch):
     assert side.take_figures().failed_loads == 1
 
 
-def fake_vllm_config(role="kv_both", extra=None, tp=1):
+def fake_vllm_config(role="kv_both", extra=None, tp=1, pp=1):
     transfer = types.SimpleNamespace(
         kv_role=role,
         kv_connector_extra_config=extra or {},
@@ -227,7 +228,7 @@ def fake_vllm_config(role="kv_both", extra=None, tp=1):
     )
     return types.SimpleNamespace(
         kv_transfer_config=transfer,
-        parallel_config=types.SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=1),
+        parallel_config=types.SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp),
         cache_config=types.SimpleNamespace(block_size=32),
     )
 
@@ -240,7 +241,7 @@ def test_connector_refuses_what_it_cannot_serve(vk):
     with pytest.raises(kv.LLMParamInvalidError, match="unknown keys"):
         vk.TorchKvregConnector(fake_vllm_config(extra={"port": 1}), KVConnectorRole.WORKER)
     with pytest.raises(kv.LLMException, match="parallel size 1") as info:
-        vk.TorchKvregConnector(fake_vllm_config(tp=2), KVConnectorRole.WORKER)
+        vk.TorchKvregConnector(fake_vllm_config(pp=2), KVConnectorRole.WORKER)
     assert info.value.status_code == kv.LLMStatusCode.LLM_FEATURE_NOT_ENABLED
     connector = vk.TorchKvregConnector(fake_vllm_config(), KVConnectorRole.SCHEDULER)
     assert connector.build_connector_meta(None) == vk.TorchKvregMetadata()
@@ -303,3 +304,313 @@ def test_the_worker_has_vllm_allocate_its_cpu_kv_cache_in_shared_memory(vk):
     region = allocate.shared_region(cache)
     assert region is not None and region.base == buffer.data_ptr()
     assert all(allocate.shared_region(kv.register_kv_cache([t])) is None for t in others[:2])
+
+
+# --- producer and decoder of different shapes (block size, layout, tensor parallelism) ---------
+
+
+def test_cache_shapes_travel_in_params_and_say_what_cannot_map(vk):
+    from torch_kvreg.vllm.shapes import CacheShape, mapping_error, source_ranks, token_span
+
+    layer = torch.zeros(2, 8, 16, 4, 32)  # vLLM FlashAttention (2, N, B, H, D) on rank 1 of 2
+    shape = CacheShape.of_layers([layer], tp_size=2, tp_rank=1)
+    assert shape.geometry == kv.KVGeometry("flash_attn", 16, 8, 32, 2, 1) and shape.dtype == "DT_FLOAT"
+    assert CacheShape.of_layers([torch.zeros(8, 16, 64)], 1, 0) is None  # MLA: no heads to map
+    source = vk.RemoteSource(
+        "e", "r", "h", 1, 2, 3, (4, 5), 16, 20, 1e12, shape.rank(0), (("h", 1, 2, 3), ("g", 5, 6, 7))
+    )
+    again = vk.RemoteSource.from_params(source.to_params())
+    assert again == source and again.rank_address(1) == ("g", 5, 6, 7) and source.to_params()["tp_size"] == 2
+    bad = {
+        "'layout'": dict(shape.to_params(), layout=3),
+        "'head_dim'": dict(shape.to_params(), head_dim=0),
+        "does not divide": dict(shape.to_params(), num_kv_heads=7),
+        "'dtype'": dict(shape.to_params(), dtype="float32"),
+    }
+    for text, geometry in bad.items():
+        with pytest.raises(kv.LLMParamInvalidError, match=text):
+            vk.RemoteSource.from_params(dict(source.to_params(), remote_geometry=geometry))
+    with pytest.raises(kv.LLMParamInvalidError, match="must list 2 ranks"):
+        vk.RemoteSource.from_params(dict(source.to_params(), remote_ranks=[["h", 1, 2, 3]]))
+    with pytest.raises(kv.LLMParamInvalidError, match="not remote_block_size"):
+        vk.RemoteSource.from_params(dict(source.to_params(), remote_block_size=32, remote_num_tokens=20))
+
+    decode = CacheShape(kv.KVGeometry("vllm_cpu", 32, 8, 32), "DT_FLOAT")
+    assert mapping_error(shape, decode) is None and source_ranks(shape.rank(0), decode) == [0, 1]
+    assert "head_dim" in mapping_error(shape, CacheShape(kv.KVGeometry("vllm_cpu", 32, 8, 64), "DT_FLOAT"))
+    assert "data_type" in mapping_error(shape, CacheShape(decode.geometry, "DT_BF16"))
+    assert "KV heads in all" in mapping_error(shape, CacheShape(kv.KVGeometry("flash_attn", 32, 4, 32), "DT_FLOAT"))
+    assert token_span(70, 0, 3, 16, 32) == (0, 0, 70) and token_span(70, 64, 1, 32, 32) == (2, 0, 6)
+
+
+def test_scheduler_side_consumer_refuses_shapes_that_cannot_map(vk, caplog):
+    from torch_kvreg.vllm.shapes import CacheShape
+
+    side = scheduler(vk, producer=False)
+    own = CacheShape(kv.KVGeometry("flash_attn", 32, 4, 64), "DT_FLOAT")
+    side.set_address(vk.ProducerAddress("127.0.0.1", 4000, 7, 3, 32, 64, own))
+    caplog.set_level(logging.WARNING, "torch_kvreg.vllm")
+    prefill = {"layout": "flash_attn", "block_size": 16, "num_kv_heads": 4, "head_dim": 64, "tp_size": 1}
+    ok = good_params(
+        vk, remote_block_size=16, remote_block_ids=[1, 2, 3, 4, 5], remote_geometry=prefill | {"dtype": "DT_FLOAT"}
+    )
+    assert side.num_new_matched_tokens(fake_request("ok", ok), 0) == (70, True)
+    cases = {
+        "head_dim 32": prefill | {"head_dim": 32, "dtype": "DT_FLOAT"},
+        "data_type": prefill | {"dtype": "DT_FLOAT16"},
+        "8 KV heads in all": prefill | {"num_kv_heads": 8, "dtype": "DT_FLOAT"},
+    }
+    for i, (text, geometry) in enumerate(cases.items()):
+        params = dict(ok, remote_geometry=geometry)
+        assert side.num_new_matched_tokens(fake_request(f"x{i}", params), 0) == (0, False)
+        assert params["do_remote_prefill"] is False and text in caplog.text, text
+    # a producer that says nothing of its geometry: its blocks must be ours
+    old = good_params(vk, remote_block_size=16, remote_block_ids=[1, 2, 3, 4, 5])
+    assert side.num_new_matched_tokens(fake_request("old", old), 0) == (0, False)
+    assert "blocks hold 16 tokens, ours 32" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def producer_peer(vk):
+    from remote_peer import running_peer
+
+    with running_peer(31) as peer:
+        yield peer
+
+
+def registered_tensors(layers, layout):
+    """The tensors register_layer_caches makes of vLLM layer tensors (K, V per layer for
+    FlashAttention's (2, N, B, H, D); the layer itself for the CPU layout)."""
+    if layout.startswith("flash_attn"):
+        return [half for layer in layers for half in (layer[0], layer[1])]
+    return list(layers)
+
+
+def flash_attn_layers(num_layers, num_blocks, block_size, heads, head_dim, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, num_blocks, block_size, heads, head_dim, generator=gen) for _ in range(num_layers)]
+
+
+def cpu_layers(num_layers, num_blocks, block_size, heads, head_dim, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(num_blocks, heads, block_size, 2 * head_dim, generator=gen) for _ in range(num_layers)]
+
+
+def wait_loaded(side, request_id, timeout_s=60.0):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _, recving = side.finished()
+        if request_id in recving:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"load of {request_id} did not end")
+
+
+def offer(vk, peer, address, request_id, remote_blocks, num_tokens=70):
+    """The producer's scheduler offers a finished request's blocks: its kv_transfer_params."""
+    from torch_kvreg.vllm.scheduler import SchedulerSide
+
+    side = SchedulerSide(
+        vk.ConnectorSettings(), engine_id="prefill", producer=True, consumer=False, block_size=address.block_size
+    )
+    side.set_addresses({0: address})
+    delay, params = side.request_finished(
+        fake_request(request_id, {"do_remote_decode": True}, computed=num_tokens), [remote_blocks]
+    )
+    assert delay is True and params["remote_geometry"]["block_size"] == address.block_size
+    _, sends = side.take_step()
+    return params, sends
+
+
+def decoder_worker(vk, layers, block_size, tp_size=1, tp_rank=0):
+    from torch_kvreg.vllm.worker import WorkerSide
+
+    # generous timeouts: a loaded shared machine must not turn a slow link into a load error
+    settings = vk.ConnectorSettings(link_timeout_ms=20000, transfer_timeout_ms=20000)
+    side = WorkerSide(settings, producer=False, consumer=True, block_size=block_size, tp_size=tp_size, tp_rank=tp_rank)
+    address = side.register({f"model.layers.{i}.self_attn.attn": t for i, t in enumerate(layers)})
+    return side, address
+
+
+def plan_load(vk, decoder_address, params, request_id, local_blocks, cached_blocks=0):
+    """The decoder's scheduler: the load of a request given the producer's params."""
+    from torch_kvreg.vllm.scheduler import SchedulerSide
+
+    side = SchedulerSide(
+        vk.ConnectorSettings(), engine_id="decode", producer=False, consumer=True, block_size=decoder_address.block_size
+    )
+    side.set_address(decoder_address)
+    request = fake_request(request_id, params, prompt_len=70, computed=0)
+    computed = cached_blocks * decoder_address.block_size
+    count, asynchronous = side.num_new_matched_tokens(request, computed)
+    assert (count, asynchronous) == (70 - computed, True)
+    blocks = [FakeBlock(b, i < cached_blocks) for i, b in enumerate(local_blocks)]
+    side.update_state_after_alloc(request, types.SimpleNamespace(blocks=[blocks]), count)
+    loads, _ = side.take_step()
+    return loads
+
+
+@pytest.mark.parametrize("decode_layout", ["flash_attn", "vllm_cpu"])
+def test_decoder_with_larger_blocks_pulls_the_prompt_tokens(vk, producer_peer, decode_layout):
+    """Prefill blocks of 16 tokens (FlashAttention NHD), decode blocks of 32 (the same, or
+    vLLM's CPU layout): the decoder pulls the prompt's tokens after its cached prefix, and
+    every token lands in its slot (against the reference); the producer frees its blocks on
+    the decoder's notice."""
+    from geometry_ref import expected_after, same_bytes
+
+    heads, head_dim, layers = 4, 32, 2
+    kv.initialize(cluster_id=32, options={"llm.SyncKvCacheWaitTime": "20000"})
+    try:
+        prefill_layers = flash_attn_layers(layers, 8, 16, heads, head_dim, seed=1)
+        reference = [t.clone() for t in prefill_layers]
+        address = producer_peer.call("vllm_producer", (prefill_layers, 16, 1, 0))
+        make = flash_attn_layers if decode_layout == "flash_attn" else cpu_layers
+        mine = make(layers, 6, 32, heads, head_dim, seed=2)
+        side, decoder_address = decoder_worker(vk, mine, 32)
+        assert decoder_address.shape.geometry.layout == decode_layout
+        remote_blocks = [7, 2, 5, 0, 3]  # 70 tokens in blocks of 16
+        request_id = f"p-{decode_layout}"
+        params, sends = offer(vk, producer_peer, address, request_id, remote_blocks)
+        loads = plan_load(vk, decoder_address, params, "d1", [4, 1, 3], cached_blocks=1)
+        before = [t.clone() for t in mine]
+        dst_g, src_g = decoder_address.shape.geometry, address.shape.geometry
+        expected = expected_after(
+            registered_tensors(reference, "flash_attn"),
+            src_g,
+            registered_tensors(before, decode_layout),
+            dst_g,
+            remote_blocks[2:],
+            [1, 3],
+            num_tokens=38,
+        )
+        side.start_loads(loads)
+        wait_loaded(side, "d1")
+        assert side.load_errors() == set()
+        assert same_bytes(registered_tensors(mine, decode_layout), expected)
+        assert side.take_figures().bytes == 38 * heads * head_dim * 4 * 2 * layers
+        assert producer_peer.call("vllm_finished", (address.cache_id, sends)) == {request_id}
+        side.close()
+    finally:
+        kv.finalize()
+
+
+def test_tp2_decoder_ranks_each_pull_their_half_of_the_heads(vk, producer_peer):
+    """A TP-1 prefill (blocks of 16), two TP-2 decode ranks (blocks of 32, HND): each rank
+    pulls its half of the KV heads; the producer frees the blocks only after both ranks'
+    notices."""
+    from geometry_ref import expected_after, same_bytes
+
+    heads, head_dim, layers = 4, 32, 2
+    kv.initialize(cluster_id=33, options={"llm.SyncKvCacheWaitTime": "20000"})
+    try:
+        prefill_layers = flash_attn_layers(layers, 8, 16, heads, head_dim, seed=3)
+        reference = [t.clone() for t in prefill_layers]
+        address = producer_peer.call("vllm_producer", (prefill_layers, 16, 1, 0))
+        remote_blocks = [6, 1, 4, 2, 0]
+        params, sends = offer(vk, producer_peer, address, "p-tp", remote_blocks)
+        ranks = []
+        for rank in range(2):
+            # HND, as vLLM builds it for some backends: a (2, N, B, H, D) view of (2, N, H, B, D) memory
+            gen = torch.Generator().manual_seed(4 + rank)
+            physical = [torch.randn(2, 4, heads // 2, 32, head_dim, generator=gen) for _ in range(layers)]
+            side, rank_address = decoder_worker(vk, [t.transpose(2, 3) for t in physical], 32, tp_size=2, tp_rank=rank)
+            assert rank_address.shape.geometry == kv.KVGeometry("flash_attn_hnd", 32, heads, head_dim, 2, rank)
+            ranks.append((side, rank_address, physical))
+        loads = plan_load(vk, ranks[0][1], params, "d-tp", [3, 0, 2])
+        src_g = address.shape.geometry
+        for count, (side, rank_address, physical) in enumerate(ranks):
+            expected = expected_after(
+                registered_tensors(reference, "flash_attn"),
+                src_g,
+                registered_tensors([t.clone() for t in physical], "flash_attn"),
+                rank_address.shape.geometry,
+                remote_blocks,
+                [3, 0, 2],
+                num_tokens=70,
+            )
+            side.start_loads(loads)
+            wait_loaded(side, "d-tp")
+            assert side.load_errors() == set()
+            assert same_bytes(registered_tensors(physical, "flash_attn"), expected)
+            assert side.take_figures().bytes == 70 * (heads // 2) * head_dim * 4 * 2 * layers
+            freed = producer_peer.call("vllm_finished", (address.cache_id, sends if count == 0 else {}))
+            assert freed == (set() if count == 0 else {"p-tp"})  # the first rank's notice alone frees nothing
+        for side, _, _ in ranks:
+            side.close()
+    finally:
+        kv.finalize()
+
+
+def test_decoder_reports_a_load_that_cannot_map_as_load_errors(vk, producer_peer, caplog):
+    """Params whose geometry the producer's cache does not have (the scheduler could not
+    know): the native planner refuses before any byte moves, and the load's blocks are
+    reported as load errors, untouched."""
+    kv.initialize(cluster_id=34, options={"llm.SyncKvCacheWaitTime": "20000"})
+    try:
+        address = producer_peer.call("vllm_producer", (flash_attn_layers(2, 8, 16, 4, 32, seed=5), 16, 1, 0))
+        mine = cpu_layers(2, 4, 32, 4, 32, seed=6)
+        before = [t.clone() for t in mine]
+        side, decoder_address = decoder_worker(vk, mine, 32)
+        params, _ = offer(vk, producer_peer, address, "p-bad", [1, 2, 3, 4, 5])
+        loads = plan_load(vk, decoder_address, params, "d-bad", [0, 2, 3])
+        # params that say the producer's blocks hold 32 tokens: its cache's blocks are of 16
+        lying = dict(params, remote_block_size=32, remote_geometry=dict(params["remote_geometry"], block_size=32))
+        wrong = dataclasses.replace(loads["d-bad"], source=vk.RemoteSource.from_params(lying))
+        caplog.set_level(logging.WARNING, "torch_kvreg.vllm")
+        side.start_loads({"d-bad": wrong})
+        wait_loaded(side, "d-bad")
+        assert side.load_errors() == {0, 2, 3}
+        assert "LLM_PARAM_INVALID" in caplog.text and "makes" in caplog.text  # the planner's words
+        assert all(torch.equal(a, b) for a, b in zip(mine, before))
+        side.close()
+    finally:
+        kv.finalize()
+
+
+def test_a_tp2_producer_offers_every_ranks_address(vk, caplog):
+    """The scheduler learns each worker's address from vLLM's handshake metadata (by TP
+    rank); a TP-2 producer's params list both, and none are offered before both are known."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from torch_kvreg.vllm.shapes import CacheShape
+
+    connector = vk.TorchKvregConnector(fake_vllm_config("kv_producer", tp=2), KVConnectorRole.SCHEDULER)
+    shapes = [CacheShape(kv.KVGeometry("flash_attn", 32, 8, 64, 2, rank), "DT_BF16") for rank in range(2)]
+    addresses = [vk.ProducerAddress("10.0.0.1", 4000 + rank, 70 + rank, 3, 32, 64, shapes[rank]) for rank in range(2)]
+    connector.set_xfer_handshake_metadata({0: vk.TorchKvregHandshake(addresses[0])})
+    caplog.set_level(logging.WARNING, "torch_kvreg.vllm")
+    request = fake_request("r", {"do_remote_decode": True}, computed=40)
+    assert connector.request_finished(request, ([1, 2],)) == (False, None)
+    assert "no address of tensor-parallel ranks [1]" in caplog.text
+    connector.set_xfer_handshake_metadata({rank: vk.TorchKvregHandshake(a) for rank, a in enumerate(addresses)})
+    delay, params = connector.request_finished(request, ([1, 2],))
+    assert delay is True and params["tp_size"] == 2
+    assert params["remote_ranks"] == [["10.0.0.1", 4000, 70, 3], ["10.0.0.1", 4001, 71, 3]]
+    source = vk.RemoteSource.from_params(params)
+    assert source.shape == shapes[0] and source.rank_address(1) == ("10.0.0.1", 4001, 71, 3)
+
+
+def test_decoder_of_the_same_geometry_pulls_whole_blocks(vk, producer_peer):
+    """Producer and decoder caches alike: the load moves whole blocks (the last one too,
+    partial as it is), after the decoder's cached prefix."""
+    kv.initialize(cluster_id=35, options={"llm.SyncKvCacheWaitTime": "20000"})
+    try:
+        prefill_layers = flash_attn_layers(2, 8, 16, 4, 32, seed=7)
+        reference = [t.clone() for t in prefill_layers]
+        address = producer_peer.call("vllm_producer", (prefill_layers, 16, 1, 0))
+        mine = flash_attn_layers(2, 8, 16, 4, 32, seed=8)
+        side, decoder_address = decoder_worker(vk, mine, 16)
+        params, sends = offer(vk, producer_peer, address, "p-same", [7, 2, 5, 0, 3])
+        loads = plan_load(vk, decoder_address, params, "d-same", [1, 4, 6, 3, 2], cached_blocks=1)
+        side.start_loads(loads)
+        wait_loaded(side, "d-same")
+        assert side.load_errors() == set()
+        for layer, want in zip(mine, reference):
+            assert torch.equal(layer[:, [4, 6, 3, 2]], want[:, [2, 5, 0, 3]])
+        assert side.take_figures().bytes == 4 * 16 * 4 * 32 * 4 * 2 * 2  # 4 whole blocks of K and V, 2 layers
+        assert producer_peer.call("vllm_finished", (address.cache_id, sends)) == {"p-same"}
+        side.close()
+    finally:
+        kv.finalize()

@@ -91,6 +91,11 @@ class KVGeometry:
         return k_order, v_order or k_order
 
     @property
+    def kv_differ(self) -> bool:
+        """Whether K is laid out differently from V."""
+        return self.orders[0] != self.orders[1]
+
+    @property
     def tensors_per_layer(self) -> int:
         return 1 if "k" in self.orders[0] else 2
 

@@ -332,6 +332,7 @@ class Engine:
         background: bool = False,
         route_key: tuple | None = None,
         lane_shifts: plan.LaneShifts | None = None,
+        lane_runs: plan.LaneRuns | None = None,
     ) -> Transfer:
         """Starts moving bytes between a local cache and a remote one, as a job; returns its
         Transfer.
@@ -345,7 +346,8 @@ class Engine:
         ``route_key`` (block transfers by remote cache id): a same-host job keeps its route
         under it, for start_routed. ``lane_shifts()`` (transfers between geometries, called
         after ``tensors``): bytes added to each selected tensor's base address, local and
-        remote, so that one tensor can be a lane twice (its K and its V half).
+        remote, so that one tensor can be a lane twice (its K and its V half); ``lane_runs()``
+        (after ``make_segments``): each lane's own segments, which then replace them.
         Everything is checked, the peer's cache leased and the request prepared before this
         returns. A NIXL job is posted here, or with ``background`` by the progress thread in
         the order started: NIXL's post may itself move the bytes (UCX does between
@@ -366,6 +368,15 @@ class Engine:
             local_offsets, remote_offsets = (
                 (dst_offsets, src_offsets) if operation == "READ" else (src_offsets, dst_offsets)
             )
+            shifts = None if lane_shifts is None else lane_shifts()
+            if lane_runs is not None:
+                (local_tensors, remote_tensors), shifts, (local_offsets, remote_offsets, lengths) = plan.one_lane(
+                    (local.tensor_addrs, remote.addrs),
+                    (local_tensors, remote_tensors),
+                    shifts,
+                    lane_runs(),
+                    operation == "READ",
+                )
             nbytes = int(lengths.sum()) * len(local_tensors)
             transfer = Transfer(
                 nbytes,
@@ -379,7 +390,6 @@ class Engine:
                 transfer.succeed()
                 return transfer
             deadline = time.monotonic() + self.wait_s
-            shifts = None if lane_shifts is None else lane_shifts()
             if link.peer_pid is not None and local.cache_desc.placement == remote.desc.placement == Placement.HOST:
                 local_addrs = [local.tensor_addrs[i] for i in local_tensors]
                 remote_addrs = [remote.addrs[i] for i in remote_tensors]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import param_invalid, raises_llm
+from ..errors import raises_llm
 from ..geometry import KVGeometry, Selection, TokenPlan, checked_geometry, native_plan, selection
 from ..inflight import Transfer
 from ..types import Blocks, Cache, CacheDesc, block_tensor
@@ -16,7 +16,8 @@ from . import api, plan
 
 class _Planned:
     """The plan of one transfer, made once from the peer's desc: the engine asks for the
-    lanes' tensors, then the segments, then the lanes' shifts."""
+    lanes' tensors, then the segments, then the lanes' shifts, and, when K and V are laid
+    out differently on either side (their runs differ), each lane's runs."""
 
     def __init__(
         self,
@@ -35,13 +36,6 @@ class _Planned:
             made = native_plan(
                 src, self.geometries[0], dst, self.geometries[1], *self.blocks, self.chosen, plan.MAX_DESCRIPTOR_BYTES
             )
-            if len(made.v_segments):  # one job moves one segment list over every lane
-                raise param_invalid(
-                    "K and V are laid out differently (layouts "
-                    f"{self.geometries[0].layout!r} -> {self.geometries[1].layout!r}): remote transfers between "
-                    "such geometries are not supported yet; pull as blocks into a cache of the peer's geometry "
-                    "and copy_kv_tokens locally"
-                )
             self.plan = made
         return self.plan
 
@@ -60,8 +54,22 @@ class _Planned:
         return self._sides(1)
 
     def segments(self, remote_desc: CacheDesc, _key_index: int) -> plan.Segments:
-        table = self.of(remote_desc).segments.numpy().view(np.uint64)  # never negative
-        return table[:, 0], table[:, 1], table[:, 2]
+        return _columns(self.of(remote_desc).segments)
+
+    def lane_runs(self) -> list[plan.Segments]:
+        """Per lane its runs: K's on even lanes, V's on odd ones."""
+        assert self.plan is not None
+        k_runs, v_runs = _columns(self.plan.segments), _columns(self.plan.v_segments)
+        return [v_runs if lane % 2 else k_runs for lane in range(len(self.plan.lanes))]
+
+    def differ(self) -> bool:
+        """Whether K's and V's runs differ (known once planned)."""
+        return self.geometries[0].kv_differ or self.geometries[1].kv_differ
+
+
+def _columns(rows: torch.Tensor) -> plan.Segments:
+    table = rows.numpy().view(np.uint64)  # offsets and lengths are never negative
+    return table[:, 0], table[:, 1], table[:, 2]
 
 
 def start_tokens(
@@ -103,6 +111,7 @@ def start_tokens(
         blocks[1].tolist(),
         background=background,
         lane_shifts=planned.shifts,
+        lane_runs=planned.lane_runs if planned.differ() else None,
     )
 
 

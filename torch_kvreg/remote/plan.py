@@ -26,6 +26,9 @@ RemoteRef = int | str
 # Bytes added to each selected tensor's base address, (local, remote): a transfer between
 # geometries addresses a block's V half as a shifted base of the tensor holding it.
 LaneShifts = Callable[[], tuple[Sequence[int], Sequence[int]]]
+# Per lane (as tensors() lists them) its own segments, (src offsets, dst offsets, lengths):
+# a transfer between geometries whose K and V are laid out differently.
+LaneRuns = Callable[[], Sequence[Segments]]
 # One side of a planned transfer: (the desc fields of its tensors taking part, its cache id).
 PlanSide = tuple["_C.DescFields", int]
 
@@ -141,3 +144,40 @@ def planned(
         return plan_one(src, dst, key_index)
 
     return segments
+
+
+def one_lane(
+    bases: tuple[Sequence[int], Sequence[int]],
+    tensors: tuple[list[int], list[int]],
+    shifts: tuple[Sequence[int], Sequence[int]] | None,
+    runs: Sequence[Segments],
+    read: bool,
+) -> tuple[tuple[list[int], list[int]], tuple[list[int], list[int]], Segments]:
+    """Lanes that each have their own segments as one lane that every path can move: the
+    lane whose base is lowest on each side (its tensor and shift), and every lane's
+    segments rebased onto it, lane by lane: ((local, remote) tensor, (local, remote)
+    shift, (local offsets, remote offsets, lengths)). ``bases``: the (local, remote)
+    addresses of every tensor; ``runs`` per lane, src first (the remote side is the src
+    of a READ).
+
+    >>> runs = (np.array([0], np.uint64), np.array([4], np.uint64), np.array([2], np.uint64))
+    >>> tensors, shifts, (local, remote, lengths) = one_lane(
+    ...     ([1000, 5000], [64]), ([1, 0], [0, 0]), ([0, 8], [0, 32]), [runs, runs], read=False)
+    >>> tensors, shifts, local.tolist(), remote.tolist(), lengths.tolist()
+    (([0], [0]), ([8], [0]), [3992, 0], [4, 36], [2, 2])
+    """
+    shifts = shifts or ([0] * len(tensors[0]), [0] * len(tensors[1]))
+    local = np.asarray(bases[0], dtype=np.int64)[tensors[0]] + np.asarray(shifts[0], dtype=np.int64)
+    remote = np.asarray(bases[1], dtype=np.int64)[tensors[1]] + np.asarray(shifts[1], dtype=np.int64)
+    low_local, low_remote = int(np.argmin(local)), int(np.argmin(remote))
+    pieces: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]] = ([], [], [])
+    for lane, (src, dst, lengths) in enumerate(runs):
+        local_offsets, remote_offsets = (dst, src) if read else (src, dst)
+        pieces[0].append(local_offsets + np.uint64(local[lane] - local[low_local]))
+        pieces[1].append(remote_offsets + np.uint64(remote[lane] - remote[low_remote]))
+        pieces[2].append(lengths)
+    return (
+        ([tensors[0][low_local]], [tensors[1][low_remote]]),
+        ([int(shifts[0][low_local])], [int(shifts[1][low_remote])]),
+        (np.concatenate(pieces[0]), np.concatenate(pieces[1]), np.concatenate(pieces[2])),
+    )

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass
 class TorchKvregHandshake(KVConnectorHandshakeMetadata):
-    """Worker -> its scheduler at start-up: where this instance's KV can be read."""
+    """Worker -> its scheduler at start-up: where this worker's KV can be read, and its
+    cache's geometry (what a decoder plans token loads by)."""
 
     address: ProducerAddress
 
@@ -54,11 +55,11 @@ class TorchKvregConnector(KVConnectorBase_V1):
             raise param_invalid(f"kv_role {config.kv_role!r} is not one of {', '.join(ROLES)}")
         settings = ConnectorSettings.from_extra_config(config.kv_connector_extra_config)
         parallel = vllm_config.parallel_config
-        if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
+        if parallel.pipeline_parallel_size != 1:
             raise make_error(
-                LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
-                "TorchKvregConnector supports tensor and pipeline parallel size 1",
+                LLMStatusCode.LLM_FEATURE_NOT_ENABLED, "TorchKvregConnector supports pipeline parallel size 1"
             )
+        tp_size = int(parallel.tensor_parallel_size)
         if kv_cache_config is not None and len(kv_cache_config.kv_cache_groups) > 1:
             raise make_error(
                 LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
@@ -74,7 +75,14 @@ class TorchKvregConnector(KVConnectorBase_V1):
                 settings, engine_id=str(config.engine_id), producer=producer, consumer=consumer, block_size=block_size
             )
         else:
-            self._worker = WorkerSide(settings, producer=producer, consumer=consumer, block_size=block_size)
+            tp_rank = 0
+            if tp_size > 1:  # the worker's rank, known once vLLM set up its process groups
+                from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+                tp_rank = get_tensor_model_parallel_rank()
+            self._worker = WorkerSide(
+                settings, producer=producer, consumer=consumer, block_size=block_size, tp_size=tp_size, tp_rank=tp_rank
+            )
 
     # --- worker side ------------------------------------------------------------------------
     def get_mem_pool_context(self) -> AbstractContextManager | None:
@@ -131,9 +139,13 @@ class TorchKvregConnector(KVConnectorBase_V1):
     # --- scheduler side ---------------------------------------------------------------------
     def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
         assert self._scheduler is not None
-        handshake = metadata.get(0)
-        if isinstance(handshake, TorchKvregHandshake):
-            self._scheduler.set_address(handshake.address)
+        self._scheduler.set_addresses(
+            {
+                int(rank): handshake.address
+                for rank, handshake in metadata.items()
+                if isinstance(handshake, TorchKvregHandshake)
+            }
+        )
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self._scheduler is not None

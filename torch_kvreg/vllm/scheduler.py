@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import LLMException
 from .settings import ConnectorSettings, LoadSpec, ProducerAddress, RemoteSource
+from .shapes import mapping_error, source_ranks
 from .worker import flatten_block_ids
 
 log = logging.getLogger("torch_kvreg.vllm")
@@ -32,13 +33,42 @@ class SchedulerSide:
         self.producer = producer
         self.consumer = consumer
         self.block_size = block_size
-        self.address: ProducerAddress | None = None
+        self.address: ProducerAddress | None = None  # tensor-parallel rank 0's
+        self.addresses: dict[int, ProducerAddress] = {}  # every rank's, by rank
         self._sources: dict[str, RemoteSource] = {}  # checked params of requests about to load
         self._loads: dict[str, LoadSpec] = {}  # for the next step's metadata
         self._sends: dict[str, float] = {}
 
     def set_address(self, address: ProducerAddress) -> None:
-        self.address = address
+        self.set_addresses({0: address})
+
+    def set_addresses(self, addresses: dict[int, ProducerAddress]) -> None:
+        """The workers' addresses by tensor-parallel rank (vLLM's handshake metadata)."""
+        self.addresses = dict(addresses)
+        self.address = self.addresses.get(0)
+
+    def _cannot_load(self, source: RemoteSource) -> str | None:
+        """Why this engine cannot load KV from ``source``'s cache, or None: the same block
+        size and split move as whole blocks; other geometries as tokens, where the native
+        planner maps them."""
+        own = None if self.address is None else self.address.shape
+        if source.shape is None or own is None:
+            tp = (
+                1 if source.shape is None else source.shape.geometry.tp_size,
+                1 if own is None else own.geometry.tp_size,
+            )
+            if source.block_size != self.block_size:
+                return f"the producer's blocks hold {source.block_size} tokens, ours {self.block_size}"
+            if tp != (1, 1):
+                return f"tensor-parallel sizes {tp[0]} -> {tp[1]} and a cache without KV-head geometry"
+            return None
+        if source.shape.same_blocks(own):
+            return None
+        ranks = source_ranks(source.shape, own)
+        if not ranks:  # (the producer's ranks hold every head between them)
+            return "the producer holds none of our KV heads"
+        error = mapping_error(source.shape.rank(ranks[0]), own)
+        return None if error is None else f"its KV cannot map into ours: {error}"
 
     def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         params = request.kv_transfer_params
@@ -50,14 +80,9 @@ class SchedulerSide:
             log.warning("torch_kvreg connector: request %s recomputes its prompt: %s", request.request_id, exc)
             params["do_remote_prefill"] = False
             return 0, False
-        if source.block_size != self.block_size:
-            log.warning(
-                "torch_kvreg connector: request %s recomputes its prompt: the producer's blocks hold %d tokens, "
-                "ours %d",
-                request.request_id,
-                source.block_size,
-                self.block_size,
-            )
+        refusal = self._cannot_load(source)
+        if refusal is not None:
+            log.warning("torch_kvreg connector: request %s recomputes its prompt: %s", request.request_id, refusal)
             params["do_remote_prefill"] = False
             return 0, False
         count = min(source.num_tokens, request.num_prompt_tokens) - num_computed_tokens
@@ -107,6 +132,21 @@ class SchedulerSide:
         blocks = flatten_block_ids(block_ids)[: -(-num_tokens // self.block_size)]
         if num_tokens <= 0 or not blocks:
             return False, None
+        shape = self.address.shape
+        ranks: tuple[tuple[str, int, int, int], ...] = ()
+        if shape is not None and shape.geometry.tp_size > 1:
+            missing = [rank for rank in range(shape.geometry.tp_size) if rank not in self.addresses]
+            if missing:
+                log.warning(
+                    "torch_kvreg connector: no address of tensor-parallel ranks %s; request %s's KV is not offered",
+                    missing,
+                    request.request_id,
+                )
+                return False, None
+            ranks = tuple(
+                (a.host, a.port, a.cluster_id, a.cache_id)
+                for a in (self.addresses[rank] for rank in range(shape.geometry.tp_size))
+            )
         expires_at = time.time() + self.settings.hold_timeout_s
         self._sends[request.request_id] = expires_at
         source = RemoteSource(
@@ -120,5 +160,7 @@ class SchedulerSide:
             block_size=self.block_size,
             num_tokens=num_tokens,
             expires_at=expires_at,
+            shape=shape,
+            ranks=ranks,
         )
         return True, source.to_params()

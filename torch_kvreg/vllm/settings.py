@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import param_invalid, wrong_type
+from .shapes import CacheShape
 
 # What a decoder's completion notice starts with; the producer's request id follows.
 NOTICE_PREFIX = b"torch_kvreg.vllm:"
@@ -105,6 +106,11 @@ class ProducerAddress:
     cache_id: int
     block_size: int
     num_blocks: int
+    shape: CacheShape | None = None  # None: a cache without KV heads (whole blocks only)
+
+
+# Where one tensor-parallel rank of a producer is read: (host, port, cluster id, cache id).
+RankAddress = tuple[str, int, int, int]
 
 
 def _int_field(params: Mapping[str, Any], key: str) -> int:
@@ -112,6 +118,26 @@ def _int_field(params: Mapping[str, Any], key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise param_invalid(f"kv_transfer_params[{key!r}] must be an int, got {value!r}")
     return value
+
+
+def _ranks(value: object, tp_size: int) -> tuple[RankAddress, ...]:
+    """The checked ``remote_ranks`` of a producer with ``tp_size`` ranks (none for one)."""
+    if value is None or value == []:
+        if tp_size > 1:
+            raise param_invalid(f"kv_transfer_params['remote_ranks'] must list the producer's {tp_size} ranks")
+        return ()
+    if not isinstance(value, (list, tuple)) or len(value) != tp_size:
+        raise param_invalid(f"kv_transfer_params['remote_ranks'] must list {tp_size} ranks, got {value!r}")
+    out = []
+    for rank in value:
+        if not isinstance(rank, (list, tuple)) or len(rank) != 4:
+            raise param_invalid(f"kv_transfer_params['remote_ranks'] holds {rank!r}, not [host, port, cluster, cache]")
+        host, port, cluster_id, cache_id = rank
+        numbers_ok = all(not isinstance(n, bool) and isinstance(n, int) for n in (port, cluster_id, cache_id))
+        if not isinstance(host, str) or not host or not numbers_ok or not 0 < port < 65536:
+            raise param_invalid(f"kv_transfer_params['remote_ranks'] holds {rank!r}, not [host, port, cluster, cache]")
+        out.append((host, port, cluster_id, cache_id))
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +154,8 @@ class RemoteSource:
     block_size: int
     num_tokens: int
     expires_at: float
+    shape: CacheShape | None = None  # the producer's cache (rank 0); None: blocks as they are
+    ranks: tuple[RankAddress, ...] = ()  # every rank's address when the producer has several
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> RemoteSource:
@@ -172,6 +200,13 @@ class RemoteSource:
         expires_at = params.get("remote_expires_at")
         if isinstance(expires_at, bool) or not isinstance(expires_at, (int, float)) or not math.isfinite(expires_at):
             raise param_invalid(f"kv_transfer_params['remote_expires_at'] must be a time, got {expires_at!r}")
+        shape = None if params.get("remote_geometry") is None else CacheShape.from_params(params["remote_geometry"])
+        if shape is not None and shape.geometry.block_size != block_size:
+            raise param_invalid(
+                f"kv_transfer_params: remote_geometry's block_size {shape.geometry.block_size} is not "
+                f"remote_block_size {block_size}"
+            )
+        ranks = _ranks(params.get("remote_ranks"), 1 if shape is None else shape.geometry.tp_size)
         return cls(
             engine_id=strings["remote_engine_id"],
             request_id=strings["remote_request_id"],
@@ -183,6 +218,8 @@ class RemoteSource:
             block_size=block_size,
             num_tokens=num_tokens,
             expires_at=float(expires_at),
+            shape=shape,
+            ranks=ranks,
         )
 
     def to_params(self) -> dict[str, Any]:
@@ -201,13 +238,23 @@ class RemoteSource:
             "remote_cache_id": self.cache_id,
             "remote_block_size": self.block_size,
             "remote_expires_at": self.expires_at,
-            "tp_size": 1,
+            "tp_size": 1 if self.shape is None else self.shape.geometry.tp_size,
             "transfer_mode": TRANSFER_MODE,
+            "remote_geometry": None if self.shape is None else self.shape.to_params(),
+            "remote_ranks": [list(rank) for rank in self.ranks],
         }
 
-    def notice(self) -> bytes:
-        """The completion notice the decoder sends with its read."""
-        return NOTICE_PREFIX + self.request_id.encode()
+    def rank_address(self, rank: int) -> RankAddress:
+        """Where the producer's tensor-parallel rank ``rank`` is read."""
+        if self.ranks:
+            return self.ranks[rank]
+        return (self.host, self.port, self.cluster_id, self.cache_id)
+
+    def notice(self, reader: int = 0, readers: int = 1) -> bytes:
+        """The completion notice the decoder sends with its read: decoder rank ``reader``
+        of the ``readers`` that read one producer rank (its blocks are freed after the last)."""
+        tail = b"" if readers == 1 else b"\x00%d/%d" % (reader, readers)
+        return NOTICE_PREFIX + self.request_id.encode() + tail
 
 
 @dataclasses.dataclass(frozen=True)

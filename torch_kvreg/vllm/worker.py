@@ -4,9 +4,12 @@ connector.py.
 
 A decoder's load runs on a small thread pool: link to the producer once (kept for later
 loads), then one blocking ``pull_kv_blocks`` of the request's blocks with a completion notice
-for the producer. A load that fails for any reason (a dead producer, a stale or malformed
-kv_transfer_params, blocks out of range) reports the request's local blocks as load errors,
-so vLLM's ``kv_load_failure_policy`` applies (recompute, or fail the request).
+for the producer; when the producer's cache differs in block size, layout or tensor-parallel
+degree (shapes.py), one ``pull_kv_tokens`` of the prompt's tokens from each producer rank
+that holds heads of this rank, each with its notice. A load that fails for any reason (a
+dead producer, a stale or malformed kv_transfer_params, blocks out of range, geometries
+that do not map) reports the request's local blocks as load errors, so vLLM's
+``kv_load_failure_policy`` applies (recompute, or fail the request).
 """
 
 from __future__ import annotations
@@ -24,10 +27,19 @@ import torch
 
 from .. import registry
 from ..errors import LLMException, LLMStatusCode
+from ..inflight import Transfer
 from ..layouts import register_layer_caches
-from ..remote import get_notifications, link_clusters, listen_address, pull_kv_blocks, unlink_clusters
+from ..remote import (
+    get_notifications,
+    link_clusters,
+    listen_address,
+    pull_kv_blocks,
+    pull_kv_tokens_async,
+    unlink_clusters,
+)
 from ..types import Cache, CacheIndex, ClusterInfo, LlmRole, RegisterCfg
-from .settings import NOTICE_PREFIX, ConnectorSettings, LoadSpec, ProducerAddress
+from .settings import NOTICE_PREFIX, ConnectorSettings, LoadSpec, ProducerAddress, RankAddress
+from .shapes import CacheShape, readers_per_rank, source_ranks, token_span
 
 log = logging.getLogger("torch_kvreg.vllm")
 
@@ -73,19 +85,31 @@ class TransferFigures:
 class WorkerSide:
     """One vLLM worker's half of the connector (see the module docstring)."""
 
-    def __init__(self, settings: ConnectorSettings, *, producer: bool, consumer: bool, block_size: int) -> None:
+    def __init__(
+        self,
+        settings: ConnectorSettings,
+        *,
+        producer: bool,
+        consumer: bool,
+        block_size: int,
+        tp_size: int = 1,
+        tp_rank: int = 0,
+    ) -> None:
         self.settings = settings
         self.producer = producer
         self.consumer = consumer
         self.block_size = block_size
+        self.tp_size, self.tp_rank = tp_size, tp_rank
         self.cache: Cache | None = None
+        self.shape: CacheShape | None = None  # once registered
         self._owns_runtime = False
         self._pool: ThreadPoolExecutor | None = None
         self._results: queue.SimpleQueue[LoadResult] = queue.SimpleQueue()
         self._loading: set[str] = set()
         self._load_errors: set[int] = set()
         self._sends: dict[str, float] = {}  # producer request id -> when its blocks are freed anyway
-        self._early_notices: dict[str, float] = {}  # notices for requests not yet handed to us
+        # Notices by request: when the first came, the readers heard from, how many will read.
+        self._notices: dict[str, tuple[float, set[int], int]] = {}
         self._link_locks: dict[tuple[int, str, int], threading.Lock] = {}
         self._links_lock = threading.Lock()
         self._figures = TransferFigures()
@@ -113,6 +137,7 @@ class WorkerSide:
                 "torch_kvreg was initialized without llm.ListenIpInfo; a kv_producer must be reachable",
             )
         self.cache = register_layer_caches(dict(kv_caches), RegisterCfg(remote_accessible=self.producer))
+        self.shape = CacheShape.of_layers(list(kv_caches.values()), self.tp_size, self.tp_rank)
         if self.consumer:
             self._pool = ThreadPoolExecutor(self.settings.max_concurrent_loads, thread_name_prefix="torch_kvreg-load")
         address = listen_address()
@@ -130,6 +155,7 @@ class WorkerSide:
             cache_id=self.cache.cache_id,
             block_size=self.block_size,
             num_blocks=self.cache.cache_desc.shape[0],
+            shape=self.shape,
         )
 
     # --- decoder ----------------------------------------------------------------------------
@@ -147,33 +173,93 @@ class WorkerSide:
             self._loading.add(request_id)
             self._pool.submit(self._load, request_id, spec)
 
-    def _link(self, spec: LoadSpec) -> None:
-        source = spec.source
-        key = (source.cluster_id, source.host, source.port)
+    def _link(self, address: RankAddress) -> None:
+        host, port, cluster_id, _ = address
+        key = (cluster_id, host, port)
         with self._links_lock:
             lock = self._link_locks.setdefault(key, threading.Lock())
         with lock:
-            status, statuses = link_clusters(
-                [ClusterInfo(source.cluster_id, source.host, source.port)], self.settings.link_timeout_ms
-            )
+            status, statuses = link_clusters([ClusterInfo(cluster_id, host, port)], self.settings.link_timeout_ms)
             code = statuses[0] if statuses else status
             if code not in (LLMStatusCode.LLM_SUCCESS, LLMStatusCode.LLM_ALREADY_LINK):
-                raise LLMException(code, f"link to {source.host}:{source.port} (cluster {source.cluster_id}) failed")
+                raise LLMException(code, f"link to {host}:{port} (cluster {cluster_id}) failed")
 
-    def _unlink(self, spec: LoadSpec) -> None:
-        source = spec.source
+    def _unlink(self, addresses: list[RankAddress]) -> None:
+        for host, port, cluster_id, _ in addresses:
+            try:
+                unlink_clusters([ClusterInfo(cluster_id, host, port)], force=True)
+            except Exception:  # the link may be gone already; the next load links afresh
+                log.debug("unlink after a failed load raised", exc_info=True)
+
+    def _pull_blocks(self, spec: LoadSpec, addresses: list[RankAddress]) -> int:
+        """Whole blocks: the producer's cache has this one's geometry."""
+        remote_blocks, local_blocks = spec.block_pairs()
+        if not local_blocks:
+            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID, "no remote block left to load")
+        addresses.append(spec.source.rank_address(0))
+        self._link(addresses[0])
+        assert self.cache is not None
+        return pull_kv_blocks(
+            CacheIndex(spec.source.cluster_id, spec.source.cache_id),
+            self.cache,
+            remote_blocks,
+            local_blocks,
+            notify=spec.source.notice(),
+        )
+
+    def _pull_tokens(self, spec: LoadSpec, addresses: list[RankAddress]) -> int:
+        """Tokens from each producer rank holding heads of this rank: the caches differ in
+        block size, layout or tensor-parallel split. Every pull started is waited for, so
+        no byte lands after a failed load is reported."""
+        source, own = spec.source, self.shape
+        assert source.shape is not None and own is not None and self.cache is not None
+        first, offset, count = token_span(
+            source.num_tokens,
+            spec.first_block * self.block_size,
+            len(spec.local_block_ids),
+            source.block_size,
+            self.block_size,
+        )
+        if count <= 0:
+            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID, "no remote token left to load")
+        readers = readers_per_rank(source.shape, own)
+        transfers: list[Transfer] = []
+        failure: BaseException | None = None
         try:
-            unlink_clusters([ClusterInfo(source.cluster_id, source.host, source.port)], force=True)
-        except Exception:  # the link may be gone already; the next load links afresh
-            log.debug("unlink after a failed load raised", exc_info=True)
+            for rank in source_ranks(source.shape, own):
+                address = source.rank_address(rank)
+                addresses.append(address)
+                self._link(address)
+                transfers.append(
+                    pull_kv_tokens_async(
+                        CacheIndex(address[2], address[3]),
+                        self.cache,
+                        list(source.block_ids[first:]),
+                        list(spec.local_block_ids),
+                        count,
+                        src_geometry=source.shape.rank(rank).geometry,
+                        dst_geometry=own.geometry,
+                        src_offset=offset,
+                        notify=source.notice(own.geometry.tp_rank % readers, readers),
+                    )
+                )
+        except BaseException as exc:
+            failure = exc
+        nbytes = 0
+        for transfer in transfers:
+            try:
+                nbytes += transfer.wait()
+            except BaseException as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        return nbytes
 
     def _load(self, request_id: str, spec: LoadSpec) -> None:
         start = time.perf_counter()
         nbytes, error = 0, None
+        addresses: list[RankAddress] = []  # linked, or about to be
         try:
-            remote_blocks, local_blocks = spec.block_pairs()
-            if not local_blocks:
-                raise LLMException(LLMStatusCode.LLM_PARAM_INVALID, "no remote block left to load")
             left_s = spec.source.expires_at - time.time()
             if left_s < self.settings.transfer_timeout_ms / 1000:
                 raise LLMException(
@@ -181,21 +267,17 @@ class WorkerSide:
                     f"the producer holds these blocks for {left_s:.1f} s more, less than a load may take "
                     f"({self.settings.transfer_timeout_ms} ms): stale kv_transfer_params",
                 )
-            self._link(spec)
-            assert self.cache is not None
-            nbytes = pull_kv_blocks(
-                CacheIndex(spec.source.cluster_id, spec.source.cache_id),
-                self.cache,
-                remote_blocks,
-                local_blocks,
-                notify=spec.source.notice(),
-            )
+            shape = spec.source.shape
+            if shape is None or self.shape is None or shape.same_blocks(self.shape):
+                nbytes = self._pull_blocks(spec, addresses)
+            else:
+                nbytes = self._pull_tokens(spec, addresses)
             if time.time() > spec.source.expires_at:
                 raise LLMException(LLMStatusCode.LLM_TIMEOUT, "the load ended after the producer's hold expired")
         except LLMException as exc:
             error = str(exc)
             if exc.status_code in _LINK_LOST:
-                self._unlink(spec)
+                self._unlink(addresses)
         except Exception as exc:  # a load never takes the engine down: it is recomputed
             error = f"{type(exc).__name__}: {exc}"
         seconds = time.perf_counter() - start
@@ -221,22 +303,35 @@ class WorkerSide:
         """Requests whose blocks wait for a decoder's read, each with its expiry time."""
         self._sends.update(sends)
 
+    def _heard(self, message: bytes, now: float) -> None:
+        """Counts one decoder's notice (see RemoteSource.notice)."""
+        if not message.startswith(NOTICE_PREFIX):
+            log.debug("torch_kvreg connector: ignoring notice %r", message[:64])
+            return
+        body = message[len(NOTICE_PREFIX) :]
+        reader, readers = 0, 1
+        if b"\x00" in body:
+            body, _, tail = body.rpartition(b"\x00")
+            try:
+                reader, readers = (int(part) for part in tail.split(b"/"))
+            except ValueError:
+                log.debug("torch_kvreg connector: ignoring notice %r", message[:64])
+                return
+        request_id = body.decode(errors="replace")
+        first, seen, _ = self._notices.get(request_id, (now, set(), readers))
+        self._notices[request_id] = (first, seen | {reader}, readers)
+
     def _sent(self, now: float) -> set[str]:
         for notification in get_notifications():
-            message = notification.message
-            if not message.startswith(NOTICE_PREFIX):
-                log.debug("torch_kvreg connector: ignoring notice %r", message[:64])
-                continue
-            request_id = message[len(NOTICE_PREFIX) :].decode(errors="replace")
-            self._early_notices[request_id] = now
+            self._heard(notification.message, now)
         done: set[str] = set()
-        for request_id in list(self._early_notices):
-            if request_id in self._sends:
+        for request_id, (first, seen, readers) in list(self._notices.items()):
+            if request_id in self._sends and len(seen) >= readers:
                 del self._sends[request_id]
-                del self._early_notices[request_id]
+                del self._notices[request_id]
                 done.add(request_id)
-            elif now - self._early_notices[request_id] > _EARLY_NOTICE_S:
-                del self._early_notices[request_id]
+            elif now - first > _EARLY_NOTICE_S:
+                del self._notices[request_id]
         expired = [request_id for request_id, expires_at in self._sends.items() if expires_at <= time.time()]
         for request_id in expired:
             del self._sends[request_id]
