@@ -289,8 +289,8 @@ class Engine:
         with self.lock:
             self.links[info.remote_cluster_id] = link
             self._remember_sender(link.agent_name, info.remote_cluster_id)
-            self.link_phases[info.remote_cluster_id] = phases.done()
         self.heartbeat.start()
+        self.link_phases[info.remote_cluster_id] = phases.done()
         log.info("linked to cluster %d at %s:%d", info.remote_cluster_id, info.remote_ip, info.remote_port)
         return LLMStatusCode.LLM_SUCCESS
 
