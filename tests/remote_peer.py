@@ -114,6 +114,9 @@ def peer_main(commands, replies, cluster_id, wait_ms=2000, options=None, netns=N
                 replies.put(("ok", [tuple(n) for n in kv.get_notifications()]))
             elif op == "leases":  # leases peers hold on this process's caches
                 replies.put(("ok", dict(kv.remote.current_engine().holds.leases)))
+            elif op == "linked":  # the clusters this process counts as linked (links alive)
+                links = kv.remote.current_engine().links
+                replies.put(("ok", sorted(cluster for cluster, link in links.items() if link.alive)))
             elif op == "read":
                 replies.put(("ok", [t.clone() for t in caches[args]]))
             elif op == "read_blocks":  # (cache id, blocks) -> each tensor's blocks as bytes

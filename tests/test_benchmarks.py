@@ -107,6 +107,10 @@ def test_bench_remote_small(tmp_path):
     assert [row["pattern"] for row in result["rows"]] == ["random", "consecutive"]
     assert [row["pattern"] for row in result["shared_rows"]] == ["random", "consecutive"]
     assert result["cpu"] and "went by same-host copies" in stdout and "push:" in stdout and "verify=True:" in stdout
+    # The first link's phases, printed and recorded, adding up to its total.
+    phases = result["link_phases_ms"]
+    assert "first link, where the time went" in stdout and "same_host" in phases and "nixl_metadata" in phases
+    assert abs(sum(ms for name, ms in phases.items() if name != "total") - phases["total"]) <= 5.0
 
 
 def mooncake_or_skip():

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-from .. import lifecycle
+from .. import _C, lifecycle
 from ..errors import LLMException, LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
 from ..inflight import Transfer
 from ..registry import (
@@ -34,9 +35,11 @@ from . import plan
 from . import verify as remote_checks
 from .auth import LinkSecret
 from .engine import Engine
+from .handshake import cluster_list, link_timeout
 
 _engine: Engine | None = None
 _engine_lock = threading.Lock()
+_generation = 0  # counts stop_remote calls (under _engine_lock): an engine made late is not kept
 _link_secret: LinkSecret | None = None  # from initialize's options; peers must prove it
 
 
@@ -77,20 +80,31 @@ def existing_engine() -> Engine | None:
 
 def get_engine() -> Engine:
     """This process's engine, created on first use (initialize must have run)."""
-    global _engine
     engine = _engine
     if engine is not None:  # finalize drops it before the registry stops
         return engine
-    engine = existing_engine()
-    if engine is not None:
-        return engine
+    engine = existing_engine() or _make_engine()
+    assert engine is not None  # (made, or its making raised)
+    return engine
+
+
+def _make_engine(generation: int | None = None) -> Engine | None:
+    """The engine, made unless it exists. With ``generation``: on the thread a decoder's
+    initialize starts, so that the first link_clusters waits only for what is left of the
+    ~100 ms UCX takes to make a NIXL agent; nothing once finalize ran since, and a failure
+    is left for the first link to meet again and report."""
+    global _engine
     with _engine_lock:
-        if _engine is None:
-            engine = Engine(cluster_id(), _wait_ms(), _link_secret)
-            for cache in registered_caches():
-                if remote_accessible(cache):
-                    engine.register(cache)
-            _engine = engine
+        if _engine is None and generation in (None, _generation):
+            try:
+                engine = Engine(cluster_id(), _wait_ms(), _link_secret)
+                for cache in registered_caches():
+                    if remote_accessible(cache):
+                        engine.register(cache)
+                _engine = engine
+            except Exception:
+                if generation is None:
+                    raise
         return _engine
 
 
@@ -103,6 +117,8 @@ class _RemoteLifecycle:
         _link_secret = LinkSecret.from_options(options)
         if OPTION_LISTEN_IP_INFO in options:
             start_listening(options[OPTION_LISTEN_IP_INFO])
+        elif _C.config().role == LlmRole.DECODER and nixl_available():  # it links: its engine is made meanwhile
+            threading.Thread(target=_make_engine, args=(_generation,), name="kvreg-engine", daemon=True).start()
 
     def registered(self, cache: Cache) -> None:
         engine = _engine
@@ -131,9 +147,10 @@ def start_listening(address: str) -> None:
 
 def stop_remote() -> None:
     """Unlinks, stops serving, deregisters from NIXL (finalize does it)."""
-    global _engine
+    global _engine, _generation
     with _engine_lock:
         engine, _engine = _engine, None
+        _generation += 1
     if engine is not None:
         engine.close()
 
@@ -158,25 +175,6 @@ def listen_address() -> str | None:
     return None if engine is None else engine.listen_address
 
 
-def _cluster_list(clusters: object) -> list[ClusterInfo]:
-    if isinstance(clusters, ClusterInfo):
-        clusters = [clusters]
-    if isinstance(clusters, (str, bytes)) or not isinstance(clusters, Sequence):
-        raise wrong_type(f"clusters must be a sequence of ClusterInfo, got {type(clusters).__name__}")
-    out = list(clusters)
-    for i, info in enumerate(out):
-        if not isinstance(info, ClusterInfo):
-            raise wrong_type(f"clusters[{i}] is a {type(info).__name__}, not a ClusterInfo")
-    return out
-
-
-def _timeout(timeout_ms: int) -> int:
-    timeout_ms = as_int(timeout_ms, "timeout_ms")
-    if timeout_ms <= 0:
-        raise param_invalid(f"timeout_ms must be positive, got {timeout_ms}")
-    return timeout_ms
-
-
 @raises_llm
 def link_clusters(clusters: Sequence[ClusterInfo], timeout_ms: int = 3000) -> tuple[LLMStatusCode, list[LLMStatusCode]]:
     """Links to remote clusters; returns (overall status, one status per cluster).
@@ -187,16 +185,18 @@ def link_clusters(clusters: Sequence[ClusterInfo], timeout_ms: int = 3000) -> tu
     (<LLMStatusCode.LLM_SUCCESS: 0>, [])
     >>> kv.finalize()
     """
-    clusters = _cluster_list(clusters)
-    timeout_ms = _timeout(timeout_ms)
+    clusters = cluster_list(clusters)
+    timeout_ms = link_timeout(timeout_ms)
     if len(clusters) > MAX_CLUSTERS:
         code = LLMStatusCode.LLM_CLUSTER_NUM_EXCEED_LIMIT
         return code, [code] * len(clusters)
     if not clusters:
         require_initialized()
         return LLMStatusCode.LLM_SUCCESS, []
+    started = time.perf_counter()
     engine = get_engine()
-    statuses = [engine.link(info, timeout_ms) for info in clusters]
+    waited_ms = (time.perf_counter() - started) * 1000.0  # the first link's "agent" phase
+    statuses = [engine.link(info, timeout_ms, 0.0 if i else waited_ms) for i, info in enumerate(clusters)]
     failed = [s for s in statuses if s != LLMStatusCode.LLM_SUCCESS]
     return (failed[0] if failed else LLMStatusCode.LLM_SUCCESS), statuses
 
@@ -206,8 +206,8 @@ def unlink_clusters(
     clusters: Sequence[ClusterInfo], timeout_ms: int = 3000, force: bool = False
 ) -> tuple[LLMStatusCode, list[LLMStatusCode]]:
     """Unlinks remote clusters; returns (overall status, one status per cluster)."""
-    clusters = _cluster_list(clusters)
-    _timeout(timeout_ms)
+    clusters = cluster_list(clusters)
+    link_timeout(timeout_ms)
     if len(clusters) > MAX_CLUSTERS:
         code = LLMStatusCode.LLM_CLUSTER_NUM_EXCEED_LIMIT
         return code, [code] * len(clusters)

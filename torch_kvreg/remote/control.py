@@ -82,6 +82,9 @@ class Link:
         # A peer on this host whose memory this process may copy directly: its pid.
         self.peer_pid: int | None = None
         self.same_host_nonce: np.ndarray | None = None  # what we showed a linker, kept alive
+        # Work a served request left for after its reply has gone out (the engine loading a
+        # linker's agent metadata while the linker loads ours); an LLMException drops the link.
+        self.after_reply: Callable[[], None] | None = None
 
     @property
     def cluster_id(self) -> int | None:
@@ -216,6 +219,13 @@ class Link:
             self._reply(reply, request_id)
             if handshake and isinstance(reply, protocol.Failure):
                 return  # a failed handshake ends the connection
+            then, self.after_reply = self.after_reply, None
+            if then is not None:
+                try:
+                    then()
+                except LLMException as exc:
+                    log.warning("dropping a link a peer opened: %s", exc.detail)
+                    return  # the peer's next request finds the link closed
 
     def start(self) -> None:
         threading.Thread(target=self.serve, name="kvreg-link", daemon=True).start()

@@ -22,7 +22,7 @@ from ..errors import LLMException, LLMStatusCode, make_error
 from ..inflight import Transfer
 from ..registry import cache_from_native
 from ..types import Cache, ClusterInfo, Placement
-from . import agent, auth, plan, protocol, same_host, shared_memory, verify
+from . import agent, auth, handshake, plan, protocol, same_host, shared_memory, verify
 from .control import ControlServer, Heartbeat, Link, connect
 from .jobs import PROC, Completion, NixlJob, SameHostJob
 from .leases import LEASE_LINGER_S, LocalHolds, PeerLeases, SharedLease, served_cache
@@ -49,7 +49,9 @@ class Engine:
         self.secret = secret  # set: every peer proves it knows the secret before it links
         self.name = f"kvreg-{cluster_id}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.host = same_host.host_identity()
+        started = time.perf_counter()
         self.agent = agent.make_agent(self.name)
+        self.agent_ms = (time.perf_counter() - started) * 1000.0  # what making it took (benchmarks print it)
         # One lock for the tables below, which change together (a route is usable only while
         # its lease is the shared one, its link current and its cache not closing).
         self.lock_raw = threading.RLock()  # self.lock's own lock, entered directly on hot paths
@@ -70,6 +72,8 @@ class Engine:
         self.server: ControlServer | None = None
         # Transfers started, by path ("mapped", "same_host", "nixl"): read by tests and benchmarks.
         self.paths: collections.Counter[str] = collections.Counter()
+        # Where the time of the latest successful link to each cluster went (LinkPhases.ms).
+        self.link_phases: dict[int, dict[str, float]] = {}
 
     # --- lifecycle -----------------------------------------------------------------------
     @property
@@ -158,24 +162,25 @@ class Engine:
 
     def greet(self, hello: protocol.Hello, link: Link) -> protocol.HelloReply:
         """A hello from the peer that opened ``link``. With its agent metadata, the link also
-        carries our requests to it: the peer's cluster counts as linked here too. With a
-        link secret, only after the peer answered our challenge."""
+        carries our requests to it: the peer's cluster counts as linked here too, once its
+        metadata is loaded, which happens right after this reply has gone out, while the
+        linker loads ours (each load costs UCX tens of ms; the linker's next request is read
+        only once ours is done, and a failed load drops the link). With a link secret, only
+        after the peer answered our challenge."""
         auth.check_hello(self.secret, self.cluster_id, hello, link)
         if hello.md is not None and link.info is None:
-            try:
-                loaded = self.agent.add_remote_agent(hello.md)
-            except Exception as exc:  # NIXL refusing the metadata
-                raise make_error(LLMStatusCode.LLM_LINK_FAILED, f"NIXL refused the peer's metadata: {exc}") from None
-            peer_host, peer_port = link.sock.getpeername()[:2]
-            link.agent_name = agent.agent_name(loaded)
-            link.info = ClusterInfo(hello.cluster_id, peer_host, peer_port)
-            with self.lock:
-                self._remember_sender(link.agent_name, hello.cluster_id)
-                current = self.links.get(hello.cluster_id)
-                if current is None or not current.alive:
-                    self.links[hello.cluster_id] = link
-            log.info("cluster %d linked to us from %s:%d", hello.cluster_id, peer_host, peer_port)
+            link.after_reply = functools.partial(self._load_linker, hello, link)
         return protocol.HelloReply(self.cluster_id, self.name, self.agent.get_agent_metadata(), self.host)
+
+    def _load_linker(self, hello: protocol.Hello, link: Link) -> None:
+        """The agent metadata a hello carried loaded, the peer counts as linked."""
+        link.info = handshake.load_linker(self.agent, hello, link)
+        with self.lock:
+            self._remember_sender(link.agent_name, hello.cluster_id)
+            current = self.links.get(hello.cluster_id)
+            if current is None or not current.alive:
+                self.links[hello.cluster_id] = link
+        log.info("cluster %d linked to us from %s:%d", hello.cluster_id, link.info.remote_ip, link.info.remote_port)
 
     def grant(self, request: protocol.Acquire, leases: set[int]) -> protocol.AcquireReply:
         """A lease for a peer on a remote-accessible local cache, named by id or key."""
@@ -255,33 +260,25 @@ class Engine:
         link.close()
 
     # --- links -------------------------------------------------------------------------
-    def link(self, info: ClusterInfo, timeout_ms: int) -> LLMStatusCode:
+    def link(self, info: ClusterInfo, timeout_ms: int, waited_ms: float = 0.0) -> LLMStatusCode:
+        """Links to ``info``'s cluster; a success records where the time went in
+        ``link_phases`` (``waited_ms``: what the caller waited for this engine, its "agent")."""
         with self.lock:
             current = self.links.get(info.remote_cluster_id)
         if current is not None:
             if current.alive:
                 return LLMStatusCode.LLM_ALREADY_LINK
             self.unlink(info.remote_cluster_id, force=True)  # a dead link is replaced
+        phases = handshake.LinkPhases(waited_ms)
         timeout_s = timeout_ms / 1000.0
         sock = connect((info.remote_ip, info.remote_port), timeout_s)
         if isinstance(sock, LLMStatusCode):
             return sock
         link = Link(self, sock, info, self.wait_s, authenticated=self.secret is None)
         link.start()
+        phases.lap("connect")
         try:
-            proof = None if self.secret is None else auth.prove(self.secret, self.cluster_id, link, info, timeout_s)
-            hello = protocol.Hello(self.cluster_id, self.name, self.agent.get_agent_metadata(), proof)
-            reply = protocol.HelloReply.parse(link.request(hello, timeout_s))
-            if reply.cluster_id != info.remote_cluster_id:
-                raise make_error(
-                    LLMStatusCode.LLM_LINK_FAILED,
-                    f"{info.remote_ip}:{info.remote_port} is cluster {reply.cluster_id}, not {info.remote_cluster_id}",
-                )
-            link.agent_name = agent.agent_name(self.agent.add_remote_agent(reply.md))
-            # Connect now, so that the first transfer does not pay for it.
-            with contextlib.suppress(Exception):
-                self.agent.make_connection(link.agent_name)
-            link.peer_pid = same_host.peer_pid(self.host, link, reply, timeout_s)
+            handshake.handshake(self, link, info, timeout_s, phases)
         except LLMException as exc:
             link.close()
             return exc.status_code
@@ -293,6 +290,7 @@ class Engine:
             self.links[info.remote_cluster_id] = link
             self._remember_sender(link.agent_name, info.remote_cluster_id)
         self.heartbeat.start()
+        self.link_phases[info.remote_cluster_id] = phases.done()
         log.info("linked to cluster %d at %s:%d", info.remote_cluster_id, info.remote_ip, info.remote_port)
         return LLMStatusCode.LLM_SUCCESS
 
