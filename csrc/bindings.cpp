@@ -10,6 +10,7 @@
 #include "remote_hooks.h"
 #include "status.h"
 
+#include <pybind11/functional.h>
 #include <pybind11/numpy.h>
 #include <pybind11/operators.h>
 #include <torch/extension.h>
@@ -167,7 +168,7 @@ kvreg::RemoteHooks python_hooks() {
         "transfer", t.pull, t.blocks, t.cluster_id, t.remote_cache_id, t.local_cache_id, t.src_blocks,
         t.dst_blocks, t.remote_index, t.local_index, t.size,
         std::make_pair(t.local_first_layer, t.local_stop_layer),
-        std::make_pair(t.remote_first_layer, t.remote_stop_layer), t.tensors_per_layer);
+        std::make_pair(t.remote_first_layer, t.remote_stop_layer), t.tensors_per_layer, t.verify);
   };
   return hooks;
 }
@@ -282,6 +283,20 @@ PYBIND11_MODULE(_C, m) {
       [](int64_t cache_id, const std::vector<int64_t>& tensors, const at::Tensor& blocks, int64_t offset,
          int64_t size) { return kvreg::checksum_blocks(cache_id, tensors, blocks, offset, size); },
       py::arg("cache_id"), py::arg("tensors"), py::arg("blocks"), py::arg("offset") = 0, py::arg("size") = -1,
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "copy_blocks_verified",
+      [](int64_t src_cache_id, int64_t dst_cache_id, const at::Tensor& src_blocks,
+         const at::Tensor& dst_blocks, const std::vector<int64_t>& src_tensors,
+         const std::vector<int64_t>& dst_tensors, bool slice, int64_t offset, int64_t size,
+         const kvreg::BlockHook& source_taken, const kvreg::BlockHook& landed) {
+        return kvreg::copy_blocks_verified(
+            src_cache_id, dst_cache_id, src_blocks, dst_blocks, src_tensors, dst_tensors, slice, offset, size,
+            source_taken, landed);
+      },
+      py::arg("src_cache_id"), py::arg("dst_cache_id"), py::arg("src_blocks"), py::arg("dst_blocks"),
+      py::arg("src_tensors"), py::arg("dst_tensors"), py::arg("slice") = false, py::arg("offset") = 0,
+      py::arg("size") = -1, py::arg("source_taken") = nullptr, py::arg("landed") = nullptr,
       py::call_guard<py::gil_scoped_release>());
   m.def("copy_strategy", [] { return kvreg::copy_strategy(); });
   m.def("set_copy_strategy", [](const std::string& name) { kvreg::set_copy_strategy(name); });

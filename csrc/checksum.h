@@ -1,13 +1,15 @@
 // CRC-32C (Castagnoli) of memory and of a registered cache's blocks: what verified
-// transfers compare (torch_kvreg/verify.py). SSE4.2's crc32 instruction on three
-// interleaved streams where the CPU has it (chosen at run time), slicing-by-8 tables where
-// it does not; both give the same values.
+// transfers compare (torch_kvreg/verify.py). Chosen at run time: PCLMULQDQ folding of four
+// 16-byte lanes for inputs of 256 bytes and more where the CPU has it, SSE4.2's crc32
+// instruction on three interleaved streams for shorter ones (and where there is no
+// PCLMULQDQ), slicing-by-8 tables elsewhere; all give the same values.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -18,7 +20,7 @@ namespace kvreg {
 uint32_t crc32c(uint32_t crc, const void* data, size_t nbytes);
 // The same, by the portable tables whatever the CPU (tests compare the two).
 uint32_t crc32c_portable(uint32_t crc, const void* data, size_t nbytes);
-// "sse4.2" or "portable": what crc32c runs on this CPU.
+// "pclmulqdq", "sse4.2" or "portable": what crc32c runs on this CPU for long inputs.
 std::string crc32c_implementation();
 
 // One CRC-32C per entry of `blocks`: bytes [offset, offset + size) of that dim-0 slice of
@@ -30,5 +32,24 @@ std::string crc32c_implementation();
 at::Tensor checksum_blocks(
     int64_t cache_id, const std::vector<int64_t>& tensors, const at::Tensor& blocks, int64_t offset,
     int64_t size);
+
+// Test hooks of copy_blocks_verified, called with (cache id, block) on the calling thread.
+using BlockHook = std::function<void(int64_t, int64_t)>;
+
+// A verified copy between two HOST caches: dim-0 slice src_blocks[j] of each tensor in
+// src_tensors (empty: all) goes to dst_blocks[j] of the matching tensor in dst_tensors, and
+// row 0 / row 1 of the returned [2, n] int64 tensor hold the CRC-32C of each source block
+// (chained over its tensors) and of the destination block once it landed. Block by block:
+// the source block's CRC is taken, then it is copied while its lines are still in the
+// cache, then the CRC of what landed there is read back (also from the cache), so each
+// byte leaves main memory once, as in the unverified copy. `slice`: one pair, bytes
+// [offset, offset + size) (size -1: to the end), as copy_kv_cache. Every check of the
+// unverified copy is made before any byte moves. `source_taken` runs after a block's
+// source CRC, before its copy; `landed` after its copy, before its CRC; with either set
+// the pairs go one at a time on the calling thread.
+at::Tensor copy_blocks_verified(
+    int64_t src_id, int64_t dst_id, const at::Tensor& src_blocks, const at::Tensor& dst_blocks,
+    const std::vector<int64_t>& src_tensors, const std::vector<int64_t>& dst_tensors, bool slice,
+    int64_t offset, int64_t size, const BlockHook& source_taken, const BlockHook& landed);
 
 }  // namespace kvreg

@@ -2,6 +2,7 @@
 #include "llm_datadist/llm_datadist.h"
 
 #include "cache_desc.h"
+#include "checksum.h"
 #include "copy_plan.h"
 #include "host_pin.h"
 #include "kernels.h"
@@ -91,6 +92,39 @@ bool signed_blocks(const std::vector<uint64_t>& blocks, std::vector<int64_t>& ou
 
 at::Tensor block_tensor(const std::vector<int64_t>& blocks) {
   return at::tensor(blocks, at::TensorOptions().dtype(at::kLong));
+}
+
+// Whether option llm.VerifyTransfers asks for every transfer of the process to be verified.
+bool verify_all() {
+  const kvreg::Options options = Registry::instance().config().options;
+  const auto found = options.find(kvreg::kOptionVerifyTransfers);
+  return found != options.end() && found->second == "1";
+}
+
+// A verified local copy (torch_kvreg.verify's, natively): HOST caches in one pass
+// (kvreg::copy_blocks_verified), others with the CRCs taken before and after the copy.
+// LLM_FAILED when a destination block differs from its source.
+Status verified_copy(
+    int64_t src_id, int64_t dst_id, const std::vector<int64_t>& src_blocks,
+    const std::vector<int64_t>& dst_blocks, bool slice, int64_t offset, int64_t size) {
+  const at::Tensor sources = block_tensor(src_blocks), destinations = block_tensor(dst_blocks);
+  const bool on_host = Registry::instance().get(src_id).desc.placement == kvreg::Placement::HOST &&
+                       Registry::instance().get(dst_id).desc.placement == kvreg::Placement::HOST;
+  at::Tensor expected, landed;
+  if (on_host) {
+    const at::Tensor sums = kvreg::copy_blocks_verified(
+        src_id, dst_id, sources, destinations, {}, {}, slice, offset, size, {}, {});
+    expected = sums[0], landed = sums[1];
+  } else {
+    expected = kvreg::checksum_blocks(src_id, {}, sources, offset, size);
+    if (slice) {
+      kvreg::copy_kv_cache(src_id, dst_id, src_blocks[0], dst_blocks[0], offset, size);
+    } else {
+      kvreg::copy_kv_blocks(src_id, dst_id, sources, destinations);
+    }
+    landed = kvreg::checksum_blocks(dst_id, {}, destinations, offset, size);
+  }
+  return at::equal(expected, landed) ? LLM_SUCCESS : LLM_FAILED;
 }
 
 // KvCacheExtParam's inclusive pair as a half-open range; {-1, -1}: every layer (stop 0).
@@ -327,6 +361,11 @@ Status LlmDataDist::CopyKvCache(
     if (offset > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
       return LLM_PARAM_INVALID;
     }
+    if (verify_all()) {
+      return verified_copy(
+          src_cache.cache_id, dst_cache.cache_id, {src_batch_index}, {dst_batch_index}, true,
+          static_cast<int64_t>(offset), size);
+    }
     kvreg::copy_kv_cache(
         src_cache.cache_id, dst_cache.cache_id, src_batch_index, dst_batch_index,
         static_cast<int64_t>(offset), size);
@@ -355,7 +394,16 @@ Status LlmDataDist::CopyKvBlocks(
           kvreg::kMaxSegmentBytes);
     }
     const at::Tensor source_tensor = block_tensor(sources);
+    const bool verify = verify_all();
     for (const auto& group : groups) {
+      if (verify) {
+        const Status status =
+            verified_copy(src_cache.cache_id, dst_cache.cache_id, sources, group, false, 0, -1);
+        if (status != LLM_SUCCESS) {
+          return status;
+        }
+        continue;
+      }
       kvreg::copy_kv_blocks(src_cache.cache_id, dst_cache.cache_id, source_tensor, block_tensor(group));
     }
     return LLM_SUCCESS;
@@ -373,10 +421,12 @@ Status remote_transfer(kvreg::RemoteTransfer transfer, const KvCacheExtParam& ex
     }
     int64_t src_first = 0, src_stop = 0, dst_first = 0, dst_stop = 0;
     if (!layer_range(ext_param.src_layer_range, src_first, src_stop) ||
-        !layer_range(ext_param.dst_layer_range, dst_first, dst_stop) || ext_param.tensor_num_per_layer == 0) {
+        !layer_range(ext_param.dst_layer_range, dst_first, dst_stop) || ext_param.tensor_num_per_layer == 0 ||
+        ext_param.verify > 1) {
       return LLM_PARAM_INVALID;
     }
     transfer.tensors_per_layer = ext_param.tensor_num_per_layer;
+    transfer.verify = ext_param.verify == 1;
     if (transfer.pull) {
       transfer.remote_first_layer = src_first, transfer.remote_stop_layer = src_stop;
       transfer.local_first_layer = dst_first, transfer.local_stop_layer = dst_stop;

@@ -25,6 +25,7 @@ struct RemoteTransfer {
   int64_t local_first_layer = 0, local_stop_layer = 0;
   int64_t remote_first_layer = 0, remote_stop_layer = 0;
   int64_t tensors_per_layer = 2;
+  bool verify = false;  // KvCacheExtParam::verify (else the process option decides)
 };
 
 // Each returns an LLM status (0: success). A null member: no Python in this process.

@@ -18,7 +18,7 @@ import torch_kvreg as kv
 from torch_kvreg import LLMStatusCode as S
 from torch_kvreg.options import UPSTREAM, Form
 
-from remote_peer import Peer, paged
+from remote_peer import Peer, paged, set_verify_hook
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler")
@@ -91,6 +91,7 @@ def shim(tmp_path_factory):
         "shim_link": (u32, [u64, ctypes.c_char_p, ctypes.c_uint16, i32, ctypes.c_int]),
         "shim_unlink": (u32, [u64, i32, ctypes.c_bool]),
         "shim_pull_blocks": (u32, [u64, i64, i64, p_u64, p_u64, ctypes.c_int, i32, i32, i32, i32, ctypes.c_int]),
+        "shim_pull_blocks_verify": (u32, [u64, i64, i64, p_u64, p_u64, ctypes.c_int, ctypes.c_int]),
         "shim_push_blocks": (u32, [i64, u64, i64, p_u64, p_u64, ctypes.c_int]),
         "shim_pull_cache": (u32, [u64, i64, u32, i64, u32, i64]),
         "shim_push_cache": (u32, [i64, u32, u64, i64, u32]),
@@ -367,6 +368,40 @@ def test_link_pull_push_from_cpp_in_a_python_process(shim):
         assert cpp.unlink(6, 1000, False) == S.LLM_SUCCESS
         assert cpp.pull_cache(6, two, 3, local_id, 1, -1) == S.LLM_NOT_YET_LINK
         peer.call("unregister", two)
+        cpp.finalize()
+        cpp.destroy()
+    finally:
+        peer.close()
+
+
+def test_a_pull_from_cpp_verifies_when_its_ext_param_asks(shim):
+    """KvCacheExtParam::verify (our extension, a byte upstream reserves): 1 compares every
+    block's CRC once it landed (a byte corrupted after landing is LLM_FAILED), 0 leaves it
+    to the option (unverified here: the same corruption passes), 2 is LLM_PARAM_INVALID."""
+    peer = Peer(cluster_id=7)
+    try:
+        remote_id = peer.call("register", (2, 8, (16, 8), 33, True))
+        theirs = paged(2, 8, (16, 8), 33)
+        cpp = Cpp(shim, cluster_id=3, role=2)
+        assert cpp.initialize() == S.LLM_SUCCESS
+        mine = [torch.zeros(8, 16, 8, dtype=torch.float16) for _ in range(2)]
+        status, local_id = cpp.register(ptrs(mine), [8, 16, 8], data_type=DT_FLOAT16)
+        assert status == S.LLM_SUCCESS
+        assert cpp.link(7, peer.host.encode(), peer.port, 3000, 1) == S.LLM_SUCCESS
+        src, dst = arr(u64, [1, 4]), arr(u64, [2, 6])
+        assert cpp.pull_blocks_verify(7, remote_id, local_id, src, dst, 2, 1) == S.LLM_SUCCESS
+        assert torch.equal(mine[1][[2, 6]], theirs[1][[1, 4]])
+        set_verify_hook({local_id: mine}, ("landed", local_id, 6))  # flips a bit once it landed
+        try:
+            assert cpp.pull_blocks_verify(7, remote_id, local_id, src, dst, 2, 1) == S.LLM_FAILED
+            assert cpp.pull_blocks_verify(7, remote_id, local_id, src, dst, 2, 0) == S.LLM_SUCCESS
+            mine[0].zero_()
+            assert cpp.pull_blocks_verify(7, remote_id, local_id, src, dst, 2, 2) == S.LLM_PARAM_INVALID
+            assert not mine[0].any()  # refused before any byte moved
+        finally:
+            set_verify_hook({}, None)
+        assert cpp.unlink(7, 1000, False) == S.LLM_SUCCESS
+        peer.call("unregister", remote_id)
         cpp.finalize()
         cpp.destroy()
     finally:

@@ -164,6 +164,56 @@ def test_local_copies(datadist):
     assert torch.equal(other_t[0][0], blocks_t[0][1])
 
 
+def test_local_copies_take_verify_and_name_what_differs(datadist):
+    """verify=True (our extension) on the facade's copies: a block corrupted once it landed
+    is LLM_FAILED naming it; the same copies unverified pass; a verify that is no bool is
+    LLM_PARAM_INVALID before any byte moves."""
+    from torch_kvreg import verify
+
+    manager = datadist.cache_manager
+    src_t = [torch.arange(32.0).reshape(4, 8) + 100 * i for i in range(2)]
+    dst_t = [torch.zeros(4, 8) for _ in range(2)]
+    src = manager.register_blocks_cache(host_desc(), addrs(src_t))
+    dst = manager.register_blocks_cache(host_desc(), addrs(dst_t))
+    manager.swap_blocks(src, dst, {1: 2}, verify=True)
+    manager.copy_blocks(src, {0: [3]}, verify=True)
+    manager.copy_cache(dst, src, 1, 0, verify=True)
+    assert torch.equal(dst_t[1][2], src_t[1][1]) and torch.equal(src_t[0][3], src_t[0][0])
+    assert torch.equal(dst_t[0][1], src_t[0][0])
+
+    def corrupt(cache_id, blocks):
+        if cache_id == dst.cache_id:
+            dst_t[0][blocks[0]][0] += 1.0
+
+    verify.landing_checked = corrupt
+    try:
+        calls = [
+            lambda: manager.swap_blocks(src, dst, {1: 2}, verify=True),
+            lambda: manager.copy_cache(dst, src, 1, 0, verify=True),
+        ]
+        for call, block in zip(calls, (2, 1)):
+            with pytest.raises(LLMException) as info:
+                call()
+            assert info.value.status_code == LLMStatusCode.LLM_FAILED and info.value.failed_blocks == [block]
+        manager.swap_blocks(src, dst, {1: 2})  # unverified: the hook is not even asked
+        before = [t.clone() for t in dst_t]
+        for call in (
+            lambda: manager.swap_blocks(src, dst, {1: 0}, verify=1),
+            lambda: manager.copy_blocks(src, {0: [2]}, verify="yes"),
+            lambda: manager.copy_cache(dst, src, 0, 1, verify=None),
+            lambda: manager.pull_blocks(BlocksCacheKey(9), dst, [0], [0], verify=1),
+            lambda: manager.push_blocks(BlocksCacheKey(9), src, [0], [0], verify=0),
+            lambda: manager.pull_cache(CacheKeyByIdAndIndex(9, 1), dst, verify="1"),
+            lambda: manager.push_cache(CacheKeyByIdAndIndex(9, 1), src, verify=1.0),
+        ):
+            with pytest.raises(LLMException) as info:
+                call()
+            assert info.value.status_code == P
+        assert all(torch.equal(x, y) for x, y in zip(before, dst_t))
+    finally:
+        verify.landing_checked = None
+
+
 # --- bad input: upstream's status, nothing changed ------------------------------------------
 class World:
     def __init__(self, datadist):
@@ -412,6 +462,29 @@ def test_keys_and_layer_ranges_with_a_peer(peer, datadist):
     manager.pull_cache(CacheKeyByIdAndIndex(8, batch_id, 1), batch, batch_index=0, size=64)
     assert torch.equal(slots[0][0].flatten()[:32], batch_theirs[0][1].flatten()[:32])
     assert not slots[0][0].flatten()[32:].any()
+    # verify=True (our extension): a block corrupted once it landed fails the pull, naming it.
+    theirs_upper = {"src_layer_range": range(2, 4), "dst_layer_range": range(0, 2)}
+    manager.pull_blocks(BlocksCacheKey(8, 2), local, [2], [1], verify=True, **theirs_upper)
+    manager.pull_cache(CacheKey(8, 41), batch, batch_index=0, verify=True)
+    manager.push_blocks(
+        BlocksCacheKey(8, 2), local, [1], [0], src_layer_range=range(0, 2), dst_layer_range=range(2, 4), verify=True
+    )
+    assert torch.equal(slots[1][0], batch_theirs[1][1]) and torch.equal(peer.call("read", blocks_id)[7][0], mine[3][1])
+    from torch_kvreg import verify
+
+    def corrupt(cache_id, blocks):
+        if cache_id == local.cache_id:
+            for block in blocks:
+                mine[0][block].view(-1)[0] += 1.0
+
+    verify.landing_checked = corrupt
+    try:
+        with pytest.raises(LLMException) as info:
+            manager.pull_blocks(BlocksCacheKey(8, 2), local, [2, 3], [1, 4], verify=True, **theirs_upper)
+        assert info.value.status_code == LLMStatusCode.LLM_FAILED and info.value.failed_blocks == [1, 4]
+        manager.pull_blocks(BlocksCacheKey(8, 2), local, [2, 3], [1, 4], **theirs_upper)  # unverified: passes
+    finally:
+        verify.landing_checked = None
     assert peer.settled_leases() == {}
     peer.call("unregister", blocks_id)
     peer.call("unregister", batch_id)

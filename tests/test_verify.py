@@ -46,13 +46,15 @@ def test_crc32c_known_values(portable):
     for data, expected in KNOWN:
         assert _C.crc32c(data, 0, portable) == expected, data
     assert crc32c_reference(b"123456789") == 0xE3069283
-    assert _C.crc32c_implementation() in ("sse4.2", "portable")
+    assert _C.crc32c_implementation() in ("pclmulqdq", "sse4.2", "portable")
 
 
 def test_crc32c_matches_the_reference_at_odd_lengths_and_alignments():
     rng = random.Random(24)
-    # Around the native code's stride boundaries (3 x 256 and 3 x 4096 bytes) and beyond.
-    lengths = [0, 1, 7, 8, 9, 63, 767, 768, 769, 1536, 12287, 12288, 12289, 24583, 40000]
+    # Around the native code's boundaries (PCLMULQDQ folding from 256 bytes in 64-byte
+    # rounds, crc32 strides of 3 x 256 and 3 x 4096 bytes) and beyond.
+    lengths = [0, 1, 7, 8, 9, 63, 64, 65, 255, 256, 257, 319, 320, 321, 383, 767, 768, 769, 1536]
+    lengths += [12287, 12288, 12289, 24583, 40000]
     lengths += [rng.randrange(1, 50_000) for _ in range(10)]
     checked = 0
     for length in lengths:
@@ -119,6 +121,49 @@ def test_clean_local_copies_pass_verified(local_pair):
     kv.swap_blocks(a, b, {7: 8}, verify=True)
     kv.copy_kv_cache(a, b, 10, 11, 64, 128, verify=True)
     assert torch.equal(dst[3][11].view(torch.uint8).flatten()[64:192], src[3][10].view(torch.uint8).flatten()[64:192])
+
+
+def test_a_verified_local_copy_takes_each_blocks_crcs_around_its_copy(local_pair):
+    """Between HOST caches a verified copy is one pass: block by block, the source CRC,
+    the copy, the landed CRC (the hooks run in those windows, per block, in that order)."""
+    a, src, b, dst = local_pair
+    events = []
+
+    def source(cache_id, blocks):
+        assert cache_id == a.cache_id and len(blocks) == 1
+        # The block has not moved yet: its destination still holds what it held.
+        events.append(("source", blocks[0], bool(torch.equal(dst[0][pairs[blocks[0]]], src[0][blocks[0]]))))
+
+    def landed(cache_id, blocks):
+        assert cache_id == b.cache_id and len(blocks) == 1
+        events.append(("landed", blocks[0]))
+
+    pairs = {3: 1, 9: 2, 4: 3}
+    verify.source_checksummed, verify.landing_checked = source, landed
+    kv.copy_kv_blocks(a, b, list(pairs), list(pairs.values()), verify=True)
+    assert events == [e for s_, d_ in pairs.items() for e in (("source", s_, False), ("landed", d_))]
+    assert all(torch.equal(dst[t][[1, 2, 3]], src[t][[3, 9, 4]]) for t in range(4))
+
+
+def test_a_verified_local_copy_moves_nothing_on_bad_input(local_pair):
+    a, src, b, dst = local_pair
+    calls = [
+        (lambda: kv.copy_kv_blocks(a, b, [1, 16], [1, 2], verify=True), IndexError),
+        (lambda: kv.copy_kv_blocks(a, b, [1, 2], [3, 3], verify=True), ValueError),
+        (lambda: kv.copy_kv_blocks(a, a, [1, 2], [2, 5], verify=True), ValueError),
+        (lambda: kv.copy_kv_blocks(a, b, [1], [1, 2], verify=True), ValueError),
+        (lambda: kv.copy_kv_cache(a, b, 1, 1, 0, a.cache_desc.block_nbytes + 1, verify=True), ValueError),
+        (lambda: kv.copy_kv_blocks_async(a, b, [1, 16], [1, 2], verify=True), IndexError),
+    ]
+    for call, kind in calls:
+        with pytest.raises(kv.LLMException) as info:
+            call()
+        assert info.value.status_code == LLMStatusCode.LLM_PARAM_INVALID and isinstance(info.value, kind)
+    assert all(not t.any() for t in dst)
+    before = [t.clone() for t in src]
+    with pytest.raises(ValueError):  # the tensor selections must pair up
+        _C.copy_blocks_verified(a.cache_id, b.cache_id, torch.tensor([1]), torch.tensor([1]), [0, 1], [0])
+    assert all(torch.equal(x, y) for x, y in zip(before, src)) and all(not t.any() for t in dst)
 
 
 def hooked(where, tensors_of, block):

@@ -1,6 +1,6 @@
 # Types of the native module torch_kvreg._C (csrc/bindings.cpp). Importing it also defines
 # torch.ops.llm. Keep this in step with bindings.cpp: tests/test_typing.py compares the two.
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -212,6 +212,19 @@ def crc32c(data: bytes | bytearray | memoryview | np.ndarray, crc: int = 0, port
 def crc32c_implementation() -> str: ...
 def checksum_blocks(
     cache_id: int, tensors: list[int], blocks: torch.Tensor, offset: int = 0, size: int = -1
+) -> torch.Tensor: ...
+def copy_blocks_verified(
+    src_cache_id: int,
+    dst_cache_id: int,
+    src_blocks: torch.Tensor,
+    dst_blocks: torch.Tensor,
+    src_tensors: list[int],
+    dst_tensors: list[int],
+    slice: bool = False,
+    offset: int = 0,
+    size: int = -1,
+    source_taken: Callable[[int, int], None] | None = None,
+    landed: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor: ...
 def copy_strategy() -> str: ...
 def set_copy_strategy(name: str, /) -> None: ...

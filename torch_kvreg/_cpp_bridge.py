@@ -94,6 +94,7 @@ def transfer(
     local_layers: tuple[int, int],
     remote_layers: tuple[int, int],
     tensors_per_layer: int,
+    verify: bool = False,
 ) -> None:
     from . import registry, remote
     from .errors import raises_llm
@@ -111,6 +112,7 @@ def transfer(
             _layers(local_layers),
             _layers(remote_layers),
             tensors_per_layer,
+            verify=verify,
         )
     else:
         raises_llm(remote.transfer_slice)(
@@ -124,4 +126,5 @@ def transfer(
             _layers(local_layers),
             _layers(remote_layers),
             tensors_per_layer,
+            verify=verify,
         )

@@ -15,7 +15,7 @@ from . import verify as verification
 from .errors import LLMException, LLMStatusCode, make_error, raises_llm, translate, wrong_type
 from .inflight import Transfer
 from .registry import cache_id_of, get_cache
-from .types import Blocks, Cache, as_int, block_tensor, layer_tensors
+from .types import Blocks, Cache, Placement, as_int, block_tensor, layer_tensors
 
 # Local asynchronous copies run here, one at a time (each copy already uses every core).
 _copier: concurrent.futures.ThreadPoolExecutor | None = None
@@ -73,17 +73,25 @@ def copy_kv_blocks(
         desc = get_cache(src_id).cache_desc
         selected = None if layers is None else _layer_tensors(src_id, dst_id, layers, tensors_per_layer)
         src_tensors, dst_tensors = (None, None) if selected is None else selected
+        tensors = desc.num_tensors if selected is None else len(selected[0])
+        if checked and _on_host(src_id, dst_id):
+            verification.copied("local copy", src_id, dst_id, src_list, dst_list, selected)
+            counted.nbytes = src_list.numel() * desc.block_nbytes * tensors
+            return
         expected = verification.source_checksums(src_id, src_tensors, src_list) if checked else None
         if selected is None:
             torch.ops.llm.copy_kv_blocks(src_id, dst_id, src_list, dst_list)
-            tensors = desc.num_tensors
         else:
             _C.copy_blocks_of_tensors(src_id, dst_id, src_list, dst_list, *selected)
-            tensors = len(selected[0])
         if expected is not None:
             landed = verification.landed_checksums(dst_id, dst_tensors, dst_list)
             verification.check_landed("local copy", dst_list.tolist(), expected, landed)
         counted.nbytes = src_list.numel() * desc.block_nbytes * tensors
+
+
+def _on_host(src_id: int, dst_id: int) -> bool:
+    """Whether both caches are HOST memory (a verified copy between them is one pass)."""
+    return get_cache(src_id).cache_desc.placement == get_cache(dst_id).cache_desc.placement == Placement.HOST
 
 
 class _LocalCopyCount:
@@ -150,6 +158,12 @@ def copy_kv_cache(
         src_index, dst_index = as_int(src_batch_index, "src_batch_index"), as_int(dst_batch_index, "dst_batch_index")
         offset, size = as_int(offset, "offset"), as_int(size, "size")
         # (the copy checks the arguments before any byte moves; the CRCs, taken first, too)
+        if checked and _on_host(src_id, dst_id):
+            slice_bytes = (offset, size)
+            one = torch.tensor([src_index]), torch.tensor([dst_index])
+            verification.copied("local copy", src_id, dst_id, *one, slice_bytes=slice_bytes)
+            counted.nbytes = (desc.block_nbytes - offset if size == -1 else size) * desc.num_tensors
+            return
         expected = verification.source_checksums(src_id, None, [src_index], size, offset) if checked else None
         torch.ops.llm.copy_kv_cache(src_id, dst_id, src_index, dst_index, offset, size)
         if expected is not None:
@@ -208,6 +222,7 @@ def copy_kv_blocks_async(
     _C.plan_blocks(fields[0], src_id, fields[1], dst_id, src_list, dst_list, 1 << 20, same)
     nbytes = src_list.numel() * src_cache.cache_desc.block_nbytes * counts[0]
     transfer_blocks = dst_list.tolist()
+    on_host = src_cache.cache_desc.placement == dst_cache.cache_desc.placement == Placement.HOST
     transfer = Transfer(nbytes, transfer_blocks, "local copy", "local_copy")
     held = []
     try:
@@ -222,6 +237,10 @@ def copy_kv_blocks_async(
     def run() -> None:
         try:
             src_tensors, dst_tensors = (None, None) if tensors is None else tensors
+            if checked and on_host:
+                verification.copied("local copy", src_id, dst_id, src_list, dst_list, tensors)
+                transfer.succeed()
+                return
             expected = verification.source_checksums(src_id, src_tensors, src_list) if checked else None
             if tensors is None:
                 _C.copy_blocks(src_id, dst_id, src_list, dst_list)

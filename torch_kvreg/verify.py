@@ -107,6 +107,42 @@ def landed_checksums(
     return checksums(cache_id, tensors, blocks, size, offset)
 
 
+def copied(
+    description: str,
+    src_id: int,
+    dst_id: int,
+    src_blocks: torch.Tensor,
+    dst_blocks: torch.Tensor,
+    tensors: tuple[Sequence[int], Sequence[int]] | None = None,
+    slice_bytes: tuple[int, int] | None = None,
+) -> None:
+    """A verified copy between two HOST caches of this process in one pass (csrc's
+    copy_blocks_verified): block by block, the source block's CRC, its copy while it is in
+    the cache, the CRC of what landed (read back from the cache); raises ``mismatch``'s
+    error. ``tensors``: (source, destination) tensor indices (None: all); ``slice_bytes``:
+    (offset, size) of the one slice a copy_kv_cache moves. The test hooks run per block,
+    in the window they name (after the block's source CRC; after it landed)."""
+    source_hook, landed_hook = source_checksummed, landing_checked
+    offset, size = (0, -1) if slice_bytes is None else slice_bytes
+    sums = _C.copy_blocks_verified(
+        src_id,
+        dst_id,
+        src_blocks,
+        dst_blocks,
+        list(tensors[0]) if tensors else [],
+        list(tensors[1]) if tensors else [],
+        slice_bytes is not None,
+        offset,
+        size,
+        None if source_hook is None else lambda cache_id, block: source_hook(cache_id, [block]),
+        None if landed_hook is None else lambda cache_id, block: landed_hook(cache_id, [block]),
+    )
+    differ = sums[0] != sums[1]
+    if bool(differ.any()):
+        dst = dst_blocks.reshape(-1).to(torch.long)
+        check_landed(description, dst.tolist(), sums[0].tolist(), sums[1].tolist())
+
+
 def _ints(blocks: Blocks | torch.Tensor) -> list[int]:
     return [int(b) for b in (blocks.tolist() if isinstance(blocks, torch.Tensor) else blocks)]  # type: ignore[union-attr]
 

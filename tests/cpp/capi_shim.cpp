@@ -150,6 +150,20 @@ uint32_t shim_pull_blocks(
       std::vector<uint64_t>(dst_blocks, dst_blocks + n), ext(src_first, src_last, dst_first, dst_last, tpl));
 }
 
+// PullKvBlocks (every layer) with KvCacheExtParam::verify set to `verify`.
+uint32_t shim_pull_blocks_verify(
+    uint64_t cluster_id, int64_t remote_id, int64_t local_id, const uint64_t* src_blocks,
+    const uint64_t* dst_blocks, int n, int verify) {
+  CacheIndex index;
+  index.cluster_id = cluster_id;
+  index.cache_id = remote_id;
+  KvCacheExtParam param;
+  param.verify = static_cast<uint8_t>(verify);
+  return datadist->PullKvBlocks(
+      index, cache_of(local_id), std::vector<uint64_t>(src_blocks, src_blocks + n),
+      std::vector<uint64_t>(dst_blocks, dst_blocks + n), param);
+}
+
 uint32_t shim_push_blocks(
     int64_t local_id, uint64_t cluster_id, int64_t remote_id, const uint64_t* src_blocks,
     const uint64_t* dst_blocks, int n) {

@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 import torch
 
 from .. import registry, remote, transfer
+from .. import verify as verification
 from ..allocate import allocate_kv_cache
 from ..errors import LLMException, LLMStatusCode, make_error, param_invalid, raises_llm, wrong_type
 from ..types import Placement, RegisterCfg
@@ -220,18 +221,25 @@ class CacheManager:
         offset: int = 0,
         size: int = -1,
         req_id: int | None = None,
+        *,
+        verify: bool = False,
     ) -> None:
-        """Copies a batch slot (destination first, as upstream)."""
+        """Copies a batch slot (destination first, as upstream). ``verify`` (torch_kvreg's
+        extension, here and on every copy, pull and push of this class): CRC-32C of each
+        block compared once it landed, see torch_kvreg.verify; option llm.VerifyTransfers
+        verifies every transfer."""
         self._check()
         dst, src = _cache(dst, "dst"), _cache(src, "src")
         check_int("dst_batch_index", dst_batch_index, 0, UINT32_MAX)
         check_int("src_batch_index", src_batch_index, 0, UINT32_MAX)
         if size != -1 and check_int("size", size, 1, 2**63 - 1) <= 0:
             raise param_invalid(f"size must be -1 or > 0, got {size}")
-        transfer.copy_kv_cache(src.cache_id, dst.cache_id, src_batch_index, dst_batch_index, offset, size)
+        transfer.copy_kv_cache(
+            src.cache_id, dst.cache_id, src_batch_index, dst_batch_index, offset, size, verify=verify
+        )
 
     @raises_llm
-    def copy_blocks(self, cache: Cache, copy_block_info: Mapping[int, Sequence[int]]) -> None:
+    def copy_blocks(self, cache: Cache, copy_block_info: Mapping[int, Sequence[int]], *, verify: bool = False) -> None:
         """Within one blocks cache: ``{src_block: [dst_block, ...]}``."""
         self._check()
         cache = _cache(cache)
@@ -244,16 +252,18 @@ class CacheManager:
             for dst in _int_list(dsts, "copy_block_info values"):
                 src_blocks.append(src)
                 dst_blocks.append(dst)
-        transfer.copy_kv_blocks(cache.cache_id, cache.cache_id, src_blocks, dst_blocks)
+        transfer.copy_kv_blocks(cache.cache_id, cache.cache_id, src_blocks, dst_blocks, verify=verify)
 
     @raises_llm
-    def swap_blocks(self, src_cache: Cache, dst_cache: Cache, src_to_dst: Mapping[int, int]) -> None:
+    def swap_blocks(
+        self, src_cache: Cache, dst_cache: Cache, src_to_dst: Mapping[int, int], *, verify: bool = False
+    ) -> None:
         """``{src_block: dst_block}`` between two blocks caches (any placements here)."""
         self._check()
         src_cache, dst_cache = _cache(src_cache, "src_cache"), _cache(dst_cache, "dst_cache")
         if not (src_cache.is_blocks_cache and dst_cache.is_blocks_cache):
             raise param_invalid("swap_blocks needs two blocks caches")
-        transfer.swap_blocks(src_cache.cache_id, dst_cache.cache_id, src_to_dst)
+        transfer.swap_blocks(src_cache.cache_id, dst_cache.cache_id, src_to_dst, verify=verify)
 
     # --- between processes ------------------------------------------------------------
     @staticmethod
@@ -273,10 +283,13 @@ class CacheManager:
         dst_cache: Cache,
         src_blocks: Sequence[int] = (),
         dst_blocks: Sequence[int] = (),
+        *,
+        verify: bool = False,
         **kwargs: Any,
     ) -> None:
         """Reads blocks of a peer's blocks cache (``BlocksCacheKey``) into ``dst_cache``."""
         self._check()
+        verification.wanted(verify)
         dst_cache = _cache(dst_cache, "dst_cache")
         src_layers, dst_layers, per_layer = self._layers(kwargs)
         src_blocks, dst_blocks = _int_list(src_blocks, "src_blocks"), _int_list(dst_blocks, "dst_blocks")
@@ -303,6 +316,7 @@ class CacheManager:
             dst_layers,
             src_layers,
             per_layer,
+            verify=verify,
         )
 
     @raises_llm
@@ -315,9 +329,12 @@ class CacheManager:
         src_layer_range: range | None = None,
         dst_layer_range: range | None = None,
         tensor_num_per_layer: int = TENSORS_PER_LAYER,
+        *,
+        verify: bool = False,
     ) -> None:
         """Writes blocks of ``src_cache`` into a peer's blocks cache (``BlocksCacheKey``)."""
         self._check()
+        verification.wanted(verify)
         if not isinstance(dst_cache_key, BlocksCacheKey):
             raise wrong_type(f"dst_cache_key must be a BlocksCacheKey, got {type(dst_cache_key).__name__}")
         src_cache = _cache(src_cache, "src_cache")
@@ -343,6 +360,7 @@ class CacheManager:
             src_layers,
             dst_layers,
             per_layer,
+            verify=verify,
         )
 
     @raises_llm
@@ -352,11 +370,14 @@ class CacheManager:
         cache: Cache,
         batch_index: int = 0,
         size: int = -1,
+        *,
+        verify: bool = False,
         **kwargs: Any,
     ) -> None:
         """Reads a peer's batch slot (``CacheKey`` or ``CacheKeyByIdAndIndex``) into slot
         ``batch_index`` of ``cache``."""
         self._check()
+        verification.wanted(verify)
         cache = _cache(cache)
         src_layers, dst_layers, per_layer = self._layers(kwargs)
         check_int("batch_index", batch_index, 0, UINT32_MAX)
@@ -379,6 +400,7 @@ class CacheManager:
                 dst_layers,
                 src_layers,
                 per_layer,
+                verify=verify,
             )
         elif isinstance(cache_key, CacheKeyByIdAndIndex):
             remote.transfer_slice(
@@ -392,6 +414,7 @@ class CacheManager:
                 dst_layers,
                 src_layers,
                 per_layer,
+                verify=verify,
             )
         else:
             raise wrong_type(f"cache_key must be a CacheKey or CacheKeyByIdAndIndex, got {type(cache_key).__name__}")
@@ -406,9 +429,12 @@ class CacheManager:
         dst_layer_range: range | None = None,
         size: int = -1,
         tensor_num_per_layer: int = TENSORS_PER_LAYER,
+        *,
+        verify: bool = False,
     ) -> None:
         """Writes slot ``src_batch_index`` of ``src_cache`` into a peer's slot."""
         self._check()
+        verification.wanted(verify)
         if not isinstance(dst_cache_key, CacheKeyByIdAndIndex):
             raise wrong_type(f"dst_cache_key must be a CacheKeyByIdAndIndex, got {type(dst_cache_key).__name__}")
         src_cache = _cache(src_cache, "src_cache")
@@ -435,6 +461,7 @@ class CacheManager:
             src_layers,
             dst_layers,
             per_layer,
+            verify=verify,
         )
 
     def transfer_cache_async(

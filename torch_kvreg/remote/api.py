@@ -377,14 +377,16 @@ def start_slice(
     )
 
 
-def transfer_blocks(*args: Any, **kwargs: Any) -> int:
-    """``start_blocks(...).wait()``: the bytes moved (verified if the process option says)."""
-    return remote_checks.checked(start_blocks, False, get_engine)(*args, **kwargs).wait()
+def transfer_blocks(*args: Any, verify: bool = False, **kwargs: Any) -> int:
+    """``start_blocks(...).wait()``: the bytes moved (verified if ``verify`` or the process
+    option says)."""
+    return remote_checks.checked(start_blocks, verify, get_engine)(*args, **kwargs).wait()
 
 
-def transfer_slice(*args: Any, **kwargs: Any) -> int:
-    """``start_slice(...).wait()``: the bytes moved (verified if the process option says)."""
-    return remote_checks.checked(start_slice, False, get_engine)(*args, **kwargs).wait()
+def transfer_slice(*args: Any, verify: bool = False, **kwargs: Any) -> int:
+    """``start_slice(...).wait()``: the bytes moved (verified if ``verify`` or the process
+    option says)."""
+    return remote_checks.checked(start_slice, verify, get_engine)(*args, **kwargs).wait()
 
 
 def pull_kv_blocks_async(

@@ -135,7 +135,12 @@ struct KvCacheExtParam {
   std::pair<int32_t, int32_t> src_layer_range = {-1, -1};
   std::pair<int32_t, int32_t> dst_layer_range = {-1, -1};
   uint8_t tensor_num_per_layer = 2U;
-  uint8_t reserved[127] = {0};
+  // torch_kvreg's extension, in the first byte upstream reserves (the struct keeps its
+  // size): 1 verifies this pull or push as option llm.VerifyTransfers = "1" verifies all
+  // (a CRC-32C of every source block compared with the block once it landed; a difference
+  // is LLM_FAILED); 0 leaves it to the option; any other value is LLM_PARAM_INVALID.
+  uint8_t verify = 0U;
+  uint8_t reserved[126] = {0};
 };
 
 // Reserved upstream; here registration uses torch_kvreg's defaults (HOST memory pinned
@@ -172,6 +177,8 @@ class TORCH_KVREG_API LlmDataDist {
   Status CopyKvCache(
       const Cache& src_cache, const Cache& dst_cache, uint32_t src_batch_index = 0U,
       uint32_t dst_batch_index = 0U, uint64_t offset = 0U, int64_t size = -1);
+  // Local copies take no per-call parameters upstream: llm.VerifyTransfers = "1" verifies
+  // them (and every pull and push), a difference being LLM_FAILED.
   // Copies src_blocks into every destination group of dst_blocks_list (each the same length).
   Status CopyKvBlocks(
       const Cache& src_cache, const Cache& dst_cache, const std::vector<uint64_t>& src_blocks,
