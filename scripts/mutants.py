@@ -455,8 +455,8 @@ MUTANTS = [
     (
         "copy_cache keeps upstream's argument order the wrong way",
         "torch_kvreg/llm_datadist/cache_manager.py",
-        "transfer.copy_kv_cache(src.cache_id, dst.cache_id,",
-        "transfer.copy_kv_cache(dst.cache_id, src.cache_id,",
+        "            src.cache_id, dst.cache_id, src_batch_index, dst_batch_index, offset, size, verify=verify",
+        "            dst.cache_id, src.cache_id, src_batch_index, dst_batch_index, offset, size, verify=verify",
         ["tests/test_llm_datadist.py"],
     ),
     # --- the option table -------------------------------------------------------------------
