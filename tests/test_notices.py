@@ -87,7 +87,7 @@ def test_finalize_ends_a_wait_without_limit():
         result["got"] = kv.wait_notices()
         result["took"] = time.monotonic() - start
 
-    thread = threading.Thread(target=waiter)
+    thread = threading.Thread(target=waiter, daemon=True)  # (a wait that never ends must not hang pytest)
     thread.start()
     time.sleep(0.2)
     assert thread.is_alive()  # it waits (no notice, no timeout)
@@ -126,6 +126,7 @@ def test_the_box_wakes_waiters_and_keeps_order_and_bounds():
 
 
 def test_a_notice_frame_is_checked():
+    assert "notice" in protocol.HISTORY[protocol.VERSION]
     message = protocol.Notice(b"x" * 1024).to_wire()
     assert protocol.parse_request({**message, "v": protocol.VERSION}) == protocol.Notice(b"x" * 1024)
     for bad in ({"op": "notice"}, {"op": "notice", "message": 5}, protocol.Notice(b"x" * 1025).to_wire()):
