@@ -232,3 +232,22 @@ def test_our_wait_wakes_when_the_peer_pushes_and_lets_python_run(peer, routed):
     expected = peer.call("read", theirs)
     assert all(torch.equal(m[6], t[3]) for m, t in zip(mine, expected))  # the data came first
     peer.call("unregister", theirs)
+
+
+@pytest.mark.parametrize("failure", ["ERR", "PROC"])
+def test_a_failed_transfer_sends_no_notice(peer, monkeypatch, failure):
+    """A transfer that fails (NIXL reports an error, or it is never done before its
+    deadline) wakes nobody: its notice would say the data landed."""
+    monkeypatch.setenv("TORCH_KVREG_SAME_HOST_COPY", "0")
+    with linked_to(peer):
+        remote_id = peer.call("register", (2, 8, BLOCK, 47, True))
+        local = kv.register_kv_cache([torch.zeros(8, *BLOCK, dtype=torch.float16) for _ in range(2)])
+        agent = kv.remote.current_engine().agent
+        monkeypatch.setattr(agent, "check_xfer_state", lambda handle: failure)
+        monkeypatch.setattr(agent, "transfer", lambda handle, notif_msg=b"": "PROC")
+        transfer = kv.pull_kv_blocks_async(CacheIndex(9, remote_id), local, [1], [2], notify="must not arrive")
+        with pytest.raises(kv.LLMException):
+            transfer.wait(5000)
+        assert peer.call("kv", ("wait_notices", (), {"timeout_ms": 300})) == []
+        monkeypatch.undo()
+        peer.call("unregister", remote_id)
