@@ -4,6 +4,7 @@
 #include "geometry_bindings.h"
 #include "host_pin.h"
 #include "kernels.h"
+#include "notices_bindings.h"
 #include "options.h"
 #include "peer_copy_bindings.h"
 #include "registry.h"
@@ -261,6 +262,7 @@ PYBIND11_MODULE(_C, m) {
       py::call_guard<py::gil_scoped_release>());
   // Same-host copies between processes (remote transfers to a peer on this host).
   kvreg::bind_peer_copy(m);
+  kvreg::bind_notices(m);
   // Transfers between caches of different geometry (block size, layout, tensor-parallel split).
   kvreg::bind_geometry(m);
   // CRC-32C of a buffer (verified transfers; tests compare it with known values).

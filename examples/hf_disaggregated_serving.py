@@ -114,9 +114,9 @@ def decode_main(ready, results, batch: int, length: int, new_tokens: int) -> Non
     # One notice per layer, as each layer's push lands (pushes in flight may land in any order).
     landed, deadline = {}, time.monotonic() + 120
     while len(landed) < layers and time.monotonic() < deadline:
-        for notice in kv.get_notifications():
+        # Blocks (without the GIL) until a notice lands; nothing polls.
+        for notice in kv.wait_notices(timeout_ms=max(1, int(1000 * (deadline - time.monotonic())))):
             landed[notice.message.decode()] = time.monotonic()
-        time.sleep(0.001)
     assert sorted(landed) == sorted(f"layer {i}" for i in range(layers)), landed
     dynamic = DynamicCache()
     for layer in range(layers):

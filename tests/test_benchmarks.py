@@ -80,6 +80,9 @@ def test_bench_pipeline_small(tmp_path):
     assert result["overlapped_over_sequential"] > 0 and result["pulls"]["async_over_blocking"] > 0
     assert result["cpu"] and "first token" in stdout
     assert result["compute_slowdown_beside_a_copy"] > 0 and "at best" in stdout
+    assert 0 < result["overlap_best_reachable"] <= 1.0 and "phases" in stdout
+    assert set(result["phases_ms"]) == {"sequential", "overlapped"}
+    assert all(p["compute"] > 0 and p["push_tail"] >= 0 for p in result["phases_ms"].values())
 
 
 def test_bench_remote_small(tmp_path):

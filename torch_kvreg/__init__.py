@@ -47,6 +47,7 @@ from .remote import (
     push_kv_tokens,
     push_kv_tokens_async,
     unlink_clusters,
+    wait_notices,
 )
 from .transfer import (
     copy_kv_blocks,
@@ -137,4 +138,5 @@ __all__ = [
     "unlink_clusters",
     "unregister_kv_cache",
     "usage",
+    "wait_notices",
 ]

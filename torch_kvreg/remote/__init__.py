@@ -10,6 +10,7 @@ between processes of one host; the control path is a small versioned protocol
 - jobs.py: transfers in flight as jobs; progress.py: the loop that completes them
 - plan.py: segments and tensor selections; kernels.py: the torch.ops.llm remote kernels
 - geometry.py: pulls and pushes between caches of different geometry
+- notices.py: waiting for peers' completion notices without polling
 """
 
 from . import kernels  # noqa: F401  (registers the remote ops' kernels)
@@ -41,6 +42,7 @@ from .api import (
     unlink_clusters,
 )
 from .geometry import pull_kv_tokens, pull_kv_tokens_async, push_kv_tokens, push_kv_tokens_async
+from .notices import wait_notices
 
 __all__ = [
     "MAX_CLUSTERS",
@@ -50,6 +52,7 @@ __all__ = [
     "existing_engine",
     "get_engine",
     "get_notifications",
+    "wait_notices",
     "link_clusters",
     "listen_address",
     "nixl_available",

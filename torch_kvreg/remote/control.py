@@ -36,6 +36,8 @@ class LinkOwner(Protocol):
 
     def end_lease(self, lease: int) -> None: ...
 
+    def notice(self, link: Link, message: bytes) -> None: ...
+
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     chunks = []
@@ -129,6 +131,13 @@ class Link:
             raise make_error(failure.status, f"cluster {peer}: {failure.message}")
         return response
 
+    def notice(self, message: bytes) -> None:
+        """Sends a transfer's completion notice (one way: the peer answers nothing). Raises
+        OSError or ProtocolError when the link cannot send."""
+        if not self.alive:
+            raise ConnectionError("the link is down")
+        self._send(protocol.Notice(message).to_wire())
+
     def ping(self) -> None:
         """Asks the peer for a sign of life without waiting; its answer (any frame, in
         fact) refreshes ``last_heard``. A link that cannot even send is closed."""
@@ -207,6 +216,9 @@ class Link:
                 text = "this cluster requires a link secret; the handshake did not prove it"
                 self._reply(protocol.Failure(LLMStatusCode.LLM_LINK_FAILED, text), request_id)
                 return
+            if isinstance(request, protocol.Notice):
+                self.owner.notice(self, request.message)  # one way: nothing is answered
+                continue
             if isinstance(request, protocol.Bye):
                 self.said_bye = True
                 self._reply(protocol.Ok(), request_id)

@@ -200,6 +200,12 @@ class Engine:
     def end_lease(self, lease: int) -> None:
         self.holds.end_lease(lease)
 
+    def notice(self, link: Link, message: bytes) -> None:
+        """A peer's completion notice, read from its link: queued natively, which wakes
+        wait_notices() at once."""
+        if not _C.notices_put(-1 if link.cluster_id is None else link.cluster_id, message):
+            log.warning("a notice from cluster %s dropped: %d wait unread", link.cluster_id, _C.notices_queued())
+
     def connection_closed(self, link: Link) -> None:
         """A link's reader loop ended. A peer that said bye is unlinked here; one that
         vanished stays listed, dead, so that transfers to it fail at once (LLM_LINK_FAILED)
@@ -589,15 +595,16 @@ class Engine:
     # --- notices -----------------------------------------------------------------------
     def notifications(self) -> list[tuple[int | None, bytes]]:
         """Completion notices peers sent since the last call, oldest first, with the
-        sending cluster id (None for an agent this process has no link with)."""
+        sending cluster id (None for an agent this process has no link with): those that
+        came over links, then any a NIXL agent sent through NIXL itself."""
+        out = [(None if cluster < 0 else cluster, message) for cluster, message in _C.notices_take()]
         try:
             received = self.agent.get_new_notifs()
         except Exception as exc:
             log.warning("NIXL notifications unavailable: %s", exc)
-            return []
+            return out
         with self.lock:
             clusters = dict(self.senders)
-        out: list[tuple[int | None, bytes]] = []
         for name, messages in received.items():
             out.extend((clusters.get(agent.agent_name(name)), bytes(message)) for message in messages)
         return out

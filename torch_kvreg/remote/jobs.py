@@ -41,7 +41,6 @@ class Job:
     """One transfer in flight and what it holds until it lands (see the module's text)."""
 
     __slots__ = ("transfer", "link", "deadline", "notify", "let_go", "claim_lock", "failure", "freeing")
-    sends_notice = False  # whether completing it sends its notice (NIXL sends its own)
 
     def __init__(
         self, transfer: Transfer, link: Link, deadline: float, notify: bytes, let_go: Callable[[], None]
@@ -100,7 +99,10 @@ class NixlJob(Job):
         """Hands the request to NIXL; its state."""
         self.posted = True
         try:
-            return self.agent.transfer(self.handle, self.notify)
+            # Its notice goes over the link once NIXL reports it done (complete()): NIXL
+            # flushes the endpoint before it says so, so the bytes have landed by then, and
+            # a notice on the link wakes the peer's wait_notices() where NIXL's cannot.
+            return self.agent.transfer(self.handle)
         except Exception as exc:
             log.warning("NIXL refused to post a transfer: %s", exc)
             return ERR
@@ -132,7 +134,6 @@ class SameHostJob(Job):
     bytes move on native threads; the thread waiting for it helps (``help``)."""
 
     __slots__ = ("native", "code")
-    sends_notice = True
 
     def __init__(
         self,
@@ -209,11 +210,13 @@ class Completion:
             job.cancel()
             if not job.link.alive:
                 state = ERR
-        if state == DONE and job.sends_notice and job.notify:
+        if state == DONE and job.notify:
+            # On the control link, which the peer's reader thread blocks on: its waiters
+            # wake when the notice lands (wait_notices), with no polling on either side.
             try:
-                self.agent.send_notif(job.link.agent_name, job.notify)
+                job.link.notice(job.notify)
             except Exception as exc:
-                state, job.failure = ERR, f"the notice after a same-host copy ({exc})"
+                state, job.failure = ERR, f"the notice after the transfer ({exc})"
         members = job.members()
         freed = self._free(job, members)
         error = None if state == DONE else self.error(job, state)

@@ -22,17 +22,19 @@ from ..types import CacheDesc, DataType, Placement
 
 # The protocol's version, and what each version changed: a peer speaking another version
 # is refused at its first frame.
-VERSION = 2
+VERSION = 3
 HISTORY = {
     1: "frames of JSON objects; requests challenge, hello, acquire (by cache id or key), release,"
     " ping, bye and same_host; replies carry ok, errors a status name and a message;"
     " an acquire reply may carry shm (a cache in shared memory; peers that predate it ignore it)",
     2: "adds checksums (CRC-32C of blocks of a cache, for verified transfers) and its reply",
+    3: "adds notice (a transfer's completion notice, sent once its data has landed; never answered)",
 }
 MAX_FRAME = 4 << 20  # agent metadata is a few KiB; anything near this is hostile
 MAX_TENSORS = 240
 MAX_RANK = 32
 MAX_KEY = 256
+MAX_NOTICE = 1024  # a transfer's notify, as the API caps it
 MAX_CHECKSUM_BLOCKS = 1 << 16  # per checksums request (a verified transfer sends several)
 _HEADER = struct.Struct(">I")
 NONCE_BYTES = 32  # fresh per handshake, from secrets.token_bytes
@@ -262,6 +264,25 @@ class Bye:
         return cls()
 
 
+@dataclasses.dataclass(frozen=True)
+class Notice:
+    """A transfer's completion notice (its ``notify``), sent once the data has landed. One
+    way: the peer queues it for get_notifications() and wait_notices() and answers nothing."""
+
+    op: ClassVar[str] = "notice"
+    message: bytes
+
+    def to_wire(self) -> dict:
+        return {"op": self.op, "message": b64(self.message)}
+
+    @classmethod
+    def parse(cls, message: dict) -> Notice:
+        body = _bytes(message, "message")
+        if len(body) > MAX_NOTICE:
+            raise ProtocolError(f"field 'message' holds {len(body)} bytes, at most {MAX_NOTICE}")
+        return cls(body)
+
+
 def _int_list(message: dict, key: str, max_len: int, low: int = 0, high: int = 2**62) -> tuple[int, ...]:
     values = message.get(key)
     if not isinstance(values, list) or len(values) > max_len:
@@ -329,9 +350,9 @@ class Checksums:
         )
 
 
-Request = Challenge | Hello | Acquire | Release | SameHost | Ping | Bye | Checksums
+Request = Challenge | Hello | Acquire | Release | SameHost | Ping | Bye | Checksums | Notice
 REQUESTS: dict[str, type[Request]] = {
-    kind.op: kind for kind in (Challenge, Hello, Acquire, Release, SameHost, Ping, Bye, Checksums)
+    kind.op: kind for kind in (Challenge, Hello, Acquire, Release, SameHost, Ping, Bye, Checksums, Notice)
 }
 
 
