@@ -5,7 +5,8 @@
 #include "geometry.h"
 
 #include <pybind11/stl.h>
-#include <torch/extension.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <cstring>
 #include <string>

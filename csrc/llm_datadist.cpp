@@ -11,7 +11,9 @@
 #include "remote_hooks.h"
 #include "status.h"
 
-#include <ATen/ATen.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/equal.h>
+#include <ATen/ops/tensor.h>
 
 #include <algorithm>
 #include <limits>

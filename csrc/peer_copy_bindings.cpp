@@ -9,7 +9,8 @@
 
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
-#include <torch/extension.h>
+#include <ATen/ops/from_blob.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <memory>
 #include <string>
@@ -179,7 +180,7 @@ void bind_peer_copy(py::module_& m) {
             nbytes > 0 && region->contains(region->base() + offset, nbytes), "bytes [", offset, ", ",
             offset + nbytes, ") are outside the ", region->size(), "-byte region");
         // The tensor's storage holds the region: it stays mapped while any view of it lives.
-        return torch::from_blob(
+        return at::from_blob(
             reinterpret_cast<void*>(region->base() + offset), {static_cast<int64_t>(nbytes)},
             [region](void*) {}, at::TensorOptions().dtype(at::kByte));
       },
