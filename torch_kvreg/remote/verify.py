@@ -3,17 +3,10 @@ process that holds the bytes. A pull asks the peer for its source blocks' CRCs b
 reads them and compares them with its own destination blocks' once they landed; a push
 takes its source blocks' CRCs before it writes them and asks the peer for the destination
 blocks' once they landed. Both ask over the link's control channel (protocol.Checksums);
-the bytes themselves move as in any transfer (NIXL, or the same-host copy).
-
-A blocking block transfer of more than PIPELINE_BYTES goes in parts, pipelined: the next
-part's source CRCs are taken while this part moves, and this part's landed CRCs while the
-next one moves, so that the two processes' checksum work overlaps the copy instead of
-preceding and following it. Each block still has its source CRC taken before its bytes
-move and its landed CRC after they landed."""
+the bytes themselves move as in any transfer (NIXL, or the same-host copy)."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 from collections.abc import Callable, Sequence
@@ -23,7 +16,7 @@ import torch
 
 from .. import verify as verification
 from ..errors import LLMStatusCode, make_error, param_invalid, translate
-from ..inflight import Transfer, completed
+from ..inflight import Transfer
 from ..types import Blocks, Cache, block_tensor, layer_tensors
 from . import protocol
 from .control import Link
@@ -38,8 +31,6 @@ class Engine(Protocol):
 
 # A peer's cache, by id or by a key it registered.
 RemoteRef = int | str
-# Bytes (over the tensors taking part) of one part of a pipelined verified transfer.
-PIPELINE_BYTES = 64 << 20
 F = TypeVar("F", bound=Callable[..., Transfer])
 
 
@@ -70,10 +61,6 @@ def _verified(start: Callable[..., Transfer], engine: Callable[[], Engine], *arg
     common = (again, link, a["operation"], a["local"], a["remote_ref"])
     layers = (a["local_layers"], a["remote_layers"], a["tensors_per_layer"])
     if "src_blocks" in a:
-        if not a["background"] and a["notify"] is None:  # a blocking call: see pipelined
-            parts = _parts(a["operation"] == "READ", a["local"], a["src_blocks"], a["dst_blocks"], *layers)
-            if parts is not None:
-                return pipelined(start, a, link, parts)
         return start_blocks(*common, a["src_blocks"], a["dst_blocks"], *layers)
     return start_slice(*common, a["remote_index"], a["local_index"], a["size"], *layers)
 
@@ -235,93 +222,3 @@ def start_slice(
     inner = start()
     # (a slice named by key: its index is the peer's; failed_blocks names the key's slice as 0)
     return verification.Checked(inner, remote_blocks or [0], expected, lambda: remote_sums(True)).outer
-
-
-def _parts(
-    read: bool,
-    local: Cache,
-    src_blocks: Blocks,
-    dst_blocks: Blocks,
-    local_layers: range | None,
-    remote_layers: range | None,
-    tensors_per_layer: int,
-) -> list[list[int]] | None:
-    """Positions of the block pairs, in parts of about PIPELINE_BYTES, for ``pipelined``;
-    None when the transfer is one part, or when any check that one part's start cannot make
-    for the others might fail (the whole transfer then starts at once, and its start
-    names what is wrong before any byte moves). Every part starts with the same layers and
-    geometry; the remote side's largest block is in part 0, so that its start checks the
-    remote range of all; the local range, and destinations named twice across parts, are
-    checked here."""
-    try:
-        src = block_tensor(src_blocks, "src_blocks").tolist()
-        dst = block_tensor(dst_blocks, "dst_blocks").tolist()
-        tensors = _layers(local_layers, tensors_per_layer, local.cache_desc.num_tensors, "layers")
-    except Exception:  # noqa: BLE001 - the unpipelined start raises it for the caller
-        return None
-    num_tensors = local.cache_desc.num_tensors if tensors is None else len(tensors)
-    per_part = max(1, PIPELINE_BYTES // max(1, local.cache_desc.block_nbytes * num_tensors))
-    if len(src) != len(dst) or len(src) <= per_part or remote_layers != local_layers:
-        return None
-    local_side, remote_side = (dst, src) if read else (src, dst)
-    num_blocks = local.cache_desc.shape[0] if local.cache_desc.shape else 0
-    if min(src + dst) < 0 or max(local_side) >= num_blocks or len(set(dst)) != len(dst):
-        return None
-    order = list(range(len(src)))
-    largest = max(order, key=remote_side.__getitem__)
-    order[0], order[largest] = largest, 0
-    return [order[i : i + per_part] for i in range(0, len(order), per_part)]
-
-
-def pipelined(start: Callable[..., Transfer], args: dict[str, Any], link: Link, parts: list[list[int]]) -> Transfer:
-    """A blocking verified block transfer in ``parts`` (positions in its block lists),
-    pipelined: part i+1's source CRCs are taken while part i moves, part i's landed CRCs
-    while part i+1 moves. Returns the finished Transfer; raises the first part's error, or
-    the mismatch of all parts (naming every destination block that differs)."""
-    read = args["operation"] == "READ"
-    local, ref, layers, per_layer = args["local"], args["remote_ref"], args["remote_layers"], args["tensors_per_layer"]
-    src = block_tensor(args["src_blocks"], "src_blocks")
-    dst = block_tensor(args["dst_blocks"], "dst_blocks")
-    tensors = _layers(args["local_layers"], per_layer, local.cache_desc.num_tensors, "layers")
-    index = [torch.tensor(part, dtype=torch.long) for part in parts]
-
-    def source(i: int) -> list[int]:
-        blocks = src[index[i]]
-        if read:
-            return ask(link, ref, blocks.tolist(), layers, per_layer, -1, landed=False)
-        return verification.source_checksums(local.cache_id, tensors, blocks)
-
-    def landed(i: int) -> list[int]:
-        blocks = dst[index[i]]
-        if read:
-            return verification.landed_checksums(local.cache_id, tensors, blocks)
-        return ask(link, ref, blocks.tolist(), layers, per_layer, -1, landed=True)
-
-    def begin(i: int) -> Transfer:
-        return start(**{**args, "src_blocks": src[index[i]], "dst_blocks": dst[index[i]]})
-
-    expected: list[int] = [0] * len(dst)
-    got: list[int] = [0] * len(dst)
-    taken = source(0)
-    inner = begin(0)
-    description, nbytes = inner.description, 0
-    for i, part in enumerate(parts):
-        try:
-            for position, crc in zip(part, taken):
-                expected[position] = crc
-            if i + 1 < len(parts):
-                taken = source(i + 1)  # while part i moves
-        finally:
-            nbytes += inner.wait()  # (its bytes stop moving before anything is raised)
-        if i + 1 < len(parts):
-            inner = begin(i + 1)
-        try:
-            for position, crc in zip(part, landed(i)):  # while part i + 1 moves
-                got[position] = crc
-        except BaseException:
-            if i + 1 < len(parts):
-                with contextlib.suppress(Exception):
-                    inner.wait()
-            raise
-    verification.check_landed(f"verified {description}", dst.tolist(), expected, got)
-    return completed(nbytes, f"verified {description}")
