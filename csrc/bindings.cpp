@@ -282,6 +282,8 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("data"), py::arg("crc") = 0, py::arg("portable") = false);
   m.def("crc32c_implementation", &kvreg::crc32c_implementation);
+  // Test hook: forces one CRC-32C implementation ("auto": the CPU's pick again).
+  m.def("_test_force_crc32c_implementation", &kvreg::test_force_crc32c_implementation, py::arg("name"));
   m.def(
       "checksum_blocks",
       [](int64_t cache_id, const std::vector<int64_t>& tensors, const at::Tensor& blocks, int64_t offset,

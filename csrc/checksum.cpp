@@ -218,7 +218,24 @@ bool have_clmul() {
 }
 #endif
 
+// What raw() runs: picked by the CPU (kAuto), or forced by a test hook so that each
+// implementation is checked against the others on a CPU that would pick only one.
+enum class Impl : int { kAuto, kClmul, kSse42, kPortable };
+std::atomic<Impl> forced{Impl::kAuto};
+
 uint32_t raw(uint32_t crc, const uint8_t* p, size_t n) {
+  switch (forced.load(std::memory_order_relaxed)) {
+    case Impl::kPortable:
+      return raw_portable(crc, p, n);
+#ifdef KVREG_CRC_X86
+    case Impl::kSse42:
+      return raw_sse42(crc, p, n);
+    case Impl::kClmul:
+      return n >= kFoldMin ? raw_clmul(crc, p, n) : raw_sse42(crc, p, n);
+#endif
+    default:
+      break;
+  }
 #ifdef KVREG_CRC_X86
   if (n >= kFoldMin && have_clmul()) {
     return raw_clmul(crc, p, n);
@@ -250,6 +267,16 @@ uint32_t crc32c_portable(uint32_t crc, const void* data, size_t nbytes) {
 }
 
 std::string crc32c_implementation() {
+  switch (forced.load(std::memory_order_relaxed)) {
+    case Impl::kClmul:
+      return "pclmulqdq";
+    case Impl::kSse42:
+      return "sse4.2";
+    case Impl::kPortable:
+      return "portable";
+    default:
+      break;
+  }
 #ifdef KVREG_CRC_X86
   if (have_clmul()) {
     return "pclmulqdq";
@@ -261,25 +288,40 @@ std::string crc32c_implementation() {
   return "portable";
 }
 
+void test_force_crc32c_implementation(const std::string& name) {
+  Impl impl = Impl::kAuto;
+  bool runs_here = true;
+  if (name == "pclmulqdq") {
+    impl = Impl::kClmul;
+#ifdef KVREG_CRC_X86
+    runs_here = have_clmul();
+#else
+    runs_here = false;
+#endif
+  } else if (name == "sse4.2") {
+    impl = Impl::kSse42;
+#ifdef KVREG_CRC_X86
+    runs_here = have_sse42();
+#else
+    runs_here = false;
+#endif
+  } else if (name == "portable") {
+    impl = Impl::kPortable;
+  } else {
+    KVREG_CHECK_ARG(name == "auto", "no CRC-32C implementation is called '", name, "'");
+  }
+  KVREG_CHECK_ARG(runs_here, "this CPU cannot run the ", name, " CRC-32C");
+  forced.store(impl, std::memory_order_relaxed);
+}
+
 at::Tensor checksum_blocks(
     int64_t cache_id, const std::vector<int64_t>& tensors, const at::Tensor& blocks, int64_t offset,
     int64_t size) {
   Registry::instance().require_initialized();
   const std::vector<int64_t> list = block_indices(blocks, "blocks");
   auto lease = Registry::instance().lease({cache_id});
-  const CacheRecord& record = lease[0];
+  const CacheRecord record = select_tensors(lease[0], tensors, "tensors");
   const CacheDesc& desc = record.desc;
-  std::vector<int64_t> selected = tensors;
-  if (selected.empty()) {
-    for (int64_t t = 0; t < desc.num_tensors; ++t) {
-      selected.push_back(t);
-    }
-  }
-  for (size_t i = 0; i < selected.size(); ++i) {
-    KVREG_CHECK_INDEX(
-        selected[i] >= 0 && selected[i] < desc.num_tensors, "tensors[", i, "] = ", selected[i],
-        " is out of range for a cache of ", desc.num_tensors, " tensors");
-  }
   for (size_t j = 0; j < list.size(); ++j) {
     KVREG_CHECK_INDEX(
         list[j] >= 0 && list[j] < desc.num_blocks(), "blocks[", j, "] = ", list[j],
@@ -301,8 +343,8 @@ at::Tensor checksum_blocks(
     const auto options = at::TensorOptions().dtype(at::kByte).device(at::kCUDA, desc.device_index);
     for (int64_t j = 0; j < count; ++j) {
       uint32_t crc = 0;
-      for (int64_t t : selected) {
-        const uint64_t start = record.addrs[t] + static_cast<uint64_t>(list[j] * desc.block_nbytes + offset);
+      for (const uint64_t addr : record.addrs) {
+        const uint64_t start = addr + static_cast<uint64_t>(list[j] * desc.block_nbytes + offset);
         const at::Tensor host =
             at::from_blob(reinterpret_cast<void*>(start), {nbytes}, options).to(at::kCPU).contiguous();
         crc = crc32c(crc, host.const_data_ptr<uint8_t>(), static_cast<size_t>(nbytes));
@@ -312,15 +354,15 @@ at::Tensor checksum_blocks(
     return out;
   }
   auto slice = [&](int64_t j, size_t i) {
-    return reinterpret_cast<const uint8_t*>(record.addrs[selected[i]]) + list[j] * desc.block_nbytes + offset;
+    return reinterpret_cast<const uint8_t*>(record.addrs[i]) + list[j] * desc.block_nbytes + offset;
   };
   auto work = [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       uint32_t crc = 0;
-      for (size_t i = 0; i < selected.size(); ++i) {
+      for (size_t i = 0; i < record.addrs.size(); ++i) {
         // Slices are scattered (one per tensor, blocks in any order): the next one is asked
         // for while this one is read, which the hardware prefetcher cannot guess.
-        const bool last = i + 1 == selected.size();
+        const bool last = i + 1 == record.addrs.size();
         if (!last || j + 1 < end) {
           const uint8_t* next = last ? slice(j + 1, 0) : slice(j, i + 1);
           for (int64_t at = 0; at < std::min<int64_t>(nbytes, kPrefetchBytes); at += 64) {
@@ -332,7 +374,7 @@ at::Tensor checksum_blocks(
       crcs[j] = crc;
     }
   };
-  const int64_t per_block = std::max<int64_t>(1, nbytes * static_cast<int64_t>(selected.size()));
+  const int64_t per_block = std::max<int64_t>(1, nbytes * static_cast<int64_t>(record.addrs.size()));
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / per_block);  // ~1 MiB per task
   if (forked_child.load(std::memory_order_relaxed) || count <= grain) {
     work(0, count);
@@ -341,29 +383,6 @@ at::Tensor checksum_blocks(
   }
   return out;
 }
-
-namespace {
-
-// The record of a cache with just `tensors` (empty: all), in that order, so the copy
-// checks compare the selections as copy_kv_blocks_of_tensors does.
-CacheRecord selection(const CacheRecord& record, const std::vector<int64_t>& tensors, const char* name) {
-  if (tensors.empty()) {
-    return record;
-  }
-  CacheRecord out = record;
-  out.addrs.clear();
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    KVREG_CHECK_INDEX(
-        tensors[i] >= 0 && tensors[i] < record.desc.num_tensors, name, "[", i, "] = ", tensors[i],
-        " is out of range for a cache of ", record.desc.num_tensors, " tensors");
-    out.addrs.push_back(record.addrs[tensors[i]]);
-  }
-  out.desc.num_tensors = static_cast<int64_t>(tensors.size());
-  out.desc.nbytes = checked_mul(out.desc.tensor_nbytes, out.desc.num_tensors, "selected bytes");
-  return out;
-}
-
-}  // namespace
 
 at::Tensor copy_blocks_verified(
     int64_t src_id, int64_t dst_id, const at::Tensor& src_blocks, const at::Tensor& dst_blocks,
@@ -379,8 +398,8 @@ at::Tensor copy_blocks_verified(
       src_tensors.size() == dst_tensors.size(), "the layers select ", src_tensors.size(), " source and ",
       dst_tensors.size(), " destination tensors; they must be equal");
   auto lease = Registry::instance().lease({src_id, dst_id});
-  const CacheRecord src = selection(lease[0], src_tensors, "src tensors");
-  const CacheRecord dst = selection(lease[1], dst_tensors, "dst tensors");
+  const CacheRecord src = select_tensors(lease[0], src_tensors, "src tensors");
+  const CacheRecord dst = select_tensors(lease[1], dst_tensors, "dst tensors");
   KVREG_CHECK_ARG(
       src.desc.placement == Placement::HOST && dst.desc.placement == Placement::HOST,
       "a verified copy in one pass is between HOST caches only");

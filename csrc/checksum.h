@@ -20,8 +20,14 @@ namespace kvreg {
 uint32_t crc32c(uint32_t crc, const void* data, size_t nbytes);
 // The same, by the portable tables whatever the CPU (tests compare the two).
 uint32_t crc32c_portable(uint32_t crc, const void* data, size_t nbytes);
-// "pclmulqdq", "sse4.2" or "portable": what crc32c runs on this CPU for long inputs.
+// "pclmulqdq", "sse4.2" or "portable": what crc32c runs on this CPU for long inputs (or
+// what the test hook below forced).
 std::string crc32c_implementation();
+// Test hook: makes crc32c (and every checksum of blocks) run `name` ("pclmulqdq",
+// "sse4.2", "portable"), or pick by the CPU again ("auto"), for the whole process; an
+// implementation this CPU cannot run, or an unknown name, is LLM_PARAM_INVALID.
+// "pclmulqdq" still takes inputs under 256 bytes on "sse4.2", as it does when picked.
+void test_force_crc32c_implementation(const std::string& name);
 
 // One CRC-32C per entry of `blocks`: bytes [offset, offset + size) of that dim-0 slice of
 // each tensor in `tensors` (empty: all of the cache's, in order), chained in that order.

@@ -404,6 +404,23 @@ std::vector<int64_t> block_indices(const at::Tensor& blocks, const char* name) {
   return block_list(blocks, name);
 }
 
+CacheRecord select_tensors(const CacheRecord& record, const std::vector<int64_t>& tensors, const char* name) {
+  if (tensors.empty()) {
+    return record;
+  }
+  CacheRecord out = record;
+  out.addrs.clear();
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    KVREG_CHECK_INDEX(
+        tensors[i] >= 0 && tensors[i] < record.desc.num_tensors, name, "[", i, "] = ", tensors[i],
+        " is out of range for a cache of ", record.desc.num_tensors, " tensors");
+    out.addrs.push_back(record.addrs[tensors[i]]);
+  }
+  out.desc.num_tensors = static_cast<int64_t>(tensors.size());
+  out.desc.nbytes = checked_mul(out.desc.tensor_nbytes, out.desc.num_tensors, "selected bytes");
+  return out;
+}
+
 std::vector<Segment> plan_blocks(
     const CacheDesc& src, int64_t src_id, const CacheDesc& dst, int64_t dst_id, bool same_cache,
     std::vector<int64_t> src_blocks, std::vector<int64_t> dst_blocks, int64_t max_segment_bytes) {
@@ -636,22 +653,8 @@ void copy_kv_blocks_of_tensors(
       src_tensors.size(), " source and ", dst_tensors.size(),
       " destination tensors; they must be equal and not 0");
   auto lease = Registry::instance().lease({src_id, dst_id});
-  // Records of just the selected tensors, in the order given.
-  auto subset = [](const CacheRecord& record, const std::vector<int64_t>& tensors, const char* name) {
-    CacheRecord out = record;
-    out.addrs.clear();
-    for (size_t i = 0; i < tensors.size(); ++i) {
-      KVREG_CHECK_INDEX(
-          tensors[i] >= 0 && tensors[i] < record.desc.num_tensors, name, "[", i, "] = ", tensors[i],
-          " is out of range for a cache of ", record.desc.num_tensors, " tensors");
-      out.addrs.push_back(record.addrs[tensors[i]]);
-    }
-    out.desc.num_tensors = static_cast<int64_t>(tensors.size());
-    out.desc.nbytes = checked_mul(out.desc.tensor_nbytes, out.desc.num_tensors, "selected bytes");
-    return out;
-  };
-  const CacheRecord src = subset(lease[0], src_tensors, "src tensors");
-  const CacheRecord dst = subset(lease[1], dst_tensors, "dst tensors");
+  const CacheRecord src = select_tensors(lease[0], src_tensors, "src tensors");
+  const CacheRecord dst = select_tensors(lease[1], dst_tensors, "dst tensors");
   std::vector<int64_t> sorted_dst(dst_tensors);
   std::sort(sorted_dst.begin(), sorted_dst.end());
   KVREG_CHECK_ARG(

@@ -41,6 +41,11 @@ std::vector<Segment> plan_slice(
     int64_t src_batch_index, int64_t dst_batch_index, int64_t offset, int64_t size);
 // A block list (int32/int64, CPU or device, at most 1-D) as int64 values on the host.
 std::vector<int64_t> block_indices(const at::Tensor& blocks, const char* name);
+// The record of a cache with just `tensors` of it, in that order (empty: all of them, as
+// they are): what a copy or a checksum of a tensor selection reads, so that the plan's
+// checks compare the selections. An index out of range: LLM_PARAM_INVALID (IndexError-type)
+// naming `name`[i].
+CacheRecord select_tensors(const CacheRecord& record, const std::vector<int64_t>& tensors, const char* name);
 
 void run_copy_cpu(const CopyPlan& plan);
 // Runs a plan where its memory lies: on the host's threads, or (with CUDA) on the device.

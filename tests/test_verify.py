@@ -70,6 +70,78 @@ def test_crc32c_matches_the_reference_at_odd_lengths_and_alignments():
     assert checked == len(lengths) * 6
 
 
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+IMPLEMENTATIONS = ["pclmulqdq", "sse4.2", "portable"]
+
+
+@pytest.fixture
+def forced_crc():
+    """Forces a CRC-32C implementation (the test hook), then the CPU's pick again."""
+    yield _C._test_force_crc32c_implementation
+    _C._test_force_crc32c_implementation("auto")
+
+
+def test_every_crc32c_implementation_matches_the_reference_and_the_others(forced_crc):
+    """Each implementation this CPU runs, forced in turn (the CPU alone would pick one):
+    known values, then lengths around every stride boundary (PCLMULQDQ's 256-byte start
+    and 64-byte rounds, the three crc32 streams' 3 x 256 and 3 x 4096 bytes) and random
+    ones, at several alignments, continued from a CRC, and the CRC of cache blocks; all
+    agree with the bit-by-bit reference and so with each other."""
+    flags = cpu_flags()
+    runs_here = {
+        "pclmulqdq": {"pclmulqdq", "sse4_2"} <= flags,
+        "sse4.2": "sse4_2" in flags,
+        "portable": True,
+    }
+    rng = random.Random(2424)
+    lengths = [0, 1, 7, 8, 9, 63, 64, 65, 255, 256, 257, 319, 320, 767, 768, 769, 1023, 1536, 1537]
+    lengths += [3 * 4096 - 1, 3 * 4096, 3 * 4096 + 1, 3 * 4096 + 3 * 256 + 17, 2 * 3 * 4096 + 9, 32768, 40000]
+    lengths += [rng.randrange(1, 50_000) for _ in range(8)]
+    cases = []
+    for length in lengths:
+        buffer = rng.randbytes(length + 16)
+        start = rng.choice((0, 1, 3, 5, 7, 8))
+        view = memoryview(buffer)[start : start + length]
+        cases.append((view, crc32c_reference(bytes(view)), rng.randrange(0, length + 1)))
+    kv.initialize()
+    try:
+        tensors = paged(2, 4, (64, 8, 32), 9)  # 32 KiB blocks
+        cache = kv.register_kv_cache(tensors)
+        block_bytes = [bytes(t.view(torch.uint8).reshape(4, -1)[2].numpy()) for t in tensors]
+        block_crc = crc32c_reference(block_bytes[1], crc32c_reference(block_bytes[0]))
+        checked = {}
+        for name in IMPLEMENTATIONS:
+            if not runs_here[name]:
+                with pytest.raises(ValueError, match="cannot run"):
+                    forced_crc(name)
+                continue
+            forced_crc(name)
+            assert _C.crc32c_implementation() == name
+            for data, expected in KNOWN:
+                assert _C.crc32c(data) == expected, (name, data)
+            for view, expected, cut in cases:
+                assert _C.crc32c(view) == expected, (name, len(view))
+                assert _C.crc32c(view[cut:], _C.crc32c(view[:cut])) == expected, (name, len(view), cut)
+            assert verify.checksums(cache.cache_id, None, [2]) == [block_crc], name
+            checked[name] = len(cases)
+        assert set(checked) == {name for name in IMPLEMENTATIONS if runs_here[name]}
+        assert all(count == len(lengths) for count in checked.values())
+    finally:
+        kv.finalize()
+    for bad in ("avx512", "", "Portable"):
+        with pytest.raises(ValueError):
+            forced_crc(bad)
+    forced_crc("auto")
+    assert _C.crc32c_implementation() in runs_here and _C.crc32c(b"123456789") == 0xE3069283
+
+
 def test_checksum_blocks_chains_the_selected_tensors_in_order():
     kv.initialize()
     try:
@@ -379,6 +451,27 @@ def test_a_remote_verify_that_is_no_bool_is_refused_before_any_byte_moves(peer, 
             call()
         assert info.value.status_code == LLMStatusCode.LLM_PARAM_INVALID and isinstance(info.value, TypeError)
     assert not mine[0][1].any() and torch.equal(peer.call("read", remote.cache_id)[0][1], theirs[0][1])
+    peer.call("unregister", remote.cache_id)
+
+
+def test_a_negative_remote_block_is_refused_here_and_the_link_stays_up(peer, linked):
+    """A checksums request may not carry a block below 0 (the peer would take it as a
+    broken link): a verified transfer refuses it as an unverified one does."""
+    remote, theirs, mine, local = mirrored(peer)
+    calls = [
+        lambda: kv.pull_kv_blocks(remote, local, [0, -1], [0, 1], verify=True),
+        lambda: kv.pull_kv_blocks_async(remote, local, [-3], [1], verify=True),
+        lambda: kv.push_kv_blocks(local, remote, [0, 1], [0, -1], verify=True),
+        lambda: kv.pull_kv_cache(CacheIndex(peer.cluster_id, remote.cache_id, -1), local, 1, verify=True),
+    ]
+    for call in calls:
+        with pytest.raises(kv.LLMException) as info:
+            call()
+        assert info.value.status_code == LLMStatusCode.LLM_PARAM_INVALID and isinstance(info.value, IndexError)
+        assert "-1 is out of range" in str(info.value) or "-3 is out of range" in str(info.value)
+    assert not any(t.any() for t in mine)
+    assert kv.pull_kv_blocks(remote, local, [2], [2], verify=True) == 4 * local.cache_desc.block_nbytes
+    assert torch.equal(mine[1][2], theirs[1][2])
     peer.call("unregister", remote.cache_id)
 
 

@@ -5,9 +5,10 @@ differ in ``failed_blocks``, on the Transfer and on the raised LLMException, so 
 serving engine recomputes just those.
 
 Asked for per transfer (``verify=True``) or for every transfer of the process (option
-``llm.VerifyTransfers`` = ``"1"``). The CRCs are native (csrc/checksum.cpp: SSE4.2's crc32
-instruction on three interleaved streams, a table fallback elsewhere), one per block,
-chained over the block's slices of every tensor that takes part.
+``llm.VerifyTransfers`` = ``"1"``). The CRCs are native (csrc/checksum.cpp: PCLMULQDQ
+folding, SSE4.2's crc32 instruction on three interleaved streams, tables; the CPU picks,
+``_C._test_force_crc32c_implementation`` forces one in tests), one per block, chained over
+the block's slices of every tensor that takes part.
 
 >>> import torch, torch_kvreg as kv
 >>> kv.initialize()

@@ -12,6 +12,8 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar, cast
 
+import torch
+
 from .. import verify as verification
 from ..errors import LLMStatusCode, make_error, param_invalid, translate
 from ..inflight import Transfer
@@ -124,6 +126,17 @@ def _layers(layers: range | None, tensors_per_layer: int, num_tensors: int, name
     return None if layers is None else layer_tensors(layers, tensors_per_layer, num_tensors, name)
 
 
+def _not_negative(blocks: Sequence[int] | torch.Tensor, name: str) -> None:
+    """Remote blocks below 0 are refused here (LLM_PARAM_INVALID, IndexError-type), as the
+    transfer itself refuses them: a checksums request would carry them to the peer, which
+    takes a malformed request as a broken link and closes it."""
+    values = blocks.tolist() if isinstance(blocks, torch.Tensor) else list(blocks)
+    for j, block in enumerate(values):
+        if block < 0:
+            where = name if name.endswith("index") else f"{name}[{j}] ="
+            raise make_error(LLMStatusCode.LLM_PARAM_INVALID, f"{where} {block} is out of range", IndexError)
+
+
 def start_blocks(
     start: Callable[[], Transfer],
     link: Link,
@@ -149,6 +162,7 @@ def start_blocks(
     )
     # The peer checks its layers against its own cache; the form of the range is checked here.
     _layers(remote_layers, tensors_per_layer, 2**31, "src_layer_range" if read else "dst_layer_range")
+    _not_negative(src_list if read else dst_list, "src_blocks" if read else "dst_blocks")
     if read:
         expected = ask(link, remote_ref, src_list.tolist(), remote_layers, tensors_per_layer, -1, landed=False)
         inner = start()
@@ -190,6 +204,7 @@ def start_slice(
     _layers(remote_layers, tensors_per_layer, 2**31, "src_layer_range" if read else "dst_layer_range")
     by_key = remote_index is None
     remote_blocks = [] if remote_index is None else [remote_index]
+    _not_negative(remote_blocks, "src_batch_index" if read else "dst_batch_index")
 
     def remote_sums(landed: bool) -> list[int]:
         return ask(link, remote_ref, remote_blocks, remote_layers, tensors_per_layer, size, landed, by_key)
