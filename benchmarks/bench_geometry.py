@@ -248,6 +248,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--only", help="run the cases whose name contains this")
     parser.add_argument("--no-remote", action="store_true", help="local copies only")
+    parser.add_argument("--no-local", action="store_true", help="same-host pulls only")
     parser.add_argument(
         "--no-runs-path", dest="runs_path", action="store_false", help="leave out the runs-path column (local)"
     )
@@ -269,7 +270,7 @@ def main():
         f"{num_blocks // 2} of {num_blocks} blocks moved",
     )
     print(f"{'where':<15} {'case':<34} {'MiB':>6} {'GB/s':>7} {'base GB/s':>9} {'ratio':>6} {'runs path':>10}")
-    rows = run_cases(args, layers, num_blocks)
+    rows = [] if args.no_local else run_cases(args, layers, num_blocks)
     if peer is not None:
         address, remote_ids = to_main.get(timeout=600)
         host, port = address.split(":")

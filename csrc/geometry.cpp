@@ -286,6 +286,26 @@ BoxCopy box_job(
   }
   const int64_t src_head = (plan.first_head - sg.first_head()) * sl.stride_h;
   const int64_t dst_head = (plan.first_head - dg.first_head()) * dl.stride_h;
+  if (gathers(job.strides, job.element_size)) {
+    // Chunks end only where destination blocks do; each token's source row is its own.
+    job.token_src.resize(static_cast<size_t>(plan.num_tokens));
+    for (int64_t i = 0; i < plan.num_tokens; ++i) {
+      const int64_t s = selection.src_offset + i;
+      job.token_src[i] = selection.src_blocks[s / sg.block_size] * sl.block_nbytes +
+                         (s % sg.block_size) * sl.stride_t + src_head;
+    }
+    for (int64_t i = 0; i < plan.num_tokens;) {
+      const int64_t d = selection.dst_offset + i;
+      const int64_t count = std::min(dg.block_size - d % dg.block_size, plan.num_tokens - i);
+      job.chunks.push_back(
+          {0,
+           selection.dst_blocks[d / dg.block_size] * dl.block_nbytes + (d % dg.block_size) * dl.stride_t +
+               dst_head,
+           count, i});
+      i += count;
+    }
+    return job;
+  }
   for (int64_t i = 0; i < plan.num_tokens;) {
     const int64_t s = selection.src_offset + i;
     const int64_t d = selection.dst_offset + i;

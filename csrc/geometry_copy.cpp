@@ -72,26 +72,27 @@ inline void copy_row(char* dst, const char* src, size_t nbytes, bool stream) {
   std::memcpy(dst, src, nbytes);
 }
 
-// Element (x, y) of a tile sits at src + x * E + y * src_y and goes to dst + x * dst_x + y * E:
-// x is dense in the source, y in the destination.
+// The transposes read source row y (the elements along x, dense) at rows[y] + x * E and
+// write element (x, y) to dst + x * dst_x + y * E (y dense in the destination). Rows are
+// pointers so that the tokens of one destination block may come from several source blocks.
+using Rows = const char* const*;
+
 template <int E>
-void transpose_scalar(
-    char* dst, const char* src, int64_t x0, int64_t x1, int64_t y0, int64_t y1, int64_t src_y,
-    int64_t dst_x) {
+void transpose_scalar(char* dst, Rows rows, int64_t x0, int64_t x1, int64_t y0, int64_t y1, int64_t dst_x) {
   for (int64_t x = x0; x < x1; ++x) {
     for (int64_t y = y0; y < y1; ++y) {
-      std::memcpy(dst + x * dst_x + y * E, src + x * E + y * src_y, E);
+      std::memcpy(dst + x * dst_x + y * E, rows[y] + x * E, E);
     }
   }
 }
 
 #if defined(__x86_64__)
-// 8 x 8 two-byte elements: eight 16-byte loads (one per y), three rounds of unpacks; out[x]
-// holds row x of the result.
-inline void tile_8x8_2(const char* src, int64_t src_y, __m128i* out) {
+// 8 x 8 two-byte elements at byte offset `at` of eight rows: eight 16-byte loads, three
+// rounds of unpacks; out[x] holds row x of the result.
+inline void tile_8x8_2(Rows rows, int64_t at, __m128i* out) {
   __m128i a[8];
   for (int y = 0; y < 8; ++y) {
-    a[y] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + y * src_y));
+    a[y] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[y] + at));
   }
   __m128i t[8];
   for (int i = 0; i < 4; ++i) {
@@ -111,9 +112,9 @@ inline void tile_8x8_2(const char* src, int64_t src_y, __m128i* out) {
   }
 }
 
-inline void transpose_8x8_2(char* dst, const char* src, int64_t src_y, int64_t dst_x) {
+inline void transpose_8x8_2(char* dst, Rows rows, int64_t at, int64_t dst_x) {
   __m128i out[8];
-  tile_8x8_2(src, src_y, out);
+  tile_8x8_2(rows, at, out);
   for (int x = 0; x < 8; ++x) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + x * dst_x), out[x]);
   }
@@ -122,10 +123,10 @@ inline void transpose_8x8_2(char* dst, const char* src, int64_t src_y, int64_t d
 // 8 x 32 two-byte elements, four 8 x 8 tiles side by side: each destination row gets 64
 // consecutive bytes, stored with streaming stores (whole lines, no read-for-ownership)
 // when `stream` and the rows are 16-byte aligned.
-inline void transpose_8x32_2(char* dst, const char* src, int64_t src_y, int64_t dst_x, bool stream) {
+inline void transpose_8x32_2(char* dst, Rows rows, int64_t at, int64_t dst_x, bool stream) {
   __m128i out[4][8];
   for (int k = 0; k < 4; ++k) {
-    tile_8x8_2(src + 8 * k * src_y, src_y, out[k]);
+    tile_8x8_2(rows + 8 * k, at, out[k]);
   }
   const bool aligned = ((reinterpret_cast<uintptr_t>(dst) | static_cast<uintptr_t>(dst_x)) & 15) == 0;
   for (int x = 0; x < 8; ++x) {
@@ -141,11 +142,11 @@ inline void transpose_8x32_2(char* dst, const char* src, int64_t src_y, int64_t 
 }
 
 // 4 x 4 four-byte elements.
-inline void transpose_4x4_4(char* dst, const char* src, int64_t src_y, int64_t dst_x) {
-  const __m128i a0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
-  const __m128i a1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + src_y));
-  const __m128i a2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * src_y));
-  const __m128i a3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 3 * src_y));
+inline void transpose_4x4_4(char* dst, Rows rows, int64_t at, int64_t dst_x) {
+  const __m128i a0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[0] + at));
+  const __m128i a1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[1] + at));
+  const __m128i a2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[2] + at));
+  const __m128i a3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[3] + at));
   const __m128i t0 = _mm_unpacklo_epi32(a0, a1);
   const __m128i t1 = _mm_unpackhi_epi32(a0, a1);
   const __m128i t2 = _mm_unpacklo_epi32(a2, a3);
@@ -157,11 +158,10 @@ inline void transpose_4x4_4(char* dst, const char* src, int64_t src_y, int64_t d
 }
 #endif
 
-// A whole nx x ny transpose: full tiles with the vector kernel, x-tile by x-tile so that
+// A whole nx x ny transpose: full tiles with the vector kernels, x-tile by x-tile so that
 // each destination row (fixed x) is written front to back, then the edges element-wise.
 template <int E>
-void transpose(
-    char* dst, const char* src, int64_t nx, int64_t ny, int64_t src_y, int64_t dst_x, bool stream) {
+void transpose(char* dst, Rows rows, int64_t nx, int64_t ny, int64_t dst_x, bool stream) {
 #if defined(__x86_64__)
   if (E == 2 || E == 4) {
     constexpr int64_t kTile = E == 2 ? 8 : 4;
@@ -171,45 +171,52 @@ void transpose(
       int64_t wide = 0;  // four tiles at once: 64 bytes of each destination row
       if (E == 2) {
         for (; wide + 32 <= ny; wide += 32) {
-          transpose_8x32_2(dst + x * dst_x + wide * E, src + x * E + wide * src_y, src_y, dst_x, stream);
+          transpose_8x32_2(dst + x * dst_x + wide * E, rows + wide, x * E, dst_x, stream);
         }
       }
       for (int64_t y = wide; y < fy; y += kTile) {
         char* to = dst + x * dst_x + y * E;
-        const char* from = src + x * E + y * src_y;
         if (E == 2) {
-          transpose_8x8_2(to, from, src_y, dst_x);
+          transpose_8x8_2(to, rows + y, x * E, dst_x);
         } else {
-          transpose_4x4_4(to, from, src_y, dst_x);
+          transpose_4x4_4(to, rows + y, x * E, dst_x);
         }
       }
-      transpose_scalar<E>(dst, src, x, x + kTile, fy, ny, src_y, dst_x);
+      transpose_scalar<E>(dst, rows, x, x + kTile, fy, ny, dst_x);
     }
-    transpose_scalar<E>(dst, src, fx, nx, 0, ny, src_y, dst_x);
+    transpose_scalar<E>(dst, rows, fx, nx, 0, ny, dst_x);
     return;
   }
 #endif
   (void)stream;
-  transpose_scalar<E>(dst, src, 0, nx, 0, ny, src_y, dst_x);
+  transpose_scalar<E>(dst, rows, 0, nx, 0, ny, dst_x);
 }
 
 void transpose_any(
-    char* dst, const char* src, int64_t nx, int64_t ny, int64_t src_y, int64_t dst_x, int64_t element,
-    bool stream) {
+    char* dst, Rows rows, int64_t nx, int64_t ny, int64_t dst_x, int64_t element, bool stream) {
   switch (element) {
     case 1:
-      transpose<1>(dst, src, nx, ny, src_y, dst_x, stream);
+      transpose<1>(dst, rows, nx, ny, dst_x, stream);
       break;
     case 2:
-      transpose<2>(dst, src, nx, ny, src_y, dst_x, stream);
+      transpose<2>(dst, rows, nx, ny, dst_x, stream);
       break;
     case 4:
-      transpose<4>(dst, src, nx, ny, src_y, dst_x, stream);
+      transpose<4>(dst, rows, nx, ny, dst_x, stream);
       break;
     default:
-      transpose<8>(dst, src, nx, ny, src_y, dst_x, stream);
+      transpose<8>(dst, rows, nx, ny, dst_x, stream);
       break;
   }
+}
+
+// A reusable per-thread list of row pointers.
+std::vector<const char*>& row_buffer(size_t size) {
+  thread_local std::vector<const char*> rows;
+  if (rows.size() < size) {
+    rows.resize(size);
+  }
+  return rows;
 }
 
 // The box's axes of more than one element, outer to inner in the destination's order, with
@@ -252,14 +259,19 @@ BoxPath copy_box_uncounted(
   }
   const Axis& inner = axes[count - 1];
   if (inner.src == element && inner.dst == element) {
-    // Rows: up to two outer axes walked in the destination's order.
+    // Rows: up to two outer axes walked in the destination's order; in the source's when
+    // whole lines are streamed out (reads in address order help the prefetcher more than
+    // writes in order do streaming stores).
     const auto row = static_cast<size_t>(inner.n * element);
     const Axis one{1, 0, 0};
-    const Axis& outer = count == 3 ? axes[0] : one;
-    const Axis& middle = count >= 2 ? axes[count - 2] : one;
-    for (int64_t i = 0; i < outer.n; ++i) {
-      for (int64_t j = 0; j < middle.n; ++j) {
-        copy_row(dst + i * outer.dst + j * middle.dst, src + i * outer.src + j * middle.src, row, stream);
+    const Axis* outer = count == 3 ? &axes[0] : &one;
+    const Axis* middle = count >= 2 ? &axes[count - 2] : &one;
+    if (stream && row % 64 == 0 && outer->src < middle->src) {
+      std::swap(outer, middle);
+    }
+    for (int64_t i = 0; i < outer->n; ++i) {
+      for (int64_t j = 0; j < middle->n; ++j) {
+        copy_row(dst + i * outer->dst + j * middle->dst, src + i * outer->src + j * middle->src, row, stream);
       }
     }
     return BoxPath::kRows;
@@ -280,11 +292,14 @@ BoxPath copy_box_uncounted(
       z = i != x && i != y ? i : z;
     }
     const int64_t nz = z < 0 ? 1 : axes[z].n;
+    auto& rows = row_buffer(static_cast<size_t>(axes[y].n));
     for (int64_t k = 0; k < nz; ++k) {
       const int64_t src_k = z < 0 ? 0 : k * axes[z].src;
       const int64_t dst_k = z < 0 ? 0 : k * axes[z].dst;
-      transpose_any(
-          dst + dst_k, src + src_k, axes[x].n, axes[y].n, axes[y].src, axes[x].dst, element, stream);
+      for (int64_t j = 0; j < axes[y].n; ++j) {
+        rows[j] = src + src_k + j * axes[y].src;
+      }
+      transpose_any(dst + dst_k, rows.data(), axes[x].n, axes[y].n, axes[x].dst, element, stream);
     }
     return BoxPath::kTranspose;
   }
@@ -305,7 +320,29 @@ BoxPath copy_box_uncounted(
   return BoxPath::kElements;
 }
 
+// A gathered chunk: each token's source row found through token_src. The destination is
+// dense along tokens and the source along heads or dims (box_job checks), so the chunk is
+// one transpose per element of the other axis.
+void copy_gathered(
+    char* dst, const char* src, const int64_t* token_src, int64_t tokens, int64_t heads, int64_t head_dim,
+    int64_t element, const BoxStrides& s, bool stream) {
+  const bool dims_dense = s.src_d == element;
+  const Axis x = dims_dense ? Axis{head_dim, s.src_d, s.dst_d} : Axis{heads, s.src_h, s.dst_h};
+  const Axis z = dims_dense ? Axis{heads, s.src_h, s.dst_h} : Axis{head_dim, s.src_d, s.dst_d};
+  auto& rows = row_buffer(static_cast<size_t>(tokens));
+  for (int64_t k = 0; k < z.n; ++k) {
+    for (int64_t j = 0; j < tokens; ++j) {
+      rows[j] = src + token_src[j] + k * z.src;
+    }
+    transpose_any(dst + k * z.dst, rows.data(), x.n, tokens, x.dst, element, stream);
+  }
+}
+
 }  // namespace
+
+bool gathers(const BoxStrides& s, int64_t element) {
+  return s.dst_t == element && s.src_t != element && (s.src_d == element || s.src_h == element);
+}
 
 BoxPath copy_box(
     char* dst, const char* src, int64_t tokens, int64_t heads, int64_t head_dim, int64_t element_size,
@@ -354,6 +391,14 @@ void copy_boxes(const std::vector<BoxCopy>& jobs) {
       const auto num_chunks = static_cast<int64_t>(job.chunks.size());
       const int64_t lane = (item - first[j]) / num_chunks;
       const TokenChunk& chunk = job.chunks[(item - first[j]) % num_chunks];
+      if (chunk.first_token >= 0) {
+        copy_gathered(
+            job.dst_bases[lane] + chunk.dst_offset, job.src_bases[lane],
+            job.token_src.data() + chunk.first_token, chunk.tokens, job.heads, job.head_dim, job.element_size,
+            job.strides, stream);
+        ++counts[static_cast<int>(BoxPath::kTranspose)];
+        continue;
+      }
       const BoxPath path = copy_box_uncounted(
           job.dst_bases[lane] + chunk.dst_offset, job.src_bases[lane] + chunk.src_offset, chunk.tokens,
           job.heads, job.head_dim, job.element_size, job.strides, stream);

@@ -999,6 +999,13 @@ MUTANTS = [
         ["tests/test_geometry_kernels.py"],
     ),
     (
+        "geometry kernels: gathered tokens read every head from the first",
+        "csrc/geometry_copy.cpp",
+        "rows[j] = src + token_src[j] + k * z.src;",
+        "rows[j] = src + token_src[j] + 0 * z.src;",
+        ["tests/test_geometry_kernels.py"],
+    ),
+    (
         "geometry kernels: 4x4 transpose loads its third row from the second",
         "csrc/geometry_copy.cpp",
         "_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * src_y));",

@@ -114,7 +114,6 @@ def test_large_copy_fans_out_and_matches_the_runs_path(kv, monkeypatch):
         src_g = KVGeometry(src_order, 16, 8, 128)
         dst_g = KVGeometry(dst_order, 32, 8, 128)
         src_tensors = cache_tensors(src_g, 2, 64, torch.float16, 1)
-        outs = []
         for path in ("boxes", "runs"):
             monkeypatch.setenv("TORCH_KVREG_GEOMETRY_COPY", path)
             dst_tensors = cache_tensors(dst_g, 2, 40, torch.float16, 2)
@@ -128,7 +127,7 @@ def test_large_copy_fans_out_and_matches_the_runs_path(kv, monkeypatch):
             torch_kvreg.unregister_kv_cache(dst)
             assert moved == 48 * 16 * 8 * 128 * 2 * 2 * 2
             assert same_bytes(dst_tensors, expected), (src_order, dst_order, path)
-            # Boxes: one per source block per lane (K and V of 2 layers); the runs path none.
-            assert boxes == (48 * 4 if path == "boxes" else 0), (path, boxes)
-            outs.append(dst_tensors)
+            # Boxes: per lane (K and V of 2 layers) one per source block, or one per
+            # destination block where tokens are gathered into it; the runs path none.
+            assert (48 * 4 >= boxes >= 24 * 4) if path == "boxes" else boxes == 0, (path, boxes)
         assert os.environ["TORCH_KVREG_GEOMETRY_COPY"] == "runs"
