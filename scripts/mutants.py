@@ -994,8 +994,8 @@ MUTANTS = [
     (
         "geometry kernels: the wide transpose's four tiles all read the first eight rows",
         "csrc/geometry_copy.cpp",
-        "tile_8x8_2(src + 8 * k * src_y, src_y, out[k]);",
-        "tile_8x8_2(src, src_y, out[k]);",
+        "tile_8x8_2(rows + 8 * k, at, out[k]);",
+        "tile_8x8_2(rows, at, out[k]);",
         ["tests/test_geometry_kernels.py"],
     ),
     (
@@ -1008,15 +1008,15 @@ MUTANTS = [
     (
         "geometry kernels: 4x4 transpose loads its third row from the second",
         "csrc/geometry_copy.cpp",
-        "_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * src_y));",
-        "_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 1 * src_y));",
+        "_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[2] + at));",
+        "_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[1] + at));",
         ["tests/test_geometry_kernels.py"],
     ),
     (
         "geometry kernels: transpose edge rows past the last full tile dropped",
         "csrc/geometry_copy.cpp",
-        "transpose_scalar<E>(dst, src, fx, nx, 0, ny, src_y, dst_x);",
-        "transpose_scalar<E>(dst, src, fx, nx, 0, fy, src_y, dst_x);",
+        "transpose_scalar<E>(dst, rows, fx, nx, 0, ny, dst_x);",
+        "transpose_scalar<E>(dst, rows, fx, nx, 0, fy, dst_x);",
         ["tests/test_geometry_kernels.py"],
     ),
     (
@@ -1041,10 +1041,12 @@ MUTANTS = [
         ["tests/test_geometry_kernels.py"],
     ),
     (
-        "geometry kernels: items of later jobs (V laid out apart from K) take the first job",
-        "csrc/geometry_copy.cpp",
-        "      while (item >= first[j + 1]) {\n        ++j;\n      }",
-        "      while (false && item >= first[j + 1]) {\n        ++j;\n      }",
+        "geometry kernels: V laid out apart from K copied with K's strides",
+        "csrc/geometry.cpp",
+        "const BlockLayout sl = block_layout(sg, src.desc.element_size, kv);\n"
+        "  const BlockLayout dl = block_layout(dg, dst.desc.element_size, kv);\n  BoxCopy job;",
+        "const BlockLayout sl = block_layout(sg, src.desc.element_size, 0);\n"
+        "  const BlockLayout dl = block_layout(dg, dst.desc.element_size, 0);\n  BoxCopy job;",
         ["tests/test_geometry_kernels.py"],
     ),
     (
@@ -1178,7 +1180,8 @@ def run_suite(tree: pathlib.Path, first: list[str], timeout: int) -> tuple[str, 
             return "killed (timeout)", " ".join(selection)
         if result.returncode != 0:
             failed = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
-            return "killed", failed[0] if failed else result.stdout.strip().splitlines()[-1]
+            last = result.stdout.strip().splitlines()[-1:] or [f"exit status {result.returncode} (crashed)"]
+            return "killed", failed[0] if failed else last[0]
     return "SURVIVED", result.stdout.strip().splitlines()[-1]
 
 

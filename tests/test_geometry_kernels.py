@@ -12,7 +12,7 @@ import torch
 from geometry_ref import cache_tensors, expected_after, same_bytes
 
 import torch_kvreg
-from torch_kvreg import KVGeometry, _C
+from torch_kvreg import _C, KVGeometry
 
 # Every order of the three axes, K and V in one block at every depth, and K laid out apart
 # from V (vLLM's CPU layout and a made-up pair).
