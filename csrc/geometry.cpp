@@ -284,8 +284,8 @@ BoxCopy box_job(
     job.src_bases.push_back(reinterpret_cast<const char*>(src.addrs[lane.src_tensor] + lane.src_shift));
     job.dst_bases.push_back(reinterpret_cast<char*>(dst.addrs[lane.dst_tensor] + lane.dst_shift));
   }
-  const int64_t src_head = (plan.first_head - sg.first_head()) * sl.stride_h;
-  const int64_t dst_head = (plan.first_head - dg.first_head()) * dl.stride_h;
+  const int64_t src_head = sl.stride_h * (plan.first_head - sg.first_head());
+  const int64_t dst_head = dl.stride_h * (plan.first_head - dg.first_head());
   if (gathers(job.strides, job.element_size)) {
     // Chunks end only where destination blocks do; each token's source row is its own.
     job.token_src.resize(static_cast<size_t>(plan.num_tokens));

@@ -1006,6 +1006,13 @@ MUTANTS = [
         ["tests/test_geometry_kernels.py"],
     ),
     (
+        "geometry kernels: head slice start ignored on the source",
+        "csrc/geometry.cpp",
+        "const int64_t src_head = sl.stride_h * (plan.first_head - sg.first_head());",
+        "const int64_t src_head = sl.stride_h * 0;",
+        ["tests/test_geometry_kernels.py"],
+    ),
+    (
         "geometry kernels: 4x4 transpose loads its third row from the second",
         "csrc/geometry_copy.cpp",
         "_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[2] + at));",
