@@ -248,7 +248,7 @@ int box_axes(Axis* out, int64_t tokens, int64_t heads, int64_t head_dim, const B
   return count;
 }
 
-BoxPath copy_box_uncounted(
+BoxPath copy_box(
     char* dst, const char* src, int64_t tokens, int64_t heads, int64_t head_dim, int64_t element,
     const BoxStrides& strides, bool stream) {
   Axis axes[3];
@@ -344,17 +344,6 @@ bool gathers(const BoxStrides& s, int64_t element) {
   return s.dst_t == element && s.src_t != element && (s.src_d == element || s.src_h == element);
 }
 
-BoxPath copy_box(
-    char* dst, const char* src, int64_t tokens, int64_t heads, int64_t head_dim, int64_t element_size,
-    const BoxStrides& strides, bool stream) {
-  const BoxPath path = copy_box_uncounted(dst, src, tokens, heads, head_dim, element_size, strides, stream);
-#if defined(__x86_64__)
-  _mm_sfence();
-#endif
-  path_counts[static_cast<int>(path)].fetch_add(1, std::memory_order_relaxed);
-  return path;
-}
-
 std::vector<int64_t> box_path_counts() {
   return {path_counts[0].load(), path_counts[1].load(), path_counts[2].load()};
 }
@@ -399,7 +388,7 @@ void copy_boxes(const std::vector<BoxCopy>& jobs) {
         ++counts[static_cast<int>(BoxPath::kTranspose)];
         continue;
       }
-      const BoxPath path = copy_box_uncounted(
+      const BoxPath path = copy_box(
           job.dst_bases[lane] + chunk.dst_offset, job.src_bases[lane] + chunk.src_offset, chunk.tokens,
           job.heads, job.head_dim, job.element_size, job.strides, stream);
       ++counts[static_cast<int>(path)];

@@ -58,11 +58,6 @@ bool gathers(const BoxStrides& strides, int64_t element_size);
 // is not "memcpy".
 void copy_boxes(const std::vector<BoxCopy>& jobs);
 
-// Copies one box on the calling thread; returns the path it took (also counted).
-BoxPath copy_box(
-    char* dst, const char* src, int64_t tokens, int64_t heads, int64_t head_dim, int64_t element_size,
-    const BoxStrides& strides, bool stream);
-
 // Boxes copied per path since the process started (tests read which kernels they reached).
 std::vector<int64_t> box_path_counts();
 
