@@ -140,6 +140,7 @@ bench: build
 	$(PY) benchmarks/bench_copy_blocks.py --json bench-copy.json
 	$(PY) benchmarks/bench_remote.py --json bench-remote.json
 	$(PY) benchmarks/bench_fanin.py --json bench-fanin.json
+	$(PY) benchmarks/bench_geometry.py --json bench-geometry.json
 
 clean:
 	rm -rf build build-* torch_kvreg/*.so $(EXT_STAMP)

@@ -1,17 +1,25 @@
-"""copy_kv_tokens between caches of different geometry, against a same-geometry transfer of
-the same bytes measured in the same run.
+"""Transfers between caches of different geometry against a same-geometry transfer of the
+same bytes, measured in the same run: local copies (copy_kv_tokens) and same-host pulls
+from another process (pull_kv_tokens).
 
-Prefill caches: ``layers`` x K,V, FlashAttention blocks (NHD or HND) of 16 tokens x 8 KV
-heads x 128 dims, fp16 (32 KiB per block per tensor); ``moved`` of its blocks (random order)
-go to a decode cache of another geometry. Baseline: copy_kv_blocks between two caches of the
-prefill's geometry moving the same number of bytes as whole random blocks (what a transfer
-between equal geometries does). Ratio = baseline time / geometry time (>= 0.8 is the target).
+Prefill caches hold ``layers`` x K,V of 8 KV heads x 128 dims, fp16, in the case's source
+geometry (FlashAttention NHD or HND blocks of 16 tokens: 32 KiB per block per tensor, or
+another layout); half of their tokens (whole blocks, random order) go to a decode cache of
+another geometry. Baseline: the same-geometry transfer of the source's geometry (local:
+copy_kv_blocks; remote: pull_kv_blocks) moving the same bytes as whole random blocks, the
+two measured interleaved. Ratio = geometry GB/s / baseline GB/s (>= 0.8 is the target). Local copies are also timed
+through the host's former path ("runs path": the plan's byte runs, single elements by
+indexing; TORCH_KVREG_GEOMETRY_COPY=runs), in the same run.
+"TP 2 -> TP 1" gathers a TP-1 decode cache from two TP-2 prefill caches (two transfers, one
+call's worth of bytes in all).
 
-    python benchmarks/bench_geometry.py [--quick] [--json out.json]
+    python benchmarks/bench_geometry.py [--quick] [--no-remote] [--json out.json]
 """
 
 import argparse
 import json
+import multiprocessing as mp
+import os
 import random
 import statistics
 import time
@@ -24,41 +32,57 @@ from torch_kvreg import KVGeometry
 from machine import cpu_model
 
 HEADS, DIM, BLOCK = 8, 128, 16
-NHD = KVGeometry("flash_attn", BLOCK, HEADS, DIM)
-HND = KVGeometry("flash_attn_hnd", BLOCK, HEADS, DIM)
-# name: (prefill geometry, decode geometry)
+
+
+def g(layout, block=BLOCK, tp=1, rank=0):
+    return KVGeometry(layout, block, HEADS, DIM, tp, rank)
+
+
+NHD, HND = g("flash_attn"), g("flash_attn_hnd")
+# name: (prefill geometries (two: a gather from TP-2 ranks), decode geometry)
 CASES = {
-    "block 16 -> 32 (NHD)": (NHD, KVGeometry("flash_attn", 32, HEADS, DIM)),
-    "block 16 -> 32 (HND)": (HND, KVGeometry("flash_attn_hnd", 32, HEADS, DIM)),
-    "TP 1 -> TP 2 rank 1 (HND)": (HND, KVGeometry("flash_attn_hnd", 16, HEADS, DIM, 2, 1)),
-    "TP 1 -> TP 2 rank 1, block 32 (HND)": (HND, KVGeometry("flash_attn_hnd", 32, HEADS, DIM, 2, 1)),
-    "HND split -> vLLM CPU, block 32": (HND, KVGeometry("vllm_cpu", 32, HEADS, DIM)),
-    "HND split -> vLLM FlashAttention, block 32": (HND, KVGeometry("vllm_flash_attn", 32, HEADS, DIM)),
-    "TP 1 -> TP 2 rank 1 (NHD)": (NHD, KVGeometry("flash_attn", 16, HEADS, DIM, 2, 1)),
-    "NHD -> HND": (NHD, HND),
-    "NHD split -> vLLM CPU, block 32": (NHD, KVGeometry("vllm_cpu", 32, HEADS, DIM)),
+    "block 16 -> 32 (NHD)": ((NHD,), g("flash_attn", 32)),
+    "block 32 -> 16 (NHD)": ((g("flash_attn", 32),), NHD),
+    "block 16 -> 32 (HND)": ((HND,), g("flash_attn_hnd", 32)),
+    "block 32 -> 16 (HND)": ((g("flash_attn_hnd", 32),), HND),
+    "NHD -> HND": ((NHD,), HND),
+    "HND -> NHD": ((HND,), NHD),
+    "K/V split -> interleaved (NHD)": ((NHD,), g("flashinfer")),
+    "K/V interleaved -> split (NHD)": ((g("flashinfer"),), NHD),
+    "K/V split -> interleaved (HND)": ((HND,), g("flashinfer_hnd")),
+    "NHD 16 -> vLLM CPU 32": ((NHD,), g("vllm_cpu", 32)),
+    "vLLM CPU 32 -> NHD 16": ((g("vllm_cpu", 32),), NHD),
+    "HND 16 -> vLLM CPU 32": ((HND,), g("vllm_cpu", 32)),
+    "vLLM CPU 32 -> vLLM FA 32": ((g("vllm_cpu", 32),), g("vllm_flash_attn", 32)),
+    "vLLM FA 32 -> vLLM CPU 32": ((g("vllm_flash_attn", 32),), g("vllm_cpu", 32)),
+    "HND 16 -> vLLM FA 32": ((HND,), g("vllm_flash_attn", 32)),
+    "TP 1 -> TP 2 rank 1 (NHD)": ((NHD,), g("flash_attn", tp=2, rank=1)),
+    "TP 1 -> TP 2 rank 1 (HND)": ((HND,), g("flash_attn_hnd", tp=2, rank=1)),
+    "TP 2 -> TP 1 gather (NHD)": ((g("flash_attn", tp=2), g("flash_attn", tp=2, rank=1)), NHD),
+    "TP 2 -> TP 1 gather (HND)": ((g("flash_attn_hnd", tp=2), g("flash_attn_hnd", tp=2, rank=1)), HND),
 }
 
 
-def tensors_of(geometry, layers, num_blocks, fill):
+def prefill_tensors(geometry, layers, num_blocks, seed):
+    """Random source tensors, the same in every process for the same arguments."""
+    gen = torch.Generator().manual_seed(seed)
     shape = (num_blocks, *geometry.block_shape)
-    out = []
-    for _ in range(layers * geometry.tensors_per_layer):
-        tensor = torch.empty(shape, dtype=torch.float16)
-        if fill is None:
-            tensor.normal_()
-        else:
-            tensor.view(torch.int16).fill_(fill)
-        out.append(tensor)
-    return out
+    return [torch.randn(shape, generator=gen).half() for _ in range(layers * geometry.tensors_per_layer)]
 
 
-def logical_k(tensor, geometry):
-    """The K part of a layer's tensor as (blocks, tokens, heads, dim)."""
-    view = tensor.view(len(tensor), *geometry.part_shape(0))
-    order = geometry.orders[0]
+def zeros(geometry, layers, num_blocks):
+    return [
+        torch.zeros(num_blocks, *geometry.block_shape, dtype=torch.float16)
+        for _ in range(layers * geometry.tensors_per_layer)
+    ]
+
+
+def logical(tensor, geometry, kv_index=0):
+    """K (``kv_index`` 0) or V of a layer's tensor as (blocks, tokens, heads, dim)."""
+    view = tensor.view(len(tensor), *geometry.part_shape(kv_index))
+    order = geometry.orders[kv_index]
     if "k" in order:
-        view = view.select(1 + order.index("k"), 0)
+        view = view.select(1 + order.index("k"), kv_index)
         order = order.replace("k", "")
     return view.permute(0, *(1 + order.index(axis) for axis in "thd"))
 
@@ -73,75 +97,192 @@ def timed(fn, repeats):
     return statistics.median(times)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 layers, 128 blocks")
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--blocks", type=int, default=512, help="blocks in the prefill cache (half are moved)")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--json")
-    args = parser.parse_args()
-    layers, num_blocks = (2, 128) if args.quick else (args.layers, args.blocks)
-    moved = num_blocks // 2
-    kv.initialize(limits=kv.Limits(240, 50 * 2**30, 64 * 2**30))
+def source_geometries():
+    return sorted({p for prefills, _ in CASES.values() for p in prefills}, key=repr)
+
+
+def prefill_process(layers, num_blocks, to_main, from_main):
+    """The remote side: every source geometry's cache in memory that peers map."""
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+    kv.initialize(1, kv.LlmRole.PROMPT, options={"llm.ListenIpInfo": "127.0.0.1:0"})
+    ids = {}
+    for seed, geometry in enumerate(source_geometries()):
+        values = prefill_tensors(geometry, layers, num_blocks, seed)
+        cache, tensors = kv.allocate_kv_cache(
+            len(values), (num_blocks, *geometry.block_shape), torch.float16, kv.RegisterCfg(remote_accessible=True)
+        )
+        for tensor, value in zip(tensors, values):
+            tensor.copy_(value)
+        ids[geometry] = cache.cache_id
+    to_main.put((kv.listen_address(), ids))
+    from_main.get()
+    kv.finalize()
+
+
+def run_cases(args, layers, num_blocks, remote_ids=None):
+    """One row per case; remote_ids: the peer's cache per source geometry (else local)."""
     rng = random.Random(0)
-    prefills = {}
-    for prefill in (NHD, HND):
-        tensors = tensors_of(prefill, layers, num_blocks, None)
-        base_dst = kv.register_kv_cache(tensors_of(prefill, layers, num_blocks, 0))  # the baseline's
-        prefills[prefill] = (tensors, kv.register_kv_cache(tensors), base_dst)
-    src_blocks = rng.sample(range(num_blocks), moved)
+    moved = num_blocks // 2
+    sources = {}
+    for seed, geometry in enumerate(source_geometries()):
+        tensors = prefill_tensors(geometry, layers, num_blocks, seed)
+        if remote_ids is None:
+            cache = kv.register_kv_cache(tensors)
+        else:
+            cache = kv.CacheIndex(1, remote_ids[geometry])
+        base_dst = kv.register_kv_cache(zeros(geometry, layers, num_blocks))
+        sources[geometry] = (tensors, cache, base_dst)
     rows = []
-    print(f"{cpu_model()}, {torch.get_num_threads()} threads, {layers} layers, {moved} of {num_blocks} blocks moved")
-    print(f"{'case':<36} {'MiB':>7} {'GB/s':>7} {'base GB/s':>9} {'ratio':>6}")
-    for name, (prefill, geometry) in CASES.items():
-        src_tensors, src, base_dst = prefills[prefill]
-        dst_blocks_needed = -(-moved * BLOCK // geometry.block_size)
-        dst_tensors = tensors_of(geometry, layers, max(dst_blocks_needed * 2, 1), 0)
-        dst = kv.register_kv_cache(dst_tensors)
-        dst_blocks = rng.sample(range(len(dst_tensors[0])), dst_blocks_needed)
-        plan = kv.plan_kv_tokens(src, dst, src_blocks, dst_blocks, src_geometry=prefill, dst_geometry=geometry)
-        nbytes = plan.nbytes
-        block_bytes = src.cache_desc.block_nbytes * src.cache_desc.num_tensors
-        base_count = nbytes // block_bytes
-        assert base_count * block_bytes == nbytes, (nbytes, block_bytes)
+    where = "local" if remote_ids is None else "same-host pull"
+    for name, (prefills, decode) in CASES.items():
+        if args.only and args.only not in name:
+            continue
+        tokens = moved * prefills[0].block_size
+        src_blocks = rng.sample(range(num_blocks), moved)
+        dst_needed = -(-tokens // decode.block_size)
+        dst_tensors = zeros(decode, layers, dst_needed * 2)
+        dst = kv.register_kv_cache(dst_tensors, kv.RegisterCfg(remote_accessible=remote_ids is not None))
+        dst_blocks = rng.sample(range(dst_needed * 2), dst_needed)
+
+        def geometry_copy(prefills=prefills, decode=decode, dst=dst, src_blocks=src_blocks, dst_blocks=dst_blocks):
+            if remote_ids is None:
+                return sum(
+                    kv.copy_kv_tokens(
+                        sources[p][1],
+                        dst,
+                        src_blocks,
+                        dst_blocks,
+                        src_geometry=p,
+                        dst_geometry=decode,
+                        heads=p.heads if len(prefills) > 1 else None,
+                    )
+                    for p in prefills
+                )
+            started = [
+                kv.pull_kv_tokens_async(
+                    sources[p][1],
+                    dst,
+                    src_blocks,
+                    dst_blocks,
+                    src_geometry=p,
+                    dst_geometry=decode,
+                    heads=p.heads if len(prefills) > 1 else None,
+                )
+                for p in prefills
+            ]
+            return sum(transfer.wait() for transfer in started)
+
+        nbytes = geometry_copy()
+        base_geometry = prefills[0]
+        _, base_src_cache, base_dst = sources[base_geometry]
+        block_bytes = base_dst.cache_desc.block_nbytes * base_dst.cache_desc.num_tensors
+        base_count = max(1, round(nbytes / block_bytes))
         base_src, base_dst_blocks = rng.sample(range(num_blocks), base_count), rng.sample(range(num_blocks), base_count)
+        base_bytes = base_count * block_bytes
 
-        def geometry_copy(src=src, dst=dst, prefill=prefill, geometry=geometry, dst_blocks=dst_blocks):
-            kv.copy_kv_tokens(src, dst, src_blocks, dst_blocks, src_geometry=prefill, dst_geometry=geometry)
+        def same_geometry_copy(src=base_src_cache, dst=base_dst, a=base_src, b=base_dst_blocks, p=base_geometry):
+            if remote_ids is None:
+                kv.copy_kv_blocks(src, dst, a, b)
+            else:
+                kv.pull_kv_blocks(src, dst, a, b, tensors_per_layer=p.tensors_per_layer)
 
-        def same_geometry_copy(src=src, base_dst=base_dst, base_src=base_src, base_dst_blocks=base_dst_blocks):
-            kv.copy_kv_blocks(src, base_dst, base_src, base_dst_blocks)
-
-        # Interleaved, so that drift on a shared machine hits both alike.
-        geo_times, base_times = [], []
+        # Interleaved, so that drift on a shared machine hits all alike. Local copies also
+        # time the host's former path (the plan's runs; TORCH_KVREG_GEOMETRY_COPY=runs).
+        paths = ["boxes", "runs"] if remote_ids is None and args.runs_path else ["boxes"]
+        times = {path: [] for path in [*paths, "base"]}
         for _ in range(3):
-            geo_times.append(timed(geometry_copy, max(args.repeats // 3, 1)))
-            base_times.append(timed(same_geometry_copy, max(args.repeats // 3, 1)))
-        geo_s, base_s = min(geo_times), min(base_times)
-        # The bytes that landed are checked once, by the reference reading of both layouts.
-        check_token = rng.randrange(moved * BLOCK)
-        k_src = logical_k(src_tensors[0], prefill)[src_blocks[check_token // BLOCK], check_token % BLOCK]
-        k_dst = logical_k(dst_tensors[0], geometry)[
-            dst_blocks[check_token // geometry.block_size], check_token % geometry.block_size
-        ]
-        assert torch.equal(k_dst, k_src[geometry.heads.start : geometry.heads.stop]), name
-        row = {
-            "case": name,
-            "nbytes": nbytes,
-            "segments": len(plan.segments) + len(plan.v_segments),
-            "lanes": len(plan.lanes),
-            "gbps": nbytes / geo_s / 1e9,
-            "baseline_gbps": nbytes / base_s / 1e9,
-            "ratio": base_s / geo_s,
-        }
+            for path in paths:
+                os.environ["TORCH_KVREG_GEOMETRY_COPY"] = path
+                times[path].append(timed(geometry_copy, max(args.repeats // 3, 1)))
+                check(sources, prefills, decode, dst_tensors, src_blocks, dst_blocks, rng, name)
+            os.environ.pop("TORCH_KVREG_GEOMETRY_COPY")
+            times["base"].append(timed(same_geometry_copy, max(args.repeats // 3, 1)))
+        base_gbps = base_bytes / min(times["base"]) / 1e9
+        row = {"case": name, "where": where, "nbytes": nbytes, "baseline_gbps": base_bytes / min(times["base"]) / 1e9}
+        for path in paths:
+            suffix = "" if path == "boxes" else "_runs"
+            row["gbps" + suffix] = nbytes / min(times[path]) / 1e9
+            row["ratio" + suffix] = row["gbps" + suffix] / base_gbps
         rows.append(row)
+        runs = f"{row['ratio_runs']:>9.2f}x" if "ratio_runs" in row else f"{'':>10}"
         print(
-            f"{name:<36} {nbytes / 2**20:>7.0f} {row['gbps']:>7.1f} {row['baseline_gbps']:>9.1f} {row['ratio']:>5.2f}x"
+            f"{where:<15} {name:<34} {nbytes / 2**20:>6.0f} {row['gbps']:>7.2f} {base_gbps:>9.2f}",
+            f"{row['ratio']:>5.2f}x {runs}",
         )
         kv.unregister_kv_cache(dst)
-        del dst_tensors
-    result = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "layers": layers, "moved": moved, "rows": rows}
+    for _tensors, cache, base_dst in sources.values():
+        kv.unregister_kv_cache(base_dst)
+        if remote_ids is None:
+            kv.unregister_kv_cache(cache)
+    return rows
+
+
+def check(sources, prefills, decode, dst_tensors, src_blocks, dst_blocks, rng, name):
+    """A few random tokens of K and V of the last layer, read through both layouts."""
+    for _ in range(4):
+        for kv_index in (0, 1):
+            token = rng.randrange(len(src_blocks) * prefills[0].block_size)
+            layer = len(dst_tensors) // decode.tensors_per_layer - 1
+            for p in prefills:
+                src_tensor = sources[p][0][layer * p.tensors_per_layer + (kv_index if p.tensors_per_layer == 2 else 0)]
+                dst_tensor = dst_tensors[
+                    layer * decode.tensors_per_layer + (kv_index if decode.tensors_per_layer == 2 else 0)
+                ]
+                got = logical(dst_tensor, decode, kv_index)[
+                    dst_blocks[token // decode.block_size], token % decode.block_size
+                ]
+                want = logical(src_tensor, p, kv_index)[src_blocks[token // p.block_size], token % p.block_size]
+                heads = range(max(p.heads.start, decode.heads.start), min(p.heads.stop, decode.heads.stop))
+                src_heads = slice(heads.start - p.heads.start, heads.stop - p.heads.start)
+                dst_heads = slice(heads.start - decode.heads.start, heads.stop - decode.heads.start)
+                assert torch.equal(got[dst_heads], want[src_heads]), name
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 layers, 64 blocks")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--blocks", type=int, default=512, help="blocks in a prefill cache (half are moved)")
+    parser.add_argument("--remote-layers", type=int, default=2)
+    parser.add_argument("--remote-blocks", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--only", help="run the cases whose name contains this")
+    parser.add_argument("--no-remote", action="store_true", help="local copies only")
+    parser.add_argument("--no-local", action="store_true", help="same-host pulls only")
+    parser.add_argument(
+        "--no-runs-path", dest="runs_path", action="store_false", help="leave out the runs-path column (local)"
+    )
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    layers, num_blocks = (2, 64) if args.quick else (args.layers, args.blocks)
+    remote_layers, remote_blocks = (2, 64) if args.quick else (args.remote_layers, args.remote_blocks)
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+    remote = not args.no_remote and kv.remote.nixl_available()
+    peer = None
+    if remote:
+        ctx = mp.get_context("spawn")
+        to_main, from_main = ctx.Queue(), ctx.Queue()
+        peer = ctx.Process(target=prefill_process, args=(remote_layers, remote_blocks, to_main, from_main))
+        peer.start()
+    kv.initialize(2, kv.LlmRole.DECODER, limits=kv.Limits(240, 50 * 2**30, 64 * 2**30))
+    print(
+        f"{cpu_model()}, {torch.get_num_threads()} threads; local: {layers} layers,",
+        f"{num_blocks // 2} of {num_blocks} blocks moved",
+    )
+    print(f"{'where':<15} {'case':<34} {'MiB':>6} {'GB/s':>7} {'base GB/s':>9} {'ratio':>6} {'runs path':>10}")
+    rows = [] if args.no_local else run_cases(args, layers, num_blocks)
+    if peer is not None:
+        address, remote_ids = to_main.get(timeout=600)
+        host, port = address.split(":")
+        status, _ = kv.link_clusters([kv.ClusterInfo(1, host, int(port))])
+        assert status == kv.LLMStatusCode.LLM_SUCCESS
+        rows += run_cases(args, remote_layers, remote_blocks, remote_ids)
+        paths = dict(kv.remote.current_engine().paths)
+        print(f"same-host pulls: {remote_layers} layers, {remote_blocks // 2} of {remote_blocks} blocks; paths {paths}")
+        kv.unlink_clusters([kv.ClusterInfo(1, host, int(port))])
+        from_main.put(None)
+        peer.join(60)
+    result = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "layers": layers, "rows": rows}
     result["copy_strategy"] = kv.copy_strategy()
     if args.json:
         with open(args.json, "w") as out:

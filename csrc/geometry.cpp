@@ -2,6 +2,7 @@
 // another's when block size, layout or tensor-parallel split differ.
 #include "geometry.h"
 
+#include "geometry_copy.h"
 #include "registry.h"
 #include "status.h"
 
@@ -9,6 +10,8 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <utility>
 #include <vector>
@@ -261,6 +264,71 @@ void copy_elementwise(
   }
 }
 
+// The host copy of one of K (kv 0) or V, or of both when they are laid out alike: the lanes'
+// bases, and the tokens cut where a source or a destination block ends, each piece a box.
+BoxCopy box_job(
+    const CacheRecord& src, const Geometry& sg, const CacheRecord& dst, const Geometry& dg,
+    const TokenSelection& selection, const GeometryPlan& plan, int64_t kv, bool both) {
+  const BlockLayout sl = block_layout(sg, src.desc.element_size, kv);
+  const BlockLayout dl = block_layout(dg, dst.desc.element_size, kv);
+  BoxCopy job;
+  job.strides = {sl.stride_t, sl.stride_h, sl.stride_d, dl.stride_t, dl.stride_h, dl.stride_d};
+  job.heads = plan.num_heads;
+  job.head_dim = sg.head_dim;
+  job.element_size = src.desc.element_size;
+  for (size_t i = 0; i < plan.lanes.size(); ++i) {
+    if (!both && static_cast<int64_t>(i % 2) != kv) {
+      continue;
+    }
+    const Lane& lane = plan.lanes[i];
+    job.src_bases.push_back(reinterpret_cast<const char*>(src.addrs[lane.src_tensor] + lane.src_shift));
+    job.dst_bases.push_back(reinterpret_cast<char*>(dst.addrs[lane.dst_tensor] + lane.dst_shift));
+  }
+  const int64_t src_head = sl.stride_h * (plan.first_head - sg.first_head());
+  const int64_t dst_head = dl.stride_h * (plan.first_head - dg.first_head());
+  if (gathers(job.strides, job.element_size)) {
+    // Chunks end only where destination blocks do; each token's source row is its own.
+    job.token_src.resize(static_cast<size_t>(plan.num_tokens));
+    for (int64_t i = 0; i < plan.num_tokens; ++i) {
+      const int64_t s = selection.src_offset + i;
+      job.token_src[i] = selection.src_blocks[s / sg.block_size] * sl.block_nbytes +
+                         (s % sg.block_size) * sl.stride_t + src_head;
+    }
+    for (int64_t i = 0; i < plan.num_tokens;) {
+      const int64_t d = selection.dst_offset + i;
+      const int64_t count = std::min(dg.block_size - d % dg.block_size, plan.num_tokens - i);
+      job.chunks.push_back(
+          {0,
+           selection.dst_blocks[d / dg.block_size] * dl.block_nbytes + (d % dg.block_size) * dl.stride_t +
+               dst_head,
+           count, i});
+      i += count;
+    }
+    return job;
+  }
+  for (int64_t i = 0; i < plan.num_tokens;) {
+    const int64_t s = selection.src_offset + i;
+    const int64_t d = selection.dst_offset + i;
+    const int64_t count =
+        std::min({sg.block_size - s % sg.block_size, dg.block_size - d % dg.block_size, plan.num_tokens - i});
+    job.chunks.push_back(
+        {selection.src_blocks[s / sg.block_size] * sl.block_nbytes + (s % sg.block_size) * sl.stride_t +
+             src_head,
+         selection.dst_blocks[d / dg.block_size] * dl.block_nbytes + (d % dg.block_size) * dl.stride_t +
+             dst_head,
+         count});
+    i += count;
+  }
+  return job;
+}
+
+// TORCH_KVREG_GEOMETRY_COPY=runs moves host transfers as the device path does (the plan's
+// runs, single elements by indexing): the A/B baseline of benchmarks/bench_geometry.py.
+bool host_boxes() {
+  const char* value = std::getenv("TORCH_KVREG_GEOMETRY_COPY");
+  return value == nullptr || std::strcmp(value, "runs") != 0;
+}
+
 }  // namespace
 
 int64_t GeometryPlan::nbytes() const {
@@ -281,7 +349,7 @@ int64_t GeometryPlan::nbytes() const {
 
 GeometryPlan plan_geometry(
     const CacheDesc& src, const Geometry& sg, const CacheDesc& dst, const Geometry& dg,
-    const TokenSelection& selection, int64_t max_segment_bytes, bool elementwise_runs) {
+    const TokenSelection& selection, int64_t max_segment_bytes, bool elementwise_runs, bool with_runs) {
   check_geometry(sg, "src");
   check_geometry(dg, "dst");
   KVREG_CHECK_ARG(
@@ -373,7 +441,7 @@ GeometryPlan plan_geometry(
            dg.kv_in_block() ? d_layer : 2 * d_layer + kv, kv * dl.stride_k});
     }
   }
-  if (n == 0) {
+  if (n == 0 || !with_runs) {
     return plan;
   }
 
@@ -398,8 +466,10 @@ int64_t copy_geometry(
   auto lease = Registry::instance().lease({src_id, dst_id});
   const CacheRecord& src = lease[0];
   const CacheRecord& dst = lease[1];
-  GeometryPlan plan =
-      plan_geometry(src.desc, src_geometry, dst.desc, dst_geometry, selection, kMaxSegmentBytes, false);
+  const bool boxes =
+      src.desc.placement == Placement::HOST && dst.desc.placement == Placement::HOST && host_boxes();
+  GeometryPlan plan = plan_geometry(
+      src.desc, src_geometry, dst.desc, dst_geometry, selection, kMaxSegmentBytes, false, !boxes);
   // One record per side whose "tensors" are the lanes' bases, so that the block-copy machinery
   // (threads, streaming stores, CUDA kernel) moves every segment of every lane; K and V lanes
   // apart when their segments differ.
@@ -410,6 +480,14 @@ int64_t copy_geometry(
           "the bytes of a plan"),
       "the bytes of a plan");
   const bool apart = src_geometry.kv_differ() || dst_geometry.kv_differ();
+  if (boxes) {
+    std::vector<BoxCopy> jobs;
+    for (int64_t kv = 0; kv < (apart ? 2 : 1) && plan.num_tokens > 0; ++kv) {
+      jobs.push_back(box_job(src, src_geometry, dst, dst_geometry, selection, plan, kv, !apart));
+    }
+    copy_boxes(jobs);
+    return nbytes;
+  }
   for (int64_t kv = 0; kv < (apart ? 2 : 1); ++kv) {
     if (plan.num_tokens > 0 && !whole_vectors(src_geometry, dst_geometry, kv) &&
         (apart || !whole_vectors(src_geometry, dst_geometry, 1))) {

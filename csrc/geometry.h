@@ -84,13 +84,16 @@ struct GeometryPlan {
 // out of range), then its lanes and segments: runs adjacent on both sides merged, up to
 // max_segment_bytes each.
 // elementwise_runs false: K's or V's runs are left out where they would be single elements
-// (the local copy moves those by indexing instead).
+// (the device copy moves those by indexing instead); with_runs false: no runs at all (the
+// host copy moves boxes of tokens, geometry_copy.h).
 GeometryPlan plan_geometry(
     const CacheDesc& src, const Geometry& src_geometry, const CacheDesc& dst, const Geometry& dst_geometry,
-    const TokenSelection& selection, int64_t max_segment_bytes, bool elementwise_runs = true);
+    const TokenSelection& selection, int64_t max_segment_bytes, bool elementwise_runs = true,
+    bool with_runs = true);
 
-// Plans and copies between two registered caches (HOST or, with CUDA, DEVICE); returns the
-// bytes moved. The two must be different caches.
+// Plans and copies between two registered caches (HOST: box by box on the copy threads; or,
+// with CUDA, DEVICE: the plan's runs); returns the bytes moved. The two must be different
+// caches.
 int64_t copy_geometry(
     int64_t src_id, const Geometry& src_geometry, int64_t dst_id, const Geometry& dst_geometry,
     const TokenSelection& selection);

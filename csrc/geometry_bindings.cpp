@@ -3,6 +3,7 @@
 
 #include "cache_desc.h"
 #include "geometry.h"
+#include "geometry_copy.h"
 
 #include <pybind11/stl.h>
 #include <ATen/ops/empty.h>
@@ -114,6 +115,10 @@ void bind_geometry(py::module_& m) {
       py::arg("src_id"), py::arg("src_geometry"), py::arg("dst_id"), py::arg("dst_geometry"),
       py::arg("src_blocks"), py::arg("dst_blocks"), py::arg("selection"),
       py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "geometry_box_paths", &box_path_counts,
+      "Boxes the host copy between geometries has moved since the process started, per kernel: "
+      "[rows, transposes, element by element].");
 }
 
 }  // namespace kvreg

@@ -1011,6 +1011,79 @@ MUTANTS = [
         "lane_runs=None,",
         ["tests/test_geometry_remote.py"],
     ),
+    # --- the host kernels of transfers between geometries (csrc/geometry_copy.cpp) ------------
+    (
+        "geometry kernels: 8x8 transpose stores columns 0 and 1 swapped",
+        "csrc/geometry_copy.cpp",
+        "out[2 * i] = _mm_unpacklo_epi64(u[i], u[i + 4]);",
+        "out[2 * i] = _mm_unpackhi_epi64(u[i], u[i + 4]);",
+        ["tests/test_geometry_kernels.py"],
+    ),
+    (
+        "geometry kernels: the wide transpose's four tiles all read the first eight rows",
+        "csrc/geometry_copy.cpp",
+        "tile_8x8_2(rows + 8 * k, at, out[k]);",
+        "tile_8x8_2(rows, at, out[k]);",
+        ["tests/test_geometry_kernels.py"],
+    ),
+    (
+        "geometry kernels: gathered tokens read every head from the first",
+        "csrc/geometry_copy.cpp",
+        "rows[j] = src + token_src[j] + k * z.src;",
+        "rows[j] = src + token_src[j] + 0 * z.src;",
+        ["tests/test_geometry_kernels.py"],
+    ),
+    (
+        "geometry kernels: head slice start ignored on the source",
+        "csrc/geometry.cpp",
+        "const int64_t src_head = sl.stride_h * (plan.first_head - sg.first_head());",
+        "const int64_t src_head = sl.stride_h * 0;",
+        ["tests/test_geometry_kernels.py"],
+    ),
+    (
+        "geometry kernels: 4x4 transpose loads its third row from the second",
+        "csrc/geometry_copy.cpp",
+        "_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[2] + at));",
+        "_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[1] + at));",
+        ["tests/test_geometry_kernels.py"],
+    ),
+    (
+        "geometry kernels: transpose edge rows past the last full tile dropped",
+        "csrc/geometry_copy.cpp",
+        "transpose_scalar<E>(dst, rows, fx, nx, 0, ny, dst_x);",
+        "transpose_scalar<E>(dst, rows, fx, nx, 0, fy, dst_x);",
+        ["tests/test_geometry_kernels.py"],
+    ),
+    (
+        "geometry kernels: axes merged when contiguous in the source only",
+        "csrc/geometry_copy.cpp",
+        "if (outer.src == inner.n * inner.src && outer.dst == inner.n * inner.dst) {",
+        "if (outer.src == inner.n * inner.src) {",
+        ["tests/test_geometry_kernels.py"],
+    ),
+    (
+        "geometry kernels: the streamed row's 16-byte tail dropped",
+        "csrc/geometry_copy.cpp",
+        "for (; i < nbytes; i += 16) {",
+        "for (; i + 16 < nbytes; i += 16) {",
+        ["tests/test_geometry_kernels.py"],
+    ),
+    (
+        "geometry kernels: a chunk runs past the end of its destination block",
+        "csrc/geometry.cpp",
+        "std::min({sg.block_size - s % sg.block_size, dg.block_size - d % dg.block_size, plan.num_tokens - i});",
+        "std::min({sg.block_size - s % sg.block_size, dg.block_size, plan.num_tokens - i});",
+        ["tests/test_geometry_kernels.py"],
+    ),
+    (
+        "geometry kernels: V laid out apart from K copied with K's strides",
+        "csrc/geometry.cpp",
+        "const BlockLayout sl = block_layout(sg, src.desc.element_size, kv);\n"
+        "  const BlockLayout dl = block_layout(dg, dst.desc.element_size, kv);\n  BoxCopy job;",
+        "const BlockLayout sl = block_layout(sg, src.desc.element_size, 0);\n"
+        "  const BlockLayout dl = block_layout(dg, dst.desc.element_size, 0);\n  BoxCopy job;",
+        ["tests/test_geometry_kernels.py"],
+    ),
     (
         "geometry: lanes with their own runs all land on the lowest local lane",
         "torch_kvreg/remote/plan.py",
@@ -1142,7 +1215,8 @@ def run_suite(tree: pathlib.Path, first: list[str], timeout: int) -> tuple[str, 
             return "killed (timeout)", " ".join(selection)
         if result.returncode != 0:
             failed = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
-            return "killed", failed[0] if failed else result.stdout.strip().splitlines()[-1]
+            last = result.stdout.strip().splitlines()[-1:] or [f"exit status {result.returncode} (crashed)"]
+            return "killed", failed[0] if failed else last[0]
     return "SURVIVED", result.stdout.strip().splitlines()[-1]
 
 

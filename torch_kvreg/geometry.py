@@ -20,7 +20,9 @@ vllm_flash_attn      htkd     vLLM 0.32 FlashAttention ``(N, H, B, 2 * D)``: K a
 vllm_flash_attn_nhd  thkd     the same under ``VLLM_KV_CACHE_LAYOUT=LBNHC``: ``(N, B, H, 2 * D)``
 ===================  =======  ===================================================================
 
-The plan (csrc/geometry.cpp) is made and checked natively before any byte moves: geometries
+The plan (csrc/geometry.cpp) is made and checked natively before any byte moves (a local
+copy between HOST caches then moves each piece of tokens that lies in one source and one
+destination block as a box, csrc/geometry_copy.cpp): geometries
 that cannot map (another dtype or head dim, a tensor-parallel size that does not divide the
 heads, no head in common, tokens that do not fit the blocks) raise LLM_PARAM_INVALID.
 """

@@ -1,0 +1,64 @@
+// The host kernels of a transfer between caches of different geometry: the tokens of one
+// source block that land in one destination block form a box (tokens x heads x head dim)
+// whose bytes are strided differently on the two sides; boxes are copied whole, in
+// parallel over the copy threads.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace kvreg {
+
+// Byte strides of a box's token, head and dim axes on each side.
+struct BoxStrides {
+  int64_t src_t;
+  int64_t src_h;
+  int64_t src_d;
+  int64_t dst_t;
+  int64_t dst_h;
+  int64_t dst_d;
+};
+
+// `tokens` consecutive tokens that sit in one source block and one destination block:
+// byte offsets of the first token's first head from the lanes' bases. Or, with first_token
+// >= 0, tokens of one destination block gathered from wherever BoxCopy::token_src says
+// (src_offset unused): a transpose whose destination is dense along tokens then writes
+// whole lines however small the source blocks are.
+struct TokenChunk {
+  int64_t src_offset;
+  int64_t dst_offset;
+  int64_t tokens;
+  int64_t first_token = -1;
+};
+
+// One of K or V: every lane (src base, dst base) gets every chunk, as boxes of
+// chunk.tokens x heads x head_dim elements of element_size bytes.
+struct BoxCopy {
+  std::vector<const char*> src_bases;
+  std::vector<char*> dst_bases;
+  std::vector<TokenChunk> chunks;
+  std::vector<int64_t> token_src;  // gathered chunks: each token's source offset
+  BoxStrides strides;
+  int64_t heads;
+  int64_t head_dim;
+  int64_t element_size;
+};
+
+// How the kernel moves a box: contiguous rows (a head vector or longer on both sides), a
+// tiled transpose (the innermost axes differ), or element by element (neither innermost
+// axis is dense on both sides, e.g. K and V interleaved per element).
+enum class BoxPath : int { kRows = 0, kTranspose = 1, kElements = 2 };
+
+// Whether chunks of these strides are gathered (TokenChunk::first_token): the destination
+// dense along tokens, the source along heads or dims.
+bool gathers(const BoxStrides& strides, int64_t element_size);
+
+// Copies every box of every job on the host's threads (the calling thread alone in a forked
+// child, or when copy_strategy() says ":single"); streaming stores where copy_strategy()
+// is not "memcpy".
+void copy_boxes(const std::vector<BoxCopy>& jobs);
+
+// Boxes copied per path since the process started (tests read which kernels they reached).
+std::vector<int64_t> box_path_counts();
+
+}  // namespace kvreg
