@@ -11,11 +11,11 @@
 #include "remote_hooks.h"
 #include "status.h"
 
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <pybind11/functional.h>
 #include <pybind11/numpy.h>
 #include <pybind11/operators.h>
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <cstring>

@@ -5,8 +5,8 @@
 #include "geometry.h"
 #include "geometry_copy.h"
 
-#include <pybind11/stl.h>
 #include <ATen/ops/empty.h>
+#include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <cstring>

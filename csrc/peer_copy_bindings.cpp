@@ -7,9 +7,9 @@
 #include "shared_memory.h"
 #include "status.h"
 
+#include <ATen/ops/from_blob.h>
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
-#include <ATen/ops/from_blob.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <memory>
