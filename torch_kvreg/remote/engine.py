@@ -337,6 +337,7 @@ class Engine:
         route_key: tuple | None = None,
         lane_shifts: plan.LaneShifts | None = None,
         lane_runs: plan.LaneRuns | None = None,
+        mapped_boxes: plan.MappedBoxes | None = None,
     ) -> Transfer:
         """Starts moving bytes between a local cache and a remote one, as a job; returns its
         Transfer.
@@ -352,6 +353,7 @@ class Engine:
         after ``tensors``): bytes added to each selected tensor's base address, local and
         remote, so that one tensor can be a lane twice (its K and its V half); ``lane_runs()``
         (after ``make_segments``): each lane's own segments, which then replace them.
+        ``mapped_boxes`` (between geometries) starts the copy when the peer's cache is mapped.
         Everything is checked, the peer's cache leased and the request prepared before this
         returns. A NIXL job is posted here, or with ``background`` by the progress thread in
         the order started: NIXL's post may itself move the bytes (UCX does between
@@ -403,7 +405,7 @@ class Engine:
                 segments = (local_offsets, remote_offsets, lengths)
                 # A notice must go out when the copy ends, waited for or not (``watched``).
                 native = self.mappings.start(
-                    link, lease, operation == "READ", local_addrs, remote_addrs, segments, bool(notify)
+                    link, lease, operation == "READ", local_addrs, remote_addrs, segments, bool(notify), mapped_boxes
                 )
                 path = "same_host" if native is None else "mapped"
                 if native is None:

@@ -6,8 +6,10 @@ peer proved it is on this host (same_host.peer_pid), the first transfer to such 
 opens the memfd through /proc/<pid>/fd/<n> (the kernel allows it exactly when it allows
 the process_vm copies the proof checked), checks its name, maps it and fills its page
 tables; transfers then run as same-host jobs whose bytes move with copy_kv_blocks'
-kernels on the same-host pool's threads (_C.mapped_copy_start_segments). Anything that
-fails here falls back to the process_vm path.
+kernels on the same-host pool's threads (_C.mapped_copy_start_segments), or, between
+caches of different geometry, with copy_kv_tokens' box kernels
+(_C.mapped_geometry_copy_start). Anything that fails here falls back to the process_vm
+path.
 
 When a mapping goes: a mapping is only used under a lease on its cache (which keeps the
 owner from unregistering it), and its memfd name is checked against each lease's, so a
@@ -24,7 +26,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -102,11 +104,14 @@ class Mappings:
         remote_addrs: Sequence[int],
         segments: tuple[np.ndarray, np.ndarray, np.ndarray],
         watched: bool,
+        boxes: Callable[[_C.SharedRegion, list[int]], _C.PeerCopyJob] | None = None,
     ) -> _C.PeerCopyJob | None:
         """The job of a same-host transfer with the leased cache when that cache is mapped
         here (mapping it now if need be), else None (nothing started). ``remote_addrs``: the
         peer's addresses of the tensors taking part (as the process_vm path would use them);
-        the native start refuses any piece outside the mapping."""
+        the native start refuses any piece outside the mapping. ``boxes`` (transfers between
+        geometries): starts the job instead, from the region and every peer tensor's
+        address in it, as box copies rather than the segments' runs."""
         remote = lease.remote
         shared = remote.shared
         if shared is None or not self.on or link.peer_pid is None:
@@ -115,8 +120,11 @@ class Mappings:
         if mapping.region is None:
             return None
         base = mapping.region.base
-        mapped = [addr - mapping.remote_base + base for addr in remote_addrs]
-        native = _C.mapped_copy_start_segments(mapping.region, read, local_addrs, mapped, *segments, watched)
+        if boxes is not None:
+            native = boxes(mapping.region, [addr - mapping.remote_base + base for addr in remote.addrs])
+        else:
+            mapped = [addr - mapping.remote_base + base for addr in remote_addrs]
+            native = _C.mapped_copy_start_segments(mapping.region, read, local_addrs, mapped, *segments, watched)
         mapping.used_at = time.monotonic()
         self.starts += 1
         return native
