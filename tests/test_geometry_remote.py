@@ -222,13 +222,14 @@ def test_tp1_decoder_gathers_from_two_tp2_prefills(path, peers, monkeypatch):
         kv.finalize()
 
 
-def test_unmappable_remote_geometry_moves_nothing(peers, decoder):
+@pytest.mark.parametrize("op", ["register", "allocate"])
+def test_unmappable_remote_geometry_moves_nothing(op, peers, decoder):
     """Checked against the peer's desc before any byte moves: a geometry that does not fit
     the remote cache, or another head dim, is LLM_PARAM_INVALID and the local cache is
-    untouched."""
+    untouched (also when the peer's cache is mapped here: "allocate")."""
     kv.link_clusters([peers[1].info])
     src_g = KVGeometry("flash_attn", 16, H, D)
-    remote_id, _ = peer_cache(peers[1], src_g, 4, seed=1)
+    remote_id, _ = peer_cache(peers[1], src_g, 4, seed=1, op=op)
     dst_g = KVGeometry("flash_attn", 32, H, D)
     mine, local = local_cache(dst_g, 4, seed=2)
     for t in mine:

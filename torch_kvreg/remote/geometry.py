@@ -32,12 +32,10 @@ class _Planned:
     ):
         self.local, self.read, self.geometries, self.blocks, self.chosen = local, read, geometries, blocks, chosen
         self.plan: TokenPlan | None = None
-        self.remote_desc: CacheDesc | None = None
         self.watched = False  # whether a notice goes out when the copy ends
 
     def of(self, remote_desc: CacheDesc) -> TokenPlan:
         if self.plan is None:
-            self.remote_desc = remote_desc
             src, dst = (remote_desc, self.local.cache_desc) if self.read else (self.local.cache_desc, remote_desc)
             made = native_plan(
                 src, self.geometries[0], dst, self.geometries[1], *self.blocks, self.chosen, plan.MAX_DESCRIPTOR_BYTES
@@ -68,13 +66,12 @@ class _Planned:
         k_runs, v_runs = _columns(self.plan.segments), _columns(self.plan.v_segments)
         return [v_runs if lane % 2 else k_runs for lane in range(len(self.plan.lanes))]
 
-    def mapped_boxes(self, region: _C.SharedRegion, mapped: list[int]) -> _C.PeerCopyJob:
+    def mapped_boxes(self, remote_desc: CacheDesc, region: _C.SharedRegion, mapped: list[int]) -> _C.PeerCopyJob:
         """The job of this transfer when the peer's cache is mapped here (``mapped``: its
-        tensors' addresses in ``region``): the box kernels of copy_kv_tokens, planned and
-        checked again natively against both descs and the region."""
-        assert self.remote_desc is not None
+        tensors' addresses in ``region``): the box kernels of copy_kv_tokens, planned (no
+        runs) and checked natively against both descs and the region."""
         local = (fields(self.local.cache_desc), list(self.local.tensor_addrs))
-        remote = (fields(self.remote_desc), mapped)
+        remote = (fields(remote_desc), mapped)
         (src, src_addrs), (dst, dst_addrs) = (remote, local) if self.read else (local, remote)
         return _C.mapped_geometry_copy_start(
             region,

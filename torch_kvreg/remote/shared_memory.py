@@ -32,6 +32,7 @@ import numpy as np
 
 from .. import _C
 from ..errors import LLMStatusCode, make_error
+from ..types import Cache, CacheDesc, Placement
 from .control import Link
 from .leases import SharedLease
 from .protocol import RemoteCache, SharedMemory
@@ -104,30 +105,48 @@ class Mappings:
         remote_addrs: Sequence[int],
         segments: tuple[np.ndarray, np.ndarray, np.ndarray],
         watched: bool,
-        boxes: Callable[[_C.SharedRegion, list[int]], _C.PeerCopyJob] | None = None,
     ) -> _C.PeerCopyJob | None:
         """The job of a same-host transfer with the leased cache when that cache is mapped
         here (mapping it now if need be), else None (nothing started). ``remote_addrs``: the
         peer's addresses of the tensors taking part (as the process_vm path would use them);
-        the native start refuses any piece outside the mapping. ``boxes`` (transfers between
-        geometries): starts the job instead, from the region and every peer tensor's
-        address in it, as box copies rather than the segments' runs."""
+        the native start refuses any piece outside the mapping."""
+        mapping = self._mapped(link, lease)
+        if mapping is None or mapping.region is None:
+            return None
+        mapped = [addr - mapping.remote_base + mapping.region.base for addr in remote_addrs]
+        return _C.mapped_copy_start_segments(mapping.region, read, local_addrs, mapped, *segments, watched)
+
+    def start_boxes(
+        self,
+        link: Link,
+        lease: SharedLease,
+        local: Cache,
+        boxes: Callable[[CacheDesc, _C.SharedRegion, list[int]], _C.PeerCopyJob],
+    ) -> _C.PeerCopyJob | None:
+        """start() for a transfer between geometries: when the leased cache is mapped here
+        (and both caches are host memory), ``boxes(peer desc, region, every peer tensor's
+        address in the region)`` starts it (box kernels, no runs planned); else None."""
+        remote = lease.remote
+        if not local.cache_desc.placement == remote.desc.placement == Placement.HOST:
+            return None
+        mapping = self._mapped(link, lease)
+        if mapping is None or mapping.region is None:
+            return None
+        base = mapping.region.base
+        return boxes(remote.desc, mapping.region, [addr - mapping.remote_base + base for addr in remote.addrs])
+
+    def _mapped(self, link: Link, lease: SharedLease) -> Mapping | None:
+        """The leased cache's mapping (made now if need be; its region None when it cannot
+        be mapped), counted as a start, or None when it is not to be mapped."""
         remote = lease.remote
         shared = remote.shared
         if shared is None or not self.on or link.peer_pid is None:
             return None
         mapping = self._mapping(link, link.peer_pid, remote, shared)
-        if mapping.region is None:
-            return None
-        base = mapping.region.base
-        if boxes is not None:
-            native = boxes(mapping.region, [addr - mapping.remote_base + base for addr in remote.addrs])
-        else:
-            mapped = [addr - mapping.remote_base + base for addr in remote_addrs]
-            native = _C.mapped_copy_start_segments(mapping.region, read, local_addrs, mapped, *segments, watched)
-        mapping.used_at = time.monotonic()
-        self.starts += 1
-        return native
+        if mapping.region is not None:
+            mapping.used_at = time.monotonic()
+            self.starts += 1
+        return mapping
 
     def _mapping(self, link: Link, pid: int, remote: RemoteCache, shared: SharedMemory) -> Mapping:
         key = (link, remote.cache_id)
