@@ -10,7 +10,7 @@ copy_kv_blocks; remote: pull_kv_blocks) moving the same bytes as whole random bl
 two measured interleaved. Ratio = geometry GB/s / baseline GB/s (>= 0.8 is the target). Both are also timed
 through the host's former path ("runs path": the plan's byte runs, single elements by
 indexing locally; a same-host pull's runs on the mapped peer cache instead of its box
-kernels; TORCH_KVREG_GEOMETRY_COPY=runs), in the same run.
+kernels, with --remote-runs-path; TORCH_KVREG_GEOMETRY_COPY=runs), in the same run.
 "TP 2 -> TP 1" gathers a TP-1 decode cache from two TP-2 prefill caches (two transfers, one
 call's worth of bytes in all).
 
@@ -189,7 +189,10 @@ def run_cases(args, layers, num_blocks, remote_ids=None):
 
         # Interleaved, so that drift on a shared machine hits all alike. Also timed: the
         # host's former path (the plan's runs; TORCH_KVREG_GEOMETRY_COPY=runs).
-        paths = ["boxes", "runs"] if args.runs_path else ["boxes"]
+        # Same-host pulls through the runs path only when asked: a vLLM CPU layout's element
+        # runs take seconds per pull, and a run here once lost its peer link during them.
+        runs = args.runs_path if remote_ids is None else args.remote_runs_path
+        paths = ["boxes", "runs"] if runs else ["boxes"]
         times = {path: [] for path in [*paths, "base"]}
         for _ in range(3):
             for path in paths:
@@ -251,6 +254,9 @@ def main():
     parser.add_argument("--no-remote", action="store_true", help="local copies only")
     parser.add_argument("--no-local", action="store_true", help="same-host pulls only")
     parser.add_argument("--no-runs-path", dest="runs_path", action="store_false", help="leave out the runs-path column")
+    parser.add_argument(
+        "--remote-runs-path", action="store_true", help="time same-host pulls through the runs path too"
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     layers, num_blocks = (2, 64) if args.quick else (args.layers, args.blocks)
