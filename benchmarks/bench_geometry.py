@@ -7,9 +7,10 @@ geometry (FlashAttention NHD or HND blocks of 16 tokens: 32 KiB per block per te
 another layout); half of their tokens (whole blocks, random order) go to a decode cache of
 another geometry. Baseline: the same-geometry transfer of the source's geometry (local:
 copy_kv_blocks; remote: pull_kv_blocks) moving the same bytes as whole random blocks, the
-two measured interleaved. Ratio = geometry GB/s / baseline GB/s (>= 0.8 is the target). Local copies are also timed
+two measured interleaved. Ratio = geometry GB/s / baseline GB/s (>= 0.8 is the target). Both are also timed
 through the host's former path ("runs path": the plan's byte runs, single elements by
-indexing; TORCH_KVREG_GEOMETRY_COPY=runs), in the same run.
+indexing locally; a same-host pull's runs on the mapped peer cache instead of its box
+kernels, with --remote-runs-path; TORCH_KVREG_GEOMETRY_COPY=runs), in the same run.
 "TP 2 -> TP 1" gathers a TP-1 decode cache from two TP-2 prefill caches (two transfers, one
 call's worth of bytes in all).
 
@@ -186,9 +187,12 @@ def run_cases(args, layers, num_blocks, remote_ids=None):
             else:
                 kv.pull_kv_blocks(src, dst, a, b, tensors_per_layer=p.tensors_per_layer)
 
-        # Interleaved, so that drift on a shared machine hits all alike. Local copies also
-        # time the host's former path (the plan's runs; TORCH_KVREG_GEOMETRY_COPY=runs).
-        paths = ["boxes", "runs"] if remote_ids is None and args.runs_path else ["boxes"]
+        # Interleaved, so that drift on a shared machine hits all alike. Also timed: the
+        # host's former path (the plan's runs; TORCH_KVREG_GEOMETRY_COPY=runs).
+        # Same-host pulls through the runs path only when asked: a vLLM CPU layout's element
+        # runs take seconds per pull, and a run here once lost its peer link during them.
+        runs = args.runs_path if remote_ids is None else args.remote_runs_path
+        paths = ["boxes", "runs"] if runs else ["boxes"]
         times = {path: [] for path in [*paths, "base"]}
         for _ in range(3):
             for path in paths:
@@ -249,8 +253,9 @@ def main():
     parser.add_argument("--only", help="run the cases whose name contains this")
     parser.add_argument("--no-remote", action="store_true", help="local copies only")
     parser.add_argument("--no-local", action="store_true", help="same-host pulls only")
+    parser.add_argument("--no-runs-path", dest="runs_path", action="store_false", help="leave out the runs-path column")
     parser.add_argument(
-        "--no-runs-path", dest="runs_path", action="store_false", help="leave out the runs-path column (local)"
+        "--remote-runs-path", action="store_true", help="time same-host pulls through the runs path too"
     )
     parser.add_argument("--json")
     args = parser.parse_args()

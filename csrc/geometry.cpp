@@ -323,6 +323,26 @@ BoxCopy box_job(
   return job;
 }
 
+// The box jobs of a host copy: K and V apart when either side lays them out differently.
+std::vector<BoxCopy> box_jobs(
+    const CacheRecord& src, const Geometry& sg, const CacheRecord& dst, const Geometry& dg,
+    const TokenSelection& selection, const GeometryPlan& plan) {
+  const bool apart = sg.kv_differ() || dg.kv_differ();
+  std::vector<BoxCopy> jobs;
+  for (int64_t kv = 0; kv < (apart ? 2 : 1) && plan.num_tokens > 0; ++kv) {
+    jobs.push_back(box_job(src, sg, dst, dg, selection, plan, kv, !apart));
+  }
+  return jobs;
+}
+
+// The bytes a plan moves: tokens x heads x head vector, over every lane.
+int64_t plan_bytes(const GeometryPlan& plan, const Geometry& sg, int64_t element_size) {
+  return checked_mul(
+      checked_mul(plan.num_tokens, plan.num_heads, "the bytes of a plan"),
+      checked_mul(sg.head_dim * element_size, static_cast<int64_t>(plan.lanes.size()), "the bytes of a plan"),
+      "the bytes of a plan");
+}
+
 // TORCH_KVREG_GEOMETRY_COPY=runs moves host transfers as the device path does (the plan's
 // runs, single elements by indexing): the A/B baseline of benchmarks/bench_geometry.py.
 bool host_boxes() {
@@ -456,6 +476,30 @@ GeometryPlan plan_geometry(
   return plan;
 }
 
+std::vector<BoxCopy> plan_boxes(
+    const CacheDesc& src, const std::vector<uint64_t>& src_addrs, const Geometry& src_geometry,
+    const CacheDesc& dst, const std::vector<uint64_t>& dst_addrs, const Geometry& dst_geometry,
+    const TokenSelection& selection, int64_t& nbytes) {
+  KVREG_CHECK_ARG(
+      src.placement == Placement::HOST && dst.placement == Placement::HOST,
+      "box copies between geometries are host copies");
+  KVREG_CHECK_ARG(
+      static_cast<int64_t>(src_addrs.size()) == src.num_tensors &&
+          static_cast<int64_t>(dst_addrs.size()) == dst.num_tensors,
+      "box copies between geometries: ", src_addrs.size(), " and ", dst_addrs.size(),
+      " tensor addresses for caches of ", src.num_tensors, " and ", dst.num_tensors, " tensors");
+  const GeometryPlan plan =
+      plan_geometry(src, src_geometry, dst, dst_geometry, selection, kMaxSegmentBytes, false, false);
+  CacheRecord src_record;
+  src_record.desc = src;
+  src_record.addrs = src_addrs;
+  CacheRecord dst_record;
+  dst_record.desc = dst;
+  dst_record.addrs = dst_addrs;
+  nbytes = plan_bytes(plan, src_geometry, src.element_size);
+  return box_jobs(src_record, src_geometry, dst_record, dst_geometry, selection, plan);
+}
+
 int64_t copy_geometry(
     int64_t src_id, const Geometry& src_geometry, int64_t dst_id, const Geometry& dst_geometry,
     const TokenSelection& selection) {
@@ -474,19 +518,10 @@ int64_t copy_geometry(
   // One record per side whose "tensors" are the lanes' bases, so that the block-copy machinery
   // (threads, streaming stores, CUDA kernel) moves every segment of every lane; K and V lanes
   // apart when their segments differ.
-  const int64_t nbytes = checked_mul(
-      checked_mul(plan.num_tokens, plan.num_heads, "the bytes of a plan"),
-      checked_mul(
-          src_geometry.head_dim * src.desc.element_size, static_cast<int64_t>(plan.lanes.size()),
-          "the bytes of a plan"),
-      "the bytes of a plan");
+  const int64_t nbytes = plan_bytes(plan, src_geometry, src.desc.element_size);
   const bool apart = src_geometry.kv_differ() || dst_geometry.kv_differ();
   if (boxes) {
-    std::vector<BoxCopy> jobs;
-    for (int64_t kv = 0; kv < (apart ? 2 : 1) && plan.num_tokens > 0; ++kv) {
-      jobs.push_back(box_job(src, src_geometry, dst, dst_geometry, selection, plan, kv, !apart));
-    }
-    copy_boxes(jobs);
+    copy_boxes(box_jobs(src, src_geometry, dst, dst_geometry, selection, plan));
     return nbytes;
   }
   for (int64_t kv = 0; kv < (apart ? 2 : 1); ++kv) {

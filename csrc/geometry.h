@@ -91,6 +91,16 @@ GeometryPlan plan_geometry(
     const TokenSelection& selection, int64_t max_segment_bytes, bool elementwise_runs = true,
     bool with_runs = true);
 
+struct BoxCopy;
+
+// Checks and plans a host transfer between caches at these tensor addresses (the peer's
+// side of a same-host transfer: its cache mapped into this process) as the box jobs of
+// geometry_copy.h; `nbytes` gets the bytes they move. Raises as plan_geometry does.
+std::vector<BoxCopy> plan_boxes(
+    const CacheDesc& src, const std::vector<uint64_t>& src_addrs, const Geometry& src_geometry,
+    const CacheDesc& dst, const std::vector<uint64_t>& dst_addrs, const Geometry& dst_geometry,
+    const TokenSelection& selection, int64_t& nbytes);
+
 // Plans and copies between two registered caches (HOST: box by box on the copy threads; or,
 // with CUDA, DEVICE: the plan's runs); returns the bytes moved. The two must be different
 // caches.

@@ -4,12 +4,16 @@
 #include "cache_desc.h"
 #include "geometry.h"
 #include "geometry_copy.h"
+#include "peer_copy.h"
+#include "shared_memory.h"
+#include "status.h"
 
 #include <ATen/ops/empty.h>
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <cstring>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -115,6 +119,41 @@ void bind_geometry(py::module_& m) {
       py::arg("src_id"), py::arg("src_geometry"), py::arg("dst_id"), py::arg("dst_geometry"),
       py::arg("src_blocks"), py::arg("dst_blocks"), py::arg("selection"),
       py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "mapped_geometry_copy_start",
+      [](const std::shared_ptr<shared_memory::Region>& region, bool read, const DescFields& src,
+         const GeometryFields& src_geometry, const std::vector<uint64_t>& src_addrs, const DescFields& dst,
+         const GeometryFields& dst_geometry, const std::vector<uint64_t>& dst_addrs,
+         const at::Tensor& src_blocks, const at::Tensor& dst_blocks, const SelectionFields& selection,
+         bool watched) {
+        const CacheDesc src_desc = desc_from(src);
+        const CacheDesc dst_desc = desc_from(dst);
+        // The peer's side (the source of a read): every tensor whole inside the mapping, so
+        // that no box the checked plan makes reaches outside it.
+        const CacheDesc& mapped_desc = read ? src_desc : dst_desc;
+        for (const uint64_t address : read ? src_addrs : dst_addrs) {
+          KVREG_CHECK_ARG(
+              region->contains(address, static_cast<uint64_t>(mapped_desc.tensor_nbytes)),
+              "a mapped tensor of ", mapped_desc.tensor_nbytes, " bytes at ", address,
+              " is outside the peer's mapped region");
+        }
+        int64_t nbytes = 0;
+        auto jobs = std::make_shared<std::vector<BoxCopy>>(plan_boxes(
+            src_desc, src_addrs, geometry_from(src_geometry), dst_desc, dst_addrs,
+            geometry_from(dst_geometry), selection_from(src_blocks, dst_blocks, selection), nbytes));
+        return std::make_unique<peer_copy::Job>(
+            std::static_pointer_cast<const void>(region), static_cast<uint64_t>(nbytes),
+            [jobs]() -> int64_t {
+              copy_boxes(*jobs);
+              return 0;
+            },
+            watched);
+      },
+      py::arg("region"), py::arg("read"), py::arg("src"), py::arg("src_geometry"), py::arg("src_addrs"),
+      py::arg("dst"), py::arg("dst_geometry"), py::arg("dst_addrs"), py::arg("src_blocks"),
+      py::arg("dst_blocks"), py::arg("selection"), py::arg("watched") = true,
+      "A transfer between geometries with a same-host peer's cache mapped here (its side's addresses in "
+      "region), as a PeerCopyJob whose one task copies the plan's boxes on the copy threads.");
   m.def(
       "geometry_box_paths", &box_path_counts,
       "Boxes the host copy between geometries has moved since the process started, per kernel: "

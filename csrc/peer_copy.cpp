@@ -61,7 +61,23 @@ constexpr uint64_t kMaxTaskBytes = 4 << 20;
 struct Task {
   std::shared_ptr<Job::Shared> job;  // the job's state outlives its handle while a task holds it
   std::vector<Piece> pieces;
+  std::function<int64_t()> body;  // set: the task's whole work, instead of pieces
 };
+
+// Runs a task's body: 0, -errno, or kCancelled for a job cancelled before it started.
+int64_t run_body(const Job::Shared& job, const std::function<int64_t()>& body) {
+  if (job.pause_us > 0) {
+    std::this_thread::sleep_for(std::chrono::microseconds(job.pause_us));
+  }
+  if (job.cancelled.load(std::memory_order_relaxed)) {
+    return kCancelled;
+  }
+  try {
+    return body();
+  } catch (...) {
+    return -static_cast<int64_t>(EIO);  // nothing may escape a worker thread
+  }
+}
 
 // Copies `pieces` of a job whose peer memory is mapped here; 0 or kCancelled.
 int64_t copy_mapped(const Job::Shared& job, const std::vector<Piece>& pieces) {
@@ -165,7 +181,7 @@ class Pool {
     std::vector<Task> tasks;
     const uint64_t per_task =
         std::clamp<uint64_t>(total / (4 * static_cast<uint64_t>(workers_)), kMinTaskBytes, kMaxTaskBytes);
-    Task current{job, {}};
+    Task current{job, {}, {}};
     uint64_t in_current = 0;
     for (Piece piece : pieces) {
       while (piece.nbytes > 0) {
@@ -177,7 +193,7 @@ class Pool {
         in_current += step;
         if (in_current == per_task) {
           tasks.push_back(std::move(current));
-          current = Task{job, {}};
+          current = Task{job, {}, {}};
           in_current = 0;
         }
       }
@@ -185,6 +201,19 @@ class Pool {
     if (!current.pieces.empty()) {
       tasks.push_back(std::move(current));
     }
+    return submit(job, std::move(tasks));
+  }
+
+  std::shared_ptr<Job::Shared> start_body(
+      uint64_t nbytes, std::function<int64_t()> body, bool watched, std::shared_ptr<const void> mapping) {
+    auto job =
+        std::make_shared<Job::Shared>(*this, 0, false, test_pause_us(), watched, nbytes, std::move(mapping));
+    std::vector<Task> tasks;
+    tasks.push_back(Task{job, {}, std::move(body)});
+    return submit(job, std::move(tasks));
+  }
+
+  std::shared_ptr<Job::Shared> submit(const std::shared_ptr<Job::Shared>& job, std::vector<Task> tasks) {
     std::unique_lock<std::mutex> lock(mutex_);
     start_workers_locked();
     job->tasks_left = static_cast<int64_t>(tasks.size());
@@ -395,7 +424,7 @@ class Pool {
     lock.unlock();
     Job::Shared& job = *task.job;
     if (job.error.load() == 0) {
-      const int64_t result = move_pieces(job, task.pieces);
+      const int64_t result = task.body ? run_body(job, task.body) : move_pieces(job, task.pieces);
       if (result != 0) {
         int64_t none = 0;
         job.error.compare_exchange_strong(none, result);
@@ -473,6 +502,12 @@ Job::Job(std::shared_ptr<const void> mapping, bool read, std::vector<Piece> piec
         "a same-host copy piece wraps the address space");
   }
   shared_ = Pool::instance().start(0, read, std::move(pieces), watched, std::move(mapping));
+}
+
+Job::Job(std::shared_ptr<const void> mapping, uint64_t nbytes, std::function<int64_t()> body, bool watched) {
+  KVREG_CHECK_ARG(
+      mapping != nullptr && body, "a copy from mapped peer memory needs its mapping and its work");
+  shared_ = Pool::instance().start_body(nbytes, std::move(body), watched, std::move(mapping));
 }
 
 Job::~Job() {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -38,6 +39,12 @@ class Job {
   // call. The job holds `mapping` until its last task has ended, so that dropping every
   // other reference never unmaps memory under a running copy.
   Job(std::shared_ptr<const void> mapping, bool read, std::vector<Piece> pieces, bool watched = true);
+  // A copy of `nbytes` that `body` makes in this process, one task on the pool (a transfer
+  // between geometries moving boxes of tokens over a peer's memory mapped here: `body`
+  // spreads its work over the copy threads itself). `body` returns 0 or -errno; it runs
+  // unless the job is cancelled first. The job holds `mapping` until `body` has returned.
+  Job(std::shared_ptr<const void> mapping, uint64_t nbytes, std::function<int64_t()> body,
+      bool watched = true);
   ~Job();
   Job(const Job&) = delete;
   Job& operator=(const Job&) = delete;

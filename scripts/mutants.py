@@ -1011,6 +1011,20 @@ MUTANTS = [
         "lane_runs=None,",
         ["tests/test_geometry_remote.py"],
     ),
+    (
+        "geometry remote: a mapped peer cache takes the plan's runs, not the box kernels",
+        "torch_kvreg/remote/geometry.py",
+        'boxes = None if os.environ.get("TORCH_KVREG_GEOMETRY_COPY") == "runs" else planned.mapped_boxes',
+        "boxes = None",
+        ["tests/test_geometry_remote.py::test_mapped_pull_and_push"],
+    ),
+    (
+        "geometry remote: mapped boxes check only a peer tensor's first byte against the region",
+        "csrc/geometry_bindings.cpp",
+        "region->contains(address, static_cast<uint64_t>(mapped_desc.tensor_nbytes))",
+        "region->contains(address, 1)",
+        ["tests/test_geometry_remote.py::test_mapped_geometry_copy_refuses_a_tensor_outside_the_region"],
+    ),
     # --- the host kernels of transfers between geometries (csrc/geometry_copy.cpp) ------------
     (
         "geometry kernels: 8x8 transpose stores columns 0 and 1 swapped",

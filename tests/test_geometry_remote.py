@@ -31,10 +31,11 @@ def decoder():
     kv.finalize()
 
 
-def peer_cache(peer, geometry, num_blocks, seed):
-    """A remote-accessible cache of ``geometry`` on ``peer`` and the same tensors here."""
+def peer_cache(peer, geometry, num_blocks, seed, op="register"):
+    """A remote-accessible cache of ``geometry`` on ``peer`` and the same tensors here
+    (``op`` "allocate": in shared memory, which a same-host transfer maps here)."""
     count = LAYERS * geometry.tensors_per_layer
-    cache_id = peer.call("register", (count, num_blocks, geometry.block_shape, seed, True))
+    cache_id = peer.call(op, (count, num_blocks, geometry.block_shape, seed, True))
     return cache_id, paged(count, num_blocks, geometry.block_shape, seed)
 
 
@@ -47,8 +48,8 @@ def path_counts():
     return dict(kv.remote.current_engine().paths)
 
 
-def pull_and_check(peer, src_g, dst_g, src_blocks, dst_blocks, **selection):
-    remote_id, remote_tensors = peer_cache(peer, src_g, 8, seed=5)
+def pull_and_check(peer, src_g, dst_g, src_blocks, dst_blocks, op="register", **selection):
+    remote_id, remote_tensors = peer_cache(peer, src_g, 8, seed=5, op=op)
     mine, local = local_cache(dst_g, 8, seed=6)
     expected = expected_after(remote_tensors, src_g, mine, dst_g, src_blocks, dst_blocks, **selection)
     assert not same_bytes(expected, mine)
@@ -67,12 +68,15 @@ def pull_and_check(peer, src_g, dst_g, src_blocks, dst_blocks, **selection):
     return moved
 
 
-def push_and_check(peer, src_g, dst_g, src_blocks, dst_blocks, **selection):
+def push_and_check(peer, src_g, dst_g, src_blocks, dst_blocks, op="register", **selection):
     count = LAYERS * dst_g.tensors_per_layer
-    remote_id = peer.call("register_zeros", (count, 8, dst_g.block_shape))
+    if op == "allocate":
+        remote_id, theirs = peer_cache(peer, dst_g, 8, seed=8, op=op)
+    else:
+        remote_id = peer.call("register_zeros", (count, 8, dst_g.block_shape))
+        theirs = [torch.zeros(8, *dst_g.block_shape, dtype=torch.float16) for _ in range(count)]
     mine, local = local_cache(src_g, 8, seed=7)
-    zeros = [torch.zeros(8, *dst_g.block_shape, dtype=torch.float16) for _ in range(count)]
-    expected = expected_after(mine, src_g, zeros, dst_g, src_blocks, dst_blocks, **selection)
+    expected = expected_after(mine, src_g, theirs, dst_g, src_blocks, dst_blocks, **selection)
     kv.push_kv_tokens(
         local,
         CacheIndex(peer.cluster_id, remote_id),
@@ -104,13 +108,15 @@ CASES = {
 }
 
 
-def run_both_directions(peer, through):
+def run_both_directions(peer, through, op="register"):
     before = path_counts()
     for src_g, dst_g in CASES.values():
-        moved = pull_and_check(peer, src_g, dst_g, [6, 1, 3], [2, 7, 4, 0], num_tokens=40, src_offset=3, dst_offset=1)
+        moved = pull_and_check(
+            peer, src_g, dst_g, [6, 1, 3], [2, 7, 4, 0], op, num_tokens=40, src_offset=3, dst_offset=1
+        )
         heads = len(range(max(src_g.heads.start, dst_g.heads.start), min(src_g.heads.stop, dst_g.heads.stop)))
         assert moved == 40 * heads * D * 2 * 2 * LAYERS
-        push_and_check(peer, src_g, dst_g, [0, 5], [3, 6, 1], num_tokens=30, dst_offset=2)
+        push_and_check(peer, src_g, dst_g, [0, 5], [3, 6, 1], op, num_tokens=30, dst_offset=2)
     after = path_counts()
     assert after.get(through, 0) - before.get(through, 0) == 2 * len(CASES), (before, after)
 
@@ -118,6 +124,59 @@ def run_both_directions(peer, through):
 def test_same_host_pull_and_push(peers, decoder):
     assert kv.link_clusters([peers[0].info])[0] == kv.LLMStatusCode.LLM_SUCCESS
     run_both_directions(peers[0], "same_host")
+
+
+@pytest.mark.parametrize("copy", ["boxes", "runs"])
+def test_mapped_pull_and_push(copy, peers, decoder, monkeypatch):
+    """A peer's cache in shared memory is mapped here: transfers between geometries run the
+    box kernels of copy_kv_tokens on it (TORCH_KVREG_GEOMETRY_COPY=runs: the plan's runs),
+    byte for byte either way, every layout pair both ways."""
+    if copy == "runs":
+        monkeypatch.setenv("TORCH_KVREG_GEOMETRY_COPY", "runs")
+    assert kv.link_clusters([peers[0].info])[0] == kv.LLMStatusCode.LLM_SUCCESS
+    boxes_before = sum(kv._C.geometry_box_paths())
+    run_both_directions(peers[0], "mapped", "allocate")
+    boxes = sum(kv._C.geometry_box_paths()) - boxes_before
+    if copy == "runs":
+        assert boxes == 0
+    else:
+        # at least one box per chunk of tokens, per case and direction
+        assert boxes >= 2 * len(CASES), boxes
+
+
+def test_mapped_geometry_copy_refuses_a_tensor_outside_the_region(decoder):
+    """The native start checks every peer tensor lies whole inside the mapped region before
+    anything is planned or copied (a tensor starting 64 bytes before its end is refused)."""
+    g = KVGeometry("flash_attn", 16, H, D)
+    cache, tensors = kv.allocate_kv_cache(2, (4, *g.block_shape), torch.float16)
+    region = kv._C.shared_region_find(tensors[0].data_ptr(), 1)
+    assert region is not None
+    mine, local = local_cache(g, 4, seed=3)
+    desc = kv.geometry.fields(cache.cache_desc)
+    selection = kv.geometry.selection(-1, 0, 0, range(1), None, None)
+    blocks = torch.tensor([0]), torch.tensor([1])
+    addrs = [t.data_ptr() for t in tensors]
+    local_desc = kv.geometry.fields(local.cache_desc)
+    local_addrs = list(local.tensor_addrs)
+    with pytest.raises(ValueError, match="LLM_PARAM_INVALID: a mapped tensor .* outside the peer.s mapped region"):
+        kv._C.mapped_geometry_copy_start(
+            region,
+            True,
+            desc,
+            g.fields(),
+            [addrs[0], region.base + region.size - 64],
+            local_desc,
+            g.fields(),
+            local_addrs,
+            *blocks,
+            selection,
+        )
+    job = kv._C.mapped_geometry_copy_start(
+        region, True, desc, g.fields(), addrs, local_desc, g.fields(), local_addrs, *blocks, selection
+    )
+    assert job.wait(5000) == 1
+    assert torch.equal(mine[0][1], tensors[0][0])
+    kv.unregister_kv_cache(local)
 
 
 def test_nixl_pull_and_push(through_nixl, peers, decoder):
@@ -163,13 +222,14 @@ def test_tp1_decoder_gathers_from_two_tp2_prefills(path, peers, monkeypatch):
         kv.finalize()
 
 
-def test_unmappable_remote_geometry_moves_nothing(peers, decoder):
+@pytest.mark.parametrize("op", ["register", "allocate"])
+def test_unmappable_remote_geometry_moves_nothing(op, peers, decoder):
     """Checked against the peer's desc before any byte moves: a geometry that does not fit
     the remote cache, or another head dim, is LLM_PARAM_INVALID and the local cache is
-    untouched."""
+    untouched (also when the peer's cache is mapped here: "allocate")."""
     kv.link_clusters([peers[1].info])
     src_g = KVGeometry("flash_attn", 16, H, D)
-    remote_id, _ = peer_cache(peers[1], src_g, 4, seed=1)
+    remote_id, _ = peer_cache(peers[1], src_g, 4, seed=1, op=op)
     dst_g = KVGeometry("flash_attn", 32, H, D)
     mine, local = local_cache(dst_g, 4, seed=2)
     for t in mine:

@@ -330,4 +330,21 @@ def copy_geometry(
     dst_blocks: torch.Tensor,
     selection: SelectionFields,
 ) -> int: ...
+def mapped_geometry_copy_start(
+    region: SharedRegion,
+    read: bool,
+    src: DescFields,
+    src_geometry: GeometryFields,
+    src_addrs: Sequence[int],
+    dst: DescFields,
+    dst_geometry: GeometryFields,
+    dst_addrs: Sequence[int],
+    src_blocks: torch.Tensor,
+    dst_blocks: torch.Tensor,
+    selection: SelectionFields,
+    watched: bool = True,
+) -> PeerCopyJob:
+    """A transfer between geometries with a same-host peer's cache mapped here (its side's
+    addresses in region): one job task copies the plan's boxes on the copy threads."""
+
 def geometry_box_paths() -> list[int]: ...

@@ -337,6 +337,7 @@ class Engine:
         route_key: tuple | None = None,
         lane_shifts: plan.LaneShifts | None = None,
         lane_runs: plan.LaneRuns | None = None,
+        mapped_boxes: plan.MappedBoxes | None = None,
     ) -> Transfer:
         """Starts moving bytes between a local cache and a remote one, as a job; returns its
         Transfer.
@@ -352,6 +353,7 @@ class Engine:
         after ``tensors``): bytes added to each selected tensor's base address, local and
         remote, so that one tensor can be a lane twice (its K and its V half); ``lane_runs()``
         (after ``make_segments``): each lane's own segments, which then replace them.
+        ``mapped_boxes`` (between geometries) starts the copy when the peer's cache is mapped.
         Everything is checked, the peer's cache leased and the request prepared before this
         returns. A NIXL job is posted here, or with ``background`` by the progress thread in
         the order started: NIXL's post may itself move the bytes (UCX does between
@@ -364,24 +366,29 @@ class Engine:
             self.register(local)
             lease = self.peer_leases.take(link, remote_ref)
             remote = lease.remote
-            if tensors is None:
-                local_tensors = remote_tensors = list(range(local.cache_desc.num_tensors))
+            # On a peer cache mapped here, a transfer between geometries plans no runs at all.
+            boxed = None if mapped_boxes is None else self.mappings.start_boxes(link, lease, local, mapped_boxes)
+            if boxed is not None:
+                nbytes = boxed.nbytes
             else:
-                local_tensors, remote_tensors = tensors(remote.desc)
-            src_offsets, dst_offsets, lengths = make_segments(remote.desc, lease.index)
-            local_offsets, remote_offsets = (
-                (dst_offsets, src_offsets) if operation == "READ" else (src_offsets, dst_offsets)
-            )
-            shifts = None if lane_shifts is None else lane_shifts()
-            if lane_runs is not None:
-                (local_tensors, remote_tensors), shifts, (local_offsets, remote_offsets, lengths) = plan.one_lane(
-                    (local.tensor_addrs, remote.addrs),
-                    (local_tensors, remote_tensors),
-                    shifts,
-                    lane_runs(),
-                    operation == "READ",
+                if tensors is None:
+                    local_tensors = remote_tensors = list(range(local.cache_desc.num_tensors))
+                else:
+                    local_tensors, remote_tensors = tensors(remote.desc)
+                src_offsets, dst_offsets, lengths = make_segments(remote.desc, lease.index)
+                local_offsets, remote_offsets = (
+                    (dst_offsets, src_offsets) if operation == "READ" else (src_offsets, dst_offsets)
                 )
-            nbytes = int(lengths.sum()) * len(local_tensors)
+                shifts = None if lane_shifts is None else lane_shifts()
+                if lane_runs is not None:
+                    (local_tensors, remote_tensors), shifts, (local_offsets, remote_offsets, lengths) = plan.one_lane(
+                        (local.tensor_addrs, remote.addrs),
+                        (local_tensors, remote_tensors),
+                        shifts,
+                        lane_runs(),
+                        operation == "READ",
+                    )
+                nbytes = int(lengths.sum()) * len(local_tensors)
             transfer = Transfer(
                 nbytes,
                 dst_blocks,
@@ -394,17 +401,20 @@ class Engine:
                 transfer.succeed()
                 return transfer
             deadline = time.monotonic() + self.wait_s
+            # (a boxed job implies both: start_boxes maps host caches of a same-host peer only)
             if link.peer_pid is not None and local.cache_desc.placement == remote.desc.placement == Placement.HOST:
-                local_addrs = [local.tensor_addrs[i] for i in local_tensors]
-                remote_addrs = [remote.addrs[i] for i in remote_tensors]
-                if shifts is not None:
-                    local_addrs = [base + shift for base, shift in zip(local_addrs, shifts[0], strict=True)]
-                    remote_addrs = [base + shift for base, shift in zip(remote_addrs, shifts[1], strict=True)]
-                segments = (local_offsets, remote_offsets, lengths)
-                # A notice must go out when the copy ends, waited for or not (``watched``).
-                native = self.mappings.start(
-                    link, lease, operation == "READ", local_addrs, remote_addrs, segments, bool(notify)
-                )
+                native = boxed
+                if native is None:
+                    local_addrs = [local.tensor_addrs[i] for i in local_tensors]
+                    remote_addrs = [remote.addrs[i] for i in remote_tensors]
+                    if shifts is not None:
+                        local_addrs = [base + shift for base, shift in zip(local_addrs, shifts[0], strict=True)]
+                        remote_addrs = [base + shift for base, shift in zip(remote_addrs, shifts[1], strict=True)]
+                    segments = (local_offsets, remote_offsets, lengths)
+                    # A notice must go out when the copy ends, waited for or not (``watched``).
+                    native = self.mappings.start(
+                        link, lease, operation == "READ", local_addrs, remote_addrs, segments, bool(notify)
+                    )
                 path = "same_host" if native is None else "mapped"
                 if native is None:
                     native = _C.peer_copy_start_segments(

@@ -4,11 +4,14 @@ before any byte moves, run as one remote transfer (a same-host copy or a NIXL re
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
+from .. import _C
 from ..errors import raises_llm
-from ..geometry import KVGeometry, Selection, TokenPlan, checked_geometry, native_plan, selection
+from ..geometry import KVGeometry, Selection, TokenPlan, checked_geometry, fields, native_plan, selection
 from ..inflight import Transfer
 from ..types import Blocks, Cache, CacheDesc, block_tensor
 from . import api, plan
@@ -29,6 +32,7 @@ class _Planned:
     ):
         self.local, self.read, self.geometries, self.blocks, self.chosen = local, read, geometries, blocks, chosen
         self.plan: TokenPlan | None = None
+        self.watched = False  # whether a notice goes out when the copy ends
 
     def of(self, remote_desc: CacheDesc) -> TokenPlan:
         if self.plan is None:
@@ -61,6 +65,27 @@ class _Planned:
         assert self.plan is not None
         k_runs, v_runs = _columns(self.plan.segments), _columns(self.plan.v_segments)
         return [v_runs if lane % 2 else k_runs for lane in range(len(self.plan.lanes))]
+
+    def mapped_boxes(self, remote_desc: CacheDesc, region: _C.SharedRegion, mapped: list[int]) -> _C.PeerCopyJob:
+        """The job of this transfer when the peer's cache is mapped here (``mapped``: its
+        tensors' addresses in ``region``): the box kernels of copy_kv_tokens, planned (no
+        runs) and checked natively against both descs and the region."""
+        local = (fields(self.local.cache_desc), list(self.local.tensor_addrs))
+        remote = (fields(remote_desc), mapped)
+        (src, src_addrs), (dst, dst_addrs) = (remote, local) if self.read else (local, remote)
+        return _C.mapped_geometry_copy_start(
+            region,
+            self.read,
+            src,
+            self.geometries[0].fields(),
+            src_addrs,
+            dst,
+            self.geometries[1].fields(),
+            dst_addrs,
+            *self.blocks,
+            self.chosen,
+            self.watched,
+        )
 
     def differ(self) -> bool:
         """Whether K's and V's runs differ (known once planned)."""
@@ -100,6 +125,9 @@ def start_tokens(
         blocks,
         selection(num_tokens, src_offset, dst_offset, layers, dst_layers, heads),
     )
+    planned.watched = bool(message)
+    # TORCH_KVREG_GEOMETRY_COPY=runs: mapped peers' caches take the plan's runs too (A/B baseline).
+    boxes = None if os.environ.get("TORCH_KVREG_GEOMETRY_COPY") == "runs" else planned.mapped_boxes
     return engine.start_transfer(
         operation,
         planned.local,
@@ -112,6 +140,7 @@ def start_tokens(
         background=background,
         lane_shifts=planned.shifts,
         lane_runs=planned.lane_runs if planned.differ() else None,
+        mapped_boxes=boxes,
     )
 
 

@@ -29,6 +29,9 @@ LaneShifts = Callable[[], tuple[Sequence[int], Sequence[int]]]
 # Per lane (as tensors() lists them) its own segments, (src offsets, dst offsets, lengths):
 # a transfer between geometries whose K and V are laid out differently.
 LaneRuns = Callable[[], Sequence[Segments]]
+# Starts a transfer between geometries whose peer cache is mapped here, as box copies:
+# (the peer's desc, the region, every peer tensor's address in it) -> the native job.
+MappedBoxes = Callable[[CacheDesc, _C.SharedRegion, list[int]], _C.PeerCopyJob]
 # One side of a planned transfer: (the desc fields of its tensors taking part, its cache id).
 PlanSide = tuple["_C.DescFields", int]
 

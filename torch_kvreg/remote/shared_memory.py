@@ -6,8 +6,10 @@ peer proved it is on this host (same_host.peer_pid), the first transfer to such 
 opens the memfd through /proc/<pid>/fd/<n> (the kernel allows it exactly when it allows
 the process_vm copies the proof checked), checks its name, maps it and fills its page
 tables; transfers then run as same-host jobs whose bytes move with copy_kv_blocks'
-kernels on the same-host pool's threads (_C.mapped_copy_start_segments). Anything that
-fails here falls back to the process_vm path.
+kernels on the same-host pool's threads (_C.mapped_copy_start_segments), or, between
+caches of different geometry, with copy_kv_tokens' box kernels
+(_C.mapped_geometry_copy_start). Anything that fails here falls back to the process_vm
+path.
 
 When a mapping goes: a mapping is only used under a lease on its cache (which keeps the
 owner from unregistering it), and its memfd name is checked against each lease's, so a
@@ -24,12 +26,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from .. import _C
 from ..errors import LLMStatusCode, make_error
+from ..types import Cache, CacheDesc, Placement
 from .control import Link
 from .leases import SharedLease
 from .protocol import RemoteCache, SharedMemory
@@ -107,19 +110,43 @@ class Mappings:
         here (mapping it now if need be), else None (nothing started). ``remote_addrs``: the
         peer's addresses of the tensors taking part (as the process_vm path would use them);
         the native start refuses any piece outside the mapping."""
+        mapping = self._mapped(link, lease)
+        if mapping is None or mapping.region is None:
+            return None
+        mapped = [addr - mapping.remote_base + mapping.region.base for addr in remote_addrs]
+        return _C.mapped_copy_start_segments(mapping.region, read, local_addrs, mapped, *segments, watched)
+
+    def start_boxes(
+        self,
+        link: Link,
+        lease: SharedLease,
+        local: Cache,
+        boxes: Callable[[CacheDesc, _C.SharedRegion, list[int]], _C.PeerCopyJob],
+    ) -> _C.PeerCopyJob | None:
+        """start() for a transfer between geometries: when the leased cache is mapped here
+        (and both caches are host memory), ``boxes(peer desc, region, every peer tensor's
+        address in the region)`` starts it (box kernels, no runs planned); else None."""
+        remote = lease.remote
+        if not local.cache_desc.placement == remote.desc.placement == Placement.HOST:
+            return None
+        mapping = self._mapped(link, lease)
+        if mapping is None or mapping.region is None:
+            return None
+        base = mapping.region.base
+        return boxes(remote.desc, mapping.region, [addr - mapping.remote_base + base for addr in remote.addrs])
+
+    def _mapped(self, link: Link, lease: SharedLease) -> Mapping | None:
+        """The leased cache's mapping (made now if need be; its region None when it cannot
+        be mapped), counted as a start, or None when it is not to be mapped."""
         remote = lease.remote
         shared = remote.shared
         if shared is None or not self.on or link.peer_pid is None:
             return None
         mapping = self._mapping(link, link.peer_pid, remote, shared)
-        if mapping.region is None:
-            return None
-        base = mapping.region.base
-        mapped = [addr - mapping.remote_base + base for addr in remote_addrs]
-        native = _C.mapped_copy_start_segments(mapping.region, read, local_addrs, mapped, *segments, watched)
-        mapping.used_at = time.monotonic()
-        self.starts += 1
-        return native
+        if mapping.region is not None:
+            mapping.used_at = time.monotonic()
+            self.starts += 1
+        return mapping
 
     def _mapping(self, link: Link, pid: int, remote: RemoteCache, shared: SharedMemory) -> Mapping:
         key = (link, remote.cache_id)
