@@ -12,13 +12,6 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    if any(item.path.name == "test_wheel.py" for item in items):
-        import test_wheel  # the wheel's build starts now, in the background (its docstring)
-
-        build = test_wheel.start_build()
-        config.stash[test_wheel.WHEEL_BUILD] = build
-        if build is not None:
-            config.add_cleanup(build.close)
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
     skip_slow = pytest.mark.skip(reason="long profile: pass --run-slow")
     for item in items:

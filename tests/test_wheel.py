@@ -3,61 +3,21 @@ built from the sdist, so the sdist must carry everything); the wheel installed i
 virtual environment (not editable, no source tree on the path) runs the quickstart and the
 C++ config command, and reports the version from its metadata.
 
-The build compiles the extension again (minutes on two cores). So that it does not add its
-minutes to the suite's, it starts when the test is collected (tests/conftest.py calls
-start_build), at the lowest CPU priority, and runs on the cycles the other tests leave idle;
-the test waits for it."""
+Slow (it compiles the extension again): about 1.5 minutes on two cores."""
 
-import importlib.util
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
 
 import pytest
 
-WHEEL_BUILD = pytest.StashKey["Build | None"]()
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SKIP = shutil.ignore_patterns(
     ".git", ".venv*", "build*", "dist", "*.so", "__pycache__", ".hypothesis", ".pytest_cache", "*.egg-info"
 )
-
-
-class Build:
-    """``python -m build`` of a copy of the tree, running in the background."""
-
-    def __init__(self) -> None:
-        self.folder = pathlib.Path(tempfile.mkdtemp(prefix="kvreg-wheel-"))
-        self.source, self.dist = self.folder / "source", self.folder / "dist"
-        shutil.copytree(ROOT, self.source, ignore=SKIP)
-        self.log = open(self.folder / "build.log", "w+")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(self.dist), str(self.source)],
-            cwd=self.folder,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=lambda: os.nice(19),
-        )
-
-    def wait(self) -> None:
-        returncode = self.process.wait(timeout=1800)
-        self.log.seek(0)
-        assert returncode == 0, self.log.read()[-5000:]
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def start_build() -> Build | None:
-    """The background build (None where the build module is missing: the test skips)."""
-    return Build() if importlib.util.find_spec("build") is not None else None
 
 
 def run(*args, **kwargs):
@@ -66,14 +26,12 @@ def run(*args, **kwargs):
     return done.stdout
 
 
-def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path, request):
+def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
     pytest.importorskip("build")
-    build = request.config.stash.get(WHEEL_BUILD, None)
-    if build is None:  # not started at collection (the test run by other means)
-        build = start_build()
-        request.addfinalizer(build.close)
-    build.wait()
-    dist = build.dist
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=SKIP)
+    dist = tmp_path / "dist"
+    run(sys.executable, "-m", "build", "--no-isolation", "--outdir", dist, source, cwd=tmp_path)
     wheels, sdists = list(dist.glob("*.whl")), list(dist.glob("*.tar.gz"))
     assert len(wheels) == 1 and len(sdists) == 1
     # A fresh environment: the wheel, plus torch and numpy borrowed from this one (a path
