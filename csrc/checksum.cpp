@@ -247,12 +247,6 @@ uint32_t raw(uint32_t crc, const uint8_t* p, size_t n) {
   return raw_portable(crc, p, n);
 }
 
-// As in copy_blocks.cpp: a forked child must not start an OpenMP region.
-std::atomic<bool> forked_child{false};
-const bool fork_handler_installed = [] {
-  return pthread_atfork(nullptr, nullptr, [] { forked_child.store(true); }) == 0;
-}();
-
 // How much of the next slice is prefetched while one is read.
 constexpr int64_t kPrefetchBytes = 4096;
 
@@ -376,7 +370,7 @@ at::Tensor checksum_blocks(
   };
   const int64_t per_block = std::max<int64_t>(1, nbytes * static_cast<int64_t>(record.addrs.size()));
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / per_block);  // ~1 MiB per task
-  if (forked_child.load(std::memory_order_relaxed) || count <= grain) {
+  if (in_forked_child() || count <= grain) {
     work(0, count);
   } else {
     at::parallel_for(0, count, grain, work);
@@ -470,7 +464,7 @@ at::Tensor copy_blocks_verified(
   };
   const int64_t per_block = std::max<int64_t>(1, nbytes * static_cast<int64_t>(num_tensors));
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / per_block);  // ~1 MiB per task
-  if (source_taken || landed || forked_child.load(std::memory_order_relaxed) || count <= grain) {
+  if (source_taken || landed || in_forked_child() || count <= grain) {
     work(0, count);
   } else {
     at::parallel_for(0, count, grain, work);

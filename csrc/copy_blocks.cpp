@@ -35,10 +35,6 @@ const bool fork_handler_installed = [] {
   return pthread_atfork(nullptr, nullptr, [] { forked_child.store(true); }) == 0;
 }();
 
-bool in_forked_child() {
-  return forked_child.load(std::memory_order_relaxed);
-}
-
 int64_t concrete_id(const c10::SymInt& cache_id, const char* name) {
   const auto value = cache_id.maybe_as_int();
   KVREG_CHECK_ARG(value.has_value(), name, " must be a concrete int when the op runs");
@@ -369,6 +365,10 @@ void copy_item_stream(NextItem& next_item, int64_t count, Strategy strategy) {
 }
 
 }  // namespace
+
+bool in_forked_child() {
+  return forked_child.load(std::memory_order_relaxed);
+}
 
 void run_copy(const CopyPlan& plan) {
   if (plan.segments.empty()) {

@@ -46,6 +46,10 @@ std::vector<int64_t> block_indices(const at::Tensor& blocks, const char* name);
 // checks compare the selections. An index out of range: LLM_PARAM_INVALID (IndexError-type)
 // naming `name`[i].
 CacheRecord select_tensors(const CacheRecord& record, const std::vector<int64_t>& tensors, const char* name);
+// Whether this process is a child forked after its parent ran a parallel region: GNU OpenMP
+// cannot start one there (the child hangs), so host copies and checksums run on the calling
+// thread. One pthread_atfork handler (copy_blocks.cpp) serves every host kernel.
+bool in_forked_child();
 
 void run_copy_cpu(const CopyPlan& plan);
 // Runs a plan where its memory lies: on the host's threads, or (with CUDA) on the device.

@@ -3,6 +3,7 @@
 // copy threads.
 #include "geometry_copy.h"
 
+#include "copy_plan.h"
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -22,13 +23,6 @@
 namespace kvreg {
 
 namespace {
-
-// As copy_kv_blocks: a child forked after its parent ran a parallel region copies on its
-// calling thread (GNU OpenMP would hang).
-std::atomic<bool> forked_child{false};
-const bool fork_handler_installed = [] {
-  return pthread_atfork(nullptr, nullptr, [] { forked_child.store(true); }) == 0;
-}();
 
 std::atomic<int64_t> path_counts[3];
 
@@ -403,7 +397,7 @@ void copy_boxes(const std::vector<BoxCopy>& jobs) {
   // Enough bytes per task that the thread pool's overhead stays small.
   const int64_t average = std::max<int64_t>(1, total_bytes / items);
   const int64_t grain = std::max<int64_t>(1, (int64_t{256} << 10) / average);
-  if (single || forked_child.load() || at::get_num_threads() <= 1 || items <= grain) {
+  if (single || in_forked_child() || at::get_num_threads() <= 1 || items <= grain) {
     copy_items(0, items);
   } else {
     at::parallel_for(0, items, grain, copy_items);
