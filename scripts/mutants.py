@@ -391,8 +391,8 @@ MUTANTS = [
     (
         "same-host route: a start does not check its lease is still held",
         "torch_kvreg/remote/engine.py",
-        "            self._stale(route)\n            or not link.alive",
-        "            False\n            or not link.alive",
+        "                self._stale(route)\n                or not link.alive",
+        "                False\n                or not link.alive",
         ["tests/test_same_host.py"],
     ),
     (
@@ -426,8 +426,8 @@ MUTANTS = [
     (
         "same-host route: a routed copy's notice is not sent",
         "torch_kvreg/remote/engine.py",
-        "job = SameHostJob(transfer, route.link, time.monotonic() + self.wait_s, notify, route.job_ended, native)",
-        'job = SameHostJob(transfer, route.link, time.monotonic() + self.wait_s, b"", route.job_ended, native)',
+        "job = SameHostJob(transfer, link, time.monotonic() + self.wait_s, notify, route.job_ended, native)",
+        'job = SameHostJob(transfer, link, time.monotonic() + self.wait_s, b"", route.job_ended, native)',
         ["tests/test_same_host.py"],
     ),
     (
@@ -475,8 +475,8 @@ MUTANTS = [
     (
         "same-host start: a burst's later starts ask no look though the one set has passed",
         "torch_kvreg/remote/progress.py",
-        "            if now >= self.look_due:",
-        "            if self.look_due == 0.0:",
+        "        if now >= self.look_due:",
+        "        if self.look_due == 0.0:",
         ["tests/test_async.py", "tests/test_same_host.py"],
     ),
     (

@@ -58,7 +58,7 @@ class Transfer:
         self.path = path  # "local_copy", "pull" or "push": counted in torch_kvreg.stats()
         self.nbytes = int(nbytes)
         self.description = description
-        self._dst_blocks = list(map(int, dst_blocks))
+        self._dst_blocks = list(dst_blocks)  # (ints: every caller has checked them)
         self._started = time.monotonic()
         self._finished: float | None = None
         # Done is a flag; an Event is made only for a thread that must block on it (most

@@ -202,7 +202,7 @@ class Checked:
         self.expected = expected
         self.landed = landed
         self.lock = threading.Lock()
-        self.outer = Transfer(inner.nbytes, dst_blocks, f"verified {inner.description}")
+        self.outer = Transfer(inner.nbytes, self.dst_blocks, f"verified {inner.description}")
         self.outer.assist = self.assist
 
     def assist(self, timeout_ms: int) -> None:

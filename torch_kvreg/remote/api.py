@@ -311,11 +311,11 @@ def _routed(
     tensors_per_layer: object,
     notify: object,
 ) -> Transfer | None:
-    """The transfer started on a same-host route an earlier one left (Engine.start_routed),
-    or None: the general path then starts it, or names what is wrong with the arguments.
-    Only arguments of exactly the expected types are looked up here."""
+    """The transfer started on a same-host route an earlier one left (Engine.start_routed), or
+    None: the general path then starts it or names what is wrong. Only arguments of exactly
+    the expected types are looked up (1.0 == 1: a float would find an int's route)."""
     engine = _engine
-    if engine is None or not engine.routes.table or type(remote) is not CacheIndex:
+    if engine is None or type(remote) is not CacheIndex or not engine.routes.table:
         return None
     local_id = local.cache_id if type(local) is Cache else local
     if not (
@@ -332,7 +332,8 @@ def _routed(
     except (LLMException, UnicodeError):
         return None  # the general path raises it again, for the caller
     key = (operation, remote.cluster_id, remote.cache_id, local_id, layers, layers, tensors_per_layer)
-    return engine.start_routed(key, src_blocks, dst_blocks, message, "pull" if operation == "READ" else "push")
+    route = engine.routes.table.get(key)
+    return None if route is None else engine.start_routed(route, src_blocks, dst_blocks, message)
 
 
 def start_slice(

@@ -420,9 +420,7 @@ class Engine:
                     native = _C.peer_copy_start_segments(
                         link.peer_pid, operation == "READ", local_addrs, remote_addrs, *segments, bool(notify)
                     )
-                copy = SameHostJob(transfer, link, deadline, notify, let_go, native)
-                transfer.assist = functools.partial(self.progress.assist, copy)
-                job: NixlJob | SameHostJob = copy
+                job: NixlJob | SameHostJob = SameHostJob(transfer, link, deadline, notify, let_go, native)
                 self.paths[path] += 1
                 state: str | None = PROC
                 if path == "same_host" and route_key is not None and isinstance(remote_ref, int):
@@ -509,7 +507,7 @@ class Engine:
 
     def _housekeeping(self) -> float | None:
         """The progress thread's turn at the leases: gives back those that lingered (their
-        routes are stale from then on, see _hold_route); the seconds until the next is due."""
+        routes are stale from then on, see start_routed); the seconds until the next is due."""
         due, expired = self.peer_leases.expire()
         self.peer_leases.give_back(expired)
         if due is None and self.peer_leases.lingering:
@@ -543,20 +541,23 @@ class Engine:
         the cache since, and the route must not start another copy."""
         return self.peer_leases.shared.get(route.lease.key) is not route.lease
 
-    def start_routed(
-        self, key: tuple, src_blocks: object, dst_blocks: object, notify: bytes, path: str
-    ) -> Transfer | None:
-        """start_transfer for a block transfer on a route (key: as start_blocks makes it):
-        one native call validates the block lists and starts the job. None, with nothing
-        held or moved, when there is no such route, it is stale (lease gone, link down or
-        replaced, local cache closing) or the native start does not take the lists (not
-        lists of ints, or failing a check): the general path then starts the transfer or
-        raises the precise error."""
-        route = self.routes.table.get(key)
-        if route is None:
-            return None
+    def start_routed(self, route: Route, src_blocks: object, dst_blocks: object, notify: bytes) -> Transfer | None:
+        """start_transfer for a block transfer on a route (api._routed finds it): one native
+        call validates the block lists and starts the job. None, with nothing held or moved,
+        when the route is stale (lease gone, link down or replaced, local cache closing) or
+        the native start does not take the lists (not lists of ints, or failing a check):
+        the general path then starts the transfer or raises the precise error."""
         with self.lock_raw:
-            if not self._hold_route(route, key):
+            link = route.link
+            if (
+                self._stale(route)
+                or not link.alive
+                or self.links.get(route.key[1]) is not link  # key: (operation, cluster id, ...)
+                or route.local_id in self.holds.closing
+            ):
+                self.routes.table.pop(route.key, None)
+                return None
+            if not route.holding and not self._hold_route(route):
                 return None
             route.started += 1  # (before the native start, which runs outside the lock)
             self.routes.starts += 1
@@ -568,30 +569,19 @@ class Engine:
                 self.paths["same_host"] -= 1
             route.job_ended()  # (its start was counted)
             return None
-        transfer = Transfer(len(dst_blocks) * route.block_bytes, dst_blocks, route.description, path)  # type: ignore[arg-type]
-        job = SameHostJob(transfer, route.link, time.monotonic() + self.wait_s, notify, route.job_ended, native)
-        transfer.assist = functools.partial(self.progress.assist, job)
-        self.progress.add(job, PROC)
+        # (The native start took both as lists of ints.)
+        transfer = Transfer(len(dst_blocks) * route.block_bytes, dst_blocks, route.description, route.path)  # type: ignore[arg-type]
+        job = SameHostJob(transfer, link, time.monotonic() + self.wait_s, notify, route.job_ended, native)
+        self.progress.add_copy(job)
         return transfer
 
-    def _hold_route(self, route: Route, key: tuple) -> bool:
-        """Under the lock: whether the route may start jobs (its lease still the shared one,
-        its link up and current, its local cache not closing; else it is dropped), and its
-        hold on the cache and the lease, taken once for all of its jobs."""
-        link, lease = route.link, route.lease
-        if (
-            self._stale(route)
-            or not link.alive
-            or self.links.get(key[1]) is not link  # key: (operation, cluster id, ...)
-            or route.local_id in self.holds.closing
-        ):
-            self.routes.table.pop(key, None)
-            return False
-        if route.holding:
-            return True
+    def _hold_route(self, route: Route) -> bool:
+        """Under the lock, for a usable route that holds nothing: its hold on the cache and
+        the lease, taken once for all of its jobs; False if the cache is no longer
+        registered (the general path says so)."""
         if not self.holds.hold_again(route.local_id):
-            return False  # no longer registered: the general path says so
-        self.peer_leases.use(lease)
+            return False
+        self.peer_leases.use(route.lease)
         route.holding = True
         self.routes.busy.add(route)
         return True

@@ -37,6 +37,10 @@ def _nothing() -> None:
     pass
 
 
+def _no_help(job: SameHostJob, timeout_ms: int) -> None:
+    pass
+
+
 class Job:
     """One transfer in flight and what it holds until it lands (see the module's text)."""
 
@@ -133,7 +137,7 @@ class SameHostJob(Job):
     """A native copy between this process and a peer on this host (_C.PeerCopyJob). Its
     bytes move on native threads; the thread waiting for it helps (``help``)."""
 
-    __slots__ = ("native", "code")
+    __slots__ = ("native", "code", "helper")
 
     def __init__(
         self,
@@ -149,6 +153,12 @@ class SameHostJob(Job):
         self.claim_lock, self.failure, self.freeing = threading.Lock(), "", False
         self.native: _C.PeerCopyJob | None = native  # None once freed
         self.code = COPY_RUNNING
+        # What a waiter's help runs (Progress.assist; Progress.add_copy sets it).
+        self.helper: Callable[[SameHostJob, int], None] = _no_help
+
+    def assist(self, timeout_ms: int) -> None:
+        """Its Transfer's ``assist``: the waiting thread's help (see ``helper``)."""
+        self.helper(self, timeout_ms)
 
     def _state_of(self, code: int) -> str:
         self.code = code

@@ -70,19 +70,12 @@ class Progress:
     def add(self, job: Job, state: str | None = None) -> None:
         """Hands a started job to the loop. ``state``: what a NIXL job's post returned
         (None: the loop posts it)."""
+        if type(job) is SameHostJob:
+            self.add_copy(job)
+            return
         if state not in (None, PROC) and self.claim(job, "starter") and self.completion.complete(job, state):
             return
         self.incoming.append(job)
-        if type(job) is SameHostJob and self.thread is not None:
-            # Its end wakes the loop if it has a notice; a waiter completes it otherwise. The
-            # loop looks JOB_SWEEP_S from now at the latest (a burst's starts set one look):
-            # woken at once, it would take the GIL from this thread, which is likely starting
-            # more. No lock the loop takes is taken here.
-            now = time.monotonic()
-            if now >= self.look_due:  # (else the look set earlier comes sooner)
-                self.look_due = now + WATCH_MS / 1000
-                _C.peer_copy_watch(WATCH_MS)
-            return  # (the hand-over below is for posts, which same-host jobs do not have)
         with self.cond:  # (after the append: a loop that went idle before it is woken below)
             hand_over = state is None and self.idle
         self.wake()
@@ -101,6 +94,23 @@ class Progress:
             # for the interpreter's switch interval while this thread starts more, and the
             # burst's bytes move only after the last start.
             time.sleep(HAND_OVER_S)
+
+    def add_copy(self, job: SameHostJob) -> None:
+        """add() for a same-host copy just started: its waiters help it (``assist``), its
+        end wakes the loop if it has a notice, and a waiter completes it otherwise. The loop
+        looks JOB_SWEEP_S from now at the latest (a burst's starts set one look): woken at
+        once, it would take the GIL from this thread, which is likely starting more. No
+        lock the loop takes is taken here."""
+        job.helper = self.assist
+        job.transfer.assist = job.assist
+        self.incoming.append(job)
+        if self.thread is None:
+            self.wake()
+            return
+        now = time.monotonic()
+        if now >= self.look_due:  # (else the look set earlier comes sooner)
+            self.look_due = now + WATCH_MS / 1000
+            _C.peer_copy_watch(WATCH_MS)
 
     def wake(self) -> None:
         with self.cond:

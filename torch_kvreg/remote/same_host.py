@@ -91,6 +91,8 @@ class Route:
 
     __slots__ = (
         "native",
+        "key",
+        "path",
         "link",
         "lease",
         "local_id",
@@ -103,8 +105,12 @@ class Route:
         "settle",
     )
 
-    def __init__(self, native: _C.PeerRoute, link: Link, lease: SharedLease, local_id: int, description: str):
+    def __init__(
+        self, native: _C.PeerRoute, path: str, link: Link, lease: SharedLease, local_id: int, description: str
+    ) -> None:
         self.native, self.link, self.lease, self.local_id = native, link, lease, local_id
+        self.key: tuple = ()  # its key in Routes.table (Routes.keep sets it)
+        self.path = path  # "pull" or "push", as torch_kvreg.stats() counts it
         self.description = description
         self.block_bytes = native.block_bytes
         # Its jobs started (counted under the engine's lock) and let go (under end_lock, so
@@ -150,7 +156,8 @@ def make_route(
         dst[1],
         plan.MAX_DESCRIPTOR_BYTES,
     )
-    return Route(native, link, lease, local.cache_id, f"{operation.lower()} with cluster {link.cluster_id}")
+    path = "pull" if read else "push"
+    return Route(native, path, link, lease, local.cache_id, f"{operation.lower()} with cluster {link.cluster_id}")
 
 
 class Routes:
@@ -167,6 +174,7 @@ class Routes:
         """Caller holds the lock."""
         if len(self.table) >= MAX_ROUTES:
             self.table.clear()
+        route.key = key
         self.table[key] = route
 
     def drop(self, stale: Callable[[Route], bool]) -> None:
