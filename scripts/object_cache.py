@@ -10,7 +10,8 @@ A key seen before copies the stored object instead of compiling; the preprocessi
 writes the dependency file the build tool reads, as the compile would have.
 
 An object taken from the cache names the tree it was first compiled in where the source
-names itself (__FILE__ in error locations, debug information), like ccache with base_dir.
+names itself (__FILE__ in error locations, debug information), like ccache with base_dir;
+the compiler's warnings are printed by the compile that stored it, not repeated on reuse.
 
 Environment: KVREG_OBJECT_CACHE (the folder), KVREG_REAL_CXX (the compiler, default c++),
 KVREG_OBJECT_CACHE_TREE (the tree's own folders, os.pathsep-separated: written as
@@ -48,10 +49,14 @@ def main(argv: list[str]) -> int:
     folders = [f for f in os.environ.get("KVREG_OBJECT_CACHE_TREE", "").split(os.pathsep) if f]
     if not cache or not folders or "-c" not in argv or argv.count("-o") != 1 or "-E" in argv:
         os.execvp(compiler, [compiler, *argv])
+    try:
+        os.makedirs(cache, exist_ok=True)
+        scratch_folder = tempfile.TemporaryDirectory(dir=cache, prefix="tmp-")
+    except OSError:  # no cache to be had here: compile as if there were none
+        os.execvp(compiler, [compiler, *argv])
     out = argv[argv.index("-o") + 1]
     others = [a for i, a in enumerate(argv) if a != "-o" and (i == 0 or argv[i - 1] != "-o")]
-    os.makedirs(cache, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix="tmp-") as scratch:
+    with scratch_folder as scratch:
         preprocessed = os.path.join(scratch, "source.i")
         # Same flags, stopped after preprocessing; a dependency file (-MD/-MMD -MF) names
         # the object, as the compile's would.
