@@ -48,7 +48,10 @@ $(DEPS_STAMP): $(PY) pyproject.toml
 	KVREG_SKIP_EXT=1 $(PIP) install --no-build-isolation --no-deps --config-settings editable_mode=compat -e .
 	@touch $@
 
-$(EXT_STAMP): $(DEPS_STAMP) $(SOURCES)
+# The objects are also kept in build/object-cache, keyed by their preprocessed source and
+# flags (setup.py, scripts/object_cache.py): tests/test_wheel.py's build from the sdist
+# reuses them.
+$(EXT_STAMP): $(DEPS_STAMP) $(SOURCES) scripts/object_cache.py
 	$(PY) setup.py -q build_ext --inplace
 	@touch $@
 

@@ -8,6 +8,7 @@ KVREG_SANITIZE=1 adds AddressSanitizer and UndefinedBehaviorSanitizer.
 
 import glob
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,7 @@ def want_cuda() -> bool:
     return bool(found)
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 CORE = "torch_kvreg.lib.libtorch_kvreg"  # the registry, ops, copies and the C++ API
 CORE_FILE = "libtorch_kvreg.so"
 
@@ -108,6 +110,50 @@ class BuildExtensionChecked(BuildExtension.with_options(use_ninja=True)):
     def copy_extensions_to_source(self):
         os.makedirs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_kvreg", "lib"), exist_ok=True)
         super().copy_extensions_to_source()
+
+    def run(self):
+        # setuptools clears self.inplace while it builds (it copies the results afterwards).
+        self.in_place = bool(self.inplace)
+        super().run()
+
+    def build_extensions(self):
+        # Compiles go through scripts/object_cache.py, which reuses an object compiled before
+        # from the same preprocessed source and flags (the test run builds the extension in
+        # place, then tests/test_wheel.py the wheel from the sdist): always for a build in
+        # place (into build/object-cache), for other builds where KVREG_OBJECT_CACHE names
+        # the folder; KVREG_OBJECT_CACHE=0 turns it off.
+        cache = os.environ.get("KVREG_OBJECT_CACHE", "")
+        if cache.lower() in ("0", "off", "no", "false"):
+            cache = ""
+        elif not cache and self.in_place:
+            cache = os.path.join(HERE, "build", "object-cache")
+        launcher_source = os.path.join(HERE, "scripts", "object_cache.py")
+        if not cache or not os.path.isfile(launcher_source):
+            return super().build_extensions()
+        os.makedirs(self.build_temp, exist_ok=True)
+        launcher = os.path.join(os.path.abspath(self.build_temp), "c++-object-cache")
+        with open(launcher, "w") as script:
+            script.write(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(launcher_source)} "$@"\n')
+        os.chmod(launcher, 0o755)
+        # The tree's own folders, written as placeholders in the cache's keys.
+        tree = [os.path.join(HERE, "csrc"), os.path.join(HERE, "torch_kvreg", "include"),
+                os.path.abspath(self.build_temp)]
+        settings = {
+            "KVREG_REAL_CXX": os.environ.get("CXX", "c++"),
+            "KVREG_OBJECT_CACHE": os.path.abspath(cache),
+            "KVREG_OBJECT_CACHE_TREE": os.pathsep.join(tree),
+            "CXX": launcher,  # torch's ninja file takes the compiler from CXX
+        }
+        saved = {name: os.environ.get(name) for name in settings}
+        os.environ.update(settings)
+        try:
+            super().build_extensions()
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
     def build_extension(self, ext):
         if ext.name == "torch_kvreg._C":  # links the core built just before it

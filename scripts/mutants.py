@@ -1198,6 +1198,28 @@ MUTANTS = [
         "best = max(measured.values())",
         ["tests/test_benchmarks.py::test_bench_remote_mooncake_column"],
     ),
+    # --- the build's object cache (scripts/object_cache.py) ------------------------------
+    (
+        "object cache: the key keeps the tree's own paths (no reuse across trees)",
+        "scripts/object_cache.py",
+        "key.update(tree_relative(source.read(), folders))",
+        "key.update(source.read())",
+        ["tests/test_build.py"],
+    ),
+    (
+        "object cache: the key ignores the preprocessed source",
+        "scripts/object_cache.py",
+        "key.update(tree_relative(source.read(), folders))",
+        'key.update(b"")',
+        ["tests/test_build.py"],
+    ),
+    (
+        "object cache: the key ignores the flags",
+        "scripts/object_cache.py",
+        'key.update(tree_relative("\\0".join(others).encode(), folders))',
+        "pass",
+        ["tests/test_build.py"],
+    ),
 ]
 
 
@@ -1213,8 +1235,10 @@ def copy_tree(dst: pathlib.Path) -> None:
 
 
 def build(tree: pathlib.Path) -> subprocess.CompletedProcess:
+    # Through the object cache `make` fills: the copy's unmutated files are not compiled again.
+    env = dict(os.environ, KVREG_OBJECT_CACHE=str(ROOT / "build" / "object-cache"))
     return subprocess.run(
-        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree, capture_output=True, text=True
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree, env=env, capture_output=True, text=True
     )
 
 
