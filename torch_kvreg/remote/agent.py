@@ -182,7 +182,7 @@ class MetadataLoads:
     def new(self, md: bytes, name: str) -> MetadataLoad:
         """A load of agent ``name``'s metadata (not started), to run after any still running."""
         with self.lock:
-            self.running = {key: load for key, load in self.running.items() if not load.finished.is_set()}
+            self._prune()
             load = self.running[name] = MetadataLoad(self.nixl, md, name, self.running.get(name))
         return load
 
@@ -192,7 +192,13 @@ class MetadataLoads:
         deadline = time.monotonic() + timeout_s
         with self.lock:
             loads = list(self.running.values())  # (each waits for the one before it)
-        return all(load.finished.wait(max(deadline - time.monotonic(), 0.0)) for load in loads)
+        done = all(load.finished.wait(max(deadline - time.monotonic(), 0.0)) for load in loads)
+        with self.lock:
+            self._prune()
+        return done
+
+    def _prune(self) -> None:
+        self.running = {key: load for key, load in self.running.items() if not load.finished.is_set()}
 
 
 def preppable(desc: CacheDesc) -> bool:
