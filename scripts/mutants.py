@@ -236,8 +236,8 @@ MUTANTS = [
     (
         "background load: a same-host link waits for its NIXL metadata load",
         "torch_kvreg/remote/handshake.py",
-        "        load.start()  # the peer loads ours meanwhile, as it does for every linker\n",
-        "        load.run()\n",
+        "        return load  # the peer loads ours meanwhile, as it does for every linker\n",
+        "        load.run()\n        return None\n",
         ["tests/test_link_background_load.py"],
     ),
     (

@@ -95,7 +95,8 @@ def test_a_link_that_needs_nixl_at_once_loads_both_sides_metadata_before_it_retu
         engine = kv.remote.current_engine()
         phases = engine.link_phases[peer.cluster_id]
         assert list(phases) == [*NIXL_PHASES, "total"], phases
-        assert abs(sum(phases[name] for name in NIXL_PHASES) - phases["total"]) <= 5.0, phases
+        parts = sum(phases[name] for name in NIXL_PHASES)
+        assert abs(parts - phases["total"]) <= max(5.0, 0.05 * phases["total"]), phases
         link = engine.links[peer.cluster_id]
         assert link.peer_pid is None and link.nixl.finished.is_set() and link.nixl.error is None
         assert engine.agent.check_remote_metadata(link.agent_name)
@@ -163,7 +164,7 @@ def test_a_hello_whose_metadata_nixl_refuses_is_answered_then_dropped(prompt):
         failure = control.read_message(sock)
         assert failure["id"] == 3 and protocol.Failure.of(failure).status == LLMStatusCode.LLM_LINK_FAILED
         assert "NIXL refused" in failure["message"], failure
-        with pytest.raises((ConnectionError, OSError)):
+        with pytest.raises(ConnectionError):  # closed (not a read timing out)
             control.read_message(sock)
     deadline = time.monotonic() + 5
     while 9 in prompt.links and time.monotonic() < deadline:

@@ -178,7 +178,7 @@ class Engine:
             current = self.links.get(hello.cluster_id)
             if current is None or not current.alive:
                 self.links[hello.cluster_id] = link
-        log.info("cluster %d linked to us from %s:%d", hello.cluster_id, *link.sock.getpeername()[:2])
+        log.info("cluster %d linked to us from %s", hello.cluster_id, link.info)
 
     def grant(self, request: protocol.Acquire, leases: set[int]) -> protocol.AcquireReply:
         """A lease for a peer on a remote-accessible local cache, named by id or key."""
@@ -276,7 +276,7 @@ class Engine:
         link.start()
         phases.lap("connect")
         try:
-            handshake.handshake(self, link, info, timeout_s, phases)
+            load = handshake.handshake(self, link, info, timeout_s, phases)
         except LLMException as exc:
             self._forget(link)
             return exc.status_code
@@ -289,6 +289,8 @@ class Engine:
             self.senders.remember(link.agent_name, info.remote_cluster_id)
         self.heartbeat.start()
         self.link_phases[info.remote_cluster_id] = phases.done()
+        if load is not None:
+            load.start()  # (a transfer that needs NIXL on the link waits for it)
         log.info("linked to cluster %d at %s:%d", info.remote_cluster_id, info.remote_ip, info.remote_port)
         return LLMStatusCode.LLM_SUCCESS
 

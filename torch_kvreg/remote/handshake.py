@@ -83,11 +83,15 @@ class Linker(Protocol):
     loads: agent.MetadataLoads
 
 
-def handshake(engine: Linker, link: Link, info: ClusterInfo, timeout_s: float, phases: LinkPhases) -> None:
+def handshake(
+    engine: Linker, link: Link, info: ClusterInfo, timeout_s: float, phases: LinkPhases
+) -> agent.MetadataLoad | None:
     """The linker's steps on a started link: the secret's proof, the hello, the same-host
-    pid proof, and both sides' agent metadata (loading on a thread for a proven same-host
-    peer). Raises LLMException (or, for a malformed reply, whatever was raised); the caller
-    closes the link."""
+    pid proof, and both sides' agent metadata. For a proven same-host peer, returns the load
+    of its metadata, for the caller to start on a thread once the link is made (so that it
+    takes no CPU from the link's last steps); else None, everything loaded. Raises
+    LLMException (or, for a malformed reply, whatever was raised); the caller closes the
+    link."""
     secret = engine.secret
     proof = None if secret is None else auth.prove(secret, engine.cluster_id, link, info, timeout_s)
     hello = protocol.Hello(engine.cluster_id, engine.name, engine.agent.get_agent_metadata(), proof)
@@ -103,8 +107,7 @@ def handshake(engine: Linker, link: Link, info: ClusterInfo, timeout_s: float, p
     phases.lap("same_host")
     load = link.nixl = engine.loads.new(reply.md, reply.agent)
     if link.peer_pid is not None:
-        load.start()  # the peer loads ours meanwhile, as it does for every linker
-        return
+        return load  # the peer loads ours meanwhile, as it does for every linker
     load.load()  # the peer loads ours meanwhile
     phases.lap("nixl_metadata")
     load.connect()
@@ -114,6 +117,7 @@ def handshake(engine: Linker, link: Link, info: ClusterInfo, timeout_s: float, p
         raise make_error(LLMStatusCode.LLM_LINK_FAILED, f"cluster {reply.cluster_id}: {load.error}")
     link.request(protocol.Ping(loaded=True), timeout_s)  # answered once the peer loaded ours
     phases.lap("peer_metadata")
+    return None
 
 
 def accept_linker(engine: Linker, hello: protocol.Hello, link: Link) -> None:
