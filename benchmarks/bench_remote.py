@@ -27,6 +27,7 @@ the prompt process in one namespace, this one in the other.
 """
 
 import argparse
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -74,6 +75,7 @@ def prompt_process(layers, shared_layers, to_main, from_main, listen="127.0.0.1:
         tensor.copy_(values)
     raw = make_agent("raw-prompt")
     raw.register_memory(reg_rows(tensors), "DRAM")
+    gc.collect()  # (see main: a collection the set-up owes would land in the first link)
     to_main.put(
         (
             kv.listen_address(),
@@ -117,6 +119,10 @@ def main():
     init_ms = (time.perf_counter() - t0) * 1e3
     address, remote_id, raw_md, remote_addrs, shared_id = to_main.get(timeout=600)
     host, port = address.split(":")
+    # A full collection that the set-up (torch's objects, these tensors) owes takes 30-300
+    # ms here and lands in whatever allocates next: without this, in the first link of
+    # some runs, whichever its code.
+    gc.collect()
     t0 = time.perf_counter()
     status, _ = kv.link_clusters([kv.ClusterInfo(1, host, int(port))])
     linked = time.perf_counter()
