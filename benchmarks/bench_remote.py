@@ -27,6 +27,7 @@ the prompt process in one namespace, this one in the other.
 """
 
 import argparse
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -74,6 +75,7 @@ def prompt_process(layers, shared_layers, to_main, from_main, listen="127.0.0.1:
         tensor.copy_(values)
     raw = make_agent("raw-prompt")
     raw.register_memory(reg_rows(tensors), "DRAM")
+    gc.collect()  # (see main: a collection the set-up owes would land in the first link)
     to_main.put(
         (
             kv.listen_address(),
@@ -117,17 +119,33 @@ def main():
     init_ms = (time.perf_counter() - t0) * 1e3
     address, remote_id, raw_md, remote_addrs, shared_id = to_main.get(timeout=600)
     host, port = address.split(":")
+    # A full collection that the set-up (torch's objects, these tensors) owes takes 30-300
+    # ms here and lands in whatever allocates next: without this, in the first link of
+    # some runs, whichever its code.
+    gc.collect()
     t0 = time.perf_counter()
     status, _ = kv.link_clusters([kv.ClusterInfo(1, host, int(port))])
-    link_ms = (time.perf_counter() - t0) * 1e3
+    linked = time.perf_counter()
+    link_ms = (linked - t0) * 1e3
     assert status == kv.LLMStatusCode.LLM_SUCCESS
     engine = kv.remote.current_engine()
     link_phases = getattr(engine, "link_phases", {}).get(1, {})  # where the first link's time went
-    agent_ms = getattr(engine, "agent_ms", None)
     tensors = make_tensors(args.layers, 100)
     t0 = time.perf_counter()
     local = kv.register_kv_cache(tensors, kv.RegisterCfg(remote_accessible=True))  # NIXL-registered now
     register_ms = (time.perf_counter() - t0) * 1e3
+    # The first pull right after the link (one block of every tensor): what a decoder pays
+    # next, with whatever the link left running beside it.
+    t0 = time.perf_counter()
+    kv.pull_kv_blocks(kv.CacheIndex(1, remote_id), local, [0], [0])
+    first_pull_ms = (time.perf_counter() - t0) * 1e3
+    # A same-host link loads the peer's NIXL metadata after it returned, on a thread: what
+    # that took, and when the link could take NIXL transfers (ms after link_clusters returned).
+    load = getattr(engine.links[1], "nixl", None)
+    background = None
+    if load is not None and "nixl_metadata" not in link_phases and load.finished.wait(60):
+        background = {**load.ms, "ready_after_link": (load.finished_at - linked) * 1e3}
+    agent_ms = getattr(engine, "agent_ms", None)
     num_tensors = len(tensors)
     block_nbytes = local.cache_desc.block_nbytes
     total = MOVED * block_nbytes * num_tensors
@@ -249,12 +267,18 @@ def main():
     )
     print(
         f"first link_clusters: {link_ms:.1f} ms; register_kv_cache ({num_tensors} tensors, with NIXL): "
-        f"{register_ms:.1f} ms; initialize: {init_ms:.1f} ms"
+        f"{register_ms:.1f} ms; then a first pull: {first_pull_ms:.1f} ms; initialize: {init_ms:.1f} ms"
         + ("" if agent_ms is None else f" (its NIXL agent, made in the background: {agent_ms:.1f} ms)")
     )
     if link_phases:
         phases = ", ".join(f"{name} {ms:.1f}" for name, ms in link_phases.items() if name != "total")
         print(f"first link, where the time went (ms): {phases}; total {link_phases['total']:.1f}")
+    if background is not None:
+        print(
+            "  after it, on a thread: this side's NIXL metadata load "
+            + ", ".join(f"{name} {ms:.1f}" for name, ms in background.items() if name != "ready_after_link")
+            + f" ms; NIXL transfers possible {background['ready_after_link']:.1f} ms after link_clusters returned"
+        )
     for r in rows:
         g = r["gbps"]
         extra = f", raw coalesced {g['raw_nixl_coalesced']:.2f}" if "raw_nixl_coalesced" in g else ""
@@ -298,9 +322,11 @@ def main():
                     "routes": routes,
                     "link_ms": link_ms,
                     "link_phases_ms": link_phases,
+                    "link_background_ms": background,
                     "initialize_ms": init_ms,
                     "agent_ms": agent_ms,
                     "register_ms": register_ms,
+                    "first_pull_ms": first_pull_ms,
                     "rows": rows,
                     "shared_rows": shared_rows,
                     "shared_routes": shared_routes,

@@ -101,6 +101,7 @@ def corrupt(message: dict, **fields) -> bytes:
 HELLO = {"op": "hello", "cluster_id": 9, "agent": "stranger"}
 ACQUIRE = {"op": "acquire", "cache_id": 1}
 RELEASE = {"op": "release", "lease": 1}
+PING = {"op": "ping"}
 BIG = 2**63
 MALFORMED = [
     # sizes
@@ -145,6 +146,10 @@ MALFORMED = [
     ("lease 2**63", corrupt(RELEASE, lease=BIG)),
     ("lease list", corrupt(RELEASE, lease=[1, 2])),
     ("no lease", corrupt(RELEASE, lease=None)),
+    # ping
+    ("ping loaded 1", corrupt(PING, loaded=1)),
+    ("ping loaded as text", corrupt(PING, loaded="true")),
+    ("ping loaded null", body({"v": protocol.VERSION, **PING, "loaded": None})),
 ]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -81,6 +82,123 @@ def make_agent(name: str) -> NixlAgent:
 def agent_name(loaded: object) -> str:
     """The name add_remote_agent returns (bytes or str, by NIXL version)."""
     return loaded.decode() if isinstance(loaded, bytes) else str(loaded)
+
+
+class MetadataLoad:
+    """A peer's agent metadata loaded into this agent: UCX makes an endpoint and, for the
+    first peer of a kind, chooses its protocols (CPU-bound, tens of ms; NIXL releases the
+    GIL meanwhile). A link whose transfers need no NIXL at first (a same-host peer) runs it
+    on a thread of its own (``start``); the others run its steps in line (``load``,
+    ``connect``, ``finish``). Whatever needs the peer's agent waits for it (``wait``).
+
+    Loads of one peer's agent run one after the other (``after``: the one before, which a
+    relink may find still running), so that an unlinked link's load, which removes the
+    agent it loaded once it is done (``forget``), never removes what a later one loaded.
+    """
+
+    def __init__(self, nixl: NixlAgent, md: bytes, name: str, after: MetadataLoad | None = None):
+        self.nixl, self.md, self.name, self.after = nixl, md, name, after
+        self.error: str | None = None  # NIXL's refusal, once finished
+        self.ms: dict[str, float] = {}  # "nixl_metadata" and "ucx_wireup": what each step took
+        self.finished = threading.Event()  # loaded (or failed), and removed if forgotten meanwhile
+        self.finished_at: float | None = None  # time.perf_counter() then
+        self.lock = threading.Lock()
+        self.done = False  # (finished, as seen under the lock)
+        self.forgotten = False
+        self.keep_agent = True  # (a forget's) False: remove the agent once loaded
+
+    def start(self) -> None:
+        threading.Thread(target=self.run, name="kvreg-nixl-load", daemon=True).start()
+
+    def run(self) -> None:
+        self.load()
+        self.connect()
+        self.finish()
+
+    def load(self) -> None:
+        if self.after is not None:
+            self.after.finished.wait()
+            self.after = None
+        started = time.perf_counter()
+        try:
+            loaded = agent_name(self.nixl.add_remote_agent(self.md))
+            if loaded != self.name:  # (a peer naming one agent in its hello, another in its metadata)
+                with contextlib.suppress(Exception):
+                    self.nixl.remove_remote_agent(loaded)
+                self.error = f"its metadata names agent {loaded!r}, its hello {self.name!r}"
+        except Exception as exc:  # NIXL raises its own types
+            self.error = f"NIXL refused its metadata: {exc}"
+        self.ms["nixl_metadata"] = (time.perf_counter() - started) * 1000.0
+
+    def connect(self) -> None:
+        """UCX's wire-up now, so that the first transfer does not pay for it."""
+        started = time.perf_counter()
+        if self.error is None:
+            with contextlib.suppress(Exception):
+                self.nixl.make_connection(self.name)
+        self.ms["ucx_wireup"] = (time.perf_counter() - started) * 1000.0
+
+    def finish(self) -> None:
+        with self.lock:
+            self.done = True
+            remove = self.forgotten and not self.keep_agent and self.error is None
+            self.md = b""  # (kept no longer than needed: a few KiB per peer)
+        if remove:
+            with contextlib.suppress(Exception):
+                self.nixl.remove_remote_agent(self.name)
+        self.finished_at = time.perf_counter()
+        self.finished.set()
+
+    def forget(self, keep_agent: bool) -> bool:
+        """The link is gone. True when the agent is loaded and the caller removes it now (if it
+        keeps it not); False when there is nothing to remove, or the load, still running,
+        removes it itself once done (unless ``keep_agent``)."""
+        with self.lock:
+            if self.done:
+                return self.error is None
+            self.forgotten, self.keep_agent = True, keep_agent
+            return False
+
+    def wait(self, timeout_s: float, peer: object) -> None:
+        """Returns once the peer's agent is loaded; LLM_TIMEOUT if that takes longer than
+        ``timeout_s``, LLM_LINK_FAILED naming NIXL's refusal if it failed."""
+        if not self.finished.wait(max(timeout_s, 0.0)):
+            raise make_error(
+                LLMStatusCode.LLM_TIMEOUT,
+                f"cluster {peer}'s NIXL metadata still loading after {timeout_s * 1000:.0f} ms",
+            )
+        if self.error is not None:
+            raise make_error(LLMStatusCode.LLM_LINK_FAILED, f"cluster {peer} cannot take NIXL transfers: {self.error}")
+
+
+class MetadataLoads:
+    """The loads of peers' metadata not finished yet, the latest of each peer's agent."""
+
+    def __init__(self, nixl: NixlAgent):
+        self.nixl = nixl
+        self.lock = threading.Lock()
+        self.running: dict[str, MetadataLoad] = {}
+
+    def new(self, md: bytes, name: str) -> MetadataLoad:
+        """A load of agent ``name``'s metadata (not started), to run after any still running."""
+        with self.lock:
+            self._prune()
+            load = self.running[name] = MetadataLoad(self.nixl, md, name, self.running.get(name))
+        return load
+
+    def wait_all(self, timeout_s: float) -> bool:
+        """Whether every load finished within ``timeout_s`` (finalize: none may use the agent
+        once it is torn down)."""
+        deadline = time.monotonic() + timeout_s
+        with self.lock:
+            loads = list(self.running.values())  # (each waits for the one before it)
+        done = all(load.finished.wait(max(deadline - time.monotonic(), 0.0)) for load in loads)
+        with self.lock:
+            self._prune()
+        return done
+
+    def _prune(self) -> None:
+        self.running = {key: load for key, load in self.running.items() if not load.finished.is_set()}
 
 
 def preppable(desc: CacheDesc) -> bool:

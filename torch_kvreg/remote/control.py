@@ -16,13 +16,16 @@ import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 
 from ..errors import LLMException, LLMStatusCode, make_error
 from ..types import ClusterInfo
 from . import protocol
+
+if TYPE_CHECKING:
+    from .agent import MetadataLoad
 
 log = logging.getLogger("torch_kvreg.remote")
 
@@ -65,6 +68,9 @@ class Link:
         self.sock = sock
         self.info = info  # None until a hello names the peer (inbound connections)
         self.agent_name = ""
+        # The load of the peer's NIXL agent metadata into ours, once begun (it may still run:
+        # whatever needs the peer's agent waits for it).
+        self.nixl: MetadataLoad | None = None
         self.wait_s = wait_s
         self.alive = True
         self.said_bye = False  # the peer unlinked (as opposed to vanishing)

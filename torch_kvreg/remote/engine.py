@@ -34,8 +34,6 @@ log = logging.getLogger("torch_kvreg.remote")
 # Links to vanished peers kept listed (their transfers fail with LLM_LINK_FAILED until the
 # cluster is unlinked or linked again); the oldest beyond this are forgotten.
 MAX_DEAD_LINKS = 64
-# Senders of notices remembered after their links end (Engine.senders).
-MAX_REMEMBERED_SENDERS = 4096
 
 
 class Engine:
@@ -65,15 +63,13 @@ class Engine:
         self.heartbeat = Heartbeat(self.wait_s, self._all_links)
         self.links: dict[int, Link] = {}  # linked clusters, whichever side opened the link
         self.connections: set[Link] = set()  # connections peers opened to us
-        # Agent name -> cluster id of every peer linked lately, kept after its link ends: a
-        # notice sent just before an unlink (or a crash) is read after it, and still names
-        # its sender. Bounded, oldest forgotten first.
-        self.senders: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.senders = handshake.Senders()  # agent name -> cluster id of peers linked lately
         self.server: ControlServer | None = None
         # Transfers started, by path ("mapped", "same_host", "nixl"): read by tests and benchmarks.
         self.paths: collections.Counter[str] = collections.Counter()
         # Where the time of the latest successful link to each cluster went (LinkPhases.ms).
         self.link_phases: dict[int, dict[str, float]] = {}
+        self.loads = agent.MetadataLoads(self.agent)  # peers' agent metadata being loaded
 
     # --- lifecycle -----------------------------------------------------------------------
     @property
@@ -118,6 +114,8 @@ class Engine:
             connections = list(self.connections)
         for connection in connections:
             connection.close()
+        if not self.loads.wait_all(self.wait_s + 1):
+            log.warning("finalize: NIXL metadata loads still running after %.0f ms", self.wait_s * 1000 + 1000)
         self.holds.end_all_leases()
         self.registrations.deregister(list(self.registrations.regs))
 
@@ -152,6 +150,8 @@ class Engine:
             return self.grant(request, link.leases)
         if isinstance(request, protocol.SameHost):
             return same_host.show_nonce(self.host, request, link)
+        if isinstance(request, protocol.Ping) and request.loaded:
+            return handshake.linker_loaded(link)
         if isinstance(request, protocol.Checksums):
             return verify.serve(request)
         if isinstance(request, protocol.Release):
@@ -162,25 +162,23 @@ class Engine:
 
     def greet(self, hello: protocol.Hello, link: Link) -> protocol.HelloReply:
         """A hello from the peer that opened ``link``. With its agent metadata, the link also
-        carries our requests to it: the peer's cluster counts as linked here too, once its
-        metadata is loaded, which happens right after this reply has gone out, while the
-        linker loads ours (each load costs UCX tens of ms; the linker's next request is read
-        only once ours is done, and a failed load drops the link). With a link secret, only
-        after the peer answered our challenge."""
+        carries our requests to it: the peer's cluster counts as linked here too, right after
+        this reply has gone out, and its metadata loads on a thread (UCX's tens of ms of CPU)
+        while we answer its next requests; our transfers to it wait for that load. With a
+        link secret, only after the peer answered our challenge."""
         auth.check_hello(self.secret, self.cluster_id, hello, link)
         if hello.md is not None and link.info is None:
-            link.after_reply = functools.partial(self._load_linker, hello, link)
+            link.after_reply = functools.partial(self._linked_by, hello, link)
         return protocol.HelloReply(self.cluster_id, self.name, self.agent.get_agent_metadata(), self.host)
 
-    def _load_linker(self, hello: protocol.Hello, link: Link) -> None:
-        """The agent metadata a hello carried loaded, the peer counts as linked."""
-        link.info = handshake.load_linker(self.agent, hello, link)
+    def _linked_by(self, hello: protocol.Hello, link: Link) -> None:
+        handshake.accept_linker(self, hello, link)
         with self.lock:
-            self._remember_sender(link.agent_name, hello.cluster_id)
+            self.senders.remember(link.agent_name, hello.cluster_id)
             current = self.links.get(hello.cluster_id)
             if current is None or not current.alive:
                 self.links[hello.cluster_id] = link
-        log.info("cluster %d linked to us from %s:%d", hello.cluster_id, link.info.remote_ip, link.info.remote_port)
+        log.info("cluster %d linked to us from %s", hello.cluster_id, link.info)
 
     def grant(self, request: protocol.Acquire, leases: set[int]) -> protocol.AcquireReply:
         """A lease for a peer on a remote-accessible local cache, named by id or key."""
@@ -239,13 +237,6 @@ class Engine:
         for _, link in pruned:
             self._forget(link)
 
-    def _remember_sender(self, agent_name: str, cluster_id: int) -> None:
-        """Caller holds self.lock."""
-        self.senders[agent_name] = cluster_id
-        self.senders.move_to_end(agent_name)
-        while len(self.senders) > MAX_REMEMBERED_SENDERS:
-            self.senders.popitem(last=False)
-
     def _forget(self, link: Link, keep_agent: bool = False) -> None:
         """Releases what ``link`` opened. ``keep_agent`` (a peer that unlinked in good order,
         and may link again): its NIXL agent stays loaded, and a relink loads it again over
@@ -260,7 +251,8 @@ class Engine:
             with contextlib.suppress(Exception):
                 self.agent.release_dlist_handle(prep)
         link.remote_preps.clear()
-        if link.agent_name and not keep_agent:
+        load = link.nixl  # (a load still running removes what it loaded itself, once done)
+        if load is not None and load.forget(keep_agent) and not keep_agent:
             with contextlib.suppress(Exception):
                 self.agent.remove_remote_agent(link.agent_name)
         link.close()
@@ -284,19 +276,21 @@ class Engine:
         link.start()
         phases.lap("connect")
         try:
-            handshake.handshake(self, link, info, timeout_s, phases)
+            load = handshake.handshake(self, link, info, timeout_s, phases)
         except LLMException as exc:
-            link.close()
+            self._forget(link)
             return exc.status_code
-        except Exception as exc:  # a malformed hello reply, or NIXL refusing the metadata
+        except Exception as exc:  # a malformed hello reply
             log.warning("link to %s failed: %s", info, exc)
-            link.close()
+            self._forget(link)
             return LLMStatusCode.LLM_LINK_FAILED
         with self.lock:
             self.links[info.remote_cluster_id] = link
-            self._remember_sender(link.agent_name, info.remote_cluster_id)
+            self.senders.remember(link.agent_name, info.remote_cluster_id)
         self.heartbeat.start()
         self.link_phases[info.remote_cluster_id] = phases.done()
+        if load is not None:
+            load.start()  # (a transfer that needs NIXL on the link waits for it)
         log.info("linked to cluster %d at %s:%d", info.remote_cluster_id, info.remote_ip, info.remote_port)
         return LLMStatusCode.LLM_SUCCESS
 
@@ -426,6 +420,8 @@ class Engine:
                 if path == "same_host" and route_key is not None and isinstance(remote_ref, int):
                     self._keep_route(route_key, operation, link, lease, local, (local_tensors, remote_tensors))
             else:
+                if link.nixl is not None:  # (a same-host link's may still be loading)
+                    link.nixl.wait(deadline - time.monotonic(), cluster_id)
                 self.paths["nixl"] += 1
                 request = self._nixl_request(
                     operation,

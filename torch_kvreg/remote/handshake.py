@@ -1,16 +1,20 @@
-"""Making a link: the linker's steps after the control connection, the peer's load of the
-linker's agent metadata, and where a link's time goes (LinkPhases).
+"""Making a link: the linker's steps after the control connection, the peer's side of a
+linker's hello, and where a link's time goes (LinkPhases).
 
 A link's cost is mostly UCX's: loading a peer's NIXL metadata makes a UCX endpoint, and the
 first endpoint to a new kind of peer (this host, another host) has UCX pick its protocols,
-tens of ms. Each side loads the other's; the peer does it right after its hello reply has
-gone out, so the two loads overlap, and the linker's next request (a ping) is answered only
-once the peer's is done.
+tens of ms of CPU. Each side loads the other's, the peer on a thread of its own right after
+its hello reply has gone out. A linker whose peer proved it is on this host copies to and
+from it directly, needing no NIXL at first: its link is made once the proof is done, and it
+loads the peer's metadata on a thread too (transfers that need NIXL wait for that load). To
+a peer elsewhere, the linker loads in line and then asks the peer whether its load is done
+(a ping with ``loaded``), so that a refused load fails the link, as it must where every
+byte moves through NIXL.
 """
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -25,10 +29,12 @@ class LinkPhases:
     """Where a link's time goes, in ms, each phase timed from the end of the one before:
     "agent" (waiting for this process's NIXL agent: 0 once it exists), "connect" (the
     control connection), "handshake" (the link secret's challenge, if any, and the hello
-    round trip), "nixl_metadata" (NIXL loads the peer's metadata: UCX makes its endpoint),
-    "ucx_wireup" (make_connection), "peer_metadata" (waiting for the peer to have loaded
-    ours), "same_host" (the pid proof; nothing to do for a peer on another host); "total":
-    from the start, "agent" included.
+    round trip), "same_host" (the pid proof; nothing to do for a peer on another host),
+    "nixl_metadata" (NIXL loads the peer's metadata: UCX makes its endpoint), "ucx_wireup"
+    (make_connection), "peer_metadata" (waiting for the peer to have loaded ours); "total":
+    from the start, "agent" included. A link to a peer on this host has no nixl_metadata,
+    ucx_wireup nor peer_metadata: both loads run after it is made (Link.nixl.ms says what
+    this side's took).
 
     >>> phases = LinkPhases(waited_ms=2.0)
     >>> phases.lap("connect")
@@ -50,6 +56,22 @@ class LinkPhases:
         return self.ms
 
 
+# Senders of notices remembered after their links end (Senders).
+MAX_REMEMBERED_SENDERS = 4096
+
+
+class Senders(collections.OrderedDict[str, int]):
+    """Agent name -> cluster id of every peer linked lately, kept after its link ends: a
+    notice sent just before an unlink (or a crash) is read after it, and still names its
+    sender. Bounded, oldest forgotten first; the engine's lock guards it."""
+
+    def remember(self, agent_name: str, cluster_id: int) -> None:
+        self[agent_name] = cluster_id
+        self.move_to_end(agent_name)
+        while len(self) > MAX_REMEMBERED_SENDERS:
+            self.popitem(last=False)
+
+
 class Linker(Protocol):
     """What the linker's steps need of the engine."""
 
@@ -58,12 +80,18 @@ class Linker(Protocol):
     secret: auth.LinkSecret | None
     host: str | None
     agent: agent.NixlAgent
+    loads: agent.MetadataLoads
 
 
-def handshake(engine: Linker, link: Link, info: ClusterInfo, timeout_s: float, phases: LinkPhases) -> None:
-    """The linker's steps on a started link: the secret's proof, the hello, both sides'
-    agent metadata, and the same-host pid proof. Raises LLMException (or, for a malformed
-    reply or NIXL refusing the metadata, whatever was raised); the caller closes the link."""
+def handshake(
+    engine: Linker, link: Link, info: ClusterInfo, timeout_s: float, phases: LinkPhases
+) -> agent.MetadataLoad | None:
+    """The linker's steps on a started link: the secret's proof, the hello, the same-host
+    pid proof, and both sides' agent metadata. For a proven same-host peer, returns the load
+    of its metadata, for the caller to start on a thread once the link is made (so that it
+    takes no CPU from the link's last steps); else None, everything loaded. Raises
+    LLMException (or, for a malformed reply, whatever was raised); the caller closes the
+    link."""
     secret = engine.secret
     proof = None if secret is None else auth.prove(secret, engine.cluster_id, link, info, timeout_s)
     hello = protocol.Hello(engine.cluster_id, engine.name, engine.agent.get_agent_metadata(), proof)
@@ -74,28 +102,50 @@ def handshake(engine: Linker, link: Link, info: ClusterInfo, timeout_s: float, p
             f"{info.remote_ip}:{info.remote_port} is cluster {reply.cluster_id}, not {info.remote_cluster_id}",
         )
     phases.lap("handshake")
-    link.agent_name = agent.agent_name(engine.agent.add_remote_agent(reply.md))  # the peer loads ours meanwhile
-    phases.lap("nixl_metadata")
-    # Connect now, so that the first transfer does not pay for it.
-    with contextlib.suppress(Exception):
-        engine.agent.make_connection(link.agent_name)
-    phases.lap("ucx_wireup")
-    # Read by the peer once it has loaded ours; it drops the link if it could not.
-    link.request(protocol.Ping(), timeout_s)
-    phases.lap("peer_metadata")
+    link.agent_name = reply.agent
     link.peer_pid = same_host.peer_pid(engine.host, link, reply, timeout_s)
     phases.lap("same_host")
+    load = link.nixl = engine.loads.new(reply.md, reply.agent)
+    if link.peer_pid is not None:
+        return load  # the peer loads ours meanwhile, as it does for every linker
+    load.load()  # the peer loads ours meanwhile
+    phases.lap("nixl_metadata")
+    load.connect()
+    load.finish()
+    phases.lap("ucx_wireup")
+    if load.error is not None:
+        raise make_error(LLMStatusCode.LLM_LINK_FAILED, f"cluster {reply.cluster_id}: {load.error}")
+    link.request(protocol.Ping(loaded=True), timeout_s)  # answered once the peer loaded ours
+    phases.lap("peer_metadata")
+    return None
 
 
-def load_linker(nixl: agent.NixlAgent, hello: protocol.Hello, link: Link) -> ClusterInfo:
-    """The peer's side, after its hello reply has gone out: loads the agent metadata the
-    linker's hello carried (LLM_LINK_FAILED if NIXL refuses it) and names the linker."""
-    try:
-        link.agent_name = agent.agent_name(nixl.add_remote_agent(hello.md))
-    except Exception as exc:  # NIXL refusing the metadata
-        raise make_error(LLMStatusCode.LLM_LINK_FAILED, f"NIXL refused the peer's metadata: {exc}") from None
+def accept_linker(engine: Linker, hello: protocol.Hello, link: Link) -> None:
+    """The peer's side, after its hello reply has gone out: names the linker (the link counts
+    as linked from now on) and starts loading its agent metadata on a thread."""
     peer_host, peer_port = link.sock.getpeername()[:2]
-    return ClusterInfo(hello.cluster_id, peer_host, peer_port)
+    link.agent_name = hello.agent
+    link.nixl = engine.loads.new(hello.md or b"", hello.agent)
+    link.info = ClusterInfo(hello.cluster_id, peer_host, peer_port)
+    link.nixl.start()
+
+
+def linker_loaded(link: Link) -> protocol.Reply:
+    """The reply to a linker's ping with ``loaded``: once its metadata is loaded here, ok;
+    LLM_LINK_FAILED with NIXL's reason if it could not be, and the link is then dropped."""
+    load = link.nixl
+    if load is None:
+        return protocol.Ok()
+    load.finished.wait()  # (as long as NIXL takes: the linker times its request out)
+    if load.error is None:
+        return protocol.Ok()
+
+    def then() -> None:
+        link.said_bye = True  # an orderly end: the link is unlisted, not kept as a dead one
+        raise make_error(LLMStatusCode.LLM_LINK_FAILED, f"cluster {link.cluster_id}: {load.error}")
+
+    link.after_reply = then
+    return protocol.Failure(LLMStatusCode.LLM_LINK_FAILED, f"this cluster could not load yours: {load.error}")
 
 
 def cluster_list(clusters: object) -> list[ClusterInfo]:

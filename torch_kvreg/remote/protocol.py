@@ -22,13 +22,16 @@ from ..types import CacheDesc, DataType, Placement
 
 # The protocol's version, and what each version changed: a peer speaking another version
 # is refused at its first frame.
-VERSION = 3
+VERSION = 4
 HISTORY = {
     1: "frames of JSON objects; requests challenge, hello, acquire (by cache id or key), release,"
     " ping, bye and same_host; replies carry ok, errors a status name and a message;"
     " an acquire reply may carry shm (a cache in shared memory; peers that predate it ignore it)",
     2: "adds checksums (CRC-32C of blocks of a cache, for verified transfers) and its reply",
     3: "adds notice (a transfer's completion notice, sent once its data has landed; never answered)",
+    4: "a peer loads a linker's NIXL metadata off its reader, answering requests meanwhile; a ping"
+    " with loaded: true is answered once that load is done (a failure: LLM_LINK_FAILED, and the"
+    " link is dropped), a plain ping at once",
 }
 MAX_FRAME = 4 << 20  # agent metadata is a few KiB; anything near this is hostile
 MAX_TENSORS = 240
@@ -240,14 +243,21 @@ class SameHost:
 
 @dataclasses.dataclass(frozen=True)
 class Ping:
+    """A sign of life. ``loaded`` (the last step of a link's handshake when the linker waits
+    for the peer's NIXL metadata load): answered once the peer has loaded the linker's."""
+
     op: ClassVar[str] = "ping"
+    loaded: bool = False
 
     def to_wire(self) -> dict:
-        return {"op": self.op}
+        return {"op": self.op, "loaded": True} if self.loaded else {"op": self.op}
 
     @classmethod
     def parse(cls, message: dict) -> Ping:
-        return cls()
+        loaded = message.get("loaded", False)
+        if not isinstance(loaded, bool):
+            raise ProtocolError("field 'loaded' must be a boolean")
+        return cls(loaded)
 
 
 @dataclasses.dataclass(frozen=True)
