@@ -114,7 +114,9 @@ def test_the_first_link_waits_for_the_engine_being_made(decoder):
         engine = kv.remote.current_engine()
         phases = engine.link_phases[peer.cluster_id]
         assert list(phases) == [*PHASES, "total"], phases
-        assert phases["agent"] >= 0.0 and abs(sum(phases[n] for n in PHASES) - phases["total"]) <= 5.0
+        # (What the phases leave out is the Python between them: a few ms on a busy machine.)
+        gap = abs(sum(phases[n] for n in PHASES) - phases["total"])
+        assert phases["agent"] >= 0.0 and gap <= max(10.0, 0.05 * phases["total"]), phases
         assert kv.remote.current_engine() is engine
     finally:
         peer.close()
