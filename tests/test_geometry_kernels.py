@@ -131,3 +131,40 @@ def test_large_copy_fans_out_and_matches_the_runs_path(kv, monkeypatch):
             # destination block where tokens are gathered into it; the runs path none.
             assert (48 * 4 >= boxes >= 24 * 4) if path == "boxes" else boxes == 0, (path, boxes)
         assert os.environ["TORCH_KVREG_GEOMETRY_COPY"] == "runs"
+
+
+@pytest.mark.parametrize("job_major", [False, True], ids=["k-v-side-by-side", "job-major"])
+def test_k_and_v_apart_in_either_box_order(kv, job_major):
+    """Where K and V move as two jobs (either side lays them out apart), their boxes of the same
+    tokens go side by side (the default) or job by job (the hook): both land every byte, with
+    block sizes that cut the two jobs' chunks differently (gathered and per-block chunks)."""
+    rng = random.Random(21)
+    pairs = [
+        ("htkd", "hkdt/hktd"),
+        ("hkdt/hktd", "htkd"),
+        ("thd", "hkdt/hktd"),
+        ("hkdt/hktd", "thd"),
+        ("thkd", "htd"),
+        ("dth/thd", "kthd"),
+    ]
+    _C._test_force_geometry_job_major_order(job_major)
+    try:
+        for src_order, dst_order in pairs:
+            for src_bs, dst_bs in ((16, 32), (32, 16), (7, 5)):
+                before = paths()
+                copy_and_check(
+                    rng,
+                    src_order,
+                    dst_order,
+                    torch.float16,
+                    heads=2,
+                    head_dim=16,
+                    src_bs=src_bs,
+                    dst_bs=dst_bs,
+                    tp=(1, 1),
+                    layers=2,
+                    blocks=6,
+                )
+                assert sum(paths()) - sum(before) >= 4, (src_order, dst_order)  # boxes of K and V, 2 layers
+    finally:
+        _C._test_force_geometry_job_major_order(False)
