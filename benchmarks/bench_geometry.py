@@ -285,7 +285,8 @@ def main():
         f"{num_blocks // 2} of {num_blocks} blocks moved",
     )
     print(
-        f"{'where':<15} {'case':<34} {'MiB':>6} {'GB/s':>7} {'base GB/s':>9} {'ratio':>6} {'runs path':>10} {'job-major':>10}"
+        f"{'where':<15} {'case':<34} {'MiB':>6} {'GB/s':>7} {'base GB/s':>9} {'ratio':>6}",
+        f"{'runs path':>10} {'job-major':>10}",
     )
     rows = [] if args.no_local else run_cases(args, layers, num_blocks)
     if peer is not None:
