@@ -193,7 +193,7 @@ def run_cases(args, layers, num_blocks, remote_ids=None):
         # runs take seconds per pull, and a run here once lost its peer link during them.
         runs = args.runs_path if remote_ids is None else args.remote_runs_path
         paths = ["boxes", "runs"] if runs else ["boxes"]
-        if args.job_major and remote_ids is None:
+        if args.job_major:
             paths.append("job-major")
         times = {path: [] for path in [*paths, "base"]}
         for _ in range(3):
@@ -223,6 +223,38 @@ def run_cases(args, layers, num_blocks, remote_ids=None):
         kv.unregister_kv_cache(base_dst)
         if remote_ids is None:
             kv.unregister_kv_cache(cache)
+    return rows
+
+
+def pattern_bounds(repeats, nbytes=64 << 20):
+    """The head slices' access patterns as plain streams, by torch's own copy on one thread
+    against its copy of the same bytes laid out whole: what the pattern costs on this machine
+    whatever the kernel. Reading (TP 1 -> TP 2, NHD) or writing (TP 2 -> TP 1 gather) the
+    1 KiB half of every 2 KiB token row."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        wide = torch.empty(2 * nbytes, dtype=torch.uint8).random_()
+        dense = torch.empty(nbytes, dtype=torch.uint8).random_()
+        halves = wide.view(-1, 2048)[:, :1024]
+        cases = {
+            "read 1 KiB of each 2 KiB row": lambda: dense.view(-1, 1024).copy_(halves),
+            "write 1 KiB of each 2 KiB row": lambda: halves.copy_(dense.view(-1, 1024)),
+        }
+        whole = wide[:nbytes]
+        times = {name: [] for name in [*cases, "whole"]}
+        for _ in range(3):  # in turns, so that drift on a shared machine hits all alike
+            for name, fn in cases.items():
+                times[name].append(timed(fn, max(repeats // 3, 1)))
+            times["whole"].append(timed(lambda: dense.copy_(whole), max(repeats // 3, 1)))
+    finally:
+        torch.set_num_threads(threads)
+    base = nbytes / min(times["whole"]) / 1e9
+    rows = []
+    for name in cases:
+        gbps = nbytes / min(times[name]) / 1e9
+        rows.append({"pattern": name, "gbps": gbps, "whole_gbps": base, "ratio": gbps / base})
+        print(f"pattern bound   {name:<34} {nbytes / 2**20:>6.0f} {gbps:>7.2f} {base:>9.2f} {gbps / base:>5.2f}x")
     return rows
 
 
@@ -265,7 +297,12 @@ def main():
     parser.add_argument(
         "--job-major",
         action="store_true",
-        help="also time local copies with boxes in job order (all of K, then V: the former order)",
+        help="also time the box kernels in job order (all of K, then all of V: the former order)",
+    )
+    parser.add_argument(
+        "--pattern-bound",
+        action="store_true",
+        help="also time the head slices' access patterns as plain streams (torch's copy, one thread)",
     )
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -301,6 +338,8 @@ def main():
         from_main.put(None)
         peer.join(60)
     result = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "layers": layers, "rows": rows}
+    if args.pattern_bound:
+        result["pattern_bounds"] = pattern_bounds(args.repeats)
     result["copy_strategy"] = kv.copy_strategy()
     if args.json:
         with open(args.json, "w") as out:
