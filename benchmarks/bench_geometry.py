@@ -193,30 +193,30 @@ def run_cases(args, layers, num_blocks, remote_ids=None):
         # runs take seconds per pull, and a run here once lost its peer link during them.
         runs = args.runs_path if remote_ids is None else args.remote_runs_path
         paths = ["boxes", "runs"] if runs else ["boxes"]
-        if args.job_major:
-            paths.append("job-major")
+        if args.former_kernels:
+            paths.append("former")
         times = {path: [] for path in [*paths, "base"]}
         for _ in range(3):
             for path in paths:
-                os.environ["TORCH_KVREG_GEOMETRY_COPY"] = "boxes" if path == "job-major" else path
-                _C._test_force_geometry_job_major_order(path == "job-major")
+                os.environ["TORCH_KVREG_GEOMETRY_COPY"] = "boxes" if path == "former" else path
+                _C._test_geometry_former_kernels(path == "former")
                 times[path].append(timed(geometry_copy, max(args.repeats // 3, 1)))
-                _C._test_force_geometry_job_major_order(False)
+                _C._test_geometry_former_kernels(False)
                 check(sources, prefills, decode, dst_tensors, src_blocks, dst_blocks, rng, name)
             os.environ.pop("TORCH_KVREG_GEOMETRY_COPY")
             times["base"].append(timed(same_geometry_copy, max(args.repeats // 3, 1)))
         base_gbps = base_bytes / min(times["base"]) / 1e9
         row = {"case": name, "where": where, "nbytes": nbytes, "baseline_gbps": base_bytes / min(times["base"]) / 1e9}
         for path in paths:
-            suffix = {"boxes": "", "runs": "_runs", "job-major": "_job_major"}[path]
+            suffix = {"boxes": "", "runs": "_runs", "former": "_former"}[path]
             row["gbps" + suffix] = nbytes / min(times[path]) / 1e9
             row["ratio" + suffix] = row["gbps" + suffix] / base_gbps
         rows.append(row)
         runs = f"{row['ratio_runs']:>9.2f}x" if "ratio_runs" in row else f"{'':>10}"
-        job_major = f"{row['ratio_job_major']:>9.2f}x" if "ratio_job_major" in row else ""
+        former = f"{row['ratio_former']:>9.2f}x" if "ratio_former" in row else ""
         print(
             f"{where:<15} {name:<34} {nbytes / 2**20:>6.0f} {row['gbps']:>7.2f} {base_gbps:>9.2f}",
-            f"{row['ratio']:>5.2f}x {runs} {job_major}",
+            f"{row['ratio']:>5.2f}x {runs} {former}",
         )
         kv.unregister_kv_cache(dst)
     for _tensors, cache, base_dst in sources.values():
@@ -295,9 +295,9 @@ def main():
         "--remote-runs-path", action="store_true", help="time same-host pulls through the runs path too"
     )
     parser.add_argument(
-        "--job-major",
+        "--former-kernels",
         action="store_true",
-        help="also time the box kernels in job order (all of K, then all of V: the former order)",
+        help="also time the box kernels as they were before (boxes of K, then of V; no next-row prefetch)",
     )
     parser.add_argument(
         "--pattern-bound",
@@ -323,7 +323,7 @@ def main():
     )
     print(
         f"{'where':<15} {'case':<34} {'MiB':>6} {'GB/s':>7} {'base GB/s':>9} {'ratio':>6}",
-        f"{'runs path':>10} {'job-major':>10}",
+        f"{'runs path':>10} {'former':>10}",
     )
     rows = [] if args.no_local else run_cases(args, layers, num_blocks)
     if peer is not None:

@@ -25,6 +25,8 @@ namespace kvreg {
 namespace {
 
 std::atomic<int64_t> path_counts[3];
+// The test hook's switch back to the former kernels (no next-row prefetch, boxes job by job).
+std::atomic<bool> former_kernels{false};
 
 // One axis of a box: elements, and the byte step between them on each side.
 struct Axis {
@@ -35,7 +37,7 @@ struct Axis {
 
 // A row of bytes: streaming stores (no read-for-ownership of destination lines, which a
 // transfer's destination is not read again soon) where the row is long and aligned enough.
-inline void copy_row(char* dst, const char* src, size_t nbytes, bool stream) {
+inline void copy_row(char* dst, const char* src, size_t nbytes, bool stream, const char* next = nullptr) {
 #if defined(__x86_64__)
   if (stream && nbytes >= 64 && (nbytes & 15) == 0 && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
     const bool prefetch = nbytes >= 2048;  // long rows: load ahead across 4 KiB pages
@@ -43,6 +45,8 @@ inline void copy_row(char* dst, const char* src, size_t nbytes, bool stream) {
     for (; i + 64 <= nbytes; i += 64) {
       if (prefetch) {
         _mm_prefetch(src + i + 1024, _MM_HINT_NTA);
+      } else if (next != nullptr) {
+        _mm_prefetch(next + i, _MM_HINT_NTA);
       }
       const auto* from = reinterpret_cast<const __m128i*>(src + i);
       auto* to = reinterpret_cast<__m128i*>(dst + i);
@@ -263,9 +267,20 @@ BoxPath copy_box(
     if (stream && row % 64 == 0 && outer->src < middle->src) {
       std::swap(outer, middle);
     }
+    // Rows shorter than copy_row's own look-ahead (a head slice of a token's row: 1 KiB of
+    // every 2 KiB) prefetch the next row while copying this one: the hardware prefetcher
+    // does not follow the gaps between them.
+    const bool ahead = !former_kernels.load(std::memory_order_relaxed);
     for (int64_t i = 0; i < outer->n; ++i) {
       for (int64_t j = 0; j < middle->n; ++j) {
-        copy_row(dst + i * outer->dst + j * middle->dst, src + i * outer->src + j * middle->src, row, stream);
+        const char* from = src + i * outer->src + j * middle->src;
+        const char* next = nullptr;
+        if (ahead && j + 1 < middle->n) {
+          next = from + middle->src;
+        } else if (ahead && i + 1 < outer->n) {
+          next = src + (i + 1) * outer->src;
+        }
+        copy_row(dst + i * outer->dst + j * middle->dst, from, row, stream, next);
       }
     }
     return BoxPath::kRows;
@@ -351,8 +366,6 @@ struct Item {
   int64_t chunk;
 };
 
-std::atomic<bool> job_major_order{false};
-
 // The order boxes are copied in. Jobs with the same number of lanes (K and V of one plan,
 // moved apart) go lane by lane and, within a lane, by token: K's and V's boxes of the same
 // tokens are neighbours, so that where K and V share a row or a block on one side (vLLM's
@@ -370,7 +383,7 @@ std::vector<Item> box_items(const std::vector<BoxCopy>& jobs) {
       }
     }
   }
-  if (!same_lanes || jobs.size() < 2 || job_major_order.load(std::memory_order_relaxed)) {
+  if (!same_lanes || jobs.size() < 2 || former_kernels.load(std::memory_order_relaxed)) {
     return items;
   }
   // Each chunk's first token: chunks run through a job's tokens in order.
@@ -393,8 +406,8 @@ std::vector<Item> box_items(const std::vector<BoxCopy>& jobs) {
 
 }  // namespace
 
-void test_force_job_major_order(bool on) {
-  job_major_order.store(on, std::memory_order_relaxed);
+void test_force_former_kernels(bool on) {
+  former_kernels.store(on, std::memory_order_relaxed);
 }
 
 void copy_boxes(const std::vector<BoxCopy>& jobs) {

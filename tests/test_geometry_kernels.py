@@ -133,11 +133,13 @@ def test_large_copy_fans_out_and_matches_the_runs_path(kv, monkeypatch):
         assert os.environ["TORCH_KVREG_GEOMETRY_COPY"] == "runs"
 
 
-@pytest.mark.parametrize("job_major", [False, True], ids=["k-v-side-by-side", "job-major"])
-def test_k_and_v_apart_in_either_box_order(kv, job_major):
+@pytest.mark.parametrize("former", [False, True], ids=["current-kernels", "former-kernels"])
+def test_k_and_v_apart_and_head_slices_with_either_kernels(kv, former):
     """Where K and V move as two jobs (either side lays them out apart), their boxes of the same
-    tokens go side by side (the default) or job by job (the hook): both land every byte, with
-    block sizes that cut the two jobs' chunks differently (gathered and per-block chunks)."""
+    tokens go side by side (current) or job by job (the former kernels, by the hook), with
+    block sizes that cut the two jobs' chunks differently (gathered and per-block chunks);
+    head slices of NHD rows (rows with gaps, copied prefetching the next row, or not): every
+    byte lands either way."""
     rng = random.Random(21)
     pairs = [
         ("htkd", "hkdt/hktd"),
@@ -147,7 +149,7 @@ def test_k_and_v_apart_in_either_box_order(kv, job_major):
         ("thkd", "htd"),
         ("dth/thd", "kthd"),
     ]
-    _C._test_force_geometry_job_major_order(job_major)
+    _C._test_geometry_former_kernels(former)
     try:
         for src_order, dst_order in pairs:
             for src_bs, dst_bs in ((16, 32), (32, 16), (7, 5)):
@@ -166,5 +168,22 @@ def test_k_and_v_apart_in_either_box_order(kv, job_major):
                     blocks=6,
                 )
                 assert sum(paths()) - sum(before) >= 4, (src_order, dst_order)  # boxes of K and V, 2 layers
+        for tp in ((1, 2), (2, 1), (1, 4)):
+            for head_dim, block in ((128, 16), (24, 3), (8, 1)):
+                before = paths()[ROWS]
+                copy_and_check(
+                    rng,
+                    "thd",
+                    "thd",
+                    torch.float16,
+                    heads=8,
+                    head_dim=head_dim,
+                    src_bs=block,
+                    dst_bs=block,
+                    tp=tp,
+                    layers=2,
+                    blocks=5,
+                )
+                assert paths()[ROWS] > before, (tp, head_dim)
     finally:
-        _C._test_force_geometry_job_major_order(False)
+        _C._test_geometry_former_kernels(False)
