@@ -28,7 +28,7 @@ import time
 import torch
 
 import torch_kvreg as kv
-from torch_kvreg import KVGeometry
+from torch_kvreg import _C, KVGeometry
 
 from machine import cpu_model
 
@@ -193,31 +193,68 @@ def run_cases(args, layers, num_blocks, remote_ids=None):
         # runs take seconds per pull, and a run here once lost its peer link during them.
         runs = args.runs_path if remote_ids is None else args.remote_runs_path
         paths = ["boxes", "runs"] if runs else ["boxes"]
+        if args.former_kernels:
+            paths.append("former")
         times = {path: [] for path in [*paths, "base"]}
         for _ in range(3):
             for path in paths:
-                os.environ["TORCH_KVREG_GEOMETRY_COPY"] = path
+                os.environ["TORCH_KVREG_GEOMETRY_COPY"] = "boxes" if path == "former" else path
+                _C._test_geometry_former_kernels(path == "former")
                 times[path].append(timed(geometry_copy, max(args.repeats // 3, 1)))
+                _C._test_geometry_former_kernels(False)
                 check(sources, prefills, decode, dst_tensors, src_blocks, dst_blocks, rng, name)
             os.environ.pop("TORCH_KVREG_GEOMETRY_COPY")
             times["base"].append(timed(same_geometry_copy, max(args.repeats // 3, 1)))
         base_gbps = base_bytes / min(times["base"]) / 1e9
         row = {"case": name, "where": where, "nbytes": nbytes, "baseline_gbps": base_bytes / min(times["base"]) / 1e9}
         for path in paths:
-            suffix = "" if path == "boxes" else "_runs"
+            suffix = {"boxes": "", "runs": "_runs", "former": "_former"}[path]
             row["gbps" + suffix] = nbytes / min(times[path]) / 1e9
             row["ratio" + suffix] = row["gbps" + suffix] / base_gbps
         rows.append(row)
         runs = f"{row['ratio_runs']:>9.2f}x" if "ratio_runs" in row else f"{'':>10}"
+        former = f"{row['ratio_former']:>9.2f}x" if "ratio_former" in row else ""
         print(
             f"{where:<15} {name:<34} {nbytes / 2**20:>6.0f} {row['gbps']:>7.2f} {base_gbps:>9.2f}",
-            f"{row['ratio']:>5.2f}x {runs}",
+            f"{row['ratio']:>5.2f}x {runs} {former}",
         )
         kv.unregister_kv_cache(dst)
     for _tensors, cache, base_dst in sources.values():
         kv.unregister_kv_cache(base_dst)
         if remote_ids is None:
             kv.unregister_kv_cache(cache)
+    return rows
+
+
+def pattern_bounds(repeats, nbytes=64 << 20):
+    """The head slices' access patterns as plain streams, by torch's own copy on one thread
+    against its copy of the same bytes laid out whole: what the pattern costs on this machine
+    whatever the kernel. Reading (TP 1 -> TP 2, NHD) or writing (TP 2 -> TP 1 gather) the
+    1 KiB half of every 2 KiB token row."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        wide = torch.empty(2 * nbytes, dtype=torch.uint8).random_()
+        dense = torch.empty(nbytes, dtype=torch.uint8).random_()
+        halves = wide.view(-1, 2048)[:, :1024]
+        cases = {
+            "read 1 KiB of each 2 KiB row": lambda: dense.view(-1, 1024).copy_(halves),
+            "write 1 KiB of each 2 KiB row": lambda: halves.copy_(dense.view(-1, 1024)),
+        }
+        whole = wide[:nbytes]
+        times = {name: [] for name in [*cases, "whole"]}
+        for _ in range(3):  # in turns, so that drift on a shared machine hits all alike
+            for name, fn in cases.items():
+                times[name].append(timed(fn, max(repeats // 3, 1)))
+            times["whole"].append(timed(lambda: dense.copy_(whole), max(repeats // 3, 1)))
+    finally:
+        torch.set_num_threads(threads)
+    base = nbytes / min(times["whole"]) / 1e9
+    rows = []
+    for name in cases:
+        gbps = nbytes / min(times[name]) / 1e9
+        rows.append({"pattern": name, "gbps": gbps, "whole_gbps": base, "ratio": gbps / base})
+        print(f"pattern bound   {name:<34} {nbytes / 2**20:>6.0f} {gbps:>7.2f} {base:>9.2f} {gbps / base:>5.2f}x")
     return rows
 
 
@@ -257,6 +294,16 @@ def main():
     parser.add_argument(
         "--remote-runs-path", action="store_true", help="time same-host pulls through the runs path too"
     )
+    parser.add_argument(
+        "--former-kernels",
+        action="store_true",
+        help="also time the box kernels as they were before (boxes of K, then of V; no next-row prefetch)",
+    )
+    parser.add_argument(
+        "--pattern-bound",
+        action="store_true",
+        help="also time the head slices' access patterns as plain streams (torch's copy, one thread)",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     layers, num_blocks = (2, 64) if args.quick else (args.layers, args.blocks)
@@ -274,7 +321,10 @@ def main():
         f"{cpu_model()}, {torch.get_num_threads()} threads; local: {layers} layers,",
         f"{num_blocks // 2} of {num_blocks} blocks moved",
     )
-    print(f"{'where':<15} {'case':<34} {'MiB':>6} {'GB/s':>7} {'base GB/s':>9} {'ratio':>6} {'runs path':>10}")
+    print(
+        f"{'where':<15} {'case':<34} {'MiB':>6} {'GB/s':>7} {'base GB/s':>9} {'ratio':>6}",
+        f"{'runs path':>10} {'former':>10}",
+    )
     rows = [] if args.no_local else run_cases(args, layers, num_blocks)
     if peer is not None:
         address, remote_ids = to_main.get(timeout=600)
@@ -288,6 +338,8 @@ def main():
         from_main.put(None)
         peer.join(60)
     result = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "layers": layers, "rows": rows}
+    if args.pattern_bound:
+        result["pattern_bounds"] = pattern_bounds(args.repeats)
     result["copy_strategy"] = kv.copy_strategy()
     if args.json:
         with open(args.json, "w") as out:

@@ -155,6 +155,10 @@ void bind_geometry(py::module_& m) {
       "A transfer between geometries with a same-host peer's cache mapped here (its side's addresses in "
       "region), as a PeerCopyJob whose one task copies the plan's boxes on the copy threads.");
   m.def(
+      "_test_geometry_former_kernels", &test_force_former_kernels, py::arg("on"),
+      "Test and benchmark hook: the box kernels as they were before (boxes job by job, K then V; rows "
+      "without the next row's prefetch).");
+  m.def(
       "geometry_box_paths", &box_path_counts,
       "Boxes the host copy between geometries has moved since the process started, per kernel: "
       "[rows, transposes, element by element].");

@@ -25,6 +25,8 @@ namespace kvreg {
 namespace {
 
 std::atomic<int64_t> path_counts[3];
+// The test hook's switch back to the former kernels (no next-row prefetch, boxes job by job).
+std::atomic<bool> former_kernels{false};
 
 // One axis of a box: elements, and the byte step between them on each side.
 struct Axis {
@@ -35,7 +37,7 @@ struct Axis {
 
 // A row of bytes: streaming stores (no read-for-ownership of destination lines, which a
 // transfer's destination is not read again soon) where the row is long and aligned enough.
-inline void copy_row(char* dst, const char* src, size_t nbytes, bool stream) {
+inline void copy_row(char* dst, const char* src, size_t nbytes, bool stream, const char* next = nullptr) {
 #if defined(__x86_64__)
   if (stream && nbytes >= 64 && (nbytes & 15) == 0 && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
     const bool prefetch = nbytes >= 2048;  // long rows: load ahead across 4 KiB pages
@@ -43,6 +45,8 @@ inline void copy_row(char* dst, const char* src, size_t nbytes, bool stream) {
     for (; i + 64 <= nbytes; i += 64) {
       if (prefetch) {
         _mm_prefetch(src + i + 1024, _MM_HINT_NTA);
+      } else if (next != nullptr) {
+        _mm_prefetch(next + i, _MM_HINT_NTA);
       }
       const auto* from = reinterpret_cast<const __m128i*>(src + i);
       auto* to = reinterpret_cast<__m128i*>(dst + i);
@@ -263,9 +267,20 @@ BoxPath copy_box(
     if (stream && row % 64 == 0 && outer->src < middle->src) {
       std::swap(outer, middle);
     }
+    // Rows shorter than copy_row's own look-ahead (a head slice of a token's row: 1 KiB of
+    // every 2 KiB) prefetch the next row while copying this one: the hardware prefetcher
+    // does not follow the gaps between them.
+    const bool ahead = !former_kernels.load(std::memory_order_relaxed);
     for (int64_t i = 0; i < outer->n; ++i) {
       for (int64_t j = 0; j < middle->n; ++j) {
-        copy_row(dst + i * outer->dst + j * middle->dst, src + i * outer->src + j * middle->src, row, stream);
+        const char* from = src + i * outer->src + j * middle->src;
+        const char* next = nullptr;
+        if (ahead && j + 1 < middle->n) {
+          next = from + middle->src;
+        } else if (ahead && i + 1 < outer->n) {
+          next = src + (i + 1) * outer->src;
+        }
+        copy_row(dst + i * outer->dst + j * middle->dst, from, row, stream, next);
       }
     }
     return BoxPath::kRows;
@@ -342,21 +357,71 @@ std::vector<int64_t> box_path_counts() {
   return {path_counts[0].load(), path_counts[1].load(), path_counts[2].load()};
 }
 
-void copy_boxes(const std::vector<BoxCopy>& jobs) {
-  // Items are (job, lane, chunk), job by job, lane-major; first[j]: job j's first item.
-  std::vector<int64_t> first(jobs.size() + 1, 0);
-  int64_t total_bytes = 0;
+namespace {
+
+// One box of copy_boxes: a chunk of one job on one of its lanes.
+struct Item {
+  int32_t job;
+  int32_t lane;
+  int64_t chunk;
+};
+
+// The order boxes are copied in. Jobs with the same number of lanes (K and V of one plan,
+// moved apart) go lane by lane and, within a lane, by token: K's and V's boxes of the same
+// tokens are neighbours, so that where K and V share a row or a block on one side (vLLM's
+// FlashAttention rows of K then V, its CPU blocks of K tiles then V tiles) the second pass
+// finds that side's lines still in cache instead of reading them from memory again.
+std::vector<Item> box_items(const std::vector<BoxCopy>& jobs) {
+  std::vector<Item> items;
+  bool same_lanes = true;
   for (size_t j = 0; j < jobs.size(); ++j) {
-    const BoxCopy& job = jobs[j];
-    const auto lanes = static_cast<int64_t>(job.src_bases.size());
-    first[j + 1] = first[j] + lanes * static_cast<int64_t>(job.chunks.size());
+    const auto lanes = static_cast<int32_t>(jobs[j].src_bases.size());
+    same_lanes = same_lanes && lanes == static_cast<int32_t>(jobs[0].src_bases.size());
+    for (int32_t lane = 0; lane < lanes; ++lane) {
+      for (int64_t c = 0; c < static_cast<int64_t>(jobs[j].chunks.size()); ++c) {
+        items.push_back({static_cast<int32_t>(j), lane, c});
+      }
+    }
+  }
+  if (!same_lanes || jobs.size() < 2 || former_kernels.load(std::memory_order_relaxed)) {
+    return items;
+  }
+  // Each chunk's first token: chunks run through a job's tokens in order.
+  std::vector<std::vector<int64_t>> starts(jobs.size());
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    int64_t token = 0;
+    for (const TokenChunk& chunk : jobs[j].chunks) {
+      starts[j].push_back(token);
+      token += chunk.tokens;
+    }
+  }
+  std::stable_sort(items.begin(), items.end(), [&](const Item& a, const Item& b) {
+    if (a.lane != b.lane) {
+      return a.lane < b.lane;
+    }
+    return starts[a.job][a.chunk] < starts[b.job][b.chunk];
+  });
+  return items;
+}
+
+}  // namespace
+
+void test_force_former_kernels(bool on) {
+  former_kernels.store(on, std::memory_order_relaxed);
+}
+
+void copy_boxes(const std::vector<BoxCopy>& jobs) {
+  int64_t total_bytes = 0;
+  for (const BoxCopy& job : jobs) {
     int64_t tokens = 0;
     for (const TokenChunk& chunk : job.chunks) {
       tokens += chunk.tokens;
     }
-    total_bytes += lanes * tokens * job.heads * job.head_dim * job.element_size;
+    total_bytes +=
+        static_cast<int64_t>(job.src_bases.size()) * tokens * job.heads * job.head_dim * job.element_size;
   }
-  const int64_t items = first.back();
+  const std::vector<Item> order = box_items(jobs);
+  const auto items = static_cast<int64_t>(order.size());
   if (items == 0) {
     return;
   }
@@ -365,15 +430,10 @@ void copy_boxes(const std::vector<BoxCopy>& jobs) {
   const bool single = strategy.find(":single") != std::string::npos;
   auto copy_items = [&](int64_t begin, int64_t end) {
     int64_t counts[3] = {0, 0, 0};
-    size_t j = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
     for (int64_t item = begin; item < end; ++item) {
-      while (item >= first[j + 1]) {
-        ++j;
-      }
-      const BoxCopy& job = jobs[j];
-      const auto num_chunks = static_cast<int64_t>(job.chunks.size());
-      const int64_t lane = (item - first[j]) / num_chunks;
-      const TokenChunk& chunk = job.chunks[(item - first[j]) % num_chunks];
+      const BoxCopy& job = jobs[order[item].job];
+      const int32_t lane = order[item].lane;
+      const TokenChunk& chunk = job.chunks[order[item].chunk];
       if (chunk.first_token >= 0) {
         copy_gathered(
             job.dst_bases[lane] + chunk.dst_offset, job.src_bases[lane],

@@ -58,6 +58,11 @@ bool gathers(const BoxStrides& strides, int64_t element_size);
 // is not "memcpy".
 void copy_boxes(const std::vector<BoxCopy>& jobs);
 
+// Test and benchmark hook: with `on`, the former kernels: boxes job by job (all of K, then
+// all of V) instead of K's and V's boxes of the same tokens side by side, and rows copied
+// without prefetching the next row.
+void test_force_former_kernels(bool on);
+
 // Boxes copied per path since the process started (tests read which kernels they reached).
 std::vector<int64_t> box_path_counts();
 

@@ -1069,6 +1069,13 @@ MUTANTS = [
     ),
     # --- the host kernels of transfers between geometries (csrc/geometry_copy.cpp) ------------
     (
+        "geometry kernels: the box order leaves out every job's first lane",
+        "csrc/geometry_copy.cpp",
+        "for (int32_t lane = 0; lane < lanes; ++lane) {",
+        "for (int32_t lane = 1; lane < lanes; ++lane) {",
+        ["tests/test_geometry_kernels.py"],
+    ),
+    (
         "geometry kernels: 8x8 transpose stores columns 0 and 1 swapped",
         "csrc/geometry_copy.cpp",
         "out[2 * i] = _mm_unpacklo_epi64(u[i], u[i + 4]);",

@@ -243,7 +243,9 @@ def test_bench_vllm_quick(tmp_path):
 
 
 def test_bench_geometry_quick(tmp_path):
-    result, stdout = run_bench("bench_geometry.py", "--quick", "--repeats", "1", tmp_path=tmp_path)
+    result, stdout = run_bench(
+        "bench_geometry.py", "--quick", "--repeats", "1", "--former-kernels", "--pattern-bound", tmp_path=tmp_path
+    )
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         from bench_geometry import CASES
@@ -256,8 +258,12 @@ def test_bench_geometry_quick(tmp_path):
     assert [row["case"] for row in local] == list(CASES) and result["cpu"]
     for row in local:  # the former path is timed alongside
         assert row["ratio_runs"] > 0 and math.isfinite(row["ratio_runs"])
-    for row in rows:
+    for row in rows:  # and the former box kernels, locally and in same-host pulls
         assert row["ratio"] > 0 and math.isfinite(row["ratio"]) and row["gbps"] > 0 and row["nbytes"] > 0
+        assert row["ratio_former"] > 0 and math.isfinite(row["ratio_former"])
+    bounds = result["pattern_bounds"]
+    assert [b["pattern"] for b in bounds] == ["read 1 KiB of each 2 KiB row", "write 1 KiB of each 2 KiB row"]
+    assert all(b["ratio"] > 0 and b["gbps"] > 0 and b["whole_gbps"] > 0 for b in bounds)
     remote = [row["case"] for row in rows if row["where"] == "same-host pull"]
     assert remote == (list(CASES) if torch_kvreg.remote.nixl_available() else []), remote
     assert "ratio" in stdout

@@ -131,3 +131,59 @@ def test_large_copy_fans_out_and_matches_the_runs_path(kv, monkeypatch):
             # destination block where tokens are gathered into it; the runs path none.
             assert (48 * 4 >= boxes >= 24 * 4) if path == "boxes" else boxes == 0, (path, boxes)
         assert os.environ["TORCH_KVREG_GEOMETRY_COPY"] == "runs"
+
+
+@pytest.mark.parametrize("former", [False, True], ids=["current-kernels", "former-kernels"])
+def test_k_and_v_apart_and_head_slices_with_either_kernels(kv, former):
+    """Where K and V move as two jobs (either side lays them out apart), their boxes of the same
+    tokens go side by side (current) or job by job (the former kernels, by the hook), with
+    block sizes that cut the two jobs' chunks differently (gathered and per-block chunks);
+    head slices of NHD rows (rows with gaps, copied prefetching the next row, or not): every
+    byte lands either way."""
+    rng = random.Random(21)
+    pairs = [
+        ("htkd", "hkdt/hktd"),
+        ("hkdt/hktd", "htkd"),
+        ("thd", "hkdt/hktd"),
+        ("hkdt/hktd", "thd"),
+        ("thkd", "htd"),
+        ("dth/thd", "kthd"),
+    ]
+    _C._test_geometry_former_kernels(former)
+    try:
+        for src_order, dst_order in pairs:
+            for src_bs, dst_bs in ((16, 32), (32, 16), (7, 5)):
+                before = paths()
+                copy_and_check(
+                    rng,
+                    src_order,
+                    dst_order,
+                    torch.float16,
+                    heads=2,
+                    head_dim=16,
+                    src_bs=src_bs,
+                    dst_bs=dst_bs,
+                    tp=(1, 1),
+                    layers=2,
+                    blocks=6,
+                )
+                assert sum(paths()) - sum(before) >= 4, (src_order, dst_order)  # boxes of K and V, 2 layers
+        for tp in ((1, 2), (2, 1), (1, 4)):
+            for head_dim, block in ((128, 16), (24, 3), (8, 1)):
+                before = paths()[ROWS]
+                copy_and_check(
+                    rng,
+                    "thd",
+                    "thd",
+                    torch.float16,
+                    heads=8,
+                    head_dim=head_dim,
+                    src_bs=block,
+                    dst_bs=block,
+                    tp=tp,
+                    layers=2,
+                    blocks=5,
+                )
+                assert paths()[ROWS] > before, (tp, head_dim)
+    finally:
+        _C._test_geometry_former_kernels(False)
