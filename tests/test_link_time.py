@@ -4,6 +4,7 @@ peer loads the linker's on a thread after its hello reply; a linker that needs N
 asks with a ping whether it is done). tests/test_link_background_load.py: a same-host link,
 made before either load is done."""
 
+import gc
 import socket
 import threading
 import time
@@ -53,6 +54,7 @@ def test_the_first_link_records_where_its_time_went_and_is_quick(decoder):
     try:
         engine = engine_made()
         assert engine.link_phases == {}
+        gc.collect()  # (a full collection owed by earlier tests would land inside the timed call)
         started = time.perf_counter()
         assert kv.link_clusters([peer.info]) == (LLMStatusCode.LLM_SUCCESS, [LLMStatusCode.LLM_SUCCESS])
         wall_ms = (time.perf_counter() - started) * 1000.0
@@ -63,7 +65,8 @@ def test_the_first_link_records_where_its_time_went_and_is_quick(decoder):
         # The phases are all of the link: they add up to its total, which is what the call took.
         parts = sum(phases[name] for name in PHASES)
         assert abs(parts - phases["total"]) <= max(5.0, 0.05 * phases["total"]), phases
-        assert phases["total"] <= wall_ms + 0.1 and wall_ms - phases["total"] <= max(5.0, 0.1 * wall_ms)
+        # (After the phases the link starts its metadata load's thread; a busy machine adds ms.)
+        assert phases["total"] <= wall_ms + 0.1 and wall_ms - phases["total"] <= max(10.0, 0.1 * wall_ms)
         assert engine.links[peer.cluster_id].peer_pid == peer.process.pid  # the same-host proof ran
         round_trips = phases["connect"] + phases["handshake"] + phases["same_host"]
         assert round_trips < ROUND_TRIPS_BOUND_MS, phases
