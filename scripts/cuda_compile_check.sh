@@ -19,8 +19,7 @@ for dir in "${CUDA_HOME:-}" /usr/local/cuda "$(dirname "$(dirname "$(command -v 
   fi
 done
 [ -x "$CUDA_VENV/bin/python" ] || "$PYTHON" -m venv "$CUDA_VENV"
-# (No byte-compiling: of torch's and its CUDA wheels' files, this check imports few.)
-pip_install() { "$CUDA_VENV/bin/python" -m pip --disable-pip-version-check -q install --no-compile "$@"; }
+pip_install() { "$CUDA_VENV/bin/python" -m pip --disable-pip-version-check -q install "$@"; }
 if ! "$CUDA_VENV/bin/python" -c "import torch; assert torch.version.cuda" 2>/dev/null; then
   if ! pip_install "$CUDA_TORCH_SPEC"; then
     echo "SKIPPED: CUDA compile check: $CUDA_TORCH_SPEC cannot be installed here"
