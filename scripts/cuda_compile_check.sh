@@ -18,6 +18,16 @@ for dir in "${CUDA_HOME:-}" /usr/local/cuda "$(dirname "$(dirname "$(command -v 
     break
   fi
 done
+# A CUDA build of torch takes ~5.5 GB in its venv; the build ~0.5 GB more, temporaries included.
+need_mb=${CUDA_CHECK_NEED_MB:-1500}
+[ -x "$CUDA_VENV/bin/python" ] || need_mb=$((need_mb + 6500))
+free_mb=$(df -Pm . | awk 'NR==2 {print $4}')
+tmp_free_mb=$(df -Pm "${TMPDIR:-/tmp}" | awk 'NR==2 {print $4}')
+[ "$tmp_free_mb" -lt "$free_mb" ] && free_mb=$tmp_free_mb
+if [ "$free_mb" -lt "$need_mb" ]; then
+  echo "SKIPPED: CUDA compile check: $free_mb MB free on disk, it needs about $need_mb MB"
+  exit 0
+fi
 [ -x "$CUDA_VENV/bin/python" ] || "$PYTHON" -m venv "$CUDA_VENV"
 pip_install() { "$CUDA_VENV/bin/python" -m pip --disable-pip-version-check -q install "$@"; }
 if ! "$CUDA_VENV/bin/python" -c "import torch; assert torch.version.cuda" 2>/dev/null; then
