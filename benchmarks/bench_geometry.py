@@ -195,28 +195,33 @@ def run_cases(args, layers, num_blocks, remote_ids=None):
         paths = ["boxes", "runs"] if runs else ["boxes"]
         if args.former_kernels:
             paths.append("former")
+        if args.one_task and remote_ids is not None:
+            paths.append("one_task")
         times = {path: [] for path in [*paths, "base"]}
         for _ in range(3):
             for path in paths:
-                os.environ["TORCH_KVREG_GEOMETRY_COPY"] = "boxes" if path == "former" else path
+                os.environ["TORCH_KVREG_GEOMETRY_COPY"] = "runs" if path == "runs" else "boxes"
                 _C._test_geometry_former_kernels(path == "former")
+                _C._test_geometry_one_task(path == "one_task")
                 times[path].append(timed(geometry_copy, max(args.repeats // 3, 1)))
                 _C._test_geometry_former_kernels(False)
+                _C._test_geometry_one_task(False)
                 check(sources, prefills, decode, dst_tensors, src_blocks, dst_blocks, rng, name)
             os.environ.pop("TORCH_KVREG_GEOMETRY_COPY")
             times["base"].append(timed(same_geometry_copy, max(args.repeats // 3, 1)))
         base_gbps = base_bytes / min(times["base"]) / 1e9
         row = {"case": name, "where": where, "nbytes": nbytes, "baseline_gbps": base_bytes / min(times["base"]) / 1e9}
         for path in paths:
-            suffix = {"boxes": "", "runs": "_runs", "former": "_former"}[path]
+            suffix = {"boxes": "", "runs": "_runs", "former": "_former", "one_task": "_one_task"}[path]
             row["gbps" + suffix] = nbytes / min(times[path]) / 1e9
             row["ratio" + suffix] = row["gbps" + suffix] / base_gbps
         rows.append(row)
         runs = f"{row['ratio_runs']:>9.2f}x" if "ratio_runs" in row else f"{'':>10}"
-        former = f"{row['ratio_former']:>9.2f}x" if "ratio_former" in row else ""
+        former = f"{row['ratio_former']:>9.2f}x" if "ratio_former" in row else f"{'':>10}"
+        one_task = f"{row['ratio_one_task']:>9.2f}x" if "ratio_one_task" in row else ""
         print(
             f"{where:<15} {name:<34} {nbytes / 2**20:>6.0f} {row['gbps']:>7.2f} {base_gbps:>9.2f}",
-            f"{row['ratio']:>5.2f}x {runs} {former}",
+            f"{row['ratio']:>5.2f}x {runs} {former} {one_task}",
         )
         kv.unregister_kv_cache(dst)
     for _tensors, cache, base_dst in sources.values():
@@ -300,6 +305,11 @@ def main():
         help="also time the box kernels as they were before (boxes of K, then of V; no next-row prefetch)",
     )
     parser.add_argument(
+        "--one-task",
+        action="store_true",
+        help="also time same-host pulls started as before: one pool task running every box (copy_boxes)",
+    )
+    parser.add_argument(
         "--pattern-bound",
         action="store_true",
         help="also time the head slices' access patterns as plain streams (torch's copy, one thread)",
@@ -314,7 +324,8 @@ def main():
     if remote:
         ctx = mp.get_context("spawn")
         to_main, from_main = ctx.Queue(), ctx.Queue()
-        peer = ctx.Process(target=prefill_process, args=(remote_layers, remote_blocks, to_main, from_main))
+        # daemon: a main side that raises ends the peer at exit instead of waiting on it forever
+        peer = ctx.Process(target=prefill_process, args=(remote_layers, remote_blocks, to_main, from_main), daemon=True)
         peer.start()
     kv.initialize(2, kv.LlmRole.DECODER, limits=kv.Limits(240, 50 * 2**30, 64 * 2**30))
     print(
@@ -323,7 +334,7 @@ def main():
     )
     print(
         f"{'where':<15} {'case':<34} {'MiB':>6} {'GB/s':>7} {'base GB/s':>9} {'ratio':>6}",
-        f"{'runs path':>10} {'former':>10}",
+        f"{'runs path':>10} {'former':>10} {'one task':>10}",
     )
     rows = [] if args.no_local else run_cases(args, layers, num_blocks)
     if peer is not None:

@@ -12,7 +12,9 @@
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <atomic>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -20,6 +22,9 @@
 
 namespace kvreg {
 namespace {
+
+// The test hook's switch back to one task per mapped transfer between geometries.
+std::atomic<bool> one_geometry_task{false};
 
 // (num_tensors, data_type, shape, placement, device_index), as Python's CacheDesc holds it.
 using DescFields = std::tuple<int64_t, int64_t, std::vector<int64_t>, int64_t, int64_t>;
@@ -138,22 +143,42 @@ void bind_geometry(py::module_& m) {
               " is outside the peer's mapped region");
         }
         int64_t nbytes = 0;
-        auto jobs = std::make_shared<std::vector<BoxCopy>>(plan_boxes(
+        auto work = std::make_shared<const BoxWork>(plan_boxes(
             src_desc, src_addrs, geometry_from(src_geometry), dst_desc, dst_addrs,
             geometry_from(dst_geometry), selection_from(src_blocks, dst_blocks, selection), nbytes));
-        return std::make_unique<peer_copy::Job>(
-            std::static_pointer_cast<const void>(region), static_cast<uint64_t>(nbytes),
-            [jobs]() -> int64_t {
-              copy_boxes(*jobs);
+        // Ranges of boxes as the pool's tasks, sized as a block copy's: the pool's threads
+        // and the caller waiting in help() share them. One task running copy_boxes left the
+        // waiting caller idle (and copy_boxes on one thread where its strategy is ":single").
+        std::vector<std::function<int64_t()>> bodies;
+        if (one_geometry_task.load(std::memory_order_relaxed)) {
+          bodies.emplace_back([work]() -> int64_t {
+            copy_boxes(work->jobs());
+            return 0;
+          });
+        } else {
+          const auto task_bytes = static_cast<int64_t>(peer_copy::task_bytes(static_cast<uint64_t>(nbytes)));
+          for (const auto& [begin, end] : work->split(task_bytes)) {
+            bodies.emplace_back([work, begin = begin, end = end]() -> int64_t {
+              work->copy(begin, end);
               return 0;
-            },
+            });
+          }
+        }
+        return std::make_unique<peer_copy::Job>(
+            std::static_pointer_cast<const void>(region), static_cast<uint64_t>(nbytes), std::move(bodies),
             watched);
       },
       py::arg("region"), py::arg("read"), py::arg("src"), py::arg("src_geometry"), py::arg("src_addrs"),
       py::arg("dst"), py::arg("dst_geometry"), py::arg("dst_addrs"), py::arg("src_blocks"),
       py::arg("dst_blocks"), py::arg("selection"), py::arg("watched") = true,
       "A transfer between geometries with a same-host peer's cache mapped here (its side's addresses in "
-      "region), as a PeerCopyJob whose one task copies the plan's boxes on the copy threads.");
+      "region), as a PeerCopyJob whose tasks (ranges of the plan's boxes) the same-host copy threads and "
+      "a caller in help() share.");
+  m.def(
+      "_test_geometry_one_task", [](bool on) { one_geometry_task.store(on, std::memory_order_relaxed); },
+      py::arg("on"),
+      "Test and benchmark hook: mapped transfers between geometries started as they were before, one "
+      "task running every box (copy_boxes, spread over ATen's threads by the pool thread that takes it).");
   m.def(
       "_test_geometry_former_kernels", &test_force_former_kernels, py::arg("on"),
       "Test and benchmark hook: the box kernels as they were before (boxes job by job, K then V; rows "

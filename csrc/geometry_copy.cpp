@@ -359,12 +359,7 @@ std::vector<int64_t> box_path_counts() {
 
 namespace {
 
-// One box of copy_boxes: a chunk of one job on one of its lanes.
-struct Item {
-  int32_t job;
-  int32_t lane;
-  int64_t chunk;
-};
+using Item = BoxWork::Item;
 
 // The order boxes are copied in. Jobs with the same number of lanes (K and V of one plan,
 // moved apart) go lane by lane and, within a lane, by token: K's and V's boxes of the same
@@ -410,15 +405,53 @@ void test_force_former_kernels(bool on) {
   former_kernels.store(on, std::memory_order_relaxed);
 }
 
+namespace {
+
+int64_t box_bytes(const BoxCopy& job, const TokenChunk& chunk) {
+  return chunk.tokens * job.heads * job.head_dim * job.element_size;
+}
+
+// Copies boxes [begin, end) of `order` on the calling thread.
+void copy_items(
+    const std::vector<BoxCopy>& jobs, const Item* order, int64_t begin, int64_t end, bool stream) {
+  int64_t counts[3] = {0, 0, 0};
+  for (int64_t item = begin; item < end; ++item) {
+    const BoxCopy& job = jobs[order[item].job];
+    const int32_t lane = order[item].lane;
+    const TokenChunk& chunk = job.chunks[order[item].chunk];
+    if (chunk.first_token >= 0) {
+      copy_gathered(
+          job.dst_bases[lane] + chunk.dst_offset, job.src_bases[lane],
+          job.token_src.data() + chunk.first_token, chunk.tokens, job.heads, job.head_dim, job.element_size,
+          job.strides, stream);
+      ++counts[static_cast<int>(BoxPath::kTranspose)];
+      continue;
+    }
+    const BoxPath path = copy_box(
+        job.dst_bases[lane] + chunk.dst_offset, job.src_bases[lane] + chunk.src_offset, chunk.tokens,
+        job.heads, job.head_dim, job.element_size, job.strides, stream);
+    ++counts[static_cast<int>(path)];
+  }
+#if defined(__x86_64__)
+  _mm_sfence();  // this thread's streaming stores are visible before the copy returns
+#endif
+  for (int i = 0; i < 3; ++i) {
+    path_counts[i].fetch_add(counts[i], std::memory_order_relaxed);
+  }
+}
+
+bool streams() {
+  return copy_strategy().rfind("memcpy", 0) != 0;
+}
+
+}  // namespace
+
 void copy_boxes(const std::vector<BoxCopy>& jobs) {
   int64_t total_bytes = 0;
   for (const BoxCopy& job : jobs) {
-    int64_t tokens = 0;
     for (const TokenChunk& chunk : job.chunks) {
-      tokens += chunk.tokens;
+      total_bytes += static_cast<int64_t>(job.src_bases.size()) * box_bytes(job, chunk);
     }
-    total_bytes +=
-        static_cast<int64_t>(job.src_bases.size()) * tokens * job.heads * job.head_dim * job.element_size;
   }
   const std::vector<Item> order = box_items(jobs);
   const auto items = static_cast<int64_t>(order.size());
@@ -428,40 +461,45 @@ void copy_boxes(const std::vector<BoxCopy>& jobs) {
   const std::string strategy = copy_strategy();
   const bool stream = strategy.rfind("memcpy", 0) != 0;
   const bool single = strategy.find(":single") != std::string::npos;
-  auto copy_items = [&](int64_t begin, int64_t end) {
-    int64_t counts[3] = {0, 0, 0};
-    for (int64_t item = begin; item < end; ++item) {
-      const BoxCopy& job = jobs[order[item].job];
-      const int32_t lane = order[item].lane;
-      const TokenChunk& chunk = job.chunks[order[item].chunk];
-      if (chunk.first_token >= 0) {
-        copy_gathered(
-            job.dst_bases[lane] + chunk.dst_offset, job.src_bases[lane],
-            job.token_src.data() + chunk.first_token, chunk.tokens, job.heads, job.head_dim, job.element_size,
-            job.strides, stream);
-        ++counts[static_cast<int>(BoxPath::kTranspose)];
-        continue;
-      }
-      const BoxPath path = copy_box(
-          job.dst_bases[lane] + chunk.dst_offset, job.src_bases[lane] + chunk.src_offset, chunk.tokens,
-          job.heads, job.head_dim, job.element_size, job.strides, stream);
-      ++counts[static_cast<int>(path)];
-    }
-#if defined(__x86_64__)
-    _mm_sfence();  // this thread's streaming stores are visible before the copy returns
-#endif
-    for (int i = 0; i < 3; ++i) {
-      path_counts[i].fetch_add(counts[i], std::memory_order_relaxed);
-    }
-  };
   // Enough bytes per task that the thread pool's overhead stays small.
   const int64_t average = std::max<int64_t>(1, total_bytes / items);
   const int64_t grain = std::max<int64_t>(1, (int64_t{256} << 10) / average);
   if (single || in_forked_child() || at::get_num_threads() <= 1 || items <= grain) {
-    copy_items(0, items);
+    copy_items(jobs, order.data(), 0, items, stream);
   } else {
-    at::parallel_for(0, items, grain, copy_items);
+    at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+      copy_items(jobs, order.data(), begin, end, stream);
+    });
   }
+}
+
+BoxWork::BoxWork(std::vector<BoxCopy> jobs) : jobs_(std::move(jobs)), order_(box_items(jobs_)) {
+  for (const Item& item : order_) {
+    nbytes_ += box_bytes(jobs_[item.job], jobs_[item.job].chunks[item.chunk]);
+  }
+}
+
+std::vector<std::pair<int64_t, int64_t>> BoxWork::split(int64_t task_bytes) const {
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  int64_t begin = 0;
+  int64_t bytes = 0;
+  for (int64_t i = 0; i < boxes(); ++i) {
+    const Item& item = order_[i];
+    bytes += box_bytes(jobs_[item.job], jobs_[item.job].chunks[item.chunk]);
+    if (bytes >= task_bytes) {
+      ranges.emplace_back(begin, i + 1);
+      begin = i + 1;
+      bytes = 0;
+    }
+  }
+  if (begin < boxes()) {
+    ranges.emplace_back(begin, boxes());
+  }
+  return ranges;
+}
+
+void BoxWork::copy(int64_t begin, int64_t end) const {
+  copy_items(jobs_, order_.data(), begin, end, streams());
 }
 
 }  // namespace kvreg

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace kvreg {
@@ -57,6 +58,32 @@ bool gathers(const BoxStrides& strides, int64_t element_size);
 // child, or when copy_strategy() says ":single"); streaming stores where copy_strategy()
 // is not "memcpy".
 void copy_boxes(const std::vector<BoxCopy>& jobs);
+
+// The boxes of copy_boxes in its order, for callers that bring their own threads (the
+// same-host copy pool, with a peer's cache mapped here): split into ranges of boxes, each
+// range copied whole by whichever thread takes it.
+class BoxWork {
+ public:
+  explicit BoxWork(std::vector<BoxCopy> jobs);
+  // Ranges [begin, end) of boxes, in order, of about `task_bytes` each (a box is never cut).
+  std::vector<std::pair<int64_t, int64_t>> split(int64_t task_bytes) const;
+  // Copies boxes [begin, end) on the calling thread.
+  void copy(int64_t begin, int64_t end) const;
+  int64_t boxes() const { return static_cast<int64_t>(order_.size()); }
+  int64_t nbytes() const { return nbytes_; }
+  const std::vector<BoxCopy>& jobs() const { return jobs_; }
+
+  struct Item {  // one box: a chunk of one job on one of its lanes
+    int32_t job;
+    int32_t lane;
+    int64_t chunk;
+  };
+
+ private:
+  std::vector<BoxCopy> jobs_;
+  std::vector<Item> order_;
+  int64_t nbytes_ = 0;
+};
 
 // Test and benchmark hook: with `on`, the former kernels: boxes job by job (all of K, then
 // all of V) instead of K's and V's boxes of the same tokens side by side, and rows copied

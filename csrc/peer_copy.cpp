@@ -41,6 +41,7 @@ struct Job::Shared {
   const int64_t pause_us;  // before each system call: tests make copies slow enough to cut
   const bool watched;      // its end counts in ends() and ends wait_ends()
   const uint64_t nbytes;
+  int64_t tasks = 0;  // set when submitted
   // Set: the peer's memory is mapped here and pieces are copied in this process.
   const std::shared_ptr<const void> mapping;
   std::atomic<bool> cancelled{false};
@@ -179,8 +180,7 @@ class Pool {
     auto job =
         std::make_shared<Job::Shared>(*this, pid, read, test_pause_us(), watched, total, std::move(mapping));
     std::vector<Task> tasks;
-    const uint64_t per_task =
-        std::clamp<uint64_t>(total / (4 * static_cast<uint64_t>(workers_)), kMinTaskBytes, kMaxTaskBytes);
+    const uint64_t per_task = task_bytes(total);
     Task current{job, {}, {}};
     uint64_t in_current = 0;
     for (Piece piece : pieces) {
@@ -204,19 +204,28 @@ class Pool {
     return submit(job, std::move(tasks));
   }
 
-  std::shared_ptr<Job::Shared> start_body(
-      uint64_t nbytes, std::function<int64_t()> body, bool watched, std::shared_ptr<const void> mapping) {
+  std::shared_ptr<Job::Shared> start_bodies(
+      uint64_t nbytes, std::vector<std::function<int64_t()>> bodies, bool watched,
+      std::shared_ptr<const void> mapping) {
     auto job =
         std::make_shared<Job::Shared>(*this, 0, false, test_pause_us(), watched, nbytes, std::move(mapping));
     std::vector<Task> tasks;
-    tasks.push_back(Task{job, {}, std::move(body)});
+    tasks.reserve(bodies.size());
+    for (auto& body : bodies) {
+      tasks.push_back(Task{job, {}, std::move(body)});
+    }
     return submit(job, std::move(tasks));
+  }
+
+  uint64_t task_bytes(uint64_t total) const {
+    return std::clamp<uint64_t>(total / (4 * static_cast<uint64_t>(workers_)), kMinTaskBytes, kMaxTaskBytes);
   }
 
   std::shared_ptr<Job::Shared> submit(const std::shared_ptr<Job::Shared>& job, std::vector<Task> tasks) {
     std::unique_lock<std::mutex> lock(mutex_);
     start_workers_locked();
     job->tasks_left = static_cast<int64_t>(tasks.size());
+    job->tasks = job->tasks_left;
     if (tasks.empty()) {
       job->ended = true;
       ended_.notify_all();
@@ -504,10 +513,14 @@ Job::Job(std::shared_ptr<const void> mapping, bool read, std::vector<Piece> piec
   shared_ = Pool::instance().start(0, read, std::move(pieces), watched, std::move(mapping));
 }
 
-Job::Job(std::shared_ptr<const void> mapping, uint64_t nbytes, std::function<int64_t()> body, bool watched) {
-  KVREG_CHECK_ARG(
-      mapping != nullptr && body, "a copy from mapped peer memory needs its mapping and its work");
-  shared_ = Pool::instance().start_body(nbytes, std::move(body), watched, std::move(mapping));
+Job::Job(
+    std::shared_ptr<const void> mapping, uint64_t nbytes, std::vector<std::function<int64_t()>> bodies,
+    bool watched) {
+  KVREG_CHECK_ARG(mapping != nullptr, "a copy from mapped peer memory needs its mapping");
+  for (const auto& body : bodies) {
+    KVREG_CHECK_ARG(body != nullptr, "a copy from mapped peer memory needs its work");
+  }
+  shared_ = Pool::instance().start_bodies(nbytes, std::move(bodies), watched, std::move(mapping));
 }
 
 Job::~Job() {
@@ -529,6 +542,13 @@ void Job::cancel() const {
 }
 uint64_t Job::nbytes() const {
   return shared_->nbytes;
+}
+int64_t Job::tasks() const {
+  return shared_->tasks;  // set before the constructor returned, never changed
+}
+
+uint64_t task_bytes(uint64_t nbytes) {
+  return Pool::instance().task_bytes(nbytes);
 }
 
 std::vector<Piece> segment_pieces(

@@ -39,11 +39,12 @@ class Job {
   // call. The job holds `mapping` until its last task has ended, so that dropping every
   // other reference never unmaps memory under a running copy.
   Job(std::shared_ptr<const void> mapping, bool read, std::vector<Piece> pieces, bool watched = true);
-  // A copy of `nbytes` that `body` makes in this process, one task on the pool (a transfer
-  // between geometries moving boxes of tokens over a peer's memory mapped here: `body`
-  // spreads its work over the copy threads itself). `body` returns 0 or -errno; it runs
-  // unless the job is cancelled first. The job holds `mapping` until `body` has returned.
-  Job(std::shared_ptr<const void> mapping, uint64_t nbytes, std::function<int64_t()> body,
+  // A copy of `nbytes` that `bodies` make in this process, one task on the pool each (a
+  // transfer between geometries moving boxes of tokens over a peer's memory mapped here,
+  // its boxes split into ranges): the pool's threads and a caller in help() take them as
+  // they take a block copy's tasks. A body returns 0 or -errno; none runs once the job is
+  // cancelled or another has failed. The job holds `mapping` until its last task has ended.
+  Job(std::shared_ptr<const void> mapping, uint64_t nbytes, std::vector<std::function<int64_t()>> bodies,
       bool watched = true);
   ~Job();
   Job(const Job&) = delete;
@@ -62,6 +63,8 @@ class Job {
   void cancel() const;
   // Bytes its pieces name in all.
   uint64_t nbytes() const;
+  // Tasks it was split into (tests: a large job is spread over the threads).
+  int64_t tasks() const;
 
   struct Shared;  // what the handle and the threads copying for it hold
 
@@ -74,6 +77,11 @@ class Job {
 std::vector<Piece> segment_pieces(
     const std::vector<uint64_t>& local_bases, const std::vector<uint64_t>& remote_bases, size_t count,
     const uint64_t* local_offsets, const uint64_t* remote_offsets, const uint64_t* lengths);
+
+// Bytes per task for a job of `nbytes` (about four tasks per worker, 256 KiB to 4 MiB):
+// enough for a waiting caller to take some (help()), small enough that a deadline passes
+// between two. Starts the pool's settings as threads() does.
+uint64_t task_bytes(uint64_t nbytes);
 
 // Ends wait_ends() calls early: their caller has other work.
 void wake();

@@ -128,7 +128,8 @@ void bind_peer_copy(py::module_& m) {
           },
           py::arg("timeout_ms"), "wait(), copying queued pieces on the calling thread while there are any.")
       .def("cancel", &Job::cancel, "Stops the job before its next system call (ends it cancelled).")
-      .def_property_readonly("nbytes", &Job::nbytes);
+      .def_property_readonly("nbytes", &Job::nbytes)
+      .def_property_readonly("tasks", &Job::tasks, "Tasks the pool's threads share it as.");
   m.def(
       "peer_copy_start",
       [](int64_t pid, bool read, const at::Tensor& rows, bool watched) {

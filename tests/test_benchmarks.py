@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -260,7 +262,14 @@ def test_bench_vllm_quick(tmp_path):
 
 def test_bench_geometry_quick(tmp_path):
     result, stdout = run_bench(
-        "bench_geometry.py", "--quick", "--repeats", "1", "--former-kernels", "--pattern-bound", tmp_path=tmp_path
+        "bench_geometry.py",
+        "--quick",
+        "--repeats",
+        "1",
+        "--former-kernels",
+        "--one-task",
+        "--pattern-bound",
+        tmp_path=tmp_path,
     )
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
@@ -280,6 +289,27 @@ def test_bench_geometry_quick(tmp_path):
     bounds = result["pattern_bounds"]
     assert [b["pattern"] for b in bounds] == ["read 1 KiB of each 2 KiB row", "write 1 KiB of each 2 KiB row"]
     assert all(b["ratio"] > 0 and b["gbps"] > 0 and b["whole_gbps"] > 0 for b in bounds)
-    remote = [row["case"] for row in rows if row["where"] == "same-host pull"]
-    assert remote == (list(CASES) if torch_kvreg.remote.nixl_available() else []), remote
+    remote = [row for row in rows if row["where"] == "same-host pull"]
+    assert [row["case"] for row in remote] == (list(CASES) if torch_kvreg.remote.nixl_available() else [])
+    for row in remote:  # the former one-task job is timed alongside, in same-host pulls only
+        assert row["ratio_one_task"] > 0 and math.isfinite(row["ratio_one_task"])
+    assert not any("ratio_one_task" in row for row in local)
     assert "ratio" in stdout
+
+
+def test_bench_geometry_job_small(tmp_path):
+    import torch_kvreg
+
+    if not torch_kvreg.remote.nixl_available():
+        pytest.skip("needs the nixl extra")
+    cases = "NHD -> HND,TP 2 -> TP 1 gather (NHD)"
+    result, stdout = run_bench(
+        "bench_geometry_job.py", "--blocks", "16", "--turns", "2", "--cases", cases, tmp_path=tmp_path
+    )
+    rows = result["rows"]
+    assert [row["case"] for row in rows] == cases.split(",") and result["cpu"] and result["threads"] >= 1
+    for row in rows:
+        assert row["nbytes"] > 0 and row["baseline_gbps"] > 0
+        for key in ("ratio_one_task", "ratio_split", "busy_one_task", "busy_split", "busy_base"):
+            assert row[key] > 0 and math.isfinite(row[key]), (key, row)
+    assert "busy" in stdout

@@ -1,6 +1,9 @@
 """pull_kv_tokens / push_kv_tokens between processes whose caches differ in geometry: same-host
 copies and NIXL, byte for byte against the pure-torch reference."""
 
+import errno
+import time
+
 import pytest
 import torch
 from geometry_ref import expected_after, same_bytes
@@ -176,6 +179,87 @@ def test_mapped_geometry_copy_refuses_a_tensor_outside_the_region(decoder):
     )
     assert job.wait(5000) == 1
     assert torch.equal(mine[0][1], tensors[0][0])
+    kv.unregister_kv_cache(local)
+
+
+def mapped_job(src_g, dst_g, num_blocks, src_blocks, dst_blocks, layers):
+    """A mapped transfer between geometries from a cache in shared memory here (as a peer's
+    would be mapped) to a registered one: (job, source tensors, destination tensors, the
+    destination as expected after it, its cache)."""
+    cache, theirs = kv.allocate_kv_cache(
+        layers * src_g.tensors_per_layer, (num_blocks, *src_g.block_shape), torch.float16
+    )
+    for seed, tensor in enumerate(theirs):
+        tensor.copy_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(seed)))
+    region = kv._C.shared_region_find(theirs[0].data_ptr(), 1)
+    assert region is not None
+    mine = [torch.zeros(len(dst_blocks) + 1, *dst_g.block_shape, dtype=torch.float16) for _ in range(len(theirs))]
+    local = kv.register_kv_cache(mine)
+    expected = expected_after(theirs, src_g, mine, dst_g, src_blocks, dst_blocks)
+    job = kv._C.mapped_geometry_copy_start(
+        region,
+        True,
+        kv.geometry.fields(cache.cache_desc),
+        src_g.fields(),
+        [t.data_ptr() for t in theirs],
+        kv.geometry.fields(local.cache_desc),
+        dst_g.fields(),
+        list(local.tensor_addrs),
+        torch.tensor(src_blocks),
+        torch.tensor(dst_blocks),
+        kv.geometry.selection(-1, 0, 0, None, None, None),
+    )
+    return job, theirs, mine, expected, local
+
+
+# 8 heads x 128 dims, fp16: 4 KiB of K and V per token and layer
+BIG_SRC, BIG_DST = KVGeometry("flash_attn", 16, 8, 128), KVGeometry("flash_attn_hnd", 32, 8, 128)
+
+
+@pytest.mark.parametrize("one_task", [False, True])
+def test_mapped_geometry_job_is_split_and_every_box_lands(one_task, decoder):
+    """A mapped transfer between geometries of 4 MiB is several tasks that the copy threads
+    and the waiting caller (help) share, and every token lands where it should; the test hook
+    starts it as before, one task, with the same bytes."""
+    kv._C._test_geometry_one_task(one_task)
+    try:
+        src_blocks = list(range(31, -1, -1))  # 512 tokens, 2 MiB a layer
+        job, _theirs, mine, expected, local = mapped_job(
+            BIG_SRC, BIG_DST, 32, src_blocks, [5, 0, 13, 2, 9, 11, 7, 15, 3, 1, 8, 6, 14, 4, 10, 12], 2
+        )
+    finally:
+        kv._C._test_geometry_one_task(False)
+    assert job.nbytes == 4 << 20
+    if one_task:
+        assert job.tasks == 1
+    else:
+        # at most 1 MiB a task (a quarter of the job per copy thread), so four or more
+        assert job.tasks >= 4, job.tasks
+    assert job.help(10000) == 1
+    assert same_bytes(mine, expected)
+    kv.unregister_kv_cache(local)
+
+
+def test_cancelled_split_mapped_geometry_job_ends_cancelled(decoder, monkeypatch):
+    """A split job cancelled before its tasks run ends cancelled (-ECANCELED), none of its
+    boxes copied; one whose handle is dropped while it waits is let go once its tasks end."""
+    monkeypatch.setenv("TORCH_KVREG_PEER_COPY_TEST_PAUSE_US", "200000")  # 0.2 s before each task
+    live = kv._C.peer_copy_live_jobs()
+    src_blocks, dst_blocks = list(range(32)), list(range(16))
+    job, _theirs, mine, expected, local = mapped_job(BIG_SRC, BIG_DST, 32, src_blocks, dst_blocks, 2)
+    assert job.tasks >= 4
+    job.cancel()
+    assert job.help(10000) == -errno.ECANCELED
+    assert all(not t.any() for t in mine)
+    assert not same_bytes(mine, expected)
+    dropped, *_ = mapped_job(BIG_SRC, BIG_DST, 32, src_blocks, dst_blocks, 2)
+    del dropped  # cancels it; its tasks hold its state (and the mapping) until they end
+    deadline = time.monotonic() + 10
+    while kv._C.peer_copy_live_jobs() > live + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert kv._C.peer_copy_live_jobs() == live + 1  # only `job`'s handle is left
+    del job
+    assert kv._C.peer_copy_live_jobs() == live
     kv.unregister_kv_cache(local)
 
 

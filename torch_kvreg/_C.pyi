@@ -128,6 +128,9 @@ class PeerCopyJob:
     def cancel(self) -> None: ...
     @property
     def nbytes(self) -> int: ...
+    @property
+    def tasks(self) -> int:
+        """Tasks the pool's threads share it as."""
 
 def peer_copy_start(pid: int, read: bool, rows: torch.Tensor, watched: bool = True) -> PeerCopyJob: ...
 def peer_copy_start_segments(
@@ -345,7 +348,9 @@ def mapped_geometry_copy_start(
     watched: bool = True,
 ) -> PeerCopyJob:
     """A transfer between geometries with a same-host peer's cache mapped here (its side's
-    addresses in region): one job task copies the plan's boxes on the copy threads."""
+    addresses in region), as a PeerCopyJob whose tasks (ranges of the plan's boxes) the same-host
+    copy threads and a caller in help() share."""
 
 def geometry_box_paths() -> list[int]: ...
 def _test_geometry_former_kernels(on: bool) -> None: ...
+def _test_geometry_one_task(on: bool) -> None: ...
