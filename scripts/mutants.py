@@ -1076,6 +1076,20 @@ MUTANTS = [
         ["tests/test_geometry_kernels.py"],
     ),
     (
+        "geometry remote: a split box job drops its last, partly filled range",
+        "csrc/geometry_copy.cpp",
+        "  if (begin < boxes()) {\n    ranges.emplace_back(begin, boxes());",
+        "  if (begin < 0) {\n    ranges.emplace_back(begin, boxes());",
+        ["tests/test_geometry_remote.py"],
+    ),
+    (
+        "geometry remote: a split box job's ranges skip the box each one ends at",
+        "csrc/geometry_copy.cpp",
+        "      ranges.emplace_back(begin, i + 1);\n      begin = i + 1;",
+        "      ranges.emplace_back(begin, i);\n      begin = i + 1;",
+        ["tests/test_geometry_remote.py"],
+    ),
+    (
         "geometry kernels: 8x8 transpose stores columns 0 and 1 swapped",
         "csrc/geometry_copy.cpp",
         "out[2 * i] = _mm_unpacklo_epi64(u[i], u[i + 4]);",
