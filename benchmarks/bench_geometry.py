@@ -120,6 +120,32 @@ def prefill_process(layers, num_blocks, to_main, from_main):
     kv.finalize()
 
 
+def pull_tokens(sources, decode, dst, src_blocks, dst_blocks):
+    """Pulls the tokens of ``src_blocks`` from each prefill's cache (``sources``: geometry ->
+    CacheIndex; several: a TP gather, each its own heads) into ``dst``; the bytes moved."""
+    started = [
+        kv.pull_kv_tokens_async(
+            cache,
+            dst,
+            src_blocks,
+            dst_blocks,
+            src_geometry=geometry,
+            dst_geometry=decode,
+            heads=geometry.heads if len(sources) > 1 else None,
+        )
+        for geometry, cache in sources.items()
+    ]
+    return sum(transfer.wait() for transfer in started)
+
+
+def same_bytes_blocks(nbytes, cache, num_blocks, rng):
+    """(source blocks, destination blocks, bytes they hold) of a same-geometry transfer in
+    ``cache``'s geometry moving about ``nbytes`` (at least one block): the baseline."""
+    block_bytes = cache.cache_desc.block_nbytes * cache.cache_desc.num_tensors
+    count = max(1, round(nbytes / block_bytes))
+    return rng.sample(range(num_blocks), count), rng.sample(range(num_blocks), count), count * block_bytes
+
+
 def run_cases(args, layers, num_blocks, remote_ids=None):
     """One row per case; remote_ids: the peer's cache per source geometry (else local)."""
     rng = random.Random(0)
@@ -159,27 +185,12 @@ def run_cases(args, layers, num_blocks, remote_ids=None):
                     )
                     for p in prefills
                 )
-            started = [
-                kv.pull_kv_tokens_async(
-                    sources[p][1],
-                    dst,
-                    src_blocks,
-                    dst_blocks,
-                    src_geometry=p,
-                    dst_geometry=decode,
-                    heads=p.heads if len(prefills) > 1 else None,
-                )
-                for p in prefills
-            ]
-            return sum(transfer.wait() for transfer in started)
+            return pull_tokens({p: sources[p][1] for p in prefills}, decode, dst, src_blocks, dst_blocks)
 
         nbytes = geometry_copy()
         base_geometry = prefills[0]
         _, base_src_cache, base_dst = sources[base_geometry]
-        block_bytes = base_dst.cache_desc.block_nbytes * base_dst.cache_desc.num_tensors
-        base_count = max(1, round(nbytes / block_bytes))
-        base_src, base_dst_blocks = rng.sample(range(num_blocks), base_count), rng.sample(range(num_blocks), base_count)
-        base_bytes = base_count * block_bytes
+        base_src, base_dst_blocks, base_bytes = same_bytes_blocks(nbytes, base_dst, num_blocks, rng)
 
         def same_geometry_copy(src=base_src_cache, dst=base_dst, a=base_src, b=base_dst_blocks, p=base_geometry):
             if remote_ids is None:

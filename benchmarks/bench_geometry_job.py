@@ -46,27 +46,15 @@ def run_case(name, ids, layers, num_blocks, turns, rng):
     dst = kv.register_kv_cache(bg.zeros(decode, layers, need * 2), kv.RegisterCfg(remote_accessible=True))
     src_blocks, dst_blocks = rng.sample(range(num_blocks), moved), rng.sample(range(need * 2), need)
 
+    sources = {p: kv.CacheIndex(1, ids[p]) for p in prefills}
+
     def geometry_pull():
-        started = [
-            kv.pull_kv_tokens_async(
-                kv.CacheIndex(1, ids[p]),
-                dst,
-                src_blocks,
-                dst_blocks,
-                src_geometry=p,
-                dst_geometry=decode,
-                heads=p.heads if len(prefills) > 1 else None,
-            )
-            for p in prefills
-        ]
-        return sum(transfer.wait() for transfer in started)
+        return bg.pull_tokens(sources, decode, dst, src_blocks, dst_blocks)
 
     nbytes = geometry_pull()
     p = prefills[0]
     base_dst = kv.register_kv_cache(bg.zeros(p, layers, num_blocks))
-    block_bytes = base_dst.cache_desc.block_nbytes * base_dst.cache_desc.num_tensors
-    count = max(1, round(nbytes / block_bytes))
-    base_src, base_to = rng.sample(range(num_blocks), count), rng.sample(range(num_blocks), count)
+    base_src, base_to, base_bytes = bg.same_bytes_blocks(nbytes, base_dst, num_blocks, rng)
 
     def base_pull():
         kv.pull_kv_blocks(kv.CacheIndex(1, ids[p]), base_dst, base_src, base_to, tensors_per_layer=p.tensors_per_layer)
@@ -84,7 +72,7 @@ def run_case(name, ids, layers, num_blocks, turns, rng):
         _C._test_geometry_one_task(False)
     kv.unregister_kv_cache(dst)
     kv.unregister_kv_cache(base_dst)
-    base_gbps = count * block_bytes / statistics.median(wall["base"]) / 1e9
+    base_gbps = base_bytes / statistics.median(wall["base"]) / 1e9
     row = {"case": name, "nbytes": nbytes, "baseline_gbps": base_gbps}
     for path in wall:
         row[f"busy_{path}"] = cpu[path] / sum(wall[path])
