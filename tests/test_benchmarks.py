@@ -117,7 +117,10 @@ def test_bench_remote_small(tmp_path):
     # loads the peer's NIXL metadata after it, on a thread, timed apart.
     phases = result["link_phases_ms"]
     assert "first link, where the time went" in stdout and "same_host" in phases and "nixl_metadata" not in phases
-    assert abs(sum(ms for name, ms in phases.items() if name != "total") - phases["total"]) <= 5.0
+    # (What the phases leave out, as in test_link_time: the Python after the last one, which
+    # starts the heartbeat's thread on a first link and may wait a GIL switch for it; 8.5 ms
+    # seen in a full run on 2 vCPUs.)
+    assert abs(sum(ms for name, ms in phases.items() if name != "total") - phases["total"]) <= 12.0
     background = result["link_background_ms"]
     assert set(background) == {"nixl_metadata", "ucx_wireup", "ready_after_link"} and "on a thread" in stdout
     assert background["nixl_metadata"] > 0 and background["ready_after_link"] >= 0
